@@ -1,0 +1,36 @@
+# Two commands on a fresh clone with only Python and pip: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SRC := $(wildcard wn_jax tests benchmarks examples notebooks/*.py)
+
+.PHONY: demo test lint typecheck docs clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Install once per change of pyproject.toml.
+.stamp-dev: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.stamp-demo: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[demo]"
+	touch $@
+
+demo: .stamp-demo
+	$(PY) examples/quickstart.py
+
+lint: .stamp-dev
+	$(PY) -m ruff check $(SRC)
+	$(PY) -m ruff format --check $(SRC)
+
+typecheck: .stamp-dev
+	$(PY) -m mypy
+
+test: lint typecheck
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .stamp-* site

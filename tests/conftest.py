@@ -1,0 +1,23 @@
+"""Test configuration: strict dtype promotion everywhere; x64 only where a test asks."""
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def x64():
+  """Runs the test with 64-bit types enabled."""
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _promotion(request):
+  """Strict promotion, except for tests marked ``standard_promotion``.
+
+  optax's own code (adam's bias correction, ``float ** int32``) needs standard
+  promotion; tests that run it say so. wn_jax's code runs under strict.
+  """
+  mode = 'standard' if request.node.get_closest_marker('standard_promotion') else 'strict'
+  with jax.numpy_dtype_promotion(mode):
+    yield

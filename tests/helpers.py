@@ -1,0 +1,47 @@
+"""Small shared test helpers: tolerances per dtype and tree comparison."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Relative tolerance (to the largest entry) for a dtype's rounding, after a few ops.
+RTOL = {
+  jnp.dtype(jnp.float64): 1e-12,
+  jnp.dtype(jnp.float32): 2e-6,
+  jnp.dtype(jnp.float16): 4e-3,
+  jnp.dtype(jnp.bfloat16): 3e-2,
+}
+
+
+def assert_close(
+  actual, expected, dtype=jnp.float32, factor: float = 1.0, floor: float = 1.0
+) -> None:
+  """``actual`` equals ``expected`` to ``dtype``'s rounding, relative to max(max |expected|, floor)."""
+  actual = np.asarray(
+    jnp.asarray(actual).astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32),
+    np.float64,
+  )
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  scale = max(float(np.max(np.abs(expected), initial=0.0)), floor)
+  np.testing.assert_allclose(actual, expected, rtol=0, atol=factor * RTOL[jnp.dtype(dtype)] * scale)
+
+
+def assert_trees_close(a, b, rtol: float = 1e-6, atol: float = 1e-6) -> None:
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb, (ta, tb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(
+      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+    )
+
+
+def assert_trees_equal(a, b) -> None:
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb, (ta, tb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

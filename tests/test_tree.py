@@ -1,0 +1,214 @@
+"""The pytree level: weight_norm / materialize on every framework's parameters."""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import wn_jax
+from tests import reference as ref
+from tests.helpers import assert_close
+from tests.helpers import assert_trees_close
+
+
+def _mlp_params():
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+  x = jnp.ones((4, 5))
+  return model, model.init(jax.random.key(0), x)['params'], x
+
+
+def test_linen_params_roundtrip_and_selection():
+  model, params, x = _mlp_params()
+  wn = wn_jax.weight_norm(params)
+  assert isinstance(wn['layers_0']['kernel'], wn_jax.WeightNormed)
+  assert not isinstance(wn['layers_0']['bias'], wn_jax.WeightNormed)
+  assert wn['layers_2']['kernel'].g.shape == (3,)
+  assert_trees_close(wn_jax.materialize(wn), params)
+  y = model.apply({'params': wn_jax.materialize(wn)}, x)
+  np.testing.assert_allclose(y, model.apply({'params': params}, x), rtol=1e-5, atol=1e-6)
+  # Regex and callable selection.
+  only_first = wn_jax.weight_norm(params, where=r'layers_0/kernel')
+  assert isinstance(only_first['layers_0']['kernel'], wn_jax.WeightNormed)
+  assert not isinstance(only_first['layers_2']['kernel'], wn_jax.WeightNormed)
+  by_fn = wn_jax.weight_norm(params, where=lambda path, leaf: leaf.shape == (8, 3))
+  assert isinstance(by_fn['layers_2']['kernel'], wn_jax.WeightNormed)
+  assert not isinstance(by_fn['layers_0']['kernel'], wn_jax.WeightNormed)
+
+
+def test_whole_tensor_and_tuple_axes_on_trees():
+  p = {'a': jnp.arange(1.0, 25.0).reshape(2, 3, 4)}
+  whole = wn_jax.weight_norm(p, axis=None)
+  assert whole['a'].g.shape == ()
+  both = wn_jax.weight_norm(p, axis=(0, 2))
+  assert both['a'].g.shape == (2, 4)
+  for t in (whole, both):
+    assert_trees_close(wn_jax.materialize(t), p, rtol=1e-6)
+
+
+def test_nnx_state():
+  model = nnx.Sequential(
+    nnx.Linear(5, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(1))
+  )
+  graphdef, state = nnx.split(model)
+  wn = wn_jax.weight_norm(state, where='kernel')
+  x = jnp.ones((2, 5))
+
+  @jax.jit
+  def loss(wn_state):
+    return jnp.sum(nnx.merge(graphdef, wn_jax.materialize(wn_state))(x) ** 2)
+
+  np.testing.assert_allclose(loss(wn), jnp.sum(model(x) ** 2), rtol=1e-5)
+  grads = jax.grad(loss)(wn)
+  leaves = jax.tree_util.tree_leaves(grads, is_leaf=lambda x: isinstance(x, wn_jax.WeightNormed))
+  assert sum(isinstance(leaf, wn_jax.WeightNormed) for leaf in leaves) == 2
+
+
+def test_equinox_module():
+  mlp = eqx.nn.MLP(5, 3, 8, 2, key=jax.random.key(0))
+  wn = wn_jax.weight_norm(
+    mlp, axis=0, where=lambda path, leaf: wn_jax._tree.path_str(path).endswith('weight')
+  )
+  x = jnp.ones(5)
+  np.testing.assert_allclose(wn_jax.materialize(wn)(x), mlp(x), rtol=1e-5, atol=1e-6)
+  # Equinox Linear weights are (out, in): axis=0 keeps the outputs.
+  assert wn.layers[0].weight.g.shape == (8,)
+
+
+def test_plain_nested_dict_and_list():
+  p = {
+    'layers': [{'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}, {'w': 2 * jnp.ones((2, 1))}],
+    'scale': 1.0,
+  }
+  wn = wn_jax.weight_norm(p)
+  assert isinstance(wn['layers'][1]['w'], wn_jax.WeightNormed)
+  assert wn['scale'] == 1.0
+  assert_trees_close(wn_jax.materialize(wn), p)
+  # Already weight-normed leaves are kept as they are.
+  again = wn_jax.weight_norm(wn)
+  assert again['layers'][0]['w'] is wn['layers'][0]['w']
+
+
+def test_transforms_compose():
+  model, params, x = _mlp_params()
+  wn = wn_jax.weight_norm(params)
+
+  def loss(p, x):
+    return jnp.sum(model.apply({'params': wn_jax.materialize(p)}, x) ** 2)
+
+  g1 = jax.jit(jax.grad(loss))(wn, x)
+  g2 = jax.grad(lambda p, x: jax.checkpoint(loss)(p, x))(wn, x)
+  assert_trees_close(g1, g2, rtol=1e-5, atol=1e-6)
+  # vmap over a stack of weight-normed parameter sets.
+  stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), wn)
+  ws = jax.vmap(wn_jax.materialize)(stacked)
+  assert ws['layers_0']['kernel'].shape == (2, 5, 8)
+  np.testing.assert_allclose(
+    ws['layers_0']['kernel'][1], 2 * params['layers_0']['kernel'], rtol=1e-5
+  )
+  # scan over layers of a deep stack.
+  layers = wn_jax.weight_norm(
+    {'w': jnp.stack([jnp.eye(4) * (i + 1) for i in range(3)])}, axis=(0, 2)
+  )
+
+  def step(h, layer):
+    return jnp.tanh(h @ wn_jax.materialize(layer)['w']), None
+
+  per_layer = jax.tree_util.tree_map(
+    lambda a: a, {'w': wn_jax.WeightNormed(layers['w'].v, layers['w'].g, -1)}
+  )
+  h, _ = jax.lax.scan(step, jnp.ones((2, 4)), per_layer)
+  assert h.shape == (2, 4) and np.all(np.isfinite(h))
+
+
+@pytest.mark.standard_promotion
+def test_adam_trains_weight_normed_leaves():
+  model, params, x = _mlp_params()
+  y = jax.random.normal(jax.random.key(1), (4, 3))
+  wn = wn_jax.weight_norm(params)
+  opt = optax.adam(1e-2)
+  state = opt.init(wn)
+
+  @jax.jit
+  def step(p, s):
+    loss, grads = jax.value_and_grad(
+      lambda p: jnp.mean((model.apply({'params': wn_jax.materialize(p)}, x) - y) ** 2)
+    )(p)
+    updates, s = opt.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  p, losses = wn, []
+  for _ in range(30):
+    p, state, loss = step(p, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0]
+  k0, k1 = wn['layers_0']['kernel'], p['layers_0']['kernel']
+  assert isinstance(k1, wn_jax.WeightNormed)
+  assert not np.allclose(k0.v, k1.v) and not np.allclose(k0.g, k1.g)
+
+
+def test_matches_reference_on_trees():
+  rng = np.random.default_rng(0)
+  v, g = rng.normal(size=(6, 4)), rng.uniform(1, 2, size=4)
+  tree = {'x': wn_jax.WeightNormed(jnp.asarray(v, jnp.float32), jnp.asarray(g, jnp.float32), -1)}
+  assert_close(wn_jax.materialize(tree)['x'], ref.normalize(v, g, -1))
+  gw = rng.normal(size=(6, 4))
+  grads = jax.grad(lambda t: jnp.sum(wn_jax.materialize(t)['x'] * gw))(tree)
+  ev, eg = ref.grads(v, g, -1, gw)
+  assert_close(grads['x'].v, ev, factor=4)
+  assert_close(grads['x'].g, eg, factor=4)
+
+
+@pytest.mark.parametrize(
+  'call,message',
+  [
+    (lambda: wn_jax.weight_norm({'b': jnp.zeros(3)}), 'selected no leaf'),
+    (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where='nomatch'), 'selected no leaf'),
+    (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where='('), 'regular expression'),
+    (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where=3), 'where must be'),
+    (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, axis=2), "leaf 'k'.*out of range"),
+    (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2), jnp.int32)}, where='k'), 'floating'),
+    (
+      lambda: wn_jax.materialize({'k': wn_jax.WeightNormed(jnp.ones((2, 3)), jnp.ones(2))}),
+      'WeightNormed.*g must have',
+    ),
+  ],
+)
+def test_bad_input(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_inputs_are_not_modified():
+  p = {'k': np.ones((3, 2), np.float32)}
+  wn_jax.weight_norm(p)
+  assert isinstance(p['k'], np.ndarray)
+
+
+def test_repr_and_static_axis():
+  wn = wn_jax.WeightNormed(jnp.ones((2, 3)), jnp.ones(3), axis=[1])
+  assert wn.axis == (1,)
+  assert 'axis=(1,)' in repr(wn)
+  leaves, treedef = jax.tree_util.tree_flatten(wn)
+  assert len(leaves) == 2
+  assert jax.tree_util.tree_unflatten(treedef, leaves).axis == (1,)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+  st.lists(st.tuples(st.integers(1, 4), st.integers(1, 4)), min_size=1, max_size=4),
+  st.integers(0, 1000),
+)
+def test_materialize_inverts_weight_norm(shapes, seed):
+  rng = np.random.default_rng(seed)
+  p = {
+    f'l{i}': {'k': jnp.asarray(rng.normal(size=s), jnp.float32), 'b': jnp.zeros(s[1])}
+    for i, s in enumerate(shapes)
+  }
+  assert_trees_close(wn_jax.materialize(wn_jax.weight_norm(p)), p, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,21 @@
+"""wn_jax: weight normalization for JAX (Salimans & Kingma, 2016, arXiv:1602.07868)."""
+
+from wn_jax._core import decompose
+from wn_jax._core import norm
+from wn_jax._core import normalize
+from wn_jax._core import scale_shape
+from wn_jax._tree import WeightNormed
+from wn_jax._tree import materialize
+from wn_jax._tree import weight_norm
+
+__version__ = '0.1.0'
+
+__all__ = (
+  'WeightNormed',
+  'decompose',
+  'materialize',
+  'norm',
+  'normalize',
+  'scale_shape',
+  'weight_norm',
+)

@@ -1,0 +1,246 @@
+"""The array core: the one place where ``w = g * v / ||v||`` is written."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+Axis = int | Sequence[int] | None
+
+
+def kept_axes(ndim: int, axis: Axis, where: str) -> tuple[int, ...]:
+  """Canonicalizes ``axis`` (the KEPT axes) for an array of rank ``ndim``.
+
+  Returns the kept axes as non-negative ints in increasing order; ``None`` gives
+  ``()``. ``where`` names the caller in error messages.
+  """
+  if axis is None:
+    return ()
+  if isinstance(axis, Sequence) and not isinstance(axis, str):
+    axes = tuple(axis)
+  else:
+    axes = (axis,)
+  out = []
+  for a in axes:
+    if isinstance(a, bool):
+      raise ValueError(f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.')
+    try:
+      a = operator.index(a)
+    except TypeError:
+      raise ValueError(
+        f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.'
+      ) from None
+    if not -ndim <= a < ndim:
+      raise ValueError(
+        f'{where}: axis {a} is out of range for a weight of rank {ndim} (valid: '
+        f'{-ndim}..{ndim - 1}); pass an axis of the weight, or None for the whole tensor.'
+      )
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f'{where}: axis {axis!r} repeats an axis; name each kept axis once.')
+  return tuple(sorted(out))
+
+
+def reduce_dtype(dtype) -> jnp.dtype:
+  """The dtype the norm is reduced in: float32, or float64 for float64 input."""
+  return result_dtype(dtype, jnp.float32)
+
+
+def _check_floating(x: jax.Array, name: str, where: str) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+      f'{where}: {name} must be a real floating array (float16, bfloat16, float32 or '
+      f'float64); got dtype {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32).'
+    )
+
+
+def scale_shape(shape: Sequence[int], axis: Axis, where: str = 'scale_shape') -> tuple[int, ...]:
+  """The shape of ``g`` for a weight of ``shape`` keeping ``axis``.
+
+  >>> scale_shape((3, 3, 16, 32), -1)
+  (32,)
+  >>> scale_shape((4, 5), None)
+  ()
+  """
+  return tuple(shape[a] for a in kept_axes(len(shape), axis, where))
+
+
+def _reduced(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(i for i in range(ndim) if i not in kept)
+
+
+def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
+  """``||v||`` over every axis but ``kept``, keepdims, without overflow or underflow.
+
+  ``v`` is already in the reduction dtype. The plain sum of squares is accurate whenever
+  it lies in ``[2**-100, inf)``; when any slice falls outside (an all-zero slice, or
+  entries beyond about 1e19 or below 1e-19 in float32), every slice is rescaled by its
+  largest entry first. The choice is one ``lax.cond``, so the common case costs a single
+  pass over ``v``.
+  """
+  red = _reduced(v.ndim, kept)
+  ss = jnp.sum(v * v, axis=red, keepdims=True)
+
+  def rescaled():
+    m = jnp.max(jnp.abs(v), axis=red, keepdims=True)
+    m = jnp.where(m > 0, m, 1.0)
+    u = v / m
+    return m * jnp.sqrt(jnp.sum(u * u, axis=red, keepdims=True))
+
+  in_range = jnp.all((ss >= 2.0**-100) & (ss < jnp.inf))
+  return jax.lax.cond(in_range, lambda: jnp.sqrt(ss), rescaled)
+
+
+def _norm(w: ArrayLike, axis: Axis, where: str) -> jax.Array:
+  w = jnp.asarray(w)
+  _check_floating(w, 'w', where)
+  kept = kept_axes(w.ndim, axis, where)
+  n = _norm_keepdims(w.astype(reduce_dtype(w.dtype)), kept)
+  return n.reshape(scale_shape(w.shape, kept))
+
+
+def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
+  """The Euclidean norm of ``w`` over every axis but the kept ``axis``.
+
+  Reduced in float32 (float64 for float64 input) and returned in that dtype, with the
+  shape ``scale_shape(w.shape, axis)``; safe from overflow and underflow.
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> wn_jax.norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), axis=-1)
+    Array([5., 0.], dtype=float32)
+  """
+  return _norm(w, axis, 'wn_jax.norm')
+
+
+def _denominator(v: jax.Array, kept: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array]:
+  """``(max(||v||, eps), ||v|| > eps)`` per slice, keepdims; 1 for an all-zero slice."""
+  n = _norm_keepdims(v, kept)
+  active = ~(n <= eps)  # NaN counts as active, so it propagates to the slice
+  return jnp.where(active, n, eps if eps > 0 else 1.0), active
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _normalize(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
+  """``v * (g / ||v||)``, ``g`` broadcast keepdims, all in the reduction dtype."""
+  n, _ = _denominator(v, kept, eps)
+  return v * (g / n)
+
+
+@_normalize.defjvp
+def _normalize_jvp(kept, eps, primals, tangents):
+  # With u = v / n and s = g / n:  dw = dg u + s (dv - u <u, dv>), where <u, dv> sums
+  # over the reduced axes and drops out where n does not depend on v (n clamped to eps,
+  # or an all-zero slice). Written with u (|u| <= 1) so nothing overflows, and linear
+  # in (dv, dg), so JAX transposes it into the paper's gradients with the forward's norm.
+  v, g = primals
+  dv, dg = tangents
+  n, active = _denominator(v, kept, eps)
+  u = v / n
+  s = g / n
+  radial = jnp.sum(u * dv, axis=_reduced(v.ndim, kept), keepdims=True)
+  return v * s, dg * u + s * (dv - u * jnp.where(active, radial, 0.0))
+
+
+def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
+  r"""The weight-normalized weight :math:`w = g \, v / \lVert v \rVert`.
+
+  The norm runs over every axis of ``v`` except the kept ``axis``, so there is one ``g``
+  per slice along ``axis``: for a Flax ``Dense`` kernel of layout ``(in, out)`` the
+  default ``axis=-1`` keeps the output features, and ``w[:, j] = g[j] * v[:, j] /
+  ||v[:, j]||``. For a ``Conv`` kernel ``(*window, in // groups, out)`` ``-1`` is again
+  the output features.
+
+  ``axis`` counts as in NumPy: a negative int indexes from the end. This differs from
+  PyTorch's ``weight_norm(dim=...)``, where ``dim=-1`` (like ``dim=None``) means the
+  whole tensor; here the whole tensor is ``axis=None`` and ``g`` is then a scalar.
+
+  The norm is reduced in float32 (float64 for float64 ``v``), the product is formed as
+  ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
+  ``v`` and ``g``. No epsilon touches a nonzero slice unless ``eps`` asks for one. An
+  all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients (those of
+  ``g * v``, so a dead slice can revive).
+
+  Args:
+    v: the direction, any real floating dtype, rank >= 1.
+    g: the magnitude, of shape ``tuple(v.shape[a] for a in sorted kept axes)`` (a
+      scalar for ``axis=None``).
+    axis: the kept axis or axes: an int, a tuple of ints, or ``None`` for the whole
+      tensor.
+    eps: a lower bound on ``||v||`` (default 0: none). A static Python float.
+
+  Returns:
+    ``w``, of the shape of ``v``.
+
+  References:
+    Salimans & Kingma, *Weight Normalization: A Simple Reparameterization to Accelerate
+    Training of Deep Neural Networks*, 2016. https://arxiv.org/abs/1602.07868
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> v = jnp.array([[3.0, 0.0], [4.0, 0.0]])
+    >>> wn_jax.normalize(v, jnp.array([10.0, 2.0]))
+    Array([[6., 0.],
+           [8., 0.]], dtype=float32)
+  """
+  where = 'wn_jax.normalize'
+  v, g = jnp.asarray(v), jnp.asarray(g)
+  _check_floating(v, 'v', where)
+  _check_floating(g, 'g', where)
+  if not (isinstance(eps, (int, float)) and eps >= 0):
+    raise ValueError(f'{where}: eps must be a non-negative Python float; got {eps!r}.')
+  kept = kept_axes(v.ndim, axis, where)
+  expected = scale_shape(v.shape, kept)
+  if g.shape != expected:
+    raise ValueError(
+      f'{where}: g must have the shape of v along the kept axis {axis!r}, '
+      f'{expected}, for v of shape {v.shape}; got g of shape {g.shape}. '
+      f'Build g with wn_jax.decompose(w, axis) or reshape it.'
+    )
+  acc = reduce_dtype(v.dtype)
+  g_b = g.astype(acc).reshape([v.shape[i] if i in kept else 1 for i in range(v.ndim)])
+  w = _normalize(v.astype(acc), g_b, kept, float(eps))
+  return w.astype(result_dtype(v.dtype, g.dtype))
+
+
+def result_dtype(*dtypes) -> jnp.dtype:
+  """The float dtype of a result from these float dtypes, even under strict promotion.
+
+  The widest wins; bfloat16 with float16 gives float32.
+  """
+  ds = {jnp.dtype(d) for d in dtypes}
+  if len(ds) == 1:
+    return ds.pop()
+  widest = max(d.itemsize for d in ds)
+  return jnp.dtype(jnp.float32) if widest == 2 else max(ds, key=lambda d: d.itemsize)
+
+
+def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
+  r"""Splits ``w`` into ``(v, g)`` with ``v = w`` and ``g = ||w||`` along the kept ``axis``.
+
+  The inverse of :func:`normalize`: ``normalize(*decompose(w, axis), axis) == w`` (to
+  float rounding). ``g`` has ``w``'s dtype and the shape of ``w`` along ``axis``. Axis
+  conventions as in :func:`normalize`.
+
+  Args:
+    w: a real floating weight, rank >= 1.
+    axis: the kept axis or axes, or ``None`` for the whole tensor.
+
+  Returns:
+    ``(v, g)``.
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> v, g = wn_jax.decompose(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
+    >>> g
+    Array([5., 1.], dtype=float32)
+    >>> bool(jnp.allclose(wn_jax.normalize(v, g), v))
+    True
+  """
+  w = jnp.asarray(w)
+  return w, _norm(w, axis, 'wn_jax.decompose').astype(w.dtype)

@@ -1,0 +1,206 @@
+"""The pytree level: ``WeightNormed`` leaves, ``weight_norm`` and ``materialize``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wn_jax import _core
+
+PyTree = Any
+Where = None | str | Callable[[tuple, Any], bool]
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class WeightNormed:
+  r"""A weight stored as direction ``v`` and magnitude ``g``: :math:`w = g \, v / \lVert v \rVert`.
+
+  A registered pytree node: ``v`` and ``g`` are its array leaves (so optimizers train
+  both), ``axis`` (the kept axis or axes, as in :func:`wn_jax.normalize`) is static
+  data. ``g`` has the shape of ``v`` along ``axis``. Build one with
+  :func:`wn_jax.weight_norm` (function-preserving: ``g = ||v||``) or directly.
+
+  Attributes:
+    v: the direction, e.g. a Dense kernel of layout ``(in, out)``.
+    g: the magnitude, e.g. shape ``(out,)`` for ``axis=-1``.
+    axis: the kept axis or axes (``None``: the whole tensor, scalar ``g``).
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> p = wn_jax.WeightNormed(jnp.array([[3.0], [4.0]]), jnp.array([1.0]))
+    >>> wn_jax.materialize(p)
+    Array([[0.6],
+           [0.8]], dtype=float32)
+  """
+
+  __slots__ = ('v', 'g', 'axis')
+
+  def __init__(self, v: Any, g: Any, axis: _core.Axis = -1):
+    self.v = v
+    self.g = g
+    self.axis = axis if axis is None or isinstance(axis, int) else tuple(axis)
+
+  def tree_flatten_with_keys(self):
+    keys = jax.tree_util.GetAttrKey
+    return ((keys('v'), self.v), (keys('g'), self.g)), self.axis
+
+  @classmethod
+  def tree_unflatten(cls, axis, children):
+    return cls(*children, axis=axis)
+
+  def __repr__(self) -> str:
+    def show(x):
+      return f'{x.dtype}{list(x.shape)}' if hasattr(x, 'shape') else repr(x)
+
+    return f'WeightNormed(v={show(self.v)}, g={show(self.g)}, axis={self.axis!r})'
+
+  def weight(self) -> jax.Array:
+    """The weight ``g * v / ||v||`` this node stands for."""
+    try:
+      return _core.normalize(self.v, self.g, self.axis)
+    except ValueError as e:
+      raise ValueError(
+        f'{self!r}: {e} Rebuild it with wn_jax.weight_norm, or fix the loaded g.'
+      ) from None
+
+
+def _is_wn(x: Any) -> bool:
+  return isinstance(x, WeightNormed)
+
+
+def path_str(path: tuple) -> str:
+  """A key path as a ``/``-joined string, e.g. ``'params/Dense_0/kernel'``."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _is_floating_matrix(leaf: Any) -> bool:
+  return (
+    isinstance(leaf, (jax.Array, np.ndarray))
+    and jnp.issubdtype(leaf.dtype, jnp.floating)
+    and leaf.ndim >= 2
+  )
+
+
+def selector(where: Where, caller: str) -> Callable[[tuple, Any], bool]:
+  """Turns ``where`` into a predicate ``(path, leaf) -> bool``.
+
+  ``None``: every floating array leaf with ``ndim >= 2``. A string: a regular
+  expression searched (``re.search``) in the ``/``-joined key path. A callable: used
+  as it is.
+  """
+  if where is None:
+    return lambda path, leaf: _is_floating_matrix(leaf)
+  if isinstance(where, str):
+    try:
+      pattern = re.compile(where)
+    except re.error as e:
+      raise ValueError(
+        f'{caller}: where={where!r} is not a valid regular expression: {e}.'
+      ) from None
+    return lambda path, leaf: hasattr(leaf, 'shape') and pattern.search(path_str(path)) is not None
+  if callable(where):
+    return where
+  raise ValueError(
+    f'{caller}: where must be None, a regular expression string or a callable '
+    f'(path, leaf) -> bool; got {type(where).__name__}.'
+  )
+
+
+def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -> PyTree:
+  r"""Replaces the selected leaves of ``params`` by :class:`WeightNormed` nodes.
+
+  Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
+  :func:`materialize` gives back ``w`` and the function the parameters compute is
+  unchanged. Works on any pytree: Flax linen params, an NNX ``State``, an Equinox
+  module, plain dicts and lists. Leaves that already are ``WeightNormed`` are kept.
+
+  Args:
+    params: a pytree of arrays.
+    axis: the kept axis or axes of every selected leaf (default ``-1``: the output
+      features of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``
+      kernels), or ``None`` for one scalar ``g`` per tensor.
+    where: which leaves: ``None`` (every floating leaf with ``ndim >= 2``), a regular
+      expression searched in the ``/``-joined key path (e.g. ``'kernel'``), or a callable
+      ``(path, leaf) -> bool``.
+
+  Returns:
+    ``params`` with the selected leaves replaced; ``params`` itself is not modified.
+
+  Raises:
+    ValueError: if ``where`` selects nothing, or a selected leaf is not floating or
+      does not have ``axis``.
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}
+    >>> wn = wn_jax.weight_norm(params)
+    >>> wn['kernel']
+    WeightNormed(v=float32[3, 2], g=float32[2], axis=-1)
+    >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
+    True
+  """
+  caller = 'wn_jax.weight_norm'
+  select = selector(where, caller)
+  count = 0
+
+  def convert(path, leaf):
+    nonlocal count
+    if _is_wn(leaf):  # already weight-normed: kept, and counts as selected
+      count += 1
+      return leaf
+    if not select(path, leaf):
+      return leaf
+    count += 1
+    try:
+      v, g = _core.decompose(leaf, axis)
+    except ValueError as e:
+      raise ValueError(f'{caller}: leaf {path_str(path)!r}: {e}') from None
+    return WeightNormed(v, g, axis)
+
+  out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
+  if count == 0:
+    raise ValueError(
+      f'{caller}: where={where!r} selected no leaf of the parameters. Default selects '
+      f'floating leaves with ndim >= 2; pass a regular expression matching the key path '
+      f'(e.g. where="kernel") or a callable (path, leaf) -> bool.'
+    )
+  return out
+
+
+def materialize(params: PyTree) -> PyTree:
+  r"""Replaces every :class:`WeightNormed` node by its weight :math:`g \, v / \lVert v \rVert`.
+
+  All other leaves are returned untouched. Use it inside the loss, so gradients flow
+  to ``v`` and ``g``: ``model.apply({'params': materialize(wn_params)}, x)``.
+
+  Args:
+    params: a pytree that may hold ``WeightNormed`` nodes.
+
+  Returns:
+    The same tree with plain weights in their place.
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> p = wn_jax.weight_norm({'w': jnp.array([[3.0, 0.0], [4.0, 2.0]])})
+    >>> wn_jax.materialize(p)['w']
+    Array([[3., 0.],
+           [4., 2.]], dtype=float32)
+  """
+  return jax.tree_util.tree_map(lambda x: x.weight() if _is_wn(x) else x, params, is_leaf=_is_wn)
