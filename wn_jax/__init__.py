@@ -7,6 +7,8 @@ from wn_jax._core import scale_shape
 from wn_jax._tree import WeightNormed
 from wn_jax._tree import materialize
 from wn_jax._tree import weight_norm
+from wn_jax.linen import WNConv
+from wn_jax.linen import WNDense
 
 __version__ = '0.1.0'
 

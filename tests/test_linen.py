@@ -1,0 +1,380 @@
+"""Flax linen layers against the reference and against the plain Flax layers."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import wn_jax
+from tests import reference as ref
+from tests.helpers import assert_close
+from wn_jax import linen as wl
+
+KEY = jax.random.key(0)
+
+
+def _rand(shape, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _perturb_scale(variables, seed=7):
+  """Moves g away from ||v|| so a layer that ignored g would fail."""
+  p = dict(variables['params'])
+  p['scale'] = p['scale'] * jax.random.uniform(
+    jax.random.key(seed), p['scale'].shape, minval=0.5, maxval=2.0
+  )
+  return {**variables, 'params': p}
+
+
+def _check_against_plain(wn_layer, plain_layer, x, axis):
+  variables = _perturb_scale(wn_layer.init(KEY, x))
+  p = variables['params']
+  v, g = np.asarray(p['kernel'], np.float64), np.asarray(p['scale'], np.float64)
+  w = ref.normalize(v, g, axis)
+  plain_params = {'kernel': jnp.asarray(w, jnp.float32)}
+  if 'bias' in p:
+    plain_params['bias'] = p['bias'] + 0.1
+    variables['params']['bias'] = plain_params['bias']
+  y = wn_layer.apply(variables, x)
+  y_plain = plain_layer.apply({'params': plain_params}, x)
+  assert_close(y, np.asarray(y_plain, np.float64), factor=8)
+  # Gradients: the layer's (kernel, scale) gradients are the paper's formulas applied
+  # to the plain layer's kernel gradient.
+  r = _rand(y.shape, seed=3)
+  gp = jax.grad(lambda p: jnp.sum(wn_layer.apply({'params': p}, x) * r))(variables['params'])
+  gw = jax.grad(lambda p: jnp.sum(plain_layer.apply({'params': p}, x) * r))(plain_params)
+  ev, eg = ref.grads(v, g, axis, np.asarray(gw['kernel'], np.float64))
+  assert_close(gp['kernel'], ev, factor=16)
+  assert_close(gp['scale'], eg, factor=16)
+  if 'bias' in p:
+    assert_close(gp['bias'], np.asarray(gw['bias'], np.float64), factor=8)
+
+
+@pytest.mark.parametrize('axis', [-1, 0, None, (0, 1)])
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_dense(axis, use_bias):
+  x = _rand((5, 6))
+  _check_against_plain(
+    wl.WNDense(4, axis=axis, use_bias=use_bias), nn.Dense(4, use_bias=use_bias), x, axis
+  )
+
+
+CONV_CASES = [
+  dict(kernel_size=(3,), padding='SAME'),
+  dict(kernel_size=(3,), padding='VALID', strides=(2,)),
+  dict(kernel_size=(4,), padding='CIRCULAR'),
+  dict(kernel_size=(3,), padding='CAUSAL', kernel_dilation=(2,)),
+  dict(kernel_size=(3,), padding=[(2, 1)], input_dilation=(2,)),
+  dict(kernel_size=(5,), padding='SAME', feature_group_count=2, strides=(2,)),
+  dict(kernel_size=(3, 3), padding='SAME'),
+  dict(kernel_size=(3, 1), padding=((1, 1), (0, 0)), strides=(1, 2), use_bias=False),
+  dict(kernel_size=(2, 2), padding='VALID', kernel_dilation=(2, 1), feature_group_count=4),
+  dict(kernel_size=(2, 2, 2), padding='SAME'),
+]
+
+
+def _conv_input(kernel_size):
+  return _rand((2, *([9] * len(kernel_size)), 4))
+
+
+@pytest.mark.parametrize(
+  'kw', CONV_CASES, ids=lambda kw: '-'.join(f'{k}={v}' for k, v in kw.items())
+)
+@pytest.mark.parametrize('axis', [-1, -2])
+def test_conv(kw, axis):
+  x = _conv_input(kw['kernel_size'])
+  _check_against_plain(wl.WNConv(8, axis=axis, **kw), nn.Conv(8, **kw), x, axis)
+
+
+def test_conv_mask_applies_to_the_normalized_weight():
+  mask = jnp.ones((3, 4, 8)).at[2].set(0.0)
+  x = _conv_input((3,))
+  _check_against_plain(wl.WNConv(8, (3,), mask=mask), nn.Conv(8, (3,), mask=mask), x, -1)
+
+
+@pytest.mark.parametrize(
+  'kw',
+  [
+    dict(kernel_size=(4,), strides=(2,)),
+    dict(kernel_size=(4,), strides=(2,), transpose_kernel=True),
+    dict(kernel_size=(3,), strides=(3,), padding='VALID', kernel_dilation=(2,)),
+    dict(kernel_size=(3, 3), strides=(2, 2), padding='SAME', use_bias=False),
+    dict(kernel_size=(4, 2), strides=(2, 1), transpose_kernel=True, padding=((1, 2), (0, 1))),
+  ],
+  ids=str,
+)
+@pytest.mark.parametrize('axis', [-1, -2])
+def test_conv_transpose(kw, axis):
+  x = _conv_input(kw['kernel_size'])
+  _check_against_plain(wl.WNConvTranspose(6, axis=axis, **kw), nn.ConvTranspose(6, **kw), x, axis)
+
+
+@pytest.mark.parametrize(
+  'wn,plain,shape',
+  [
+    (wl.WNDense(7), nn.Dense(7), (3, 5)),
+    (wl.WNConv(6, (3, 3)), nn.Conv(6, (3, 3)), (2, 8, 8, 3)),
+    (wl.WNConvTranspose(6, (3,)), nn.ConvTranspose(6, (3,)), (2, 8, 3)),
+  ],
+)
+def test_function_preserving_init(wn, plain, shape):
+  x = _rand(shape)
+  vw = wn.init(KEY, x)
+  vp = plain.init(KEY, x)
+  np.testing.assert_array_equal(vw['params']['kernel'], vp['params']['kernel'])
+  np.testing.assert_allclose(vw['params']['scale'], wn_jax.norm(vp['params']['kernel']), rtol=1e-6)
+  np.testing.assert_allclose(wn.apply(vw, x), plain.apply(vp, x), rtol=1e-5, atol=1e-6)
+
+
+def test_scale_init_is_any_flax_initializer():
+  x = _rand((3, 5))
+  variables = wl.WNDense(4, scale_init=nn.initializers.ones).init(KEY, x)
+  np.testing.assert_array_equal(variables['params']['scale'], jnp.ones(4))
+  w = wn_jax.normalize(variables['params']['kernel'], variables['params']['scale'])
+  np.testing.assert_allclose(wn_jax.norm(w), jnp.ones(4), rtol=1e-6)
+
+
+@pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16], ids=str)
+def test_mixed_precision(dtype, param_dtype):
+  x = _rand((4, 16)).astype(dtype)
+  layer = wl.WNDense(8, dtype=dtype, param_dtype=param_dtype)
+  variables = layer.init(KEY, x)
+  assert variables['params']['scale'].dtype == param_dtype
+  y = layer.apply(variables, x)
+  assert y.dtype == dtype and np.all(np.isfinite(np.asarray(y, np.float32)))
+  p = jax.tree_util.tree_map(
+    lambda a: np.asarray(a.astype(jnp.float32), np.float64), variables['params']
+  )
+  expected = ref.dense(
+    np.asarray(x.astype(jnp.float32)), ref.normalize(p['kernel'], p['scale'], -1), p['bias']
+  )
+  assert_close(y, expected, dtype=dtype if dtype != jnp.float32 else param_dtype, factor=8)
+  grads = jax.grad(lambda p: jnp.sum(layer.apply({'params': p}, x).astype(jnp.float32)))(
+    variables['params']
+  )
+  assert all(
+    np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree_util.tree_leaves(grads)
+  )
+
+
+def test_zero_kernel_column_is_safe_in_a_layer():
+  x = _rand((4, 3))
+  variables = wl.WNDense(2).init(KEY, x)
+  variables['params']['kernel'] = variables['params']['kernel'].at[:, 1].set(0.0)
+  grads = jax.grad(lambda p: jnp.sum(wl.WNDense(2).apply({'params': p}, x) ** 2))(
+    variables['params']
+  )
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_partitioning_propagates_to_scale():
+  layer = wl.WNDense(
+    8, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
+  )
+  variables = layer.init(KEY, jnp.ones((2, 4)))
+  assert isinstance(variables['params']['scale'], nn.Partitioned)
+  assert variables['params']['scale'].names == ('model',)
+  spec = nn.get_partition_spec(variables)
+  assert spec['params']['scale'] == jax.sharding.PartitionSpec('model')
+  logical = wl.WNConv(
+    8,
+    (3,),
+    kernel_init=nn.with_logical_partitioning(
+      nn.initializers.lecun_normal(), ('width', 'embed', 'mlp')
+    ),
+  )
+  lv = logical.init(KEY, jnp.ones((1, 5, 4)))
+  assert isinstance(lv['params']['scale'], nn.LogicallyPartitioned)
+  assert lv['params']['scale'].names == ('mlp',)
+  y = logical.apply(lv, jnp.ones((1, 5, 4)))
+  assert y.shape == (1, 5, 8)
+
+
+class TwoKernels(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    a = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], 5))
+    sub = nn.Dense(3, name='proj')
+    return sub(jnp.tanh(x @ a))
+
+
+@pytest.mark.parametrize(
+  'layer,shape',
+  [
+    (nn.Dense(4), (3, 5)),
+    (nn.Conv(4, (3,)), (2, 7, 3)),
+    (TwoKernels(), (3, 4)),
+    (nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8), (2, 5, 4)),
+  ],
+  ids=['Dense', 'Conv', 'TwoKernels', 'Attention'],
+)
+def test_weight_norm_wrapper(layer, shape):
+  x = _rand(shape)
+  model = wl.WeightNorm(layer)
+  variables = model.init(KEY, x)
+  params = variables['params']
+  # Readable names: the scale tree mirrors the layer's params, biases left alone.
+  paths = [
+    wn_jax._tree.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params['scale'])[0]
+  ]
+  assert paths and all(p.endswith('kernel') for p in paths)
+  # Function-preserving at init.
+  np.testing.assert_allclose(
+    model.apply(variables, x), layer.apply({'params': params['layer']}, x), rtol=1e-5, atol=1e-6
+  )
+  # With g perturbed, it is the layer with materialized weights.
+  scale = jax.tree_util.tree_map(lambda g: 1.5 * g, params['scale'])
+  moved = {'params': {'layer': params['layer'], 'scale': scale}}
+  wn_tree = wn_jax.weight_norm(params['layer'], where=r'(^|/)kernel$')
+  wn_tree = jax.tree_util.tree_map(
+    lambda x: (
+      wn_jax.WeightNormed(x.v, 1.5 * x.g, x.axis) if isinstance(x, wn_jax.WeightNormed) else x
+    ),
+    wn_tree,
+    is_leaf=lambda x: isinstance(x, wn_jax.WeightNormed),
+  )
+  np.testing.assert_allclose(
+    model.apply(moved, x),
+    layer.apply({'params': wn_jax.materialize(wn_tree)}, x),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  grads = jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x) ** 2))(moved['params'])
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads['scale']))
+
+
+def test_weight_norm_wrapper_in_a_model_and_scale_init():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = wl.WeightNorm(nn.Dense(6), scale_init=nn.initializers.ones)(x)
+      return wl.WeightNorm(nn.Dense(2), where='bias', axis=None)(nn.relu(x))
+
+  variables = Model().init(KEY, jnp.ones((2, 3)))
+  p = variables['params']
+  np.testing.assert_array_equal(p['WeightNorm_0']['scale']['kernel'], jnp.ones(6))
+  assert (
+    set(p['WeightNorm_1']['scale']) == {'bias'} and p['WeightNorm_1']['scale']['bias'].shape == ()
+  )
+
+
+class Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    block = nn.scan(
+      nn.remat(Block),
+      variable_axes={'params': 0},
+      split_rngs={'params': True},
+      length=3,
+    )
+    x, _ = block()(x, None)
+    return x
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(wl.WNDense(x.shape[-1])(x)), None
+
+
+def test_scan_remat_vmap_and_train_step_compile_once():
+  x = _rand((4, 6))
+  model = Stack()
+  variables = model.init(KEY, x)
+  (block,) = variables['params']
+  assert variables['params'][block]['WNDense_0']['scale'].shape == (3, 6)
+  vm = nn.vmap(wl.WNDense, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=0)(5)
+  vv = vm.init(KEY, _rand((2, 4, 6)))
+  assert vv['params']['scale'].shape == (2, 5)
+  with jax.numpy_dtype_promotion('standard'):
+    opt = optax.adam(1e-2)
+    traces = 0
+
+    @jax.jit
+    def step(params, state, x):
+      nonlocal traces
+      traces += 1
+      loss, grads = jax.value_and_grad(
+        lambda p: jnp.mean((model.apply({'params': p}, x) - 0.5) ** 2)
+      )(params)
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, loss
+
+    params, state = variables['params'], opt.init(variables['params'])
+    losses = []
+    for i in range(20):
+      params, state, loss = step(params, state, _rand((4, 6), seed=i % 2))
+      losses.append(float(loss))
+  assert traces == 1
+  assert losses[-1] < losses[0]
+  for name in ('kernel', 'scale', 'bias'):
+    before = variables['params'][block]['WNDense_0'][name]
+    assert not np.allclose(before, params[block]['WNDense_0'][name])
+
+
+@pytest.mark.parametrize(
+  'call,message',
+  [
+    (lambda: wl.WNConv(4, (3, 3)).init(KEY, jnp.ones((5, 3))), r"WNConv at '/'.*rank >= 3"),
+    (
+      lambda: wl.WNConv(4, (3,), feature_group_count=2).init(KEY, jnp.ones((1, 5, 3))),
+      'feature_group_count=2',
+    ),
+    (lambda: wl.WNDense(4, axis=3).init(KEY, jnp.ones((1, 3))), r'WNDense.*axis 3 is out of range'),
+    (
+      lambda: wl.WNDense(4).apply(
+        {'params': {'kernel': jnp.ones((3, 4)), 'scale': jnp.ones(3), 'bias': jnp.ones(4)}},
+        jnp.ones((1, 3)),
+      ),
+      r'WNDense.*loaded scale has shape \(3,\).*needs \(4,\)',
+    ),
+  ],
+)
+def test_bad_input(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_mean_only_batch_norm():
+  x = _rand((8, 5)) * 3 + 2
+  bn = wl.MeanOnlyBatchNorm(momentum=0.5)
+  variables = bn.init(KEY, x, use_running_average=False)
+  assert set(variables) == {'params', 'batch_stats'}
+  y, updates = bn.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+  xr = np.asarray(x, np.float64)
+  assert_close(y, xr - xr.mean(0))
+  assert_close(updates['batch_stats']['mean'], 0.5 * xr.mean(0))
+  # Evaluation uses the running mean; the bias is added.
+  state = {'params': {'bias': jnp.ones(5)}, 'batch_stats': updates['batch_stats']}
+  y_eval = bn.apply(state, x, use_running_average=True)
+  assert_close(y_eval, xr - 0.5 * xr.mean(0) + 1)
+  # Conv activations: the mean runs over batch and spatial axes.
+  xc = _rand((2, 4, 4, 3)) + 1
+  yc, _ = bn.apply(
+    bn.init(KEY, xc, use_running_average=False),
+    xc,
+    use_running_average=False,
+    mutable=['batch_stats'],
+  )
+  np.testing.assert_allclose(np.asarray(yc).mean((0, 1, 2)), 0, atol=1e-6)
+  # bf16 activations keep their dtype; the mean is taken in float32.
+  yb, _ = bn.apply(
+    variables, x.astype(jnp.bfloat16), use_running_average=False, mutable=['batch_stats']
+  )
+  assert yb.dtype == jnp.bfloat16
+
+
+def test_mean_only_batch_norm_axis_name_matches_global_mean():
+  x = _rand((4, 6, 3))
+  bn = wl.MeanOnlyBatchNorm(axis_name='batch')
+  variables = bn.init(KEY, x[0], use_running_average=False)
+  y, _ = jax.vmap(
+    lambda xi: bn.apply(variables, xi, use_running_average=False, mutable=['batch_stats']),
+    axis_name='batch',
+  )(x)
+  xr = np.asarray(x, np.float64)
+  assert_close(y, xr - xr.mean((0, 1)))

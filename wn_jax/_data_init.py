@@ -1,0 +1,104 @@
+"""Shared machinery of the paper's data-dependent initialization (section 3).
+
+A layer in data-init mode computes its pre-activation ``t = (v / ||v||) . x`` without
+bias, takes the per-feature mean ``mu`` and standard deviation ``sigma`` over every
+axis but the last (features), and sets
+
+    g = init_scale / sigma        b = -mu * init_scale / sigma
+
+so its output on that batch has mean 0 and standard deviation ``init_scale`` per
+feature. It returns that initialized output, so a single forward pass initializes the
+layers in order, each on the outputs of the initialized layers before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+
+from wn_jax._core import reduce_dtype
+
+# A feature whose standard deviation on the batch is below this is taken as constant:
+# its sigma counts as 1 (g = init_scale, b = -mu * init_scale), so nothing blows up.
+CONSTANT_FEATURE_STD = 1e-6
+
+
+@dataclasses.dataclass
+class _Mode:
+  init_scale: float | Callable[[str], float]
+  axis_name: str | None
+  done: set = dataclasses.field(default_factory=set)
+
+
+_MODE: contextvars.ContextVar[_Mode | None] = contextvars.ContextVar(
+  'wn_jax_data_init', default=None
+)
+
+
+@contextlib.contextmanager
+def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> Iterator[_Mode]:
+  if not (callable(init_scale) or (isinstance(init_scale, (int, float)) and init_scale > 0)):
+    raise ValueError(
+      f'data_init: init_scale must be a positive float or a callable (layer path) -> float; '
+      f'got {init_scale!r}.'
+    )
+  token = _MODE.set(_Mode(init_scale, axis_name))
+  try:
+    yield _MODE.get()  # type: ignore[misc]
+  finally:
+    _MODE.reset(token)
+
+
+def claim(key: object) -> _Mode | None:
+  """The active mode if the layer ``key`` is still to be initialized (first use only)."""
+  m = _MODE.get()
+  if m is None or key in m.done:
+    return None
+  m.done.add(key)
+  return m
+
+
+def scale_for(m: _Mode, path: str) -> float:
+  s = m.init_scale(path) if callable(m.init_scale) else m.init_scale
+  if not s > 0:
+    raise ValueError(f'data_init: init_scale for layer {path!r} must be positive; got {s!r}.')
+  return float(s)
+
+
+def statistics(t: jax.Array, m: _Mode, where: str) -> tuple[jax.Array, jax.Array]:
+  """Per-feature (last axis) mean and standard deviation of ``t``, in float32 or wider.
+
+  Over the global batch: under ``jit`` with a sharded batch XLA reduces across devices;
+  inside ``shard_map`` / ``pmap``, pass the mapped ``axis_name`` to ``data_init``.
+  """
+  count = t.size // t.shape[-1]
+  if count < 2 and m.axis_name is None:
+    raise ValueError(
+      f'{where}: data_init needs at least 2 values per feature to estimate a standard '
+      f'deviation; got an output of shape {t.shape}. Pass a larger batch.'
+    )
+  t = t.astype(reduce_dtype(t.dtype))
+  axes = tuple(range(t.ndim - 1))
+  mu = jnp.mean(t, axis=axes)
+  if m.axis_name is not None:
+    mu = jax.lax.pmean(mu, m.axis_name)
+  var = jnp.mean(jnp.square(t - mu), axis=axes)
+  if m.axis_name is not None:
+    var = jax.lax.pmean(var, m.axis_name)
+  sigma = jnp.sqrt(var)
+  return mu, jnp.where(sigma > CONSTANT_FEATURE_STD, sigma, 1.0)
+
+
+def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int, where: str) -> None:
+  if kept != (out_axis % kernel_ndim,):
+    raise ValueError(
+      f'{where}: data_init sets one g per output feature, so the layer must keep the '
+      f'output-feature axis ({out_axis % kernel_ndim} of the kernel); it keeps {kept}. '
+      f'Use the default axis, or initialize this layer by hand.'
+    )

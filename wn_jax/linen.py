@@ -1,0 +1,461 @@
+"""Flax linen layers with weight normalization.
+
+Each ``WN*`` layer is the Flax layer of the same name with one change: its ``kernel``
+parameter holds the direction ``v`` and a new ``scale`` parameter the magnitude ``g``,
+and the layer computes with ``w = scale * kernel / ||kernel||`` (norm over every kernel
+axis but ``axis``). Everything else, attributes, defaults, padding, masks, groups,
+dtypes, is Flax's own code, so a plain checkpoint converts by adding ``scale``.
+
+By default (``scale_init=None``) ``scale`` starts at ``||kernel||``, so at
+initialization a WN layer computes exactly what the plain layer with the same key and
+``kernel_init`` computes.
+
+Kernel layouts and the default kept ``axis=-1``:
+
+=================  ============================================  ==================
+layer              Flax kernel layout                            ``axis=-1`` keeps
+=================  ============================================  ==================
+WNDense            ``(in, out)``                                 out
+WNConv             ``(*window, in // groups, out)``              out
+WNConvTranspose    ``(*window, in, out)``                        out
+ ... transposed    ``(*window, out, in)`` (``transpose_kernel``)  in (as PyTorch)
+=================  ============================================  ==================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wn_jax import _core
+from wn_jax import _data_init
+from wn_jax import _tree
+
+Initializer = Callable[..., Any]
+
+
+def _scale_box(kernel_box: Any, g: jax.Array, kept: tuple[int, ...]) -> Any:
+  """``g`` boxed like the kernel: a partitioned kernel gives a partitioned scale."""
+  if isinstance(kernel_box, nn.Partitioned):
+    return kernel_box.replace(value=g, names=tuple(kernel_box.names[a] for a in kept))
+  return g
+
+
+class _WeightNormedKernel:
+  """Mixin for Flax layers: turns their ``kernel`` parameter into ``(kernel, scale)``.
+
+  Flax layers read their kernel through ``self.param('kernel', ...)``; this override
+  hands them ``w = scale * kernel / ||kernel||`` instead, so all of the layer's own
+  code runs unchanged.
+  """
+
+  axis: _core.Axis
+  scale_init: Initializer | None
+  param_dtype: Any
+  name: str | None
+
+  def _where(self) -> str:
+    path = '/'.join(self.scope.path) if self.scope is not None else ''  # type: ignore[attr-defined]
+    return f"{type(self).__name__} at '/{path}'"
+
+  def _check_conv_input(self, inputs: jax.Array) -> None:
+    """Input rank and group checks of Conv / ConvTranspose, with the layer's name."""
+    ks = self.kernel_size  # type: ignore[attr-defined]
+    n = 1 if isinstance(ks, int) else len(ks)
+    if jnp.ndim(inputs) < n + 1:
+      raise ValueError(
+        f'{self._where()}: a {n}-D convolution needs inputs of shape (*batch, *spatial[{n}], '
+        f'features), rank >= {n + 1}; got shape {jnp.shape(inputs)}. Add the missing axes.'
+      )
+    groups = getattr(self, 'feature_group_count', 1)
+    channels = jnp.shape(inputs)[-1]
+    if channels % groups or self.features % groups:  # type: ignore[attr-defined]
+      raise ValueError(
+        f'{self._where()}: feature_group_count={groups} must divide the input features '
+        f'({channels}) and the output features ({self.features}); '  # type: ignore[attr-defined]
+        f'choose a common divisor.'
+      )
+
+  @nn.nowrap
+  def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):  # type: ignore[override]
+    value = super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)  # type: ignore[misc]
+    mode = getattr(self, '_direction_only', None)
+    if name == 'bias' and mode is not None:
+      return jnp.zeros_like(value)
+    if name != 'kernel':
+      return value
+    where = self._where()
+    kept = _core.kept_axes(value.ndim, self.axis, where)
+    shape = _core.scale_shape(value.shape, kept)
+    self._check_loaded_scale(shape, value.shape)
+
+    def init_scale(key, shape, dtype):
+      if self.scale_init is None:
+        g = _core.norm(value, kept).astype(dtype)
+      else:
+        g = self.scale_init(key, shape, dtype)
+      return _scale_box(self.get_variable('params', 'kernel'), g, kept)  # type: ignore[attr-defined]
+
+    g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
+    if mode is not None:
+      g = jnp.ones_like(g)
+    return _core.normalize(value, g, kept)
+
+  def _check_loaded_scale(self, shape, kernel_shape) -> None:
+    if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
+      got = jnp.shape(nn.unbox(self.get_variable('params', 'scale')))  # type: ignore[attr-defined]
+      if got != shape:
+        raise ValueError(
+          f'{self._where()}: the loaded scale has shape {got}, but a kernel of shape '
+          f'{kernel_shape} with axis={self.axis!r} needs {shape}. Check the checkpoint, '
+          f"or the layer's axis."
+        )
+
+  def _data_init_call(self, call, *args, **kwargs):
+    """Runs ``call`` normally, or, in data-init mode on first use, initializes g and b."""
+    if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
+      return call(*args, **kwargs)
+    mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
+    if mode is None:
+      return call(*args, **kwargs)
+    where = self._where()
+    path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
+    kernel = self.get_variable('params', 'kernel')  # type: ignore[attr-defined]
+    kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
+    _data_init.check_output_axis(jnp.ndim(nn.unbox(kernel)), kept, self._out_axis(), where)
+    object.__setattr__(self, '_direction_only', mode)
+    try:
+      t = call(*args, **kwargs)
+    finally:
+      object.__delattr__(self, '_direction_only')
+    mu, sigma = _data_init.statistics(t, mode, where)
+    s = _data_init.scale_for(mode, path)
+    g = (s / sigma).astype(self.param_dtype)
+    self._put_boxed('scale', g)
+    out = t.astype(mu.dtype) * (s / sigma)
+    if getattr(self, 'use_bias', True):
+      b = -mu * s / sigma
+      self._put_boxed('bias', b.astype(self.param_dtype))
+      out = out + b
+    return out.astype(t.dtype)
+
+  def _out_axis(self) -> int:
+    return -1
+
+  def _put_boxed(self, name: str, value: jax.Array) -> None:
+    old = self.get_variable('params', name)  # type: ignore[attr-defined]
+    if isinstance(old, nn.meta.AxisMetadata):
+      value = old.replace_boxed(value)
+    self.put_variable('params', name, value)  # type: ignore[attr-defined]
+
+
+class WNDense(_WeightNormedKernel, nn.Dense):
+  r"""``flax.linen.Dense`` with a weight-normalized kernel.
+
+  .. math:: y = x \, w + b, \qquad w_{:,j} = g_j \, v_{:,j} / \lVert v_{:,j} \rVert
+
+  Parameters: ``kernel`` (``v``, layout ``(in, out)``), ``scale`` (``g``, shape
+  ``(out,)`` for the default ``axis=-1``) and ``bias``.
+
+  Attributes:
+    features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
+    dot_general, dot_general_cls: as ``flax.linen.Dense``.
+    axis: the kept kernel axis or axes (default ``-1``, the output features).
+    scale_init: ``None`` (default) starts ``scale`` at ``||kernel||``, so the layer
+      computes what ``nn.Dense`` computes at init; or any Flax initializer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
+    >>> x = jnp.ones((2, 3))
+    >>> layer = wn_jax.linen.WNDense(4)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables['params'])
+    {'bias': (4,), 'kernel': (3, 4), 'scale': (4,)}
+    >>> plain = nn.Dense(4).init(jax.random.key(0), x)
+    >>> bool(jnp.allclose(layer.apply(variables, x), nn.Dense(4).apply(plain, x)))
+    True
+  """
+
+  axis: _core.Axis = -1
+  scale_init: Initializer | None = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
+    return self._data_init_call(super().__call__, inputs)
+
+
+class WNConv(_WeightNormedKernel, nn.Conv):
+  r"""``flax.linen.Conv`` (1-D, 2-D, 3-D by ``kernel_size``) with a weight-normalized kernel.
+
+  .. math:: w_{\dots,j} = g_j \, v_{\dots,j} / \lVert v_{\dots,j} \rVert
+
+  Parameters: ``kernel`` (``v``, layout ``(*window, in // feature_group_count, out)``),
+  ``scale`` (``g``, shape ``(out,)`` for ``axis=-1``), ``bias``. A ``mask`` applies to
+  the normalized weight, as to the plain layer's kernel.
+
+  Attributes:
+    All of ``flax.linen.Conv``'s (features, kernel_size, strides, padding including
+    'SAME', 'VALID', 'CIRCULAR', 'CAUSAL' and explicit pairs, input_dilation,
+    kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, precision,
+    kernel_init, bias_init), plus ``axis`` (default ``-1``) and ``scale_init``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> layer = wn_jax.linen.WNConv(8, kernel_size=(3,))
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 16, 4)))
+    >>> variables['params']['kernel'].shape, variables['params']['scale'].shape
+    ((3, 4, 8), (8,))
+  """
+
+  axis: _core.Axis = -1
+  scale_init: Initializer | None = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
+    self._check_conv_input(inputs)
+    return self._data_init_call(super().__call__, inputs)
+
+
+class WNConvTranspose(_WeightNormedKernel, nn.ConvTranspose):
+  r"""``flax.linen.ConvTranspose`` with a weight-normalized kernel.
+
+  Parameters: ``kernel`` (``v``), ``scale`` (``g``), ``bias``. The kernel layout is
+  ``(*window, in, out)``, or ``(*window, out, in)`` with ``transpose_kernel=True``
+  (PyTorch's layout, transposed). The default ``axis=-1`` keeps the last kernel axis:
+  the output features, or with ``transpose_kernel=True`` the input features, which is
+  what PyTorch's ``weight_norm(nn.ConvTranspose*d)`` keeps (its default ``dim=0``).
+
+  Attributes:
+    All of ``flax.linen.ConvTranspose``'s, plus ``axis`` and ``scale_init``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> layer = wn_jax.linen.WNConvTranspose(4, kernel_size=(4,), strides=(2,))
+    >>> y, variables = layer.init_with_output(jax.random.key(0), jnp.ones((1, 8, 3)))
+    >>> y.shape, variables['params']['scale'].shape
+    ((1, 16, 4), (4,))
+  """
+
+  axis: _core.Axis = -1
+  scale_init: Initializer | None = None
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
+    self._check_conv_input(inputs)
+    return self._data_init_call(super().__call__, inputs)
+
+  def _out_axis(self) -> int:
+    return -2 if self.transpose_kernel else -1
+
+
+_KERNELS = r'(^|/)kernel$'
+
+
+def _map_selected(tree: Any, fn: Callable, scale: Any = None) -> Any:
+  """Over nested dicts of ``WeightNormed`` nodes.
+
+  Without ``scale``: a nested dict of ``fn(node)`` for the nodes alone (the ``scale``
+  parameter). With ``scale``: the full tree, each node given its ``g`` from ``scale``
+  and replaced by ``fn(node)`` (the weights the layer computes with).
+  """
+  out = {}
+  for k, x in tree.items():
+    if isinstance(x, _tree.WeightNormed):
+      out[k] = fn(x if scale is None else _tree.WeightNormed(x.v, scale[k], x.axis))
+    elif hasattr(x, 'items'):
+      sub = _map_selected(x, fn, None if scale is None else scale.get(k, {}))
+      if sub or scale is not None:
+        out[k] = sub
+    elif scale is not None:
+      out[k] = x
+  return out
+
+
+class WeightNorm(nn.Module):
+  r"""Weight-normalizes the parameters of any linen module.
+
+  Each selected parameter ``v`` of ``layer`` is used as ``w = g * v / ||v||``. The
+  layer's own parameters keep their names and hold ``v``; the magnitudes live in this
+  module's ``scale`` parameter, a dict that mirrors the layer's parameter tree (e.g.
+  ``scale['query']['kernel']`` for an attention layer). Unlike
+  ``flax.linen.WeightNorm``: ``g`` starts at ``||v||`` (the wrapped layer computes
+  the same function at init), biases are left alone by default, and all-zero slices
+  are safe.
+
+  Attributes:
+    layer: the module to wrap.
+    axis: the kept axis or axes of every selected parameter (default ``-1``, the output
+      features of Flax kernels).
+    where: which parameters: a regular expression searched in the ``/``-joined path
+      inside ``layer``'s params (default: every ``kernel``), or a callable
+      ``(path, leaf) -> bool``.
+    scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
+    >>> model = wn_jax.linen.WeightNorm(nn.Dense(3))
+    >>> variables = model.init(jax.random.key(0), jnp.ones((1, 2)))
+    >>> jax.tree_util.tree_map(jnp.shape, variables['params'])
+    {'layer': {'bias': (3,), 'kernel': (2, 3)}, 'scale': {'kernel': (3,)}}
+  """
+
+  layer: nn.Module
+  axis: _core.Axis = -1
+  where: _tree.Where = _KERNELS
+  scale_init: Initializer | None = None
+
+  @nn.compact
+  def __call__(self, *args, **kwargs):
+    def trans_in(variables):
+      params = variables.get('params', {})
+      if not params:
+        return variables
+      wn = _tree.weight_norm(nn.unbox(params), self.axis, where=self.where)
+
+      def init(key):
+        keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
+        return _map_selected(
+          wn,
+          lambda x: (
+            x.g if self.scale_init is None else self.scale_init(next(keys), x.g.shape, x.g.dtype)
+          ),
+        )
+
+      scale = self.param('scale', init)
+      merged = _map_selected(wn, lambda x: x.weight(), scale)
+      return {**variables, 'params': merged}
+
+    return nn.map_variables(
+      lambda layer: layer(*args, **kwargs),
+      'params',
+      trans_in_fn=trans_in,
+      init=self.is_initializing(),
+    )(self.layer)
+
+
+class MeanOnlyBatchNorm(nn.Module):
+  r"""The paper's mean-only batch normalization: :math:`y = x - \mu_B + b`.
+
+  Subtracts the per-feature batch mean (over every axis but ``axis``) and adds a
+  learned bias; no division by the variance, so with weight normalization the
+  activations keep their scale while the noise of the batch statistics stays small.
+  A running mean in the ``batch_stats`` collection serves ``use_running_average=True``.
+
+  Attributes:
+    use_running_average: use the running mean instead of the batch's (may also be
+      passed to ``__call__``).
+    axis: the feature axis (default ``-1``).
+    momentum: decay of the running mean.
+    use_bias: add a learned ``bias``.
+    bias_init: initializer of the bias.
+    dtype: computation dtype (the mean is always computed in float32 or wider).
+    param_dtype: dtype of ``bias``.
+    axis_name: a mapped axis name (``pmap``, ``shard_map``) to average the batch mean
+      over, like ``flax.linen.BatchNorm``'s.
+    axis_index_groups: groups of devices for ``axis_name``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> bn = wn_jax.linen.MeanOnlyBatchNorm(use_running_average=False)
+    >>> x = jnp.arange(6.0).reshape(3, 2)
+    >>> y, state = bn.init_with_output(jax.random.key(0), x)
+    >>> y
+    Array([[-2., -2.],
+           [ 0.,  0.],
+           [ 2.,  2.]], dtype=float32)
+  """
+
+  use_running_average: bool | None = None
+  axis: int = -1
+  momentum: float = 0.99
+  use_bias: bool = True
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: str | None = None
+  axis_index_groups: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
+    x = jnp.asarray(x)
+    (feature,) = _core.kept_axes(x.ndim, self.axis, f'MeanOnlyBatchNorm {self.name!r}')
+    reduced = tuple(i for i in range(x.ndim) if i != feature)
+    stat_dtype = _core.reduce_dtype(x.dtype)
+    ra_mean = self.variable(
+      'batch_stats', 'mean', lambda: jnp.zeros((x.shape[feature],), stat_dtype)
+    )
+    if use_ra:
+      mean = ra_mean.value
+    else:
+      mean = jnp.mean(x.astype(stat_dtype), axis=reduced)
+      if self.axis_name is not None and not self.is_initializing():
+        mean = jax.lax.pmean(mean, self.axis_name, axis_index_groups=self.axis_index_groups)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+    shape = [1] * x.ndim
+    shape[feature] = x.shape[feature]
+    y = x.astype(stat_dtype) - mean.reshape(shape)
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (x.shape[feature],), self.param_dtype)
+      y = y + bias.astype(stat_dtype).reshape(shape)
+    out_dtype = self.dtype or x.dtype
+    return y.astype(out_dtype)
+
+
+def data_init(
+  model: nn.Module,
+  variables: Any,
+  *args: Any,
+  init_scale: float | Callable[[str], float] = 1.0,
+  axis_name: str | None = None,
+  method: Any = None,
+  **kwargs: Any,
+) -> Any:
+  r"""The paper's data-dependent initialization (section 3) of every WN layer in ``model``.
+
+  Runs ``model.apply(variables, *args, **kwargs)`` once on a batch. Each ``WNDense``,
+  ``WNConv`` and ``WNConvTranspose``, in forward order, computes its pre-activation
+  :math:`t = (v / \lVert v \rVert) \cdot x` without bias, takes the per-feature mean
+  :math:`\mu` and standard deviation :math:`\sigma` over the batch (and spatial) axes,
+  and sets
+
+  .. math:: g = s / \sigma, \qquad b = -\mu \, s / \sigma
+
+  with ``s = init_scale``, so its output on this batch has mean 0 and standard deviation
+  ``s`` per feature; it passes that initialized output on, so each later layer sees the
+  earlier layers after their initialization. A layer used twice (shared weights) is
+  initialized on its first use only. A feature with standard deviation below 1e-6
+  (constant on the batch) keeps :math:`\sigma = 1` (finite, never NaN). Statistics are
+  taken in float32 (or wider) whatever the parameter dtype. Plain layers,
+  ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
+  collections (``batch_stats``) are returned unchanged.
+
+  Args:
+    model: the linen model.
+    variables: its variables (``{'params': ..., ...}``), e.g. from ``model.init``.
+    *args: the batch, as ``model.apply`` takes it.
+    init_scale: the target standard deviation, or a callable from a layer's path
+      (``'Dense_0'``, ``'block/WNConv_1'``) to it.
+    axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis, so the
+      statistics are the global batch's. Under ``jax.jit`` with a sharded batch no name
+      is needed.
+    method: the method of ``model`` to run (default ``__call__``).
+    **kwargs: passed to ``model.apply`` (e.g. ``train=True``).
+
+  Returns:
+    New variables with the WN layers' ``scale`` and ``bias`` set; nothing is mutated.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> model = wn_jax.linen.WNDense(3)
+    >>> x = jax.random.normal(jax.random.key(0), (256, 5))
+    >>> variables = wn_jax.linen.data_init(model, model.init(jax.random.key(1), x), x)
+    >>> y = model.apply(variables, x)
+    >>> bool(jnp.allclose(y.mean(0), 0.0, atol=1e-5)), bool(jnp.allclose(y.std(0), 1.0, atol=1e-4))
+    (True, True)
+  """
+  with _data_init.mode(init_scale, axis_name):
+    _, updates = model.apply(variables, *args, mutable=['params'], method=method, **kwargs)
+  return {**variables, 'params': updates['params']}
