@@ -1,5 +1,7 @@
 """wn_jax: weight normalization for JAX (Salimans & Kingma, 2016, arXiv:1602.07868)."""
 
+from wn_jax import linen
+from wn_jax import nnx
 from wn_jax._core import decompose
 from wn_jax._core import norm
 from wn_jax._core import normalize
@@ -13,9 +15,13 @@ from wn_jax.linen import WNDense
 __version__ = '0.1.0'
 
 __all__ = (
+  'WNConv',
+  'WNDense',
   'WeightNormed',
   'decompose',
+  'linen',
   'materialize',
+  'nnx',
   'norm',
   'normalize',
   'scale_shape',

@@ -204,3 +204,32 @@ def materialize(params: PyTree) -> PyTree:
            [4., 2.]], dtype=float32)
   """
   return jax.tree_util.tree_map(lambda x: x.weight() if _is_wn(x) else x, params, is_leaf=_is_wn)
+
+
+def map_selected(tree: Any, fn: Callable, scale: Any = None) -> Any:
+  """Over nested dicts of ``WeightNormed`` nodes.
+
+  Without ``scale``: a nested dict of ``fn(node)`` for the nodes alone (the ``scale``
+  parameter). With ``scale``: the full tree, each node given its ``g`` from ``scale``
+  and replaced by ``fn(node)`` (the weights the layer computes with).
+  """
+  out = {}
+  for k, x in tree.items():
+    if isinstance(x, WeightNormed):
+      out[k] = fn(x if scale is None else WeightNormed(x.v, _get(scale, k), x.axis))
+    elif hasattr(x, 'items'):
+      sub = map_selected(x, fn, None if scale is None else _get(scale, k, {}))
+      if sub or scale is not None:
+        out[k] = sub
+    elif scale is not None:
+      out[k] = x
+  return out
+
+
+def _get(tree: Any, key: Any, *default: Any) -> Any:
+  """``tree[key]``, also where ``tree`` has string keys for integer ones (NNX lists)."""
+  if key in tree:
+    return tree[key]
+  if str(key) in tree or not default:
+    return tree[str(key)]
+  return default[0]

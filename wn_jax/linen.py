@@ -149,7 +149,7 @@ class _WeightNormedKernel:
   def _put_boxed(self, name: str, value: jax.Array) -> None:
     old = self.get_variable('params', name)  # type: ignore[attr-defined]
     if isinstance(old, nn.meta.AxisMetadata):
-      value = old.replace_boxed(value)
+      value = old.replace_boxed(value)  # type: ignore[assignment]
     self.put_variable('params', name, value)  # type: ignore[attr-defined]
 
 
@@ -252,26 +252,6 @@ class WNConvTranspose(_WeightNormedKernel, nn.ConvTranspose):
 _KERNELS = r'(^|/)kernel$'
 
 
-def _map_selected(tree: Any, fn: Callable, scale: Any = None) -> Any:
-  """Over nested dicts of ``WeightNormed`` nodes.
-
-  Without ``scale``: a nested dict of ``fn(node)`` for the nodes alone (the ``scale``
-  parameter). With ``scale``: the full tree, each node given its ``g`` from ``scale``
-  and replaced by ``fn(node)`` (the weights the layer computes with).
-  """
-  out = {}
-  for k, x in tree.items():
-    if isinstance(x, _tree.WeightNormed):
-      out[k] = fn(x if scale is None else _tree.WeightNormed(x.v, scale[k], x.axis))
-    elif hasattr(x, 'items'):
-      sub = _map_selected(x, fn, None if scale is None else scale.get(k, {}))
-      if sub or scale is not None:
-        out[k] = sub
-    elif scale is not None:
-      out[k] = x
-  return out
-
-
 class WeightNorm(nn.Module):
   r"""Weight-normalizes the parameters of any linen module.
 
@@ -315,7 +295,7 @@ class WeightNorm(nn.Module):
 
       def init(key):
         keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
-        return _map_selected(
+        return _tree.map_selected(
           wn,
           lambda x: (
             x.g if self.scale_init is None else self.scale_init(next(keys), x.g.shape, x.g.dtype)
@@ -323,7 +303,7 @@ class WeightNorm(nn.Module):
         )
 
       scale = self.param('scale', init)
-      merged = _map_selected(wn, lambda x: x.weight(), scale)
+      merged = _tree.map_selected(wn, lambda x: x.weight(), scale)
       return {**variables, 'params': merged}
 
     return nn.map_variables(

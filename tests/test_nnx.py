@@ -1,0 +1,266 @@
+"""Flax NNX layers: equal to their linen twins and the reference; train with nnx.Optimizer."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import wn_jax
+from tests import reference as ref
+from tests.helpers import assert_close
+from wn_jax import linen as wl
+from wn_jax import nnx as wx
+
+
+def _rand(shape, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+TWINS = [
+  (lambda: wx.WNLinear(6, 4, rngs=nnx.Rngs(0)), wl.WNDense(4), (5, 6)),
+  (
+    lambda: wx.WNLinear(6, 4, axis=0, use_bias=False, rngs=nnx.Rngs(0)),
+    wl.WNDense(4, axis=0, use_bias=False),
+    (5, 6),
+  ),
+  (
+    lambda: wx.WNConv(4, 8, (3,), strides=(2,), rngs=nnx.Rngs(0)),
+    wl.WNConv(8, (3,), strides=(2,)),
+    (2, 9, 4),
+  ),
+  (
+    lambda: wx.WNConv(4, 8, (3, 3), padding='VALID', feature_group_count=2, rngs=nnx.Rngs(0)),
+    wl.WNConv(8, (3, 3), padding='VALID', feature_group_count=2),
+    (2, 7, 7, 4),
+  ),
+  (
+    lambda: wx.WNConvTranspose(4, 6, (4,), strides=(2,), rngs=nnx.Rngs(0)),
+    wl.WNConvTranspose(6, (4,), strides=(2,)),
+    (2, 5, 4),
+  ),
+  (
+    lambda: wx.WNConvTranspose(4, 6, (3,), transpose_kernel=True, rngs=nnx.Rngs(0)),
+    wl.WNConvTranspose(6, (3,), transpose_kernel=True),
+    (2, 5, 4),
+  ),
+]
+
+
+@pytest.mark.parametrize('make,twin,shape', TWINS)
+def test_equals_linen_twin_and_reference(make, twin, shape):
+  layer = make()
+  layer.scale[...] = layer.scale[...] * jnp.linspace(0.5, 2.0, layer.scale.shape[0])
+  params = {'kernel': layer.kernel[...], 'scale': layer.scale[...]}
+  if layer.bias is not None:
+    layer.bias[...] = layer.bias[...] + 0.25
+    params['bias'] = layer.bias[...]
+  x = _rand(shape)
+  y = layer(x)
+  np.testing.assert_allclose(y, twin.apply({'params': params}, x), rtol=1e-5, atol=1e-6)
+  if isinstance(layer, wx.WNLinear):
+    w = ref.normalize(
+      np.asarray(params['kernel'], np.float64), np.asarray(params['scale'], np.float64), layer.axis
+    )
+    assert_close(y, ref.dense(np.asarray(x), w, params.get('bias')), factor=8)
+  # Gradients equal the linen twin's.
+  r = _rand(y.shape, seed=2)
+  graphdef, state = nnx.split(layer)
+  g_nnx = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x) * r))(state)
+  g_linen = jax.grad(lambda p: jnp.sum(twin.apply({'params': p}, x) * r))(params)
+  for name in params:
+    np.testing.assert_allclose(g_nnx[name][...], g_linen[name], rtol=1e-5, atol=1e-6)
+
+
+def test_function_preserving_init():
+  x = _rand((3, 6))
+  np.testing.assert_allclose(
+    wx.WNLinear(6, 4, rngs=nnx.Rngs(3))(x),
+    nnx.Linear(6, 4, rngs=nnx.Rngs(3))(x),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  xc = _rand((2, 8, 3))
+  np.testing.assert_allclose(
+    wx.WNConv(3, 5, (3,), rngs=nnx.Rngs(3))(xc),
+    nnx.Conv(3, 5, (3,), rngs=nnx.Rngs(3))(xc),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.a = wx.WNLinear(4, 16, rngs=rngs)
+    self.b = wx.WNLinear(16, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(nnx.relu(self.a(x)))
+
+
+@pytest.mark.standard_promotion
+def test_optimizer_trains_kernel_scale_and_bias():
+  model = MLP(nnx.Rngs(0))
+  before = nnx.clone(model)
+  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  x, y = _rand((32, 4)), _rand((32, 2), seed=5)
+  traces = 0
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    nonlocal traces
+    traces += 1
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt, x, y)) for _ in range(30)]
+  assert traces == 1 and losses[-1] < 0.7 * losses[0]
+  for name in ('kernel', 'scale', 'bias'):
+    assert not np.allclose(getattr(before.a, name)[...], getattr(model.a, name)[...])
+  # The stored kernel is the direction v, never the normalized weight.
+  w = wn_jax.normalize(model.a.kernel[...], model.a.scale[...])
+  assert not np.allclose(model.a.kernel[...], w)
+  np.testing.assert_allclose(wn_jax.norm(w), jnp.abs(model.a.scale[...]), rtol=1e-5)
+
+
+def test_forward_never_mutates_parameters():
+  layer = wx.WNLinear(3, 2, rngs=nnx.Rngs(0))
+  state = nnx.state(layer)
+  layer(_rand((4, 3)))
+  after = nnx.state(layer)
+  for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_split_merge_vmap_scan_remat():
+  x = _rand((3, 5))
+  layer = wx.WNLinear(5, 5, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  np.testing.assert_allclose(nnx.merge(graphdef, state)(x), layer(x), rtol=1e-6)
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return wx.WNLinear(5, 5, rngs=nnx.Rngs(key))
+
+  stack = make(jax.random.split(jax.random.key(0), 4))
+  assert stack.scale.shape == (4, 5)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+  def run(h, layer):
+    return jnp.tanh(nnx.remat(lambda lyr, h: lyr(h))(layer, h))
+
+  out = run(x, stack)
+  expected = x
+  for i in range(4):
+    sub = nnx.merge(
+      *nnx.split(wx.WNLinear(5, 5, rngs=nnx.Rngs(jax.random.split(jax.random.key(0), 4)[i])))
+    )
+    expected = jnp.tanh(sub(expected))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  grads = nnx.grad(lambda s: jnp.sum(run(x, s)))(stack)
+  assert grads['scale'][...].shape == (4, 5)
+
+
+def test_weight_norm_wrapper():
+  inner = nnx.Sequential(
+    nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(4, 2, rngs=nnx.Rngs(1))
+  )
+  model = wx.WeightNorm(inner)
+  x = _rand((5, 3))
+  np.testing.assert_allclose(model(x), inner(x), rtol=1e-5, atol=1e-6)
+  assert model.scale['layers']['0']['kernel'].shape == (4,)
+  assert 'bias' not in model.scale['layers']['0']
+  kernel_before = inner.layers[0].kernel[...]
+  model.scale['layers']['0']['kernel'][...] = model.scale['layers']['0']['kernel'][...] * 2.0
+  y = model(x)
+  np.testing.assert_array_equal(inner.layers[0].kernel[...], kernel_before)
+  h = jnp.maximum(x @ (2 * kernel_before) + inner.layers[0].bias[...], 0)
+  np.testing.assert_allclose(y, inner.layers[2](h), rtol=1e-5, atol=1e-5)
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+  assert np.any(grads['scale']['layers']['0']['kernel'][...] != 0)
+
+
+def test_weight_norm_wrapper_carries_batch_stats_and_scale_init():
+  inner = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+  model = wx.WeightNorm(inner, scale_init=nnx.initializers.ones, rngs=nnx.Rngs(1))
+  np.testing.assert_array_equal(model.scale['layers']['0']['kernel'][...], jnp.ones(4))
+  model(_rand((8, 3)) + 3.0)
+  assert not np.allclose(inner.layers[1].mean[...], 0)
+
+
+def test_mean_only_batch_norm_matches_linen():
+  x = _rand((8, 4, 3)) + 2
+  bn = wx.MeanOnlyBatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
+  y = bn(x)
+  twin = wl.MeanOnlyBatchNorm(momentum=0.5)
+  yl, upd = twin.apply(
+    twin.init(jax.random.key(0), x, use_running_average=False),
+    x,
+    use_running_average=False,
+    mutable=['batch_stats'],
+  )
+  np.testing.assert_allclose(y, yl, rtol=1e-6)
+  np.testing.assert_allclose(bn.mean[...], upd['batch_stats']['mean'], rtol=1e-6)
+  bn.eval()
+  assert bn.use_running_average
+  np.testing.assert_allclose(bn(x), x - bn.mean[...], rtol=1e-6)
+
+
+def test_partitioning_propagates_to_scale():
+  mesh = jax.make_mesh((1,), ('model',))
+  with jax.set_mesh(mesh):
+    layer = wx.WNLinear(
+      4,
+      8,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, 'model')),
+      rngs=nnx.Rngs(0),
+    )
+  assert layer.scale.get_metadata()['out_sharding'] == ('model',)
+  spec = nnx.get_partition_spec(nnx.state(layer))['scale']
+  spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
+  assert spec == jax.sharding.PartitionSpec('model')
+
+
+@pytest.mark.parametrize(
+  'call,message',
+  [
+    (lambda: wx.WNLinear(3, 4, axis=2, rngs=nnx.Rngs(0)), r'WNLinear.*axis 2 is out of range'),
+    (
+      lambda: wx.WNConv(3, 4, (3,), feature_group_count=2, rngs=nnx.Rngs(0)),
+      'WNConv.*feature_group_count=2',
+    ),
+    (
+      lambda: wx.WeightNorm(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), where='nothing'),
+      'selected no leaf',
+    ),
+  ],
+)
+def test_bad_input(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_wrong_scale_shape_names_the_layer():
+  layer = wx.WNLinear(3, 4, rngs=nnx.Rngs(0))
+  layer.scale.set_value(jnp.ones(3))
+  with pytest.raises(ValueError, match=r'WNLinear: scale has shape \(3,\)'):
+    layer(jnp.ones((1, 3)))
+
+
+def test_linen_twin_parity_of_attribute_vocabulary():
+  # The NNX layers accept the NNX parents' keyword arguments unchanged.
+  layer = wx.WNConv(
+    2,
+    4,
+    (3,),
+    padding='CAUSAL',
+    kernel_dilation=2,
+    use_bias=False,
+    dtype=jnp.bfloat16,
+    rngs=nnx.Rngs(0),
+  )
+  assert layer(jnp.ones((1, 6, 2))).dtype == jnp.bfloat16
+  assert isinstance(nn.Dense, type)

@@ -1,0 +1,394 @@
+"""Flax NNX layers with weight normalization.
+
+``WNLinear``, ``WNConv`` and ``WNConvTranspose`` are ``flax.nnx.Linear`` / ``Conv`` /
+``ConvTranspose`` (same arguments, same code) whose ``kernel`` holds the direction ``v``
+and a new ``scale`` the magnitude ``g``; all three of ``kernel``, ``scale``, ``bias``
+are ``nnx.Param``, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains them. The
+forward pass computes ``w = scale * kernel / ||kernel||`` and never writes it back.
+Layouts and the default kept ``axis=-1`` are those of the linen layers
+(:mod:`wn_jax.linen`): Linear ``(in, out)``, Conv ``(*window, in // groups, out)``,
+ConvTranspose ``(*window, in, out)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wn_jax import _core
+from wn_jax import _data_init
+from wn_jax import _tree
+
+Initializer = Callable[..., Any]
+
+
+class _KernelView:
+  """The module as Flax's ``__call__`` sees it, with the kernel (and bias) replaced."""
+
+  def __init__(self, module: Any, kernel: jax.Array, bias: Any):
+    object.__setattr__(self, '_module', module)
+    object.__setattr__(self, 'kernel', kernel)
+    object.__setattr__(self, 'bias', bias)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(object.__getattribute__(self, '_module'), name)
+
+
+def _scale_param(kernel: nnx.Param, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
+  """``g`` as an ``nnx.Param``, sharded like the kernel's kept axes."""
+  names = kernel.get_metadata().get('out_sharding')
+  if names is None:
+    return nnx.Param(g)
+  return nnx.Param(g, out_sharding=tuple(names[a] for a in kept))
+
+
+class _WeightNormedKernel:
+  """Mixin: adds ``scale`` at construction and normalizes ``kernel`` in ``__call__``."""
+
+  kernel: nnx.Param
+  scale: nnx.Param
+  bias: Any
+  axis: _core.Axis
+  param_dtype: Any
+
+  def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
+    v = self.kernel[...]
+    kept = _core.kept_axes(v.ndim, axis, type(self).__name__)
+    self.axis = axis
+    if scale_init is None:
+      g = _core.norm(v, kept).astype(v.dtype)
+    else:
+      g = scale_init(rngs.params(), _core.scale_shape(v.shape, kept), v.dtype)
+    self.scale = _scale_param(self.kernel, g, kept)
+
+  def _out_axis(self) -> int:
+    return -1
+
+  def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    call = super().__call__  # type: ignore[misc]
+    kernel = self.kernel[...]
+    bias = self.bias
+    where = type(self).__name__
+    kept = _core.kept_axes(kernel.ndim, self.axis, where)
+    g = self.scale[...]
+    if g.shape != _core.scale_shape(kernel.shape, kept):
+      raise ValueError(
+        f'{where}: scale has shape {g.shape}, but a kernel of shape {kernel.shape} with '
+        f'axis={self.axis!r} needs {_core.scale_shape(kernel.shape, kept)}. Check the '
+        f"loaded state, or the layer's axis."
+      )
+    mode = _data_init.claim(id(self))
+    if mode is None:
+      w = _core.normalize(kernel, g, kept)
+      return call.__func__(_KernelView(self, w, bias), inputs, *args, **kwargs)
+    _data_init.check_output_axis(kernel.ndim, kept, self._out_axis(), where)
+    direction = _core.normalize(kernel, jnp.ones_like(g), kept)
+    zero_bias = None if bias is None else jnp.zeros_like(bias[...])
+    t = call.__func__(_KernelView(self, direction, zero_bias), inputs, *args, **kwargs)
+    mu, sigma = _data_init.statistics(t, mode, where)
+    s = _data_init.scale_for(mode, where)
+    self.scale[...] = (s / sigma).astype(g.dtype)
+    out = t.astype(mu.dtype) * (s / sigma)
+    if bias is not None:
+      b = -mu * s / sigma
+      self.bias[...] = b.astype(bias.dtype)
+      out = out + b
+    return out.astype(t.dtype)
+
+
+class WNLinear(_WeightNormedKernel, nnx.Linear):
+  r"""``flax.nnx.Linear`` with a weight-normalized kernel: :math:`w = g \, v / \lVert v \rVert`.
+
+  Args:
+    in_features, out_features: as ``nnx.Linear``.
+    axis: the kept kernel axis or axes (default ``-1``: one ``g`` per output feature of
+      the ``(in, out)`` kernel).
+    scale_init: ``None`` (default: ``g = ||v||``, the layer computes what
+      ``nnx.Linear`` with the same ``rngs`` computes) or a Flax initializer.
+    rngs: the ``nnx.Rngs``.
+    **kwargs: every other ``nnx.Linear`` argument (use_bias, dtype, param_dtype,
+      precision, kernel_init, bias_init, ...).
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNLinear(3, 4, rngs=nnx.Rngs(0))
+    >>> plain = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer.scale.shape
+    ((3, 4), (4,))
+    >>> bool(jnp.allclose(layer(jnp.ones((2, 3))), plain(jnp.ones((2, 3)))))
+    True
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axis: _core.Axis = -1,
+    scale_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+  ):
+    super().__init__(in_features, out_features, rngs=rngs, **kwargs)
+    self._add_scale(axis, scale_init, rngs)
+
+
+class WNConv(_WeightNormedKernel, nnx.Conv):
+  r"""``flax.nnx.Conv`` with a weight-normalized kernel ``(*window, in // groups, out)``.
+
+  Args:
+    in_features, out_features, kernel_size: as ``nnx.Conv``.
+    axis: the kept kernel axis or axes (default ``-1``, the output features).
+    scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
+    rngs: the ``nnx.Rngs``.
+    **kwargs: every other ``nnx.Conv`` argument (strides, padding, input_dilation,
+      kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, ...).
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNConv(4, 8, (3,), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((1, 16, 4))).shape, layer.scale.shape
+    ((1, 16, 8), (8,))
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | tuple[int, ...],
+    *,
+    axis: _core.Axis = -1,
+    scale_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+  ):
+    groups = kwargs.get('feature_group_count', 1)
+    if in_features % groups or out_features % groups:
+      raise ValueError(
+        f'WNConv: feature_group_count={groups} must divide in_features ({in_features}) '
+        f'and out_features ({out_features}); choose a common divisor.'
+      )
+    super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)
+    self._add_scale(axis, scale_init, rngs)
+
+
+class WNConvTranspose(_WeightNormedKernel, nnx.ConvTranspose):
+  r"""``flax.nnx.ConvTranspose`` with a weight-normalized kernel.
+
+  The kernel layout is ``(*window, in, out)``, or ``(*window, out, in)`` with
+  ``transpose_kernel=True``; the default ``axis=-1`` keeps the last kernel axis (with
+  ``transpose_kernel=True``, the input features, as PyTorch's ``weight_norm`` does).
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNConvTranspose(3, 4, (4,), strides=(2,), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((1, 8, 3))).shape
+    (1, 16, 4)
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | tuple[int, ...],
+    *,
+    axis: _core.Axis = -1,
+    scale_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+  ):
+    super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)
+    self._add_scale(axis, scale_init, rngs)
+
+  def _out_axis(self) -> int:
+    return -2 if getattr(self, 'transpose_kernel', False) else -1
+
+
+def _to_params(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return nnx.Dict({str(k): _to_params(v) for k, v in tree.items()})
+  return nnx.Param(tree)
+
+
+class WeightNorm(nnx.Module):
+  r"""Weight-normalizes the ``nnx.Param`` s of any NNX module.
+
+  Each selected parameter ``v`` of ``layer`` is used as ``w = g * v / ||v||``. ``layer``
+  keeps ``v`` in its own parameters (never overwritten); ``g`` lives in ``self.scale``,
+  a nested ``nnx.Dict`` of ``nnx.Param`` that mirrors the layer's parameter paths, with
+  string keys (``model.scale['kernel']``, ``model.scale['layers']['0']['kernel']``), so
+  ``nnx.Optimizer(..., wrt=nnx.Param)`` trains it. Non-parameter state that the layer
+  updates in its forward pass (e.g. ``BatchStat``) is carried back to it.
+
+  Args:
+    layer: the NNX module to wrap.
+    axis: the kept axis or axes of every selected parameter (default ``-1``).
+    where: which parameters: a regular expression searched in the ``/``-joined path
+      (default: every ``kernel``), or a callable ``(path, leaf) -> bool``.
+    scale_init: ``None`` (``g = ||v||``: the wrapped layer's function is unchanged) or a
+      Flax initializer (then ``rngs`` is needed).
+    rngs: for ``scale_init``.
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> model = wn_jax.nnx.WeightNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> model.scale['kernel'].shape
+    (3,)
+    >>> bool(jnp.allclose(model(jnp.ones((1, 2))), model.layer(jnp.ones((1, 2)))))
+    True
+  """
+
+  def __init__(
+    self,
+    layer: nnx.Module,
+    *,
+    axis: _core.Axis = -1,
+    where: _tree.Where = r'(^|/)kernel$',
+    scale_init: Initializer | None = None,
+    rngs: nnx.Rngs | None = None,
+  ):
+    self.layer = layer
+    self.axis = axis
+    self.where = where
+    pure = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+    wn = _tree.weight_norm(pure, axis, where=where)
+    if scale_init is None:
+      scales = _tree.map_selected(wn, lambda x: x.g)
+    else:
+      if rngs is None:
+        raise ValueError('nnx.WeightNorm: a scale_init needs rngs=nnx.Rngs(...).')
+      scales = _tree.map_selected(wn, lambda x: scale_init(rngs.params(), x.g.shape, x.g.dtype))
+    self.scale = _to_params(scales)
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
+    pure = nnx.to_pure_dict(params)
+    wn = _tree.weight_norm(pure, self.axis, where=self.where)
+    g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
+    weights = _tree.map_selected(wn, lambda x: x.weight(), g)
+    nnx.replace_by_pure_dict(params, weights)
+    layer = nnx.merge(graphdef, params, rest)
+    out = layer(*args, **kwargs)
+    nnx.update(self.layer, nnx.state(layer, nnx.Not(nnx.Param)))
+    return out
+
+
+class MeanOnlyBatchNorm(nnx.Module):
+  r"""The paper's mean-only batch normalization: :math:`y = x - \mu_B + b`.
+
+  The mean runs over every axis but the last (features); the running mean lives in an
+  ``nnx.BatchStat`` and serves ``use_running_average=True`` (or after
+  ``model.eval()``). No division by the variance.
+
+  Args:
+    num_features: size of the feature axis.
+    momentum: decay of the running mean.
+    use_running_average: use the running mean instead of the batch's.
+    use_bias: add a learned ``bias`` (``nnx.Param``).
+    dtype: computation dtype (the mean is taken in float32 or wider).
+    param_dtype: dtype of ``bias``.
+    axis_name: a mapped axis to average the batch mean over.
+    rngs: unused, for signature parity with ``nnx.BatchNorm``.
+
+  Example:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> bn = wn_jax.nnx.MeanOnlyBatchNorm(2, rngs=nnx.Rngs(0))
+    >>> bn(jnp.arange(6.0).reshape(3, 2))
+    Array([[-2., -2.],
+           [ 0.,  0.],
+           [ 2.,  2.]], dtype=float32)
+  """
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    momentum: float = 0.99,
+    use_running_average: bool = False,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    axis_name: str | None = None,
+    rngs: nnx.Rngs | None = None,
+  ):
+    del rngs
+    self.momentum = momentum
+    self.use_running_average = use_running_average
+    self.dtype = dtype
+    self.axis_name = axis_name
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
+    use_ra = self.use_running_average if use_running_average is None else use_running_average
+    x = jnp.asarray(x)
+    stat_dtype = _core.reduce_dtype(x.dtype)
+    if use_ra:
+      mean = self.mean[...].astype(stat_dtype)
+    else:
+      mean = jnp.mean(x.astype(stat_dtype), axis=tuple(range(x.ndim - 1)))
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+      self.mean[...] = (self.momentum * self.mean[...] + (1.0 - self.momentum) * mean).astype(
+        self.mean.dtype
+      )
+    y = x.astype(stat_dtype) - mean
+    if self.bias is not None:
+      y = y + self.bias[...].astype(stat_dtype)
+    return y.astype(self.dtype or x.dtype)
+
+  def set_mode(self, use_running_average: bool | None = None, **kwargs: Any) -> dict:
+    """Lets ``model.eval()`` / ``model.train()`` switch the running average."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+    return kwargs
+
+
+def data_init(
+  model: nnx.Module,
+  *args: Any,
+  init_scale: float | Callable[[str], float] = 1.0,
+  axis_name: str | None = None,
+  **kwargs: Any,
+) -> Any:
+  r"""The paper's data-dependent initialization of every NNX WN layer, in place.
+
+  Calls ``model(*args, **kwargs)`` once; each ``WNLinear`` / ``WNConv`` /
+  ``WNConvTranspose`` on its first use sets ``g = s / sigma`` and ``b = -mu s / sigma``
+  from its bias-free pre-activation's per-feature mean ``mu`` and standard deviation
+  ``sigma`` on this batch, and passes the initialized output on (see
+  :func:`wn_jax.linen.data_init` for the rules: shared layers, constant features,
+  float32 statistics, ``init_scale`` per layer as a callable of the layer's class
+  name). Wrap the call in ``nnx.jit`` to compile it.
+
+  Args:
+    model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
+    *args: the batch.
+    init_scale: the target standard deviation, or a callable from the layer's class
+      name to it.
+    axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis.
+    **kwargs: passed to the model.
+
+  Returns:
+    The model's output on the batch, after initialization.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNLinear(5, 3, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (256, 5))
+    >>> _ = wn_jax.nnx.data_init(layer, x)
+    >>> bool(jnp.allclose(layer(x).std(0), 1.0, atol=1e-4))
+    True
+  """
+  with _data_init.mode(init_scale, axis_name):
+    return model(*args, **kwargs)
