@@ -1,0 +1,277 @@
+"""The paper's data-dependent initialization, for linen and NNX models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from wn_jax import linen as wl
+from wn_jax import nnx as wx
+
+
+def _batch(shape, seed=0):
+  return jax.random.normal(jax.random.key(seed), shape) * 2.0 + 0.5
+
+
+class MLP(nn.Module):
+  depth: int = 6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      x = wl.WNDense(
+        16 if i < self.depth - 1 else 4, dtype=self.dtype, param_dtype=self.param_dtype
+      )(x)
+      if i < self.depth - 1:
+        x = nn.relu(x)
+    return x
+
+
+class ResBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(wl.WNConv(8, (3, 3))(x))
+    h = wl.WNConv(8, (3, 3))(h)
+    return nn.relu(x + h)
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(wl.WNConv(8, (3, 3))(x))
+    x = nn.Conv(8, (1, 1), name='plain')(x)  # a plain layer: left untouched
+    x = wl.MeanOnlyBatchNorm(use_running_average=True)(x)
+    x = ResBlock()(x)
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    return wl.WNDense(5)(x.reshape(x.shape[0], -1))
+
+
+def _wn_outputs(model, variables, x):
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  outs = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state['intermediates'])[0]:
+    keys = [getattr(k, 'key', str(k)) for k in path]
+    if any(str(k).startswith('WN') for k in keys[-3:-2]):
+      outs['/'.join(map(str, keys[:-2]))] = leaf
+  return outs
+
+
+def _assert_standardized(outs, scale, mean_tol=1e-5, std_tol=1e-4):
+  assert outs
+  for name, y in outs.items():
+    y = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+    assert np.max(np.abs(y.mean(0))) < mean_tol * max(1.0, scale), name
+    assert np.max(np.abs(y.std(0) - scale)) < std_tol * max(1.0, scale), name
+
+
+@pytest.mark.parametrize('init_scale', [1.0, 0.1])
+def test_linen_mlp_every_layer_standardized(init_scale):
+  x = _batch((512, 10))
+  model = MLP()
+  variables = model.init(jax.random.key(1), x)
+  new = jax.jit(lambda v, x: wl.data_init(model, v, x, init_scale=init_scale))(variables, x)
+  outs = _wn_outputs(model, new, x)
+  assert len(outs) == 6
+  _assert_standardized(outs, init_scale)
+  # Nothing mutated.
+  assert not np.allclose(
+    variables['params']['WNDense_0']['scale'], new['params']['WNDense_0']['scale']
+  )
+
+
+@pytest.mark.standard_promotion  # nn.avg_pool divides by an int32 count
+def test_linen_cnn_with_residual_plain_layer_and_mean_only_bn():
+  x = _batch((32, 8, 8, 3))
+  model = CNN()
+  variables = model.init(jax.random.key(1), x)
+  new = wl.data_init(model, variables, x)
+  outs = _wn_outputs(model, new, x)
+  assert set(outs) == {'WNConv_0', 'ResBlock_0/WNConv_0', 'ResBlock_0/WNConv_1', 'WNDense_0'}
+  _assert_standardized(outs, 1.0)
+  for name in ('plain', 'MeanOnlyBatchNorm_0'):
+    for a, b in zip(
+      jax.tree_util.tree_leaves(variables['params'][name]),
+      jax.tree_util.tree_leaves(new['params'][name]),
+    ):
+      np.testing.assert_array_equal(a, b)
+  assert new['batch_stats'] is variables['batch_stats']
+
+
+def test_sequential_not_one_pass():
+  """Initializing every layer from one pass of the un-initialized network is wrong."""
+  x = _batch((512, 10))
+  model = MLP(depth=3)
+  variables = model.init(jax.random.key(1), x)
+  good = wl.data_init(model, variables, x)
+  # The naive variant: statistics of every layer from the un-initialized forward pass.
+  outs = _wn_outputs(model, variables, x)
+  naive = jax.tree_util.tree_map(lambda a: a, variables)
+  for name, y in outs.items():
+    p = variables['params'][name]
+    t = np.asarray(y) - np.asarray(p['bias'])
+    t = t / np.asarray(p['scale'])  # the pre-activation with g = 1
+    mu, sigma = t.mean(0), t.std(0)
+    naive['params'][name] = {
+      **p,
+      'scale': jnp.asarray(1.0 / sigma),
+      'bias': jnp.asarray(-mu / sigma),
+    }
+  np.testing.assert_allclose(
+    naive['params']['WNDense_0']['scale'], good['params']['WNDense_0']['scale'], rtol=1e-4
+  )
+  assert not np.allclose(
+    naive['params']['WNDense_2']['scale'], good['params']['WNDense_2']['scale'], rtol=1e-2
+  )
+  with pytest.raises(AssertionError):
+    _assert_standardized(_wn_outputs(model, naive, x), 1.0)
+  _assert_standardized(_wn_outputs(model, good, x), 1.0)
+
+
+def test_per_layer_init_scale_and_shared_layer():
+  class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      layer = wl.WNDense(x.shape[-1], name='shared')
+      return layer(nn.relu(layer(x)))
+
+  x = _batch((256, 6))
+  model = Shared()
+  variables = model.init(jax.random.key(0), x)
+  new = wl.data_init(model, variables, x, init_scale=lambda path: 2.0 if path == 'shared' else 1.0)
+  # Initialized once, on the first use: its first output is standardized to 2.
+  p = new['params']['shared']
+  first = wl.WNDense(6).apply({'params': p}, x)
+  np.testing.assert_allclose(np.std(first, 0), 2.0, rtol=1e-4)
+  np.testing.assert_allclose(np.mean(first, 0), 0.0, atol=1e-4)
+
+
+def test_bf16_params_are_finite_and_close():
+  x = _batch((512, 10)).astype(jnp.bfloat16)
+  model = MLP(depth=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  new = wl.data_init(model, model.init(jax.random.key(1), x), x)
+  assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in jax.tree_util.tree_leaves(new))
+  _assert_standardized(_wn_outputs(model, new, x), 1.0, mean_tol=5e-2, std_tol=5e-2)
+
+
+def test_batch_of_one_raises_and_constant_feature_is_finite():
+  model = wl.WNDense(3)
+  variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match='at least 2 values per feature'):
+    wl.data_init(model, variables, jnp.ones((1, 4)))
+  x = jnp.concatenate([jnp.ones((8, 1)), _batch((8, 3))], axis=1)
+  v = dict(variables['params'])
+  v['kernel'] = jnp.zeros((4, 3)).at[0, 0].set(1.0).at[1:, 1:].set(1.0)  # feature 0 constant
+  new = wl.data_init(model, {'params': v}, x)
+  assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(new))
+  np.testing.assert_allclose(new['params']['scale'][0], 1.0)
+
+
+def test_direction_must_be_output_features():
+  model = wl.WNDense(3, axis=0)
+  x = _batch((16, 4))
+  with pytest.raises(ValueError, match='output-feature axis'):
+    wl.data_init(model, model.init(jax.random.key(0), x), x)
+
+
+def test_conv_transpose_and_bad_init_scale():
+  model = wl.WNConvTranspose(4, (3,), strides=(2,))
+  x = _batch((16, 6, 3))
+  new = wl.data_init(model, model.init(jax.random.key(0), x), x, init_scale=0.5)
+  y = np.asarray(model.apply(new, x)).reshape(-1, 4)
+  np.testing.assert_allclose(y.std(0), 0.5, rtol=1e-4)
+  with pytest.raises(ValueError, match='init_scale'):
+    wl.data_init(model, new, x, init_scale=-1.0)
+
+
+class NNXNet(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List(
+      [wx.WNLinear(10, 16, rngs=rngs)]
+      + [wx.WNLinear(16, 16, rngs=rngs) for _ in range(4)]
+      + [wx.WNLinear(16, 4, rngs=rngs)]
+    )
+    self.conv = wx.WNConv(1, 4, (3,), rngs=rngs)
+
+  def __call__(self, x, trace=None):
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if trace is not None:
+        trace.append(x)
+      if i < len(self.layers) - 1:
+        x = nnx.relu(x)
+    y = self.conv(x[..., None])
+    if trace is not None:
+      trace.append(y)
+    return y
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_nnx_every_layer_standardized(jit):
+  x = _batch((512, 10))
+  model = NNXNet(nnx.Rngs(0))
+  run = (
+    nnx.jit(lambda m, x: wx.data_init(m, x, init_scale=0.5))
+    if jit
+    else (lambda m, x: wx.data_init(m, x, init_scale=0.5))
+  )
+  run(model, x)
+  trace = []
+  model(x, trace)
+  assert len(trace) == 7
+  _assert_standardized({str(i): t for i, t in enumerate(trace)}, 0.5)
+
+
+def test_nnx_matches_linen():
+  x = _batch((128, 10))
+  lin = MLP(depth=3)
+  variables = lin.init(jax.random.key(0), x)
+  new = wl.data_init(lin, variables, x)
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.layers = nnx.List(
+        [
+          wx.WNLinear(10, 16, rngs=nnx.Rngs(0)),
+          wx.WNLinear(16, 16, rngs=nnx.Rngs(0)),
+          wx.WNLinear(16, 4, rngs=nnx.Rngs(0)),
+        ]
+      )
+
+    def __call__(self, x):
+      for i, layer in enumerate(self.layers):
+        x = layer(x)
+        x = nnx.relu(x) if i < 2 else x
+      return x
+
+  net = Net()
+  for i, layer in enumerate(net.layers):
+    p = variables['params'][f'WNDense_{i}']
+    layer.kernel[...] = p['kernel']
+  wx.data_init(net, x)
+  for i, layer in enumerate(net.layers):
+    np.testing.assert_allclose(layer.scale[...], new['params'][f'WNDense_{i}']['scale'], rtol=1e-4)
+    np.testing.assert_allclose(
+      layer.bias[...], new['params'][f'WNDense_{i}']['bias'], rtol=1e-4, atol=1e-5
+    )
+
+
+def test_nnx_shard_map_axis_name_gives_global_statistics():
+  x = _batch((64, 10))
+  a, b = NNXNet(nnx.Rngs(0)), NNXNet(nnx.Rngs(0))
+  wx.data_init(a, x)
+  graphdef, state = nnx.split(b)
+
+  def per_device(state, xs):
+    model = nnx.merge(graphdef, state)
+    wx.data_init(model, xs, axis_name='batch')
+    return nnx.state(model)
+
+  out = jax.vmap(per_device, in_axes=(None, 0), axis_name='batch')(state, x.reshape(4, 16, 10))
+  np.testing.assert_allclose(out['layers'][0]['scale'][...][0], a.layers[0].scale[...], rtol=1e-4)
+  np.testing.assert_allclose(
+    out['layers'][5]['bias'][...][3], a.layers[5].bias[...], rtol=1e-4, atol=1e-5
+  )
