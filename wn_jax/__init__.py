@@ -2,6 +2,7 @@
 
 from wn_jax import linen
 from wn_jax import nnx
+from wn_jax import optim
 from wn_jax._core import decompose
 from wn_jax._core import norm
 from wn_jax._core import normalize
@@ -23,6 +24,7 @@ __all__ = (
   'materialize',
   'nnx',
   'norm',
+  'optim',
   'normalize',
   'scale_shape',
   'weight_norm',

@@ -1,0 +1,192 @@
+"""Weight normalization as an optax gradient transformation.
+
+The model keeps plain weights ``w``; the optimizer trains them in weight-normalized
+coordinates. There are three ways to train with weight normalization in wn_jax:
+
+1. WN layers (:mod:`wn_jax.linen`, :mod:`wn_jax.nnx`): ``kernel`` and ``scale`` are
+   ordinary parameters; any optax optimizer trains them.
+2. :func:`wn_jax.weight_norm` + :func:`wn_jax.materialize` on any parameter pytree:
+   ``loss(materialize(wn_params))``; any optax optimizer trains ``v`` and ``g``.
+3. :func:`weight_norm` here, on an untouched model: ``tx = weight_norm(optax.adam(lr))``.
+
+All three follow the same trajectory for the same inner optimizer (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from wn_jax import _core
+from wn_jax import _tree
+
+_is_node = lambda x: isinstance(x, (_tree.WeightNormed, optax.MaskedNode))
+
+
+class WeightNormState(NamedTuple):
+  """State of :func:`weight_norm`: a plain pytree, checkpointable as it is."""
+
+  directions: Any  # params-shaped: WeightNormed(v, g) at selected leaves, MaskedNode() elsewhere
+  inner_state: optax.OptState  # the inner optimizer's state over (v, g) and unselected leaves
+
+
+def weight_norm(
+  inner: optax.GradientTransformation,
+  axis: _core.Axis = -1,
+  *,
+  where: _tree.Where = None,
+) -> optax.GradientTransformation:
+  r"""Trains plain weights ``w`` in weight-normalized coordinates ``w = g v / ||v||``.
+
+  The state keeps ``(v, g)`` for every selected leaf (initialized function-preserving,
+  ``v = w``, ``g = ||w||``). Each update maps the gradient with respect to ``w`` to the
+  gradients with respect to ``(v, g)`` by the chain rule (the paper's eq. 3):
+
+  .. math::
+     \nabla_g L = \frac{\nabla_w L \cdot v}{\lVert v \rVert}, \qquad
+     \nabla_v L = \frac{g}{\lVert v \rVert} \nabla_w L
+                 - \frac{g \nabla_g L}{\lVert v \rVert^2} v,
+
+  applies ``inner`` to them, recomposes :math:`w' = g' v' / \lVert v' \rVert` and
+  returns the update :math:`w' - w`. Unselected leaves go through ``inner`` unchanged.
+  Training ``params`` with ``weight_norm(inner)`` follows the trajectory of training
+  ``wn_jax.weight_norm(params)`` with ``inner``.
+
+  Args:
+    inner: the optimizer applied in (v, g) coordinates, e.g. ``optax.adam(1e-3)``.
+    axis: the kept axis or axes of every selected leaf (default ``-1``, the output
+      features of Flax kernels).
+    where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
+      ``ndim >= 2``).
+
+  Returns:
+    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+
+  References:
+    Salimans & Kingma, 2016. https://arxiv.org/abs/1602.07868
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, wn_jax
+    >>> params = {'w': jnp.array([[3.0, 1.0], [4.0, 1.0]])}
+    >>> tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = {'w': jnp.array([[1.0, 0.0], [0.0, 0.0]])}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> bool(jnp.allclose(wn_jax.norm(new['w']), state.directions['w'].g))
+    True
+  """
+
+  def init_fn(params):
+    # Copies, so the state never shares a buffer with params (safe to donate both).
+    wn = _tree.weight_norm(jax.tree_util.tree_map(jnp.copy, params), axis, where=where)
+    directions = jax.tree_util.tree_map(
+      lambda x: x if isinstance(x, _tree.WeightNormed) else optax.MaskedNode(),
+      wn,
+      is_leaf=_is_node,
+    )
+    return WeightNormState(directions, inner.init(wn))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+        'wn_jax.optim.weight_norm: update needs params (the current weights w); call '
+        'tx.update(grads, state, params).'
+      )
+    try:
+      wn = jax.tree_util.tree_map(
+        lambda d, p: p if isinstance(d, optax.MaskedNode) else d,
+        state.directions,
+        params,
+        is_leaf=_is_node,
+      )
+    except ValueError as e:
+      raise ValueError(
+        'wn_jax.optim.weight_norm: params do not have the structure they had at init '
+        f'({e}). Re-run tx.init on the new params.'
+      ) from None
+    for d, p in zip(
+      jax.tree_util.tree_leaves(state.directions, is_leaf=_is_node),
+      jax.tree_util.tree_leaves(params),
+    ):
+      if isinstance(d, _tree.WeightNormed) and jnp.shape(d.v) != jnp.shape(p):
+        raise ValueError(
+          f'wn_jax.optim.weight_norm: a weight of shape {jnp.shape(p)} meets a state '
+          f'direction of shape {jnp.shape(d.v)}; the params changed since init. Re-run '
+          f'tx.init on the new params.'
+        )
+    _, pullback = jax.vjp(_tree.materialize, wn)
+    (wn_grads,) = pullback(updates)
+    inner_updates, inner_state = inner.update(wn_grads, state.inner_state, wn, **extra_args)
+    new_wn = optax.apply_updates(wn, inner_updates)
+    new_w = _tree.materialize(new_wn)
+    out = jax.tree_util.tree_map(
+      lambda d, nw, p, u: (nw - p).astype(p.dtype) if isinstance(d, _tree.WeightNormed) else u,
+      state.directions,
+      new_w,
+      params,
+      inner_updates,
+      is_leaf=_is_node,
+    )
+    directions = jax.tree_util.tree_map(
+      lambda d, n: n if isinstance(d, _tree.WeightNormed) else d,
+      state.directions,
+      new_wn,
+      is_leaf=_is_node,
+    )
+    return out, WeightNormState(directions, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _path_keys(path: tuple) -> tuple[str, ...]:
+  keys = _tree.path_str(path).split('/')
+  return tuple(keys[:-1]) if keys and keys[-1] == 'value' else tuple(keys)
+
+
+def decay_mask(params: Any) -> Any:
+  """A mask for weight decay that never decays a magnitude ``g``.
+
+  ``True`` for every leaf but the magnitudes: ``g`` of a :class:`wn_jax.WeightNormed`,
+  the ``scale`` of a WN layer (next to its ``kernel``, linen or NNX), and the ``scale``
+  tree of a ``WeightNorm`` wrapper (a ``scale`` that is a tree, not an array). A plain
+  ``scale`` array without a ``kernel`` beside it (LayerNorm's) is decayed as usual. Decaying ``g`` would shrink
+  the weights' length, which weight decay on ``v`` leaves alone (``w`` does not depend
+  on ``||v||``). Pass it as ``optax.adamw(lr, mask=wn_jax.optim.decay_mask)``.
+
+  Args:
+    params: parameters: a linen params dict, an NNX ``State``, or a tree with
+      ``WeightNormed`` leaves.
+
+  Returns:
+    A pytree of bools with the structure of ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> layer = wn_jax.linen.WNDense(2)
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)))['params']
+    >>> wn_jax.optim.decay_mask(params)
+    {'bias': True, 'kernel': True, 'scale': False}
+  """
+  paths = {
+    _path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
+  }
+
+  def is_magnitude(keys: tuple[str, ...]) -> bool:
+    # A WN layer's `scale` array sits next to its `kernel`; a WeightNorm wrapper's
+    # `scale` is a tree (mirroring the wrapped layer's params), not an array.
+    return any(
+      k == 'scale' and (keys[:i] + ('kernel',) in paths or len(keys) > i + 1)
+      for i, k in enumerate(keys)
+    )
+
+  def mask(path, leaf):
+    if isinstance(leaf, _tree.WeightNormed):
+      return _tree.WeightNormed(True, False, leaf.axis)
+    return not is_magnitude(_path_keys(path))
+
+  return jax.tree_util.tree_map_with_path(mask, params, is_leaf=_is_node)
