@@ -125,26 +125,34 @@ def _denominator(v: jax.Array, kept: tuple[int, ...], eps: float) -> tuple[jax.A
   return jnp.where(active, n, eps if eps > 0 else 1.0), active
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _normalize(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   """``v * (g / ||v||)``, ``g`` broadcast keepdims, all in the reduction dtype."""
   n, _ = _denominator(v, kept, eps)
   return v * (g / n)
 
 
-@_normalize.defjvp
-def _normalize_jvp(kept, eps, primals, tangents):
-  # With u = v / n and s = g / n:  dw = dg u + s (dv - u <u, dv>), where <u, dv> sums
-  # over the reduced axes and drops out where n does not depend on v (n clamped to eps,
-  # or an all-zero slice). Written with u (|u| <= 1) so nothing overflows, and linear
-  # in (dv, dg), so JAX transposes it into the paper's gradients with the forward's norm.
-  v, g = primals
-  dv, dg = tangents
+def _normalize_fwd(v, g, kept, eps):
   n, active = _denominator(v, kept, eps)
-  u = v / n
+  # Residuals: the inputs and the per-slice norm; nothing weight-sized is stored.
+  return v * (g / n), (v, g, n, active)
+
+
+def _normalize_bwd(kept, eps, residuals, grad_w):
+  # The paper's eq. 3, with s = g / n and u = v / n:
+  #   grad_g = <grad_w, u>        grad_v = s grad_w - u (s grad_g)
+  # <., .> sums over the reduced axes; the second term drops out where n does not depend
+  # on v (n clamped to eps, or an all-zero slice). u is formed inside the elementwise
+  # pass (never stored), which keeps every intermediate in range for weights near the
+  # ends of the float range. Two passes over the weight: one reduction, one elementwise.
+  v, g, n, active = residuals
+  grad_g = jnp.sum(grad_w * v, axis=_reduced(v.ndim, kept), keepdims=True) / n
   s = g / n
-  radial = jnp.sum(u * dv, axis=_reduced(v.ndim, kept), keepdims=True)
-  return v * s, dg * u + s * (dv - u * jnp.where(active, radial, 0.0))
+  grad_v = s * grad_w - (v / n) * jnp.where(active, s * grad_g, 0.0)
+  return grad_v, grad_g
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
@@ -164,7 +172,9 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
   ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
   ``v`` and ``g``. No epsilon touches a nonzero slice unless ``eps`` asks for one. An
   all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients (those of
-  ``g * v``, so a dead slice can revive).
+  ``g * v``, so a dead slice can revive). Differentiable in reverse mode (``grad``,
+  ``vjp``, to any order) through a ``custom_vjp`` that reuses the forward's norm;
+  forward mode (``jvp``, ``jacfwd``) is not supported.
 
   Args:
     v: the direction, any real floating dtype, rank >= 1.
