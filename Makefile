@@ -20,7 +20,7 @@ $(PY):
 	touch $@
 
 demo: .stamp-demo
-	$(PY) examples/quickstart.py
+	$(PY) benchmarks/convergence.py --quick
 
 lint: .stamp-dev
 	$(PY) -m ruff check $(SRC)

@@ -144,11 +144,12 @@ def _normalize_bwd(kept, eps, residuals, grad_w):
   # <., .> sums over the reduced axes; the second term drops out where n does not depend
   # on v (n clamped to eps, or an all-zero slice). u is formed inside the elementwise
   # pass (never stored), which keeps every intermediate in range for weights near the
-  # ends of the float range. Two passes over the weight: one reduction, one elementwise.
+  # ends of the float range (1 / n is representable for every norm up to ~8e37). Two passes over the weight: one reduction, one elementwise.
   v, g, n, active = residuals
-  grad_g = jnp.sum(grad_w * v, axis=_reduced(v.ndim, kept), keepdims=True) / n
-  s = g / n
-  grad_v = s * grad_w - (v / n) * jnp.where(active, s * grad_g, 0.0)
+  inv_n = 1.0 / n  # per slice: the weight-sized passes multiply, never divide
+  grad_g = jnp.sum(grad_w * v, axis=_reduced(v.ndim, kept), keepdims=True) * inv_n
+  s = g * inv_n
+  grad_v = s * grad_w - (v * inv_n) * jnp.where(active, s * grad_g, 0.0)
   return grad_v, grad_g
 
 

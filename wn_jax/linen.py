@@ -439,3 +439,41 @@ def data_init(
   with _data_init.mode(init_scale, axis_name):
     _, updates = model.apply(variables, *args, mutable=['params'], method=method, **kwargs)
   return {**variables, 'params': updates['params']}
+
+
+def fold(params: Any, axis: _core.Axis = -1) -> Any:
+  r"""Folds weight normalization away: WN layer parameters -> plain layer parameters.
+
+  Every dict that holds a ``kernel`` and a ``scale`` array (a ``WNDense``, ``WNConv`` or
+  ``WNConvTranspose``) gets ``kernel = scale * kernel / ||kernel||`` and loses ``scale``;
+  ``WeightNormed`` leaves are materialized; everything else is kept. The result loads
+  into the plain Flax layers (``nn.Dense``, ``nn.Conv``, ``nn.ConvTranspose``) with the
+  same names, for deployment: inference then costs exactly what the plain model costs.
+
+  Args:
+    params: a linen ``params`` tree.
+    axis: the kept axis the WN layers were built with (default ``-1``).
+
+  Returns:
+    The folded params; ``params`` is not modified.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
+    >>> x = jnp.ones((2, 3))
+    >>> variables = wn_jax.linen.WNDense(4, name='fc').init(jax.random.key(0), x)
+    >>> plain = wn_jax.linen.fold(variables['params'])
+    >>> sorted(plain)
+    ['bias', 'kernel']
+    >>> y = nn.Dense(4).apply({'params': plain}, x)
+    >>> bool(jnp.allclose(y, wn_jax.linen.WNDense(4).apply(variables, x)))
+    True
+  """
+  params = nn.unbox(params)
+  if isinstance(params, _tree.WeightNormed):
+    return params.weight()
+  if not hasattr(params, 'items'):
+    return params
+  if 'kernel' in params and 'scale' in params and hasattr(params['scale'], 'shape'):
+    rest = {k: fold(v, axis) for k, v in params.items() if k not in ('kernel', 'scale')}
+    return {'kernel': _core.normalize(params['kernel'], params['scale'], axis), **rest}
+  return {k: fold(v, axis) for k, v in params.items()}
