@@ -29,7 +29,10 @@ lint: .stamp-dev
 typecheck: .stamp-dev
 	$(PY) -m mypy
 
-test: lint typecheck
+docs: .stamp-dev
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+
+test: lint typecheck docs
 	$(PY) -m pytest -q
 
 clean:

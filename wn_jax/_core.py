@@ -110,7 +110,7 @@ def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
   Reduced in float32 (float64 for float64 input) and returned in that dtype, with the
   shape ``scale_shape(w.shape, axis)``; safe from overflow and underflow.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> wn_jax.norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), axis=-1)
     Array([5., 0.], dtype=float32)
@@ -192,7 +192,7 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
     Salimans & Kingma, *Weight Normalization: A Simple Reparameterization to Accelerate
     Training of Deep Neural Networks*, 2016. https://arxiv.org/abs/1602.07868
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> v = jnp.array([[3.0, 0.0], [4.0, 0.0]])
     >>> wn_jax.normalize(v, jnp.array([10.0, 2.0]))
@@ -245,7 +245,7 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
   Returns:
     ``(v, g)``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> v, g = wn_jax.decompose(jnp.array([[3.0, 0.0], [4.0, 1.0]]))
     >>> g

@@ -30,7 +30,7 @@ class WeightNormed:
     g: the magnitude, e.g. shape ``(out,)`` for ``axis=-1``.
     axis: the kept axis or axes (``None``: the whole tensor, scalar ``g``).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> p = wn_jax.WeightNormed(jnp.array([[3.0], [4.0]]), jnp.array([1.0]))
     >>> wn_jax.materialize(p)
@@ -147,7 +147,7 @@ def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -
     ValueError: if ``where`` selects nothing, or a selected leaf is not floating or
       does not have ``axis``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> params = {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}
     >>> wn = wn_jax.weight_norm(params)
@@ -196,7 +196,7 @@ def materialize(params: PyTree) -> PyTree:
   Returns:
     The same tree with plain weights in their place.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> p = wn_jax.weight_norm({'w': jnp.array([[3.0, 0.0], [4.0, 2.0]])})
     >>> wn_jax.materialize(p)['w']

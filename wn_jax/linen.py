@@ -158,17 +158,17 @@ class WNDense(_WeightNormedKernel, nn.Dense):
 
   .. math:: y = x \, w + b, \qquad w_{:,j} = g_j \, v_{:,j} / \lVert v_{:,j} \rVert
 
-  Parameters: ``kernel`` (``v``, layout ``(in, out)``), ``scale`` (``g``, shape
-  ``(out,)`` for the default ``axis=-1``) and ``bias``.
+  Parameters: `kernel` holds v, of layout `(in, out)`; `scale` holds g, of shape `(out,)`
+  for the default `axis=-1`; and `bias`. Every attribute of `flax.linen.Dense` (features,
+  use_bias, dtype, param_dtype, precision, kernel_init, bias_init, dot_general) works as
+  there; two are added.
 
   Attributes:
-    features, use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
-    dot_general, dot_general_cls: as ``flax.linen.Dense``.
     axis: the kept kernel axis or axes (default ``-1``, the output features).
     scale_init: ``None`` (default) starts ``scale`` at ``||kernel||``, so the layer
       computes what ``nn.Dense`` computes at init; or any Flax initializer.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
     >>> x = jnp.ones((2, 3))
     >>> layer = wn_jax.linen.WNDense(4)
@@ -192,17 +192,18 @@ class WNConv(_WeightNormedKernel, nn.Conv):
 
   .. math:: w_{\dots,j} = g_j \, v_{\dots,j} / \lVert v_{\dots,j} \rVert
 
-  Parameters: ``kernel`` (``v``, layout ``(*window, in // feature_group_count, out)``),
-  ``scale`` (``g``, shape ``(out,)`` for ``axis=-1``), ``bias``. A ``mask`` applies to
-  the normalized weight, as to the plain layer's kernel.
+  Parameters: `kernel` holds v, of layout `(*window, in // feature_group_count, out)`;
+  `scale` holds g, of shape `(out,)` for `axis=-1`; and `bias`. A `mask` applies to the
+  normalized weight, as to the plain layer's kernel. Every attribute of `flax.linen.Conv`
+  (features, kernel_size, strides, padding including 'SAME', 'VALID', 'CIRCULAR',
+  'CAUSAL' and explicit pairs, input_dilation, kernel_dilation, feature_group_count,
+  use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init) works as there.
 
   Attributes:
-    All of ``flax.linen.Conv``'s (features, kernel_size, strides, padding including
-    'SAME', 'VALID', 'CIRCULAR', 'CAUSAL' and explicit pairs, input_dilation,
-    kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, precision,
-    kernel_init, bias_init), plus ``axis`` (default ``-1``) and ``scale_init``.
+    axis: the kept kernel axis or axes (default ``-1``, the output features).
+    scale_init: ``None`` (default: ``g = ||v||``) or any Flax initializer.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, wn_jax
     >>> layer = wn_jax.linen.WNConv(8, kernel_size=(3,))
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 16, 4)))
@@ -221,16 +222,18 @@ class WNConv(_WeightNormedKernel, nn.Conv):
 class WNConvTranspose(_WeightNormedKernel, nn.ConvTranspose):
   r"""``flax.linen.ConvTranspose`` with a weight-normalized kernel.
 
-  Parameters: ``kernel`` (``v``), ``scale`` (``g``), ``bias``. The kernel layout is
-  ``(*window, in, out)``, or ``(*window, out, in)`` with ``transpose_kernel=True``
-  (PyTorch's layout, transposed). The default ``axis=-1`` keeps the last kernel axis:
-  the output features, or with ``transpose_kernel=True`` the input features, which is
-  what PyTorch's ``weight_norm(nn.ConvTranspose*d)`` keeps (its default ``dim=0``).
+  Parameters: `kernel` holds v, `scale` holds g, and `bias`. The kernel layout is
+  `(*window, in, out)`, or `(*window, out, in)` with `transpose_kernel=True` (PyTorch's
+  layout, transposed). The default `axis=-1` keeps the last kernel axis: the output
+  features, or with `transpose_kernel=True` the input features, which is what PyTorch's
+  `weight_norm(nn.ConvTranspose*d)` keeps (its default `dim=0`). Every attribute of
+  `flax.linen.ConvTranspose` works as there.
 
   Attributes:
-    All of ``flax.linen.ConvTranspose``'s, plus ``axis`` and ``scale_init``.
+    axis: the kept kernel axis or axes (default ``-1``).
+    scale_init: ``None`` (default: ``g = ||v||``) or any Flax initializer.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, wn_jax
     >>> layer = wn_jax.linen.WNConvTranspose(4, kernel_size=(4,), strides=(2,))
     >>> y, variables = layer.init_with_output(jax.random.key(0), jnp.ones((1, 8, 3)))
@@ -272,7 +275,7 @@ class WeightNorm(nn.Module):
       ``(path, leaf) -> bool``.
     scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
     >>> model = wn_jax.linen.WeightNorm(nn.Dense(3))
     >>> variables = model.init(jax.random.key(0), jnp.ones((1, 2)))
@@ -335,7 +338,7 @@ class MeanOnlyBatchNorm(nn.Module):
       over, like ``flax.linen.BatchNorm``'s.
     axis_index_groups: groups of devices for ``axis_name``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, wn_jax
     >>> bn = wn_jax.linen.MeanOnlyBatchNorm(use_running_average=False)
     >>> x = jnp.arange(6.0).reshape(3, 2)
@@ -427,7 +430,7 @@ def data_init(
   Returns:
     New variables with the WN layers' ``scale`` and ``bias`` set; nothing is mutated.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, wn_jax
     >>> model = wn_jax.linen.WNDense(3)
     >>> x = jax.random.normal(jax.random.key(0), (256, 5))
@@ -457,7 +460,7 @@ def fold(params: Any, axis: _core.Axis = -1) -> Any:
   Returns:
     The folded params; ``params`` is not modified.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
     >>> x = jnp.ones((2, 3))
     >>> variables = wn_jax.linen.WNDense(4, name='fc').init(jax.random.key(0), x)

@@ -104,7 +104,8 @@ class WNLinear(_WeightNormedKernel, nnx.Linear):
   r"""``flax.nnx.Linear`` with a weight-normalized kernel: :math:`w = g \, v / \lVert v \rVert`.
 
   Args:
-    in_features, out_features: as ``nnx.Linear``.
+    in_features: as ``nnx.Linear``.
+    out_features: as ``nnx.Linear``.
     axis: the kept kernel axis or axes (default ``-1``: one ``g`` per output feature of
       the ``(in, out)`` kernel).
     scale_init: ``None`` (default: ``g = ||v||``, the layer computes what
@@ -113,7 +114,7 @@ class WNLinear(_WeightNormedKernel, nnx.Linear):
     **kwargs: every other ``nnx.Linear`` argument (use_bias, dtype, param_dtype,
       precision, kernel_init, bias_init, ...).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> from flax import nnx
     >>> layer = wn_jax.nnx.WNLinear(3, 4, rngs=nnx.Rngs(0))
@@ -142,14 +143,16 @@ class WNConv(_WeightNormedKernel, nnx.Conv):
   r"""``flax.nnx.Conv`` with a weight-normalized kernel ``(*window, in // groups, out)``.
 
   Args:
-    in_features, out_features, kernel_size: as ``nnx.Conv``.
+    in_features: as ``nnx.Conv``.
+    out_features: as ``nnx.Conv``.
+    kernel_size: as ``nnx.Conv``.
     axis: the kept kernel axis or axes (default ``-1``, the output features).
     scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
     rngs: the ``nnx.Rngs``.
     **kwargs: every other ``nnx.Conv`` argument (strides, padding, input_dilation,
       kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, ...).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> from flax import nnx
     >>> layer = wn_jax.nnx.WNConv(4, 8, (3,), rngs=nnx.Rngs(0))
@@ -185,7 +188,7 @@ class WNConvTranspose(_WeightNormedKernel, nnx.ConvTranspose):
   ``transpose_kernel=True``; the default ``axis=-1`` keeps the last kernel axis (with
   ``transpose_kernel=True``, the input features, as PyTorch's ``weight_norm`` does).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> from flax import nnx
     >>> layer = wn_jax.nnx.WNConvTranspose(3, 4, (4,), strides=(2,), rngs=nnx.Rngs(0))
@@ -236,7 +239,7 @@ class WeightNorm(nnx.Module):
       Flax initializer (then ``rngs`` is needed).
     rngs: for ``scale_init``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> from flax import nnx
     >>> model = wn_jax.nnx.WeightNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
@@ -298,7 +301,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     axis_name: a mapped axis to average the batch mean over.
     rngs: unused, for signature parity with ``nnx.BatchNorm``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> from flax import nnx
     >>> bn = wn_jax.nnx.MeanOnlyBatchNorm(2, rngs=nnx.Rngs(0))
@@ -381,7 +384,7 @@ def data_init(
   Returns:
     The model's output on the batch, after initialization.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, wn_jax
     >>> from flax import nnx
     >>> layer = wn_jax.nnx.WNLinear(5, 3, rngs=nnx.Rngs(0))

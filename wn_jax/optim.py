@@ -69,7 +69,7 @@ def weight_norm(
   References:
     Salimans & Kingma, 2016. https://arxiv.org/abs/1602.07868
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax, wn_jax
     >>> params = {'w': jnp.array([[3.0, 1.0], [4.0, 1.0]])}
     >>> tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
@@ -165,7 +165,7 @@ def decay_mask(params: Any) -> Any:
   Returns:
     A pytree of bools with the structure of ``params``.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, wn_jax
     >>> layer = wn_jax.linen.WNDense(2)
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)))['params']

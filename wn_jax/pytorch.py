@@ -229,7 +229,7 @@ def from_torch(
       kind, or a ``kinds`` prefix that matches no weight-normed layer. Nothing is
       returned half-converted.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from wn_jax.pytorch import from_torch
     >>> sd = {'fc.weight_g': np.ones((3, 1), np.float32), 'fc.weight_v': np.ones((3, 2), np.float32),
@@ -290,7 +290,7 @@ def to_torch(
     ``{key: np.ndarray}`` with PyTorch's shapes: v as PyTorch lays it out, g with v's
     rank (size 1 but along ``dim``), or a scalar for ``dim=None``.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> from wn_jax.pytorch import from_torch, to_torch
     >>> sd = {'c.weight_g': np.ones((4, 1, 1), np.float32), 'c.weight_v': np.ones((4, 2, 3), np.float32)}
@@ -341,13 +341,18 @@ def conv_kwargs(
 
   Args:
     kind: ``'Conv1d'`` ... ``'ConvTranspose3d'``.
-    kernel_size, stride, padding, dilation, groups, output_padding: PyTorch's.
+    kernel_size: PyTorch's.
+    stride: PyTorch's.
+    padding: PyTorch's (ints, or ``'same'`` / ``'valid'`` for Conv).
+    dilation: PyTorch's.
+    groups: PyTorch's (Conv only; ConvTranspose takes 1).
+    output_padding: PyTorch's (ConvTranspose only).
 
   Returns:
     ``kernel_size``, ``strides``, ``padding``, ``kernel_dilation`` and, for Conv,
     ``feature_group_count``, for ConvTranspose ``transpose_kernel=True``.
 
-  Example:
+  Examples:
     >>> conv_kwargs('ConvTranspose1d', 16, stride=8, padding=4)
     {'kernel_size': (16,), 'strides': (8,), 'padding': ((11, 11),), 'kernel_dilation': (1,), 'transpose_kernel': True}
   """

@@ -1,0 +1,125 @@
+"""Checkpoints with orbax lose nothing: 10 + restore + 10 steps == 20 steps, bit for bit."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import wn_jax
+from tests.helpers import assert_trees_equal
+from wn_jax import linen as wl
+from wn_jax import nnx as wx
+
+pytestmark = pytest.mark.standard_promotion  # optax's adam
+
+X = jax.random.normal(jax.random.key(0), (16, 6))
+Y = jax.random.normal(jax.random.key(1), (16, 3))
+
+
+def _steps(loss, params, tx, state, n):
+  @jax.jit
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  for _ in range(n):
+    params, state = step(params, state)
+  return params, state
+
+
+def _save_restore(tmp_path, tree):
+  path = tmp_path / 'ckpt'
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree)
+  # A fresh checkpointer, restoring into an abstract target: as a new process would.
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path, abstract)
+
+
+def _check_resume(tmp_path, loss, params, tx):
+  full, full_state = _steps(loss, params, tx, tx.init(params), 20)
+  half, half_state = _steps(loss, params, tx, tx.init(params), 10)
+  restored = _save_restore(tmp_path, {'params': half, 'opt_state': half_state})
+  resumed, resumed_state = _steps(loss, restored['params'], tx, restored['opt_state'], 10)
+  assert_trees_equal(resumed, full)
+  assert_trees_equal(resumed_state, full_state)
+  return resumed
+
+
+def test_linen_wn_layers(tmp_path):
+  model = nn.Sequential([wl.WNDense(8), nn.relu, wl.WNDense(3)])
+  params = model.init(jax.random.key(2), X)['params']
+  _check_resume(
+    tmp_path, lambda p: jnp.mean((model.apply({'params': p}, X) - Y) ** 2), params, optax.adam(1e-2)
+  )
+
+
+def test_nnx_wn_layers(tmp_path):
+  model = nnx.Sequential(
+    wx.WNLinear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, wx.WNLinear(8, 3, rngs=nnx.Rngs(1))
+  )
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+
+  def loss(p):
+    s = nnx.clone(state)
+    nnx.replace_by_pure_dict(s, p)
+    return jnp.mean((nnx.merge(graphdef, s)(X) - Y) ** 2)
+
+  resumed = _check_resume(tmp_path, loss, params, optax.adam(1e-2))
+  nnx.replace_by_pure_dict(state, resumed)
+  assert nnx.merge(graphdef, state)(X).shape == (16, 3)
+
+
+def test_weight_normed_pytree(tmp_path):
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+  params = wn_jax.weight_norm(model.init(jax.random.key(2), X)['params'])
+  resumed = _check_resume(
+    tmp_path,
+    lambda p: jnp.mean((model.apply({'params': wn_jax.materialize(p)}, X) - Y) ** 2),
+    params,
+    optax.adam(1e-2),
+  )
+  assert isinstance(resumed['layers_0']['kernel'], wn_jax.WeightNormed)
+
+
+def test_optimizer_transformation_state(tmp_path):
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
+  params = model.init(jax.random.key(2), X)['params']
+  _check_resume(
+    tmp_path,
+    lambda p: jnp.mean((model.apply({'params': p}, X) - Y) ** 2),
+    params,
+    wn_jax.optim.weight_norm(optax.adam(1e-2)),
+  )
+
+
+def test_fold_for_deployment():
+  class Net(nn.Module):
+    wn: bool
+
+    @nn.compact
+    def __call__(self, x):
+      dense = wl.WNDense if self.wn else nn.Dense
+      return dense(3, name='b')(nn.relu(dense(8, name='a')(x)))
+
+  model, plain = Net(wn=True), Net(wn=False)
+  params = model.init(jax.random.key(2), X)['params']
+  params = jax.tree_util.tree_map(lambda a: a * 1.3, params)  # "trained": g != ||v||
+  folded = wl.fold(params)
+  assert set(folded['a']) == {'kernel', 'bias'}
+  assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(
+    plain.init(jax.random.key(2), X)['params']
+  )
+  np.testing.assert_allclose(
+    plain.apply({'params': folded}, X), model.apply({'params': params}, X), rtol=1e-5, atol=1e-6
+  )
+  # WeightNormed trees fold to their weights too.
+  wn = wn_jax.weight_norm(plain.init(jax.random.key(3), X)['params'])
+  assert_trees_equal(wl.fold(wn), wn_jax.materialize(wn))
