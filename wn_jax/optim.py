@@ -28,7 +28,14 @@ _is_node = lambda x: isinstance(x, (_tree.WeightNormed, optax.MaskedNode))
 
 
 class WeightNormState(NamedTuple):
-  """State of :func:`weight_norm`: a plain pytree, checkpointable as it is."""
+  """State of :func:`weight_norm`: a plain pytree, checkpointable as it is.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, wn_jax
+    >>> state = wn_jax.optim.weight_norm(optax.sgd(0.1)).init({'w': jnp.ones((2, 3)), 'b': jnp.zeros(3)})
+    >>> state.directions['w'], state.directions['b']
+    (WeightNormed(v=float32[2, 3], g=float32[3], axis=-1), MaskedNode())
+  """
 
   directions: Any  # params-shaped: WeightNormed(v, g) at selected leaves, MaskedNode() elsewhere
   inner_state: optax.OptState  # the inner optimizer's state over (v, g) and unselected leaves

@@ -79,6 +79,16 @@ class TorchLayer:
     transpose_kernel: the ``transpose_kernel`` a ``WNConvTranspose`` must be built with.
     dim: PyTorch's ``dim`` (``None`` for the whole tensor).
     style: the key style it came in, ``'legacy'`` or ``'parametrization'``.
+
+  Examples:
+    >>> import numpy as np
+    >>> sd = {'weight_g': np.full((4, 1, 1), 2.0, np.float32), 'weight_v': np.ones((4, 3, 5), np.float32)}
+    >>> layer = from_torch(sd)['']
+    >>> layer.kind, layer.params['kernel'].shape, layer.axis
+    ('Conv1d', (5, 3, 4), -1)
+    >>> module, variables = layer.linen(padding=2)
+    >>> module.apply(variables, np.ones((1, 7, 3), np.float32)).shape
+    (1, 7, 4)
   """
 
   kind: str
@@ -177,7 +187,13 @@ def _array(x: Any) -> np.ndarray:
 
 
 def find_prefixes(state_dict: Mapping[str, Any]) -> dict[str, str]:
-  """Every weight-normed prefix in ``state_dict`` and its key style."""
+  """Every weight-normed prefix in ``state_dict`` and its key style.
+
+  Examples:
+    >>> import numpy as np
+    >>> find_prefixes({'a.weight_g': np.ones(1), 'b.parametrizations.weight.original1': np.ones(1)})
+    {'a': 'legacy', 'b': 'parametrization'}
+  """
   found: dict[str, str] = {}
   for key in state_dict:
     for style, suffixes in _STYLES.items():

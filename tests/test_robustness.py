@@ -1,0 +1,84 @@
+"""Hardening: hypothesis-generated shapes for every public array and pytree function,
+compared with the reference; NaN/Inf inputs; parameters never touched by a forward pass."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import wn_jax
+from tests import reference as ref
+from tests.helpers import assert_close
+from tests.helpers import assert_trees_equal
+
+
+@st.composite
+def shape_axis(draw):
+  shape = tuple(draw(st.lists(st.integers(1, 7), min_size=1, max_size=5)))
+  kind = draw(st.sampled_from(['int', 'neg', 'tuple', 'none']))
+  if kind == 'none':
+    return shape, None
+  if kind == 'tuple':
+    axes = draw(
+      st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=len(shape), unique=True)
+    )
+    return shape, tuple(axes)
+  a = draw(st.integers(0, len(shape) - 1))
+  return shape, (a - len(shape) if kind == 'neg' else a)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _all(v, g, gw, axis):
+  w, vjp = jax.vjp(lambda v, g: wn_jax.normalize(v, g, axis), v, g)
+  dv, dg = vjp(gw)
+  dv2, dg2 = vjp(gw)
+  tree = wn_jax.weight_norm({'a': {'w': v}}, axis, where='w')
+  mat = wn_jax.materialize(tree)['a']['w']
+  return w, dv, dg, wn_jax.decompose(v, axis)[1], wn_jax.norm(v, axis), tree['a']['w'].g, mat
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape_axis(), st.integers(0, 2**31 - 1))
+def test_every_public_function_against_the_reference(sa, seed):
+  shape, axis = sa
+  rng = np.random.default_rng(seed)
+  v = rng.normal(size=shape)
+  g = rng.uniform(0.5, 2.0, size=wn_jax.scale_shape(shape, axis))
+  gw = rng.normal(size=shape)
+  w, dv, dg, g_dec, n, g_tree, mat = _all(*(jnp.asarray(a, jnp.float32) for a in (v, g, gw)), axis)
+  v32 = np.asarray(jnp.asarray(v, jnp.float32), np.float64)
+  g32 = np.asarray(jnp.asarray(g, jnp.float32), np.float64)
+  gw32 = np.asarray(jnp.asarray(gw, jnp.float32), np.float64)
+  assert_close(w, ref.normalize(v32, g32, axis), factor=4)
+  ev, eg = ref.grads(v32, g32, axis, gw32)
+  assert_close(dv, ev, factor=16)
+  assert_close(dg, eg, factor=16)
+  _, en = ref.decompose(v32, axis)
+  assert_close(g_dec, en, factor=4)
+  assert_close(n, en, factor=4)
+  assert_close(g_tree, en, factor=4)
+  assert_close(mat, v32, factor=4)
+
+
+def test_nan_input_propagates_to_the_output_never_into_parameters():
+  model = nn.Sequential([wn_jax.linen.WNDense(4), nn.relu, nn.Dense(2)])
+  x = jnp.ones((3, 5)).at[1, 2].set(jnp.nan).at[2, 0].set(jnp.inf)
+  variables = model.init(jax.random.key(0), jnp.ones((3, 5)))
+  before = jax.tree_util.tree_map(jnp.copy, variables)
+  y = model.apply(variables, x)
+  assert (
+    np.all(np.isfinite(y[0])) and not np.all(np.isfinite(y[1])) and not np.all(np.isfinite(y[2]))
+  )
+  assert_trees_equal(variables, before)
+  wn = wn_jax.weight_norm(variables['params'])
+  weights = wn_jax.materialize(wn)
+  assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(weights))
+  # Gradients of a NaN loss are NaN, but the parameters they came from are untouched.
+  grads = jax.grad(lambda p: jnp.sum(model.apply({'params': wn_jax.materialize(p)}, x)))(wn)
+  assert not all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(grads))
+  assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(wn))
