@@ -21,3 +21,7 @@ def _promotion(request):
   mode = 'standard' if request.node.get_closest_marker('standard_promotion') else 'strict'
   with jax.numpy_dtype_promotion(mode):
     yield
+
+
+# tests/data/make_torch_oracle.py needs torch and is run by hand, never collected.
+collect_ignore_glob = ['data/*']
