@@ -2,6 +2,11 @@
 
 import jax
 import pytest
+from hypothesis import settings
+
+# Derandomized: the same examples on every run, so CI is reproducible.
+settings.register_profile('wn_jax', derandomize=True, deadline=None)
+settings.load_profile('wn_jax')
 
 
 @pytest.fixture

@@ -56,7 +56,10 @@ def test_every_public_function_against_the_reference(sa, seed):
   gw32 = np.asarray(jnp.asarray(gw, jnp.float32), np.float64)
   assert_close(w, ref.normalize(v32, g32, axis), factor=4)
   ev, eg = ref.grads(v32, g32, axis, gw32)
-  assert_close(dv, ev, factor=16)
+  # dL/dv is a difference of two terms of the size of (g / ||v||) dL/dw: that sets its rounding
+  # (when every axis is kept the two cancel exactly and dL/dv is 0 up to that rounding).
+  term = np.max(np.abs(ref._bcast(g32, shape, axis) / ref.norm(v32, axis) * gw32))
+  assert_close(dv, ev, factor=16, floor=term)
   assert_close(dg, eg, factor=16)
   _, en = ref.decompose(v32, axis)
   assert_close(g_dec, en, factor=4)
