@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import strategies as st
 
 # Relative tolerance (to the largest entry) for a dtype's rounding, after a few ops.
 RTOL = {
@@ -45,3 +46,19 @@ def assert_trees_equal(a, b) -> None:
   assert ta == tb, (ta, tb)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@st.composite
+def shape_and_axis(draw, max_rank: int, max_size: int):
+  """A shape (rank 1..max_rank, sizes 1..max_size) and an axis: int, negative int, tuple, None."""
+  shape = tuple(draw(st.lists(st.integers(1, max_size), min_size=1, max_size=max_rank)))
+  kind = draw(st.sampled_from(['int', 'neg', 'tuple', 'none']))
+  if kind == 'none':
+    return shape, None
+  if kind == 'tuple':
+    axes = draw(
+      st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=len(shape), unique=True)
+    )
+    return shape, tuple(axes)
+  a = draw(st.integers(0, len(shape) - 1))
+  return shape, (a - len(shape) if kind == 'neg' else a)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
+from tests.helpers import shape_and_axis
 
 CASES = [
   ((5,), -1),
@@ -249,23 +250,6 @@ def test_errors_raise_under_jit_before_running():
 
 # --- invariants (hypothesis) ---
 
-shapes = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(tuple)
-
-
-@st.composite
-def shape_and_axis(draw):
-  shape = draw(shapes)
-  kind = draw(st.sampled_from(['int', 'neg', 'tuple', 'none']))
-  if kind == 'none':
-    return shape, None
-  if kind == 'tuple':
-    axes = draw(
-      st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=len(shape), unique=True)
-    )
-    return shape, tuple(axes)
-  a = draw(st.integers(0, len(shape) - 1))
-  return shape, (a - len(shape) if kind == 'neg' else a)
-
 
 @functools.partial(jax.jit, static_argnums=4)
 def _invariant_values(v, g, gw, c, axis):
@@ -281,7 +265,7 @@ def _invariant_values(v, g, gw, c, axis):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape_and_axis(), st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
+@given(shape_and_axis(max_rank=4, max_size=5), st.integers(0, 2**31 - 1), st.floats(0.01, 100.0))
 def test_invariants(sa, seed, c):
   shape, axis = sa
   rng = np.random.default_rng(seed)

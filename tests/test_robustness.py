@@ -15,21 +15,7 @@ import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
 from tests.helpers import assert_trees_equal
-
-
-@st.composite
-def shape_axis(draw):
-  shape = tuple(draw(st.lists(st.integers(1, 7), min_size=1, max_size=5)))
-  kind = draw(st.sampled_from(['int', 'neg', 'tuple', 'none']))
-  if kind == 'none':
-    return shape, None
-  if kind == 'tuple':
-    axes = draw(
-      st.lists(st.integers(0, len(shape) - 1), min_size=1, max_size=len(shape), unique=True)
-    )
-    return shape, tuple(axes)
-  a = draw(st.integers(0, len(shape) - 1))
-  return shape, (a - len(shape) if kind == 'neg' else a)
+from tests.helpers import shape_and_axis
 
 
 @functools.partial(jax.jit, static_argnums=3)
@@ -43,7 +29,7 @@ def _all(v, g, gw, axis):
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape_axis(), st.integers(0, 2**31 - 1))
+@given(shape_and_axis(max_rank=5, max_size=7), st.integers(0, 2**31 - 1))
 def test_every_public_function_against_the_reference(sa, seed):
   shape, axis = sa
   rng = np.random.default_rng(seed)
