@@ -275,3 +275,40 @@ def test_nnx_shard_map_axis_name_gives_global_statistics():
   np.testing.assert_allclose(
     out['layers'][5]['bias'][...][3], a.layers[5].bias[...], rtol=1e-4, atol=1e-5
   )
+
+
+class NNXResCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.stem = wx.WNConv(3, 8, (3, 3), rngs=rngs)
+    self.res_a = wx.WNConv(8, 8, (3, 3), rngs=rngs)
+    self.res_b = wx.WNConv(8, 8, (3, 3), rngs=rngs)
+    self.bn = wx.MeanOnlyBatchNorm(8, rngs=rngs)
+    self.head = wx.WNLinear(8 * 4 * 4, 5, rngs=rngs)
+
+  def __call__(self, x, trace=None):
+    outs = []
+    h = self.stem(x)
+    outs.append(h)
+    h = self.bn(nnx.relu(h), use_running_average=True)
+    r = self.res_a(h)
+    outs.append(r)
+    r = self.res_b(nnx.relu(r))
+    outs.append(r)
+    h = nnx.relu(h + r)
+    h = h.reshape(h.shape[0], 4, 2, 4, 2, 8).mean((2, 4)).reshape(h.shape[0], -1)  # 2x2 pooling
+    y = self.head(h)
+    outs.append(y)
+    if trace is not None:
+      trace.extend(outs)
+    return y
+
+
+def test_nnx_cnn_with_residual_block():
+  x = _batch((32, 8, 8, 3))
+  model = NNXResCNN(nnx.Rngs(0))
+  wx.data_init(model, x)
+  trace = []
+  model(x, trace)
+  assert len(trace) == 4
+  _assert_standardized({str(i): t for i, t in enumerate(trace)}, 1.0)
+  np.testing.assert_array_equal(model.bn.mean[...], 0.0)  # mean-only BN left alone
