@@ -123,3 +123,19 @@ def test_fold_for_deployment():
   # WeightNormed trees fold to their weights too.
   wn = wn_jax.weight_norm(plain.init(jax.random.key(3), X)['params'])
   assert_trees_equal(wl.fold(wn), wn_jax.materialize(wn))
+
+
+def test_fold_nnx_state_into_plain_nnx_layers():
+  wn_model = nnx.Sequential(
+    wx.WNLinear(6, 8, rngs=nnx.Rngs(0)), nnx.relu, wx.WNLinear(8, 3, rngs=nnx.Rngs(1))
+  )
+  wn_model.layers[0].scale[...] = wn_model.layers[0].scale[...] * 1.7
+  plain = nnx.Sequential(
+    nnx.Linear(6, 8, rngs=nnx.Rngs(5)), nnx.relu, nnx.Linear(8, 3, rngs=nnx.Rngs(6))
+  )
+  folded = wl.fold(nnx.to_pure_dict(nnx.state(wn_model, nnx.Param)))
+  state = nnx.state(plain, nnx.Param)
+  nnx.replace_by_pure_dict(state, folded)
+  nnx.update(plain, state)
+  assert not hasattr(plain.layers[0], 'scale')
+  np.testing.assert_allclose(plain(X), wn_model(X), rtol=1e-5, atol=1e-6)
