@@ -156,7 +156,18 @@ def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -
     >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
     True
   """
-  caller = 'wn_jax.weight_norm'
+  return replace_selected(
+    params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
+  )
+
+
+def replace_selected(
+  params: PyTree, where: Where, fn: Callable[[Any], Any], caller: str = 'wn_jax.weight_norm'
+) -> PyTree:
+  """``params`` with every leaf ``where`` selects replaced by ``fn(leaf)``.
+
+  ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error.
+  """
   select = selector(where, caller)
   count = 0
 
@@ -169,10 +180,9 @@ def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -
       return leaf
     count += 1
     try:
-      v, g = _core.decompose(leaf, axis)
+      return fn(leaf)
     except ValueError as e:
       raise ValueError(f'{caller}: leaf {path_str(path)!r}: {e}') from None
-    return WeightNormed(v, g, axis)
 
   out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
   if count == 0:

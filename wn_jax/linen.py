@@ -294,9 +294,11 @@ class WeightNorm(nn.Module):
       params = variables.get('params', {})
       if not params:
         return variables
-      wn = _tree.weight_norm(nn.unbox(params), self.axis, where=self.where)
+      params = nn.unbox(params)
 
       def init(key):
+        # Only at init: g = ||v|| (or scale_init); afterwards g comes from `scale`.
+        wn = _tree.weight_norm(params, self.axis, where=self.where)
         keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
         return _tree.map_selected(
           wn,
@@ -306,7 +308,13 @@ class WeightNorm(nn.Module):
         )
 
       scale = self.param('scale', init)
-      merged = _tree.map_selected(wn, lambda x: x.weight(), scale)
+      directions = _tree.replace_selected(
+        params,
+        self.where,
+        lambda v: _tree.WeightNormed(v, None, self.axis),
+        'wn_jax.linen.WeightNorm',
+      )
+      merged = _tree.map_selected(directions, lambda x: x.weight(), scale)
       return {**variables, 'params': merged}
 
     return nn.map_variables(

@@ -273,10 +273,14 @@ class WeightNorm(nnx.Module):
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
-    pure = nnx.to_pure_dict(params)
-    wn = _tree.weight_norm(pure, self.axis, where=self.where)
+    directions = _tree.replace_selected(
+      nnx.to_pure_dict(params),
+      self.where,
+      lambda v: _tree.WeightNormed(v, None, self.axis),
+      'wn_jax.nnx.WeightNorm',
+    )
     g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
-    weights = _tree.map_selected(wn, lambda x: x.weight(), g)
+    weights = _tree.map_selected(directions, lambda x: x.weight(), g)
     nnx.replace_by_pure_dict(params, weights)
     layer = nnx.merge(graphdef, params, rest)
     out = layer(*args, **kwargs)
