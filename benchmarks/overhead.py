@@ -117,7 +117,7 @@ def _raw_apply(shape: Shape):
     jax.lax.conv_dimension_numbers(
       (1,) * (n + 2),
       (1,) * (n + 2),
-      ('NHWC'[:0] + 'N' + 'HWD'[:n] + 'C', 'HWD'[:n] + 'IO', 'N' + 'HWD'[:n] + 'C'),
+      ('N' + 'HWD'[:n] + 'C', 'HWD'[:n] + 'IO', 'N' + 'HWD'[:n] + 'C'),
     )
     if n
     else None

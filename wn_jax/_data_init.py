@@ -95,6 +95,23 @@ def statistics(t: jax.Array, m: _Mode, where: str) -> tuple[jax.Array, jax.Array
   return mu, jnp.where(sigma > CONSTANT_FEATURE_STD, sigma, 1.0)
 
 
+def initialize(
+  t: jax.Array, m: _Mode, path: str, where: str, use_bias: bool
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+  """``(g, b, output)`` from the bias-free pre-activation ``t``: the module docstring's rule.
+
+  ``b`` is ``None`` without a bias (then the output is only scaled). All in float32 or wider;
+  callers cast ``g`` and ``b`` to their parameter dtype.
+  """
+  mu, sigma = statistics(t, m, where)
+  g = scale_for(m, path) / sigma
+  out = t.astype(mu.dtype) * g
+  if not use_bias:
+    return g, None, out.astype(t.dtype)
+  b = -mu * g
+  return g, b, (out + b).astype(t.dtype)
+
+
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int, where: str) -> None:
   if kept != (out_axis % kernel_ndim,):
     raise ValueError(

@@ -132,16 +132,11 @@ class _WeightNormedKernel:
       t = call(*args, **kwargs)
     finally:
       object.__delattr__(self, '_direction_only')
-    mu, sigma = _data_init.statistics(t, mode, where)
-    s = _data_init.scale_for(mode, path)
-    g = (s / sigma).astype(self.param_dtype)
-    self._put_boxed('scale', g)
-    out = t.astype(mu.dtype) * (s / sigma)
-    if getattr(self, 'use_bias', True):
-      b = -mu * s / sigma
+    g, b, out = _data_init.initialize(t, mode, path, where, getattr(self, 'use_bias', True))
+    self._put_boxed('scale', g.astype(self.param_dtype))
+    if b is not None:
       self._put_boxed('bias', b.astype(self.param_dtype))
-      out = out + b
-    return out.astype(t.dtype)
+    return out
 
   def _out_axis(self) -> int:
     return -1

@@ -89,15 +89,11 @@ class _WeightNormedKernel:
     direction = _core.normalize(kernel, jnp.ones_like(g), kept)
     zero_bias = None if bias is None else jnp.zeros_like(bias[...])
     t = call.__func__(_KernelView(self, direction, zero_bias), inputs, *args, **kwargs)
-    mu, sigma = _data_init.statistics(t, mode, where)
-    s = _data_init.scale_for(mode, where)
-    self.scale[...] = (s / sigma).astype(g.dtype)
-    out = t.astype(mu.dtype) * (s / sigma)
-    if bias is not None:
-      b = -mu * s / sigma
+    new_g, b, out = _data_init.initialize(t, mode, where, where, bias is not None)
+    self.scale[...] = new_g.astype(g.dtype)
+    if b is not None:
       self.bias[...] = b.astype(bias.dtype)
-      out = out + b
-    return out.astype(t.dtype)
+    return out
 
 
 class WNLinear(_WeightNormedKernel, nnx.Linear):
