@@ -5,7 +5,9 @@ import json
 import pathlib
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -193,3 +195,74 @@ def test_live_against_torch():
   fresh.load_state_dict({k: torch.from_numpy(v) for k, v in wt.to_torch({'': layer}).items()})
   with torch.no_grad():
     np.testing.assert_array_equal(fresh(x).numpy(), expected)
+
+
+# Bugs of v0.1 (issue 16), each reproduced first.
+
+
+@pytest.mark.parametrize('dtype', [ml_dtypes.bfloat16, np.float16])
+def test_half_precision_checkpoints_load_and_export_bit_for_bit(dtype):
+  # Bug 1: safetensors/ml_dtypes bfloat16 was refused as "not floating".
+  sd = {k: v.astype(dtype) for k, v in _state_dict('conv1d_grouped_strided').items()}
+  (layer,) = wt.from_torch(sd).values()
+  assert all(p.dtype == dtype for p in layer.params.values())
+  back = wt.to_torch({'': layer})
+  for k in sd:
+    assert back[k].dtype == dtype
+    np.testing.assert_array_equal(back[k].view(np.uint16), sd[k].view(np.uint16))
+  module, variables = layer.linen(stride=2, padding=2, groups=2)
+  x = _channels_last(ORACLE['conv1d_grouped_strided:input']).astype(dtype)
+  assert module.apply(variables, x).dtype == dtype
+  (as_f32,) = wt.from_torch(sd, dtype=np.float32).values()
+  assert all(p.dtype == np.float32 for p in as_f32.params.values())
+
+
+def test_converted_parameters_own_their_memory():
+  # Bug 2: the bias and g aliased the caller's arrays; .nnx() held NumPy arrays.
+  sd = {k: v.copy() for k, v in _state_dict('conv1d').items()}
+  (layer,) = wt.from_torch(sd).values()
+  _, variables = layer.linen(padding=1)
+  nnx_layer = layer.nnx(padding=1)
+  before = {k: np.array(v) for k, v in layer.params.items()}
+  for v in sd.values():
+    v *= 0
+  for k in before:
+    np.testing.assert_array_equal(layer.params[k], before[k])
+    np.testing.assert_array_equal(variables['params'][k], before[k])
+    assert isinstance(getattr(nnx_layer, k)[...], jax.Array)
+    np.testing.assert_array_equal(getattr(nnx_layer, k)[...], before[k])
+
+
+@pytest.mark.parametrize('arg', [dict(output_padding=1)])
+def test_transposed_only_arguments_are_refused_for_a_conv(arg):
+  # Bug 3: a ConvTranspose taken for a Conv (no kinds=) silently became a strided Conv.
+  with pytest.raises(ValueError, match=r'output_padding.*ConvTranspose.*kinds='):
+    wt.conv_kwargs('Conv1d', 3, **arg)
+  (layer,) = wt.from_torch(_state_dict('conv1d')).values()
+  with pytest.raises(ValueError, match=r'kinds='):
+    layer.linen(stride=2, **arg)
+
+
+def test_documented_load_state_dict_path_without_torch():
+  # Bug 5: to_torch held only the weight-normed keys; like= gives the whole state dict.
+  sd = {**_state_dict('conv1d'), 'norm.weight': np.ones(5, np.float32)}
+  back = wt.to_torch(wt.from_torch(sd), like=sd)
+  assert list(back) == list(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])
+
+
+def test_flax_arguments_pass_through():
+  # Bug 6: name=, dtype=, param_dtype=, precision= were refused with a conv_kwargs() error.
+  (layer,) = wt.from_torch(_state_dict('conv1d')).values()
+  module, variables = layer.linen(
+    padding=1, name='conv', dtype=jnp.float32, param_dtype=jnp.float32, precision='highest'
+  )
+  assert module.name == 'conv' and module.precision == 'highest'
+  x = _channels_last(ORACLE['conv1d:input'])
+  _assert_matches_torch(module.apply(variables, x), ORACLE['conv1d:output'])
+  nnx_layer = layer.nnx(padding=1, dtype=jnp.float32, precision='highest')
+  _assert_matches_torch(nnx_layer(x), ORACLE['conv1d:output'])
+  (dense,) = wt.from_torch(_state_dict('linear_dim0')).values()
+  module, _ = dense.linen(name='fc', dtype=jnp.float32)
+  assert module.name == 'fc'

@@ -43,9 +43,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from wn_jax import _core
@@ -59,6 +63,8 @@ KINDS = (
   'ConvTranspose2d',
   'ConvTranspose3d',
 )
+# PyTorch's own layer arguments; TorchLayer.linen/.nnx pass every other one to Flax.
+TORCH_ARGS = ('stride', 'padding', 'dilation', 'groups', 'output_padding', 'padding_mode')
 _DEFAULT_KIND = {2: 'Linear', 3: 'Conv1d', 4: 'Conv2d', 5: 'Conv3d'}
 _STYLES = {
   'legacy': ('.weight_g', '.weight_v'),
@@ -78,7 +84,10 @@ class TorchLayer:
     axis: the ``axis`` the wn_jax layer must be built with (``None``: whole tensor).
     transpose_kernel: the ``transpose_kernel`` a ``WNConvTranspose`` must be built with.
     dim: PyTorch's ``dim`` (``None`` for the whole tensor).
-    style: the key style it came in, ``'legacy'`` or ``'parametrization'``.
+    style: the key style it came in, ``'legacy'``, ``'parametrization'`` or ``'plain'``
+      (a plain ``weight``, decomposed by ``from_torch(..., decompose=True)``).
+    args: the PyTorch layer's ``stride``, ``padding``, ... as read from the torch
+      module (empty for a state dict); :meth:`linen` and :meth:`nnx` use them.
 
   Examples:
     >>> import numpy as np
@@ -97,32 +106,40 @@ class TorchLayer:
   transpose_kernel: bool
   dim: int | None
   style: str
+  args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-  def _layer_kwargs(self, torch_args: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+  def _layer_kwargs(self, kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(features, the Flax layer's keyword arguments): PyTorch's arguments mapped, Flax's kept."""
     kernel = self.params['kernel']
+    torch_args = {**self.args, **{k: v for k, v in kwargs.items() if k in TORCH_ARGS}}
     kw: dict[str, Any] = {'axis': self.axis, 'use_bias': 'bias' in self.params}
     if self.kind == 'Linear':
       if torch_args:
         raise _error(f'a Linear layer takes no conv arguments; got {sorted(torch_args)}.')
-      return kernel.shape[-1], kw
-    kw.update(conv_kwargs(self.kind, kernel.shape[:-2], **torch_args))
-    del kw['kernel_size']
-    return (kernel.shape[-2] if self.transpose_kernel else kernel.shape[-1]), kw
+      features = kernel.shape[-1]
+    else:
+      kw.update(conv_kwargs(self.kind, kernel.shape[:-2], **torch_args))
+      del kw['kernel_size']
+      features = kernel.shape[-2] if self.transpose_kernel else kernel.shape[-1]
+    kw.update({k: v for k, v in kwargs.items() if k not in TORCH_ARGS})
+    return features, kw
 
-  def linen(self, **torch_args: Any) -> tuple[Any, dict[str, Any]]:
+  def linen(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     """The configured linen layer and its variables: ``layer.apply(variables, x)``.
 
     Args:
-      **torch_args: the PyTorch layer's ``stride``, ``padding``, ``dilation``,
-        ``groups``, ``output_padding`` (see :func:`conv_kwargs`).
+      **kwargs: the PyTorch layer's ``stride``, ``padding``, ``dilation``, ``groups``,
+        ``output_padding``, ``padding_mode`` (see :func:`conv_kwargs`); any other
+        argument (``name``, ``dtype``, ``param_dtype``, ``precision``, ...) goes to the
+        Flax layer as it is.
 
     Returns:
-      ``(WNDense | WNConv | WNConvTranspose, {'params': ...})``; inputs are
-      channels-last.
+      ``(WNDense | WNConv | WNConvTranspose, {'params': ...})``, the parameters as JAX
+      arrays; inputs are channels-last.
     """
     from wn_jax import linen as wl
 
-    features, kw = self._layer_kwargs(torch_args)
+    features, kw = self._layer_kwargs(kwargs)
     kernel_size = self.params['kernel'].shape[:-2]
     if self.kind == 'Linear':
       layer: Any = wl.WNDense(features, **kw)
@@ -130,15 +147,18 @@ class TorchLayer:
       layer = wl.WNConvTranspose(features, kernel_size, **kw)
     else:
       layer = wl.WNConv(features, kernel_size, **kw)
-    return layer, {'params': {k: np.asarray(v) for k, v in self.params.items()}}
+    return layer, {'params': {k: jnp.array(v) for k, v in self.params.items()}}
 
-  def nnx(self, *, rngs: Any = None, **torch_args: Any) -> Any:
-    """The configured NNX layer with these parameters loaded (``rngs`` optional)."""
+  def nnx(self, *, rngs: Any = None, **kwargs: Any) -> Any:
+    """The configured NNX layer with these parameters loaded (``rngs`` optional).
+
+    Takes the arguments :meth:`linen` takes.
+    """
     from flax import nnx as fnnx
 
     from wn_jax import nnx as wx
 
-    features, kw = self._layer_kwargs(torch_args)
+    features, kw = self._layer_kwargs(kwargs)
     kernel = self.params['kernel']
     rngs = rngs or fnnx.Rngs(0)
     if self.kind == 'Linear':
@@ -149,7 +169,7 @@ class TorchLayer:
       groups = kw.get('feature_group_count', 1)
       layer = wx.WNConv(kernel.shape[-2] * groups, features, kernel.shape[:-2], rngs=rngs, **kw)
     for name, value in self.params.items():
-      getattr(layer, name).set_value(np.asarray(value))
+      getattr(layer, name).set_value(jnp.array(value))
     return layer
 
 
@@ -164,26 +184,49 @@ def _error(msg: str) -> ValueError:
   return ValueError(f'wn_jax.pytorch: {msg}')
 
 
-def _load(state_dict: Any) -> Mapping[str, Any]:
-  if isinstance(state_dict, (str, os.PathLike)):
+def _is_module(x: Any) -> bool:
+  """A torch ``nn.Module``, duck typed (torch is never imported here)."""
+  return hasattr(x, 'named_modules') and hasattr(x, 'state_dict') and not isinstance(x, Mapping)
+
+
+def _load(source: Any) -> Mapping[str, Any]:
+  if _is_module(source):
+    return source.state_dict()
+  if isinstance(source, (str, os.PathLike)):
     try:
       from safetensors.numpy import load_file
     except ImportError as e:  # pragma: no cover - depends on the environment
       raise _error(
         'reading a .safetensors file needs the safetensors package: pip install "wn_jax[safetensors]".'
       ) from e
-    return load_file(os.fspath(state_dict))
-  if not isinstance(state_dict, Mapping):
+    return load_file(os.fspath(source))
+  if not isinstance(source, Mapping):
     raise _error(
-      f'expected a state dict (a mapping of key -> array) or a .safetensors path; got {type(state_dict).__name__}.'
+      'expected a state dict (a mapping of key -> array), a .safetensors path or a torch '
+      f'module; got {type(source).__name__}.'
     )
-  return state_dict
+  return source
 
 
-def _array(x: Any) -> np.ndarray:
+def _array(x: Any, dtype: Any = None) -> np.ndarray:
+  """A NumPy copy of ``x`` (NumPy, JAX or torch), bit for bit, bfloat16 included.
+
+  ``dtype`` casts floating arrays (``None``: keep their dtype).
+  """
   if hasattr(x, 'detach'):  # a torch tensor, without importing torch
-    x = x.detach().cpu().numpy()
-  return np.asarray(x)
+    x = x.detach().cpu()
+    if str(x.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: via float32, exactly
+      x = x.float().numpy().astype(ml_dtypes.bfloat16)
+    else:
+      x = x.numpy()
+  out = np.array(x, copy=True)
+  if dtype is not None and _is_float(out):
+    out = out.astype(dtype)
+  return out
+
+
+def _is_float(x: Any) -> bool:
+  return bool(jnp.issubdtype(x.dtype, jnp.floating))
 
 
 def find_prefixes(state_dict: Mapping[str, Any]) -> dict[str, str]:
@@ -208,6 +251,12 @@ def _key(prefix: str, suffix: str) -> str:
   return prefix + suffix if prefix else suffix[1:]
 
 
+def _split(key: str) -> tuple[str, str]:
+  """``'a.b.weight'`` -> ``('a.b', 'weight')``."""
+  prefix, _, leaf = key.rpartition('.')
+  return prefix, leaf
+
+
 def _torch_dim(g: np.ndarray, v: np.ndarray, where: str) -> int | None:
   """PyTorch's ``dim`` from g's shape: size ``v.shape[dim]`` along it, 1 elsewhere; or a scalar."""
   if g.ndim == 0:
@@ -223,27 +272,212 @@ def _torch_dim(g: np.ndarray, v: np.ndarray, where: str) -> int | None:
   return kept[0] if kept else ones[0]
 
 
+# The module walker: what a live torch module says about each of its layers.
+
+_NORMS = (
+  'LayerNorm',
+  'GroupNorm',
+  'RMSNorm',
+  'BatchNorm1d',
+  'BatchNorm2d',
+  'BatchNorm3d',
+  'InstanceNorm1d',
+  'InstanceNorm2d',
+  'InstanceNorm3d',
+)
+PLAIN_KINDS = (*_NORMS, 'Embedding')
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:
+  """A prefix's layer: kind, PyTorch arguments and weight norm's ``dim`` (if the module tells)."""
+
+  kind: str | None
+  args: dict[str, Any]
+  dim: Any = _MISSING
+
+
+def _kind_of(module: Any) -> str | None:
+  """The PyTorch layer kind from the class and its bases (``ParametrizedConv1d`` -> ``Conv1d``)."""
+  for cls in type(module).__mro__:
+    if cls.__name__ in KINDS or cls.__name__ in PLAIN_KINDS:
+      return cls.__name__
+  return None
+
+
+def _wn_dim(module: Any) -> Any:
+  """Weight norm's ``dim`` on ``module.weight`` (``None``: whole tensor), or ``_MISSING``."""
+  for hook in getattr(module, '_forward_pre_hooks', {}).values():  # legacy weight_norm
+    if type(hook).__name__ == 'WeightNorm' and getattr(hook, 'name', None) == 'weight':
+      return None if hook.dim in (None, -1) else hook.dim
+  try:
+    parametrizations = module.parametrizations.weight
+  except (AttributeError, KeyError):
+    return _MISSING
+  for p in parametrizations:
+    if type(p).__name__ == '_WeightNorm':
+      return None if p.dim in (None, -1) else p.dim
+  return _MISSING
+
+
+def _walk(module: Any) -> dict[str, _Info]:
+  """``{prefix: _Info}`` for every submodule of a torch module whose kind wn_jax knows."""
+  out: dict[str, _Info] = {}
+  for prefix, m in module.named_modules():
+    kind = _kind_of(m)
+    if kind is None:
+      continue
+    args: dict[str, Any] = {}
+    if kind in KINDS and kind != 'Linear':
+      names = [a for a in TORCH_ARGS if not (a == 'output_padding' and 'Transpose' not in kind)]
+      args = {a: getattr(m, a) for a in names if hasattr(m, a)}
+    out[prefix] = _Info(kind, args, _wn_dim(m))
+  return out
+
+
+def _guess_kind(prefix: str, sd: Mapping[str, Any]) -> str | None:
+  """A plain layer's kind from its keys and shapes alone (a state dict without its module)."""
+  if _key(prefix, '.running_mean') in sd:
+    return 'BatchNorm1d'
+  weight = sd.get(_key(prefix, '.weight'))
+  if weight is None:
+    return None
+  ndim = len(weight.shape)
+  return 'LayerNorm' if ndim == 1 else _DEFAULT_KIND.get(ndim)
+
+
+def _infos(source: Any, sd: Mapping[str, Any], kinds: Mapping[str, str] | None) -> dict[str, _Info]:
+  """Each prefix's ``_Info``: from the module if given, overridden by ``kinds``."""
+  infos = _walk(source) if _is_module(source) else {}
+  prefixes = {_split(k)[0] for k in sd} | set(find_prefixes(sd))
+  for p, k in (kinds or {}).items():
+    if p not in prefixes:
+      raise _error(
+        f'kinds names prefix {p!r}, which matches no layer of the state dict '
+        f'(weight-normed layers: {sorted(find_prefixes(sd))}).'
+      )
+    if k not in KINDS and k not in PLAIN_KINDS:
+      raise _error(f'unknown kind {k!r} for prefix {p!r}; expected one of {KINDS + PLAIN_KINDS}.')
+    old = infos.get(p, _Info(None, {}))
+    infos[p] = dataclasses.replace(old, kind=k)
+  return infos
+
+
+def _wn_layer(
+  prefix: str,
+  g: np.ndarray,
+  v: np.ndarray,
+  bias: np.ndarray | None,
+  info: _Info,
+  style: str,
+  g_key: str,
+  v_key: str,
+) -> TorchLayer:
+  if not _is_float(v) or not _is_float(g):
+    raise _error(f'{prefix!r}: g and v must be floating arrays; got {g.dtype} and {v.dtype}.')
+  kind = info.kind if info.kind in KINDS else _DEFAULT_KIND.get(v.ndim)
+  if kind is None:
+    raise _error(f'{v_key!r} has rank {v.ndim}; pass its kind in kinds={{{prefix!r}: ...}}.')
+  expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2
+  if v.ndim != expected_rank:
+    raise _error(f'{v_key!r} of shape {v.shape} is not a {kind} weight (rank {expected_rank}).')
+  dim = _torch_dim(g, v, repr(g_key))
+  if info.dim is not _MISSING and info.dim != dim:  # g's shape alone can be ambiguous
+    told = None if info.dim is None else info.dim % v.ndim
+    want = () if told is None else tuple(n if i == told else 1 for i, n in enumerate(v.shape))
+    if g.shape != want:
+      raise _error(f"{g_key!r} of shape {g.shape} does not fit the module's dim={info.dim}.")
+    dim = told
+  perm = _perm(kind, v.ndim)
+  kernel = np.ascontiguousarray(v.transpose(perm))
+  axis = None if dim is None else perm.index(dim) - v.ndim
+  scale = g.reshape(_core.scale_shape(kernel.shape, axis, 'wn_jax.pytorch.from_torch'))
+  params = {'kernel': kernel, 'scale': scale}
+  if bias is not None:
+    params['bias'] = bias
+  transposed = kind.startswith('ConvTranspose')
+  return TorchLayer(kind, params, axis, transposed, dim, style, dict(info.args))
+
+
+def _decomposable(prefix: str, sd: Mapping[str, Any], info: _Info, decompose: Any) -> bool:
+  if decompose is False or decompose is None or _key(prefix, '.weight') not in sd:
+    return False
+  kind = info.kind or _guess_kind(prefix, sd)
+  if kind not in KINDS:
+    return False
+  return decompose is True or re.search(decompose, prefix) is not None
+
+
+def _layers(
+  source: Any, kinds: Mapping[str, str] | None, decompose: Any, dtype: Any
+) -> tuple[Mapping[str, Any], dict[str, _Info], dict[str, TorchLayer]]:
+  """(state dict, infos, {prefix: TorchLayer}) for every weight-normed (or decomposed) layer."""
+  sd = _load(source)
+  infos = _infos(source, sd, kinds)
+  out: dict[str, TorchLayer] = {}
+  for prefix, style in find_prefixes(sd).items():
+    g_key, v_key = (_key(prefix, s) for s in _STYLES[style])
+    for key in (g_key, v_key):
+      if key not in sd:
+        raise _error(f'{key!r} is missing: a weight-normed layer needs both g and v.')
+    bias_key = _key(prefix, '.bias')
+    bias = _array(sd[bias_key], dtype) if bias_key in sd else None
+    g, v = _array(sd[g_key], dtype), _array(sd[v_key], dtype)
+    info = infos.get(prefix, _Info(None, {}))
+    out[prefix] = _wn_layer(prefix, g, v, bias, info, style, g_key, v_key)
+  for prefix in dict.fromkeys(_split(k)[0] for k in sd):
+    info = infos.get(prefix, _Info(None, {}))
+    if prefix in out or not _decomposable(prefix, sd, info, decompose):
+      continue
+    w_key, bias_key = _key(prefix, '.weight'), _key(prefix, '.bias')
+    w = _array(sd[w_key], dtype)
+    kind = info.kind or _guess_kind(prefix, sd)
+    shape_g = np.ones((w.shape[0],) + (1,) * (w.ndim - 1), w.dtype)  # PyTorch's default dim=0
+    told = dataclasses.replace(info, kind=kind, dim=0)
+    layer = _wn_layer(prefix, shape_g, w, None, told, 'plain', w_key, w_key)
+    direction, norm = _core.decompose(layer.params['kernel'], layer.axis)
+    params = {'kernel': np.array(direction), 'scale': np.array(norm.astype(w.dtype))}
+    if bias_key in sd:
+      params['bias'] = _array(sd[bias_key], dtype)
+    out[prefix] = dataclasses.replace(layer, params=params)
+  return sd, infos, out
+
+
 def from_torch(
-  state_dict: Mapping[str, Any] | str | os.PathLike,
+  state_dict: Any,
   kinds: Mapping[str, str] | None = None,
+  *,
+  decompose: bool | str = False,
+  dtype: Any = None,
 ) -> dict[str, TorchLayer]:
-  """Converts the weight-normed layers of a PyTorch state dict to wn_jax parameters.
+  """Converts the weight-normed layers of a PyTorch model or state dict to wn_jax parameters.
 
   Args:
-    state_dict: a mapping of key -> array (NumPy arrays, or torch tensors), or the
-      path of a ``.safetensors`` file.
+    state_dict: a torch module (its layer kinds, arguments and weight norm ``dim`` are
+      read from it; duck typed, torch is not imported), a mapping of key -> array
+      (NumPy, JAX, ml_dtypes or torch), or the path of a ``.safetensors`` file.
     kinds: the PyTorch layer kind of prefixes whose kernel shape cannot tell it, e.g.
-      ``{'ups.0': 'ConvTranspose1d'}``. By default a 2-D weight is a ``Linear``, 3-D a
-      ``Conv1d``, 4-D ``Conv2d``, 5-D ``Conv3d``. One of ``KINDS``.
+      ``{'ups.0': 'ConvTranspose1d'}`` (not needed with a module). By default a 2-D
+      weight is a ``Linear``, 3-D a ``Conv1d``, 4-D ``Conv2d``, 5-D ``Conv3d``. One of
+      ``KINDS`` (or ``PLAIN_KINDS``).
+    decompose: also convert plain (not weight-normed) Linear / Conv layers, e.g. of a
+      checkpoint after ``remove_weight_norm``: ``True`` for all of them, or a regular
+      expression searched in the prefix. Each becomes ``v = w``, ``g = ||w||`` with
+      PyTorch's default ``dim=0`` (the function is unchanged); ``to_torch`` writes it
+      back as a plain ``weight`` (its ``style`` is ``'plain'``).
+    dtype: cast the floating parameters to this dtype (default: keep the checkpoint's,
+      bfloat16 and float16 included).
 
   Returns:
-    ``{prefix: TorchLayer}`` for every weight-normed prefix, in key order.
+    ``{prefix: TorchLayer}`` for every weight-normed prefix, in key order. The arrays
+    are copies: changing the torch model afterwards changes nothing here.
 
   Raises:
     ValueError: naming the key, for a missing ``weight_g`` / ``weight_v`` (or
       ``original0`` / ``original1``), a ``g`` whose shape does not fit ``v``, an unknown
-      kind, or a ``kinds`` prefix that matches no weight-normed layer. Nothing is
-      returned half-converted.
+      kind, a ``kinds`` prefix that matches no layer, or a checkpoint without any
+      weight-normed layer. Nothing is returned half-converted.
 
   Examples:
     >>> import numpy as np
@@ -254,57 +488,106 @@ def from_torch(
     >>> layer.kind, layer.axis, layer.params['kernel'].shape, layer.params['scale'].shape
     ('Linear', -1, (2, 3), (3,))
   """
-  sd = _load(state_dict)
-  kinds = dict(kinds or {})
-  prefixes = find_prefixes(sd)
-  for p, k in kinds.items():
-    if p not in prefixes:
-      raise _error(
-        f'kinds names prefix {p!r}, which matches no weight-normed layer (found: {sorted(prefixes)}).'
-      )
-    if k not in KINDS:
-      raise _error(f'unknown kind {k!r} for prefix {p!r}; expected one of {KINDS}.')
-  out: dict[str, TorchLayer] = {}
-  for prefix, style in prefixes.items():
-    g_key, v_key = (_key(prefix, s) for s in _STYLES[style])
-    for key in (g_key, v_key):
-      if key not in sd:
-        raise _error(f'{key!r} is missing: a weight-normed layer needs both g and v.')
-    g, v = _array(sd[g_key]), _array(sd[v_key])
-    if not np.issubdtype(v.dtype, np.floating) or not np.issubdtype(g.dtype, np.floating):
-      raise _error(f'{prefix!r}: g and v must be floating arrays; got {g.dtype} and {v.dtype}.')
-    kind = kinds.get(prefix, _DEFAULT_KIND.get(v.ndim))
-    if kind is None:
-      raise _error(f'{v_key!r} has rank {v.ndim}; pass its kind in kinds={{{prefix!r}: ...}}.')
-    expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2
-    if v.ndim != expected_rank:
-      raise _error(f'{v_key!r} of shape {v.shape} is not a {kind} weight (rank {expected_rank}).')
-    dim = _torch_dim(g, v, repr(g_key))
-    perm = _perm(kind, v.ndim)
-    kernel = np.ascontiguousarray(v.transpose(perm))
-    axis = None if dim is None else perm.index(dim) - v.ndim
-    scale = g.reshape(_core.scale_shape(kernel.shape, axis, 'wn_jax.pytorch.from_torch'))
-    params = {'kernel': kernel, 'scale': scale}
-    if _key(prefix, '.bias') in sd:
-      params['bias'] = _array(sd[_key(prefix, '.bias')])
-    out[prefix] = TorchLayer(kind, params, axis, kind.startswith('ConvTranspose'), dim, style)
+  sd, _, layers = _layers(state_dict, kinds, decompose, dtype)
+  if not layers:
+    raise _error(
+      f'no weight-normed layer in this checkpoint ({len(sd)} keys, e.g. {list(sd)[:3]}): '
+      'expected <prefix>.weight_g / .weight_v or <prefix>.parametrizations.weight.original0/1. '
+      'A plain checkpoint (after remove_weight_norm) converts with decompose=True; '
+      'to_linen / to_nnx convert every tensor of a model.'
+    )
+  return layers
+
+
+def _export_layer(prefix: str, layer: TorchLayer, style: str) -> dict[str, np.ndarray]:
+  """The PyTorch tensors of one layer, in ``style``."""
+  if style != 'plain' and style not in _STYLES:
+    raise _error(f'unknown style {style!r}; expected one of {sorted(_STYLES) + ["plain"]}.')
+  kernel = np.asarray(layer.params['kernel'])
+  inverse = np.argsort(_perm(layer.kind, kernel.ndim))
+  out: dict[str, np.ndarray] = {}
+  if style == 'plain':
+    w = np.asarray(_core.normalize(kernel, layer.params['scale'], layer.axis)).astype(kernel.dtype)
+    out[_key(prefix, '.weight')] = np.ascontiguousarray(w.transpose(inverse))
+  else:
+    v = np.ascontiguousarray(kernel.transpose(inverse))
+    g = np.array(layer.params['scale'])
+    if layer.dim is None:
+      g = g.reshape(())
+    else:
+      g = g.reshape([v.shape[i] if i == layer.dim else 1 for i in range(v.ndim)])
+    g_suffix, v_suffix = _STYLES[style]
+    out[_key(prefix, g_suffix)] = g
+    out[_key(prefix, v_suffix)] = v
+  if 'bias' in layer.params:
+    out[_key(prefix, '.bias')] = np.array(layer.params['bias'])
   return out
 
 
+def _like(ref: Any, value: np.ndarray, key: str) -> Any:
+  """``value`` as ``ref`` is: a torch tensor of its dtype and device, or a NumPy array of its dtype."""
+  if tuple(ref.shape) != value.shape:
+    raise _error(f'{key!r}: like has shape {tuple(ref.shape)}, the converted value {value.shape}.')
+  if hasattr(ref, 'new_tensor'):  # torch, without importing it
+    if type(value.dtype).__module__.startswith('ml_dtypes') or value.dtype == ml_dtypes.bfloat16:
+      value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
+    return ref.new_tensor(value)
+  return np.asarray(value).astype(np.asarray(ref).dtype, copy=False)
+
+
+def _finish(out: dict[str, np.ndarray], like: Any, skipped: set[str]) -> dict[str, Any]:
+  """``out`` in the order, types and dtypes of ``like``'s state dict; ``skipped`` keys from ``like``."""
+  if like is None:
+    return out
+  ref = _load(like)
+  extra = [k for k in out if k not in ref]
+  missing = [k for k in ref if k not in out and k not in skipped]
+  if extra or missing:
+    raise _error(
+      f"the converted keys do not match like's state dict: missing {missing}, unexpected {extra}."
+    )
+  return {k: (_like(ref[k], out[k], k) if k in out else _copy(ref[k])) for k in ref}
+
+
+def _copy(x: Any) -> Any:
+  return x.clone() if hasattr(x, 'clone') else np.array(x, copy=True)
+
+
 def to_torch(
-  layers: Mapping[str, TorchLayer | Mapping[str, Any]], *, style: str | None = None
-) -> dict[str, np.ndarray]:
-  """The reverse of :func:`from_torch`: a state dict PyTorch's ``load_state_dict`` takes.
+  layers: Any,
+  *,
+  like: Any = None,
+  style: str | None = None,
+  kinds: Mapping[str, str] | None = None,
+  rules: Mapping[str, tuple[Callable[..., Any], Callable[..., Any]]] | None = None,
+  decompose: bool | str = False,
+) -> dict[str, Any]:
+  """The reverse of :func:`from_torch`, :func:`to_linen` and :func:`to_nnx`.
+
+  ``module.load_state_dict(to_torch(..., like=module), strict=True)`` loads the result.
 
   Args:
     layers: ``{prefix: TorchLayer}`` (e.g. from :func:`from_torch`, with trained params
-      swapped in via ``dataclasses.replace``).
-    style: ``'legacy'`` (``weight_g`` / ``weight_v``) or ``'parametrization'``; default:
+      swapped in via ``dataclasses.replace``); or a whole linen ``variables`` dict
+      (``{'params': ...}``, as :func:`to_linen` gives) or NNX state (``nnx.state(model)``
+      or its pure dict, as :func:`to_nnx` gives), which need ``like``.
+    like: the torch module (or its state dict) the result is for. Its state dict sets
+      the keys, their order, key style, shapes and dtypes, and, for torch tensors, the
+      result's type and device: a plain ``weight`` in ``like`` gets the folded
+      ``g * v / ||v||``. With ``layers``, the keys of ``like`` that are not in a
+      weight-normed layer are copied from ``like``; with a tree every value comes from
+      the tree, except buffers Flax has no place for (BatchNorm's
+      ``num_batches_tracked``), copied from ``like``.
+    style: ``'legacy'`` (``weight_g`` / ``weight_v``), ``'parametrization'`` or
+      ``'plain'`` (the folded ``weight``), for ``layers`` without ``like``; default:
       each layer's own.
+    kinds: as :func:`to_linen`, for a ``like`` state dict whose shapes cannot tell.
+    rules: as :func:`to_linen`; the inverse of each pair is applied.
+    decompose: as :func:`to_linen`.
 
   Returns:
-    ``{key: np.ndarray}`` with PyTorch's shapes: v as PyTorch lays it out, g with v's
-    rank (size 1 but along ``dim``), or a scalar for ``dim=None``.
+    ``{key: array}`` with PyTorch's shapes: NumPy arrays, or torch tensors when
+    ``like`` holds them.
 
   Examples:
     >>> import numpy as np
@@ -314,33 +597,380 @@ def to_torch(
     >>> all(np.array_equal(back[k], sd[k]) for k in sd)
     True
   """
+  if (
+    isinstance(layers, Mapping)
+    and layers
+    and all(isinstance(v, TorchLayer) for v in layers.values())
+  ):
+    ref = None if like is None else _load(like)
+    ref_styles = {} if ref is None else find_prefixes(ref)
+    if ref is not None:
+      lacking = [p for p in ref_styles if p not in layers]
+      if lacking:
+        raise _error(f'like holds weight-normed layers that layers lacks: {lacking}.')
+    out: dict[str, np.ndarray] = {}
+    for prefix, layer in layers.items():
+      plain = ref is not None and prefix not in ref_styles and _key(prefix, '.weight') in ref
+      s = style or ref_styles.get(prefix) or ('plain' if plain else layer.style)
+      out.update(_export_layer(prefix, layer, s))
+    if ref is None:
+      return out
+    return _finish(out, like, {k for k in ref if k not in out})
+  if isinstance(layers, Mapping) and any(not isinstance(v, Mapping) for v in layers.values()):
+    raise _error(
+      'expected {prefix: TorchLayer} (from from_torch), linen variables or NNX state; got a '
+      f'mapping of {sorted({type(v).__name__ for v in layers.values()})}.'
+    )
+  if like is None:
+    raise _error(
+      'a linen or NNX tree converts back with like=<the torch module or its state dict>, '
+      'which sets the keys and their key style.'
+    )
+  return _tree_to_torch(layers, like, kinds, rules, decompose)
+
+
+# Whole models: every tensor of a state dict, in a linen or NNX tree.
+
+Rule = tuple[Callable[[np.ndarray], Any], Callable[[np.ndarray], Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """One tensor that is not part of a weight-normed layer, and where it goes."""
+
+  key: str
+  prefix: str
+  name: str
+  collection: str  # linen's: 'params' or 'batch_stats'
+  forward: Callable[[np.ndarray], Any]
+  inverse: Callable[[np.ndarray], Any]
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+  return a
+
+
+def _leaf(key: str, kind: str | None, ndim: int, rules: Mapping[str, Rule]) -> _Leaf | None:
+  """The rule for one plain tensor: the user's, the layer kind's, or kept as it is."""
+  prefix, leaf = _split(key)
+  for pattern, (forward, inverse) in rules.items():
+    if re.fullmatch(pattern, key):
+      return _Leaf(key, prefix, leaf, 'params', forward, inverse)
+  if kind in KINDS and leaf == 'weight':
+    perm = _perm(kind, ndim)
+    back = tuple(int(i) for i in np.argsort(perm))
+    return _Leaf(
+      key, prefix, 'kernel', 'params', lambda a: a.transpose(perm), lambda a: a.transpose(back)
+    )
+  if kind in PLAIN_KINDS:
+    if leaf == 'num_batches_tracked':
+      return None  # no place in Flax; to_torch copies it from like
+    weight = 'embedding' if kind == 'Embedding' else 'scale'
+    name = {'weight': weight, 'running_mean': 'mean', 'running_var': 'var'}.get(leaf, leaf)
+    collection = 'batch_stats' if leaf in ('running_mean', 'running_var') else 'params'
+    return _Leaf(key, prefix, name, collection, _same, _same)
+  return _Leaf(key, prefix, leaf, 'params', _same, _same)
+
+
+def _layer_keys(prefix: str, layer: TorchLayer) -> list[str]:
+  if layer.style == 'plain':
+    names = ['.weight']
+  else:
+    names = list(_STYLES[layer.style])
+  return [_key(prefix, n) for n in names + (['.bias'] if 'bias' in layer.params else [])]
+
+
+def _plan(
+  source: Any,
+  kinds: Mapping[str, str] | None,
+  rules: Mapping[str, Rule] | None,
+  decompose: Any,
+  dtype: Any,
+) -> tuple[Mapping[str, Any], dict[str, TorchLayer], list[_Leaf], set[str]]:
+  """(state dict, weight-normed layers, every other tensor's rule, keys Flax has no place for)."""
+  sd, infos, layers = _layers(source, kinds, decompose, dtype)
+  used = {k for p, layer in layers.items() for k in _layer_keys(p, layer)}
+  leaves, skipped = [], set()
+  for key in sd:
+    if key in used:
+      continue
+    prefix = _split(key)[0]
+    info = infos.get(prefix)
+    kind = info.kind if info is not None and info.kind else _guess_kind(prefix, sd)
+    leaf = _leaf(key, kind, len(sd[key].shape), rules or {})
+    if leaf is None:
+      skipped.add(key)
+    else:
+      leaves.append(leaf)
+  return sd, layers, leaves, skipped
+
+
+def _linen_path(prefix: str) -> tuple[str, ...]:
+  """``'resblocks.0.convs1.1'`` -> ``('resblocks_0', 'convs1_1')``: linen's names for lists."""
+  names: list[str] = []
+  for part in prefix.split('.') if prefix else []:
+    if part.isdigit() and names:
+      names[-1] += f'_{part}'
+    else:
+      names.append(part)
+  return tuple(names)
+
+
+def _nnx_path(prefix: str) -> tuple[str | int, ...]:
+  """``'resblocks.0.convs1.1'`` -> ``('resblocks', 0, 'convs1', 1)``: ``nnx.List`` indices."""
+  return tuple(int(p) if p.isdigit() else p for p in (prefix.split('.') if prefix else []))
+
+
+def _path(prefix: str, name: str, collection: str, naming: str) -> tuple[Any, ...]:
+  if naming == 'linen':
+    return (collection, *_linen_path(prefix), name)
+  return (*_nnx_path(prefix), name)
+
+
+def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:
+  tree: dict[Any, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise _error(f'{"/".join(map(str, path))}: a parameter and a module share a name.')
+    node[path[-1]] = value
+  return tree
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+  """``{path of str: leaf}`` of a nested dict, nnx.State or pure dict."""
+  import jax
+
+  if hasattr(tree, 'to_pure_dict'):  # an nnx.State
+    from flax import nnx
+
+    tree = nnx.to_pure_dict(tree)
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+    flat[parts] = leaf
+  return flat
+
+
+def _tree(
+  source: Any,
+  naming: str,
+  kinds: Mapping[str, str] | None,
+  rules: Mapping[str, Rule] | None,
+  decompose: Any,
+  dtype: Any,
+  template: Any,
+) -> dict[Any, Any]:
+  sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype)
+  flat: dict[tuple[Any, ...], Any] = {}
+  where: dict[tuple[Any, ...], str] = {}
+
+  def put(path: tuple[Any, ...], value: Any, key: str) -> None:
+    if path in flat:
+      raise _error(f'{where[path]!r} and {key!r} both convert to {"/".join(map(str, path))}.')
+    flat[path], where[path] = jnp.array(value), key
+
+  for prefix, layer in layers.items():
+    for name, value in layer.params.items():
+      put(_path(prefix, name, 'params', naming), value, _key(prefix, '.' + name))
+  for leaf in leaves:
+    value = leaf.forward(_array(sd[leaf.key], dtype))
+    put(_path(leaf.prefix, leaf.name, leaf.collection, naming), value, leaf.key)
+  if template is not None:
+    _check(flat, template)
+  return _nest(flat)
+
+
+def _check(flat: dict[tuple[Any, ...], Any], template: Any) -> None:
+  """Every name and shape of the converted tree against the Flax model's own."""
+  got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
+  want = {p: tuple(getattr(v, 'shape', ())) for p, v in _flatten(template).items()}
+  if want and all(p[0] != 'params' for p in want) and all(p[0] == 'params' for p in got):
+    got = {p[1:]: s for p, s in got.items()}  # a linen params tree, not variables
+  missing = sorted('/'.join(p) for p in want if p not in got)
+  unexpected = sorted('/'.join(p) for p in got if p not in want)
+  shapes = sorted(
+    f'{"/".join(p)}: {got[p]} vs {want[p]}' for p in got if p in want and got[p] != want[p]
+  )
+  if missing or unexpected or shapes:
+    raise _error(
+      'the converted tree does not fit the template: '
+      f'missing {missing}, unexpected {unexpected}, shapes (converted vs template) {shapes}. '
+      'Name Flax submodules as the PyTorch ones (lists in setup / nnx.List), or pass rules=.'
+    )
+
+
+_TREE_ARGS = """
+    kinds: as :func:`from_torch`: the kind of prefixes whose shape cannot tell it (not
+      needed with a module); also ``'Embedding'``, ``'LayerNorm'``, ``'BatchNorm1d'`` ...
+      for plain layers of a state dict.
+    rules: ``{regex: (forward, inverse)}`` for model-specific tensors: a key that
+      ``re.fullmatch``es a regex keeps its name, and its value becomes
+      ``forward(array)``; :func:`to_torch` applies ``inverse``. E.g. a Snake activation's
+      ``alpha`` of shape ``(1, C, 1)``:
+      ``{r'.*\\.alpha': (lambda a: a.reshape(-1), lambda a: a.reshape(1, -1, 1))}``.
+    decompose: as :func:`from_torch`: plain Linear / Conv weights to WN ``(kernel,
+      scale)`` (``True``, or a regex searched in the prefix).
+    dtype: cast the floating tensors to this dtype (default: keep the checkpoint's).
+    template: optional, the Flax model's own tree (e.g. ``jax.eval_shape`` of ``init``,
+      or ``nnx.state(model)``): every converted name and shape is checked against it,
+      and a mismatch raises with the missing and unexpected paths."""
+
+
+def to_linen(
+  source: Any,
+  kinds: Mapping[str, str] | None = None,
+  *,
+  rules: Mapping[str, Rule] | None = None,
+  decompose: bool | str = False,
+  dtype: Any = None,
+  template: Any = None,
+) -> dict[str, Any]:
+  """A whole PyTorch model's tensors as linen ``variables``: ``model.apply(variables, x)``.
+
+  Weight-normed layers become ``kernel`` (v in Flax layout), ``scale`` (g) and ``bias``
+  (build them as ``WNConv`` / ``WNConvTranspose(transpose_kernel=True)`` / ``WNDense``
+  with the ``axis`` :func:`from_torch` gives, ``-1`` for PyTorch's default ``dim=0``);
+  plain Linear / Conv ``weight`` -> ``kernel`` in Flax layout; norm layers' ``weight``
+  -> ``scale``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
+  Embedding ``weight`` -> ``embedding``; any other tensor keeps its name and layout
+  (unless a ``rules`` entry says otherwise). Module names follow linen's for lists of
+  submodules assigned in ``setup``: ``resblocks.0.convs1.1`` -> ``resblocks_0/convs1_1``.
+
+  Args:
+    source: a torch module (preferred: the kinds and weight norm ``dim`` come from
+      it; duck typed, torch is not imported), a state dict or a ``.safetensors`` path.{args}
+
+  Returns:
+    ``{{'params': ...}}``, plus ``'batch_stats'`` when the model has running statistics;
+    JAX arrays, copied.
+
+  Examples:
+    >>> import numpy as np
+    >>> from wn_jax import pytorch
+    >>> sd = {{'blocks.0.weight_g': np.ones((4, 1, 1), np.float32),
+    ...       'blocks.0.weight_v': np.ones((4, 2, 3), np.float32),
+    ...       'blocks.0.bias': np.zeros(4, np.float32), 'head.weight': np.ones((1, 4), np.float32)}}
+    >>> variables = pytorch.to_linen(sd)
+    >>> {{k: v.shape for k, v in variables['params']['blocks_0'].items()}}
+    {{'kernel': (3, 2, 4), 'scale': (4,), 'bias': (4,)}}
+    >>> variables['params']['head']['kernel'].shape
+    (4, 1)
+  """
+  return _tree(source, 'linen', kinds, rules, decompose, dtype, template)
+
+
+def to_nnx(
+  source: Any,
+  kinds: Mapping[str, str] | None = None,
+  *,
+  rules: Mapping[str, Rule] | None = None,
+  decompose: bool | str = False,
+  dtype: Any = None,
+  template: Any = None,
+) -> dict[Any, Any]:
+  """A whole PyTorch model's tensors as an NNX pure dict, for ``nnx.replace_by_pure_dict``.
+
+  The same conversion as :func:`to_linen`, in one tree (running statistics under
+  their NNX names ``mean`` / ``var``), with a torch ``nn.ModuleList`` index as an integer
+  key: ``resblocks.0.convs1.1`` -> ``['resblocks'][0]['convs1'][1]``, the path of an
+  ``nnx.List`` of submodules. Load it with
+  ``state = nnx.state(model); nnx.replace_by_pure_dict(state, tree); nnx.update(model, state)``.
+
+  Args:
+    source: as :func:`to_linen`.{args}
+
+  Returns:
+    A nested dict of JAX arrays (copied).
+
+  Examples:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> import wn_jax
+    >>> from wn_jax import pytorch
+    >>> sd = {{'layers.0.weight_g': np.full((4, 1), 2.0, np.float32),
+    ...       'layers.0.weight_v': np.ones((4, 3), np.float32), 'layers.0.bias': np.zeros(4, np.float32)}}
+    >>> class Model(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.layers = nnx.List([wn_jax.nnx.WNLinear(3, 4, rngs=rngs)])
+    >>> model = Model(nnx.Rngs(0))
+    >>> state = nnx.state(model)
+    >>> nnx.replace_by_pure_dict(state, pytorch.to_nnx(sd, template=state))
+    >>> nnx.update(model, state)
+    >>> model.layers[0].scale[...].tolist()
+    [2.0, 2.0, 2.0, 2.0]
+  """
+  return _tree(source, 'nnx', kinds, rules, decompose, dtype, template)
+
+
+to_linen.__doc__ = (to_linen.__doc__ or '').format(args=_TREE_ARGS)
+to_nnx.__doc__ = (to_nnx.__doc__ or '').format(args=_TREE_ARGS)
+
+
+def _tree_to_torch(
+  tree: Any,
+  like: Any,
+  kinds: Mapping[str, str] | None,
+  rules: Mapping[str, Rule] | None,
+  decompose: Any,
+) -> dict[str, Any]:
+  _, layers, leaves, skipped = _plan(like, kinds, rules, decompose, None)
+  naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
+  flat = _flatten(tree)
+  missing: list[str] = []
+
+  def get(prefix: str, name: str, collection: str) -> Any:
+    path = tuple(map(str, _path(prefix, name, collection, naming)))
+    if path not in flat:
+      missing.append('/'.join(path))
+      return None
+    return np.array(flat[path])
+
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
-    if not isinstance(layer, TorchLayer):
-      raise _error(
-        f'{prefix!r}: expected a TorchLayer (from from_torch); got {type(layer).__name__}.'
-      )
-    s = style or layer.style
-    if s not in _STYLES:
-      raise _error(f'unknown style {s!r}; expected one of {sorted(_STYLES)}.')
-    kernel = np.asarray(layer.params['kernel'])
-    perm = _perm(layer.kind, kernel.ndim)
-    v = np.ascontiguousarray(kernel.transpose(np.argsort(perm)))
-    g = np.asarray(layer.params['scale'])
-    if layer.dim is None:
-      g = g.reshape(())
-    else:
-      g = g.reshape([v.shape[i] if i == layer.dim else 1 for i in range(v.ndim)])
-    g_suffix, v_suffix = _STYLES[s]
-    out[_key(prefix, g_suffix)] = g
-    out[_key(prefix, v_suffix)] = v
-    if 'bias' in layer.params:
-      out[_key(prefix, '.bias')] = np.asarray(layer.params['bias'])
-  return out
+    params = {n: get(prefix, n, 'params') for n in layer.params}
+    if all(v is not None for v in params.values()):
+      out.update(_export_layer(prefix, dataclasses.replace(layer, params=params), layer.style))
+  for leaf in leaves:
+    value = get(leaf.prefix, leaf.name, leaf.collection)
+    if value is not None:
+      out[leaf.key] = np.asarray(leaf.inverse(value))
+  if missing:
+    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs.")
+  return _finish(out, like, skipped)
 
 
 def _tuple(x: Any, n: int) -> tuple[int, ...]:
   return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+
+
+_PADDING_MODES = {'reflect': 'REFLECT', 'circular': 'CIRCULAR'}
+
+
+def _padding_mode(kind: str, padding: Any, mode: str, k: tuple, d: tuple) -> str:
+  """Flax's ``'REFLECT'`` / ``'CIRCULAR'`` padding for PyTorch's ``padding_mode``, if it is the same."""
+  if mode not in _PADDING_MODES:
+    hint = " (pad the input with jnp.pad(x, ..., mode='edge') and use padding=0)"
+    raise _error(
+      f'conv_kwargs: padding_mode={mode!r} has no Flax equivalent'
+      f'{hint if mode == "replicate" else ""}; Flax pads with zeros, reflect or circular.'
+    )
+  dilated = [di * (ki - 1) + 1 for ki, di in zip(k, d)]
+  same = [((kd - 1) // 2, kd // 2) for kd in dilated]  # what Flax pads for REFLECT/CIRCULAR
+  if isinstance(padding, str):
+    if padding.lower() == 'same':
+      return _PADDING_MODES[mode]
+    return 'VALID'
+  asked = [(p, p) for p in _tuple(padding, len(k))]
+  if asked != same:
+    raise _error(
+      f'conv_kwargs: {kind} with padding_mode={mode!r} pads {asked}, but Flax pads '
+      f'{_PADDING_MODES[mode]!r} as {same} (half the dilated kernel): no Flax equivalent; '
+      f'pad the input with jnp.pad(x, ..., mode={mode!r}) and use padding=0.'
+    )
+  return _PADDING_MODES[mode]
 
 
 def conv_kwargs(
@@ -352,6 +982,7 @@ def conv_kwargs(
   dilation: int | tuple[int, ...] = 1,
   groups: int = 1,
   output_padding: int | tuple[int, ...] = 0,
+  padding_mode: str = 'zeros',
 ) -> dict[str, Any]:
   """The Flax ``WNConv`` / ``WNConvTranspose`` arguments of a PyTorch conv layer.
 
@@ -362,7 +993,11 @@ def conv_kwargs(
     padding: PyTorch's (ints, or ``'same'`` / ``'valid'`` for Conv).
     dilation: PyTorch's.
     groups: PyTorch's (Conv only; ConvTranspose takes 1).
-    output_padding: PyTorch's (ConvTranspose only).
+    output_padding: PyTorch's (ConvTranspose only: a Conv refuses it, since a
+      ConvTranspose mistaken for a Conv would otherwise compute silently wrong).
+    padding_mode: PyTorch's: ``'zeros'``; for Conv also ``'reflect'`` / ``'circular'``
+      where they pad half the dilated kernel on each side (Flax's ``'REFLECT'`` /
+      ``'CIRCULAR'``); other cases, and ``'replicate'``, raise.
 
   Returns:
     ``kernel_size``, ``strides``, ``padding``, ``kernel_dilation`` and, for Conv,
@@ -371,6 +1006,8 @@ def conv_kwargs(
   Examples:
     >>> conv_kwargs('ConvTranspose1d', 16, stride=8, padding=4)
     {'kernel_size': (16,), 'strides': (8,), 'padding': ((11, 11),), 'kernel_dilation': (1,), 'transpose_kernel': True}
+    >>> conv_kwargs('Conv1d', 3, padding=1, padding_mode='reflect')['padding']
+    'REFLECT'
   """
   if kind not in KINDS or kind == 'Linear':
     raise _error(f'conv_kwargs: unknown conv kind {kind!r}; expected one of {KINDS[1:]}.')
@@ -382,6 +1019,8 @@ def conv_kwargs(
       raise _error('conv_kwargs: Flax ConvTranspose has no groups; only groups=1 converts.')
     if isinstance(padding, str):
       raise _error('conv_kwargs: PyTorch ConvTranspose takes integer padding only.')
+    if padding_mode != 'zeros':
+      raise _error(f'conv_kwargs: a ConvTranspose pads with zeros only; got {padding_mode!r}.')
     p, op = _tuple(padding, n), _tuple(output_padding, n)
     out['padding'] = tuple(
       (di * (ki - 1) - pi, di * (ki - 1) - pi + oi) for ki, di, pi, oi in zip(k, d, p, op)
@@ -389,7 +1028,15 @@ def conv_kwargs(
     out['kernel_dilation'] = d
     out['transpose_kernel'] = True
   else:
-    if isinstance(padding, str):
+    if any(_tuple(output_padding, n)):
+      raise _error(
+        f'conv_kwargs: output_padding={output_padding!r} is an argument of a ConvTranspose, '
+        f"which {kind} is not. A ConvTranspose whose weight shape looks like a Conv's converts "
+        f"with kinds={{prefix: 'ConvTranspose{n}d'}}, or from the torch module itself."
+      )
+    if padding_mode != 'zeros':
+      out['padding'] = _padding_mode(kind, padding, padding_mode, k, d)
+    elif isinstance(padding, str):
       if padding.lower() not in ('same', 'valid'):
         raise _error(f'conv_kwargs: unknown padding {padding!r}.')
       out['padding'] = padding.upper()
@@ -400,4 +1047,15 @@ def conv_kwargs(
   return out
 
 
-__all__ = ['KINDS', 'TorchLayer', 'conv_kwargs', 'find_prefixes', 'from_torch', 'to_torch']
+__all__ = [
+  'KINDS',
+  'PLAIN_KINDS',
+  'TORCH_ARGS',
+  'TorchLayer',
+  'conv_kwargs',
+  'find_prefixes',
+  'from_torch',
+  'to_linen',
+  'to_nnx',
+  'to_torch',
+]
