@@ -30,10 +30,10 @@ typecheck: .stamp-dev
 	$(PY) -m mypy
 
 docs: .stamp-dev
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 test: lint typecheck docs
-	$(PY) -m pytest -q
+	WN_JAX_SITE=site $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .stamp-* site
