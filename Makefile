@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SRC := $(wildcard wn_jax tests benchmarks examples notebooks/*.py)
+SRC := $(wildcard wn_jax tests benchmarks examples notebooks/*.py docs/_ext)
 
 .PHONY: demo test lint typecheck docs clean
 
@@ -29,6 +29,7 @@ lint: .stamp-dev
 typecheck: .stamp-dev
 	$(PY) -m mypy
 
+# --strict alone: --quiet would hide the warnings that --strict turns into errors.
 docs: .stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 

@@ -1,4 +1,7 @@
-"""Griffe extension: Sphinx cross-reference roles in docstrings become mkdocs-autorefs links.
+"""Griffe extension: docstrings as Python has them, Sphinx roles as mkdocs-autorefs links.
+
+Griffe reads docstrings from the source. Where the module rewrites a docstring at import time
+(``f.__doc__ = f.__doc__.format(...)``), the page shows the runtime docstring, as ``help()`` does.
 
 Docstrings say :func:`normalize` or :class:`wn_jax.WeightNormed` (readable in ``help()``). At
 docs build time each role becomes a Markdown autoref, ``[`normalize`][wn_jax._core.normalize]``,
@@ -9,6 +12,8 @@ whose target autorefs cannot find, so ``mkdocs build --strict`` fails on it.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from typing import Any
 
@@ -47,11 +52,28 @@ def rewrite(text: str, obj: griffe.Object) -> str:
   return ROLE.sub(sub, text)
 
 
+def _runtime_doc(obj: griffe.Object) -> str | None:
+  """The docstring Python has for ``obj`` at runtime (``None`` if it cannot be imported)."""
+  if not (obj.is_function or obj.is_class):
+    return None
+  module = obj.module.path
+  try:
+    target: Any = importlib.import_module(module)
+    for part in obj.path[len(module) + 1 :].split('.'):
+      target = getattr(target, part)
+  except (ImportError, AttributeError):
+    return None
+  return inspect.cleandoc(target.__doc__) if target.__doc__ else None
+
+
 def _walk(obj: griffe.Object, seen: set[str]) -> None:
   if obj.path in seen:
     return
   seen.add(obj.path)
   if obj.docstring is not None:
+    runtime = _runtime_doc(obj)
+    if runtime is not None and runtime != obj.docstring.value:
+      obj.docstring.value = runtime
     obj.docstring.value = rewrite(obj.docstring.value, obj)
   for member in obj.members.values():
     if not member.is_alias:

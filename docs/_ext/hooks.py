@@ -48,7 +48,9 @@ def to_mathml(tex: str, *, display: str, where: str) -> str:
 def on_page_content(html_text: str, page: Any, **kwargs: Any) -> str:
   where = page.file.src_uri
   html_text = _BLOCK.sub(
-    lambda m: f'<div class="math-block">{to_mathml(m.group(1), display="block", where=where)}</div>',
+    lambda m: (
+      f'<div class="math-block">{to_mathml(m.group(1), display="block", where=where)}</div>'
+    ),
     html_text,
   )
   return _INLINE.sub(lambda m: to_mathml(m.group(1), display='inline', where=where), html_text)
@@ -61,18 +63,27 @@ def _fence(text: str, lang: str) -> str:
   return f'{ticks}{lang}\n{text.rstrip()}\n{ticks}\n'
 
 
+def _output(text: str) -> str:
+  return f'<div class="nb-output" markdown="1">\n\n{_fence(text, "text")}\n</div>\n'
+
+
 def notebook_markdown(path: pathlib.Path, images: dict[str, bytes]) -> str:
   """A notebook as Markdown: cells in order, outputs as committed. Images go in ``images``."""
   nb = json.loads(path.read_text())
-  parts = [
+  note = (
     f'!!! note "Notebook `notebooks/{path.name}`"\n'
     '    Shown with the outputs committed in the repository; `make test` executes it '
     '(tests/test_notebooks.py). Run it yourself with `jupyter lab notebooks/` '
     'after `make test` has built `.venv`.\n'
-  ]
+  )
+  parts = []
   for i, cell in enumerate(nb['cells']):
     source = ''.join(cell['source'])
     if cell['cell_type'] == 'markdown':
+      if note and source.startswith('# '):  # the title first, so mkdocs takes the page title
+        title, _, rest = source.partition('\n')
+        source = f'{title}\n\n{note}\n{rest}'
+        note = ''
       parts.append(source + '\n')
       continue
     if cell['cell_type'] != 'code':
@@ -81,7 +92,7 @@ def notebook_markdown(path: pathlib.Path, images: dict[str, bytes]) -> str:
     for j, out in enumerate(cell.get('outputs', [])):
       kind = out['output_type']
       if kind == 'stream':
-        parts.append(_fence(''.join(out['text']), 'text'))
+        parts.append(_output(''.join(out['text'])))
       elif kind == 'error':
         raise ValueError(f'{path.name}: cell {i} has a committed error output; rerun the notebook')
       else:
@@ -91,10 +102,12 @@ def notebook_markdown(path: pathlib.Path, images: dict[str, bytes]) -> str:
           images[name] = base64.b64decode(''.join(data['image/png']))
           parts.append(f'![output of cell {i}]({name})\n')
         elif 'text/html' in data:
-          parts.append('<div class="nb-output" markdown="0">\n' + ''.join(data['text/html']) + '\n</div>\n')
+          parts.append(
+            '<div class="nb-output" markdown="0">\n' + ''.join(data['text/html']) + '\n</div>\n'
+          )
         elif 'text/plain' in data:
-          parts.append(_fence(''.join(data['text/plain']), 'text'))
-  return '\n'.join(parts)
+          parts.append(_output(''.join(data['text/plain'])))
+  return note + '\n'.join(parts)
 
 
 def on_files(files: Files, config: Any) -> Files:
@@ -109,5 +122,7 @@ def on_files(files: Files, config: Any) -> Files:
       files.append(File.generated(config, f'notebooks/{name}', content=data))
   for path in sorted((ROOT / 'benchmarks' / 'results').iterdir()):
     if path.suffix in ('.md', '.png', '.svg'):
-      files.append(File.generated(config, f'performance/results/{path.name}', abs_src_path=str(path)))
+      files.append(
+        File.generated(config, f'performance/results/{path.name}', abs_src_path=str(path))
+      )
   return files
