@@ -16,6 +16,7 @@ import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
 from tests.helpers import assert_trees_close
+from tests.helpers import assert_trees_equal
 
 
 def _mlp_params():
@@ -212,3 +213,65 @@ def test_materialize_inverts_weight_norm(shapes, seed):
     for i, s in enumerate(shapes)
   }
   assert_trees_close(wn_jax.materialize(wn_jax.weight_norm(p)), p, rtol=1e-5, atol=1e-6)
+
+
+def _nested_wn():
+  rng = np.random.default_rng(3)
+  return {
+    'dense': {
+      'kernel': wn_jax.weight_norm({'k': jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)})['k'],
+      'bias': jnp.arange(3.0),
+    },
+    'conv': [
+      wn_jax.WeightNormed(
+        jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32), jnp.ones((2, 4)), axis=(0, 2)
+      ),
+      wn_jax.WeightNormed(jnp.asarray(rng.normal(size=(2, 2)), jnp.float32), jnp.ones(()), None),
+    ],
+  }
+
+
+def test_flax_serialization_round_trips_weight_normed_trees():
+  from flax import serialization
+
+  tree = _nested_wn()
+  target = jax.tree_util.tree_map(jnp.zeros_like, tree)
+  for restored in (
+    serialization.from_bytes(target, serialization.to_bytes(tree)),
+    serialization.from_state_dict(target, serialization.to_state_dict(tree)),
+  ):
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(tree)
+    assert restored['conv'][0].axis == (0, 2) and restored['conv'][1].axis is None
+    assert_trees_equal(restored, tree)
+  # The state dict is plain nested dicts of arrays: v and g by name.
+  state = serialization.to_state_dict(tree)
+  assert set(state['dense']['kernel']) == {'v', 'g'}
+  with pytest.raises(ValueError, match='v.*g'):
+    serialization.from_state_dict(target, {**state, 'dense': {**state['dense'], 'kernel': {}}})
+
+
+def test_materialize_names_the_key_path_of_a_bad_node():
+  bad = {'enc': [{'k': wn_jax.WeightNormed(jnp.ones((2, 3)), jnp.ones(2))}]}
+  with pytest.raises(ValueError, match=r"'enc/0/k'.*g"):
+    wn_jax.materialize(bad)
+
+
+@pytest.mark.parametrize(
+  'g_shape', [(3,), (), (4, 3)], ids=['kept-out', 'whole-tensor', 'every-axis']
+)
+def test_materialize_rejects_a_v_g_dict(g_shape):
+  # What an untyped restore (orbax, msgpack) gives for a WeightNormed node.
+  loaded = {'head': {'kernel': {'v': jnp.ones((4, 3)), 'g': jnp.ones(g_shape)}}}
+  with pytest.raises(ValueError, match=r"'head/kernel'.*restore.*target.*WeightNormed"):
+    wn_jax.materialize(loaded)
+
+
+def test_materialize_keeps_dicts_that_are_not_v_g_pairs():
+  # Other keys, or a g that cannot be v's magnitude: not a lost WeightNormed, left alone.
+  for tree in (
+    {'v': jnp.ones((4, 3)), 'g': jnp.ones(3), 'b': jnp.ones(3)},
+    {'v': jnp.ones((4, 3)), 'g': jnp.ones(5)},
+    {'v': jnp.ones((4, 3)), 'g': 1.0},
+  ):
+    assert wn_jax.materialize(tree) is not None
+    assert_trees_equal(wn_jax.materialize(tree), tree)

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from wn_jax import _core
 
@@ -69,8 +70,54 @@ class WeightNormed:
       ) from None
 
 
+def _to_state_dict(node: WeightNormed) -> dict[str, Any]:
+  return {
+    'v': serialization.to_state_dict(node.v),
+    'g': serialization.to_state_dict(node.g),
+  }
+
+
+def _from_state_dict(target: WeightNormed, state: dict[str, Any]) -> WeightNormed:
+  if set(state) != {'v', 'g'}:
+    raise ValueError(
+      f'wn_jax.WeightNormed: a restored state needs exactly the keys v and g; got '
+      f'{sorted(state)}. The checkpoint does not hold this WeightNormed node.'
+    )
+  return WeightNormed(
+    serialization.from_state_dict(target.v, state['v'], name='v'),
+    serialization.from_state_dict(target.g, state['g'], name='g'),
+    target.axis,
+  )
+
+
+# flax.serialization (to_bytes/from_bytes, to_state_dict/from_state_dict): `v` and `g`
+# by name; `axis` is static and comes from the target.
+serialization.register_serialization_state(WeightNormed, _to_state_dict, _from_state_dict)
+
+
 def _is_wn(x: Any) -> bool:
   return isinstance(x, WeightNormed)
+
+
+def fits_kept_axes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
+  """Whether ``g_shape`` is ``v_shape`` along some kept axes (in order): a possible ``g``.
+
+  >>> fits_kept_axes((4,), (3, 4)), fits_kept_axes((), (3, 4)), fits_kept_axes((4, 3), (3, 4))
+  (True, True, False)
+  """
+  rest = iter(v_shape)
+  return all(any(d == e for e in rest) for d in g_shape)
+
+
+def _is_lost_node(x: Any) -> bool:
+  """A plain ``{'v', 'g'}`` dict of arrays whose ``g`` fits ``v``: a ``WeightNormed``
+  restored without a target (orbax, msgpack), its static ``axis`` lost."""
+  return (
+    type(x) is dict
+    and set(x) == {'v', 'g'}
+    and all(hasattr(x[k], 'shape') for k in ('v', 'g'))
+    and fits_kept_axes(tuple(x['g'].shape), tuple(x['v'].shape))
+  )
 
 
 def path_str(path: tuple) -> str:
@@ -206,6 +253,12 @@ def materialize(params: PyTree) -> PyTree:
   Returns:
     The same tree with plain weights in their place.
 
+  Raises:
+    ValueError: naming the key path, for a node whose ``g`` does not fit its ``v``, and
+      for a plain dict ``{'v': ..., 'g': ...}`` whose ``g`` could be ``v``'s magnitude:
+      a ``WeightNormed`` restored without a target (orbax ``restore(path)``), whose
+      static ``axis`` is lost. Restore with a target that holds ``WeightNormed`` nodes.
+
   Examples:
     >>> import jax.numpy as jnp, wn_jax
     >>> p = wn_jax.weight_norm({'w': jnp.array([[3.0, 0.0], [4.0, 2.0]])})
@@ -213,7 +266,28 @@ def materialize(params: PyTree) -> PyTree:
     Array([[3., 0.],
            [4., 2.]], dtype=float32)
   """
-  return jax.tree_util.tree_map(lambda x: x.weight() if _is_wn(x) else x, params, is_leaf=_is_wn)
+
+
+  def one(path, x):
+    if _is_lost_node(x):
+      raise ValueError(
+        f'wn_jax.materialize: {path_str(path)!r} is a plain dict with keys v '
+        f'{list(x["v"].shape)} and g {list(x["g"].shape)}: a WeightNormed node restored '
+        f'without a target (orbax `restore(path)` and `flax.serialization.msgpack_restore` '
+        f'give dicts and lose the static axis). Restore with a target holding WeightNormed '
+        f'nodes (`ckptr.restore(path, abstract_params)`, `flax.serialization.from_bytes('
+        f'params, data)`), or rebuild the node: wn_jax.WeightNormed(d["v"], d["g"], axis).'
+      )
+    if not _is_wn(x):
+      return x
+    try:
+      return x.weight()
+    except ValueError as e:
+      raise ValueError(f'wn_jax.materialize: node {path_str(path)!r}: {e}') from None
+
+  return jax.tree_util.tree_map_with_path(
+    one, params, is_leaf=lambda x: _is_wn(x) or _is_lost_node(x)
+  )
 
 
 def map_selected(tree: Any, fn: Callable, scale: Any = None) -> Any:
