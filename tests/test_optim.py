@@ -189,3 +189,157 @@ def test_bad_input():
   bigger = jax.tree_util.tree_map(lambda x: jnp.ones((x.shape[0] + 1, *x.shape[1:])), params)
   with pytest.raises(ValueError, match='changed since init'):
     tx.update(bigger, state, bigger)
+
+
+class _AdaLN(nn.Module):
+  """Adaptive LayerNorm: a Dense named `scale` (and one named `shift`) of a condition."""
+
+  @nn.compact
+  def __call__(self, x, c):
+    x = nn.LayerNorm(use_scale=False, use_bias=False)(x)
+    return x * (1 + nn.Dense(x.shape[-1], name='scale')(c)) + nn.Dense(x.shape[-1], name='shift')(c)
+
+
+class _NNXAdaLN(nnx.Module):
+  def __init__(self):
+    self.scale = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    self.shift = nnx.Linear(4, 3, rngs=nnx.Rngs(1))
+
+
+def _value(x):
+  return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def test_decay_mask_decides_by_structure_not_by_name():
+  # A Dense named `scale` is an ordinary layer: its kernel and bias are decayed.
+  ada = _AdaLN().init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones((1, 4)))['params']
+  assert wn_jax.optim.decay_mask(ada)['scale'] == {'kernel': True, 'bias': True}
+  m = wn_jax.optim.decay_mask(nnx.state(_NNXAdaLN(), nnx.Param))
+  assert _value(m['scale']['kernel']) is True and _value(m['scale']['bias']) is True
+  # Wrapped in a WeightNorm: the wrapper's `scale` tree mirrors the layer's params and is
+  # never decayed; the wrapped AdaLN's own `scale` Dense still is.
+  wrapped = wl.WeightNorm(_AdaLN())
+  p = wrapped.init(jax.random.key(0), jnp.ones((1, 3)), jnp.ones((1, 4)))['params']
+  m = wn_jax.optim.decay_mask(p)
+  assert m['layer']['scale'] == {'kernel': True, 'bias': True}
+  assert m['scale'] == {'scale': {'kernel': False}, 'shift': {'kernel': False}}
+  m = wn_jax.optim.decay_mask(nnx.state(wx.WeightNorm(_NNXAdaLN()), nnx.Param))
+  assert _value(m['layer']['scale']['kernel']) is True
+  assert _value(m['scale']['scale']['kernel']) is False
+
+  # A linen layer built in the parent's setup keeps its params there, beside the wrapper.
+  class Parent(nn.Module):
+    def setup(self):
+      self.dense = nn.Dense(2)
+      self.wn = wl.WeightNorm(self.dense)
+
+    def __call__(self, x):
+      return self.wn(x)
+
+  p = Parent().init(jax.random.key(0), jnp.ones((1, 3)))['params']
+  assert set(p) == {'dense', 'wn'}
+  assert wn_jax.optim.decay_mask(p) == {
+    'dense': {'kernel': True, 'bias': True},
+    'wn': {'scale': {'kernel': False}},
+  }
+
+
+@pytest.mark.parametrize(
+  'kernel,scale,decayed',
+  [
+    ((3, 4), (4,), False),  # a WN layer, axis=-1
+    ((3, 4), (), False),  # axis=None
+    ((2, 3, 4), (2, 4), False),  # axis=(0, 2)
+    ((3, 4), (3, 4), False),  # every axis kept
+    ((3, 4), (5,), True),  # not a magnitude of this kernel
+    ((2, 3, 4), (4, 2), True),  # kept axes come in order
+    (None, (4,), True),  # LayerNorm's scale: no kernel beside it
+  ],
+)
+def test_decay_mask_scale_array_beside_a_kernel(kernel, scale, decayed):
+  params = {'scale': jnp.ones(scale), 'bias': jnp.zeros(4)}
+  if kernel is not None:
+    params['kernel'] = jnp.ones(kernel)
+  m = wn_jax.optim.decay_mask(params)
+  assert m['scale'] is decayed and m['bias'] is True
+  assert m.get('kernel', True) is True
+
+
+def test_decay_mask_scale_tree_that_does_not_mirror_the_layer():
+  params = {
+    'layer': {'kernel': jnp.ones((3, 4))},
+    'scale': {'kernel': jnp.ones(5)},  # no kept axes of the layer's kernel give (5,)
+    'other': {'layer': {'kernel': jnp.ones((3, 4))}, 'scale': {'bias': jnp.ones(4)}},
+  }
+  m = wn_jax.optim.decay_mask(params)
+  assert m['scale'] == {'kernel': True}
+  assert m['other']['scale'] == {'bias': True}
+
+
+def _least_squares():
+  a = jax.random.normal(jax.random.key(0), (24, 6), jnp.float64)
+  b = jax.random.normal(jax.random.key(1), (24, 3), jnp.float64)
+  params = {
+    'w': 0.3 * jax.random.normal(jax.random.key(2), (6, 3), jnp.float64),
+    'b': jnp.zeros(3, jnp.float64),
+  }
+
+  def loss(p):
+    return 0.5 * jnp.mean((a @ p['w'] + p['b'] - b) ** 2)
+
+  ones = jnp.ones((24, 1), jnp.float64)
+  sol, *_ = np.linalg.lstsq(np.asarray(jnp.concatenate([a, ones], 1)), np.asarray(b), rcond=None)
+  return loss, params, float(loss({'w': jnp.asarray(sol[:-1]), 'b': jnp.asarray(sol[-1])}))
+
+
+def test_lbfgs_line_search_in_weight_normed_coordinates(x64):
+  loss, params, best = _least_squares()
+  steps = 25
+
+  # Way 3: the transformation, value and grad taken in w each step.
+  tx = wn_jax.optim.weight_norm(optax.lbfgs())
+
+  @jax.jit
+  def step(p, s):
+    value, grad = jax.value_and_grad(loss)(p)
+    u, s = tx.update(grad, s, p, value=value, grad=grad, value_fn=loss)
+    return optax.apply_updates(p, u), s, value
+
+  p, s, l_tx = params, tx.init(params), []
+  for _ in range(steps):
+    p, s, value = step(p, s)
+    l_tx.append(float(value))
+
+  # Way 2: weight_norm + materialize, lbfgs on (v, g), optax's own recipe.
+  opt = optax.lbfgs()
+  fn = lambda q: loss(wn_jax.materialize(q))
+  value_and_grad = optax.value_and_grad_from_state(fn)
+
+  @jax.jit
+  def step_re(q, s):
+    value, grad = value_and_grad(q, state=s)
+    u, s = opt.update(grad, s, q, value=value, grad=grad, value_fn=fn)
+    return optax.apply_updates(q, u), s, value
+
+  q, s_re, l_re = wn_jax.weight_norm(params), None, []
+  s_re = opt.init(q)
+  for _ in range(steps):
+    q, s_re, value = step_re(q, s_re)
+    l_re.append(float(value))
+
+  np.testing.assert_allclose(l_tx, l_re, rtol=1e-9)
+  assert_trees_close(p, wn_jax.materialize(q), rtol=1e-7, atol=1e-9)
+  assert float(loss(p)) - best < 1e-6 * best  # converged to the least-squares optimum
+  assert l_tx[0] - best > 0.1 * best
+
+
+def test_a_weight_normed_tree_is_refused_with_the_fix():
+  wn = wn_jax.weight_norm(_params())
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
+  with pytest.raises(
+    ValueError, match=r"'layers_0/kernel'.*already.*WeightNormed.*inner optimizer"
+  ):
+    tx.init(wn)
+  state = tx.init(_params())
+  with pytest.raises(ValueError, match=r"'layers_0/kernel'.*already.*WeightNormed"):
+    tx.update(wn, state, wn)

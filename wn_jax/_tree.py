@@ -267,7 +267,6 @@ def materialize(params: PyTree) -> PyTree:
            [4., 2.]], dtype=float32)
   """
 
-
   def one(path, x):
     if _is_lost_node(x):
       raise ValueError(

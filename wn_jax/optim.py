@@ -14,6 +14,7 @@ All three follow the same trajectory for the same inner optimizer (tested).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from typing import NamedTuple
 
@@ -63,6 +64,13 @@ def weight_norm(
   Training ``params`` with ``weight_norm(inner)`` follows the trajectory of training
   ``wn_jax.weight_norm(params)`` with ``inner``.
 
+  Extra arguments of ``update`` reach ``inner`` in (v, g) coordinates, so line-search
+  optimizers (``optax.lbfgs``, ``optax.scale_by_zoom_linesearch``) work: ``grad`` is
+  pulled back like the updates, ``value_fn`` is composed with :func:`wn_jax.materialize`,
+  ``value`` is the same. Take ``value`` and ``grad`` in ``w`` each step with
+  ``jax.value_and_grad(fn)(params)``: ``optax.value_and_grad_from_state`` would read the
+  gradient the inner state keeps, which is in (v, g) coordinates.
+
   Args:
     inner: the optimizer applied in (v, g) coordinates, e.g. ``optax.adam(1e-3)``.
     axis: the kept axis or axes of every selected leaf (default ``-1``, the output
@@ -71,7 +79,12 @@ def weight_norm(
       ``ndim >= 2``).
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  Raises:
+    ValueError: from ``init`` or ``update``, if ``params`` already hold
+      :class:`wn_jax.WeightNormed` nodes (train those with ``inner`` alone), or have
+      changed structure or shapes since ``init``.
 
   References:
     Salimans & Kingma, 2016. https://arxiv.org/abs/1602.07868
@@ -89,6 +102,7 @@ def weight_norm(
   """
 
   def init_fn(params):
+    _refuse_weight_normed(params)
     # Copies, so the state never shares a buffer with params (safe to donate both).
     wn = _tree.weight_norm(jax.tree_util.tree_map(jnp.copy, params), axis, where=where)
     directions = jax.tree_util.tree_map(
@@ -104,6 +118,7 @@ def weight_norm(
         'wn_jax.optim.weight_norm: update needs params (the current weights w); call '
         'tx.update(grads, state, params).'
       )
+    _refuse_weight_normed(params)
     try:
       wn = jax.tree_util.tree_map(
         lambda d, p: p if isinstance(d, optax.MaskedNode) else d,
@@ -128,7 +143,9 @@ def weight_norm(
         )
     _, pullback = jax.vjp(_tree.materialize, wn)
     (wn_grads,) = pullback(updates)
-    inner_updates, inner_state = inner.update(wn_grads, state.inner_state, wn, **extra_args)
+    inner_updates, inner_state = inner.update(
+      wn_grads, state.inner_state, wn, **_in_vg_coordinates(extra_args, pullback)
+    )
     new_wn = optax.apply_updates(wn, inner_updates)
     new_w = _tree.materialize(new_wn)
     out = jax.tree_util.tree_map(
@@ -150,6 +167,39 @@ def weight_norm(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _in_vg_coordinates(extra_args: dict[str, Any], pullback: Any) -> dict[str, Any]:
+  """The inner optimizer's extra arguments, moved from ``w`` to ``(v, g)`` coordinates.
+
+  ``grad`` is pulled back like the updates; ``value_fn`` is composed with
+  :func:`wn_jax.materialize` (its signature kept, so optax hands it the same keyword
+  arguments); ``value`` and anything else are the same in both coordinates.
+  """
+  out = dict(extra_args)
+  if out.get('grad') is not None:
+    (out['grad'],) = pullback(out['grad'])
+  value_fn = out.get('value_fn')
+  if value_fn is not None:
+
+    @functools.wraps(value_fn)
+    def value_fn_vg(wn, *args, **kwargs):
+      return value_fn(_tree.materialize(wn), *args, **kwargs)
+
+    out['value_fn'] = value_fn_vg
+  return out
+
+
+def _refuse_weight_normed(params: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]:
+    if isinstance(leaf, _tree.WeightNormed):
+      raise ValueError(
+        f'wn_jax.optim.weight_norm: params {_tree.path_str(path)!r} is already a '
+        f'WeightNormed node. This transformation takes plain weights w and keeps (v, g) '
+        f"itself. Either hand it plain weights (a plain model's params, or "
+        f'wn_jax.materialize(params)), or train the WeightNormed tree with the inner '
+        f'optimizer alone, the loss calling wn_jax.materialize (way 2).'
+      )
+
+
 def _path_keys(path: tuple) -> tuple[str, ...]:
   keys = _tree.path_str(path).split('/')
   return tuple(keys[:-1]) if keys and keys[-1] == 'value' else tuple(keys)
@@ -158,12 +208,25 @@ def _path_keys(path: tuple) -> tuple[str, ...]:
 def decay_mask(params: Any) -> Any:
   """A mask for weight decay that never decays a magnitude ``g``.
 
-  ``True`` for every leaf but the magnitudes: ``g`` of a :class:`wn_jax.WeightNormed`,
-  the ``scale`` of a WN layer (next to its ``kernel``, linen or NNX), and the ``scale``
-  tree of a ``WeightNorm`` wrapper (a ``scale`` that is a tree, not an array). A plain
-  ``scale`` array without a ``kernel`` beside it (LayerNorm's) is decayed as usual. Decaying ``g`` would shrink
-  the weights' length, which weight decay on ``v`` leaves alone (``w`` does not depend
-  on ``||v||``). Pass it as ``optax.adamw(lr, mask=wn_jax.optim.decay_mask)``.
+  ``True`` for every leaf but the magnitudes, recognised by structure (a name alone
+  decides nothing: an AdaLN's ``nn.Dense(name='scale')`` is decayed like any layer):
+
+  - ``g`` of a :class:`wn_jax.WeightNormed`;
+  - a WN layer's ``scale`` (linen or NNX): an array beside a ``kernel`` whose shape is
+    the kernel's along some kept axes (in order), e.g. ``(out,)`` for an ``(in, out)``
+    kernel, ``()`` for ``axis=None``;
+  - a ``WeightNorm`` wrapper's ``scale`` tree (linen or NNX): a tree whose only
+    neighbours are the wrapped ``layer`` (or none: a linen layer built by the parent
+    keeps its parameters there), that mirrors the layer's parameters, each of its
+    arrays fitting the kept axes of the layer's parameter at the same path.
+
+  A ``scale`` array without such a ``kernel`` (LayerNorm's), or whose shape does not
+  fit it, is decayed as usual. Decaying ``g`` would shrink the weights' length, which
+  weight decay on ``v`` leaves alone (``w`` does not depend on ``||v||``). Pass it as
+  ``optax.adamw(lr, mask=wn_jax.optim.decay_mask)``.
+
+  A hand-written module with a ``kernel`` and a ``scale`` shaped like its kept axes
+  reads as a WN layer; give it another name to have it decayed.
 
   Args:
     params: parameters: a linen params dict, an NNX ``State``, or a tree with
@@ -178,16 +241,47 @@ def decay_mask(params: Any) -> Any:
     >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)))['params']
     >>> wn_jax.optim.decay_mask(params)
     {'bias': True, 'kernel': True, 'scale': False}
+    >>> wn_jax.optim.decay_mask({'scale': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}})
+    {'scale': {'bias': True, 'kernel': True}}
   """
-  paths = {
-    _path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
+  shapes = {
+    _path_keys(p): jnp.shape(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
+    if not _is_node(x)
   }
 
+  def fits(keys: tuple[str, ...], of: tuple[str, ...]) -> bool:
+    return of in shapes and _tree.fits_kept_axes(shapes[keys], shapes[of])
+
+  def under(prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+    return [k for k in shapes if len(k) > len(prefix) and k[: len(prefix)] == prefix]
+
+  @functools.cache
+  def wrapper_scale(prefix: tuple[str, ...]) -> bool:
+    # `prefix` ends in 'scale'. A wrapper's params are its `scale` tree and, where the
+    # layer was built inside it, the `layer`; a linen layer built by the parent lives
+    # elsewhere (a sibling), so any subtree that the `scale` tree mirrors will do.
+    parent, n = prefix[:-1], len(prefix)
+    if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
+      return False
+    inside = [k[n:] for k in under(prefix)]
+    if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
+      candidates = {layer}
+    else:
+      first = inside[0]
+      candidates = {
+        k[: len(k) - len(first)]
+        for k in shapes
+        if k[len(k) - len(first) :] == first and k[: len(k) - len(first)] != prefix
+      }
+    return any(all(fits(prefix + r, c + r) for r in inside) for c in candidates)
+
   def is_magnitude(keys: tuple[str, ...]) -> bool:
-    # A WN layer's `scale` array sits next to its `kernel`; a WeightNorm wrapper's
-    # `scale` is a tree (mirroring the wrapped layer's params), not an array.
     return any(
-      k == 'scale' and (keys[:i] + ('kernel',) in paths or len(keys) > i + 1)
+      k == 'scale'
+      and (
+        fits(keys, keys[:i] + ('kernel',)) if i == len(keys) - 1 else wrapper_scale(keys[: i + 1])
+      )
       for i, k in enumerate(keys)
     )
 
