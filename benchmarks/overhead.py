@@ -3,15 +3,35 @@
 One process, arms interleaved (A B C ... A B C ..., a fresh random order each round),
 each timing a full jitted train step (forward, backward, optax adam update) after
 warm-up and compilation. Reported: the median over rounds of each arm's time divided by
-its baseline's time in the same round. The baseline of a JAX arm is the faster of the
-framework's plain layer and the same computation in raw jnp/lax ("the plain layer");
-torch arms are compared with torch's plain layer. Also: inference with the weight
-materialized once (folded), compile time and peak memory (XLA's memory analysis), and
-the floor: the extra bytes weight normalization must move per step over the measured
-memory bandwidth.
+its baseline's time in the same round, and each arm's absolute median milliseconds per
+step. The baseline of a JAX layer arm is the faster of the framework's plain layer and
+the same computation in raw jnp/lax ("the plain layer"); torch arms are compared with
+torch's plain layer. Cases: single layers (Dense, Conv) and whole models (a deep MLP
+tower, a HiFi-GAN-like generator with every conv weight-normed).
 
-    python benchmarks/overhead.py            # full run, writes benchmarks/results/
-    python benchmarks/overhead.py --quick    # under a minute, prints only
+Also, per JAX arm: the number of kernels of the compiled step (top-level instructions of
+the optimized HLO, fusions and library calls; what a GPU launches one by one) and XLA's
+estimate of the bytes it accesses; and per layer case: inference with the weight
+materialized once (folded), compile time and peak memory (XLA's memory analysis), and the
+floor: the extra bytes weight normalization must move per step over the measured memory
+bandwidth.
+
+Dtypes. ``--dtype bfloat16`` computes in bfloat16 with float32 parameters in every arm:
+the Flax and wn_jax layers by ``dtype=bfloat16`` (``param_dtype`` stays float32), raw
+jnp/lax by casting the parameters at the call, Equinox (which has no dtype policy) by
+casting its float32 parameters before the call, torch by ``torch.autocast`` (float32
+parameters, bfloat16 matmuls and convolutions). ``--torch-cast`` converts the whole torch
+module to bfloat16 instead (bfloat16 parameters and optimizer state: less work, not the
+same computation as the JAX arms).
+
+Threads. On a CPU, torch runs one intra-op thread unless ``--torch-threads`` says more:
+its OpenMP threads spin, and on a shared 2-core machine two of them made a Dense 256 step
+40x slower (104 ms against 2.7 ms with one, measured under load). XLA uses every core, so
+on a CPU compare torch's ratios with JAX's, not torch's milliseconds with JAX's.
+
+    python benchmarks/overhead.py               # full run, writes benchmarks/results/
+    python benchmarks/overhead.py --quick       # about two minutes, prints only
+    python benchmarks/overhead.py --hlo-only    # kernel counts only, no timing
     python benchmarks/overhead.py --dtype bfloat16 --gpu-shapes   # on a GPU
 
 Nothing here is a test: timings never are.
@@ -25,10 +45,13 @@ import gc
 import os
 import platform
 import random
+import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import flax.linen as nn
@@ -52,6 +75,8 @@ RESULTS = Path(__file__).parent / 'results'
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
+  """A single layer: Dense, or a 'SAME' Conv of odd window ``kernel``."""
+
   name: str
   kind: str  # 'dense', 'conv1d', 'conv2d'
   batch: int
@@ -59,6 +84,24 @@ class Shape:
   cout: int
   spatial: tuple[int, ...] = ()
   kernel: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A whole model: 'mlp' (a Dense tower) or 'hifigan' (a HiFi-GAN-like generator)."""
+
+  name: str
+  kind: str
+  batch: int
+  width: int  # MLP width; generator channels after conv_pre
+  depth: int = 0  # MLP layers
+  frames: int = 0  # generator input frames (80 mel bins each)
+  rates: tuple[int, ...] = ()  # generator upsampling rates
+
+  @property
+  def layers(self) -> int:
+    """How many layers are weight-normed."""
+    return self.depth if self.kind == 'mlp' else 2 + 3 * len(self.rates)
 
 
 CPU_SHAPES = [
@@ -73,7 +116,169 @@ GPU_SHAPES = [
   Shape('Dense B=4096 4096->4096', 'dense', 4096, 4096, 4096),
   Shape('Conv1d B=16 L=8192 512->512 k7', 'conv1d', 16, 512, 512, (8192,), 7),
 ]
-QUICK_SHAPES = [CPU_SHAPES[0], CPU_SHAPES[1], CPU_SHAPES[3]]
+CPU_MODELS = [
+  Model('MLP tower 8x Dense B=128 512', 'mlp', 128, 512, depth=8),
+  Model(
+    'HiFi-GAN-like generator B=1 T=16 C=128 x256', 'hifigan', 1, 128, frames=16, rates=(8, 8, 4)
+  ),
+]
+GPU_MODELS = [
+  Model('MLP tower 8x Dense B=1024 2048', 'mlp', 1024, 2048, depth=8),
+  Model(
+    'HiFi-GAN-like generator B=16 T=64 C=512 x256',
+    'hifigan',
+    16,
+    512,
+    frames=64,
+    rates=(8, 8, 2, 2),
+  ),
+]
+QUICK = [CPU_SHAPES[0], CPU_SHAPES[1], CPU_MODELS[0]]
+
+# --- the models, once per framework, from a layer factory ---
+
+
+class LinenTower(nn.Module):
+  dense: Callable[[int], nn.Module]
+  depth: int
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      x = self.dense(self.width)(x)
+      if i < self.depth - 1:
+        x = nn.gelu(x)
+    return x
+
+
+class LinenGenerator(nn.Module):
+  """HiFi-GAN's generator, smaller: conv_pre, per rate a transposed conv and a residual
+  block of two dilated convs (type 2), conv_post. Input (batch, frames, 80)."""
+
+  conv: Callable[[int, int, int], nn.Module]  # (features, kernel, dilation)
+  conv_t: Callable[[int, int, int], nn.Module]  # (features, kernel, stride)
+  width: int
+  rates: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.conv(self.width, 7, 1)(x)
+    for i, u in enumerate(self.rates):
+      x = self.conv_t(self.width >> (i + 1), 2 * u, u)(nn.leaky_relu(x, 0.1))
+      for d in (1, 3):
+        x = x + self.conv(self.width >> (i + 1), 3, d)(nn.leaky_relu(x, 0.1))
+    return jnp.tanh(self.conv(1, 7, 1)(nn.leaky_relu(x, 0.1)))
+
+
+def linen_model(m: Model, wn: bool, dtype) -> nn.Module:
+  dense, conv, conv_t = (
+    (wl.WNDense, wl.WNConv, wl.WNConvTranspose)
+    if wn
+    else (
+      nn.Dense,
+      nn.Conv,
+      nn.ConvTranspose,
+    )
+  )
+  if m.kind == 'mlp':
+    return LinenTower(lambda f: dense(f, dtype=dtype), m.depth, m.width)
+  return LinenGenerator(
+    lambda f, k, d: conv(f, (k,), kernel_dilation=(d,), padding='SAME', dtype=dtype),
+    lambda f, k, s: conv_t(f, (k,), strides=(s,), padding='SAME', dtype=dtype),
+    m.width,
+    m.rates,
+  )
+
+
+class NNXTower(nnx.Module):
+  def __init__(self, dense: Callable[[int, int], nnx.Module], m: Model):
+    self.layers = nnx.List([dense(m.width, m.width) for _ in range(m.depth)])
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = nnx.gelu(x)
+    return x
+
+
+class NNXGenerator(nnx.Module):
+  def __init__(self, conv: Callable, conv_t: Callable, m: Model):
+    c = m.width
+    self.pre = conv(80, c, 7, 1)
+    self.ups = nnx.List([])
+    self.res = nnx.List([])
+    for i, u in enumerate(m.rates):
+      self.ups.append(conv_t(c >> i, c >> (i + 1), 2 * u, u))
+      self.res.append(nnx.List([conv(c >> (i + 1), c >> (i + 1), 3, d) for d in (1, 3)]))
+    self.post = conv(c >> len(m.rates), 1, 7, 1)
+
+  def __call__(self, x):
+    x = self.pre(x)
+    for up, res in zip(self.ups, self.res):
+      x = up(nnx.leaky_relu(x, 0.1))
+      for conv in res:
+        x = x + conv(nnx.leaky_relu(x, 0.1))
+    return jnp.tanh(self.post(nnx.leaky_relu(x, 0.1)))
+
+
+def nnx_model(m: Model, flavor: str, dtype) -> nnx.Module:
+  """``flavor``: 'plain', 'wn_jax' (wn_jax.nnx layers) or 'flax' (nnx.WeightNorm-wrapped)."""
+  rngs = nnx.Rngs(0)
+  cls = {
+    'plain': (nnx.Linear, nnx.Conv, nnx.ConvTranspose),
+    'flax': (nnx.Linear, nnx.Conv, nnx.ConvTranspose),
+    'wn_jax': (wx.WNLinear, wx.WNConv, wx.WNConvTranspose),
+  }[flavor]
+  wrap = (lambda layer: nnx.WeightNorm(layer, rngs=rngs)) if flavor == 'flax' else (lambda x: x)
+  dense = lambda i, o: wrap(cls[0](i, o, dtype=dtype, rngs=rngs))
+  conv = lambda i, o, k, d: wrap(
+    cls[1](i, o, (k,), kernel_dilation=(d,), padding='SAME', dtype=dtype, rngs=rngs)
+  )
+  conv_t = lambda i, o, k, s: wrap(
+    cls[2](i, o, (k,), strides=(s,), padding='SAME', dtype=dtype, rngs=rngs)
+  )
+  return NNXTower(dense, m) if m.kind == 'mlp' else NNXGenerator(conv, conv_t, m)
+
+
+def torch_model(m: Model):
+  tnn = torch.nn
+  if m.kind == 'mlp':
+    layers: list[Any] = []
+    for i in range(m.depth):
+      layers.append(tnn.Linear(m.width, m.width))
+      if i < m.depth - 1:
+        layers.append(tnn.GELU())
+    return tnn.Sequential(*layers)
+
+  class Generator(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      c = m.width
+      self.pre = tnn.Conv1d(80, c, 7, padding=3)
+      self.ups = tnn.ModuleList(
+        tnn.ConvTranspose1d(c >> i, c >> (i + 1), 2 * u, u, padding=u // 2)
+        for i, u in enumerate(m.rates)
+      )
+      self.res = tnn.ModuleList(
+        tnn.ModuleList(
+          tnn.Conv1d(c >> (i + 1), c >> (i + 1), 3, dilation=d, padding=d) for d in (1, 3)
+        )
+        for i in range(len(m.rates))
+      )
+      self.post = tnn.Conv1d(c >> len(m.rates), 1, 7, padding=3)
+
+    def forward(self, x):
+      act = lambda t: tnn.functional.leaky_relu(t, 0.1)
+      x = self.pre(x)
+      for up, res in zip(self.ups, self.res):
+        x = up(act(x))
+        for conv in res:
+          x = x + conv(act(x))
+      return torch.tanh(self.post(act(x)))
+
+  return Generator()
 
 
 # --- the arms: each returns (step, state) with step(state) -> state, all jitted ---
@@ -83,17 +288,29 @@ def _loss(y):
   return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
 
-def _jax_step(apply: Callable, params, x, tx):
-  """A jitted train step of loss(apply(params, x)) with optax ``tx``; state = (params, opt)."""
+@dataclasses.dataclass
+class Arm:
+  step: Callable  # state -> state
+  state: Any
+  jitted: Any = None  # the jax.jit of step, for the HLO statistics; None for torch
+  x: Any = None  # the input, the jitted step's second argument
 
-  def step(state):
+
+def _jax_step(apply: Callable, params, x, tx) -> Arm:
+  """A jitted train step of loss(apply(params, x)) with optax ``tx``; state = (params, opt).
+
+  ``x`` is an argument of the compiled step, not a constant folded into it.
+  """
+
+  def step(state, x):
     params, opt_state = state
     grads = jax.grad(lambda p: _loss(apply(p, x)))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   params = jax.tree_util.tree_map(jnp.copy, params)  # each arm owns (and donates) its buffers
-  return jax.jit(step, donate_argnums=0), (params, tx.init(params))
+  jitted = jax.jit(step, donate_argnums=0)
+  return Arm(lambda state: jitted(state, x), (params, tx.init(params)), jitted, x)
 
 
 def _flax_layer(shape: Shape, cls_dense, cls_conv, **kw):
@@ -102,13 +319,18 @@ def _flax_layer(shape: Shape, cls_dense, cls_conv, **kw):
   return cls_conv(shape.cout, (shape.kernel,) * len(shape.spatial), padding='SAME', **kw)
 
 
-def _input(shape: Shape, dtype, layout='nhwc'):
+def _input(case: Shape | Model, dtype, layout='nhwc'):
   key = jax.random.key(0)
-  if shape.kind == 'dense':
-    return jax.random.normal(key, (shape.batch, shape.cin), dtype)
+  if isinstance(case, Model):
+    if case.kind == 'mlp':
+      return jax.random.normal(key, (case.batch, case.width), dtype)
+    shape = (case.batch, 80, case.frames) if layout == 'nchw' else (case.batch, case.frames, 80)
+    return jax.random.normal(key, shape, dtype)
+  if case.kind == 'dense':
+    return jax.random.normal(key, (case.batch, case.cin), dtype)
   if layout == 'nchw':
-    return jax.random.normal(key, (shape.batch, shape.cin, *shape.spatial), dtype)
-  return jax.random.normal(key, (shape.batch, *shape.spatial, shape.cin), dtype)
+    return jax.random.normal(key, (case.batch, case.cin, *case.spatial), dtype)
+  return jax.random.normal(key, (case.batch, *case.spatial, case.cin), dtype)
 
 
 def _raw_apply(shape: Shape):
@@ -124,130 +346,157 @@ def _raw_apply(shape: Shape):
   )
 
   def apply(p, x):
+    # Parameters are float32; compute in the input's dtype, as Flax's `dtype=` does.
+    kernel, bias = p['kernel'].astype(x.dtype), p['bias'].astype(x.dtype)
     if shape.kind == 'dense':
-      return x @ p['kernel'] + p['bias']
-    y = jax.lax.conv_general_dilated(x, p['kernel'], (1,) * n, 'SAME', dimension_numbers=dims)
-    return y + p['bias']
+      return x @ kernel + bias
+    y = jax.lax.conv_general_dilated(x, kernel, (1,) * n, 'SAME', dimension_numbers=dims)
+    return y + bias
 
   return apply
 
 
-def jax_arms(shape: Shape, dtype, tx) -> dict[str, tuple]:
-  x = _input(shape, dtype)
-  key = jax.random.key(1)
-  plain = _flax_layer(shape, nn.Dense, nn.Conv, dtype=dtype)
+def _nnx_arm(module, x, tx) -> Arm:
+  """Functional steps through split/merge, so no arm pays nnx.jit's Python overhead."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  return _jax_step(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x, tx)
+
+
+def _linen_arms(plain, wn, x, tx, key) -> dict[str, Arm]:
+  """The linen-based arms: plain, wn_jax linen, pytree, optim, flax.linen.WeightNorm."""
   plain_params = plain.init(key, x)['params']
-  wn = _flax_layer(shape, wl.WNDense, wl.WNConv, dtype=dtype)
-  wn_params = wn.init(key, x)['params']
-  arms = {
-    'raw jnp/lax': _jax_step(_raw_apply(shape), plain_params, x, tx),
+  flax_wn = nn.WeightNorm(plain)
+  return {
     'flax linen (plain)': _jax_step(
       lambda p, x: plain.apply({'params': p}, x), plain_params, x, tx
     ),
-    'wn_jax linen': _jax_step(lambda p, x: wn.apply({'params': p}, x), wn_params, x, tx),
+    'wn_jax linen': _jax_step(
+      lambda p, x: wn.apply({'params': p}, x), wn.init(key, x)['params'], x, tx
+    ),
     'wn_jax pytree': _jax_step(
       lambda p, x: plain.apply({'params': wn_jax.materialize(p)}, x),
       wn_jax.weight_norm(plain_params),
       x,
       tx,
     ),
+    'wn_jax optim': _jax_step(
+      lambda p, x: plain.apply({'params': p}, x), plain_params, x, wn_jax.optim.weight_norm(tx)
+    ),
+    'flax.linen.WeightNorm': _jax_step(
+      lambda p, x: flax_wn.apply({'params': p}, x), flax_wn.init(key, x)['params'], x, tx
+    ),
   }
-  opt_tx = wn_jax.optim.weight_norm(tx)
-  arms['wn_jax optim'] = _jax_step(
-    lambda p, x: plain.apply({'params': p}, x), plain_params, x, opt_tx
-  )
-  flax_wn = nn.WeightNorm(_flax_layer(shape, nn.Dense, nn.Conv, dtype=dtype))
-  arms['flax.linen.WeightNorm'] = _jax_step(
-    lambda p, x: flax_wn.apply({'params': p}, x), flax_wn.init(key, x)['params'], x, tx
-  )
 
-  # NNX: functional steps through split/merge, so no arm pays nnx.jit's Python overhead.
-  def nnx_arm(module):
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    return _jax_step(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, x, tx)
 
+def jax_arms(case: Shape | Model, dtype, tx) -> dict[str, Arm]:
+  x = _input(case, dtype)
+  key = jax.random.key(1)
+  if isinstance(case, Model):
+    arms = _linen_arms(linen_model(case, False, dtype), linen_model(case, True, dtype), x, tx, key)
+    arms['flax nnx (plain)'] = _nnx_arm(nnx_model(case, 'plain', dtype), x, tx)
+    arms['wn_jax nnx'] = _nnx_arm(nnx_model(case, 'wn_jax', dtype), x, tx)
+    arms['flax.nnx.WeightNorm'] = _nnx_arm(nnx_model(case, 'flax', dtype), x, tx)
+    return arms
+  shape = case
+  plain = _flax_layer(shape, nn.Dense, nn.Conv, dtype=dtype)
+  arms = {
+    'raw jnp/lax': _jax_step(_raw_apply(shape), plain.init(key, x)['params'], x, tx),
+    **_linen_arms(plain, _flax_layer(shape, wl.WNDense, wl.WNConv, dtype=dtype), x, tx, key),
+  }
   rngs = lambda: nnx.Rngs(0)
   if shape.kind == 'dense':
-    arms['flax nnx (plain)'] = nnx_arm(nnx.Linear(shape.cin, shape.cout, dtype=dtype, rngs=rngs()))
-    arms['wn_jax nnx'] = nnx_arm(wx.WNLinear(shape.cin, shape.cout, dtype=dtype, rngs=rngs()))
-    arms['flax.nnx.WeightNorm'] = nnx_arm(
-      nnx.WeightNorm(nnx.Linear(shape.cin, shape.cout, dtype=dtype, rngs=rngs()), rngs=rngs())
-    )
+    make = lambda cls: cls(shape.cin, shape.cout, dtype=dtype, rngs=rngs())
+    nnx_plain, nnx_wn = nnx.Linear, wx.WNLinear
   else:
     ks = (shape.kernel,) * len(shape.spatial)
-    arms['flax nnx (plain)'] = nnx_arm(
-      nnx.Conv(shape.cin, shape.cout, ks, dtype=dtype, rngs=rngs())
-    )
-    arms['wn_jax nnx'] = nnx_arm(wx.WNConv(shape.cin, shape.cout, ks, dtype=dtype, rngs=rngs()))
-    arms['flax.nnx.WeightNorm'] = nnx_arm(
-      nnx.WeightNorm(nnx.Conv(shape.cin, shape.cout, ks, dtype=dtype, rngs=rngs()), rngs=rngs())
-    )
+    make = lambda cls: cls(shape.cin, shape.cout, ks, dtype=dtype, rngs=rngs())
+    nnx_plain, nnx_wn = nnx.Conv, wx.WNConv
+  arms['flax nnx (plain)'] = _nnx_arm(make(nnx_plain), x, tx)
+  arms['wn_jax nnx'] = _nnx_arm(make(nnx_wn), x, tx)
+  arms['flax.nnx.WeightNorm'] = _nnx_arm(nnx.WeightNorm(make(nnx_plain), rngs=rngs()), x, tx)
 
-  # Equinox: per-example layers under vmap, channels-first convs.
+  # Equinox: per-example layers under vmap, channels-first convs, float32 parameters
+  # cast to the compute dtype at the call (Equinox has no dtype policy).
   k = jax.random.key(2)
   if shape.kind == 'dense':
-    eq_plain = eqx.nn.Linear(shape.cin, shape.cout, key=k, dtype=dtype)
+    eq_plain = eqx.nn.Linear(shape.cin, shape.cout, key=k)
     ex = x
   else:
     n = len(shape.spatial)
-    eq_plain = eqx.nn.Conv(
-      n, shape.cin, shape.cout, shape.kernel, padding='SAME', key=k, dtype=dtype
-    )
+    eq_plain = eqx.nn.Conv(n, shape.cin, shape.cout, shape.kernel, padding='SAME', key=k)
     ex = _input(shape, dtype, 'nchw')
-  eq_wn = eqx.nn.WeightNorm(eq_plain)
 
   def eqx_arm(model):
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    return _jax_step(lambda p, x: jax.vmap(eqx.combine(p, static))(x), params, ex, tx)
+
+    def apply(p, x):
+      p = jax.tree_util.tree_map(lambda a: a.astype(dtype), p)
+      return jax.vmap(eqx.combine(p, static))(x)
+
+    return _jax_step(apply, params, ex, tx)
 
   arms['equinox (plain)'] = eqx_arm(eq_plain)
-  arms['equinox.nn.WeightNorm'] = eqx_arm(eq_wn)
+  arms['equinox.nn.WeightNorm'] = eqx_arm(eqx.nn.WeightNorm(eq_plain))
   return arms
 
 
-def torch_arms(shape: Shape, dtype_name: str) -> dict[str, tuple]:
+def torch_arms(case: Shape | Model, dtype_name: str, cast: bool) -> dict[str, Arm]:
   if torch is None:
     return {}
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  tdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype_name]
+  bf16 = dtype_name == 'bfloat16'
   from torch.nn.utils import parametrizations
   from torch.nn.utils import weight_norm as legacy
 
   def make():
     torch.manual_seed(0)
-    if shape.kind == 'dense':
-      return torch.nn.Linear(shape.cin, shape.cout)
-    conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}[len(shape.spatial)]
-    return conv(shape.cin, shape.cout, shape.kernel, padding='same')
+    if isinstance(case, Model):
+      return torch_model(case)
+    if case.kind == 'dense':
+      return torch.nn.Linear(case.cin, case.cout)
+    conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}[len(case.spatial)]
+    return conv(case.cin, case.cout, case.kernel, padding='same')
 
-  if shape.kind == 'dense':
-    x = torch.randn(shape.batch, shape.cin)
-  else:
-    x = torch.randn(shape.batch, shape.cin, *shape.spatial)
-  x = x.to(device, tdtype)
+  x = torch.from_numpy(np.array(_input(case, jnp.float32, 'nchw'))).to(device)
+  if bf16:
+    x = x.to(torch.bfloat16)
+
+  def weight_normed(module, fn):
+    layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose1d)
+    if isinstance(module, layers):
+      return fn(module)
+    for m in list(module.modules()):
+      if isinstance(m, layers):
+        fn(m)
+    return module
 
   def arm(module):
-    module = module.to(device, tdtype)
+    module = module.to(device)
+    if bf16 and cast:
+      module = module.to(torch.bfloat16)
     opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    autocast = bf16 and not cast
 
     def step(state):
       opt.zero_grad(set_to_none=True)
-      module(x).float().square().mean().backward()
+      with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        y = module(x)
+      y.float().square().mean().backward()
       opt.step()
       if device == 'cuda':
         torch.cuda.synchronize()
       return state
 
-    return step, None
-
-  import warnings
+    return Arm(step, None)
 
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     return {
       'torch (plain)': arm(make()),
-      'torch weight_norm (legacy)': arm(legacy(make())),
-      'torch parametrizations.weight_norm': arm(parametrizations.weight_norm(make())),
+      'torch weight_norm (legacy)': arm(weight_normed(make(), legacy)),
+      'torch parametrizations.weight_norm': arm(
+        weight_normed(make(), parametrizations.weight_norm)
+      ),
     }
 
 
@@ -262,19 +511,27 @@ BASELINE = {
   'torch weight_norm (legacy)': ('torch (plain)',),
   'torch parametrizations.weight_norm': ('torch (plain)',),
 }
+COLUMNS = list(BASELINE)
+PLAINS = [
+  'raw jnp/lax',
+  'flax linen (plain)',
+  'flax nnx (plain)',
+  'equinox (plain)',
+  'torch (plain)',
+]
 
 
 def _block(state):
   return jax.block_until_ready(state) if state is not None else None
 
 
-def measure(arms: dict[str, tuple], rounds: int, min_time: float) -> dict[str, list[float]]:
+def measure(arms: dict[str, Arm], rounds: int, min_time: float) -> dict[str, list[float]]:
   """Per-round seconds per step, arms interleaved in a shuffled order each round."""
   steps = {}
-  for name, (fn, state) in arms.items():
-    state = _block(fn(state))  # compile and warm up
-    state = _block(fn(state))
-    steps[name] = [fn, state, 1]
+  for name, arm in arms.items():
+    state = _block(arm.step(arm.state))  # compile and warm up
+    state = _block(arm.step(state))
+    steps[name] = [arm.step, state, 1]
   for entry in steps.values():  # enough calls per sample to reach min_time
     fn, state, _ = entry
     t = time.perf_counter()
@@ -297,16 +554,43 @@ def measure(arms: dict[str, tuple], rounds: int, min_time: float) -> dict[str, l
   return times
 
 
+def _baseline(arm: str, times: dict[str, list[float]]) -> str:
+  bases = [b for b in BASELINE[arm] if b in times]
+  return min(bases, key=lambda b: statistics.median(times[b]))
+
+
 def ratios(times: dict[str, list[float]]) -> dict[str, float]:
   """Median over rounds of arm / baseline in the same round; baseline = the faster plain."""
   out = {}
-  for arm, bases in BASELINE.items():
-    if arm not in times:
-      continue
-    bases = [b for b in bases if b in times]
-    base = min(bases, key=lambda b: statistics.median(times[b]))
-    out[arm] = statistics.median(a / b for a, b in zip(times[arm], times[base]))
+  for arm in BASELINE:
+    if arm in times:
+      base = times[_baseline(arm, times)]
+      out[arm] = statistics.median(a / b for a, b in zip(times[arm], base))
   return out
+
+
+# Instructions of an optimized HLO's entry computation that launch no kernel.
+_FREE_OPS = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all'}
+_OP = re.compile(r'=\s.*?\s([a-z][\w-]*)\(')
+
+
+def hlo_stats(arm: Arm) -> dict[str, float]:
+  """Kernels (top-level instructions of the optimized HLO's entry that do work),
+  conditionals among them, and XLA's estimate of the bytes the step accesses."""
+  compiled = arm.jitted.lower(arm.state, arm.x).compile()
+  text = compiled.as_text()
+  entry = text[text.index('\nENTRY') :]
+  entry = entry[: entry.index('\n}')]
+  ops = [m.group(1) for line in entry.splitlines()[1:] if (m := _OP.search(line))]
+  kernels = [op for op in ops if op not in _FREE_OPS]
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0]
+  return {
+    'kernels': len(kernels),
+    'conditionals': kernels.count('conditional'),
+    'bytes': float(cost.get('bytes accessed', float('nan'))),
+  }
 
 
 def compile_and_memory(shape: Shape, dtype, tx) -> dict[str, float]:
@@ -317,12 +601,12 @@ def compile_and_memory(shape: Shape, dtype, tx) -> dict[str, float]:
   out = {}
   for name, module in (('plain', plain), ('wn', wn)):
     params = module.init(key, x)['params']
-    step, state = _jax_step(lambda p, x, m=module: m.apply({'params': p}, x), params, x, tx)
+    arm = _jax_step(lambda p, x, m=module: m.apply({'params': p}, x), params, x, tx)
     t = []
     for _ in range(3):
       jax.clear_caches()
       t0 = time.perf_counter()
-      compiled = step.lower(state).compile()
+      compiled = arm.jitted.lower(arm.state, arm.x).compile()
       t.append(time.perf_counter() - t0)
     mem = compiled.memory_analysis()
     peak = (
@@ -348,9 +632,9 @@ def inference(shape: Shape, dtype, rounds: int, min_time: float) -> dict[str, fl
   wn_fwd = jax.jit(lambda p, x: wn.apply({'params': p}, x))
   # The state a forward "step" passes on is its output, so measure() blocks on it.
   arms = {
-    'plain': (lambda _: plain_fwd(pp, x), None),
-    'folded': (lambda _: plain_fwd(folded, x), None),
-    'unfolded': (lambda _: wn_fwd(wp, x), None),
+    'plain': Arm(lambda _: plain_fwd(pp, x), None),
+    'folded': Arm(lambda _: plain_fwd(folded, x), None),
+    'unfolded': Arm(lambda _: wn_fwd(wp, x), None),
   }
   times = measure(arms, rounds, min_time)
   return {
@@ -375,9 +659,9 @@ def bandwidth(nbytes: int) -> float:
   return 2 * a.nbytes * passes / statistics.median(ts)
 
 
-def weight_bytes(shape: Shape, dtype) -> int:
-  n = shape.cin * shape.cout * shape.kernel ** len(shape.spatial)
-  return n * jnp.dtype(dtype).itemsize
+def weight_bytes(shape: Shape) -> int:
+  """Bytes of the float32 weight (parameters stay float32 in every dtype)."""
+  return 4 * shape.cin * shape.cout * shape.kernel ** len(shape.spatial)
 
 
 # Weight-sized transfers that weight normalization adds to a train step, at best:
@@ -403,149 +687,235 @@ def machine() -> str:
   )
 
 
+def run_case(case: Shape | Model, dtype, tx, args) -> dict[str, Any]:
+  gc.collect()
+  t0 = time.perf_counter()
+  arms = jax_arms(case, dtype, tx)
+  hlo = {name: hlo_stats(arm) for name, arm in arms.items()}
+  row: dict[str, Any] = {'case': case, 'hlo': hlo}
+  if args.hlo_only:
+    print(f'{case.name}: kernels ' + ', '.join(f'{k} {v["kernels"]}' for k, v in hlo.items()))
+    return row
+  arms.update(torch_arms(case, args.dtype, args.torch_cast))
+  if isinstance(case, Shape):
+    heavy = case.batch * case.cin * case.cout * case.kernel ** len(case.spatial)
+    heavy *= int(np.prod(case.spatial or (1,)))
+  else:
+    heavy = 0
+  rounds = args.rounds or (7 if args.quick else (15 if heavy > 2e9 else 31))
+  times = measure(arms, rounds, min_time=0.02 if args.quick else 0.05)
+  row['ratio'] = ratios(times)
+  row['ms'] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+  row['base'] = {k: _baseline(k, times) for k in row['ratio']}
+  jax_plains = [p for p in ('raw jnp/lax', 'flax linen (plain)') if p in times]
+  row['plain_ms'] = min(row['ms'][p] for p in jax_plains)
+  if isinstance(case, Shape):
+    extra = inference(case, dtype, rounds=5 if args.quick else 21, min_time=0.02)
+    row['folded'], row['wn_inference'] = extra['folded'], extra['unfolded']
+    if not args.quick:
+      cm = compile_and_memory(case, dtype, tx)
+      row['compile'] = cm['wn_compile'] / cm['plain_compile']
+      row['memory'] = cm['wn_peak'] / cm['plain_peak']
+    row['bandwidth'] = bandwidth(weight_bytes(case))
+    row['floor'] = EXTRA_PASSES * weight_bytes(case) / row['bandwidth'] / (row['plain_ms'] / 1e3)
+  print(
+    f'{case.name}: {time.perf_counter() - t0:.0f}s, plain step {row["plain_ms"]:.3f} ms, '
+    + ', '.join(f'{k} {v:.3f}' for k, v in row['ratio'].items()),
+    flush=True,
+  )
+  return row
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument('--quick', action='store_true', help='3 shapes, few rounds; prints only')
+  parser.add_argument('--quick', action='store_true', help='few shapes and rounds; prints only')
+  parser.add_argument('--hlo-only', action='store_true', help='kernel counts only, no timing')
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--gpu-shapes', action='store_true', help='add larger shapes (for a GPU)')
+  parser.add_argument(
+    '--torch-cast',
+    action='store_true',
+    help='bfloat16: cast the torch modules to bfloat16 instead of autocast',
+  )
+  parser.add_argument('--only', default=None, help='run only cases whose name contains this')
   parser.add_argument('--rounds', type=int, default=None)
+  parser.add_argument(
+    '--torch-threads',
+    type=int,
+    default=None,
+    help='intra-op threads of torch (default: 1 on CPU, see the module docstring)',
+  )
   parser.add_argument(
     '--out', default=None, help='results file stem (default: overhead_<platform>_<dtype>)'
   )
   args = parser.parse_args()
   if torch is not None:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or (1 if jax.devices()[0].platform == 'cpu' else 4))
   dtype = jnp.dtype(args.dtype)
-  shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if args.gpu_shapes else CPU_SHAPES)
+  if args.quick:
+    cases: list[Shape | Model] = list(QUICK)
+  elif args.gpu_shapes:
+    cases = [*GPU_SHAPES, *CPU_MODELS, *GPU_MODELS]
+  else:
+    cases = [*CPU_SHAPES, *CPU_MODELS]
+  if args.only:
+    cases = [c for c in cases if args.only in c.name]
   tx = optax.adam(1e-3)
   print(machine())
-  columns = [
-    'wn_jax linen',
-    'wn_jax nnx',
-    'wn_jax pytree',
-    'wn_jax optim',
-    'flax.linen.WeightNorm',
-    'flax.nnx.WeightNorm',
-    'equinox.nn.WeightNorm',
-    'torch weight_norm (legacy)',
-    'torch parametrizations.weight_norm',
-  ]
-  rows = []
-  for shape in shapes:
-    gc.collect()
-    arms = {**jax_arms(shape, dtype, tx), **torch_arms(shape, args.dtype)}
-    heavy = (
-      shape.batch
-      * shape.cin
-      * shape.cout
-      * shape.kernel ** len(shape.spatial)
-      * int(np.prod(shape.spatial or (1,)))
-    )
-    rounds = args.rounds or (5 if args.quick else (15 if heavy > 2e9 else 41))
-    t0 = time.perf_counter()
-    times = measure(arms, rounds, min_time=0.02 if args.quick else 0.05)
-    r = ratios(times)
-    extra = inference(shape, dtype, rounds=5 if args.quick else 21, min_time=0.02)
-    cm = compile_and_memory(shape, dtype, tx) if not args.quick else {}
-    base = min(
-      statistics.median(times['flax linen (plain)']), statistics.median(times['raw jnp/lax'])
-    )
-    bw = bandwidth(weight_bytes(shape, dtype))
-    floor = EXTRA_PASSES * weight_bytes(shape, dtype) / bw / base
-    row = {
-      'shape': shape.name,
-      'plain_ms': 1e3 * base,
-      **{c: r.get(c) for c in columns},
-      'folded': extra['folded'],
-      'wn_inference': extra['unfolded'],
-      'compile': cm.get('wn_compile', float('nan')) / cm.get('plain_compile', float('nan'))
-      if cm
-      else None,
-      'memory': cm['wn_peak'] / cm['plain_peak'] if cm else None,
-      'floor': floor,
-      'bandwidth': bw,
-    }
-    rows.append(row)
-    print(
-      f'{shape.name}: {time.perf_counter() - t0:.0f}s, plain step {row["plain_ms"]:.2f} ms, '
-      + ', '.join(f'{k} {v:.3f}' for k, v in r.items()),
-      flush=True,
-    )
-  table = render(rows, columns)
+  rows = [run_case(case, dtype, tx, args) for case in cases]
+  text = render(rows, args)
   print()
-  print(table)
-  if not args.quick:
-    stem = args.out or f'overhead_{jax.devices()[0].platform}_{args.dtype}'
-    RESULTS.mkdir(exist_ok=True)
-    text = (
-      f'# Weight-normalization overhead per train step ({args.dtype})\n\n'
-      f'Machine: {machine()}.\n\n'
-      'Train step = forward + backward + optax adam update, jitted. Each cell: median over '
-      'rounds of (arm time / baseline time in the same round), arms interleaved in a shuffled '
-      "order each round. JAX baseline: the faster of the framework's plain layer and raw "
-      "jnp/lax; torch: torch's plain layer. `folded`: inference with the weight materialized "
-      "once, over plain inference; `wn inference`: the WN layer's forward. `compile`, `memory`: "
-      'wn_jax linen over plain linen (compile time, XLA peak memory of the train step). '
-      f'`floor`: {EXTRA_PASSES} weight-sized passes (forward: the norm, the scaling; backward: '
-      'the reduction for dL/dg, the elementwise dL/dv) over the bandwidth measured for passes '
-      "over an array of the weight's size (`GB/s`), as a fraction of the plain step: an "
-      'estimate of what no implementation goes under without fusing into the matmul.\n\n'
-      f'Reproduce: `python benchmarks/overhead.py{" --dtype " + args.dtype if args.dtype != "float32" else ""}`.\n\n'
-      + table
-      + '\n'
-    )
-    (RESULTS / f'{stem}.md').write_text(text)
-    plot(rows, columns, RESULTS / f'{stem}.png', args.dtype)
-    print(f'wrote {RESULTS / (stem + ".md")} and .png')
+  print(text)
+  if args.quick or args.hlo_only or args.only:
+    return
+  stem = args.out or f'overhead_{jax.devices()[0].platform}_{args.dtype}'
+  RESULTS.mkdir(exist_ok=True)
+  flags = (' --dtype ' + args.dtype if args.dtype != 'float32' else '') + (
+    ' --torch-cast' if args.torch_cast else ''
+  )
+  header = (
+    f'# Weight-normalization overhead per train step ({args.dtype})\n\n'
+    f'Machine: {machine()}.\n\n'
+    f'Reproduce: `python benchmarks/overhead.py{flags}`. {DTYPE_NOTE[args.dtype]}\n\n' + EXPLAIN
+  )
+  (RESULTS / f'{stem}.md').write_text(header + '\n' + text + '\n')
+  plot(rows, RESULTS / f'{stem}.png', args.dtype)
+  print(f'wrote {RESULTS / (stem + ".md")} and .png')
+
+
+DTYPE_NOTE = {
+  'float32': 'Every arm computes in float32.',
+  'bfloat16': (
+    'Every arm keeps float32 parameters and computes in bfloat16: Flax and wn_jax by '
+    '`dtype=bfloat16`, raw jnp/lax and Equinox by casting the parameters at the call, torch '
+    'by `torch.autocast` (with `--torch-cast`, torch modules are converted to bfloat16 '
+    'instead).'
+  ),
+}
+EXPLAIN = (
+  'Train step = forward + backward + optax adam update, jitted. Ratio: median over rounds '
+  'of (arm time / baseline time in the same round), arms interleaved in a shuffled order '
+  "each round. JAX baseline: the faster of the framework's plain layer and raw jnp/lax "
+  "(models: the framework's plain model); torch: torch's plain layer or model. Single runs "
+  'of a ratio move by several percent on a shared 2-core machine.\n\n'
+  "Kernels: top-level instructions of the compiled step's optimized HLO (fusions, "
+  'matmuls, convolutions, copies; a GPU launches each as at least one kernel), extra over '
+  "the plain arm, per weight-normed layer. Bytes: XLA's cost analysis of the whole step, "
+  "over the plain arm's.\n\n"
+  'Layers only: `folded`: inference with the weight materialized once, over plain '
+  "inference; `wn inference`: the WN layer's forward. `compile`, `memory`: wn_jax linen "
+  'over plain linen (compile time, XLA peak memory of the train step). `floor`: '
+  f'{EXTRA_PASSES} weight-sized passes (forward: the norm, the scaling; backward: the '
+  'reduction for dL/dg, the elementwise dL/dv) over the bandwidth measured for passes over '
+  "an array of the weight's size (`GB/s`), as a fraction of the plain step: an estimate "
+  'of what no implementation goes under without fusing into the matmul.\n'
+)
 
 
 def _fmt(v, digits=3):
   return '–' if v is None or (isinstance(v, float) and np.isnan(v)) else f'{v:.{digits}f}'
 
 
-def render(rows, columns) -> str:
-  head = [
-    'shape',
-    'plain step (ms)',
-    *columns,
-    'folded',
-    'wn inference',
-    'compile',
-    'memory',
-    'GB/s',
-    'floor',
-  ]
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+def _table(head: list[str], lines: list[list[str]]) -> str:
+  out = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  out += ['| ' + ' | '.join(cells) + ' |' for cells in lines]
+  return '\n'.join(out)
+
+
+def render(rows: list[dict], args) -> str:
+  parts = []
+  timed = [r for r in rows if 'ratio' in r]
+  if timed:
+    present = [c for c in COLUMNS if any(c in r['ratio'] for r in timed)]
+    parts.append('## Train step, ratio over the plain layer or model\n')
+    parts.append(
+      _table(
+        ['case', 'plain JAX step (ms)', *present],
+        [
+          [r['case'].name, _fmt(r['plain_ms'], 3), *[_fmt(r['ratio'].get(c)) for c in present]]
+          for r in timed
+        ],
+      )
+    )
+    arms = [a for a in PLAINS + COLUMNS if any(a in r['ms'] for r in timed)]
+    parts.append('\n## Train step, milliseconds (median over rounds)\n')
+    parts.append(
+      _table(
+        ['case', *arms],
+        [[r['case'].name, *[_fmt(r['ms'].get(a), 3) for a in arms]] for r in timed],
+      )
+    )
+    layers = [r for r in timed if isinstance(r['case'], Shape)]
+    if layers:
+      parts.append('\n## Layers: inference, compile time, memory, bandwidth floor\n')
+      parts.append(
+        _table(
+          ['case', 'folded', 'wn inference', 'compile', 'memory', 'GB/s', 'floor'],
+          [
+            [
+              r['case'].name,
+              _fmt(r['folded']),
+              _fmt(r['wn_inference']),
+              _fmt(r.get('compile'), 2),
+              _fmt(r.get('memory'), 2),
+              f'{r["bandwidth"] / 1e9:.0f}',
+              f'+{r["floor"]:.3f}',
+            ]
+            for r in layers
+          ],
+        )
+      )
+  jax_cols = [c for c in COLUMNS if not c.startswith('torch')]
+  present = [c for c in jax_cols if any(c in r['hlo'] for r in rows)]
+  parts.append(
+    '\n## Compiled step: kernels (extra per WN layer over the plain arm) and bytes accessed '
+    '(over the plain arm)\n'
+  )
+  lines = []
   for r in rows:
-    cells = [r['shape'], _fmt(r['plain_ms'], 2), *[_fmt(r[c]) for c in columns]]
-    cells += [
-      _fmt(r['folded']),
-      _fmt(r['wn_inference']),
-      _fmt(r['compile'], 2),
-      _fmt(r['memory'], 2),
-      f'{r["bandwidth"] / 1e9:.0f}',
-      f'+{r["floor"]:.3f}',
-    ]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+    hlo, case = r['hlo'], r['case']
+    n_layers = case.layers if isinstance(case, Model) else 1
+    plain = hlo.get('flax linen (plain)')
+    cells = [case.name, str(plain['kernels']) if plain else '–']
+    for c in present:
+      if c not in hlo:
+        cells.append('–')
+        continue
+      base = hlo[
+        {
+          'wn_jax nnx': 'flax nnx (plain)',
+          'flax.nnx.WeightNorm': 'flax nnx (plain)',
+          'equinox.nn.WeightNorm': 'equinox (plain)',
+        }.get(c, 'flax linen (plain)')
+      ]
+      extra = (hlo[c]['kernels'] - base['kernels']) / n_layers
+      cond = f' ({hlo[c]["conditionals"]} cond)' if hlo[c]['conditionals'] else ''
+      cells.append(
+        f'{hlo[c]["kernels"]} (+{extra:.3g}){cond}, {hlo[c]["bytes"] / base["bytes"]:.2f}x'
+      )
+    lines.append(cells)
+  parts.append(_table(['case', 'plain linen kernels', *present], lines))
+  return '\n'.join(parts)
 
 
-def plot(rows, columns, path: Path, dtype: str) -> None:
+def plot(rows: list[dict], path: Path, dtype: str) -> None:
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  present = [c for c in columns if any(r[c] is not None for r in rows)]
-  fig, ax = plt.subplots(figsize=(12, 5))
+  timed = [r for r in rows if 'ratio' in r]
+  present = [c for c in COLUMNS if any(c in r['ratio'] for r in timed)]
+  fig, ax = plt.subplots(figsize=(13, 5))
   width = 0.8 / len(present)
-  xs = np.arange(len(rows))
+  xs = np.arange(len(timed))
   for i, c in enumerate(present):
-    vals = [(r[c] or np.nan) - 1 for r in rows]
+    vals = [r['ratio'].get(c, np.nan) - 1 for r in timed]
     ax.bar(xs + i * width, vals, width, label=c)
   ax.axhline(0, color='black', linewidth=0.8)
-  ax.set_xticks(xs + 0.4 - width / 2, [r['shape'] for r in rows], rotation=12, fontsize=8)
-  ax.set_ylabel('train-step overhead (ratio - 1) vs plain layer')
+  labels = [r['case'].name.replace(' B=', '\nB=', 1) for r in timed]
+  ax.set_xticks(xs + 0.4 - width / 2, labels, fontsize=7)
+  ax.set_ylabel('train-step overhead (ratio - 1) vs plain')
   ax.set_title(f'Weight-normalization overhead per train step ({dtype}, lower is better)')
   ax.legend(fontsize=7, ncol=3)
   fig.tight_layout()
