@@ -67,7 +67,7 @@ from wn_jax import nnx as wx
 
 try:
   import torch
-except ImportError:  # torch is optional
+except (ImportError, OSError):  # torch is optional (OSError: a broken install)
   torch = None
 
 RESULTS = Path(__file__).parent / 'results'
@@ -574,9 +574,22 @@ _FREE_OPS = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', '
 _OP = re.compile(r'=\s.*?\s([a-z][\w-]*)\(')
 
 
+def host_us(state) -> float:
+  """Microseconds of the pytree work a jitted call does on the host for ``state``:
+  flattening the arguments and unflattening the results (median of many)."""
+  ts = []
+  for _ in range(501):
+    t = time.perf_counter()
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    jax.tree_util.tree_unflatten(treedef, leaves)
+    ts.append(time.perf_counter() - t)
+  return 1e6 * statistics.median(ts)
+
+
 def hlo_stats(arm: Arm) -> dict[str, float]:
   """Kernels (top-level instructions of the optimized HLO's entry that do work),
-  conditionals among them, and XLA's estimate of the bytes the step accesses."""
+  conditionals among them, XLA's estimate of the bytes the step accesses, and the
+  host's pytree work per call."""
   compiled = arm.jitted.lower(arm.state, arm.x).compile()
   text = compiled.as_text()
   entry = text[text.index('\nENTRY') :]
@@ -590,6 +603,7 @@ def hlo_stats(arm: Arm) -> dict[str, float]:
     'kernels': len(kernels),
     'conditionals': kernels.count('conditional'),
     'bytes': float(cost.get('bytes accessed', float('nan'))),
+    'host_us': host_us(arm.state),
   }
 
 
@@ -801,7 +815,11 @@ EXPLAIN = (
   "Kernels: top-level instructions of the compiled step's optimized HLO (fusions, "
   'matmuls, convolutions, copies; a GPU launches each as at least one kernel), extra over '
   "the plain arm, per weight-normed layer. Bytes: XLA's cost analysis of the whole step, "
-  "over the plain arm's.\n\n"
+  "over the plain arm's. These counts are of this machine's backend (CPU unless the run "
+  'says otherwise); a GPU compiles its own fusions, but each weight-sized pass and each '
+  'reduction counted here is one there too. Host: the pytree work of one call of the '
+  'jitted step on the host (flatten the state, unflatten the result), which a launch-bound '
+  'GPU step waits on.\n\n'
   'Layers only: `folded`: inference with the weight materialized once, over plain '
   "inference; `wn inference`: the WN layer's forward. `compile`, `memory`: wn_jax linen "
   'over plain linen (compile time, XLA peak memory of the train step). `floor`: '
@@ -895,6 +913,19 @@ def render(rows: list[dict], args) -> str:
       )
     lines.append(cells)
   parts.append(_table(['case', 'plain linen kernels', *present], lines))
+  arms = [a for a in PLAINS + jax_cols if any(a in r['hlo'] for r in rows)]
+  parts.append(
+    "\n## Host work per call: flattening the step's state and unflattening its result "
+    '(microseconds)\n'
+  )
+  parts.append(
+    _table(
+      ['case', *arms],
+      [
+        [r['case'].name, *[_fmt(r['hlo'].get(a, {}).get('host_us'), 1) for a in arms]] for r in rows
+      ],
+    )
+  )
   return '\n'.join(parts)
 
 
