@@ -75,6 +75,37 @@ def test_same_trajectory_as_reparameterized_training(inner):
   assert l_tx[-1] < 0.8 * l_tx[0]
 
 
+def test_the_three_ways_follow_one_trajectory():
+  # Way 1: WN layers (kernel = v, scale = g); the plain model's params are their weights.
+  wn_model = nn.Sequential([wl.WNDense(16), nn.tanh, wl.WNDense(16), nn.tanh, wl.WNDense(3)])
+  layers = wn_model.init(jax.random.key(0), X)['params']
+  params = {k: {'kernel': p['kernel'], 'bias': p['bias']} for k, p in layers.items()}
+  inner = optax.adam(3e-3)
+  state = inner.init(layers)
+
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(lambda p: jnp.mean((wn_model.apply({'params': p}, X) - Y) ** 2))(p)
+    u, s = inner.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  l_layers = []
+  for _ in range(50):
+    layers, state, loss = step(layers, state)
+    l_layers.append(float(loss))
+  wn, l_re = _run_reparam(inner, params, 50)  # way 2
+  p_tx, _, l_tx = _run_tx(wn_jax.optim.weight_norm(inner), params, 50)  # way 3
+  np.testing.assert_allclose(l_layers, l_re, rtol=2e-5)
+  np.testing.assert_allclose(l_tx, l_re, rtol=2e-5)
+  for k, p in layers.items():
+    np.testing.assert_allclose(p['kernel'], wn[k]['kernel'].v, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(p['scale'], wn[k]['kernel'].g, rtol=1e-4, atol=2e-6)
+    np.testing.assert_allclose(
+      p_tx[k]['kernel'], wn_jax.materialize(wn)[k]['kernel'], rtol=1e-4, atol=2e-6
+    )
+  assert l_layers[-1] < 0.8 * l_layers[0]
+
+
 def test_gradients_follow_the_papers_formulas():
   from tests import reference as ref
 
