@@ -1,8 +1,12 @@
 """PyTorch checkpoints: committed oracle data (no torch needed), round trips, bad input."""
 
 import dataclasses
+import importlib.util
 import json
 import pathlib
+import sys
+import types
+import warnings
 
 import flax.linen as nn
 import jax
@@ -11,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from wn_jax import linen as wn_linen
 from wn_jax import pytorch as wt
 
 ORACLE = np.load(pathlib.Path(__file__).parent / 'data' / 'torch_oracle.npz')
@@ -32,8 +37,8 @@ def _torch_args(kwargs):
   return {k: v for k, v in kwargs.items() if k in keep}
 
 
-def _assert_matches_torch(y, expected):
-  expected = _channels_last(expected)
+def _assert_matches_torch(y, expected, channels_first=True):
+  expected = _channels_last(expected) if channels_first else expected
   np.testing.assert_allclose(
     np.asarray(y), expected, rtol=1e-5, atol=1e-5 * np.max(np.abs(expected))
   )
@@ -266,3 +271,292 @@ def test_flax_arguments_pass_through():
   (dense,) = wt.from_torch(_state_dict('linear_dim0')).values()
   module, _ = dense.linen(name='fc', dtype=jnp.float32)
   assert module.name == 'fc'
+
+
+# Whole models (issue 16): the HiFi-GAN example, and a model with everything else a model holds.
+
+DATA = pathlib.Path(__file__).parent / 'data'
+SNAKE = {r'.*\.alpha': (lambda a: a.reshape(-1), lambda a: a.reshape(1, -1, 1))}
+
+
+def _example():
+  """examples/port_hifigan.py, imported once."""
+  if 'port_hifigan' not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+      'port_hifigan', DATA.parent.parent / 'examples' / 'port_hifigan.py'
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['port_hifigan'] = module  # its dataclass resolves annotations there
+    spec.loader.exec_module(module)
+  return sys.modules['port_hifigan']
+
+
+def _same_state_dict(back, sd):
+  assert list(back) == list(sd)
+  for k in sd:
+    assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
+    assert np.asarray(back[k]).tobytes() == np.asarray(sd[k]).tobytes(), k
+
+
+def test_hifigan_generator_linen_matches_pytorch_and_exports_bit_for_bit():
+  ex = _example()
+  sd, mel, expected = ex.load_oracle()
+  x = _channels_last(mel)
+  model = ex.Generator(ex.CONFIG)
+  template = jax.eval_shape(model.init, jax.random.key(0), x)
+  # No kinds=, no layer arguments: the ConvTranspose1d's layout is the Conv's, and the model
+  # says transpose_kernel=True.
+  variables = wt.to_linen(sd, template=template)
+  assert set(variables['params']) == {
+    'conv_pre',
+    'ups_0',
+    'ups_1',
+    *(f'resblocks_{i}' for i in range(4)),
+    'conv_post',
+  }
+  assert set(variables['params']['resblocks_3']) == {
+    f'convs{a}_{i}' for a in (1, 2) for i in range(3)
+  }
+  _assert_matches_torch(jax.jit(model.apply)(variables, x), expected)
+  _same_state_dict(wt.to_torch(variables, like=sd), sd)
+
+
+def test_hifigan_generator_nnx_matches_pytorch_and_exports_bit_for_bit():
+  from flax import nnx
+
+  ex = _example()
+  sd, mel, expected = ex.load_oracle()
+  generator = ex.NNXGenerator(ex.CONFIG, rngs=nnx.Rngs(0))
+  state = nnx.state(generator)
+  tree = wt.to_nnx(sd, template=state)
+  assert set(tree['resblocks'][3]['convs2']) == {0, 1, 2}  # nnx.List indices
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(generator, state)
+  _assert_matches_torch(nnx.jit(lambda g, x: g(x))(generator, _channels_last(mel)), expected)
+  _same_state_dict(wt.to_torch(nnx.state(generator), like=sd), sd)
+  _same_state_dict(wt.to_torch(tree, like=sd), sd)
+
+
+def test_hifigan_example_runs(capsys):
+  _example().main()
+  assert 'bit for bit from linen: True, from NNX: True' in capsys.readouterr().out
+
+
+def test_bfloat16_safetensors_from_pytorch():
+  # Bug 1 on a file PyTorch wrote: bfloat16 is kept, and goes back bit for bit.
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  path = DATA / 'hifigan_bf16.safetensors'
+  ex = _example()
+  _, mel, _ = ex.load_oracle()
+  expected = np.load(DATA / 'hifigan_oracle.npz')['output_bf16_weights']
+  variables = wt.to_linen(path)
+  assert {v.dtype for v in jax.tree.leaves(variables)} == {np.dtype(jnp.bfloat16)}
+  _same_state_dict(wt.to_torch(variables, like=path), safetensors_numpy.load_file(str(path)))
+  as_f32 = wt.to_linen(path, dtype=np.float32)
+  _assert_matches_torch(
+    jax.jit(ex.Generator(ex.CONFIG).apply)(as_f32, _channels_last(mel)), expected
+  )
+
+
+def test_plain_checkpoint_decomposes_and_folds_back():
+  ex = _example()
+  sd, mel, expected = ex.load_oracle()
+  plain = wt.to_torch(wt.from_torch(sd), style='plain')  # as after remove_weight_norm
+  assert not wt.find_prefixes(plain) and 'ups.0.weight' in plain
+  with pytest.raises(ValueError, match=r'no weight-normed layer.*decompose=True'):
+    wt.from_torch(plain)
+  variables = wt.to_linen(plain, decompose=True)
+  _assert_matches_torch(
+    jax.jit(ex.Generator(ex.CONFIG).apply)(variables, _channels_last(mel)), expected
+  )
+  back = wt.to_torch(variables, like=plain, decompose=True)  # plain weights, folded
+  assert list(back) == list(plain)
+  for k in plain:
+    np.testing.assert_allclose(back[k], plain[k], rtol=1e-6, atol=1e-6 * np.abs(plain[k]).max())
+  layers = wt.from_torch(plain, decompose=r'^ups')
+  assert sorted(layers) == ['ups.0', 'ups.1'] and layers['ups.0'].style == 'plain'
+
+
+class _Snake(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    alpha = self.param('alpha', nn.initializers.ones, (x.shape[-1],))
+    return x + jnp.sin(alpha * x) ** 2 / alpha
+
+
+class _Mixed(nn.Module):
+  """The Flax twin of make_model_oracle.py's Mixed (channels-last)."""
+
+  def setup(self):
+    self.embed = nn.Embed(10, 6)
+    self.proj = nn.Dense(8)
+    self.norm = nn.LayerNorm(epsilon=1e-5)
+    transposed = wt.conv_kwargs('ConvTranspose1d', 3, stride=2, padding=1, output_padding=1)
+    self.convs = [
+      wn_linen.WNConv(8, **wt.conv_kwargs('Conv1d', 5, padding=2, padding_mode='reflect')),
+      wn_linen.WNConvTranspose(8, **transposed),
+    ]
+    self.act = _Snake()
+    self.bn = nn.BatchNorm(use_running_average=True, epsilon=1e-5)
+    self.head = wn_linen.WNDense(3, axis=None)
+
+  def __call__(self, tokens):
+    h = self.norm(self.proj(self.embed(tokens)))
+    return self.head(self.bn(self.convs[1](self.act(self.convs[0](h)))))
+
+
+def _mixed_oracle():
+  data = np.load(DATA / 'mixed_oracle.npz')
+  return {k[3:]: data[k] for k in data.files if k.startswith('sd:')}, data['input'], data['output']
+
+
+def test_whole_model_with_plain_layers_buffers_and_a_rule():
+  sd, tokens, expected = _mixed_oracle()
+  model = _Mixed()
+  template = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  variables = wt.to_linen(sd, {'embed': 'Embedding'}, rules=SNAKE, template=template)
+  assert variables['params']['act']['alpha'].shape == (8,)
+  assert set(variables['batch_stats']['bn']) == {'mean', 'var'}
+  assert variables['params']['proj']['kernel'].shape == (6, 8)  # plain Linear, Flax layout
+  assert variables['params']['head']['scale'].shape == ()  # dim=None
+  _assert_matches_torch(model.apply(variables, tokens), expected, channels_first=False)
+  back = wt.to_torch(variables, like=sd, kinds={'embed': 'Embedding'}, rules=SNAKE)
+  _same_state_dict(back, sd)  # num_batches_tracked, which Flax has no place for, from like
+  # Without kinds=, a state dict cannot tell an Embedding from a Linear: the template says so.
+  with pytest.raises(
+    ValueError, match=r"missing \['params/embed/embedding'\].*'params/embed/kernel'"
+  ):
+    wt.to_linen(sd, rules=SNAKE, template=template)
+  # ... and without the rule, alpha keeps PyTorch's (1, C, 1).
+  with pytest.raises(ValueError, match=r'act/alpha: \(1, 8, 1\) vs \(8,\)'):
+    wt.to_linen(sd, {'embed': 'Embedding'}, template=template)
+
+
+def test_tree_errors_name_the_paths():
+  sd, _, _ = _mixed_oracle()
+  variables = wt.to_linen(sd, {'embed': 'Embedding'}, rules=SNAKE)
+  with pytest.raises(ValueError, match=r'like='):
+    wt.to_torch(variables)
+  del variables['params']['convs_1']['scale']
+  with pytest.raises(ValueError, match=r"lacks \['params/convs_1/scale'\]"):
+    wt.to_torch(variables, like=sd, kinds={'embed': 'Embedding'}, rules=SNAKE)
+  with pytest.raises(ValueError, match=r'both convert to params/a_0/w'):
+    wt.to_linen({'a.0.w': np.ones(2, np.float32), 'a_0.w': np.ones(2, np.float32)})
+
+
+class _Hook:  # what a duck-typed module walk sees of torch's parametrization
+  def __init__(self, dim):
+    self.dim = dim
+
+
+class _WeightNorm(_Hook):
+  pass
+
+
+class _FakeModule:
+  def __init__(self, children=(), state=None):
+    self._children, self._state = dict(children), dict(state or {})
+
+  def named_modules(self, prefix=''):
+    yield prefix, self
+    for name, child in self._children.items():
+      yield from child.named_modules(f'{prefix}.{name}' if prefix else name)
+
+  def state_dict(self):
+    out = {}
+    for name, module in self.named_modules():
+      out.update({(f'{name}.{k}' if name else k): v for k, v in module._state.items()})
+    return out
+
+
+class ConvTranspose1d(_FakeModule):
+  pass
+
+
+class ParametrizedConvTranspose1d(ConvTranspose1d):
+  pass
+
+
+def test_walker_reads_kinds_arguments_and_dim_from_the_module():
+  # Duck typed, without torch: a ConvTranspose1d (taken for a Conv1d by its shape) in a list.
+  case = 'convtranspose1d_output_padding'
+  sd = _state_dict(case)
+  layer_module = ParametrizedConvTranspose1d(state={'bias': sd['bias']})
+  layer_module.__dict__.update(
+    stride=(3,), padding=(1,), dilation=(1,), groups=1, output_padding=(2,), padding_mode='zeros'
+  )
+  layer_module.parametrizations = types.SimpleNamespace(weight=[_WeightNorm(0)])
+  weights = {k.split('weight.')[1]: v for k, v in sd.items() if 'weight' in k}
+  params = _FakeModule(
+    {'weight': _FakeModule(state={f'original{i}': weights[f'original{i}'] for i in (0, 1)})}
+  )
+  layer_module._children = {'parametrizations': params}
+  model = _FakeModule({'ups': _FakeModule({'0': layer_module})})
+  (layer,) = wt.from_torch(model).values()
+  assert layer.kind == 'ConvTranspose1d' and layer.dim == 0
+  assert layer.args == dict(
+    stride=(3,), padding=(1,), dilation=(1,), groups=1, output_padding=(2,), padding_mode='zeros'
+  )
+  module, variables = layer.linen()  # no kinds=, no arguments
+  x = _channels_last(ORACLE[f'{case}:input'])
+  _assert_matches_torch(module.apply(variables, x), ORACLE[f'{case}:output'])
+  _assert_matches_torch(layer.nnx()(x), ORACLE[f'{case}:output'])
+  assert set(wt.to_nnx(model)['ups'][0]) == {'kernel', 'scale', 'bias'}
+
+
+def test_padding_modes():
+  assert wt.conv_kwargs('Conv1d', 5, padding=4, dilation=2, padding_mode='circular')['padding'] == (
+    'CIRCULAR'
+  )
+  assert wt.conv_kwargs('Conv2d', 3, padding='same', padding_mode='reflect')['padding'] == 'REFLECT'
+  with pytest.raises(ValueError, match=r"'replicate' has no Flax equivalent.*mode='edge'"):
+    wt.conv_kwargs('Conv1d', 3, padding=1, padding_mode='replicate')
+  with pytest.raises(ValueError, match=r'pads \[\(2, 2\)\].*Flax pads'):
+    wt.conv_kwargs('Conv1d', 3, padding=2, padding_mode='reflect')
+  with pytest.raises(ValueError, match=r'zeros only'):
+    wt.conv_kwargs('ConvTranspose1d', 3, padding_mode='reflect')
+
+
+def test_live_whole_model():
+  torch = pytest.importorskip('torch')
+  sys.path.insert(0, str(DATA))
+  try:
+    import make_model_oracle as oracle
+  finally:
+    sys.path.remove(str(DATA))
+  with warnings.catch_warnings():  # torch's own: its legacy weight_norm is deprecated
+    warnings.simplefilter('ignore', FutureWarning)
+    mixed = oracle.Mixed().eval()
+    half = oracle.Generator(_example().CONFIG).to(torch.bfloat16)
+  tokens = torch.randint(0, 10, (2, 7))
+  with torch.no_grad():
+    expected = mixed(tokens).numpy()
+  variables = wt.to_linen(mixed, rules=SNAKE)  # kinds and arguments from the module
+  _assert_matches_torch(_Mixed().apply(variables, tokens.numpy()), expected, channels_first=False)
+  back = wt.to_torch(variables, like=mixed, rules=SNAKE)
+  assert all(isinstance(v, torch.Tensor) for v in back.values())
+  mixed.load_state_dict(back, strict=True)
+  # Bug 1 with torch tensors; bug 2: changing the module afterwards changes nothing converted.
+  layers = wt.from_torch(half)
+  assert layers['ups.0'].kind == 'ConvTranspose1d' and layers['ups.0'].args['stride'] == (2,)
+  kernel = np.array(layers['conv_pre'].params['kernel'])
+  assert kernel.dtype == jnp.bfloat16
+  with torch.no_grad():
+    half.conv_pre.weight_v.mul_(2)
+  np.testing.assert_array_equal(layers['conv_pre'].params['kernel'], kernel)
+  back = wt.to_torch(layers, like=half)
+  assert all(
+    torch.equal(back[k], v) for k, v in half.state_dict().items() if k != 'conv_pre.weight_v'
+  )
+
+
+def test_conv_transpose_3d_matches_pytorch():
+  data = np.load(DATA / 'mixed_oracle.npz')
+  sd = {k[len('ct3d:sd:') :]: data[k] for k in data.files if k.startswith('ct3d:sd:')}
+  args = {k: tuple(v) for k, v in json.loads(str(data['ct3d:args'])).items()}
+  (layer,) = wt.from_torch(sd, {'': 'ConvTranspose3d'}).values()
+  assert layer.params['kernel'].shape == (2, 3, 2, 2, 3)  # (*window, out, in)
+  x = _channels_last(data['ct3d:input'])
+  module, variables = layer.linen(**args)
+  _assert_matches_torch(module.apply(variables, x), data['ct3d:output'])
+  _same_state_dict(wt.to_torch({'': layer}, like=sd), sd)
