@@ -1,4 +1,7 @@
-"""Exact loading and export of PyTorch weight-normed checkpoints. Never imports torch.
+"""PyTorch models with weight normalization, to wn_jax and back, exactly.
+
+wn_jax never imports torch here unless the caller hands it torch objects (modules and
+tensors are duck typed).
 
 PyTorch stores a weight-normed tensor as ``g`` and ``v``, in one of two key styles:
 
@@ -8,18 +11,21 @@ PyTorch stores a weight-normed tensor as ``g`` and ``v``, in one of two key styl
 
 :func:`from_torch` turns them into the parameters of wn_jax's WN layers (``kernel`` =
 v in Flax layout, ``scale`` = g, ``bias``) and says how each layer must be configured
-(``axis``, ``transpose_kernel``); :func:`to_torch` goes back, bit for bit.
+(``axis``, ``transpose_kernel``, and, from a torch module, its PyTorch arguments).
+:func:`to_linen` and :func:`to_nnx` convert a whole model, every tensor, into a linen
+``variables`` dict or an NNX pure dict named as the torch modules are;
+:func:`to_torch` goes back from either, bit for bit.
 
 Layouts (PyTorch -> Flax kernel):
 
-====================  ===========================  ===========================  ==================
-PyTorch layer         PyTorch weight               Flax kernel                  default ``dim=0``
-====================  ===========================  ===========================  ==================
-Linear                ``(out, in)``                ``(in, out)``                ``axis=-1`` (out)
-Conv{1,2,3}d          ``(out, in/groups, *k)``     ``(*k, in/groups, out)``     ``axis=-1`` (out)
-ConvTranspose{1,2}d   ``(in, out, *k)``            ``(*k, out, in)`` with       ``axis=-1`` (in)
-                                                   ``transpose_kernel=True``
-====================  ===========================  ===========================  ==================
+=====================  ===========================  ===========================  ==================
+PyTorch layer          PyTorch weight               Flax kernel                  default ``dim=0``
+=====================  ===========================  ===========================  ==================
+Linear                 ``(out, in)``                ``(in, out)``                ``axis=-1`` (out)
+Conv{1,2,3}d           ``(out, in/groups, *k)``     ``(*k, in/groups, out)``     ``axis=-1`` (out)
+ConvTranspose{1,2,3}d  ``(in, out, *k)``            ``(*k, out, in)`` with       ``axis=-1`` (in)
+                                                    ``transpose_kernel=True``
+=====================  ===========================  ===========================  ==================
 
 PyTorch's ``dim`` counts PyTorch's axes; its ``dim=None`` and ``dim=-1`` both mean the
 whole tensor (a scalar g), which is wn_jax's ``axis=None``. Arguments of the layers
@@ -33,7 +39,9 @@ PyTorch                Flax ``WNConv`` / ``WNConvTranspose``
 ``dilation``           ``kernel_dilation``
 ``groups``             Conv: ``feature_group_count`` (ConvTranspose: only ``groups=1``)
 ``output_padding=op``  ConvTranspose: ``padding=[(d(k-1)-p, d(k-1)-p+op), ...]`` and
-                       ``transpose_kernel=True``
+                       ``transpose_kernel=True`` (a Conv refuses it)
+``padding_mode``       Conv: ``'reflect'`` / ``'circular'`` -> ``'REFLECT'`` / ``'CIRCULAR'``
+                       where ``p`` is half the dilated kernel; else refused
 =====================  =====================================================================
 
 Inputs are channels-last in Flax: a PyTorch ``(N, C, L)`` batch is ``x.transpose(0, 2, 1)``.
