@@ -71,3 +71,88 @@ def test_nan_input_propagates_to_the_output_never_into_parameters():
   grads = jax.grad(lambda p: jnp.sum(model.apply({'params': wn_jax.materialize(p)}, x)))(wn)
   assert not all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(grads))
   assert all(np.all(np.isfinite(a)) for a in jax.tree_util.tree_leaves(wn))
+
+
+# A zero-initialized layer (zero output heads, zero residual branches) starts with ||v|| = 0.
+# Its default g is 1 there, so it computes what the plain layer computes (w = 0) AND trains:
+# with g = ||v|| = 0 every gradient would be 0 forever.
+def _train(loss, params, steps=10):
+  """Plain gradient descent; returns the losses (before each step) and the final params."""
+  losses = []
+  grad = jax.jit(jax.value_and_grad(loss))
+  for _ in range(steps):
+    value, g = grad(params)
+    losses.append(float(value))
+    params = jax.tree_util.tree_map(lambda p, d: p - 0.1 * d, params, g)
+  return losses, params
+
+
+_X = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+# A target the layer can fit, with weight columns of norm about 1.5 (g starts at 1).
+_Y = _X @ jnp.array([[1.0, -0.5], [0.5, 1.0], [-1.0, 0.5]])
+
+
+def _mse(y):
+  return jnp.mean((y - _Y) ** 2)
+
+
+def _assert_trains_from_zero(losses, weight):
+  assert losses[-1] < 0.9 * losses[0], losses
+  assert float(jnp.max(jnp.abs(weight))) > 0
+
+
+def test_zero_initialized_linen_layer_trains():
+  layer = wn_jax.linen.WNDense(2, kernel_init=nn.initializers.zeros)
+  params = layer.init(jax.random.key(0), _X)['params']
+  np.testing.assert_array_equal(params['scale'], np.ones(2, np.float32))
+  plain = nn.Dense(2, kernel_init=nn.initializers.zeros)
+  np.testing.assert_array_equal(
+    layer.apply({'params': params}, _X), plain.apply(plain.init(jax.random.key(0), _X), _X)
+  )
+  losses, params = _train(lambda p: _mse(layer.apply({'params': p}, _X)), params)
+  _assert_trains_from_zero(losses, params['kernel'])
+
+
+def test_zero_initialized_nnx_layer_trains():
+  from flax import nnx
+
+  layer = wn_jax.nnx.WNLinear(3, 2, kernel_init=nn.initializers.zeros, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(layer.scale[...], np.ones(2, np.float32))
+  graphdef, params = nnx.split(layer, nnx.Param)
+
+  def loss(p):
+    return _mse(nnx.merge(graphdef, p)(_X))
+
+  losses, params = _train(loss, params)
+  _assert_trains_from_zero(losses, params['kernel'][...])
+
+
+def test_zero_initialized_wrapped_layers_train():
+  from flax import nnx
+
+  model = wn_jax.linen.WeightNorm(nn.Dense(2, kernel_init=nn.initializers.zeros))
+  params = model.init(jax.random.key(0), _X)['params']
+  np.testing.assert_array_equal(params['scale']['kernel'], np.ones(2, np.float32))
+  losses, params = _train(lambda p: _mse(model.apply({'params': p}, _X)), params)
+  _assert_trains_from_zero(losses, params['layer']['kernel'])
+
+  wrapped = wn_jax.nnx.WeightNorm(
+    nnx.Linear(3, 2, kernel_init=nn.initializers.zeros, rngs=nnx.Rngs(0))
+  )
+  graphdef, state = nnx.split(wrapped, nnx.Param)
+  losses, state = _train(lambda p: _mse(nnx.merge(graphdef, p)(_X)), state)
+  _assert_trains_from_zero(losses, state['layer']['kernel'][...])
+
+
+def test_weight_norm_of_a_zero_tree_trains():
+  params = {'w': jnp.zeros((3, 2)), 'b': jnp.zeros(2)}
+  wn = wn_jax.weight_norm(params)
+  np.testing.assert_array_equal(wn['w'].g, np.ones(2, np.float32))
+  np.testing.assert_array_equal(wn_jax.materialize(wn)['w'], np.zeros((3, 2), np.float32))
+
+  def loss(p):
+    w = wn_jax.materialize(p)
+    return _mse(_X @ w['w'] + w['b'])
+
+  losses, wn = _train(loss, wn)
+  _assert_trains_from_zero(losses, wn_jax.materialize(wn)['w'])

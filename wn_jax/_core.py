@@ -172,9 +172,10 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
   The norm is reduced in float32 (float64 for float64 ``v``), the product is formed as
   ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
   ``v`` and ``g``. No epsilon touches a nonzero slice unless ``eps`` asks for one. An
-  all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients (those of
-  ``g * v``, so a dead slice can revive). Differentiable in reverse mode (``grad``,
-  ``vjp``, to any order) through a ``custom_vjp`` that reuses the forward's norm;
+  all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
+  ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
+  :func:`decompose`, gives ``g = 1`` there) and stays at 0 if ``g = 0``.
+  Differentiable in reverse mode (``grad``, ``vjp``, to any order) through a ``custom_vjp`` that reuses the forward's norm;
   forward mode (``jvp``, ``jacfwd``) is not supported.
 
   Args:
@@ -238,6 +239,12 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
   float rounding). ``g`` has ``w``'s dtype and the shape of ``w`` along ``axis``. Axis
   conventions as in :func:`normalize`.
 
+  Where a slice of ``w`` is all zero, $g = 1$ instead of $\lVert w \rVert = 0$: the
+  weight is still 0 there, but the slice trains (with $g = 0$ every gradient of the
+  slice would be 0 forever). This is the one rule every default initialization of ``g``
+  uses (the linen and NNX layers, the wrappers, :func:`wn_jax.weight_norm`), so a
+  zero-initialized layer computes what the plain layer computes and still learns.
+
   Args:
     w: a real floating weight, rank >= 1.
     axis: the kept axis or axes, or ``None`` for the whole tensor.
@@ -252,6 +259,10 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
     Array([5., 1.], dtype=float32)
     >>> bool(jnp.allclose(wn_jax.normalize(v, g), v))
     True
+    >>> wn_jax.decompose(jnp.zeros((2, 2)))[1]  # an all-zero slice starts at g = 1
+    Array([1., 1.], dtype=float32)
   """
   w = jnp.asarray(w)
-  return w, _norm(w, axis, 'wn_jax.decompose').astype(w.dtype)
+  n = _norm(w, axis, 'wn_jax.decompose')
+  # == 0, not <= 0: a NaN norm stays NaN.
+  return w, jnp.where(n == 0, jnp.ones_like(n), n).astype(w.dtype)

@@ -95,7 +95,7 @@ class _WeightNormedKernel:
 
     def init_scale(key, shape, dtype):
       if self.scale_init is None:
-        g = _core.norm(value, kept).astype(dtype)
+        g = _core.decompose(value, kept)[1].astype(dtype)
       else:
         g = self.scale_init(key, shape, dtype)
       return _scale_box(self.get_variable('params', 'kernel'), g, kept)  # type: ignore[attr-defined]

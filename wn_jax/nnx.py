@@ -60,7 +60,7 @@ class _WeightNormedKernel:
     kept = _core.kept_axes(v.ndim, axis, type(self).__name__)
     self.axis = axis
     if scale_init is None:
-      g = _core.norm(v, kept).astype(v.dtype)
+      g = _core.decompose(v, kept)[1]
     else:
       g = scale_init(rngs.params(), _core.scale_shape(v.shape, kept), v.dtype)
     self.scale = _scale_param(self.kernel, g, kept)
