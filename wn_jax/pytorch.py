@@ -917,6 +917,34 @@ to_linen.__doc__ = (to_linen.__doc__ or '').format(args=_TREE_ARGS)
 to_nnx.__doc__ = (to_nnx.__doc__ or '').format(args=_TREE_ARGS)
 
 
+def layer_axes(
+  source: Any, kinds: Mapping[str, str] | None = None, *, decompose: bool | str = False
+) -> dict[str, int | None]:
+  """Each weight-normed layer's kept ``axis``, keyed by its linen path, for ``linen.fold``.
+
+  A converted layer's ``scale`` does not always tell its axis (a wav2vec2-style ``dim=2``
+  Conv1d whose window equals its channel count fits ``axis=-1`` too), so fold a converted
+  model with ``wn_jax.linen.fold(variables['params'], axis=layer_axes(torch_model))``.
+
+  Args:
+    source: as :func:`to_linen`.
+    kinds: as :func:`to_linen`.
+    decompose: as :func:`to_linen`.
+
+  Returns:
+    ``{'/'-joined linen path: axis}`` for every weight-normed (or decomposed) layer.
+
+  Examples:
+    >>> import numpy as np
+    >>> sd = {'pos_conv.0.weight_g': np.ones((1, 1, 4), np.float32),
+    ...       'pos_conv.0.weight_v': np.ones((4, 4, 4), np.float32)}
+    >>> layer_axes(sd)
+    {'pos_conv_0': -3}
+  """
+  _, _, layers = _layers(source, kinds, decompose, None)
+  return {'/'.join(_linen_path(prefix)): layer.axis for prefix, layer in layers.items()}
+
+
 def _tree_to_torch(
   tree: Any,
   like: Any,
@@ -1063,6 +1091,7 @@ __all__ = [
   'conv_kwargs',
   'find_prefixes',
   'from_torch',
+  'layer_axes',
   'to_linen',
   'to_nnx',
   'to_torch',
