@@ -537,7 +537,7 @@ def _like(ref: Any, value: np.ndarray, key: str) -> Any:
   if tuple(ref.shape) != value.shape:
     raise _error(f'{key!r}: like has shape {tuple(ref.shape)}, the converted value {value.shape}.')
   if hasattr(ref, 'new_tensor'):  # torch, without importing it
-    if type(value.dtype).__module__.startswith('ml_dtypes') or value.dtype == ml_dtypes.bfloat16:
+    if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, float8: torch reads no such NumPy array
       value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
     return ref.new_tensor(value)
   return np.asarray(value).astype(np.asarray(ref).dtype, copy=False)
