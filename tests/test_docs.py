@@ -48,11 +48,11 @@ def code_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
 
 @pytest.mark.standard_promotion  # guides show user code, which runs under JAX's default promotion
 @pytest.mark.parametrize('path', PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_guide_code_runs(path, monkeypatch, tmp_path):
+def test_guide_code_runs(path, monkeypatch):
   blocks = code_blocks(path)
   if path.parent.name == 'guides' or path.name == 'getting-started.md':
     assert blocks, f'{path.relative_to(ROOT)} has no python code to run'
-  monkeypatch.chdir(tmp_path)  # guides that write files (checkpoints) write them here
+  monkeypatch.chdir(ROOT)  # as a user in a clone: guides read examples/ and tests/data/
   globs: dict = {'__name__': f'docs_{path.stem}'}
   parser = doctest.DocTestParser()
   flags = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
