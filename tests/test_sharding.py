@@ -18,6 +18,7 @@ CHECKS = [
   'optimizer',
   'partitioned_scale',
   'data_init',
+  'explicit_mesh',
 ]
 
 
