@@ -212,13 +212,16 @@ def _train_checks(out: str) -> dict:
       return jnp.mean((nnx.merge(graphdef, s)(x) - y) ** 2)
 
     def shard(mesh, layout):
-      # Built under the mesh, outside jit: the metadata shards the first kernel, and the WN
-      # layer's `scale`, computed from that global kernel, follows it.
+      # The first kernel's partitioning metadata, and the `scale` wn_jax derives from it
+      # (abstract: built eagerly under the mesh in check_global_arguments).
       with jax.set_mesh(mesh):
-        model = _nnx_mlp(layout)
-      first = model.layers[0]
-      _scale_follows(first.scale[...], first.kernel[...], f'nnx/{layout}')
-      return nnx.to_pure_dict(nnx.state(model))
+        abstract = nnx.eval_shape(lambda: _nnx_mlp(layout))
+      meta = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract)))['layers'][0]
+      assert meta['scale'] == P(meta['kernel'][-1]), meta
+      params = nnx.to_pure_dict(state)
+      specs = _specs(params, layout)
+      specs['layers'][0] = {**specs['layers'][0], 'kernel': meta['kernel'], 'scale': meta['scale']}
+      return jax.tree_util.tree_map(lambda a, s: _global(mesh, a, s), params, specs)
 
     _compare_training('nnx', loss, nnx.to_pure_dict(state), x, TX, shard, trained)
 
@@ -259,36 +262,44 @@ def _train_checks(out: str) -> dict:
     gvars = _put(mesh, variables, 'both')
     got = jax.jit(lambda v, x: wl.data_init(model, v, x))(gvars, gx)
     _assert_trees(_gather(got), want, 'linen data_init under jit')
-    _assert_trees(_gather(wl.data_init(model, gvars, gx)), want, 'linen data_init, no jit')
     # The test could fail: one process's half gives other statistics.
     half_scale = wl.data_init(model, variables, local)['params']['layers_0']['scale']
     assert not np.allclose(want['params']['layers_0']['scale'], half_scale, rtol=1e-3)
 
     ref = _nnx_mlp()
+    graphdef, state = nnx.split(ref)
+    m = nnx.merge(graphdef, _put(mesh, state, 'both'))
     wx.data_init(ref, xi)
-    with jax.set_mesh(mesh):
-      m = _nnx_mlp('both')
     nnx.jit(wx.data_init)(m, gx)
     _assert_trees(_gather(nnx.to_pure_dict(nnx.state(m))), nnx.to_pure_dict(nnx.state(ref)), 'nnx')
 
   def check_global_arguments():
     # wn_jax's entry points on global (not fully addressable) arrays, outside jit: none may
-    # close over them in a jitted function or pull them to the host.
+    # close over them in a jitted function or pull them to the host. (weight_norm,
+    # materialize, fold, linen data_init, the optim transformation, NNX layer construction.)
     mesh = _mesh()
     gw = _put(mesh, plain, 'both')
     assert not gw['layers_0']['kernel'].is_fully_addressable
     _assert_trees(_gather(wn_jax.materialize(wn_jax.weight_norm(gw))), plain, 'materialize')
-    kernel = gw['layers_0']['kernel']
-    _assert_trees(_gather(wn_jax.norm(kernel)), wn_jax.norm(plain['layers_0']['kernel']), 'norm')
-    v, g = wn_jax.decompose(kernel)
-    _assert_trees(_gather(wn_jax.normalize(v, g)), plain['layers_0']['kernel'], 'normalize')
     model = _linen_mlp()
-    params = jax.jit(model.init)(jax.random.key(3), x)['params']
-    _assert_trees(_gather(wl.fold(_put(mesh, params, 'both'))), wl.fold(params), 'fold')
+    variables = jax.jit(model.init)(jax.random.key(3), x)
+    gvars = _put(mesh, variables, 'both')
+    _assert_trees(_gather(wl.fold(gvars['params'])), wl.fold(variables['params']), 'fold')
+    gx = _global(mesh, x, P('data'))
+    want = wl.data_init(model, variables, x)
+    _assert_trees(_gather(wl.data_init(model, gvars, gx)), want, 'linen data_init')
+    tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
     ones = lambda t: jax.tree_util.tree_map(jnp.ones_like, t)
-    got, _ = OPTIM_TX.update(ones(gw), OPTIM_TX.init(gw), gw)
-    want, _ = OPTIM_TX.update(ones(plain), OPTIM_TX.init(plain), plain)
+    got, _ = tx.update(ones(gw), tx.init(gw), gw)
+    want, _ = tx.update(ones(plain), tx.init(plain), plain)
     _assert_trees(_gather(got), want, 'optim update')
+    # An NNX model built under the mesh: each WN layer computes `scale` from its global
+    # kernel, sharded like the kernel's out features.
+    with jax.set_mesh(mesh):
+      m = _nnx_mlp('both')
+    _scale_follows(m.layers[0].scale[...], m.layers[0].kernel[...], 'nnx')
+    want = nnx.to_pure_dict(nnx.state(_nnx_mlp()))
+    _assert_trees(_gather(nnx.to_pure_dict(nnx.state(m))), want, 'nnx built under the mesh')
 
   def check_checkpoint():
     state = {'wn': trained['linen'], 'optim': trained['optim']}
