@@ -9,6 +9,7 @@ import pytest
 
 import wn_jax
 from tests import reference as ref
+from tests.helpers import RTOL
 from tests.helpers import assert_close
 from wn_jax import linen as wl
 
@@ -378,3 +379,229 @@ def test_mean_only_batch_norm_axis_name_matches_global_mean():
   )(x)
   xr = np.asarray(x, np.float64)
   assert_close(y, xr - xr.mean((0, 1)))
+
+
+MP_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _f64(a):
+  return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+
+
+def _normwise(y, expected):
+  return float(np.linalg.norm(_f64(y) - expected) / np.linalg.norm(expected))
+
+
+def assert_mixed_precision(y, x, kernel, scale, bias, plain_apply, param_dtype, dtype):
+  """A WN layer's output against the float64 reference, and its error against the plain layer's.
+
+  ``plain_apply(kernel)`` runs the plain Flax layer (same dtype, param_dtype, bias) with
+  ``kernel``; it gets the exact w rounded to ``param_dtype``, and its error is measured
+  against the float64 product of its own parameters: the rounding of the computation alone.
+  """
+  w = ref.normalize(_f64(kernel), _f64(scale), -1)
+  err = _normwise(y, ref.dense(_f64(x), w, _f64(bias)))
+  plain_kernel = jnp.asarray(w).astype(param_dtype)
+  plain_err = _normwise(
+    plain_apply(plain_kernel), ref.dense(_f64(x), _f64(plain_kernel), _f64(bias))
+  )
+  assert y.dtype == dtype
+  assert err <= 2 * RTOL[jnp.dtype(dtype)], (err, plain_err)
+  assert err <= 2 * plain_err, (err, plain_err)
+
+
+def _mp_input(dtype):
+  return _rand((32, 64)).astype(dtype)
+
+
+def _mp_scale(g):
+  """g moved away from ||v|| (in float32), back in its own dtype."""
+  return (g.astype(jnp.float32) * jnp.linspace(0.5, 2.0, g.shape[-1])).astype(g.dtype)
+
+
+@pytest.mark.parametrize('param_dtype', MP_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize('dtype', MP_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNDense', 'WeightNorm'])
+def test_mixed_precision_within_2x_of_plain_flax(wrapped, dtype, param_dtype):
+  x = _mp_input(dtype)
+  plain = nn.Dense(48, dtype=dtype, param_dtype=param_dtype)
+  layer = wl.WeightNorm(plain) if wrapped else wl.WNDense(48, dtype=dtype, param_dtype=param_dtype)
+  p = layer.init(KEY, x)['params']
+  if wrapped:
+    p['scale']['kernel'] = _mp_scale(p['scale']['kernel'])
+    kernel, scale, bias = p['layer']['kernel'], p['scale']['kernel'], p['layer']['bias']
+  else:
+    p['scale'] = _mp_scale(p['scale'])
+    kernel, scale, bias = p['kernel'], p['scale'], p['bias']
+  assert kernel.dtype == scale.dtype == param_dtype
+  y = jax.jit(layer.apply)({'params': p}, x)
+  assert_mixed_precision(
+    y,
+    x,
+    kernel,
+    scale,
+    bias,
+    lambda k: plain.apply({'params': {'kernel': k, 'bias': bias}}, x),
+    param_dtype,
+    dtype,
+  )
+
+
+def test_weight_norm_wrapper_keeps_partitioning():
+  dense = nn.Dense(
+    8, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
+  )
+  variables = wl.WeightNorm(dense).init(KEY, jnp.ones((2, 4)))
+  p = variables['params']
+  assert isinstance(p['layer']['kernel'], nn.Partitioned)
+  assert isinstance(p['scale']['kernel'], nn.Partitioned)
+  spec = nn.get_partition_spec(variables)['params']
+  assert spec['layer']['kernel'] == jax.sharding.PartitionSpec(None, 'model')
+  assert spec['scale']['kernel'] == jax.sharding.PartitionSpec('model')
+  conv = nn.Conv(
+    8,
+    (3,),
+    kernel_init=nn.with_logical_partitioning(
+      nn.initializers.lecun_normal(), ('width', 'embed', 'mlp')
+    ),
+  )
+  x = _rand((1, 5, 4))
+  lv = wl.WeightNorm(conv).init(KEY, x)
+  assert isinstance(lv['params']['scale']['kernel'], nn.LogicallyPartitioned)
+  assert lv['params']['scale']['kernel'].names == ('mlp',)
+  assert lv['params']['layer']['kernel'].names == ('width', 'embed', 'mlp')
+  # Boxed variables apply, and compute what the unboxed ones compute.
+  np.testing.assert_allclose(
+    wl.WeightNorm(conv).apply(lv, x),
+    conv.apply({'params': nn.unbox(lv['params']['layer'])}, x),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
+class _Named(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return wl.WNDense(4, param_dtype=jnp.complex64, name='head')(x)
+
+
+@pytest.mark.parametrize(
+  'model,message',
+  [
+    (wl.WNDense(4, param_dtype=jnp.complex64), r"WNDense at '/'.*real floating.*complex64"),
+    (_Named(), r"WNDense at '/head'.*real floating"),
+    (wl.WNConv(4, (3,), param_dtype=jnp.complex64), r"WNConv at '/'.*real floating"),
+    (
+      wl.WeightNorm(nn.Dense(4, param_dtype=jnp.complex64)),
+      r"WeightNorm\(Dense\) at '/'.*'kernel'.*real floating",
+    ),
+  ],
+  ids=['WNDense', 'nested', 'WNConv', 'WeightNorm'],
+)
+def test_complex_kernel_error_names_the_layer(model, message):
+  x = jnp.ones((2, 5, 3), jnp.complex64)
+  with pytest.raises(ValueError, match=message):
+    model.init(KEY, x)
+
+
+class _Block(nn.Module):
+  wn: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.wn:
+      return nn.Conv(4, (4,), padding='SAME', name='conv')(x)
+    # PyTorch's weight_norm(nn.Conv1d(4, 4, 4), dim=2) keeps the window: axis -3 in Flax layout.
+    return wl.WNConv(4, (4,), axis=-3, padding='SAME', name='conv')(x)
+
+
+class _MixedAxes(nn.Module):
+  wn: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    if not self.wn:
+      h = _Block(wn=False, name='block')(x)
+      h = nn.Dense(4, name='square')(nn.relu(h))
+      return nn.Dense(3, name='head')(h)
+    h = _Block(name='block')(x)
+    h = wl.WNDense(4, axis=0, name='square')(nn.relu(h))  # square kernel, axis 0
+    return wl.WNDense(3, name='head')(h)
+
+
+def _trained(params, seed=9):
+  """g moved away from ||v||, as after training."""
+  keys = iter(jax.random.split(jax.random.key(seed), 16))
+  return jax.tree_util.tree_map_with_path(
+    lambda p, a: (
+      a * jax.random.uniform(next(keys), a.shape, minval=0.5, maxval=2.0)
+      if wn_jax._tree.path_str(p).endswith('scale')
+      else a
+    ),
+    params,
+  )
+
+
+def test_fold_uses_each_layers_own_axis():
+  x = _rand((2, 6, 4))
+  model = _MixedAxes()
+  params = _trained(model.init(KEY, x)['params'])
+  axes = wl.layer_axes(model, x)
+  assert axes == {'block/conv': -3, 'head': -1, 'square': 0}
+  expected = model.apply({'params': params}, x)
+  plain = _MixedAxes(wn=False)
+  for axis in (axes, {'block/conv': -3, 'square': 0, 'head': -1}, lambda path: axes[path]):
+    folded = wl.fold(params, axis)
+    assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(
+      plain.init(KEY, x)['params']
+    )
+    np.testing.assert_allclose(plain.apply({'params': folded}, x), expected, rtol=1e-5, atol=1e-5)
+  # The folded kernels are the reference's, each with its own axis.
+  folded = wl.fold(params, axes)
+  for path, axis in axes.items():
+    layer = params['block']['conv'] if path == 'block/conv' else params[path]
+    out = folded['block']['conv'] if path == 'block/conv' else folded[path]
+    assert_close(out['kernel'], ref.normalize(layer['kernel'], layer['scale'], axis))
+  # Abstract inputs are enough.
+  assert wl.layer_axes(model, jax.ShapeDtypeStruct(x.shape, x.dtype)) == axes
+
+
+def test_fold_refuses_where_it_cannot_know():
+  x = _rand((2, 6, 4))
+  params = _trained(_MixedAxes().init(KEY, x)['params'])
+  with pytest.raises(ValueError, match=r"layer 'head' has a kernel and a scale, but no axis"):
+    wl.fold(params, {'block/conv': -3, 'square': 0})
+  # A scale that fits only another axis: the layer is named, with the axes that fit.
+  xn = _rand((2, 5))
+  narrow = {'params': _trained(wl.WNDense(4, axis=0, name='fc').init(KEY, xn)['params'])}
+  with pytest.raises(ValueError, match=r"wn_jax.linen.fold: layer '': .*shape \(5,\).*\[-2\]"):
+    wl.fold(narrow['params'])
+  with pytest.raises(ValueError, match=r"layer 'fc'.*axis 3 is out of range"):
+    wl.fold({'fc': narrow['params']}, {'fc': 3})
+
+
+def test_fold_nnx_state_with_each_layers_axis():
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  wn_model = nnx.Sequential(
+    wx.WNConv(4, 4, (4,), axis=-3, padding='SAME', rngs=nnx.Rngs(0)),
+    wx.WNLinear(4, 4, axis=0, rngs=nnx.Rngs(1)),
+    wx.WNLinear(4, 3, rngs=nnx.Rngs(2)),
+  )
+  for layer in wn_model.layers:
+    layer.scale[...] = layer.scale[...] * jnp.linspace(0.5, 2.0, layer.scale.shape[0])
+  assert wx.layer_axes(wn_model) == {'layers/0': -3, 'layers/1': 0, 'layers/2': -1}
+  plain = nnx.Sequential(
+    nnx.Conv(4, 4, (4,), padding='SAME', rngs=nnx.Rngs(5)),
+    nnx.Linear(4, 4, rngs=nnx.Rngs(6)),
+    nnx.Linear(4, 3, rngs=nnx.Rngs(7)),
+  )
+  x = _rand((2, 6, 4))
+  pure = nnx.to_pure_dict(nnx.state(wn_model, nnx.Param))
+  for folded in (wx.fold(wn_model), wl.fold(pure, wx.layer_axes(wn_model))):
+    state = nnx.state(plain, nnx.Param)
+    nnx.replace_by_pure_dict(state, folded)
+    nnx.update(plain, state)
+    np.testing.assert_allclose(plain(x), wn_model(x), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,10 @@ from flax import nnx
 import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
+from tests.test_linen import MP_DTYPES
+from tests.test_linen import _mp_input
+from tests.test_linen import _mp_scale
+from tests.test_linen import assert_mixed_precision
 from wn_jax import linen as wl
 from wn_jax import nnx as wx
 
@@ -246,7 +250,7 @@ def test_bad_input(call, message):
 def test_wrong_scale_shape_names_the_layer():
   layer = wx.WNLinear(3, 4, rngs=nnx.Rngs(0))
   layer.scale.set_value(jnp.ones(3))
-  with pytest.raises(ValueError, match=r'WNLinear: scale has shape \(3,\)'):
+  with pytest.raises(ValueError, match=r'WNLinear\(kernel \(3, 4\)\): scale has shape \(3,\)'):
     layer(jnp.ones((1, 3)))
 
 
@@ -264,3 +268,73 @@ def test_linen_twin_parity_of_attribute_vocabulary():
   )
   assert layer(jnp.ones((1, 6, 2))).dtype == jnp.bfloat16
   assert isinstance(nn.Dense, type)
+
+
+@pytest.mark.parametrize('param_dtype', MP_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize('dtype', MP_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNLinear', 'WeightNorm'])
+def test_mixed_precision_within_2x_of_plain_flax(wrapped, dtype, param_dtype):
+  x = _mp_input(dtype)
+  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  if wrapped:
+    layer = wx.WeightNorm(nnx.Linear(64, 48, **kw))
+    layer.scale['kernel'][...] = _mp_scale(layer.scale['kernel'][...])
+    kernel, scale = layer.layer.kernel[...], layer.scale['kernel'][...]
+    bias = layer.layer.bias[...]
+  else:
+    layer = wx.WNLinear(64, 48, **kw)
+    layer.scale[...] = _mp_scale(layer.scale[...])
+    kernel, scale, bias = layer.kernel[...], layer.scale[...], layer.bias[...]
+  assert kernel.dtype == scale.dtype == param_dtype
+  plain = nnx.Linear(64, 48, **kw)
+  plain.bias[...] = bias
+
+  def plain_apply(k):
+    plain.kernel[...] = k
+    return plain(x)
+
+  y = nnx.jit(lambda m, x: m(x))(layer, x)
+  assert_mixed_precision(y, x, kernel, scale, bias, plain_apply, param_dtype, dtype)
+
+
+def test_weight_norm_wrapper_scale_carries_the_kernel_sharding():
+  mesh = jax.make_mesh((1,), ('model',))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, 'model'))
+  with jax.set_mesh(mesh):
+    inner = nnx.Sequential(
+      nnx.Linear(4, 8, kernel_init=init, rngs=nnx.Rngs(0)),
+      nnx.Linear(8, 2, rngs=nnx.Rngs(1)),
+    )
+    model = wx.WeightNorm(inner)
+  assert model.scale['layers']['0']['kernel'].get_metadata()['out_sharding'] == ('model',)
+  assert model.scale['layers']['1']['kernel'].get_metadata().get('out_sharding') is None
+  spec = nnx.get_partition_spec(nnx.state(model))
+  got = spec['scale']['layers']['0']['kernel']
+  got = got.get_value() if isinstance(got, nnx.Variable) else got
+  assert got == jax.sharding.PartitionSpec('model')
+  kernel = spec['layer']['layers'][0]['kernel']
+  kernel = kernel.get_value() if isinstance(kernel, nnx.Variable) else kernel
+  assert kernel == jax.sharding.PartitionSpec(None, 'model')
+
+
+@pytest.mark.parametrize(
+  'make,message',
+  [
+    (
+      lambda: wx.WNLinear(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0)),
+      r'WNLinear\(kernel \(3, 4\)\).*real floating.*complex64',
+    ),
+    (
+      lambda: wx.WNConv(3, 4, (3,), param_dtype=jnp.complex64, rngs=nnx.Rngs(0)),
+      r'WNConv\(kernel \(3, 3, 4\)\).*real floating',
+    ),
+    (
+      lambda: wx.WeightNorm(nnx.Linear(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0))),
+      r"WeightNorm\(Linear\).*'kernel'.*real floating",
+    ),
+  ],
+  ids=['WNLinear', 'WNConv', 'WeightNorm'],
+)
+def test_complex_kernel_error_names_the_layer(make, message):
+  with pytest.raises(ValueError, match=message):
+    make()

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _layers
 from wn_jax import _tree
 
 Initializer = Callable[..., Any]
@@ -41,7 +42,7 @@ Initializer = Callable[..., Any]
 def _scale_box(kernel_box: Any, g: jax.Array, kept: tuple[int, ...]) -> Any:
   """``g`` boxed like the kernel: a partitioned kernel gives a partitioned scale."""
   if isinstance(kernel_box, nn.Partitioned):
-    return kernel_box.replace(value=g, names=tuple(kernel_box.names[a] for a in kept))
+    return kernel_box.replace(value=g, names=_layers.kept_names(kernel_box.names, kept))
   return g
 
 
@@ -89,6 +90,7 @@ class _WeightNormedKernel:
     if name != 'kernel':
       return value
     where = self._where()
+    _layers.check_real(where, 'kernel', value)
     kept = _core.kept_axes(value.ndim, self.axis, where)
     shape = _core.scale_shape(value.shape, kept)
     self._check_loaded_scale(shape, value.shape)
@@ -103,7 +105,8 @@ class _WeightNormedKernel:
     g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
     if mode is not None:
       g = jnp.ones_like(g)
-    return _core.normalize(value, g, kept)
+    dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))  # type: ignore[attr-defined]
+    return _layers.normalize(where, value, g, kept, dtype)
 
   def _check_loaded_scale(self, shape, kernel_shape) -> None:
     if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
@@ -115,8 +118,19 @@ class _WeightNormedKernel:
           f"or the layer's axis."
         )
 
-  def _data_init_call(self, call, *args, **kwargs):
-    """Runs ``call`` normally, or, in data-init mode on first use, initializes g and b."""
+  def _data_init_call(self, call, inputs):
+    """Runs ``call(inputs)``, or, in data-init mode on first use, initializes g and b.
+
+    While it runs, ``param`` sees ``inputs`` (with ``dtype=None`` a Flax layer computes in
+    the promotion of its inputs and parameters, so ``w`` is formed in that dtype).
+    """
+    object.__setattr__(self, '_inputs', inputs)
+    try:
+      return self._data_init_run(call, inputs)
+    finally:
+      object.__delattr__(self, '_inputs')
+
+  def _data_init_run(self, call, *args, **kwargs):
     if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
       return call(*args, **kwargs)
     mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
@@ -285,37 +299,66 @@ class WeightNorm(nn.Module):
 
   @nn.compact
   def __call__(self, *args, **kwargs):
+    path = '/'.join(self.scope.path) if self.scope is not None else ''
+    where = f"WeightNorm({type(self.layer).__name__}) at '/{path}'"
+    layer_dtype = getattr(self.layer, 'dtype', None)
+
+    def weight(x: _tree.WeightNormed) -> jax.Array:
+      dtype = _layers.weight_dtype(where, x.v, x.g, layer_dtype, (args, kwargs))
+      return _layers.normalize(where, x.v, x.g, x.axis, dtype)
+
+    stored = {}
+
     def trans_in(variables):
       params = variables.get('params', {})
       if not params:
         return variables
+      stored['params'] = params  # as stored: v, in its dtype and with its metadata boxes
       params = nn.unbox(params)
 
       def init(key):
         # Only at init: g = ||v|| (or scale_init); afterwards g comes from `scale`.
         wn = _tree.weight_norm(params, self.axis, where=self.where)
         keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
-        return _tree.map_selected(
+        g = _tree.map_selected(
           wn,
           lambda x: (
             x.g if self.scale_init is None else self.scale_init(next(keys), x.g.shape, x.g.dtype)
           ),
         )
 
-      scale = self.param('scale', init)
-      directions = _tree.replace_selected(
-        params,
-        self.where,
-        lambda v: _tree.WeightNormed(v, None, self.axis),
-        'wn_jax.linen.WeightNorm',
-      )
-      merged = _tree.map_selected(directions, lambda x: x.weight(), scale)
+        def box(path, g):  # each scale partitioned like its kernel's kept axes
+          kernel = stored['params']
+          for k in path:
+            kernel = kernel[k.key]
+          return _scale_box(
+            kernel, g, _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
+          )
+
+        return jax.tree_util.tree_map_with_path(box, g)
+
+      try:
+        scale = self.param('scale', init)
+        directions = _tree.replace_selected(
+          params,
+          self.where,
+          lambda v: _tree.WeightNormed(v, None, self.axis),
+          'wn_jax.linen.WeightNorm',
+        )
+      except ValueError as e:
+        raise ValueError(f'{where}: {e}') from None
+      merged = _tree.map_selected(directions, weight, scale)
       return {**variables, 'params': merged}
+
+    def trans_out(variables):
+      # At init Flax stores the view the layer saw; the layer's parameters are v, as created.
+      return {**variables, **stored}
 
     return nn.map_variables(
       lambda layer: layer(*args, **kwargs),
       'params',
       trans_in_fn=trans_in,
+      trans_out_fn=trans_out,
       init=self.is_initializing(),
     )(self.layer)
 
@@ -447,21 +490,78 @@ def data_init(
   return {**variables, 'params': updates['params']}
 
 
-def fold(params: Any, axis: _core.Axis = -1) -> Any:
+def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Any]:
+  """The kept ``axis`` of every WN layer of ``model``, by path: what :func:`fold` needs to know.
+
+  Traces ``model.init`` abstractly (``jax.eval_shape``: nothing is computed or allocated)
+  on ``args`` (arrays or ``jax.ShapeDtypeStruct``) and records the ``axis`` attribute of
+  each ``WNDense``, ``WNConv`` and ``WNConvTranspose`` it calls, keyed by the layer's path
+  in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
+
+  Args:
+    model: the linen model.
+    *args: example inputs, as ``model.init`` takes them.
+    method: the method of ``model`` to run (default ``__call__``).
+    **kwargs: passed to ``model.init`` (e.g. ``train=False``).
+
+  Returns:
+    A dict from layer path to axis, for ``fold(params, axis=...)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return wn_jax.linen.WNDense(4, axis=0, name='out')(wn_jax.linen.WNDense(4)(x))
+    >>> wn_jax.linen.layer_axes(Net(), jnp.ones((2, 4)))
+    {'WNDense_0': -1, 'out': 0}
+  """
+  axes: dict[str, Any] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if isinstance(module, _WeightNormedKernel) and context.method_name == '__call__':
+      axes['/'.join(module.scope.path)] = module.axis  # type: ignore[attr-defined]
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args)
+  return dict(sorted(axes.items()))
+
+
+def fold(params: Any, axis: _layers.AxisSpec = -1) -> Any:
   r"""Folds weight normalization away: WN layer parameters -> plain layer parameters.
 
   Every dict that holds a ``kernel`` and a ``scale`` array (a ``WNDense``, ``WNConv`` or
-  ``WNConvTranspose``) gets ``kernel = scale * kernel / ||kernel||`` and loses ``scale``;
-  ``WeightNormed`` leaves are materialized; everything else is kept. The result loads
-  into the plain Flax layers (``nn.Dense``, ``nn.Conv``, ``nn.ConvTranspose``) with the
+  ``WNConvTranspose``) gets $w = g \, v / \lVert v \rVert$ as its ``kernel`` and loses
+  ``scale``; ``WeightNormed`` leaves are materialized; everything else is kept. The result
+  loads into the plain Flax layers (``nn.Dense``, ``nn.Conv``, ``nn.ConvTranspose``) with the
   same names, for deployment: inference then costs exactly what the plain model costs.
+  NNX: fold ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, or use
+  :func:`wn_jax.nnx.fold`, which reads each layer's axis from the model.
+
+  The parameters do not record the axis a layer was built with, and a scale's shape does
+  not always tell: a square ``(n, n)`` kernel with a scale of shape ``(n,)`` fits both
+  ``axis=-1`` and ``axis=0``. So ``fold`` takes the axis it is told (every layer keeps
+  ``-1``, Flax's output features, unless told otherwise) and refuses, naming the layer,
+  every layer whose scale does not fit it. Where some layers keep another axis, pass each
+  layer's own: ``axis=layer_axes(model, x)`` reads them from the model; a mapping or a
+  callable also works. A ``WeightNorm`` wrapper's parameters (``layer``, ``scale``) are
+  left as they are.
 
   Args:
-    params: a linen ``params`` tree.
-    axis: the kept axis the WN layers were built with (default ``-1``).
+    params: a linen ``params`` tree (boxed or not), or an NNX pure dict.
+    axis: the kept axis of every WN layer: an int, a tuple of ints or ``None`` for all;
+      a mapping from layer path (``'block/WNDense_0'``, ``/``-joined keys of ``params``)
+      to axis, which must name every WN layer (:func:`layer_axes` builds it); or a
+      callable from layer path to axis.
 
   Returns:
     The folded params; ``params`` is not modified.
+
+  Raises:
+    ValueError: a layer's scale does not fit its axis, or a mapping misses a layer; the
+      message names the layer's path.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
@@ -473,13 +573,10 @@ def fold(params: Any, axis: _core.Axis = -1) -> Any:
     >>> y = nn.Dense(4).apply({'params': plain}, x)
     >>> bool(jnp.allclose(y, wn_jax.linen.WNDense(4).apply(variables, x)))
     True
+    >>> square = wn_jax.linen.WNDense(3, axis=0)
+    >>> v = square.init(jax.random.key(0), x)
+    >>> plain = wn_jax.linen.fold(v['params'], wn_jax.linen.layer_axes(square, x))
+    >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
+    True
   """
-  params = nn.unbox(params)
-  if isinstance(params, _tree.WeightNormed):
-    return params.weight()
-  if not hasattr(params, 'items'):
-    return params
-  if 'kernel' in params and 'scale' in params and hasattr(params['scale'], 'shape'):
-    rest = {k: fold(v, axis) for k, v in params.items() if k not in ('kernel', 'scale')}
-    return {'kernel': _core.normalize(params['kernel'], params['scale'], axis), **rest}
-  return {k: fold(v, axis) for k, v in params.items()}
+  return _layers.fold(nn.unbox(params), axis, 'wn_jax.linen.fold')

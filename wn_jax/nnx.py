@@ -21,6 +21,7 @@ from flax import nnx
 
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _layers
 from wn_jax import _tree
 
 Initializer = Callable[..., Any]
@@ -38,12 +39,12 @@ class _KernelView:
     return getattr(object.__getattribute__(self, '_module'), name)
 
 
-def _scale_param(kernel: nnx.Param, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
+def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
   """``g`` as an ``nnx.Param``, sharded like the kernel's kept axes."""
-  names = kernel.get_metadata().get('out_sharding')
+  names = _layers.kept_names(kernel.get_metadata().get('out_sharding'), kept)
   if names is None:
     return nnx.Param(g)
-  return nnx.Param(g, out_sharding=tuple(names[a] for a in kept))
+  return nnx.Param(g, out_sharding=names)
 
 
 class _WeightNormedKernel:
@@ -57,7 +58,8 @@ class _WeightNormedKernel:
 
   def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
     v = self.kernel[...]
-    kept = _core.kept_axes(v.ndim, axis, type(self).__name__)
+    _layers.check_real(self._where(), 'kernel', v)
+    kept = _core.kept_axes(v.ndim, axis, self._where())
     self.axis = axis
     if scale_init is None:
       g = _core.decompose(v, kept)[1]
@@ -68,13 +70,17 @@ class _WeightNormedKernel:
   def _out_axis(self) -> int:
     return -1
 
+  def _where(self) -> str:
+    return f'{type(self).__name__}(kernel {tuple(self.kernel.shape)})'
+
   def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     call = super().__call__  # type: ignore[misc]
     kernel = self.kernel[...]
     bias = self.bias
-    where = type(self).__name__
+    where = self._where()
     kept = _core.kept_axes(kernel.ndim, self.axis, where)
     g = self.scale[...]
+    dtype = _layers.weight_dtype(where, kernel, g, self.dtype, inputs)  # type: ignore[attr-defined]
     if g.shape != _core.scale_shape(kernel.shape, kept):
       raise ValueError(
         f'{where}: scale has shape {g.shape}, but a kernel of shape {kernel.shape} with '
@@ -83,13 +89,14 @@ class _WeightNormedKernel:
       )
     mode = _data_init.claim(id(self))
     if mode is None:
-      w = _core.normalize(kernel, g, kept)
+      w = _layers.normalize(where, kernel, g, kept, dtype)
       return call.__func__(_KernelView(self, w, bias), inputs, *args, **kwargs)
     _data_init.check_output_axis(kernel.ndim, kept, self._out_axis(), where)
-    direction = _core.normalize(kernel, jnp.ones_like(g), kept)
+    direction = _layers.normalize(where, kernel, jnp.ones_like(g), kept, dtype)
     zero_bias = None if bias is None else jnp.zeros_like(bias[...])
     t = call.__func__(_KernelView(self, direction, zero_bias), inputs, *args, **kwargs)
-    new_g, b, out = _data_init.initialize(t, mode, where, where, bias is not None)
+    name = type(self).__name__  # init_scale's callable gets the class name
+    new_g, b, out = _data_init.initialize(t, mode, name, where, bias is not None)
     self.scale[...] = new_g.astype(g.dtype)
     if b is not None:
       self.bias[...] = b.astype(bias.dtype)
@@ -210,10 +217,21 @@ class WNConvTranspose(_WeightNormedKernel, nnx.ConvTranspose):
     return -2 if getattr(self, 'transpose_kernel', False) else -1
 
 
-def _to_params(tree: Any) -> Any:
+def _child(state: Any, key: Any) -> Any:
+  """``state[key]``, where a list index may come as a string or an int."""
+  for k in (key, str(key), int(key) if str(key).isdigit() else key):
+    if k in state:
+      return state[k]
+  return state[key]
+
+
+def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
+  """The scale tree as ``nnx.Param`` s, each sharded like its kernel (``kernels``: the state)."""
   if isinstance(tree, dict):
-    return nnx.Dict({str(k): _to_params(v) for k, v in tree.items()})
-  return nnx.Param(tree)
+    return nnx.Dict(
+      {str(k): _to_params(v, _child(kernels, k), axis, where) for k, v in tree.items()}
+    )
+  return _scale_param(kernels, tree, _core.kept_axes(kernels.ndim, axis, where))
 
 
 class WeightNorm(nnx.Module):
@@ -258,14 +276,20 @@ class WeightNorm(nnx.Module):
     self.axis = axis
     self.where = where
     pure = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
-    wn = _tree.weight_norm(pure, axis, where=where)
+    try:
+      wn = _tree.weight_norm(pure, axis, where=where)
+    except ValueError as e:
+      raise ValueError(f'{self._where()}: {e}') from None
     if scale_init is None:
       scales = _tree.map_selected(wn, lambda x: x.g)
     else:
       if rngs is None:
-        raise ValueError('nnx.WeightNorm: a scale_init needs rngs=nnx.Rngs(...).')
+        raise ValueError(f'{self._where()}: a scale_init needs rngs=nnx.Rngs(...).')
       scales = _tree.map_selected(wn, lambda x: scale_init(rngs.params(), x.g.shape, x.g.dtype))
-    self.scale = _to_params(scales)
+    self.scale = _to_params(scales, nnx.state(layer, nnx.Param), axis, self._where())
+
+  def _where(self) -> str:
+    return f'wn_jax.nnx.WeightNorm({type(self.layer).__name__})'
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
@@ -276,7 +300,13 @@ class WeightNorm(nnx.Module):
       'wn_jax.nnx.WeightNorm',
     )
     g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
-    weights = _tree.map_selected(directions, lambda x: x.weight(), g)
+    where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
+
+    def weight(x: _tree.WeightNormed) -> jax.Array:
+      dtype = _layers.weight_dtype(where, x.v, x.g, layer_dtype, (args, kwargs))
+      return _layers.normalize(where, x.v, x.g, x.axis, dtype)
+
+    weights = _tree.map_selected(directions, weight, g)
     nnx.replace_by_pure_dict(params, weights)
     layer = nnx.merge(graphdef, params, rest)
     out = layer(*args, **kwargs)
@@ -395,3 +425,49 @@ def data_init(
   """
   with _data_init.mode(init_scale, axis_name):
     return model(*args, **kwargs)
+
+
+def layer_axes(model: nnx.Module) -> dict[str, Any]:
+  """The kept ``axis`` of every WN layer of ``model``, by path (``'layers/0'``; ``''`` for itself).
+
+  The paths are those of ``nnx.to_pure_dict(nnx.state(model))``, ``/``-joined, so the
+  result is the ``axis`` that :func:`wn_jax.linen.fold` takes for this model's state.
+
+  Examples:
+    >>> import wn_jax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(
+    ...   wn_jax.nnx.WNLinear(3, 3, axis=0, rngs=nnx.Rngs(0)), wn_jax.nnx.WNLinear(3, 2, rngs=nnx.Rngs(0))
+    ... )
+    >>> wn_jax.nnx.layer_axes(model)
+    {'layers/0': 0, 'layers/1': -1}
+  """
+  return {
+    '/'.join(str(k) for k in path): node.axis
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, _WeightNormedKernel)
+  }
+
+
+def fold(model: nnx.Module) -> dict[str, Any]:
+  r"""The model's parameters with weight normalization folded away, as a pure dict.
+
+  Each WN layer's ``kernel`` becomes $w = g \, v / \lVert v \rVert$ with the layer's own
+  ``axis`` (read from the model, so it is never ambiguous) and its ``scale`` is dropped;
+  the result loads into the same model built with plain ``nnx.Linear`` / ``nnx.Conv`` /
+  ``nnx.ConvTranspose`` layers through ``nnx.replace_by_pure_dict``. Same as
+  ``wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), layer_axes(model))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNLinear(3, 3, axis=0, rngs=nnx.Rngs(0))
+    >>> plain = nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    >>> state = nnx.state(plain, nnx.Param)
+    >>> nnx.replace_by_pure_dict(state, wn_jax.nnx.fold(layer))
+    >>> nnx.update(plain, state)
+    >>> bool(jnp.allclose(plain(jnp.ones((1, 3))), layer(jnp.ones((1, 3)))))
+    True
+  """
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return _layers.fold(params, layer_axes(model), 'wn_jax.nnx.fold')

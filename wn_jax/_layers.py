@@ -1,0 +1,128 @@
+"""What the linen and NNX layers share: the dtype ``w`` is formed in, and the scale's metadata."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wn_jax import _core
+from wn_jax import _tree
+
+
+def check_real(where: str, name: str, x: Any) -> None:
+  """A ``ValueError`` naming the layer unless ``x`` is a real floating array."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f'{where}: the {name} must be a real floating array (float16, bfloat16, float32 or '
+      f'float64) to be weight-normalized; got dtype {dtype}. Use a real param_dtype, or '
+      f'leave this parameter out of the weight normalization.'
+    )
+
+
+def weight_dtype(where: str, v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtype:
+  """The dtype ``w`` is formed in: the widest of ``v``'s, ``g``'s and the layer's compute dtype.
+
+  The compute dtype is ``layer_dtype`` (a Flax layer's ``dtype``) when it is set; with
+  ``None`` a Flax layer promotes its parameters with its inputs, so the floating array
+  leaves of ``inputs`` count instead. Forming ``w`` in the wider dtype rounds it at most
+  once, to the dtype the layer computes in (``bfloat16`` parameters in a ``float32`` layer
+  give a ``float32`` weight, not a ``bfloat16`` one).
+  """
+  check_real(where, 'kernel', v)
+  check_real(where, 'scale', g)
+  dtypes = [jnp.result_type(v), jnp.result_type(g)]
+  if layer_dtype is not None:
+    dtypes.append(jnp.dtype(layer_dtype))
+  else:
+    dtypes += [
+      x.dtype
+      for x in jax.tree_util.tree_leaves(inputs)
+      if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+  dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+  return _core.result_dtype(*dtypes)
+
+
+def normalize(where: str, v: Any, g: Any, kept: _core.Axis, dtype: Any) -> jax.Array:
+  """``_core.normalize`` with ``v`` and ``g`` cast to ``dtype`` first (reduced in float32)."""
+  try:
+    return _core.normalize(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+
+
+def kept_names(names: Sequence[Any] | None, kept: tuple[int, ...]) -> tuple[Any, ...] | None:
+  """The partition names of a scale: those of its kernel's kept axes (``None``: unpartitioned)."""
+  if names is None:
+    return None
+  return tuple(names[a] for a in kept)
+
+
+AxisSpec = _core.Axis | Mapping[str, _core.Axis] | Callable[[str], _core.Axis]
+
+
+def _axis_of(axis: AxisSpec, caller: str) -> Callable[[str], _core.Axis]:
+  if isinstance(axis, Mapping):
+    table = dict(axis)
+
+    def lookup(path: str) -> _core.Axis:
+      if path not in table:
+        raise ValueError(
+          f"{caller}: layer '{path}' has a kernel and a scale, but no axis in the mapping "
+          f'(it names {sorted(table)}). Add it, or build the mapping with layer_axes(model, ...).'
+        )
+      return table[path]
+
+    return lookup
+  if callable(axis):
+    return axis
+  return lambda path: axis
+
+
+def _fitting_axes(kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> list[Any]:
+  """Every choice of kept kernel axes (NumPy-style negative ints) that gives ``scale_shape``."""
+  n = len(kernel_shape)
+  out: list[Any] = []
+  for kept in itertools.combinations(range(n), len(scale_shape)):
+    if tuple(kernel_shape[a] for a in kept) == tuple(scale_shape):
+      neg = tuple(a - n for a in kept)
+      out.append(neg[0] if len(neg) == 1 else (None if not neg else neg))
+  return out
+
+
+def fold(params: Any, axis: AxisSpec, caller: str) -> Any:
+  """Every ``{'kernel', 'scale', ...}`` dict of ``params`` folded into ``{'kernel': w, ...}``."""
+  axis_of = _axis_of(axis, caller)
+
+  def walk(tree: Any, path: tuple[str, ...]) -> Any:
+    if isinstance(tree, _tree.WeightNormed):
+      return tree.weight()
+    if not hasattr(tree, 'items'):
+      return tree
+    if 'kernel' in tree and 'scale' in tree and hasattr(tree['scale'], 'shape'):
+      where = '/'.join(path)
+      kernel, scale = jnp.asarray(tree['kernel']), jnp.asarray(tree['scale'])
+      a = axis_of(where)
+      kept = _core.kept_axes(kernel.ndim, a, f"{caller}: layer '{where}'")
+      need = _core.scale_shape(kernel.shape, kept)
+      if scale.shape != need:
+        raise ValueError(
+          f"{caller}: layer '{where}': its scale has shape {scale.shape}, but a kernel of "
+          f'shape {kernel.shape} keeping axis {a!r} needs {need}; the layer was built with '
+          f'another axis (the shapes fit axis in {_fitting_axes(kernel.shape, scale.shape)}). '
+          f"Pass each layer's own axis: axis=layer_axes(model, ...), or a mapping "
+          f"{{'{where}': ...}}."
+        )
+      rest = {k: walk(v, (*path, str(k))) for k, v in tree.items() if k not in ('kernel', 'scale')}
+      dtype = weight_dtype(f"{caller}: layer '{where}'", kernel, scale, None)
+      return {'kernel': normalize(f"{caller}: layer '{where}'", kernel, scale, kept, dtype), **rest}
+    return {k: walk(v, (*path, str(k))) for k, v in tree.items()}
+
+  return walk(params, ())
