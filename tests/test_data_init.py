@@ -312,3 +312,21 @@ def test_nnx_cnn_with_residual_block():
   assert len(trace) == 4
   _assert_standardized({str(i): t for i, t in enumerate(trace)}, 1.0)
   np.testing.assert_array_equal(model.bn.mean[...], 0.0)  # mean-only BN left alone
+
+
+def test_weight_norm_wrapped_layers_are_left_alone():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WNDense(3, name='wn')(wl.WeightNorm(nn.Dense(6), name='wrapped')(x))
+
+  model, x = Model(), _batch((64, 5))
+  variables = model.init(jax.random.key(0), x)
+  new = wl.data_init(model, variables, x)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(new['params']['wrapped']),
+    jax.tree_util.tree_leaves(variables['params']['wrapped']),
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(new['params']['wn']['scale'], variables['params']['wn']['scale'])
+  _assert_standardized(_wn_outputs(model, new, x), 1.0)

@@ -605,3 +605,36 @@ def test_fold_nnx_state_with_each_layers_axis():
     nnx.replace_by_pure_dict(state, folded)
     nnx.update(plain, state)
     np.testing.assert_allclose(plain(x), wn_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_stacked_layers():
+  x = _rand((4, 6))
+  params = Stack().init(KEY, x)['params']
+  (block,) = params
+  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale has shape \(3, 6\)"):
+    wl.fold(params)
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNDense', 'WeightNorm'])
+def test_dtype_none_forms_w_in_the_promotion_with_the_inputs(wrapped):
+  # Flax's dtype=None computes in the promotion of inputs and parameters: float32 here.
+  x = _mp_input(jnp.float32)
+  plain = nn.Dense(48, param_dtype=jnp.bfloat16)
+  layer = wl.WeightNorm(plain) if wrapped else wl.WNDense(48, param_dtype=jnp.bfloat16)
+  p = layer.init(KEY, x)['params']
+  if wrapped:
+    kernel, scale, bias = p['layer']['kernel'], p['scale']['kernel'], p['layer']['bias']
+  else:
+    kernel, scale, bias = p['kernel'], p['scale'], p['bias']
+  y = layer.apply({'params': p}, x)
+  assert_mixed_precision(
+    y,
+    x,
+    kernel,
+    scale,
+    bias,
+    lambda k: plain.apply({'params': {'kernel': k, 'bias': bias}}, x),
+    jnp.bfloat16,
+    jnp.float32,
+  )

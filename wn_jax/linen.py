@@ -10,6 +10,11 @@ By default (``scale_init=None``) ``scale`` starts at ``||kernel||``, so at
 initialization a WN layer computes exactly what the plain layer with the same key and
 ``kernel_init`` computes.
 
+Mixed precision: ``w`` is formed in the dtype the layer computes in, the wider of the
+parameters' dtype and ``dtype`` (with ``dtype=None``, the promotion of the parameters with
+the inputs, as Flax does); the norm is reduced in float32. ``param_dtype=bfloat16,
+dtype=float32`` thus multiplies by a float32 ``w``, never one rounded to bfloat16.
+
 Kernel layouts and the default kept ``axis=-1``:
 
 =================  ============================================  ==================
@@ -283,6 +288,14 @@ class WeightNorm(nn.Module):
       inside ``layer``'s params (default: every ``kernel``), or a callable
       ``(path, leaf) -> bool``.
     scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
+
+  Each ``scale`` leaf is partitioned like its kernel's kept axes when the kernel is boxed
+  (``nn.with_partitioning``, ``nn.with_logical_partitioning``); the layer's own parameters
+  keep their boxes. Each ``w`` is formed in the wider of its parameters' dtype and the
+  layer's compute dtype, which the wrapper reads from the layer's ``dtype`` attribute when
+  it has one that is not ``None``; otherwise (``dtype=None``, or a module without one) it
+  takes the promotion with the call's floating inputs, as a Flax layer with ``dtype=None``
+  does. A module whose submodules compute in different dtypes gets that one dtype for all.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax

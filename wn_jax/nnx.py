@@ -5,7 +5,8 @@
 and a new ``scale`` the magnitude ``g``; all three of ``kernel``, ``scale``, ``bias``
 are ``nnx.Param``, so ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` trains them. The
 forward pass computes ``w = scale * kernel / ||kernel||`` and never writes it back.
-Layouts and the default kept ``axis=-1`` are those of the linen layers
+``w`` is formed in the wider of the parameters' dtype and ``dtype`` (as in
+:mod:`wn_jax.linen`). Layouts and the default kept ``axis=-1`` are those of the linen layers
 (:mod:`wn_jax.linen`): Linear ``(in, out)``, Conv ``(*window, in // groups, out)``,
 ConvTranspose ``(*window, in, out)``.
 """
@@ -252,6 +253,11 @@ class WeightNorm(nnx.Module):
     scale_init: ``None`` (``g = ||v||``: the wrapped layer's function is unchanged) or a
       Flax initializer (then ``rngs`` is needed).
     rngs: for ``scale_init``.
+
+  Each ``scale`` is sharded like its kernel's kept axes (the kernel's ``out_sharding``
+  metadata, from ``nnx.with_partitioning``). Each ``w`` is formed in the wider of its
+  parameters' dtype and the layer's ``dtype`` attribute when it has one that is not
+  ``None``; otherwise in the promotion with the call's floating inputs.
 
   Examples:
     >>> import jax.numpy as jnp, wn_jax
