@@ -61,6 +61,7 @@ class _WeightNormedKernel:
 
   axis: _core.Axis
   scale_init: Initializer | None
+  dtype: Any
   param_dtype: Any
   name: str | None
 
@@ -110,7 +111,7 @@ class _WeightNormedKernel:
     g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
     if mode is not None:
       g = jnp.ones_like(g)
-    dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))  # type: ignore[attr-defined]
+    dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))
     return _layers.normalize(where, value, g, kept, dtype)
 
   def _check_loaded_scale(self, shape, kernel_shape) -> None:

@@ -55,6 +55,7 @@ class _WeightNormedKernel:
   scale: nnx.Param
   bias: Any
   axis: _core.Axis
+  dtype: Any
   param_dtype: Any
 
   def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
@@ -81,7 +82,7 @@ class _WeightNormedKernel:
     where = self._where()
     kept = _core.kept_axes(kernel.ndim, self.axis, where)
     g = self.scale[...]
-    dtype = _layers.weight_dtype(where, kernel, g, self.dtype, inputs)  # type: ignore[attr-defined]
+    dtype = _layers.weight_dtype(where, kernel, g, self.dtype, inputs)
     if g.shape != _core.scale_shape(kernel.shape, kept):
       raise ValueError(
         f'{where}: scale has shape {g.shape}, but a kernel of shape {kernel.shape} with '
@@ -443,7 +444,8 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
     >>> import wn_jax
     >>> from flax import nnx
     >>> model = nnx.Sequential(
-    ...   wn_jax.nnx.WNLinear(3, 3, axis=0, rngs=nnx.Rngs(0)), wn_jax.nnx.WNLinear(3, 2, rngs=nnx.Rngs(0))
+    ...   wn_jax.nnx.WNLinear(3, 3, axis=0, rngs=nnx.Rngs(0)),
+    ...   wn_jax.nnx.WNLinear(3, 2, rngs=nnx.Rngs(0)),
     ... )
     >>> wn_jax.nnx.layer_axes(model)
     {'layers/0': 0, 'layers/1': -1}
