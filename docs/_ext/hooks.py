@@ -6,7 +6,8 @@
   Firefox, Safari): the site needs no JavaScript, no fonts and no network for math.
 - Notebooks: ``notebooks/*.ipynb`` become pages (Markdown and code cells with their committed
   outputs; they are not executed here: tests/test_notebooks.py executes them).
-- Benchmarks: ``benchmarks/results/*.md`` and their plots become pages under ``performance/``.
+- Benchmarks: ``benchmarks/results/*.md`` and their plots become pages under ``performance/``,
+  each listed in the Performance section of the nav (a new results file needs no edit here).
 - ``CHANGELOG.md`` (repository root) becomes ``changelog.md``.
 - ``WN_JAX_DOCS_SELFTEST=1`` makes the build log one warning, so tests/test_docs.py can check
   that the Makefile's build turns warnings into errors.
@@ -108,6 +109,18 @@ def notebook_markdown(path: pathlib.Path, images: dict[str, bytes]) -> str:
         elif 'text/plain' in data:
           parts.append(_output(''.join(data['text/plain'])))
   return note + '\n'.join(parts)
+
+
+def on_config(config: Any) -> Any:
+  for entry in config['nav'] or []:
+    if isinstance(entry, dict) and 'Performance' in entry:
+      section = entry['Performance']
+      listed = {x if isinstance(x, str) else next(iter(x.values())) for x in section}
+      for path in sorted((ROOT / 'benchmarks' / 'results').glob('*.md')):
+        page = f'performance/results/{path.name}'
+        if page not in listed:
+          section.append(page)
+  return config
 
 
 def on_files(files: Files, config: Any) -> Files:
