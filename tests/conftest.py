@@ -28,5 +28,17 @@ def _promotion(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _highest_matmul_precision():
+  """float32 matmuls and convolutions in full float32 on every platform.
+
+  GPUs run them in TF32 by default, 10 bits of mantissa: tests that compare layer outputs
+  with the float64 reference or with each other would then need platform-dependent
+  tolerances. Only the tests pin this; the library leaves the user's precision alone.
+  """
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 # tests/data/make_torch_oracle.py needs torch and is run by hand, never collected.
 collect_ignore_glob = ['data/*']

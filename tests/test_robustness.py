@@ -156,3 +156,23 @@ def test_weight_norm_of_a_zero_tree_trains():
 
   losses, wn = _train(loss, wn)
   _assert_trains_from_zero(losses, wn_jax.materialize(wn)['w'])
+
+
+def test_a_kernel_with_an_empty_axis_works_like_the_plain_layer():
+  # Once "zero-size array to reduction operation max": the norm needs no max any more.
+  x = jnp.ones((2, 0))
+  # (Flax's default lecun_normal divides by the fan-in: zeros, as a plain Dense needs too.)
+  layer = wn_jax.linen.WNDense(3, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.ones)
+  variables = layer.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(variables['params']['scale'], np.ones(3, np.float32))
+  y, grads = jax.value_and_grad(lambda p: jnp.sum(layer.apply({'params': p}, x)))(
+    variables['params']
+  )
+  assert float(y) == 6.0 and np.all(np.isfinite(grads['scale']))
+  np.testing.assert_array_equal(wn_jax.normalize(jnp.ones((0, 3)), jnp.ones(3)), np.ones((0, 3)))
+  np.testing.assert_array_equal(wn_jax.norm(jnp.ones((3, 0)), 0), np.zeros(3, np.float32))
+
+
+def test_a_one_dimensional_weight_becomes_g_times_sign_v():
+  v = jnp.asarray([3.0, -0.5, 0.0])
+  np.testing.assert_array_equal(wn_jax.normalize(v, jnp.full(3, 2.0)), [2.0, -2.0, 0.0])

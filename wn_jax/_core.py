@@ -74,26 +74,57 @@ def _reduced(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(i for i in range(ndim) if i not in kept)
 
 
+# Per reduction dtype: (lo, k). The plain sum of squares is exact to rounding when it lies
+# in [lo, inf); below (all entries under about sqrt(lo)) the slice is summed scaled up by k,
+# above (overflow) scaled down by 1 / k. Powers of two: scaling is exact, so each slice gets
+# the plain sum's result wherever the plain sum is in range, and a correct one elsewhere.
+_RANGE = {
+  jnp.dtype(jnp.float32): (2.0**-100, 2.0**80),
+  jnp.dtype(jnp.float64): (2.0**-1000, 2.0**600),
+}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
-  """``||v||`` over every axis but ``kept``, keepdims, without overflow or underflow.
+  r"""``||v||`` over every axis but ``kept``, keepdims, without overflow or underflow.
 
-  ``v`` is already in the reduction dtype. The plain sum of squares is accurate whenever
-  it lies in ``[2**-100, inf)``; when any slice falls outside (an all-zero slice, or
-  entries beyond about 1e19 or below 1e-19 in float32), every slice is rescaled by its
-  largest entry first. The choice is one ``lax.cond``, so the common case costs a single
-  pass over ``v``.
+  ``v`` is already in the reduction dtype. One pass over ``v`` (a single variadic
+  reduction, no ``lax.cond``) accumulates three sums of squares: of ``v``, of ``v * k``
+  and of ``v / k`` (``k`` a power of two, see ``_RANGE``); each slice then takes the plain
+  one where it is in range (the common case, bit for bit the plain norm), else the scaled
+  one that is. Correct for float32 weights from 1e-38 to 3e38. Its derivative is
+  $\langle v, \dot v \rangle / \lVert v \rVert$, and 0 on an all-zero slice (so
+  derivatives of every order stay finite there).
   """
+  lo, k = _RANGE[jnp.dtype(v.dtype)]
   red = _reduced(v.ndim, kept)
-  ss = jnp.sum(v * v, axis=red, keepdims=True)
+  zero = jnp.zeros((), v.dtype)
+  up, down = v * k, v * (1.0 / k)
+  sums = jax.lax.reduce(
+    (v * v, up * up, down * down),
+    (zero, zero, zero),
+    lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
+    red,
+  )
+  ss, ss_up, ss_down = (jnp.expand_dims(x, red) for x in sums)
+  # Comparisons are False for NaN: a NaN slice takes the last branch and stays NaN. Only
+  # an infinite entry overflows the scaled-down sum: its slice's norm is NaN (not inf), so
+  # the whole slice of w is NaN, as with a NaN entry.
+  big = jnp.where(ss_down < jnp.inf, jnp.sqrt(ss_down) * k, jnp.nan)
+  return jnp.where(ss < lo, jnp.sqrt(ss_up) * (1.0 / k), jnp.where(ss < jnp.inf, jnp.sqrt(ss), big))
 
-  def rescaled():
-    m = jnp.max(jnp.abs(v), axis=red, keepdims=True)
-    m = jnp.where(m > 0, m, 1.0)
-    u = v / m
-    return m * jnp.sqrt(jnp.sum(u * u, axis=red, keepdims=True))
 
-  in_range = jnp.all((ss >= 2.0**-100) & (ss < jnp.inf))
-  return jax.lax.cond(in_range, lambda: jnp.sqrt(ss), rescaled)
+@_norm_keepdims.defjvp
+def _norm_keepdims_jvp(kept, primals, tangents):
+  (v,), (dv,) = primals, tangents
+  n = _norm_keepdims(v, kept)
+  inv_n = 1.0 / jnp.where(n > 0, n, 1.0)
+  return n, _norm_tangent(v, inv_n, dv, _reduced(v.ndim, kept))
+
+
+def _norm_tangent_impl(v, inv_n, dv, red):
+  # <u, dv> with u = v / ||v|| formed inside the pass (0 on an all-zero slice: v = 0).
+  return jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
 
 
 def _norm(w: ArrayLike, axis: Axis, where: str) -> jax.Array:
@@ -125,35 +156,40 @@ def _denominator(v: jax.Array, kept: tuple[int, ...], eps: float) -> tuple[jax.A
   return jnp.where(active, n, eps if eps > 0 else 1.0), active
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _normalize_tangent_impl(v, s, inv_n, active, dv, dg, red):
+  # With s = g / n and u = v / n (n the clamped norm):
+  #   dw = s dv + u (dg - s <u, dv>)
+  # The projection term drops out where n does not depend on v (n clamped to eps, or an
+  # all-zero slice, where u = 0 anyway). Linear in (dv, dg), so JAX transposes it into
+  # the paper's eq. 3: grad_g = <grad_w, u>, grad_v = s grad_w - u (s grad_g). u is
+  # formed inside the elementwise passes, never alone: that keeps every intermediate in
+  # range for weights near the ends of the float range (1 / n is representable for
+  # every norm up to ~8e37).
+  u_dv = jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
+  return s * dv + (v * inv_n) * (dg - jnp.where(active, s * u_dv, 0.0))
+
+
+# Under jax.linearize / grad, the tangent rules keep only their inputs (v, g and the
+# per-slice norm) as residuals and recompute u = v / n inside the backward's fused
+# passes: nothing weight-sized beyond v itself is stored.
+_norm_tangent = jax.checkpoint(_norm_tangent_impl, prevent_cse=False, static_argnums=(3,))
+_normalize_tangent = jax.checkpoint(_normalize_tangent_impl, prevent_cse=False, static_argnums=(6,))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _normalize(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   """``v * (g / ||v||)``, ``g`` broadcast keepdims, all in the reduction dtype."""
   n, _ = _denominator(v, kept, eps)
   return v * (g / n)
 
 
-def _normalize_fwd(v, g, kept, eps):
+@_normalize.defjvp
+def _normalize_jvp(kept, eps, primals, tangents):
+  (v, g), (dv, dg) = primals, tangents
   n, active = _denominator(v, kept, eps)
-  # Residuals: the inputs and the per-slice norm; nothing weight-sized is stored.
-  return v * (g / n), (v, g, n, active)
-
-
-def _normalize_bwd(kept, eps, residuals, grad_w):
-  # The paper's eq. 3, with s = g / n and u = v / n:
-  #   grad_g = <grad_w, u>        grad_v = s grad_w - u (s grad_g)
-  # <., .> sums over the reduced axes; the second term drops out where n does not depend
-  # on v (n clamped to eps, or an all-zero slice). u is formed inside the elementwise
-  # pass (never stored), which keeps every intermediate in range for weights near the
-  # ends of the float range (1 / n is representable for every norm up to ~8e37). Two passes over the weight: one reduction, one elementwise.
-  v, g, n, active = residuals
   inv_n = 1.0 / n  # per slice: the weight-sized passes multiply, never divide
-  grad_g = jnp.sum(grad_w * v, axis=_reduced(v.ndim, kept), keepdims=True) * inv_n
-  s = g * inv_n
-  grad_v = s * grad_w - (v * inv_n) * jnp.where(active, s * grad_g, 0.0)
-  return grad_v, grad_g
-
-
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+  w = v * (g / n)
+  return w, _normalize_tangent(v, g * inv_n, inv_n, active, dv, dg, _reduced(v.ndim, kept))
 
 
 def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
@@ -175,8 +211,20 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
   all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
   ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
   :func:`decompose`, gives ``g = 1`` there) and stays at 0 if ``g = 0``.
-  Differentiable in reverse mode (``grad``, ``vjp``, to any order) through a ``custom_vjp`` that reuses the forward's norm;
-  forward mode (``jvp``, ``jacfwd``) is not supported.
+
+  Differentiable in both modes, to any order (``grad``, ``jvp``, ``jacfwd``,
+  ``jacrev``, ``hessian``, ``linearize``): a ``custom_jvp`` reuses the forward's norm,
+  and its tangent rule, with $s = g / \lVert v \rVert$ and $u = v / \lVert v \rVert$,
+
+  $$ \dot w = s \, (\dot v - u \langle u, \dot v \rangle) + u \, \dot g, $$
+
+  is linear in the tangents, so reverse mode is its transpose (the paper's eq. 3).
+
+  When every axis is kept (a 1-D ``v`` with ``axis=-1``, or ``axis`` naming every axis),
+  each slice is a single entry and $w = g \operatorname{sign}(v)$ (0 where $v = 0$): the
+  magnitude of ``v`` is then lost, by definition, and no warning is given.
+  :func:`wn_jax.weight_norm` selects only leaves with ``ndim >= 2`` by default. Empty
+  slices (a kernel with a 0-sized reduced axis) have norm 0 and give an empty or zero ``w``.
 
   Args:
     v: the direction, any real floating dtype, rank >= 1.
