@@ -111,7 +111,7 @@ def init_variables(arm: Arm, seed: int, x_init):
   variables = wl.data_init(wn_model, wn_model.init(key, x_init[:2]), x_init)
   if arm.wn:
     return variables
-  return {**variables, 'params': wl.fold(variables['params'])}  # standard + data init
+  return {**variables, 'params': wl.fold(variables['params'], axis=-1)}  # standard + data init
 
 
 def train(arm: Arm, lr: float, seed: int, data, steps: int):

@@ -575,7 +575,22 @@ def test_fold_refuses_where_it_cannot_know():
   xn = _rand((2, 5))
   narrow = {'params': _trained(wl.WNDense(4, axis=0, name='fc').init(KEY, xn)['params'])}
   with pytest.raises(ValueError, match=r"wn_jax.linen.fold: layer '': .*shape \(5,\).*\[-2\]"):
-    wl.fold(narrow['params'])
+    wl.fold(narrow['params'], axis=-1)
+  # By default the axis is read from the scale's shape where only one choice fits ...
+  folded = wl.fold(narrow['params'])
+  assert_close(
+    folded['kernel'], ref.normalize(narrow['params']['kernel'], narrow['params']['scale'], 0)
+  )
+  # ... and a square kernel built with axis=0 (once folded silently wrong) is refused, named.
+  square = {'sq': _trained(wl.WNDense(5, axis=0).init(KEY, xn)['params'])}
+  with pytest.raises(ValueError, match=r"layer 'sq': .*fits several kept axes.*axis=-1"):
+    wl.fold(square)
+  folded = wl.fold(square, {'sq': 0})
+  assert_close(
+    folded['sq']['kernel'], ref.normalize(square['sq']['kernel'], square['sq']['scale'], 0)
+  )
+  with pytest.raises(ValueError, match=r"axis must be 'infer'"):
+    wl.fold(square, 'guess')
   with pytest.raises(ValueError, match=r"layer 'fc'.*axis 3 is out of range"):
     wl.fold({'fc': narrow['params']}, {'fc': 3})
 
@@ -611,8 +626,10 @@ def test_fold_refuses_stacked_layers():
   x = _rand((4, 6))
   params = Stack().init(KEY, x)['params']
   (block,) = params
-  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale has shape \(3, 6\)"):
+  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale of shape \(3, 6\)"):
     wl.fold(params)
+  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale has shape \(3, 6\)"):
+    wl.fold(params, axis=-1)
 
 
 @pytest.mark.standard_promotion

@@ -65,10 +65,39 @@ def kept_names(names: Sequence[Any] | None, kept: tuple[int, ...]) -> tuple[Any,
   return tuple(names[a] for a in kept)
 
 
-AxisSpec = _core.Axis | Mapping[str, _core.Axis] | Callable[[str], _core.Axis]
+# fold's default: each layer's axis from its scale's shape, where only one choice fits.
+INFER = 'infer'
+
+AxisSpec = _core.Axis | str | Mapping[str, _core.Axis] | Callable[[str], _core.Axis]
+
+
+def _inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...], caller: str):
+  fits = _fitting_axes(kernel_shape, scale_shape)
+  if len(fits) == 1:
+    return fits[0]
+  if not fits:
+    raise ValueError(
+      f"{caller}: layer '{path}': its scale of shape {scale_shape} fits no choice of kept "
+      f'axes of its kernel of shape {kernel_shape}. Check the parameters (a stacked or '
+      f'scanned layer is not a WN layer fold can read).'
+    )
+  raise ValueError(
+    f"{caller}: layer '{path}': its scale of shape {scale_shape} fits several kept axes "
+    f'of its kernel of shape {kernel_shape} ({fits}), so the parameters alone do not say '
+    f'which one the layer was built with. Pass axis=-1 if every layer kept the default '
+    f"(the output features), or each layer's own: axis=layer_axes(model, x), or a "
+    f"mapping {{'{path}': ...}}."
+  )
 
 
 def _axis_of(axis: AxisSpec, caller: str) -> Callable[[str], _core.Axis]:
+  if isinstance(axis, str):
+    if axis != INFER:
+      raise ValueError(
+        f"{caller}: axis must be 'infer', an int, a tuple of ints, None, a mapping from "
+        f'layer path to axis or a callable; got {axis!r}.'
+      )
+    return lambda path: INFER  # type: ignore[return-value]
   if isinstance(axis, Mapping):
     table = dict(axis)
 
@@ -110,6 +139,8 @@ def fold(params: Any, axis: AxisSpec, caller: str) -> Any:
       where = '/'.join(path)
       kernel, scale = jnp.asarray(tree['kernel']), jnp.asarray(tree['scale'])
       a = axis_of(where)
+      if isinstance(a, str):
+        a = _inferred(where, kernel.shape, scale.shape, caller)
       kept = _core.kept_axes(kernel.ndim, a, f"{caller}: layer '{where}'")
       need = _core.scale_shape(kernel.shape, kept)
       if scale.shape != need:

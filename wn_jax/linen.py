@@ -543,7 +543,7 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   return dict(sorted(axes.items()))
 
 
-def fold(params: Any, axis: _layers.AxisSpec = -1) -> Any:
+def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
   r"""Folds weight normalization away: WN layer parameters -> plain layer parameters.
 
   Every dict that holds a ``kernel`` and a ``scale`` array (a ``WNDense``, ``WNConv`` or
@@ -556,16 +556,18 @@ def fold(params: Any, axis: _layers.AxisSpec = -1) -> Any:
 
   The parameters do not record the axis a layer was built with, and a scale's shape does
   not always tell: a square ``(n, n)`` kernel with a scale of shape ``(n,)`` fits both
-  ``axis=-1`` and ``axis=0``. So ``fold`` takes the axis it is told (every layer keeps
-  ``-1``, Flax's output features, unless told otherwise) and refuses, naming the layer,
-  every layer whose scale does not fit it. Where some layers keep another axis, pass each
-  layer's own: ``axis=layer_axes(model, x)`` reads them from the model; a mapping or a
-  callable also works. A ``WeightNorm`` wrapper's parameters (``layer``, ``scale``) are
-  left as they are.
+  ``axis=-1`` and ``axis=0``. So by default (``axis='infer'``) ``fold`` reads each layer's
+  axis from its scale's shape where only one choice fits, and refuses, naming the layer,
+  where several do; it is never silently wrong. Pass ``axis=-1`` when every layer kept
+  the default (the output features), or each layer's own: ``axis=layer_axes(model, x)``
+  reads them from the model; a mapping or a callable also works. A layer whose scale does
+  not fit the axis it is given is refused, named. A ``WeightNorm`` wrapper's parameters
+  (``layer``, ``scale``) are left as they are.
 
   Args:
     params: a linen ``params`` tree (boxed or not), or an NNX pure dict.
-    axis: the kept axis of every WN layer: an int, a tuple of ints or ``None`` for all;
+    axis: ``'infer'`` (default: from each scale's shape, refused where ambiguous); the
+      kept axis of every WN layer: an int, a tuple of ints or ``None`` for all;
       a mapping from layer path (``'block/WNDense_0'``, ``/``-joined keys of ``params``)
       to axis, which must name every WN layer (:func:`layer_axes` builds it); or a
       callable from layer path to axis.
@@ -574,8 +576,8 @@ def fold(params: Any, axis: _layers.AxisSpec = -1) -> Any:
     The folded params; ``params`` is not modified.
 
   Raises:
-    ValueError: a layer's scale does not fit its axis, or a mapping misses a layer; the
-      message names the layer's path.
+    ValueError: a layer's axis cannot be inferred, a layer's scale does not fit its axis,
+      or a mapping misses a layer; the message names the layer's path.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
@@ -589,6 +591,9 @@ def fold(params: Any, axis: _layers.AxisSpec = -1) -> Any:
     True
     >>> square = wn_jax.linen.WNDense(3, axis=0)
     >>> v = square.init(jax.random.key(0), x)
+    >>> wn_jax.linen.fold(v['params'])
+    Traceback (most recent call last):
+    ValueError: wn_jax.linen.fold: layer '': its scale of shape (3,) fits several kept axes ...
     >>> plain = wn_jax.linen.fold(v['params'], wn_jax.linen.layer_axes(square, x))
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
