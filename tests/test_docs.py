@@ -169,18 +169,18 @@ def pages(site) -> dict[str, Page]:
 def test_site_has_every_page(pages):
   for name in [
     'index.html',
-    'getting-started/index.html',
-    'changelog/index.html',
+    'getting-started.html',
+    'changelog.html',
     'performance/index.html',
-    'api/core/index.html',
+    'api/core.html',
   ]:
     assert name in pages
   for nb in sorted((ROOT / 'notebooks').glob('*.ipynb')):
-    assert f'notebooks/{nb.stem}/index.html' in pages
+    assert f'notebooks/{nb.stem}.html' in pages
   for guide in sorted((DOCS / 'guides').glob('*.md')):
-    assert f'guides/{guide.stem}/index.html' in pages
+    assert f'guides/{guide.stem}.html' in pages
   for result in sorted((ROOT / 'benchmarks' / 'results').glob('*.md')):
-    assert f'performance/results/{result.stem}/index.html' in pages
+    assert f'performance/results/{result.stem}.html' in pages
 
 
 def test_no_broken_internal_links(site, pages):
@@ -238,11 +238,9 @@ def _assert_mathml(site: pathlib.Path, names: list[str]) -> None:
 def test_no_raw_math_or_markup(site, pages, group):
   """No raw TeX, Sphinx role or RST markup on any page; the math became MathML."""
   if group == 'api':
-    _assert_mathml(site, ['api/core/index.html', 'api/optim/index.html'])
+    _assert_mathml(site, ['api/core.html', 'api/optim.html'])
   else:
-    _assert_mathml(
-      site, ['getting-started/index.html', 'notebooks/01_weight_norm_explained/index.html']
-    )
+    _assert_mathml(site, ['getting-started.html', 'notebooks/01_weight_norm_explained.html'])
   found = []
   for name, page in pages.items():
     if name.startswith('api/') != (group == 'api'):
