@@ -123,6 +123,7 @@ class Page(html.parser.HTMLParser):
   def __init__(self, text: str):
     super().__init__(convert_charrefs=True)
     self.links: list[str] = []
+    self.resources: list[str] = []  # what the browser loads by itself: scripts, styles, images
     self.ids: set[str] = set()
     self.doc_headings: list[str] = []
     self.text: list[str] = []
@@ -139,6 +140,8 @@ class Page(html.parser.HTMLParser):
     for key in ('href', 'src'):
       if a.get(key) and tag in ('a', 'img', 'link', 'script'):
         self.links.append(a[key])
+        if tag != 'a':
+          self.resources.append(a[key])
     if tag in self.SKIP:
       self._skip.append(tag)
 
@@ -204,6 +207,17 @@ def test_no_broken_internal_links(site, pages):
         if urllib.parse.unquote(url.fragment) not in ids:
           broken.append(f'{name}: {link} (no id {url.fragment!r} in {target})')
   assert not broken, '\n'.join(broken)
+
+
+def test_site_loads_nothing_from_the_network(pages):
+  """No web fonts, CDN scripts or remote images: math and all render offline."""
+  remote = [
+    f'{name}: {url}'
+    for name, page in pages.items()
+    for url in page.resources
+    if urllib.parse.urlsplit(url).scheme or url.startswith('//')
+  ]
+  assert not remote, '\n'.join(remote)
 
 
 RAW = {
