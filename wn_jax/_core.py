@@ -88,9 +88,8 @@ _RANGE = {
 def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   r"""``||v||`` over every axis but ``kept``, keepdims, without overflow or underflow.
 
-  ``v`` is already in the reduction dtype. One pass over ``v`` (a single variadic
-  reduction, no ``lax.cond``) accumulates three sums of squares: of ``v``, of ``v * k``
-  and of ``v / k`` (``k`` a power of two, see ``_RANGE``); each slice then takes the plain
+  ``v`` is already in the reduction dtype. Three sums of squares over ``v`` (no
+  ``lax.cond``): of ``v``, of ``v * k`` and of ``v / k`` (``k`` a power of two, see ``_RANGE``); each slice then takes the plain
   one where it is in range (the common case, bit for bit the plain norm), else the scaled
   one that is. Correct for float32 weights from 1e-38 to 3e38. Its derivative is
   $\langle v, \dot v \rangle / \lVert v \rVert$, and 0 on an all-zero slice (so
@@ -98,15 +97,11 @@ def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   """
   lo, k = _RANGE[jnp.dtype(v.dtype)]
   red = _reduced(v.ndim, kept)
-  zero = jnp.zeros((), v.dtype)
   up, down = v * k, v * (1.0 / k)
-  sums = jax.lax.reduce(
-    (v * v, up * up, down * down),
-    (zero, zero, zero),
-    lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
-    red,
-  )
-  ss, ss_up, ss_down = (jnp.expand_dims(x, red) for x in sums)
+  # Three plain sums, not one variadic lax.reduce: on a CPU XLA ran the variadic one 7x
+  # slower at 1024^2 (4.5 ms vs 0.65 ms, measured), which made a Dense train step 2.2x the
+  # plain one. `ss` is then exactly the plain sum of squares.
+  ss, ss_up, ss_down = (jnp.sum(x * x, axis=red, keepdims=True) for x in (v, up, down))
   # Comparisons are False for NaN: a NaN slice takes the last branch and stays NaN. Only
   # an infinite entry overflows the scaled-down sum: its slice's norm is NaN (not inf), so
   # the whole slice of w is NaN, as with a NaN entry.
