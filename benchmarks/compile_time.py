@@ -93,8 +93,22 @@ def _nnx_arm() -> tuple:
   return step, (params, tx.init(params), x, x)
 
 
+class _ScaledDense(nn.Module):
+  """The floor of any weight normalization: nn.Dense plus one per-feature parameter.
+
+  A WN layer has a third parameter (``scale``) per layer, which the optimizer updates too;
+  this arm has that parameter and nothing else (its output is multiplied by it).
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (WIDTH,))
+    return nn.Dense(WIDTH)(x) * scale
+
+
 ARMS: dict[str, Callable[[], tuple]] = {
   'plain nn.Dense': _linen_arm(lambda: nn.Dense(WIDTH)),
+  'floor: nn.Dense + a per-feature scale parameter': _linen_arm(_ScaledDense),
   'wn_jax linen WNDense': _linen_arm(lambda: wn_jax.linen.WNDense(WIDTH)),
   'flax.linen.WeightNorm(nn.Dense)': _linen_arm(lambda: nn.WeightNorm(nn.Dense(WIDTH))),
   'wn_jax nnx WNLinear': _nnx_arm,
@@ -162,6 +176,9 @@ def main() -> None:
     '',
     '`compile`: `jax.jit(step).lower(...).compile()` (XLA), `lower`: tracing and lowering to '
     'StableHLO. Optimized HLO ops: instructions of every computation of the compiled module.',
+    'The floor arm adds to the plain layer only what every weight normalization must add, a',
+    'third parameter per layer (and its optimizer state and update), and no arithmetic on the',
+    'weight: it bounds from below what any WN layer with a trained `scale` can reach here.',
   ]
   text = '\n'.join(lines) + '\n'
   print(text)
