@@ -238,17 +238,7 @@ def _assert_mathml(site: pathlib.Path, names: list[str]) -> None:
     assert '<math' in text and 'class="arithmatex"' not in text, name
 
 
-# TODO(docs): drop the xfail once the docstrings' :math: roles, .. math:: blocks and RST tables
-# are converted (after the other v2 branches land, to keep their merges clean).
-@pytest.mark.parametrize(
-  'group',
-  [
-    'guides',
-    pytest.param(
-      'api', marks=pytest.mark.xfail(strict=True, reason='docstring math not converted yet')
-    ),
-  ],
-)
+@pytest.mark.parametrize('group', ['guides', 'api'])
 def test_no_raw_math_or_markup(site, pages, group):
   """No raw TeX, Sphinx role or RST markup on any page; the math became MathML."""
   if group == 'api':

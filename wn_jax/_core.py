@@ -188,7 +188,7 @@ def _normalize_jvp(kept, eps, primals, tangents):
 
 
 def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
-  r"""The weight-normalized weight :math:`w = g \, v / \lVert v \rVert`.
+  r"""The weight-normalized weight $w = g \, v / \lVert v \rVert$.
 
   The norm runs over every axis of ``v`` except the kept ``axis``, so there is one ``g``
   per slice along ``axis``: for a Flax ``Dense`` kernel of layout ``(in, out)`` the

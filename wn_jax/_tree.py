@@ -19,7 +19,7 @@ Where = None | str | Callable[[tuple, Any], bool]
 
 @jax.tree_util.register_pytree_with_keys_class
 class WeightNormed:
-  r"""A weight stored as direction ``v`` and magnitude ``g``: :math:`w = g \, v / \lVert v \rVert`.
+  r"""A weight stored as direction ``v`` and magnitude ``g``: $w = g \, v / \lVert v \rVert$.
 
   A registered pytree node: ``v`` and ``g`` are its array leaves (so optimizers train
   both), ``axis`` (the kept axis or axes, as in :func:`wn_jax.normalize`) is static
@@ -242,7 +242,7 @@ def replace_selected(
 
 
 def materialize(params: PyTree) -> PyTree:
-  r"""Replaces every :class:`WeightNormed` node by its weight :math:`g \, v / \lVert v \rVert`.
+  r"""Replaces every :class:`WeightNormed` node by its weight $g \, v / \lVert v \rVert$.
 
   All other leaves are returned untouched. Use it inside the loss, so gradients flow
   to ``v`` and ``g``: ``model.apply({'params': materialize(wn_params)}, x)``.

@@ -17,14 +17,12 @@ dtype=float32`` thus multiplies by a float32 ``w``, never one rounded to bfloat1
 
 Kernel layouts and the default kept ``axis=-1``:
 
-=================  ============================================  ==================
-layer              Flax kernel layout                            ``axis=-1`` keeps
-=================  ============================================  ==================
-WNDense            ``(in, out)``                                 out
-WNConv             ``(*window, in // groups, out)``              out
-WNConvTranspose    ``(*window, in, out)``                        out
- ... transposed    ``(*window, out, in)`` (``transpose_kernel``)  in (as PyTorch)
-=================  ============================================  ==================
+| layer | Flax kernel layout | `axis=-1` keeps |
+|---|---|---|
+| WNDense | `(in, out)` | out |
+| WNConv | `(*window, in // groups, out)` | out |
+| WNConvTranspose | `(*window, in, out)` | out |
+| ... transposed | `(*window, out, in)` (`transpose_kernel`) | in (as PyTorch) |
 """
 
 from __future__ import annotations
@@ -171,7 +169,9 @@ class _WeightNormedKernel:
 class WNDense(_WeightNormedKernel, nn.Dense):
   r"""``flax.linen.Dense`` with a weight-normalized kernel.
 
-  .. math:: y = x \, w + b, \qquad w_{:,j} = g_j \, v_{:,j} / \lVert v_{:,j} \rVert
+  $$
+  y = x \, w + b, \qquad w_{:,j} = g_j \, v_{:,j} / \lVert v_{:,j} \rVert
+  $$
 
   Parameters: `kernel` holds v, of layout `(in, out)`; `scale` holds g, of shape `(out,)`
   for the default `axis=-1`; and `bias`. Every attribute of `flax.linen.Dense` (features,
@@ -205,7 +205,9 @@ class WNDense(_WeightNormedKernel, nn.Dense):
 class WNConv(_WeightNormedKernel, nn.Conv):
   r"""``flax.linen.Conv`` (1-D, 2-D, 3-D by ``kernel_size``) with a weight-normalized kernel.
 
-  .. math:: w_{\dots,j} = g_j \, v_{\dots,j} / \lVert v_{\dots,j} \rVert
+  $$
+  w_{\dots,j} = g_j \, v_{\dots,j} / \lVert v_{\dots,j} \rVert
+  $$
 
   Parameters: `kernel` holds v, of layout `(*window, in // feature_group_count, out)`;
   `scale` holds g, of shape `(out,)` for `axis=-1`; and `bias`. A `mask` applies to the
@@ -378,7 +380,7 @@ class WeightNorm(nn.Module):
 
 
 class MeanOnlyBatchNorm(nn.Module):
-  r"""The paper's mean-only batch normalization: :math:`y = x - \mu_B + b`.
+  r"""The paper's mean-only batch normalization: $y = x - \mu_B + b$.
 
   Subtracts the per-feature batch mean (over every axis but ``axis``) and adds a
   learned bias; no division by the variance, so with weight normalization the
@@ -460,17 +462,19 @@ def data_init(
 
   Runs ``model.apply(variables, *args, **kwargs)`` once on a batch. Each ``WNDense``,
   ``WNConv`` and ``WNConvTranspose``, in forward order, computes its pre-activation
-  :math:`t = (v / \lVert v \rVert) \cdot x` without bias, takes the per-feature mean
-  :math:`\mu` and standard deviation :math:`\sigma` over the batch (and spatial) axes,
+  $t = (v / \lVert v \rVert) \cdot x$ without bias, takes the per-feature mean
+  $\mu$ and standard deviation $\sigma$ over the batch (and spatial) axes,
   and sets
 
-  .. math:: g = s / \sigma, \qquad b = -\mu \, s / \sigma
+  $$
+  g = s / \sigma, \qquad b = -\mu \, s / \sigma
+  $$
 
   with ``s = init_scale``, so its output on this batch has mean 0 and standard deviation
   ``s`` per feature; it passes that initialized output on, so each later layer sees the
   earlier layers after their initialization. A layer used twice (shared weights) is
   initialized on its first use only. A feature with standard deviation below 1e-6
-  (constant on the batch) keeps :math:`\sigma = 1` (finite, never NaN). Statistics are
+  (constant on the batch) keeps $\sigma = 1$ (finite, never NaN). Statistics are
   taken in float32 (or wider) whatever the parameter dtype. Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
   collections (``batch_stats``) are returned unchanged.

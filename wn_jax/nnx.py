@@ -106,7 +106,7 @@ class _WeightNormedKernel:
 
 
 class WNLinear(_WeightNormedKernel, nnx.Linear):
-  r"""``flax.nnx.Linear`` with a weight-normalized kernel: :math:`w = g \, v / \lVert v \rVert`.
+  r"""``flax.nnx.Linear`` with a weight-normalized kernel: $w = g \, v / \lVert v \rVert$.
 
   Args:
     in_features: as ``nnx.Linear``.
@@ -322,7 +322,7 @@ class WeightNorm(nnx.Module):
 
 
 class MeanOnlyBatchNorm(nnx.Module):
-  r"""The paper's mean-only batch normalization: :math:`y = x - \mu_B + b`.
+  r"""The paper's mean-only batch normalization: $y = x - \mu_B + b$.
 
   The mean runs over every axis but the last (features); the running mean lives in an
   ``nnx.BatchStat`` and serves ``use_running_average=True`` (or after

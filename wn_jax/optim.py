@@ -54,13 +54,14 @@ def weight_norm(
   ``v = w``, ``g = ||w||``). Each update maps the gradient with respect to ``w`` to the
   gradients with respect to ``(v, g)`` by the chain rule (the paper's eq. 3):
 
-  .. math::
-     \nabla_g L = \frac{\nabla_w L \cdot v}{\lVert v \rVert}, \qquad
-     \nabla_v L = \frac{g}{\lVert v \rVert} \nabla_w L
-                 - \frac{g \nabla_g L}{\lVert v \rVert^2} v,
+  $$
+  \nabla_g L = \frac{\nabla_w L \cdot v}{\lVert v \rVert}, \qquad
+  \nabla_v L = \frac{g}{\lVert v \rVert} \nabla_w L
+              - \frac{g \nabla_g L}{\lVert v \rVert^2} v,
+  $$
 
-  applies ``inner`` to them, recomposes :math:`w' = g' v' / \lVert v' \rVert` and
-  returns the update :math:`w' - w`. Unselected leaves go through ``inner`` unchanged.
+  applies ``inner`` to them, recomposes $w' = g' v' / \lVert v' \rVert$ and
+  returns the update $w' - w$. Unselected leaves go through ``inner`` unchanged.
   Training ``params`` with ``weight_norm(inner)`` follows the trajectory of training
   ``wn_jax.weight_norm(params)`` with ``inner``.
 

@@ -18,31 +18,24 @@ v in Flax layout, ``scale`` = g, ``bias``) and says how each layer must be confi
 
 Layouts (PyTorch -> Flax kernel):
 
-=====================  ===========================  ===========================  ==================
-PyTorch layer          PyTorch weight               Flax kernel                  default ``dim=0``
-=====================  ===========================  ===========================  ==================
-Linear                 ``(out, in)``                ``(in, out)``                ``axis=-1`` (out)
-Conv{1,2,3}d           ``(out, in/groups, *k)``     ``(*k, in/groups, out)``     ``axis=-1`` (out)
-ConvTranspose{1,2,3}d  ``(in, out, *k)``            ``(*k, out, in)`` with       ``axis=-1`` (in)
-                                                    ``transpose_kernel=True``
-=====================  ===========================  ===========================  ==================
+| PyTorch layer | PyTorch weight | Flax kernel | default `dim=0` |
+|---|---|---|---|
+| Linear | `(out, in)` | `(in, out)` | `axis=-1` (out) |
+| Conv{1,2,3}d | `(out, in/groups, *k)` | `(*k, in/groups, out)` | `axis=-1` (out) |
+| ConvTranspose{1,2,3}d | `(in, out, *k)` | `(*k, out, in)` with `transpose_kernel=True` | `axis=-1` (in) |
 
 PyTorch's ``dim`` counts PyTorch's axes; its ``dim=None`` and ``dim=-1`` both mean the
 whole tensor (a scalar g), which is wn_jax's ``axis=None``. Arguments of the layers
 (:func:`conv_kwargs` does this mapping):
 
-=====================  =====================================================================
-PyTorch                Flax ``WNConv`` / ``WNConvTranspose``
-=====================  =====================================================================
-``stride``             ``strides``
-``padding=p``          Conv: ``padding=[(p, p), ...]``; ``'same'`` / ``'valid'`` as they are
-``dilation``           ``kernel_dilation``
-``groups``             Conv: ``feature_group_count`` (ConvTranspose: only ``groups=1``)
-``output_padding=op``  ConvTranspose: ``padding=[(d(k-1)-p, d(k-1)-p+op), ...]`` and
-                       ``transpose_kernel=True`` (a Conv refuses it)
-``padding_mode``       Conv: ``'reflect'`` / ``'circular'`` -> ``'REFLECT'`` / ``'CIRCULAR'``
-                       where ``p`` is half the dilated kernel; else refused
-=====================  =====================================================================
+| PyTorch | Flax `WNConv` / `WNConvTranspose` |
+|---|---|
+| `stride` | `strides` |
+| `padding=p` | Conv: `padding=[(p, p), ...]`; `'same'` / `'valid'` as they are |
+| `dilation` | `kernel_dilation` |
+| `groups` | Conv: `feature_group_count` (ConvTranspose: only `groups=1`) |
+| `output_padding=op` | ConvTranspose: `padding=[(d(k-1)-p, d(k-1)-p+op), ...]` and `transpose_kernel=True` (a Conv refuses it) |
+| `padding_mode` | Conv: `'reflect'` / `'circular'` -> `'REFLECT'` / `'CIRCULAR'` where `p` is half the dilated kernel; else refused |
 
 Inputs are channels-last in Flax: a PyTorch ``(N, C, L)`` batch is ``x.transpose(0, 2, 1)``.
 """
