@@ -374,3 +374,56 @@ def test_a_weight_normed_tree_is_refused_with_the_fix():
   state = tx.init(_params())
   with pytest.raises(ValueError, match=r"'layers_0/kernel'.*already.*WeightNormed"):
     tx.update(wn, state, wn)
+
+
+def _nnx_losses(model_fn, use_jit):
+  x = jax.random.normal(jax.random.key(0), (64, 8))
+  y = jnp.sin(x[:, :2])
+  loss = lambda m: jnp.mean((m(x) - y) ** 2)
+  tx = wn_jax.optim.weight_norm(optax.adam(1e-2))
+  # The standard NNX loop: nnx.Optimizer wraps the state's arrays in its own variables.
+  m = model_fn()
+  opt = nnx.Optimizer(m, tx, wrt=nnx.Param)
+
+  def step(m, opt):
+    value, g = nnx.value_and_grad(loss)(m)
+    opt.update(m, g)
+    return value
+
+  step = nnx.jit(step) if use_jit else step
+  l_opt = [float(step(m, opt)) for _ in range(3)]
+  # The manual loop on nnx.state(m, nnx.Param).
+  m2 = model_fn()
+  params = nnx.state(m2, nnx.Param)
+  state = tx.init(params)
+  l_manual = []
+  for _ in range(3):
+    value, g = nnx.value_and_grad(loss)(m2)
+    u, state = tx.update(nnx.state(g, nnx.Param), state, params)
+    params = optax.apply_updates(params, u)
+    nnx.update(m2, params)
+    l_manual.append(float(value))
+  return l_opt, l_manual, m, m2
+
+
+@pytest.mark.parametrize('use_jit', [False, True])
+@pytest.mark.parametrize('sequential', [False, True])
+def test_nnx_optimizer_loop_trains_like_the_manual_loop(use_jit, sequential):
+  def model_fn():
+    if sequential:
+      r = nnx.Rngs(0)
+      return nnx.Sequential(nnx.Linear(8, 16, rngs=r), nnx.tanh, nnx.Linear(16, 2, rngs=r))
+    return nnx.Linear(8, 2, rngs=nnx.Rngs(0))
+
+  l_opt, l_manual, m, m2 = _nnx_losses(model_fn, use_jit)
+  np.testing.assert_allclose(l_opt, l_manual, rtol=1e-5)
+  assert l_opt[-1] < l_opt[0]
+  assert_trees_close(nnx.state(m, nnx.Param), nnx.state(m2, nnx.Param), rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_optimizer_still_refuses_a_changed_structure():
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
+  state = tx.init(nnx.state(nnx.Linear(8, 2, rngs=nnx.Rngs(0)), nnx.Param))
+  other = nnx.state(nnx.Linear(8, 2, use_bias=False, rngs=nnx.Rngs(0)), nnx.Param)
+  with pytest.raises(ValueError, match='structure they had at init'):
+    tx.update(other, state, other)

@@ -21,11 +21,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from wn_jax import _core
 from wn_jax import _tree
 
 _is_node = lambda x: isinstance(x, (_tree.WeightNormed, optax.MaskedNode))
+
+
+def _values(tree: Any) -> Any:
+  """``tree`` with every ``nnx.Variable`` replaced by its value (``Param(w)`` -> ``w``).
+
+  The state holds bare arrays, never a variable around a ``WeightNormed`` node: ``nnx.Optimizer``
+  wraps the state's variables whole, and writing an update back into such a wrapper turns the
+  node into a dict (its static ``axis`` lost).
+  """
+  return jax.tree_util.tree_map(
+    lambda x: x.get_value() if isinstance(x, nnx.Variable) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 class WeightNormState(NamedTuple):
@@ -64,6 +79,13 @@ def weight_norm(
   returns the update $w' - w$. Unselected leaves go through ``inner`` unchanged.
   Training ``params`` with ``weight_norm(inner)`` follows the trajectory of training
   ``wn_jax.weight_norm(params)`` with ``inner``.
+
+  The state is authoritative: it keeps the weights as ``(v, g)``, and each update moves
+  ``params`` to the weights the state recomposes. A weight changed outside the
+  transformation (an EMA swap, a checkpoint loaded into the model, surgery) jumps back to
+  the state's weight at the next update. After changing weights outside, re-run
+  ``tx.init(params)``. Works with ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` as with
+  ``tx.update(grads, state, nnx.state(model, nnx.Param))``.
 
   Extra arguments of ``update`` reach ``inner`` in (v, g) coordinates, so line-search
   optimizers (``optax.lbfgs``, ``optax.scale_by_zoom_linesearch``) work: ``grad`` is
@@ -105,7 +127,7 @@ def weight_norm(
   def init_fn(params):
     _refuse_weight_normed(params)
     # Copies, so the state never shares a buffer with params (safe to donate both).
-    wn = _tree.weight_norm(jax.tree_util.tree_map(jnp.copy, params), axis, where=where)
+    wn = _tree.weight_norm(jax.tree_util.tree_map(jnp.copy, _values(params)), axis, where=where)
     directions = jax.tree_util.tree_map(
       lambda x: x if isinstance(x, _tree.WeightNormed) else optax.MaskedNode(),
       wn,
@@ -120,6 +142,9 @@ def weight_norm(
         'tx.update(grads, state, params).'
       )
     _refuse_weight_normed(params)
+    # Updates come back in the structure of the incoming updates (variables and all).
+    treedef = jax.tree_util.tree_structure(updates)
+    params, updates = _values(params), _values(updates)
     try:
       wn = jax.tree_util.tree_map(
         lambda d, p: p if isinstance(d, optax.MaskedNode) else d,
@@ -163,6 +188,7 @@ def weight_norm(
       new_wn,
       is_leaf=_is_node,
     )
+    out = jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(out))
     return out, WeightNormState(directions, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
