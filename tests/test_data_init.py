@@ -329,3 +329,83 @@ def test_weight_norm_wrapped_layers_are_left_alone():
   ):
     np.testing.assert_array_equal(a, b)
   assert not np.allclose(new['params']['wn']['scale'], variables['params']['wn']['scale'])
+
+
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, c, _):
+    return wl.WNDense(8, kernel_init=nn.initializers.normal(0.05))(c), None
+
+
+class _Scanned(nn.Module):
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    body = nn.remat(_ScanBlock) if self.remat else _ScanBlock
+    block = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    return block()(x, None)[0]
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_linen_layers_inside_scan_each_from_their_own_statistics(remat):
+  # Flax traces a scan body twice (a partial-evaluation pass for its invariants, then the
+  # loop): data_init used to initialize on the first, discarded, pass and skip the real one.
+  x = _batch((64, 8))
+  model = _Scanned(remat)
+  variables = model.init(jax.random.key(1), x)
+  new = wl.data_init(model, variables, x, init_scale=0.5)
+  ((name, block),) = new['params'].items()
+  p, old = block['WNDense_0'], variables['params'][name]['WNDense_0']
+  np.testing.assert_array_equal(p['kernel'], old['kernel'])
+  h = np.asarray(x, np.float64)
+  for i in range(3):  # layer i standardized on the output of the initialized layer i - 1
+    t = h @ (np.asarray(p['kernel'][i], np.float64) / np.linalg.norm(p['kernel'][i], axis=0))
+    np.testing.assert_allclose(p['scale'][i], 0.5 / t.std(0), rtol=1e-4)
+    h = t * np.asarray(p['scale'][i], np.float64) + np.asarray(p['bias'][i], np.float64)
+    np.testing.assert_allclose(h.std(0), 0.5, rtol=1e-4)
+    np.testing.assert_allclose(h.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(model.apply(new, x)).std(0), 0.5, rtol=1e-4)
+
+
+class _TrainBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=True):
+    h = wl.WNDense(8)(x)
+    h = wl.MeanOnlyBatchNorm(use_running_average=not train)(h)
+    h = nn.BatchNorm(use_running_average=not train)(nn.relu(h))
+    return wl.WNDense(4)(h)
+
+
+def test_linen_mean_only_batch_norm_in_training_mode():
+  x = _batch((32, 4))
+  model = _TrainBN()
+  variables = model.init(jax.random.key(1), x)
+  new = wl.data_init(model, variables, x)
+  assert new['batch_stats'] is variables['batch_stats']  # other collections unchanged
+  _, state = model.apply(
+    new, x, capture_intermediates=True, mutable=['intermediates', 'batch_stats']
+  )
+  outs = {k: v['__call__'][0] for k, v in state['intermediates'].items() if k.startswith('WN')}
+  assert set(outs) == {'WNDense_0', 'WNDense_1'}
+  _assert_standardized(outs, 1.0)
+
+
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_transpose_kernel_default_axis_message(api):
+  x = _batch((16, 6, 3))
+  msg = r'transpose_kernel=True.*keeps the input features.*axis=-2'
+  if api == 'linen':
+    model = wl.WNConvTranspose(4, (3,), transpose_kernel=True)
+    with pytest.raises(ValueError, match=msg):
+      wl.data_init(model, model.init(jax.random.key(0), x), x)
+    model = wl.WNConvTranspose(4, (3,), transpose_kernel=True, axis=-2)  # the advice works
+    y = model.apply(wl.data_init(model, model.init(jax.random.key(0), x), x), x)
+  else:
+    layer = wx.WNConvTranspose(3, 4, (3,), transpose_kernel=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=msg):
+      wx.data_init(layer, x)
+    layer = wx.WNConvTranspose(3, 4, (3,), transpose_kernel=True, axis=-2, rngs=nnx.Rngs(0))
+    wx.data_init(layer, x)
+    y = layer(x)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-4)

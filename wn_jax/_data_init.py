@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
 from wn_jax._core import reduce_dtype
 
@@ -62,6 +63,21 @@ def claim(key: object) -> _Mode | None:
     return None
   m.done.add(key)
   return m
+
+
+def is_partial_eval(x: object) -> bool:
+  """Whether ``x`` is traced in a partial-evaluation pass: no layer is initialized there.
+
+  Flax's scan traces its body once in such a pass, to find its loop invariants, and discards
+  it; the loop's own trace follows. A trace nested in that pass (``nn.remat`` in the body)
+  counts too: its chain of parent traces reaches the pass.
+  """
+  trace = getattr(x, '_trace', None)
+  while trace is not None:
+    if isinstance(trace, pe.JaxprTrace):
+      return True
+    trace = getattr(trace, 'parent_trace', None)
+  return False
 
 
 def scale_for(m: _Mode, path: str) -> float:
@@ -114,6 +130,13 @@ def initialize(
 
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int, where: str) -> None:
   if kept != (out_axis % kernel_ndim,):
+    if out_axis == -2 and kept == (kernel_ndim - 1,):
+      raise ValueError(
+        f'{where}: data_init sets one g per output feature, so the layer must keep the '
+        f'output-feature axis; with transpose_kernel=True the default axis=-1 keeps the input '
+        f"features (PyTorch's convention). Build the layer with axis=-2 (the output features "
+        f'with transpose_kernel=True), or initialize this layer by hand.'
+      )
     raise ValueError(
       f'{where}: data_init sets one g per output feature, so the layer must keep the '
       f'output-feature axis ({out_axis % kernel_ndim} of the kernel); it keeps {kept}. '

@@ -137,12 +137,17 @@ class _WeightNormedKernel:
   def _data_init_run(self, call, *args, **kwargs):
     if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
       return call(*args, **kwargs)
+    kernel = self.get_variable('params', 'kernel')  # type: ignore[attr-defined]
+    if _data_init.is_partial_eval(nn.unbox(kernel)):
+      # Flax's scan first traces its body in a partial-evaluation pass (for its loop
+      # invariants) whose results it discards: not a use. The loop's own trace then
+      # initializes each stacked layer from its own statistics.
+      return call(*args, **kwargs)
     mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
     if mode is None:
       return call(*args, **kwargs)
     where = self._where()
     path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
-    kernel = self.get_variable('params', 'kernel')  # type: ignore[attr-defined]
     kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
     _data_init.check_output_axis(jnp.ndim(nn.unbox(kernel)), kept, self._out_axis(), where)
     object.__setattr__(self, '_direction_only', mode)
@@ -477,7 +482,8 @@ def data_init(
   (constant on the batch) keeps $\sigma = 1$ (finite, never NaN). Statistics are
   taken in float32 (or wider) whatever the parameter dtype. Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
-  collections (``batch_stats``) are returned unchanged.
+  collections (``batch_stats``) may change during the pass (batch norm in training
+  mode) but are returned unchanged.
 
   Args:
     model: the linen model.
@@ -504,7 +510,9 @@ def data_init(
     (True, True)
   """
   with _data_init.mode(init_scale, axis_name):
-    _, updates = model.apply(variables, *args, mutable=['params'], method=method, **kwargs)
+    # Every collection mutable, so a model with batch norm in training mode runs; only the
+    # new params are kept.
+    _, updates = model.apply(variables, *args, mutable=True, method=method, **kwargs)
   return {**variables, 'params': updates['params']}
 
 
