@@ -275,3 +275,20 @@ def test_materialize_keeps_dicts_that_are_not_v_g_pairs():
   ):
     assert wn_jax.materialize(tree) is not None
     assert_trees_equal(wn_jax.materialize(tree), tree)
+
+
+@pytest.mark.standard_promotion  # optax's sgd
+def test_numpy_integer_axes_are_canonical_static_ints():
+  w = jnp.arange(1.0, 7.0).reshape(2, 3)
+  node = wn_jax.weight_norm({'w': w}, axis=np.int64(-1))['w']
+  assert type(node.axis) is int and node.axis == -1
+  assert_trees_equal(node, wn_jax.weight_norm({'w': w}, axis=-1)['w'])
+  direct = wn_jax.WeightNormed(node.v, node.g, axis=np.int64(-1))
+  assert type(direct.axis) is int and hash(direct.axis) == hash(-1)
+  pair = wn_jax.WeightNormed(w, jnp.ones(()), axis=(np.int32(0), np.int64(1))).axis
+  assert pair == (0, 1) and all(type(a) is int for a in pair)
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.1), axis=np.int64(0))
+  state = tx.init({'w': w})
+  assert state.directions['w'].axis == 0 and state.directions['w'].g.shape == (2,)
+  updates, _ = jax.jit(tx.update)({'w': jnp.ones_like(w)}, state, {'w': w})
+  assert updates['w'].shape == w.shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +45,7 @@ class WeightNormed:
   def __init__(self, v: Any, g: Any, axis: _core.Axis = -1):
     self.v = v
     self.g = g
-    self.axis = axis if axis is None or isinstance(axis, int) else tuple(axis)
+    self.axis = _static_axis(axis)
 
   def tree_flatten_with_keys(self):
     keys = jax.tree_util.GetAttrKey
@@ -68,6 +69,27 @@ class WeightNormed:
       raise ValueError(
         f'{self!r}: {e} Rebuild it with wn_jax.weight_norm, or fix the loaded g.'
       ) from None
+
+
+def _static_axis(axis: Any) -> Any:
+  """``axis`` as hashable static data: NumPy integers as ints, a sequence as a tuple.
+
+  Bad values are kept as they are, for :func:`wn_jax._core.kept_axes` to refuse by name.
+
+  >>> import numpy as np
+  >>> _static_axis(np.int64(-1)), _static_axis([np.int32(0), 1]), _static_axis(None)
+  (-1, (0, 1), None)
+  """
+
+  def one(a: Any) -> Any:
+    try:
+      return a if isinstance(a, bool) else operator.index(a)
+    except TypeError:
+      return a
+
+  if axis is None or isinstance(axis, (bool, str)) or not hasattr(axis, '__iter__'):
+    return one(axis)
+  return tuple(one(a) for a in axis)
 
 
 def _to_state_dict(node: WeightNormed) -> dict[str, Any]:
