@@ -427,3 +427,16 @@ def test_nnx_optimizer_still_refuses_a_changed_structure():
   other = nnx.state(nnx.Linear(8, 2, use_bias=False, rngs=nnx.Rngs(0)), nnx.Param)
   with pytest.raises(ValueError, match='structure they had at init'):
     tx.update(other, state, other)
+
+
+def test_a_state_restored_without_a_target_is_refused_with_the_fix():
+  params = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
+  state = tx.init(params)
+  # What orbax's restore(path) gives without a target: plain containers, axis lost.
+  restored = {
+    'directions': {'w': {'v': state.directions['w'].v, 'g': state.directions['w'].g}, 'b': None},
+    'inner_state': [{}, {}],
+  }
+  with pytest.raises(ValueError, match=r'restore.*target.*tx\.init\(params\)'):
+    tx.update(params, restored, params)

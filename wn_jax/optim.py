@@ -107,7 +107,8 @@ def weight_norm(
   Raises:
     ValueError: from ``init`` or ``update``, if ``params`` already hold
       :class:`wn_jax.WeightNormed` nodes (train those with ``inner`` alone), or have
-      changed structure or shapes since ``init``.
+      changed structure or shapes since ``init``; from ``update``, for a state that is not
+      a ``WeightNormState`` (a checkpoint restored without a target).
 
   References:
     Salimans & Kingma, 2016. https://arxiv.org/abs/1602.07868
@@ -140,6 +141,14 @@ def weight_norm(
       raise ValueError(
         'wn_jax.optim.weight_norm: update needs params (the current weights w); call '
         'tx.update(grads, state, params).'
+      )
+    if not isinstance(state, WeightNormState):
+      raise ValueError(
+        f'wn_jax.optim.weight_norm: update got a state of type {type(state).__name__}, not '
+        f'the WeightNormState that tx.init returns: a checkpoint restored without a target '
+        f'(orbax `restore(path)` gives plain dicts and loses the static axis). Restore with a '
+        f'target: `ckptr.restore(path, jax.eval_shape(tx.init, params))` (tx.init(params) as '
+        f'the abstract target).'
       )
     _refuse_weight_normed(params)
     # Updates come back in the structure of the incoming updates (variables and all).
