@@ -626,10 +626,31 @@ def test_fold_refuses_stacked_layers():
   x = _rand((4, 6))
   params = Stack().init(KEY, x)['params']
   (block,) = params
+  # Not the circular advice to pass layer_axes (which fails the same way on stacked layers).
+  stacked = 'stacked layer.*fold does not support.*[Uu]nstack'
   with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale of shape \(3, 6\)"):
     wl.fold(params)
-  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale has shape \(3, 6\)"):
+  with pytest.raises(ValueError, match=stacked) as e:
+    wl.fold(params)
+  assert 'layer_axes' not in str(e.value)
+  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale of shape \(3, 6\)"):
     wl.fold(params, axis=-1)
+  with pytest.raises(ValueError, match=stacked) as e:
+    wl.fold(params, axis=-1)
+  assert 'layer_axes' not in str(e.value)
+
+
+def test_nnx_fold_refuses_a_vmap_stacked_layer_and_names_it():
+  from flax import nnx
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return wn_jax.nnx.WNLinear(6, 6, rngs=nnx.Rngs(key))
+
+  layer = make(jax.random.split(KEY, 3))
+  with pytest.raises(ValueError, match=r'the root layer \(the model itself\).*stacked layer') as e:
+    wn_jax.nnx.fold(layer)
+  assert 'mapping' not in str(e.value)  # nnx.fold takes no axis
 
 
 @pytest.mark.standard_promotion

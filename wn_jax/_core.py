@@ -91,7 +91,11 @@ def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   ``v`` is already in the reduction dtype. Three sums of squares over ``v`` (no
   ``lax.cond``): of ``v``, of ``v * k`` and of ``v / k`` (``k`` a power of two, see ``_RANGE``); each slice then takes the plain
   one where it is in range (the common case, bit for bit the plain norm), else the scaled
-  one that is. Correct for float32 weights from 1e-38 to 3e38. Its derivative is
+  one that is. For float32: correct for normal entries (from about 1.2e-38; subnormal
+  entries may be flushed to 0, as on CPU) up to a norm of 3.4e38, float32's largest.
+  ``normalize`` covers less: its factor $g / \lVert v \rVert$ must be a normal float32
+  too (with $g = 1$, $\lVert v \rVert$ below about 8e37; measured on CPU: a norm of 2e37
+  gives the right $w$, 2e38 gives 0). Its derivative is
   $\langle v, \dot v \rangle / \lVert v \rVert$, and 0 on an all-zero slice (so
   derivatives of every order stay finite there).
   """

@@ -71,10 +71,33 @@ INFER = 'infer'
 AxisSpec = _core.Axis | str | Mapping[str, _core.Axis] | Callable[[str], _core.Axis]
 
 
+def _layer_name(path: str) -> str:
+  return f"layer '{path}'" if path else 'the root layer (the model itself)'
+
+
+def _stacked(caller: str, path: str, kernel_shape, scale_shape) -> ValueError:
+  # A scale with more axes than the layer keeps: most likely one leading layer axis on
+  # every parameter (nn.scan, nn.vmap, nnx.vmap), which no axis choice undoes.
+  several = (
+    ''  # nnx.fold reads each layer's own axis: only a stacked layer gets here
+    if caller == 'wn_jax.nnx.fold'
+    else f"; a single layer built with several kept axes takes them in a mapping {{'{path}': ...}}"
+  )
+  return ValueError(
+    f'{caller}: {_layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
+    f'than one layer keeping the default axis has, for a kernel of shape '
+    f'{tuple(kernel_shape)}: it looks like a stacked layer (nn.scan, nn.vmap, nnx.vmap), which '
+    f'fold does not support. Unstack it first and fold each layer (e.g. '
+    f'jax.tree.map(lambda a: a[i], params) for layer i){several}.'
+  )
+
+
 def _inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...], caller: str):
   fits = _fitting_axes(kernel_shape, scale_shape)
   if len(fits) == 1:
     return fits[0]
+  if fits and len(scale_shape) > 1:
+    raise _stacked(caller, path, kernel_shape, scale_shape)
   if not fits:
     raise ValueError(
       f"{caller}: layer '{path}': its scale of shape {scale_shape} fits no choice of kept "
@@ -143,6 +166,8 @@ def fold(params: Any, axis: AxisSpec, caller: str) -> Any:
         a = _inferred(where, kernel.shape, scale.shape, caller)
       kept = _core.kept_axes(kernel.ndim, a, f"{caller}: layer '{where}'")
       need = _core.scale_shape(kernel.shape, kept)
+      if scale.shape != need and scale.ndim > max(len(kept), 1):
+        raise _stacked(caller, where, kernel.shape, scale.shape)
       if scale.shape != need:
         raise ValueError(
           f"{caller}: layer '{where}': its scale has shape {scale.shape}, but a kernel of "
