@@ -69,6 +69,16 @@ def test_guide_code_runs(path, monkeypatch):
       exec(compile(code, where, 'exec'), globs)  # noqa: S102
 
 
+def test_readme_links_resolve():
+  """The README, the front door, links to the docs pages and files that exist."""
+  text = (ROOT / 'README.md').read_text()
+  targets = re.findall(r'\]\(([^)#\s]+)(?:#[^)]*)?\)', text)
+  local = [t for t in targets if not urllib.parse.urlsplit(t).scheme]
+  assert local, 'the README links to no docs page'
+  missing = [t for t in local if not (ROOT / t).exists()]
+  assert not missing, missing
+
+
 # The built site.
 
 
