@@ -440,3 +440,26 @@ def test_a_state_restored_without_a_target_is_refused_with_the_fix():
   }
   with pytest.raises(ValueError, match=r'restore.*target.*tx\.init\(params\)'):
     tx.update(params, restored, params)
+
+
+@pytest.mark.parametrize('use_bias', [False, True])
+def test_decay_mask_decays_a_dense_named_scale_alone_in_its_module(use_bias):
+  class Mod(nn.Module):
+    @nn.compact
+    def __call__(self, x, c):
+      return x * nn.Dense(4, use_bias=use_bias, name='scale')(c)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, c):
+      return nn.Dense(4)(Mod(name='ada')(x, c))
+
+  p = Net().init(jax.random.key(0), jnp.ones((2, 4)), jnp.ones((2, 4)))['params']
+  m = wn_jax.optim.decay_mask(p)
+  assert all(jax.tree_util.tree_leaves(m)), m
+  # A scale tree needs a layer parameter at the same relative path, of higher rank.
+  elsewhere = {
+    'far': {'deep': {'kernel': jnp.ones((3, 4))}},
+    'wn': {'scale': {'kernel': jnp.ones(4)}},
+  }
+  assert wn_jax.optim.decay_mask(elsewhere)['wn']['scale'] == {'kernel': True}

@@ -131,6 +131,46 @@ def fits_kept_axes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
   return all(any(d == e for e in rest) for d in g_shape)
 
 
+def is_wrapper_scale(
+  shapes: dict[tuple[str, ...], tuple[int, ...]], prefix: tuple[str, ...]
+) -> bool:
+  """Whether the subtree at ``prefix`` (ending in ``'scale'``) is a ``WeightNorm`` wrapper's.
+
+  ``shapes`` maps every array's key path to its shape. A wrapper's params are its ``scale``
+  tree and, where the layer was built inside it, the ``layer`` (a linen layer built by the
+  parent keeps its params beside the wrapper, under the same parent). The ``scale`` tree
+  mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
+  parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
+  ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
+
+  >>> shapes = {('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}
+  >>> is_wrapper_scale(shapes, ('wn', 'scale'))
+  True
+  >>> is_wrapper_scale({('ada', 'scale', 'kernel'): (4, 4), ('fc', 'kernel'): (4, 4)}, ('ada', 'scale'))
+  False
+  """
+
+  def under(pre: tuple[str, ...]) -> list[tuple[str, ...]]:
+    return [k for k in shapes if len(k) > len(pre) and k[: len(pre)] == pre]
+
+  parent, n = prefix[:-1], len(prefix)
+  if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
+    return False
+  inside = [k[n:] for k in under(prefix)]
+  if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
+    candidates = {layer}
+  elif parent:  # the layer's params beside the wrapper
+    candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
+  else:
+    return False
+
+  def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
+    g, w = shapes[prefix + r], shapes.get(c + r)
+    return w is not None and len(g) < len(w) and fits_kept_axes(g, w)
+
+  return bool(inside) and any(all(mirrors(r, c) for r in inside) for c in candidates)
+
+
 def _is_lost_node(x: Any) -> bool:
   """A plain ``{'v', 'g'}`` dict of arrays whose ``g`` fits ``v``: a ``WeightNormed``
   restored without a target (orbax, msgpack), its static ``axis`` lost."""

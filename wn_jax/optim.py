@@ -253,8 +253,9 @@ def decay_mask(params: Any) -> Any:
     kernel, ``()`` for ``axis=None``;
   - a ``WeightNorm`` wrapper's ``scale`` tree (linen or NNX): a tree whose only
     neighbours are the wrapped ``layer`` (or none: a linen layer built by the parent
-    keeps its parameters there), that mirrors the layer's parameters, each of its
-    arrays fitting the kept axes of the layer's parameter at the same path.
+    keeps its parameters beside the wrapper), that mirrors the layer's parameters, each
+    of its arrays at the path of a layer parameter and shaped like it along a strict
+    subset of its axes (a wrapper keeping every axis is not recognised, and is decayed).
 
   A ``scale`` array without such a ``kernel`` (LayerNorm's), or whose shape does not
   fit it, is decayed as usual. Decaying ``g`` would shrink the weights' length, which
@@ -289,28 +290,7 @@ def decay_mask(params: Any) -> Any:
   def fits(keys: tuple[str, ...], of: tuple[str, ...]) -> bool:
     return of in shapes and _tree.fits_kept_axes(shapes[keys], shapes[of])
 
-  def under(prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
-    return [k for k in shapes if len(k) > len(prefix) and k[: len(prefix)] == prefix]
-
-  @functools.cache
-  def wrapper_scale(prefix: tuple[str, ...]) -> bool:
-    # `prefix` ends in 'scale'. A wrapper's params are its `scale` tree and, where the
-    # layer was built inside it, the `layer`; a linen layer built by the parent lives
-    # elsewhere (a sibling), so any subtree that the `scale` tree mirrors will do.
-    parent, n = prefix[:-1], len(prefix)
-    if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
-      return False
-    inside = [k[n:] for k in under(prefix)]
-    if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
-      candidates = {layer}
-    else:
-      first = inside[0]
-      candidates = {
-        k[: len(k) - len(first)]
-        for k in shapes
-        if k[len(k) - len(first) :] == first and k[: len(k) - len(first)] != prefix
-      }
-    return any(all(fits(prefix + r, c + r) for r in inside) for c in candidates)
+  wrapper_scale = functools.cache(lambda prefix: _tree.is_wrapper_scale(shapes, prefix))
 
   def is_magnitude(keys: tuple[str, ...]) -> bool:
     return any(
