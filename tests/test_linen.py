@@ -697,3 +697,36 @@ def test_fold_a_converted_dim2_layer_whose_window_equals_its_channels():
   plain = wl.fold(params, axis=wt.layer_axes(sd))
   y = nn.Conv(4, (4,), padding=[(2, 2)]).apply({'params': plain['pos_conv']}, x)
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+def test_fold_refuses_a_weight_norm_wrapper_and_names_it():
+  class P(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WeightNorm(nn.Dense(4, name='inner'))(x)
+
+  x = jax.random.normal(jax.random.key(0), (4, 3))
+  p = P().init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=r"'WeightNorm_0/scale' is a WeightNorm wrapper.*by hand"):
+    wl.fold(p)
+  inside = wl.WeightNorm(nn.Dense(4)).init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=r"'scale' is a WeightNorm wrapper"):
+    wl.fold(inside)
+
+
+def test_fold_keeps_a_plain_submodule_named_scale():
+  class Mod(nn.Module):
+    @nn.compact
+    def __call__(self, x, c):
+      return x * nn.Dense(4, name='scale')(c)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, c):
+      return wl.WNDense(4, name='out')(Mod(name='ada')(x, c))
+
+  x, c = jnp.ones((2, 4)), jax.random.normal(jax.random.key(1), (2, 4))
+  p = Net().init(jax.random.key(0), x, c)['params']
+  folded = wl.fold(p, axis=-1)
+  assert folded['ada'] == p['ada']
+  assert set(folded['out']) == {'kernel', 'bias'}

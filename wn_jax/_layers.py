@@ -152,12 +152,27 @@ def _fitting_axes(kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -
 def fold(params: Any, axis: AxisSpec, caller: str) -> Any:
   """Every ``{'kernel', 'scale', ...}`` dict of ``params`` folded into ``{'kernel': w, ...}``."""
   axis_of = _axis_of(axis, caller)
+  shapes = {
+    tuple(_tree.path_str(p).split('/')): jnp.shape(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, _tree.WeightNormed)
+    )[0]
+    if not isinstance(x, _tree.WeightNormed)
+  }
 
   def walk(tree: Any, path: tuple[str, ...]) -> Any:
     if isinstance(tree, _tree.WeightNormed):
       return tree.weight()
     if not hasattr(tree, 'items'):
       return tree
+    if hasattr(tree.get('scale'), 'items') and _tree.is_wrapper_scale(shapes, (*path, 'scale')):
+      raise ValueError(
+        f"{caller}: '{'/'.join((*path, 'scale'))}' is a WeightNorm wrapper's scale tree; fold "
+        f"folds WN layers and WeightNormed leaves, not a wrapper (its layer's parameters hold "
+        f'v, not w). Train or export that part with the pytree route (wn_jax.weight_norm + '
+        f'wn_jax.materialize), or fold it by hand: each layer parameter v becomes '
+        f'wn_jax.normalize(v, g, axis) with g from the scale tree, and the scale tree goes.'
+      )
     if 'kernel' in tree and 'scale' in tree and hasattr(tree['scale'], 'shape'):
       where = '/'.join(path)
       kernel, scale = jnp.asarray(tree['kernel']), jnp.asarray(tree['scale'])

@@ -573,8 +573,11 @@ def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
   where several do; it is never silently wrong. Pass ``axis=-1`` when every layer kept
   the default (the output features), or each layer's own: ``axis=layer_axes(model, x)``
   reads them from the model; a mapping or a callable also works. A layer whose scale does
-  not fit the axis it is given is refused, named. A ``WeightNorm`` wrapper's parameters
-  (``layer``, ``scale``) are left as they are.
+  not fit the axis it is given is refused, named. A ``WeightNorm`` wrapper's parameters are
+  refused, naming the wrapper (its layer's parameters hold ``v``): export that part with
+  the pytree route (:func:`wn_jax.weight_norm` + :func:`wn_jax.materialize`), or fold it
+  by hand with :func:`wn_jax.normalize`. A plain submodule named ``scale`` (AdaLN's) is
+  folded like any other.
 
   Args:
     params: a linen ``params`` tree (boxed or not), or an NNX pure dict.
@@ -589,7 +592,8 @@ def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
 
   Raises:
     ValueError: a layer's axis cannot be inferred, a layer's scale does not fit its axis,
-      or a mapping misses a layer; the message names the layer's path.
+      a mapping misses a layer, or ``params`` hold a ``WeightNorm`` wrapper's; the message
+      names the layer's path.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
