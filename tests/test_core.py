@@ -14,6 +14,7 @@ import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
 from tests.helpers import shape_and_axis
+from wn_jax import _core
 
 CASES = [
   ((5,), -1),
@@ -154,6 +155,39 @@ def test_extreme_magnitudes_in_float32_are_exact(scale):
     dg, ref.grads(vr, np.asarray(g, np.float64), -1, np.arange(24.0).reshape(6, 4))[1], factor=4
   )
   assert_close(wn_jax.norm(v), ref.decompose(vr, -1)[1], factor=2, floor=0.0)
+
+
+def test_both_backend_branches_of_the_norm_match_the_reference():
+  # One array with a slice in range, one above it, one below it, one zero. A CPU takes the
+  # plain sum and, since some slice is out of range, the scaled sums under a lax.cond;
+  # other backends (`_ranged` alone) compute all three sums: the same result either way.
+  rng = np.random.default_rng(2)
+  base = rng.normal(size=(6, 4))
+  v64 = base * np.array([1.0, 1e30, 1e-30, 0.0])
+  v = jnp.asarray(v64, jnp.float32)
+  vr = np.asarray(v, np.float64)
+  expected = ref.decompose(vr, -1)[1]
+  on_cpu = wn_jax.norm(v)
+  ss = jnp.sum(v * v, axis=0, keepdims=True)
+  elsewhere = _core._ranged(v, ss, (0,)).reshape(4)
+  for n in (on_cpu, elsewhere):
+    assert_close(n, expected, factor=2, floor=0.0)
+  # In range, both are the plain norm, bit for bit (all compiled alike, under jit).
+  w = jnp.asarray(base, jnp.float32)
+  plain = jax.jit(lambda w: jnp.sqrt(jnp.sum(w * w, axis=0)))(w)
+  ranged = jax.jit(lambda w: _core._ranged(w, jnp.sum(w * w, 0, keepdims=True), (0,))[0])(w)
+  assert np.array_equal(jax.jit(wn_jax.norm)(w), plain)
+  assert np.array_equal(ranged, plain)
+
+
+def test_the_cpu_branch_scales_only_under_a_cond():
+  # The CPU lowering reads v with one plain sum outside the cond; other backends get no
+  # cond, and all three sums side by side (which XLA fuses into one pass over v).
+  spec = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+  cpu = jax.jit(wn_jax.norm).trace(spec).lower(lowering_platforms=('cpu',)).as_text()
+  gpu = jax.export.export(jax.jit(wn_jax.norm), platforms=['cuda'])(spec).mlir_module()
+  assert 'stablehlo.if' in cpu or cpu.count('stablehlo.case') > gpu.count('stablehlo.case')
+  assert gpu.count('stablehlo.reduce(') == 3 and cpu.count('stablehlo.reduce(') == 4
 
 
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])

@@ -730,3 +730,70 @@ def test_fold_keeps_a_plain_submodule_named_scale():
   folded = wl.fold(p, axis=-1)
   assert folded['ada'] == p['ada']
   assert set(folded['out']) == {'kernel', 'bias'}
+
+
+def _dot_reads_the_kernel(fn, params, kernel) -> bool:
+  """Whether the dot_general in ``fn(params)``'s jaxpr takes the kernel parameter itself."""
+  flat, _ = jax.tree_util.tree_flatten(params)
+  jaxpr = jax.make_jaxpr(fn)(params).jaxpr
+  kernel_var = jaxpr.invars[next(i for i, x in enumerate(flat) if x is kernel)]
+  dots = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general']
+  assert len(dots) == 1
+  return dots[0].invars[1] is kernel_var
+
+
+@pytest.mark.parametrize(
+  'shape,scaled',
+  [
+    ((5, 48), True),
+    ((2, 3, 7, 48), True),
+    ((48, 48), False),
+    ((64, 48), False),
+    ((7, 8, 48), False),
+  ],
+)
+@pytest.mark.parametrize('framework', ['linen', 'nnx'])
+def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(framework, shape, scaled):
+  # y = (x @ v) * (g / ||v||) + b where the rows (every input axis but the last) are fewer
+  # than the input features, x @ w + b elsewhere: the same function, forward and backward,
+  # against the float64 reference.
+  x = _rand(shape)
+  if framework == 'linen':
+    layer = wl.WNDense(24)
+    params = _perturb_scale(layer.init(KEY, x))['params']
+    params['bias'] = params['bias'] + 0.1
+    apply = lambda p, x: layer.apply({'params': p}, x)
+  else:
+    from flax import nnx
+
+    from wn_jax import nnx as wx
+
+    graphdef, state = nnx.split(wx.WNLinear(48, 24, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.to_pure_dict(state)
+    params['scale'] = params['scale'] * jnp.linspace(0.5, 2.0, 24)
+    params['bias'] = params['bias'] + 0.1
+
+    def apply(p, x):
+      s = jax.tree_util.tree_map(lambda a: a, state)
+      nnx.replace_by_pure_dict(s, p)
+      return nnx.merge(graphdef, s)(x)
+
+  assert _dot_reads_the_kernel(lambda p: apply(p, x), params, params['kernel']) == scaled
+  v, g = np.asarray(params['kernel'], np.float64), np.asarray(params['scale'], np.float64)
+  b = np.asarray(params['bias'], np.float64)
+  w = ref.normalize(v, g, -1)
+  x64 = np.asarray(x, np.float64)
+  assert_close(jax.jit(apply)(params, x), ref.dense(x64, w, b), factor=8)
+  r = _rand((*shape[:-1], 24), seed=3)
+  gp = jax.grad(lambda p: jnp.sum(apply(p, x) * r))(params)
+  r64 = np.asarray(r, np.float64)
+  gw = x64.reshape(-1, 48).T @ r64.reshape(-1, 24)
+  ev, eg = ref.grads(v, g, -1, gw)
+  assert_close(gp['kernel'], ev, factor=16)
+  assert_close(gp['scale'], eg, factor=16)
+  assert_close(gp['bias'], r64.reshape(-1, 24).sum(0), factor=8)
+  # Forward mode agrees with reverse mode on the scaled path too.
+  t = jax.tree_util.tree_map(lambda a: _rand(a.shape, seed=5), params)
+  jvp = jax.jvp(lambda p: jnp.sum(apply(p, x) * r), (params,), (t,))[1]
+  dot = sum(jnp.vdot(gp[k], t[k]) for k in params)
+  assert_close(jvp, np.float64(dot), factor=64)

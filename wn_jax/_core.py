@@ -88,24 +88,41 @@ _RANGE = {
 def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   r"""``||v||`` over every axis but ``kept``, keepdims, without overflow or underflow.
 
-  ``v`` is already in the reduction dtype. Three sums of squares over ``v`` (no
-  ``lax.cond``): of ``v``, of ``v * k`` and of ``v / k`` (``k`` a power of two, see ``_RANGE``); each slice then takes the plain
-  one where it is in range (the common case, bit for bit the plain norm), else the scaled
-  one that is. For float32: correct for normal entries (from about 1.2e-38; subnormal
+  ``v`` is already in the reduction dtype. The plain sum of squares gives each slice's
+  norm where it is in range (the common case, bit for bit the plain norm); a slice out of
+  range takes a sum of squares of ``v`` scaled by a power of two that is in range
+  (``_RANGE``). For float32: correct for normal entries (from about 1.2e-38; subnormal
   entries may be flushed to 0, as on CPU) up to a norm of 3.4e38, float32's largest.
   ``normalize`` covers less: its factor $g / \lVert v \rVert$ must be a normal float32
   too (with $g = 1$, $\lVert v \rVert$ below about 8e37; measured on CPU: a norm of 2e37
   gives the right $w$, 2e38 gives 0). Its derivative is
   $\langle v, \dot v \rangle / \lVert v \rVert$, and 0 on an all-zero slice (so
   derivatives of every order stay finite there).
+
+  How the scaled sums run depends on the backend, with the same result: on a GPU or TPU
+  all three sums are computed (XLA fuses sibling reductions of one operand into one
+  kernel that reads ``v`` once); XLA on a CPU runs each sum as its own pass over ``v``,
+  so there the scaled sums run under a ``lax.cond``, only when some slice is out of range.
   """
-  lo, k = _RANGE[jnp.dtype(v.dtype)]
   red = _reduced(v.ndim, kept)
-  up, down = v * k, v * (1.0 / k)
-  # Three plain sums, not one variadic lax.reduce: on a CPU XLA ran the variadic one 7x
-  # slower at 1024^2 (4.5 ms vs 0.65 ms, measured), which made a Dense train step 2.2x the
-  # plain one. `ss` is then exactly the plain sum of squares.
-  ss, ss_up, ss_down = (jnp.sum(x * x, axis=red, keepdims=True) for x in (v, up, down))
+  lo = _RANGE[jnp.dtype(v.dtype)][0]
+  ss = jnp.sum(v * v, axis=red, keepdims=True)
+
+  def on_cpu(v, ss):
+    # NaN fails both comparisons: a NaN slice takes the ranged branch and stays NaN.
+    out = jnp.any(~((ss >= lo) & (ss < jnp.inf)))
+    return jax.lax.cond(out, lambda v, ss: _ranged(v, ss, red), lambda v, ss: jnp.sqrt(ss), v, ss)
+
+  return jax.lax.platform_dependent(v, ss, cpu=on_cpu, default=lambda v, ss: _ranged(v, ss, red))
+
+
+def _ranged(v: jax.Array, ss: jax.Array, red: tuple[int, ...]) -> jax.Array:
+  """Each slice's norm from ``ss``, its plain sum of squares, or from a scaled one where
+  ``ss`` is out of range: of ``v * k`` below ``lo``, of ``v / k`` on overflow."""
+  lo, k = _RANGE[jnp.dtype(v.dtype)]
+  # Two more plain sums, not one variadic lax.reduce: on a CPU XLA ran the variadic one
+  # 7x slower at 1024^2 (4.5 ms vs 0.65 ms, measured).
+  ss_up, ss_down = (jnp.sum(x * x, axis=red, keepdims=True) for x in (v * k, v * (1.0 / k)))
   # Comparisons are False for NaN: a NaN slice takes the last branch and stays NaN. Only
   # an infinite entry overflows the scaled-down sum: its slice's norm is NaN (not inf), so
   # the whole slice of w is NaN, as with a NaN entry.
@@ -175,11 +192,20 @@ _norm_tangent = jax.checkpoint(_norm_tangent_impl, prevent_cse=False, static_arg
 _normalize_tangent = jax.checkpoint(_normalize_tangent_impl, prevent_cse=False, static_argnums=(6,))
 
 
+def _factor(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
+  """``g / ||v||`` per slice, keepdims, in the reduction dtype: the one place it is formed.
+
+  Plain autodiff through it is exact to any order: the norm is a ``custom_jvp`` (finite
+  on an all-zero slice), and the clamp takes no derivative where it acts.
+  """
+  n, _ = _denominator(v, kept, eps)
+  return g / n
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _normalize(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   """``v * (g / ||v||)``, ``g`` broadcast keepdims, all in the reduction dtype."""
-  n, _ = _denominator(v, kept, eps)
-  return v * (g / n)
+  return v * _factor(v, g, kept, eps)
 
 
 @_normalize.defjvp
@@ -247,7 +273,21 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
     Array([[6., 0.],
            [8., 0.]], dtype=float32)
   """
-  where = 'wn_jax.normalize'
+  v, g, kept = _checked(v, g, axis, eps, 'wn_jax.normalize')
+  acc = reduce_dtype(v.dtype)
+  w = _normalize(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, float(eps))
+  return w.astype(result_dtype(v.dtype, g.dtype))
+
+
+def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype) -> jax.Array:
+  """``g`` in ``dtype``, reshaped to broadcast against a weight of ``shape`` (keepdims)."""
+  return g.astype(dtype).reshape([shape[i] if i in kept else 1 for i in range(len(shape))])
+
+
+def _checked(
+  v: ArrayLike, g: ArrayLike, axis: Axis, eps: float, where: str
+) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError`` naming ``where``."""
   v, g = jnp.asarray(v), jnp.asarray(g)
   _check_floating(v, 'v', where)
   _check_floating(g, 'g', where)
@@ -261,10 +301,21 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
       f'{expected}, for v of shape {v.shape}; got g of shape {g.shape}. '
       f'Build g with wn_jax.decompose(w, axis) or reshape it.'
     )
+  return v, g, kept
+
+
+def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
+  r"""The per-slice factor $g / \lVert v \rVert$, so that ``normalize(v, g, axis)`` is ``v`` times it.
+
+  Of shape ``g.shape``, in the reduction dtype (float32, or float64 for float64 ``v``).
+  The same norm, clamp and derivatives as :func:`normalize` (an all-zero slice gives
+  ``g``). A layer that is linear in its weight can apply it to its output instead of
+  forming ``w``: ``x @ normalize(v, g) == (x @ v) * factor(v, g)`` for a Dense kernel
+  ``(in, out)`` with ``axis=-1`` (the paper's section 2.1).
+  """
+  v, g, kept = _checked(v, g, axis, eps, 'wn_jax factor')
   acc = reduce_dtype(v.dtype)
-  g_b = g.astype(acc).reshape([v.shape[i] if i in kept else 1 for i in range(v.ndim)])
-  w = _normalize(v.astype(acc), g_b, kept, float(eps))
-  return w.astype(result_dtype(v.dtype, g.dtype))
+  return _factor(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, float(eps)).reshape(g.shape)
 
 
 def result_dtype(*dtypes) -> jnp.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -56,6 +57,40 @@ def normalize(where: str, v: Any, g: Any, kept: _core.Axis, dtype: Any) -> jax.A
     return _core.normalize(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
+
+
+def scales_output(kernel_ndim: int, kept: tuple[int, ...], inputs: Any) -> bool:
+  r"""Whether a Dense layer applies $g / \lVert v \rVert$ to its output instead of forming ``w``.
+
+  For a kernel ``(in, out)`` keeping ``out``, ``x @ w + b == (x @ v) * s + b`` with
+  ``s = g / ||v||`` per output feature (the paper's section 2.1). Forming ``w`` costs
+  weight-sized passes (write ``w``; backward: a reduction for ``dL/dg`` and the scaling
+  of ``dL/dw``); scaling the output moves them to activation-sized arrays (rows x out)
+  and leaves one weight-sized pass in the backward (``dL/dv`` gains ``v`` times a
+  per-slice factor). So the output is scaled when the rows (every input axis but the
+  last) are fewer than the input features. The choice is static (shapes are known at
+  trace time) and changes rounding only.
+  """
+  shape = jnp.shape(inputs)
+  if kernel_ndim != 2 or kept != (1,) or not shape:
+    return False
+  return math.prod(shape[:-1]) < shape[-1]
+
+
+def scaled_output(
+  where: str, y: jax.Array, v: Any, g: Any, kept: tuple[int, ...], dtype: Any, bias: Any
+) -> jax.Array:
+  """``y * (g / ||v||) + bias`` for ``y = x @ v``, formed in the wider of ``y``'s dtype and the
+  factor's (float32), rounded once to ``y``'s dtype."""
+  try:
+    s = _core.factor(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept)
+  except ValueError as e:
+    raise ValueError(f'{where}: {e}') from None
+  acc = _core.result_dtype(y.dtype, s.dtype)
+  out = y.astype(acc) * s
+  if bias is not None:
+    out = out + jnp.asarray(bias).astype(acc)
+  return out.astype(y.dtype)
 
 
 def kept_names(names: Sequence[Any] | None, kept: tuple[int, ...]) -> tuple[Any, ...] | None:

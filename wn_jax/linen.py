@@ -89,7 +89,10 @@ class _WeightNormedKernel:
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):  # type: ignore[override]
     value = super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)  # type: ignore[misc]
     mode = getattr(self, '_direction_only', None)
-    if name == 'bias' and mode is not None:
+    scaled = getattr(self, '_scaled', None)  # a dict while the output is scaled
+    if name == 'bias' and (mode is not None or scaled is not None):
+      if scaled is not None:
+        scaled['bias'] = value
       return jnp.zeros_like(value)
     if name != 'kernel':
       return value
@@ -110,7 +113,29 @@ class _WeightNormedKernel:
     if mode is not None:
       g = jnp.ones_like(g)
     dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))
+    if scaled is not None:
+      scaled.update(v=value, g=g, kept=kept, dtype=dtype)
+      return jnp.asarray(value, dtype)
     return _layers.normalize(where, value, g, kept, dtype)
+
+  def _plain_call(self, call, *args, **kwargs):
+    """``call(*args)`` outside data init: a WNDense whose rows are fewer than its input
+    features scales its output instead of forming ``w`` (``_layers.scales_output``)."""
+    if not (
+      isinstance(self, nn.Dense)
+      and _layers.scales_output(2, _core.kept_axes(2, self.axis, self._where()), args[0])
+    ):
+      return call(*args, **kwargs)
+    scaled: dict[str, Any] = {}
+    object.__setattr__(self, '_scaled', scaled)
+    try:
+      y = call(*args, **kwargs)
+    finally:
+      object.__delattr__(self, '_scaled')
+    s = scaled
+    return _layers.scaled_output(
+      self._where(), y, s['v'], s['g'], s['kept'], s['dtype'], s.get('bias')
+    )
 
   def _check_loaded_scale(self, shape, kernel_shape) -> None:
     if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
@@ -136,16 +161,16 @@ class _WeightNormedKernel:
 
   def _data_init_run(self, call, *args, **kwargs):
     if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
-      return call(*args, **kwargs)
+      return self._plain_call(call, *args, **kwargs)
     kernel = self.get_variable('params', 'kernel')  # type: ignore[attr-defined]
     if _data_init.is_partial_eval(nn.unbox(kernel)):
       # Flax's scan first traces its body in a partial-evaluation pass (for its loop
       # invariants) whose results it discards: not a use. The loop's own trace then
       # initializes each stacked layer from its own statistics.
-      return call(*args, **kwargs)
+      return self._plain_call(call, *args, **kwargs)
     mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
     if mode is None:
-      return call(*args, **kwargs)
+      return self._plain_call(call, *args, **kwargs)
     where = self._where()
     path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
     kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)

@@ -58,6 +58,8 @@ class _WeightNormedKernel:
   dtype: Any
   param_dtype: Any
 
+  _dense = False  # WNLinear: may scale its output instead of forming w (_layers.scales_output)
+
   def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
     v = self.kernel[...]
     _layers.check_real(self._where(), 'kernel', v)
@@ -90,6 +92,12 @@ class _WeightNormedKernel:
         f"loaded state, or the layer's axis."
       )
     mode = _data_init.claim(id(self))
+    if mode is None and self._dense and _layers.scales_output(kernel.ndim, kept, inputs):
+      zero = None if bias is None else jnp.zeros_like(bias[...])
+      y = call.__func__(_KernelView(self, kernel.astype(dtype), zero), inputs, *args, **kwargs)
+      return _layers.scaled_output(
+        where, y, kernel, g, kept, dtype, None if bias is None else bias[...]
+      )
     if mode is None:
       w = _layers.normalize(where, kernel, g, kept, dtype)
       return call.__func__(_KernelView(self, w, bias), inputs, *args, **kwargs)
@@ -129,6 +137,8 @@ class WNLinear(_WeightNormedKernel, nnx.Linear):
     >>> bool(jnp.allclose(layer(jnp.ones((2, 3))), plain(jnp.ones((2, 3)))))
     True
   """
+
+  _dense = True
 
   def __init__(
     self,
