@@ -172,9 +172,11 @@ class LinenGenerator(nn.Module):
 
 
 class OutputScaledDense(nn.Module):
-  """A PROTOTYPE for measurement, not wn_jax's code: a weight-normed Dense that applies
-  g / ||v|| to its output, ``y = (x v) * (g / ||v||) + b`` (the paper's form), so ``w`` is
-  never formed. Plain autodiff: no zero-slice or overflow handling."""
+  """A reference point, not wn_jax's code: the paper's output-scaled Dense,
+  ``y = (x v) * (g / ||v||) + b``, in plain autodiff with a plain norm (no zero-slice,
+  overflow or mixed-precision handling). wn_jax's WNDense takes the same form where the
+  rows are fewer than the input features; the gap between the two is the cost of its
+  guarantees."""
 
   features: int
   dtype: Any = None
@@ -528,7 +530,7 @@ def torch_arms(case: Shape | Model, dtype_name: str, cast: bool) -> dict[str, Ar
     }
 
 
-PROTO = 'output-scaled Dense (prototype)'
+PROTO = 'output-scaled Dense, plain autodiff (reference)'
 BASELINE = {
   'wn_jax linen': ('flax linen (plain)', 'raw jnp/lax'),
   'wn_jax nnx': ('flax nnx (plain)', 'raw jnp/lax'),

@@ -121,6 +121,28 @@ def test_gradients_follow_the_papers_formulas():
   np.testing.assert_allclose(new_state.directions['w'].g, g - eg, rtol=1e-5, atol=1e-6)
 
 
+def test_state_keeps_each_directions_norm_and_rebuilds_it_when_absent():
+  params = _params()
+  tx = wn_jax.optim.weight_norm(optax.adam(3e-3))
+  p_tx, state, losses = _run_tx(tx, params, 5)
+  from tests import reference as ref
+
+  for d, n in zip(
+    jax.tree_util.tree_leaves(
+      state.directions, is_leaf=lambda x: isinstance(x, wn_jax.WeightNormed)
+    ),
+    jax.tree_util.tree_leaves(state.norms),
+  ):
+    if isinstance(d, wn_jax.WeightNormed):
+      np.testing.assert_allclose(n, ref.norm(np.asarray(d.v, np.float64), -1)[0], rtol=1e-6)
+  # A state without norms (built by hand, or from before they were kept) gives the same update.
+  grads = jax.tree_util.tree_map(jnp.ones_like, p_tx)
+  a = tx.update(grads, state, p_tx)
+  b = tx.update(grads, state._replace(norms=None), p_tx)
+  assert_trees_close(a[0], b[0], rtol=1e-6, atol=1e-7)
+  assert_trees_close(a[1].norms, b[1].norms, rtol=1e-6, atol=1e-7)
+
+
 def test_composes_with_chain_inject_multisteps_and_donation():
   params = _params()
   txs = [

@@ -109,8 +109,9 @@ def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   ss = jnp.sum(v * v, axis=red, keepdims=True)
 
   def on_cpu(v, ss):
-    # NaN fails both comparisons: a NaN slice takes the ranged branch and stays NaN.
-    out = jnp.any(~((ss >= lo) & (ss < jnp.inf)))
+    # One min over the slices: an overflowed (inf) or NaN slice counts as -1, below lo.
+    # So a NaN slice takes the ranged branch and stays NaN.
+    out = ~(jnp.min(jnp.where(ss < jnp.inf, ss, -1.0)) >= lo)
     return jax.lax.cond(out, lambda v, ss: _ranged(v, ss, red), lambda v, ss: jnp.sqrt(ss), v, ss)
 
   return jax.lax.platform_dependent(v, ss, cpu=on_cpu, default=lambda v, ss: _ranged(v, ss, red))
@@ -167,7 +168,11 @@ def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
 
 def _denominator(v: jax.Array, kept: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array]:
   """``(max(||v||, eps), ||v|| > eps)`` per slice, keepdims; 1 for an all-zero slice."""
-  n = _norm_keepdims(v, kept)
+  return _clamped(_norm_keepdims(v, kept), eps)
+
+
+def _clamped(n: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """``(max(n, eps), n > eps)``; 1 where ``n`` is 0 (``eps = 0``)."""
   active = ~(n <= eps)  # NaN counts as active, so it propagates to the slice
   return jnp.where(active, n, eps if eps > 0 else 1.0), active
 
@@ -212,9 +217,14 @@ def _normalize(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) ->
 def _normalize_jvp(kept, eps, primals, tangents):
   (v, g), (dv, dg) = primals, tangents
   n, active = _denominator(v, kept, eps)
+  return v * (g / n), _tangent_at(v, g, n, active, kept)(dv, dg)
+
+
+def _tangent_at(v, g, n, active, kept):
+  """``(dv, dg) -> dw``, normalize's tangent map at ``(v, g)``, ``n`` the clamped norm."""
   inv_n = 1.0 / n  # per slice: the weight-sized passes multiply, never divide
-  w = v * (g / n)
-  return w, _normalize_tangent(v, g * inv_n, inv_n, active, dv, dg, _reduced(v.ndim, kept))
+  red = _reduced(v.ndim, kept)
+  return lambda dv, dg: _normalize_tangent(v, g * inv_n, inv_n, active, dv, dg, red)
 
 
 def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
@@ -364,3 +374,30 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
   n = _norm(w, axis, 'wn_jax.decompose')
   # == 0, not <= 0: a NaN norm stays NaN.
   return w, jnp.where(n == 0, jnp.ones_like(n), n).astype(w.dtype)
+
+
+def normalize_with_norm(v: jax.Array, g: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
+  """``(normalize(v, g, axis), ||v||)``, the norm computed once: for an optimizer's update,
+  which is not differentiated. The norm has ``g``'s shape, in the reduction dtype."""
+  v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax normalize_with_norm')
+  acc = reduce_dtype(v.dtype)
+  va = v.astype(acc)
+  n = _norm_keepdims(va, kept)
+  w = va * (_keepdims(g, v.shape, kept, acc) / _clamped(n, 0.0)[0])
+  return w.astype(result_dtype(v.dtype, g.dtype)), n.reshape(g.shape)
+
+
+def pullback(
+  v: jax.Array, g: jax.Array, n: jax.Array, grad_w: jax.Array, axis: Axis
+) -> tuple[jax.Array, jax.Array]:
+  """``(grad_v, grad_g)`` from ``grad_w`` for ``w = normalize(v, g, axis)``, given
+  ``n = ||v||`` (as :func:`normalize_with_norm` returns it): the transpose of
+  normalize's tangent map, without computing the norm again."""
+  v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax pullback')
+  acc = reduce_dtype(v.dtype)
+  va, gb = v.astype(acc), _keepdims(g, v.shape, kept, acc)
+  d, active = _clamped(jnp.asarray(n, acc).reshape(gb.shape), 0.0)
+  grad_v, grad_g = jax.linear_transpose(_tangent_at(va, gb, d, active, kept), va, gb)(
+    jnp.asarray(grad_w).astype(acc)
+  )
+  return grad_v.astype(v.dtype), grad_g.reshape(g.shape).astype(g.dtype)

@@ -203,6 +203,10 @@ class WNDense(_WeightNormedKernel, nn.Dense):
   y = x \, w + b, \qquad w_{:,j} = g_j \, v_{:,j} / \lVert v_{:,j} \rVert
   $$
 
+  Where the rows (every input axis but the last) are fewer than the input features and
+  ``axis`` keeps the output features, the layer scales its output instead of forming ``w``:
+  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there.
+
   Parameters: `kernel` holds v, of layout `(in, out)`; `scale` holds g, of shape `(out,)`
   for the default `axis=-1`; and `bias`. Every attribute of `flax.linen.Dense` (features,
   use_bias, dtype, param_dtype, precision, kernel_init, bias_init, dot_general) works as

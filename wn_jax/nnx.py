@@ -116,6 +116,10 @@ class _WeightNormedKernel:
 class WNLinear(_WeightNormedKernel, nnx.Linear):
   r"""``flax.nnx.Linear`` with a weight-normalized kernel: $w = g \, v / \lVert v \rVert$.
 
+  Where the rows (every input axis but the last) are fewer than the input features and
+  ``axis`` keeps the output features, the layer scales its output instead of forming ``w``:
+  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there.
+
   Args:
     in_features: as ``nnx.Linear``.
     out_features: as ``nnx.Linear``.

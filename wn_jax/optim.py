@@ -55,6 +55,10 @@ class WeightNormState(NamedTuple):
 
   directions: Any  # params-shaped: WeightNormed(v, g) at selected leaves, MaskedNode() elsewhere
   inner_state: optax.OptState  # the inner optimizer's state over (v, g) and unselected leaves
+  # ||v|| of each direction (float32, g's shape), MaskedNode() elsewhere: each update
+  # computes the new norms to form the new weights, and the next one reuses them. None
+  # (a state built by hand): computed from the directions.
+  norms: Any = None
 
 
 def weight_norm(
@@ -134,7 +138,7 @@ def weight_norm(
       wn,
       is_leaf=_is_node,
     )
-    return WeightNormState(directions, inner.init(wn))
+    return WeightNormState(directions, inner.init(wn), _norms(directions))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -176,31 +180,57 @@ def weight_norm(
           f'direction of shape {jnp.shape(d.v)}; the params changed since init. Re-run '
           f'tx.init on the new params.'
         )
-    _, pullback = jax.vjp(_tree.materialize, wn)
-    (wn_grads,) = pullback(updates)
+    norms = _norms(state.directions) if state.norms is None else state.norms
+
+    def pullback(grads: Any) -> Any:  # w-coordinates -> (v, g) coordinates
+      return jax.tree_util.tree_map(
+        lambda d, n, gw: (
+          gw
+          if isinstance(d, optax.MaskedNode)
+          else _tree.WeightNormed(*_core.pullback(d.v, d.g, n, gw, d.axis), d.axis)
+        ),
+        state.directions,
+        norms,
+        grads,
+        is_leaf=_is_node,
+      )
+
     inner_updates, inner_state = inner.update(
-      wn_grads, state.inner_state, wn, **_in_vg_coordinates(extra_args, pullback)
+      pullback(updates), state.inner_state, wn, **_in_vg_coordinates(extra_args, pullback)
     )
     new_wn = optax.apply_updates(wn, inner_updates)
-    new_w = _tree.materialize(new_wn)
-    out = jax.tree_util.tree_map(
-      lambda d, nw, p, u: (nw - p).astype(p.dtype) if isinstance(d, _tree.WeightNormed) else u,
-      state.directions,
-      new_w,
-      params,
-      inner_updates,
-      is_leaf=_is_node,
+    leaves, structure = jax.tree_util.tree_flatten(state.directions, is_leaf=_is_node)
+    out, directions, new_norms = [], [], []
+    for d, nw, p, u in zip(
+      leaves,
+      structure.flatten_up_to(new_wn),
+      structure.flatten_up_to(params),
+      structure.flatten_up_to(inner_updates),
+    ):
+      if isinstance(d, optax.MaskedNode):
+        out.append(u)
+        directions.append(d)
+        new_norms.append(d)
+        continue
+      w, n = _core.normalize_with_norm(nw.v, nw.g, nw.axis)
+      out.append((w - p).astype(p.dtype))
+      directions.append(nw)
+      new_norms.append(n)
+    out = jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(structure.unflatten(out)))
+    return out, WeightNormState(
+      structure.unflatten(directions), inner_state, structure.unflatten(new_norms)
     )
-    directions = jax.tree_util.tree_map(
-      lambda d, n: n if isinstance(d, _tree.WeightNormed) else d,
-      state.directions,
-      new_wn,
-      is_leaf=_is_node,
-    )
-    out = jax.tree_util.tree_unflatten(treedef, jax.tree_util.tree_leaves(out))
-    return out, WeightNormState(directions, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _norms(directions: Any) -> Any:
+  """``||v||`` of each ``WeightNormed`` direction (``MaskedNode`` elsewhere)."""
+  return jax.tree_util.tree_map(
+    lambda d: d if isinstance(d, optax.MaskedNode) else _core.norm(d.v, d.axis),
+    directions,
+    is_leaf=_is_node,
+  )
 
 
 def _in_vg_coordinates(extra_args: dict[str, Any], pullback: Any) -> dict[str, Any]:
@@ -212,7 +242,7 @@ def _in_vg_coordinates(extra_args: dict[str, Any], pullback: Any) -> dict[str, A
   """
   out = dict(extra_args)
   if out.get('grad') is not None:
-    (out['grad'],) = pullback(out['grad'])
+    out['grad'] = pullback(out['grad'])
   value_fn = out.get('value_fn')
   if value_fn is not None:
 
