@@ -797,3 +797,67 @@ def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(framework, shap
   jvp = jax.jvp(lambda p: jnp.sum(apply(p, x) * r), (params,), (t,))[1]
   dot = sum(jnp.vdot(gp[k], t[k]) for k in params)
   assert_close(jvp, np.float64(dot), factor=64)
+
+
+def _fake_int8_dot(lhs, rhs, dn, precision=None, preferred_element_type=None, **kw):
+  """A dot_general that is not linear in its kernel (per-tensor fake int8)."""
+  s = jnp.max(jnp.abs(rhs)) / 127.0
+  return jax.lax.dot_general(
+    lhs,
+    jnp.round(rhs / s) * s,
+    dn,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+
+
+@pytest.mark.parametrize('framework', ['linen', 'nnx'])
+def test_dense_forms_w_for_a_custom_dot_general_and_for_float16(framework):
+  # A custom dot_general must see w (it may not be linear in the kernel), and float16
+  # compute must not follow the scale of ||v||: both form w, whatever the rows.
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  k = jax.random.normal(KEY, (16, 4)) * jnp.array([1.0, 10.0, 0.1, 3.0])
+  params = {'kernel': k, 'scale': jnp.array([1.0, 2.0, 3.0, 4.0]), 'bias': jnp.zeros(4)}
+  w = wn_jax.normalize(k, params['scale'])
+  for rows in (1, 15, 16):
+    x = _rand((rows, 16))
+    if framework == 'linen':
+      y = wl.WNDense(4, dot_general=_fake_int8_dot).apply({'params': params}, x)
+    else:
+      layer = wx.WNLinear(16, 4, dot_general=_fake_int8_dot, rngs=nnx.Rngs(0))
+      layer.kernel[...], layer.scale[...] = k, params['scale']
+      y = layer(x)
+    plain = nn.Dense(4, dot_general=_fake_int8_dot).apply(
+      {'params': {'kernel': w, 'bias': params['bias']}}, x
+    )
+    np.testing.assert_allclose(y, plain, rtol=1e-6, atol=1e-6)
+  # float16 compute: the same w from a kernel 1e-6 times smaller gives the same output.
+  x = _rand((1, 16))
+  if framework == 'linen':
+    layer16 = wl.WNDense(4, dtype=jnp.float16)
+    apply = lambda p: layer16.apply({'params': p}, x)
+  else:
+
+    def apply(p):
+      layer = wx.WNLinear(16, 4, dtype=jnp.float16, rngs=nnx.Rngs(0))
+      layer.kernel[...], layer.scale[...], layer.bias[...] = p['kernel'], p['scale'], p['bias']
+      return layer(x)
+
+  small = dict(params, kernel=k * 1e-6)
+  assert not _dot_reads_the_kernel(apply, params, params['kernel'])
+  np.testing.assert_allclose(
+    np.asarray(apply(small), np.float32),
+    np.asarray(apply(params), np.float32),
+    rtol=2e-3,
+    atol=2e-3,
+  )
+
+
+def test_a_dense_layer_with_no_output_features():
+  params = wl.WNDense(0, kernel_init=nn.initializers.zeros).init(KEY, jnp.ones((1, 4)))['params']
+  assert params['scale'].shape == (0,)
+  assert wn_jax.norm(jnp.zeros((3, 0))).shape == (0,)
+  assert wn_jax.norm(jnp.zeros((0, 0))).shape == (0,)

@@ -138,9 +138,29 @@ def test_state_keeps_each_directions_norm_and_rebuilds_it_when_absent():
   # A state without norms (built by hand, or from before they were kept) gives the same update.
   grads = jax.tree_util.tree_map(jnp.ones_like, p_tx)
   a = tx.update(grads, state, p_tx)
-  b = tx.update(grads, state._replace(norms=None), p_tx)
+  b = tx.update(grads, state.replace(norms=None), p_tx)
   assert_trees_close(a[0], b[0], rtol=1e-6, atol=1e-7)
   assert_trees_close(a[1].norms, b[1].norms, rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_saved_before_norms_were_kept_restores():
+  from flax import serialization
+
+  params = _params()
+  tx = wn_jax.optim.weight_norm(optax.adam(3e-3))
+  p_tx, state, _ = _run_tx(tx, params, 3)
+  old = serialization.to_state_dict(state)
+  del old['norms']  # what a two-field state (v0.1) saved
+  restored = serialization.from_bytes(tx.init(params), serialization.msgpack_serialize(old))
+  assert restored.norms is None
+  grads = jax.tree_util.tree_map(jnp.ones_like, p_tx)
+  a, b = tx.update(grads, state, p_tx), tx.update(grads, restored, p_tx)
+  assert_trees_close(a[0], b[0], rtol=1e-6, atol=1e-7)
+  assert_trees_close(a[1].norms, b[1].norms, rtol=1e-6, atol=1e-7)
+  # A full state round-trips, norms and all, with MaskedNode where there are none.
+  back = serialization.from_bytes(tx.init(params), serialization.to_bytes(state))
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
+  assert_trees_close(back.norms, state.norms, rtol=0, atol=0)
 
 
 def test_composes_with_chain_inject_multisteps_and_donation():

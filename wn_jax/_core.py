@@ -114,6 +114,8 @@ def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
     out = ~(jnp.min(jnp.where(ss < jnp.inf, ss, -1.0)) >= lo)
     return jax.lax.cond(out, lambda v, ss: _ranged(v, ss, red), lambda v, ss: jnp.sqrt(ss), v, ss)
 
+  if not ss.size:  # no slices (a kept axis of size 0): nothing to check
+    return jnp.sqrt(ss)
   return jax.lax.platform_dependent(v, ss, cpu=on_cpu, default=lambda v, ss: _ranged(v, ss, red))
 
 

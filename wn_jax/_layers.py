@@ -59,7 +59,9 @@ def normalize(where: str, v: Any, g: Any, kept: _core.Axis, dtype: Any) -> jax.A
     raise ValueError(f'{where}: {e}') from None
 
 
-def scales_output(kernel_ndim: int, kept: tuple[int, ...], inputs: Any) -> bool:
+def scales_output(
+  kernel_ndim: int, kept: tuple[int, ...], inputs: Any, compute_dtype: Any, linear_dot: bool
+) -> bool:
   r"""Whether a Dense layer applies $g / \lVert v \rVert$ to its output instead of forming ``w``.
 
   For a kernel ``(in, out)`` keeping ``out``, ``x @ w + b == (x @ v) * s + b`` with
@@ -70,9 +72,16 @@ def scales_output(kernel_ndim: int, kept: tuple[int, ...], inputs: Any) -> bool:
   per-slice factor). So the output is scaled when the rows (every input axis but the
   last) are fewer than the input features. The choice is static (shapes are known at
   trace time) and changes rounding only.
+
+  Never with a custom ``dot_general`` (``linear_dot`` False): it may not be linear in the
+  kernel (a quantized matmul), and it must see ``w``. Never with float16 compute:
+  ``x @ v`` there follows the scale of ``||v||``, not of ``||w||``, and float16's narrow
+  range would overflow or underflow it where ``x @ w`` is fine.
   """
   shape = jnp.shape(inputs)
-  if kernel_ndim != 2 or kept != (1,) or not shape:
+  if kernel_ndim != 2 or kept != (1,) or not shape or not linear_dot:
+    return False
+  if jnp.dtype(compute_dtype) == jnp.dtype(jnp.float16):
     return False
   return math.prod(shape[:-1]) < shape[-1]
 

@@ -123,7 +123,13 @@ class _WeightNormedKernel:
     features scales its output instead of forming ``w`` (``_layers.scales_output``)."""
     if not (
       isinstance(self, nn.Dense)
-      and _layers.scales_output(2, _core.kept_axes(2, self.axis, self._where()), args[0])
+      and _layers.scales_output(
+        2,
+        _core.kept_axes(2, self.axis, self._where()),
+        args[0],
+        self.dtype or jnp.result_type(args[0], self.param_dtype),
+        self.dot_general is None and self.dot_general_cls is None,
+      )
     ):
       return call(*args, **kwargs)
     scaled: dict[str, Any] = {}

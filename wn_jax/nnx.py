@@ -92,7 +92,17 @@ class _WeightNormedKernel:
         f"loaded state, or the layer's axis."
       )
     mode = _data_init.claim(id(self))
-    if mode is None and self._dense and _layers.scales_output(kernel.ndim, kept, inputs):
+    if (
+      mode is None
+      and self._dense
+      and _layers.scales_output(
+        kernel.ndim,
+        kept,
+        inputs,
+        self.dtype or jnp.result_type(inputs, kernel),
+        getattr(self, 'dot_general', None) is jax.lax.dot_general,
+      )
+    ):
       zero = None if bias is None else jnp.zeros_like(bias[...])
       y = call.__func__(_KernelView(self, kernel.astype(dtype), zero), inputs, *args, **kwargs)
       return _layers.scaled_output(

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import functools
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax import serialization
+from flax import struct
 
 from wn_jax import _core
 from wn_jax import _tree
@@ -43,7 +44,8 @@ def _values(tree: Any) -> Any:
   )
 
 
-class WeightNormState(NamedTuple):
+@struct.dataclass
+class WeightNormState:
   """State of :func:`weight_norm`: a plain pytree, checkpointable as it is.
 
   Examples:
@@ -57,8 +59,34 @@ class WeightNormState(NamedTuple):
   inner_state: optax.OptState  # the inner optimizer's state over (v, g) and unselected leaves
   # ||v|| of each direction (float32, g's shape), MaskedNode() elsewhere: each update
   # computes the new norms to form the new weights, and the next one reuses them. None
-  # (a state built by hand): computed from the directions.
+  # (a state built by hand, or restored with flax.serialization from a checkpoint saved
+  # before the norms were kept): computed from the directions.
   norms: Any = None
+
+
+def _state_to_dict(state: WeightNormState) -> dict[str, Any]:
+  return {
+    'directions': serialization.to_state_dict(state.directions),
+    'inner_state': serialization.to_state_dict(state.inner_state),
+    'norms': serialization.to_state_dict(state.norms),
+  }
+
+
+def _state_from_dict(target: WeightNormState, state: dict[str, Any]) -> WeightNormState:
+  # A state saved before the norms were kept has no 'norms'; a target without norms wants
+  # none. Either way the norms are left out, and the next update computes them.
+  keep = 'norms' in state and target.norms is not None
+  return WeightNormState(
+    serialization.from_state_dict(target.directions, state['directions'], name='directions'),
+    serialization.from_state_dict(target.inner_state, state['inner_state'], name='inner_state'),
+    serialization.from_state_dict(target.norms, state['norms'], name='norms') if keep else None,
+  )
+
+
+# Registered over flax.struct's own handler, so a state saved without norms restores.
+serialization.register_serialization_state(
+  WeightNormState, _state_to_dict, _state_from_dict, override=True
+)
 
 
 def weight_norm(
