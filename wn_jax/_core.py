@@ -209,17 +209,22 @@ def _factor(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> ja
   return g / n
 
 
+def _weight(v: jax.Array, g: jax.Array, n: jax.Array) -> jax.Array:
+  """``w = v * (g / n)`` (PyTorch's order), ``n`` the clamped norm: the formula, once."""
+  return v * (g / n)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _normalize(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   """``v * (g / ||v||)``, ``g`` broadcast keepdims, all in the reduction dtype."""
-  return v * _factor(v, g, kept, eps)
+  return _weight(v, g, _denominator(v, kept, eps)[0])
 
 
 @_normalize.defjvp
 def _normalize_jvp(kept, eps, primals, tangents):
   (v, g), (dv, dg) = primals, tangents
   n, active = _denominator(v, kept, eps)
-  return v * (g / n), _tangent_at(v, g, n, active, kept)(dv, dg)
+  return _weight(v, g, n), _tangent_at(v, g, n, active, kept)(dv, dg)
 
 
 def _tangent_at(v, g, n, active, kept):
@@ -385,7 +390,7 @@ def normalize_with_norm(v: jax.Array, g: jax.Array, axis: Axis) -> tuple[jax.Arr
   acc = reduce_dtype(v.dtype)
   va = v.astype(acc)
   n = _norm_keepdims(va, kept)
-  w = va * (_keepdims(g, v.shape, kept, acc) / _clamped(n, 0.0)[0])
+  w = _weight(va, _keepdims(g, v.shape, kept, acc), _clamped(n, 0.0)[0])
   return w.astype(result_dtype(v.dtype, g.dtype)), n.reshape(g.shape)
 
 
