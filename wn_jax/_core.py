@@ -200,7 +200,8 @@ _normalize_tangent = jax.checkpoint(_normalize_tangent_impl, prevent_cse=False, 
 
 
 def _factor(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
-  """``g / ||v||`` per slice, keepdims, in the reduction dtype: the one place it is formed.
+  """``g / ||v||`` per slice, keepdims, in the reduction dtype: the factor ``_weight``
+  multiplies ``v`` by, for a layer that applies it to its output instead.
 
   Plain autodiff through it is exact to any order: the norm is a ``custom_jvp`` (finite
   on an all-zero slice), and the clamp takes no derivative where it acts.

@@ -127,7 +127,7 @@ class _WeightNormedKernel:
         2,
         _core.kept_axes(2, self.axis, self._where()),
         args[0],
-        self.dtype or jnp.result_type(args[0], self.param_dtype),
+        self.dtype if self.dtype is not None else jnp.result_type(args[0], self.param_dtype),
         self.dot_general is None and self.dot_general_cls is None,
       )
     ):
@@ -138,9 +138,14 @@ class _WeightNormedKernel:
       y = call(*args, **kwargs)
     finally:
       object.__delattr__(self, '_scaled')
-    s = scaled
     return _layers.scaled_output(
-      self._where(), y, s['v'], s['g'], s['kept'], s['dtype'], s.get('bias')
+      self._where(),
+      y,
+      scaled['v'],
+      scaled['g'],
+      scaled['kept'],
+      scaled['dtype'],
+      scaled.get('bias'),
     )
 
   def _check_loaded_scale(self, shape, kernel_shape) -> None:

@@ -99,7 +99,7 @@ class _WeightNormedKernel:
         kernel.ndim,
         kept,
         inputs,
-        self.dtype or jnp.result_type(inputs, kernel),
+        self.dtype if self.dtype is not None else jnp.result_type(inputs, kernel),
         getattr(self, 'dot_general', None) is jax.lax.dot_general,
       )
     ):
