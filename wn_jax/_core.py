@@ -146,12 +146,22 @@ def _norm_tangent_impl(v, inv_n, dv, red):
   return jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
 
 
+# Every public entry point checks its arguments in Python, then runs its array work as one
+# jitted function of module scope with the kept axes (and eps) static. Eagerly, a second
+# call with the same shapes, dtypes and axes is then a cache hit: the branches the norm
+# hands to lax.platform_dependent / lax.cond are new closures on every trace, and outside
+# jit each new trace would compile anew. Under an outer jit the call is a nested jit,
+# traced and lowered once per configuration however many layers share it.
+@functools.partial(jax.jit, static_argnums=(1,))
+def _norm_jit(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
+  n = _norm_keepdims(w.astype(reduce_dtype(w.dtype)), kept)
+  return n.reshape(scale_shape(w.shape, kept))
+
+
 def _norm(w: ArrayLike, axis: Axis, where: str) -> jax.Array:
   w = jnp.asarray(w)
   _check_floating(w, 'w', where)
-  kept = kept_axes(w.ndim, axis, where)
-  n = _norm_keepdims(w.astype(reduce_dtype(w.dtype)), kept)
-  return n.reshape(scale_shape(w.shape, kept))
+  return _norm_jit(w, kept_axes(w.ndim, axis, where))
 
 
 def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
@@ -292,8 +302,13 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
            [8., 0.]], dtype=float32)
   """
   v, g, kept = _checked(v, g, axis, eps, 'wn_jax.normalize')
+  return _normalize_jit(v, g, kept, float(eps))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _normalize_jit(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   acc = reduce_dtype(v.dtype)
-  w = _normalize(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, float(eps))
+  w = _normalize(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, eps)
   return w.astype(result_dtype(v.dtype, g.dtype))
 
 
@@ -332,8 +347,13 @@ def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> 
   ``(in, out)`` with ``axis=-1`` (the paper's section 2.1).
   """
   v, g, kept = _checked(v, g, axis, eps, 'wn_jax factor')
+  return _factor_jit(v, g, kept, float(eps))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _factor_jit(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   acc = reduce_dtype(v.dtype)
-  return _factor(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, float(eps)).reshape(g.shape)
+  return _factor(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, eps).reshape(g.shape)
 
 
 def result_dtype(*dtypes) -> jnp.dtype:
@@ -379,15 +399,29 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
     Array([1., 1.], dtype=float32)
   """
   w = jnp.asarray(w)
-  n = _norm(w, axis, 'wn_jax.decompose')
+  _check_floating(w, 'w', 'wn_jax.decompose')
+  return w, _scale_of(w, kept_axes(w.ndim, axis, 'wn_jax.decompose'))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _scale_of(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
+  """``||w||`` in ``w``'s dtype, 1 on an all-zero slice: :func:`decompose`'s ``g``."""
+  n = _norm_jit(w, kept)
   # == 0, not <= 0: a NaN norm stays NaN.
-  return w, jnp.where(n == 0, jnp.ones_like(n), n).astype(w.dtype)
+  return jnp.where(n == 0, jnp.ones_like(n), n).astype(w.dtype)
 
 
 def normalize_with_norm(v: jax.Array, g: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
   """``(normalize(v, g, axis), ||v||)``, the norm computed once: for an optimizer's update,
   which is not differentiated. The norm has ``g``'s shape, in the reduction dtype."""
   v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax normalize_with_norm')
+  return _normalize_with_norm_jit(v, g, kept)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _normalize_with_norm_jit(
+  v: jax.Array, g: jax.Array, kept: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
   acc = reduce_dtype(v.dtype)
   va = v.astype(acc)
   n = _norm_keepdims(va, kept)
@@ -402,6 +436,13 @@ def pullback(
   ``n = ||v||`` (as :func:`normalize_with_norm` returns it): the transpose of
   normalize's tangent map, without computing the norm again."""
   v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax pullback')
+  return _pullback_jit(v, g, n, grad_w, kept)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _pullback_jit(
+  v: jax.Array, g: jax.Array, n: jax.Array, grad_w: jax.Array, kept: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
   acc = reduce_dtype(v.dtype)
   va, gb = v.astype(acc), _keepdims(g, v.shape, kept, acc)
   d, active = _clamped(jnp.asarray(n, acc).reshape(gb.shape), 0.0)

@@ -1,0 +1,131 @@
+"""Outside jit: a repeated eager call compiles nothing (counted, never timed)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+import wn_jax
+
+_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Counts XLA compilations in the block (``jax.monitoring``'s backend-compile event)."""
+  seen: list[str] = []
+
+  def listener(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_counter_sees_a_compile():
+  # The counter itself: a new function compiles once.
+  with count_compiles() as seen:
+    jax.jit(lambda a: a * 3.0 + 1.0)(jnp.ones(3)).block_until_ready()
+  assert len(seen) >= 1
+
+
+def _linen_mlp(layer):
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(3):
+        x = nn.relu(layer()(x))
+      return x
+
+  return MLP()
+
+
+class _NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([wn_jax.nnx.WNLinear(16, 16, rngs=rngs) for _ in range(3)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return x
+
+
+def _cases():
+  key = jax.random.key(0)
+  v = jax.random.normal(key, (16, 8))
+  g = jnp.linspace(0.5, 2.0, 8)
+  few, many = jnp.ones((4, 16)), jnp.ones((32, 16))  # output-scaled and forming w
+  conv_x = jnp.ones((2, 10, 16))
+  cases = {
+    'normalize': lambda: wn_jax.normalize(v, g),
+    'normalize axis=None': lambda: wn_jax.normalize(v, jnp.float32(2.0), None),
+    'decompose': lambda: wn_jax.decompose(v),
+    'norm': lambda: wn_jax.norm(v, axis=0),
+    'weight_norm + materialize': lambda: wn_jax.materialize(wn_jax.weight_norm({'w': v})),
+  }
+  for name, x in (('rows < features', few), ('rows >= features', many)):
+    model = _linen_mlp(lambda: wn_jax.linen.WNDense(16))
+    variables = model.init(key, x)
+    cases[f'linen apply, {name}'] = lambda m=model, p=variables, x=x: m.apply(p, x)
+    cases[f'linen init, {name}'] = lambda m=model, x=x: m.init(key, x)
+    cases[f'linen data_init, {name}'] = lambda m=model, p=variables, x=x: (
+      wn_jax.linen.data_init(m, p, x)
+    )
+    nnx_model = _NNXMLP(nnx.Rngs(0))
+    cases[f'nnx call, {name}'] = lambda m=nnx_model, x=x: m(x)
+    cases[f'nnx data_init, {name}'] = lambda m=nnx_model, x=x: wn_jax.nnx.data_init(m, x)
+  conv = wn_jax.linen.WNConv(8, (3,))
+  conv_vars = conv.init(key, conv_x)
+  cases['linen WNConv apply'] = lambda: conv.apply(conv_vars, conv_x)
+  wrapped = wn_jax.linen.WeightNorm(nn.Dense(8))
+  wrapped_vars = wrapped.init(key, few)
+  cases['linen WeightNorm apply'] = lambda: wrapped.apply(wrapped_vars, few)
+  cases['nnx construction'] = lambda: _NNXMLP(nnx.Rngs(1))
+  cases['nnx WNConv construction'] = lambda: wn_jax.nnx.WNConv(16, 8, (3,), rngs=nnx.Rngs(0))
+  nnx_wrapped = wn_jax.nnx.WeightNorm(nnx.Linear(16, 8, rngs=nnx.Rngs(0)))
+  cases['nnx WeightNorm call'] = lambda: nnx_wrapped(few)
+  cases['nnx WeightNorm construction'] = lambda: wn_jax.nnx.WeightNorm(
+    nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+  )
+  cases['linen fold'] = lambda: wn_jax.linen.fold(conv_vars['params'])
+  return cases
+
+
+_CASES = _cases()
+
+
+@pytest.mark.parametrize('name', sorted(_CASES))
+def test_repeated_eager_call_compiles_nothing(name):
+  call = _CASES[name]
+  jax.block_until_ready(call())  # the first call may compile
+  with count_compiles() as seen:
+    jax.block_until_ready(call())
+    jax.block_until_ready(call())
+  assert not seen, f'{name}: {len(seen)} compilation(s) on a repeated eager call'
+
+
+@pytest.mark.standard_promotion
+def test_repeated_eager_optimizer_update_compiles_nothing():
+  params = wn_jax.weight_norm({'w': jnp.ones((8, 4)) + jnp.arange(4.0)})
+  plain = wn_jax.materialize(params)
+  tx = wn_jax.optim.weight_norm(optax.adam(1e-2))
+  state = tx.init(plain)
+  grads = jax.tree.map(jnp.ones_like, plain)
+
+  def step():
+    return tx.update(grads, state, plain)
+
+  jax.block_until_ready(step())
+  with count_compiles() as seen:
+    jax.block_until_ready(step())
+  assert not seen
