@@ -78,8 +78,8 @@ def _cases():
     variables = model.init(key, x)
     cases[f'linen apply, {name}'] = lambda m=model, p=variables, x=x: m.apply(p, x)
     cases[f'linen init, {name}'] = lambda m=model, x=x: m.init(key, x)
-    cases[f'linen data_init, {name}'] = lambda m=model, p=variables, x=x: (
-      wn_jax.linen.data_init(m, p, x)
+    cases[f'linen data_init, {name}'] = lambda m=model, p=variables, x=x: wn_jax.linen.data_init(
+      m, p, x
     )
     nnx_model = _NNXMLP(nnx.Rngs(0))
     cases[f'nnx call, {name}'] = lambda m=nnx_model, x=x: m(x)
