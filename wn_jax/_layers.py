@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -91,14 +92,21 @@ def scaled_output(
 ) -> jax.Array:
   """``y * (g / ||v||) + bias`` for ``y = x @ v``, formed in the wider of ``y``'s dtype and the
   factor's (float32), rounded once to ``y``'s dtype."""
+  v, g = jnp.asarray(v, dtype), jnp.asarray(g, dtype)
   try:
-    s = _core.factor(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept)
+    return _scaled_output(y, v, g, None if bias is None else jnp.asarray(bias), kept)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _scaled_output(y, v, g, bias, kept):
+  # One jitted call: eagerly, one dispatch instead of one per operation.
+  s = _core.factor(v, g, kept)
   acc = _core.result_dtype(y.dtype, s.dtype)
   out = y.astype(acc) * s
   if bias is not None:
-    out = out + jnp.asarray(bias).astype(acc)
+    out = out + bias.astype(acc)
   return out.astype(y.dtype)
 
 

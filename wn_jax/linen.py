@@ -91,8 +91,9 @@ class _WeightNormedKernel:
     mode = getattr(self, '_direction_only', None)
     scaled = getattr(self, '_scaled', None)  # a dict while the output is scaled
     if name == 'bias' and (mode is not None or scaled is not None):
-      if scaled is not None:
+      if scaled is not None:  # only Dense scales its output, and it takes a bias of None
         scaled['bias'] = value
+        return None
       return jnp.zeros_like(value)
     if name != 'kernel':
       return value
@@ -109,7 +110,12 @@ class _WeightNormedKernel:
         g = self.scale_init(key, shape, dtype)
       return _scale_box(self.get_variable('params', 'kernel'), g, kept)  # type: ignore[attr-defined]
 
-    g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
+    if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
+      # Its shape is checked above: Flax's param would check it again by tracing
+      # init_scale (jax.eval_shape), a third of an eager call's cost.
+      g = nn.unbox(self.get_variable('params', 'scale'))  # type: ignore[attr-defined]
+    else:
+      g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
     if mode is not None:
       g = jnp.ones_like(g)
     dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))
