@@ -560,3 +560,44 @@ def test_conv_transpose_3d_matches_pytorch():
   module, variables = layer.linen(**args)
   _assert_matches_torch(module.apply(variables, x), data['ct3d:output'])
   _same_state_dict(wt.to_torch({'': layer}, like=sd), sd)
+
+
+# Issue 24: whole third-party models.
+
+
+def _root_model():
+  """An NNX model with a tensor on its root module beside a WN layer (SpeechT5HifiGan's mean)."""
+  from flax import nnx
+
+  from wn_jax import nnx as wn_nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.mean = nnx.Param(jnp.zeros(3))
+      self.fc = wn_nnx.WNLinear(3, 4, rngs=rngs)
+
+  return Model(nnx.Rngs(0))
+
+
+def _root_sd():
+  rng = np.random.default_rng(0)
+  return {
+    'mean': rng.normal(size=3).astype(np.float32),
+    'fc.weight_g': rng.normal(size=(4, 1)).astype(np.float32),
+    'fc.weight_v': rng.normal(size=(4, 3)).astype(np.float32),
+    'fc.bias': rng.normal(size=4).astype(np.float32),
+  }
+
+
+def test_to_torch_takes_nnx_state_with_a_root_tensor():
+  from flax import nnx
+
+  sd, model = _root_sd(), _root_model()
+  state = nnx.state(model)
+  tree = wt.to_nnx(sd, template=state)
+  _same_state_dict(wt.to_torch(tree, like=sd), sd)  # to_nnx's own output
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(model, state)
+  _same_state_dict(wt.to_torch(nnx.state(model), like=sd), sd)  # the live state
+  with pytest.raises(ValueError, match=r'a PyTorch state dict.*to_linen'):
+    wt.to_torch(sd, like=sd)  # a state dict is not a converted tree

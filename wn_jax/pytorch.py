@@ -617,10 +617,22 @@ def to_torch(
     if ref is None:
       return out
     return _finish(out, like, {k for k in ref if k not in out})
-  if isinstance(layers, Mapping) and any(not isinstance(v, Mapping) for v in layers.values()):
+  if not isinstance(layers, Mapping) and not hasattr(layers, 'to_pure_dict'):
+    raise _error(
+      'expected {prefix: TorchLayer} (from from_torch), linen variables or NNX state; got '
+      f'{type(layers).__name__}.'
+    )
+  values = list(layers.values())
+  if any(isinstance(v, TorchLayer) for v in values):
     raise _error(
       'expected {prefix: TorchLayer} (from from_torch), linen variables or NNX state; got a '
-      f'mapping of {sorted({type(v).__name__ for v in layers.values()})}.'
+      f'mapping of {sorted({type(v).__name__ for v in values})}.'
+    )
+  if not any(isinstance(v, Mapping) for v in values) and any('.' in str(k) for k in layers):
+    raise _error(
+      f'got a PyTorch state dict (keys {list(layers)[:3]}), which is already in PyTorch form: '
+      'to_torch takes what from_torch, to_linen or to_nnx give (a model with tensors only on '
+      'its root module has no dotted keys).'
     )
   if like is None:
     raise _error(
