@@ -601,3 +601,62 @@ def test_to_torch_takes_nnx_state_with_a_root_tensor():
   _same_state_dict(wt.to_torch(nnx.state(model), like=sd), sd)  # the live state
   with pytest.raises(ValueError, match=r'a PyTorch state dict.*to_linen'):
     wt.to_torch(sd, like=sd)  # a state dict is not a converted tree
+
+
+class _PosConv(nn.Module):
+  """wav2vec2's positional conv (torch dim=2), as a twin whose ``axis`` may be wrong."""
+
+  features: int
+  groups: int
+  axis: int
+
+  def setup(self):
+    kw = wt.conv_kwargs('Conv1d', 8, padding=4, groups=self.groups)
+    self.pos_conv = wn_linen.WNConv(self.features, axis=self.axis, **kw)
+
+  def __call__(self, x):
+    return self.pos_conv(x)
+
+
+def _nnx_pos_conv(features, groups, axis):
+  from flax import nnx
+
+  from wn_jax import nnx as wn_nnx
+
+  class Twin(nnx.Module):
+    def __init__(self, rngs):
+      kw = wt.conv_kwargs('Conv1d', 8, padding=4, groups=groups)
+      self.pos_conv = wn_nnx.WNConv(features, features, rngs=rngs, axis=axis, **kw)
+
+  return Twin(nnx.Rngs(0))
+
+
+def test_twin_checks_the_kept_axis():
+  # Conv1d(8, 8, 8, groups=2) with dim=2: g has 8 entries whichever axis the twin keeps, so the
+  # template's shapes cannot tell a twin left at axis=-1; its outputs would be silently wrong.
+  rng = np.random.default_rng(0)
+  sd = {
+    'pos_conv.weight_g': rng.normal(size=(1, 1, 8)).astype(np.float32),
+    'pos_conv.weight_v': rng.normal(size=(8, 4, 8)).astype(np.float32),
+    'pos_conv.bias': np.zeros(8, np.float32),
+  }
+  x = np.ones((1, 12, 8), np.float32)
+  wrong = _PosConv(8, 2, -1)
+  wt.to_linen(sd, template=jax.eval_shape(wrong.init, jax.random.key(0), x))  # shapes agree
+  with pytest.raises(ValueError, match=r"'pos_conv'.*axis -1.*dim=2.*axis=-3"):
+    wt.to_linen(sd, twin=(wrong, x))
+  with pytest.raises(ValueError, match=r"'pos_conv'.*axis -1.*dim=2.*axis=-3"):
+    wt.to_nnx(sd, twin=_nnx_pos_conv(8, 2, -1))
+  assert set(wt.to_nnx(sd, twin=_nnx_pos_conv(8, 2, -3))['pos_conv']) == {'kernel', 'scale', 'bias'}
+  # The right twin matches PyTorch (Conv1d(16, 16, 8, groups=4), dim=2).
+  case = 'wav2vec2_posconv'
+  sd = {f'pos_conv.{k}': v for k, v in _state_dict(case).items()}
+  x = _channels_last(ORACLE[f'{case}:input'])
+  variables = wt.to_linen(sd, twin=(_PosConv(16, 4, -3), x))
+  _assert_matches_torch(_PosConv(16, 4, -3).apply(variables, x), ORACLE[f'{case}:output'])
+  # Shapes that differ: the error names the axis to build the layer with.
+  template = jax.eval_shape(_PosConv(16, 4, -1).init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r'params/pos_conv/scale.*axis=-3 .*dim=2'):
+    wt.to_linen(sd, template=template)
+  with pytest.raises(TypeError, match=r'\(module, \*inputs\)'):
+    wt.to_linen(sd, twin=_PosConv(16, 4, -3))

@@ -775,6 +775,7 @@ def _tree(
   decompose: Any,
   dtype: Any,
   template: Any,
+  twin: Any,
 ) -> dict[Any, Any]:
   sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype)
   flat: dict[tuple[Any, ...], Any] = {}
@@ -791,28 +792,113 @@ def _tree(
   for leaf in leaves:
     value = leaf.forward(_array(sd[leaf.key], dtype))
     put(_path(leaf.prefix, leaf.name, leaf.collection, naming), value, leaf.key)
+  if twin is not None:
+    twin_template, axes = _twin(twin, naming)
+    _check_axes(layers, axes, naming)
+    template = twin_template if template is None else template
   if template is not None:
-    _check(flat, template)
+    _check(flat, template, layers, naming)
   return _nest(flat)
 
 
-def _check(flat: dict[tuple[Any, ...], Any], template: Any) -> None:
+def _twin(twin: Any, naming: str) -> tuple[Any, dict[tuple[str, ...], Any]]:
+  """(the twin's variables, for the template; ``{module path: axis}`` of its WN layers)."""
+  import jax
+
+  if naming == 'nnx':
+    from flax import nnx
+
+    from wn_jax import nnx as wx
+
+    if not isinstance(twin, nnx.Module):
+      raise TypeError(
+        f'wn_jax.pytorch.to_nnx: twin= takes the NNX model itself; got {type(twin).__name__}.'
+      )
+    found = {
+      tuple(map(str, path)): m.axis
+      for path, m in nnx.graph.iter_graph(twin)
+      if isinstance(m, wx._WeightNormedKernel)
+    }
+    return nnx.state(twin), found
+  import flax.linen as nn
+
+  from wn_jax import linen as wl
+
+  if not (isinstance(twin, (tuple, list)) and twin and isinstance(twin[0], nn.Module)):
+    raise TypeError(
+      'wn_jax.pytorch.to_linen: twin= takes (module, *inputs), the linen model and inputs '
+      f'its init runs on (abstractly); got {type(twin).__name__}.'
+    )
+  module, *inputs = twin
+  axes: dict[tuple[str, ...], Any] = {}
+
+  def record(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
+    layer = context.module
+    if isinstance(layer, wl._WeightNormedKernel) and isinstance(layer, nn.Module):
+      axes[tuple(layer.path)] = layer.axis
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    template = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+  return template, axes
+
+
+def _kept(axis: Any, ndim: int) -> tuple[int, ...] | None:
+  """An ``axis`` (int, tuple or None) as sorted non-negative axes of an ``ndim`` kernel."""
+  if axis is None:
+    return None
+  return tuple(sorted(a % ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))))
+
+
+def _check_axes(
+  layers: dict[str, TorchLayer], axes: dict[tuple[str, ...], Any], naming: str
+) -> None:
+  """Each weight-normed layer's kept axis against the twin's layer at its path."""
+  for prefix, layer in layers.items():
+    path = _path(prefix, 'scale', 'params', naming)[1 if naming == 'linen' else 0 : -1]
+    where = tuple(map(str, path))
+    if where not in axes:
+      continue
+    ndim = np.ndim(layer.params['kernel'])
+    if _kept(axes[where], ndim) != _kept(layer.axis, ndim):
+      raise _error(
+        f'{"/".join(where)!r}: the twin keeps axis {axes[where]}, but PyTorch weight-normed '
+        f'{prefix!r} with dim={layer.dim}, which is wn_jax axis={layer.axis}: build that '
+        f"layer with axis={layer.axis} (layer_axes(torch_model) gives every layer's)."
+      )
+
+
+def _check(
+  flat: dict[tuple[Any, ...], Any], template: Any, layers: dict[str, TorchLayer], naming: str
+) -> None:
   """Every name and shape of the converted tree against the Flax model's own."""
   got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
   want = {p: tuple(getattr(v, 'shape', ())) for p, v in _flatten(template).items()}
+  scales = {tuple(map(str, _path(p, 'scale', 'params', naming))): x for p, x in layers.items()}
   if want and all(p[0] != 'params' for p in want) and all(p[0] == 'params' for p in got):
     got = {p[1:]: s for p, s in got.items()}  # a linen params tree, not variables
+    scales = {p[1:]: x for p, x in scales.items()}
   missing = sorted('/'.join(p) for p in want if p not in got)
   unexpected = sorted('/'.join(p) for p in got if p not in want)
-  shapes = sorted(
-    f'{"/".join(p)}: {got[p]} vs {want[p]}' for p in got if p in want and got[p] != want[p]
+  bad = sorted(p for p in got if p in want and got[p] != want[p])
+  shapes = [f'{"/".join(p)}: {got[p]} vs {want[p]}' for p in bad]
+  if not (missing or unexpected or shapes):
+    return
+  hints = [
+    f'build {"/".join(p[:-1])!r} with axis={scales[p].axis} (PyTorch weight-normed it with '
+    f'dim={scales[p].dim})'
+    for p in bad
+    if p in scales
+  ]
+  if missing or unexpected:
+    hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
+  if any(p not in scales for p in bad):
+    hints.append('pass rules= for tensors of a layout of their own')
+  raise _error(
+    'the converted tree does not fit the template: '
+    f'missing {missing}, unexpected {unexpected}, shapes (converted vs template) {shapes}. '
+    f'Fix: {"; ".join(hints)}.'
   )
-  if missing or unexpected or shapes:
-    raise _error(
-      'the converted tree does not fit the template: '
-      f'missing {missing}, unexpected {unexpected}, shapes (converted vs template) {shapes}. '
-      'Name Flax submodules as the PyTorch ones (lists in setup / nnx.List), or pass rules=.'
-    )
 
 
 _TREE_ARGS = """
@@ -840,6 +926,7 @@ def to_linen(
   decompose: bool | str = False,
   dtype: Any = None,
   template: Any = None,
+  twin: Any = None,
 ) -> dict[str, Any]:
   """A whole PyTorch model's tensors as linen ``variables``: ``model.apply(variables, x)``.
 
@@ -855,6 +942,11 @@ def to_linen(
   Args:
     source: a torch module (preferred: the kinds and weight norm ``dim`` come from
       it; duck typed, torch is not imported), a state dict or a ``.safetensors`` path.{args}
+    twin: optional, ``(model, *inputs)``: the Flax model and inputs its ``init`` runs on
+      (abstractly, nothing is computed). Its variables serve as ``template``, and each
+      weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``, which
+      shapes alone cannot always tell (wav2vec2's ``dim=2`` Conv1d with as many channels
+      as window taps fits a twin left at ``axis=-1``, and computes wrong).
 
   Returns:
     ``{{'params': ...}}``, plus ``'batch_stats'`` when the model has running statistics;
@@ -872,7 +964,7 @@ def to_linen(
     >>> variables['params']['head']['kernel'].shape
     (4, 1)
   """
-  return _tree(source, 'linen', kinds, rules, decompose, dtype, template)
+  return _tree(source, 'linen', kinds, rules, decompose, dtype, template, twin)
 
 
 def to_nnx(
@@ -883,6 +975,7 @@ def to_nnx(
   decompose: bool | str = False,
   dtype: Any = None,
   template: Any = None,
+  twin: Any = None,
 ) -> dict[Any, Any]:
   """A whole PyTorch model's tensors as an NNX pure dict, for ``nnx.replace_by_pure_dict``.
 
@@ -894,6 +987,9 @@ def to_nnx(
 
   Args:
     source: as :func:`to_linen`.{args}
+    twin: optional, the NNX model itself (any parameter values): as ``template=nnx.state(twin)``,
+      and each weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``
+      (see :func:`to_linen`).
 
   Returns:
     A nested dict of JAX arrays (copied).
@@ -915,7 +1011,7 @@ def to_nnx(
     >>> model.layers[0].scale[...].tolist()
     [2.0, 2.0, 2.0, 2.0]
   """
-  return _tree(source, 'nnx', kinds, rules, decompose, dtype, template)
+  return _tree(source, 'nnx', kinds, rules, decompose, dtype, template, twin)
 
 
 to_linen.__doc__ = (to_linen.__doc__ or '').format(args=_TREE_ARGS)
