@@ -660,3 +660,17 @@ def test_twin_checks_the_kept_axis():
     wt.to_linen(sd, template=template)
   with pytest.raises(TypeError, match=r'\(module, \*inputs\)'):
     wt.to_linen(sd, twin=_PosConv(16, 4, -3))
+
+
+class _Custom(
+  _FakeModule
+):  # a module class wn_jax does not know (no Linear, Conv, norm in its MRO)
+  pass
+
+
+def test_unknown_module_weight_keeps_its_name_and_layout():
+  weight = np.arange(6, dtype=np.float32).reshape(2, 3)
+  model = _FakeModule({'proj': _Custom(state={'weight': weight})})
+  np.testing.assert_array_equal(wt.to_linen(model)['params']['proj']['weight'], weight)
+  assert 'kernel' in wt.to_linen(model.state_dict())['params']['proj']  # a state dict guesses
+  _same_state_dict(wt.to_torch(wt.to_nnx(model), like=model), model.state_dict())

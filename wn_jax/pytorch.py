@@ -323,12 +323,11 @@ def _wn_dim(module: Any) -> Any:
 
 
 def _walk(module: Any) -> dict[str, _Info]:
-  """``{prefix: _Info}`` for every submodule of a torch module whose kind wn_jax knows."""
+  """``{prefix: _Info}`` for every submodule of a torch module (kind ``None``: a class wn_jax
+  does not know, whose tensors keep their names and layout)."""
   out: dict[str, _Info] = {}
   for prefix, m in module.named_modules():
     kind = _kind_of(m)
-    if kind is None:
-      continue
     args: dict[str, Any] = {}
     if kind in KINDS and kind != 'Linear':
       names = [a for a in TORCH_ARGS if not (a == 'output_padding' and 'Transpose' not in kind)]
@@ -346,6 +345,12 @@ def _guess_kind(prefix: str, sd: Mapping[str, Any]) -> str | None:
     return None
   ndim = len(weight.shape)
   return 'LayerNorm' if ndim == 1 else _DEFAULT_KIND.get(ndim)
+
+
+def _plain_kind(prefix: str, sd: Mapping[str, Any], infos: dict[str, _Info]) -> str | None:
+  """A plain layer's kind: the module's (or ``kinds``'), guessed only for a bare state dict."""
+  info = infos.get(prefix)
+  return info.kind if info is not None else _guess_kind(prefix, sd)
 
 
 def _infos(source: Any, sd: Mapping[str, Any], kinds: Mapping[str, str] | None) -> dict[str, _Info]:
@@ -401,10 +406,12 @@ def _wn_layer(
   return TorchLayer(kind, params, axis, transposed, dim, style, dict(info.args))
 
 
-def _decomposable(prefix: str, sd: Mapping[str, Any], info: _Info, decompose: Any) -> bool:
+def _decomposable(
+  prefix: str, sd: Mapping[str, Any], infos: dict[str, _Info], decompose: Any
+) -> bool:
   if decompose is False or decompose is None or _key(prefix, '.weight') not in sd:
     return False
-  kind = info.kind or _guess_kind(prefix, sd)
+  kind = _plain_kind(prefix, sd, infos)
   if kind not in KINDS:
     return False
   return decompose is True or re.search(decompose, prefix) is not None
@@ -429,11 +436,11 @@ def _layers(
     out[prefix] = _wn_layer(prefix, g, v, bias, info, style, g_key, v_key)
   for prefix in dict.fromkeys(_split(k)[0] for k in sd):
     info = infos.get(prefix, _Info(None, {}))
-    if prefix in out or not _decomposable(prefix, sd, info, decompose):
+    if prefix in out or not _decomposable(prefix, sd, infos, decompose):
       continue
     w_key, bias_key = _key(prefix, '.weight'), _key(prefix, '.bias')
     w = _array(sd[w_key], dtype)
-    kind = info.kind or _guess_kind(prefix, sd)
+    kind = _plain_kind(prefix, sd, infos)
     shape_g = np.ones((w.shape[0],) + (1,) * (w.ndim - 1), w.dtype)  # PyTorch's default dim=0
     told = dataclasses.replace(info, kind=kind, dim=0)
     layer = _wn_layer(prefix, shape_g, w, None, told, 'plain', w_key, w_key)
@@ -708,9 +715,7 @@ def _plan(
     if key in used:
       continue
     prefix = _split(key)[0]
-    info = infos.get(prefix)
-    kind = info.kind if info is not None and info.kind else _guess_kind(prefix, sd)
-    leaf = _leaf(key, kind, len(sd[key].shape), rules or {})
+    leaf = _leaf(key, _plain_kind(prefix, sd, infos), len(sd[key].shape), rules or {})
     if leaf is None:
       skipped.add(key)
     else:
@@ -936,7 +941,9 @@ def to_linen(
   plain Linear / Conv ``weight`` -> ``kernel`` in Flax layout; norm layers' ``weight``
   -> ``scale``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
   Embedding ``weight`` -> ``embedding``; any other tensor keeps its name and layout
-  (unless a ``rules`` entry says otherwise). Module names follow linen's for lists of
+  (unless a ``rules`` entry says otherwise), as does every tensor of a module class
+  wn_jax does not know when ``source`` is the module (a bare state dict's ``weight`` is
+  read by its rank: 2-D a Linear, 3-D a Conv1d, ...; ``kinds`` overrides). Module names follow linen's for lists of
   submodules assigned in ``setup``: ``resblocks.0.convs1.1`` -> ``resblocks_0/convs1_1``.
 
   Args:
