@@ -454,8 +454,14 @@ class _WeightNorm(_Hook):
 
 
 class _FakeModule:
-  def __init__(self, children=(), state=None):
+  def __init__(self, children=(), state=None, buffers=None):
     self._children, self._state = dict(children), dict(state or {})
+    self._buffers = dict(buffers or {})  # in the state dict too, as torch's persistent buffers
+    self._state.update(self._buffers)
+
+  def named_buffers(self):
+    for name, module in self.named_modules():
+      yield from (((f'{name}.{k}' if name else k), v) for k, v in module._buffers.items())
 
   def named_modules(self, prefix=''):
     yield prefix, self
@@ -674,3 +680,107 @@ def test_unknown_module_weight_keeps_its_name_and_layout():
   np.testing.assert_array_equal(wt.to_linen(model)['params']['proj']['weight'], weight)
   assert 'kernel' in wt.to_linen(model.state_dict())['params']['proj']  # a state dict guesses
   _same_state_dict(wt.to_torch(wt.to_nnx(model), like=model), model.state_dict())
+
+
+def test_buffers_go_to_a_collection_of_their_own():
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+  codebook = _Custom(buffers={'embed': f32(5, 3), 'inited': np.ones(1, np.float32)})
+  model = _FakeModule(
+    {'fc': _Custom(state={'w': f32(3)}), 'codebook': codebook},
+    buffers={'mean': f32(3), 'scale': f32(3)},
+  )
+  variables = wt.to_linen(model)
+  assert set(variables) == {'params', 'buffers'}  # an optimizer of params never trains them
+  assert set(variables['buffers']) == {'mean', 'scale', 'codebook'}
+  assert set(variables['params']) == {'fc'}
+  assert set(wt.to_linen(model, buffers='constants')) == {'params', 'constants'}
+  assert set(wt.to_linen(model, buffers='params')['params']) == {'mean', 'scale', 'fc', 'codebook'}
+  sd = model.state_dict()
+  _same_state_dict(wt.to_torch(variables, like=model), sd)
+  _same_state_dict(wt.to_torch(variables, like=sd), sd)  # a state dict cannot tell: looked up
+  _same_state_dict(wt.to_torch(wt.to_linen(sd), like=model), sd)
+  _same_state_dict(wt.to_torch(wt.to_nnx(model), like=model), sd)  # NNX: one tree
+  with pytest.raises(ValueError, match=r'buffers=.*collection'):
+    wt.to_linen(model, buffers='')
+
+
+_GATES = 'ifgo'  # PyTorch's order of the LSTM gates in weight_ih_l0's rows
+
+
+def _lstm_rule(side, name):
+  """torch nn.LSTM's (4H, ...) tensor -> one leaf per gate of a Flax-style cell."""
+
+  def forward(a):
+    parts = np.split(a, 4)
+    return {f'cell.{side}{g}.{name}': p.T if name == 'kernel' else p for g, p in zip(_GATES, parts)}
+
+  def inverse(leaves):
+    parts = [leaves[f'cell.{side}{g}.{name}'] for g in _GATES]
+    return np.concatenate([p.T if name == 'kernel' else p for p in parts])
+
+  return forward, inverse
+
+
+LSTM_RULES = {
+  r'lstm\.weight_ih_l0': _lstm_rule('i', 'kernel'),
+  r'lstm\.weight_hh_l0': _lstm_rule('h', 'kernel'),
+  r'lstm\.bias_ih_l0': _lstm_rule('i', 'bias'),
+  r'lstm\.bias_hh_l0': _lstm_rule('h', 'bias'),
+}
+
+
+def _lstm_sd(hidden=3, features=2):
+  rng = np.random.default_rng(0)
+  shapes = {'weight_ih_l0': (4 * hidden, features), 'weight_hh_l0': (4 * hidden, hidden)}
+  shapes |= {'bias_ih_l0': (4 * hidden,), 'bias_hh_l0': (4 * hidden,)}
+  return {f'lstm.{k}': rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_a_rule_makes_several_leaves_and_inverts_them():
+  sd = _lstm_sd()
+  variables = wt.to_linen(sd, rules=LSTM_RULES)
+  cell = variables['params']['lstm']['cell']
+  assert sorted(cell) == sorted(f'{s}{g}' for s in 'ih' for g in _GATES)
+  np.testing.assert_array_equal(cell['if']['kernel'], sd['lstm.weight_ih_l0'][3:6].T)
+  np.testing.assert_array_equal(cell['ho']['bias'], sd['lstm.bias_hh_l0'][9:])
+  _same_state_dict(wt.to_torch(variables, like=sd, rules=LSTM_RULES), sd)
+  tree = wt.to_nnx(sd, rules=LSTM_RULES)
+  assert tree['lstm']['cell']['ig']['kernel'].shape == (2, 3)
+  _same_state_dict(wt.to_torch(tree, like=sd, rules=LSTM_RULES), sd)
+  bad = {r'lstm\..*': (lambda a: [a, a], lambda a: a)}
+  with pytest.raises(ValueError, match=r"rules=.*'lstm.weight_ih_l0'.*list.*an array or a dict"):
+    wt.to_linen(sd, rules=bad)
+
+
+def test_to_torch_without_the_same_rules_says_so():
+  sd, _, _ = _mixed_oracle()
+  variables = wt.to_linen(sd, {'embed': 'Embedding'}, rules=SNAKE)
+  with pytest.raises(ValueError, match=r'act.alpha.*same rules='):
+    wt.to_torch(variables, like=sd, kinds={'embed': 'Embedding'})
+  with pytest.raises(ValueError, match=r'lstm/weight_ih_l0.*same rules='):
+    wt.to_torch(wt.to_linen(_lstm_sd(), rules=LSTM_RULES), like=_lstm_sd())
+
+
+def test_dropped_tensors_stay_out_and_come_back_from_like():
+  # EnCodec's codebooks: the Flax model never holds what __call__ never runs.
+  class Twin(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='proj')(x)
+
+  rng = np.random.default_rng(0)
+  sd = {
+    'proj.weight': rng.normal(size=(3, 2)).astype(np.float32),
+    'proj.bias': np.zeros(3, np.float32),
+    'quantizer.layers.0.codebook.embed': rng.normal(size=(4, 3)).astype(np.float32),
+    'quantizer.layers.0.codebook.inited': np.ones(1, np.float32),
+  }
+  template = jax.eval_shape(Twin().init, jax.random.key(0), np.ones((1, 2), np.float32))
+  with pytest.raises(ValueError, match=r'unexpected.*quantizer.*drop='):
+    wt.to_linen(sd, template=template)
+  variables = wt.to_linen(sd, template=template, drop=r'quantizer\..*')
+  assert set(variables['params']) == {'proj'}
+  _same_state_dict(wt.to_torch(variables, like=sd, drop=r'quantizer\..*'), sd)
+  with pytest.raises(ValueError, match=r'lacks.*quantizer.*same .*drop='):
+    wt.to_torch(variables, like=sd)

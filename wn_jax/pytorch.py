@@ -532,10 +532,12 @@ def _export_layer(prefix: str, layer: TorchLayer, style: str) -> dict[str, np.nd
   return out
 
 
-def _like(ref: Any, value: np.ndarray, key: str) -> Any:
+def _like(ref: Any, value: np.ndarray, key: str, hint: str = '') -> Any:
   """``value`` as ``ref`` is: a torch tensor of its dtype and device, or a NumPy array of its dtype."""
   if tuple(ref.shape) != value.shape:
-    raise _error(f'{key!r}: like has shape {tuple(ref.shape)}, the converted value {value.shape}.')
+    raise _error(
+      f'{key!r}: like has shape {tuple(ref.shape)}, the converted value {value.shape}. {hint}'
+    )
   if hasattr(ref, 'new_tensor'):  # torch, without importing it
     if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, float8: torch reads no such NumPy array
       value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
@@ -543,7 +545,9 @@ def _like(ref: Any, value: np.ndarray, key: str) -> Any:
   return np.asarray(value).astype(np.asarray(ref).dtype, copy=False)
 
 
-def _finish(out: dict[str, np.ndarray], like: Any, skipped: set[str]) -> dict[str, Any]:
+def _finish(
+  out: dict[str, np.ndarray], like: Any, skipped: set[str], hint: str = ''
+) -> dict[str, Any]:
   """``out`` in the order, types and dtypes of ``like``'s state dict; ``skipped`` keys from ``like``."""
   if like is None:
     return out
@@ -552,9 +556,10 @@ def _finish(out: dict[str, np.ndarray], like: Any, skipped: set[str]) -> dict[st
   missing = [k for k in ref if k not in out and k not in skipped]
   if extra or missing:
     raise _error(
-      f"the converted keys do not match like's state dict: missing {missing}, unexpected {extra}."
+      f"the converted keys do not match like's state dict: missing {missing}, unexpected {extra}. "
+      f'{hint}'
     )
-  return {k: (_like(ref[k], out[k], k) if k in out else _copy(ref[k])) for k in ref}
+  return {k: (_like(ref[k], out[k], k, hint) if k in out else _copy(ref[k])) for k in ref}
 
 
 def _copy(x: Any) -> Any:
@@ -569,6 +574,8 @@ def to_torch(
   kinds: Mapping[str, str] | None = None,
   rules: Mapping[str, tuple[Callable[..., Any], Callable[..., Any]]] | None = None,
   decompose: bool | str = False,
+  buffers: str = 'buffers',
+  drop: str | None = None,
 ) -> dict[str, Any]:
   """The reverse of :func:`from_torch`, :func:`to_linen` and :func:`to_nnx`.
 
@@ -585,13 +592,18 @@ def to_torch(
       ``g * v / ||v||``. With ``layers``, the keys of ``like`` that are not in a
       weight-normed layer are copied from ``like``; with a tree every value comes from
       the tree, except buffers Flax has no place for (BatchNorm's
-      ``num_batches_tracked``), copied from ``like``.
+      ``num_batches_tracked``) and ``drop``'s keys, copied from ``like``.
     style: ``'legacy'`` (``weight_g`` / ``weight_v``), ``'parametrization'`` or
       ``'plain'`` (the folded ``weight``), for ``layers`` without ``like``; default:
       each layer's own.
     kinds: as :func:`to_linen`, for a ``like`` state dict whose shapes cannot tell.
     rules: as :func:`to_linen`; the inverse of each pair is applied.
     decompose: as :func:`to_linen`.
+    buffers: as :func:`to_linen`: the linen collection the buffers are read from (from a
+      ``like`` state dict, which cannot tell buffers, ``params`` or this one).
+    drop: as :func:`to_linen`: keys copied from ``like``, not read from the tree.
+    The same ``kinds``, ``rules``, ``decompose``, ``buffers`` and ``drop`` as the tree
+    was made with: without them, the error says so.
 
   Returns:
     ``{key: array}`` with PyTorch's shapes: NumPy arrays, or torch tensors when
@@ -646,7 +658,7 @@ def to_torch(
       'a linen or NNX tree converts back with like=<the torch module or its state dict>, '
       'which sets the keys and their key style.'
     )
-  return _tree_to_torch(layers, like, kinds, rules, decompose)
+  return _tree_to_torch(layers, like, kinds, rules, decompose, buffers, drop)
 
 
 # Whole models: every tensor of a state dict, in a linen or NNX tree.
@@ -661,21 +673,27 @@ class _Leaf:
   key: str
   prefix: str
   name: str
-  collection: str  # linen's: 'params' or 'batch_stats'
+  collection: str  # linen's: 'params', 'batch_stats' or the buffers'
   forward: Callable[[np.ndarray], Any]
-  inverse: Callable[[np.ndarray], Any]
+  inverse: Callable[[Any], Any]
+  user: bool = False  # a rules= entry: its forward may give several leaves
 
 
 def _same(a: np.ndarray) -> np.ndarray:
   return a
 
 
-def _leaf(key: str, kind: str | None, ndim: int, rules: Mapping[str, Rule]) -> _Leaf | None:
-  """The rule for one plain tensor: the user's, the layer kind's, or kept as it is."""
+def _leaf(
+  key: str, kind: str | None, ndim: int, rules: Mapping[str, Rule], collection: str
+) -> _Leaf | None:
+  """The rule for one plain tensor: the user's, the layer kind's, or kept as it is.
+
+  ``collection`` is linen's for it: ``'params'``, or the buffers' for a torch buffer.
+  """
   prefix, leaf = _split(key)
   for pattern, (forward, inverse) in rules.items():
     if re.fullmatch(pattern, key):
-      return _Leaf(key, prefix, leaf, 'params', forward, inverse)
+      return _Leaf(key, prefix, leaf, collection, forward, inverse, user=True)
   if kind in KINDS and leaf == 'weight':
     perm = _perm(kind, ndim)
     back = tuple(int(i) for i in np.argsort(perm))
@@ -687,9 +705,29 @@ def _leaf(key: str, kind: str | None, ndim: int, rules: Mapping[str, Rule]) -> _
       return None  # no place in Flax; to_torch copies it from like
     weight = 'embedding' if kind == 'Embedding' else 'scale'
     name = {'weight': weight, 'running_mean': 'mean', 'running_var': 'var'}.get(leaf, leaf)
-    collection = 'batch_stats' if leaf in ('running_mean', 'running_var') else 'params'
-    return _Leaf(key, prefix, name, collection, _same, _same)
-  return _Leaf(key, prefix, leaf, 'params', _same, _same)
+    stats = leaf in ('running_mean', 'running_var')
+    return _Leaf(key, prefix, name, 'batch_stats' if stats else collection, _same, _same)
+  return _Leaf(key, prefix, leaf, collection, _same, _same)
+
+
+def _outputs(leaf: _Leaf, value: Any) -> dict[tuple[str, str], Any]:
+  """``{(prefix, name): array}``: the Flax leaf a tensor becomes, or those a rule's dict names.
+
+  A rule's dict names its leaves relative to the tensor's module, dotted as PyTorch keys
+  (``'cell.ii.kernel'``), so linen and NNX name lists each their own way.
+  """
+  if isinstance(value, Mapping):
+    named = {_split(_key(leaf.prefix, f'.{rel}')): v for rel, v in value.items()}
+  else:
+    named = {(leaf.prefix, leaf.name): value}
+  for v in named.values():
+    if not (hasattr(v, 'shape') and hasattr(v, 'dtype')):
+      raise _error(
+        f'the rules= entry for {leaf.key!r} gave {type(v).__name__}; expected an array or a '
+        "dict {'sub.name': array} of several leaves, named relative to "
+        f'{leaf.prefix or "the root module"!r} and dotted as PyTorch keys.'
+      )
+  return named
 
 
 def _layer_keys(prefix: str, layer: TorchLayer) -> list[str]:
@@ -700,22 +738,41 @@ def _layer_keys(prefix: str, layer: TorchLayer) -> list[str]:
   return [_key(prefix, n) for n in names + (['.bias'] if 'bias' in layer.params else [])]
 
 
+def _buffer_keys(source: Any) -> set[str]:
+  """The state dict keys of a torch module's buffers (none for a state dict: it cannot tell)."""
+  if not _is_module(source) or not hasattr(source, 'named_buffers'):
+    return set()
+  return {name for name, _ in source.named_buffers()}
+
+
 def _plan(
   source: Any,
   kinds: Mapping[str, str] | None,
   rules: Mapping[str, Rule] | None,
   decompose: Any,
   dtype: Any,
+  buffers: str = 'buffers',
+  drop: str | None = None,
 ) -> tuple[Mapping[str, Any], dict[str, TorchLayer], list[_Leaf], set[str]]:
-  """(state dict, weight-normed layers, every other tensor's rule, keys Flax has no place for)."""
+  """(state dict, weight-normed layers, every other tensor's rule, keys left out of Flax)."""
+  if not isinstance(buffers, str) or not buffers:
+    raise _error(
+      f"buffers= names the linen collection torch buffers go to ('buffers' by default, "
+      f"'params' to train them); got {buffers!r}."
+    )
   sd, infos, layers = _layers(source, kinds, decompose, dtype)
-  used = {k for p, layer in layers.items() for k in _layer_keys(p, layer)}
-  leaves, skipped = [], set()
+  skipped = {k for k in sd if drop is not None and re.fullmatch(drop, k)}
+  for p in [p for p, layer in layers.items() if skipped & set(_layer_keys(p, layer))]:
+    skipped |= set(_layer_keys(p, layers.pop(p)))  # a layer goes whole, or not at all
+  used = {k for p, layer in layers.items() for k in _layer_keys(p, layer)} | skipped
+  held = _buffer_keys(source)
+  leaves = []
   for key in sd:
     if key in used:
       continue
-    prefix = _split(key)[0]
-    leaf = _leaf(key, _plain_kind(prefix, sd, infos), len(sd[key].shape), rules or {})
+    kind = _plain_kind(_split(key)[0], sd, infos)
+    collection = buffers if key in held else 'params'
+    leaf = _leaf(key, kind, len(sd[key].shape), rules or {}, collection)
     if leaf is None:
       skipped.add(key)
     else:
@@ -781,8 +838,10 @@ def _tree(
   dtype: Any,
   template: Any,
   twin: Any,
+  buffers: str,
+  drop: str | None,
 ) -> dict[Any, Any]:
-  sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype)
+  sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype, buffers, drop)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
 
@@ -795,8 +854,8 @@ def _tree(
     for name, value in layer.params.items():
       put(_path(prefix, name, 'params', naming), value, _key(prefix, '.' + name))
   for leaf in leaves:
-    value = leaf.forward(_array(sd[leaf.key], dtype))
-    put(_path(leaf.prefix, leaf.name, leaf.collection, naming), value, leaf.key)
+    for (prefix, name), value in _outputs(leaf, leaf.forward(_array(sd[leaf.key], dtype))).items():
+      put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
   if twin is not None:
     twin_template, axes = _twin(twin, naming)
     _check_axes(layers, axes, naming)
@@ -897,6 +956,11 @@ def _check(
   ]
   if missing or unexpected:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
+  if unexpected:
+    hints.append(
+      'leave out tensors the Flax model does not hold with drop=<regex> (to_torch brings '
+      'them back from like)'
+    )
   if any(p not in scales for p in bad):
     hints.append('pass rules= for tensors of a layout of their own')
   raise _error(
@@ -915,6 +979,22 @@ _TREE_ARGS = """
       ``forward(array)``; :func:`to_torch` applies ``inverse``. E.g. a Snake activation's
       ``alpha`` of shape ``(1, C, 1)``:
       ``{r'.*\\.alpha': (lambda a: a.reshape(-1), lambda a: a.reshape(1, -1, 1))}``.
+      ``forward`` may instead return a dict of several leaves, named relative to the
+      tensor's module and dotted as PyTorch keys (``{'cell.ii.kernel': ..., ...}``, so a
+      list index follows linen's or NNX's naming); ``inverse`` then takes that dict back
+      to the one tensor (torch's ``nn.LSTM`` onto per-gate Flax cells, say). Anything
+      else raises, naming the key.
+    buffers: the linen collection torch buffers (``register_buffer``: a mel ``mean``, a
+      codebook's ``cluster_size``) go to, read from a torch module (a state dict cannot
+      tell them from parameters): ``'buffers'`` by default, so an optimizer of
+      ``params`` never trains them; ``'params'`` puts them with the parameters. Running
+      statistics of norm layers go to ``batch_stats`` all the same. NNX's pure dict is
+      one tree: declare them in the twin as a ``nnx.Variable`` type that is not a
+      ``nnx.Param``.
+    drop: a regex; keys that ``re.fullmatch`` it are left out (a weight-normed layer
+      whole), e.g. codebooks ``__call__`` never runs, which a template from
+      ``jax.eval_shape(model.init, ...)`` lacks. :func:`to_torch` given the same ``drop``
+      copies them back from ``like``.
     decompose: as :func:`from_torch`: plain Linear / Conv weights to WN ``(kernel,
       scale)`` (``True``, or a regex searched in the prefix).
     dtype: cast the floating tensors to this dtype (default: keep the checkpoint's).
@@ -932,6 +1012,8 @@ def to_linen(
   dtype: Any = None,
   template: Any = None,
   twin: Any = None,
+  buffers: str = 'buffers',
+  drop: str | None = None,
 ) -> dict[str, Any]:
   """A whole PyTorch model's tensors as linen ``variables``: ``model.apply(variables, x)``.
 
@@ -971,7 +1053,7 @@ def to_linen(
     >>> variables['params']['head']['kernel'].shape
     (4, 1)
   """
-  return _tree(source, 'linen', kinds, rules, decompose, dtype, template, twin)
+  return _tree(source, 'linen', kinds, rules, decompose, dtype, template, twin, buffers, drop)
 
 
 def to_nnx(
@@ -983,6 +1065,8 @@ def to_nnx(
   dtype: Any = None,
   template: Any = None,
   twin: Any = None,
+  buffers: str = 'buffers',
+  drop: str | None = None,
 ) -> dict[Any, Any]:
   """A whole PyTorch model's tensors as an NNX pure dict, for ``nnx.replace_by_pure_dict``.
 
@@ -1018,7 +1102,7 @@ def to_nnx(
     >>> model.layers[0].scale[...].tolist()
     [2.0, 2.0, 2.0, 2.0]
   """
-  return _tree(source, 'nnx', kinds, rules, decompose, dtype, template, twin)
+  return _tree(source, 'nnx', kinds, rules, decompose, dtype, template, twin, buffers, drop)
 
 
 to_linen.__doc__ = (to_linen.__doc__ or '').format(args=_TREE_ARGS)
@@ -1053,24 +1137,35 @@ def layer_axes(
   return {'/'.join(_linen_path(prefix)): layer.axis for prefix, layer in layers.items()}
 
 
+_SAME = (
+  'If the tree came from to_linen / to_nnx with rules=, kinds=, decompose=, buffers= or drop=, '
+  'pass to_torch the same rules=, kinds=, decompose=, buffers= and drop=.'
+)
+
+
 def _tree_to_torch(
   tree: Any,
   like: Any,
   kinds: Mapping[str, str] | None,
   rules: Mapping[str, Rule] | None,
   decompose: Any,
+  buffers: str,
+  drop: str | None,
 ) -> dict[str, Any]:
-  _, layers, leaves, skipped = _plan(like, kinds, rules, decompose, None)
+  sd, layers, leaves, skipped = _plan(like, kinds, rules, decompose, None, buffers, drop)
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
   missing: list[str] = []
 
   def get(prefix: str, name: str, collection: str) -> Any:
-    path = tuple(map(str, _path(prefix, name, collection, naming)))
-    if path not in flat:
-      missing.append('/'.join(path))
-      return None
-    return np.array(flat[path])
+    # A state dict cannot tell buffers from parameters: either collection holds them.
+    other = {'params': buffers, buffers: 'params'}.get(collection, collection)
+    for c in (collection, other):
+      path = tuple(map(str, _path(prefix, name, c, naming)))
+      if path in flat:
+        return np.array(flat[path])
+    missing.append('/'.join(map(str, _path(prefix, name, collection, naming))))
+    return None
 
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
@@ -1078,12 +1173,19 @@ def _tree_to_torch(
     if all(v is not None for v in params.values()):
       out.update(_export_layer(prefix, dataclasses.replace(layer, params=params), layer.style))
   for leaf in leaves:
-    value = get(leaf.prefix, leaf.name, leaf.collection)
-    if value is not None:
-      out[leaf.key] = np.asarray(leaf.inverse(value))
+    # A rule's forward on like's own tensor names the leaves its inverse takes back.
+    names = leaf.forward(_array(sd[leaf.key])) if leaf.user else None
+    if isinstance(names, Mapping):
+      parts = {rel: get(*_split(_key(leaf.prefix, f'.{rel}')), leaf.collection) for rel in names}
+      if all(v is not None for v in parts.values()):
+        out[leaf.key] = np.asarray(leaf.inverse(parts))
+    else:
+      value = get(leaf.prefix, leaf.name, leaf.collection)
+      if value is not None:
+        out[leaf.key] = np.asarray(leaf.inverse(value))
   if missing:
-    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs.")
-  return _finish(out, like, skipped)
+    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
+  return _finish(out, like, skipped, _SAME)
 
 
 def _tuple(x: Any, n: int) -> tuple[int, ...]:
