@@ -700,6 +700,9 @@ def test_buffers_go_to_a_collection_of_their_own():
   _same_state_dict(wt.to_torch(variables, like=model), sd)
   _same_state_dict(wt.to_torch(variables, like=sd), sd)  # a state dict cannot tell: looked up
   _same_state_dict(wt.to_torch(wt.to_linen(sd), like=model), sd)
+  marked = wt.to_linen(sd, buffer_keys=r'mean|scale|codebook\..*')  # a state dict, told
+  assert jax.tree.structure(marked) == jax.tree.structure(variables)
+  _same_state_dict(wt.to_torch(marked, like=sd, buffer_keys=r'mean|scale|codebook\..*'), sd)
   _same_state_dict(wt.to_torch(wt.to_nnx(model), like=model), sd)  # NNX: one tree
   with pytest.raises(ValueError, match=r'buffers=.*collection'):
     wt.to_linen(model, buffers='')

@@ -576,6 +576,7 @@ def to_torch(
   decompose: bool | str = False,
   buffers: str = 'buffers',
   drop: str | None = None,
+  buffer_keys: str | None = None,
 ) -> dict[str, Any]:
   """The reverse of :func:`from_torch`, :func:`to_linen` and :func:`to_nnx`.
 
@@ -602,6 +603,7 @@ def to_torch(
     buffers: as :func:`to_linen`: the linen collection the buffers are read from (from a
       ``like`` state dict, which cannot tell buffers, ``params`` or this one).
     drop: as :func:`to_linen`: keys copied from ``like``, not read from the tree.
+    buffer_keys: as :func:`to_linen`.
     The same ``kinds``, ``rules``, ``decompose``, ``buffers`` and ``drop`` as the tree
     was made with: without them, the error says so.
 
@@ -658,7 +660,7 @@ def to_torch(
       'a linen or NNX tree converts back with like=<the torch module or its state dict>, '
       'which sets the keys and their key style.'
     )
-  return _tree_to_torch(layers, like, kinds, rules, decompose, buffers, drop)
+  return _tree_to_torch(layers, like, kinds, rules, decompose, buffers, drop, buffer_keys)
 
 
 # Whole models: every tensor of a state dict, in a linen or NNX tree.
@@ -753,6 +755,7 @@ def _plan(
   dtype: Any,
   buffers: str = 'buffers',
   drop: str | None = None,
+  buffer_keys: str | None = None,
 ) -> tuple[Mapping[str, Any], dict[str, TorchLayer], list[_Leaf], set[str]]:
   """(state dict, weight-normed layers, every other tensor's rule, keys left out of Flax)."""
   if not isinstance(buffers, str) or not buffers:
@@ -765,7 +768,7 @@ def _plan(
   for p in [p for p, layer in layers.items() if skipped & set(_layer_keys(p, layer))]:
     skipped |= set(_layer_keys(p, layers.pop(p)))  # a layer goes whole, or not at all
   used = {k for p, layer in layers.items() for k in _layer_keys(p, layer)} | skipped
-  held = _buffer_keys(source)
+  held = _buffer_keys(source) | {k for k in sd if buffer_keys and re.fullmatch(buffer_keys, k)}
   leaves = []
   for key in sd:
     if key in used:
@@ -840,8 +843,9 @@ def _tree(
   twin: Any,
   buffers: str,
   drop: str | None,
+  buffer_keys: str | None,
 ) -> dict[Any, Any]:
-  sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype, buffers, drop)
+  sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
 
@@ -991,6 +995,8 @@ _TREE_ARGS = """
       statistics of norm layers go to ``batch_stats`` all the same. NNX's pure dict is
       one tree: declare them in the twin as a ``nnx.Variable`` type that is not a
       ``nnx.Param``.
+    buffer_keys: a regex: keys that ``re.fullmatch`` it are buffers too, for a state dict
+      or ``.safetensors`` file, which cannot tell (a module tells its own).
     drop: a regex; keys that ``re.fullmatch`` it are left out (a weight-normed layer
       whole), e.g. codebooks ``__call__`` never runs, which a template from
       ``jax.eval_shape(model.init, ...)`` lacks. :func:`to_torch` given the same ``drop``
@@ -1014,6 +1020,7 @@ def to_linen(
   twin: Any = None,
   buffers: str = 'buffers',
   drop: str | None = None,
+  buffer_keys: str | None = None,
 ) -> dict[str, Any]:
   """A whole PyTorch model's tensors as linen ``variables``: ``model.apply(variables, x)``.
 
@@ -1053,7 +1060,9 @@ def to_linen(
     >>> variables['params']['head']['kernel'].shape
     (4, 1)
   """
-  return _tree(source, 'linen', kinds, rules, decompose, dtype, template, twin, buffers, drop)
+  return _tree(
+    source, 'linen', kinds, rules, decompose, dtype, template, twin, buffers, drop, buffer_keys
+  )
 
 
 def to_nnx(
@@ -1067,6 +1076,7 @@ def to_nnx(
   twin: Any = None,
   buffers: str = 'buffers',
   drop: str | None = None,
+  buffer_keys: str | None = None,
 ) -> dict[Any, Any]:
   """A whole PyTorch model's tensors as an NNX pure dict, for ``nnx.replace_by_pure_dict``.
 
@@ -1102,7 +1112,9 @@ def to_nnx(
     >>> model.layers[0].scale[...].tolist()
     [2.0, 2.0, 2.0, 2.0]
   """
-  return _tree(source, 'nnx', kinds, rules, decompose, dtype, template, twin, buffers, drop)
+  return _tree(
+    source, 'nnx', kinds, rules, decompose, dtype, template, twin, buffers, drop, buffer_keys
+  )
 
 
 to_linen.__doc__ = (to_linen.__doc__ or '').format(args=_TREE_ARGS)
@@ -1151,8 +1163,11 @@ def _tree_to_torch(
   decompose: Any,
   buffers: str,
   drop: str | None,
+  buffer_keys: str | None,
 ) -> dict[str, Any]:
-  sd, layers, leaves, skipped = _plan(like, kinds, rules, decompose, None, buffers, drop)
+  sd, layers, leaves, skipped = _plan(
+    like, kinds, rules, decompose, None, buffers, drop, buffer_keys
+  )
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
   missing: list[str] = []
