@@ -958,6 +958,11 @@ def _check(
     for p in bad
     if p in scales
   ]
+  if any(m.split('/', 1)[-1] == u.split('/', 1)[-1] for m in missing for u in unexpected):
+    hints.append(
+      "put each tensor in the template's collection (torch buffers go to buffers=, "
+      "'buffers' by default, read from a module or marked by buffer_keys=)"
+    )
   if missing or unexpected:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
   if unexpected:
