@@ -38,6 +38,13 @@ whole tensor (a scalar g), which is wn_jax's ``axis=None``. Arguments of the lay
 | `padding_mode` | Conv: `'reflect'` / `'circular'` -> `'REFLECT'` / `'CIRCULAR'` where `p` is half the dilated kernel; else refused |
 
 Inputs are channels-last in Flax: a PyTorch ``(N, C, L)`` batch is ``x.transpose(0, 2, 1)``.
+
+"Exactly" means: every tensor goes to Flax and back bit for bit (float32, float16, bfloat16,
+any ``dim``); outputs in float32 match PyTorch's to float32 rounding (the order of sums
+differs); in bfloat16, wn_jax's ``w = g v / ||v||`` is the float32-reduced value rounded once,
+which PyTorch's equals for ``dim=0`` and the last ``dim``, while for ``dim=None`` and ``dim=1``
+of a Conv1d PyTorch reduces in bfloat16 and part of its entries differ by one or two bfloat16
+steps (the porting guide gives the measurement).
 """
 
 from __future__ import annotations
