@@ -588,6 +588,8 @@ def to_torch(
   """The reverse of :func:`from_torch`, :func:`to_linen` and :func:`to_nnx`.
 
   ``module.load_state_dict(to_torch(..., like=module), strict=True)`` loads the result.
+  A tree goes back with the ``kinds``, ``rules``, ``decompose``, ``buffers``,
+  ``buffer_keys`` and ``drop`` it was made with; without them, the error says so.
 
   Args:
     layers: ``{prefix: TorchLayer}`` (e.g. from :func:`from_torch`, with trained params
@@ -611,8 +613,6 @@ def to_torch(
       ``like`` state dict, which cannot tell buffers, ``params`` or this one).
     drop: as :func:`to_linen`: keys copied from ``like``, not read from the tree.
     buffer_keys: as :func:`to_linen`.
-    The same ``kinds``, ``rules``, ``decompose``, ``buffers`` and ``drop`` as the tree
-    was made with: without them, the error says so.
 
   Returns:
     ``{key: array}`` with PyTorch's shapes: NumPy arrays, or torch tensors when
@@ -891,7 +891,7 @@ def _twin(twin: Any, naming: str) -> tuple[Any, dict[tuple[str, ...], Any]]:
       )
     found = {
       tuple(map(str, path)): m.axis
-      for path, m in nnx.graph.iter_graph(twin)
+      for path, m in nnx.iter_graph(twin)
       if isinstance(m, wx._WeightNormedKernel)
     }
     return nnx.state(twin), found
