@@ -787,3 +787,33 @@ def test_dropped_tensors_stay_out_and_come_back_from_like():
   _same_state_dict(wt.to_torch(variables, like=sd, drop=r'quantizer\..*'), sd)
   with pytest.raises(ValueError, match=r'lacks.*quantizer.*same .*drop='):
     wt.to_torch(variables, like=sd)
+
+
+def test_twin_axis_check_finds_layers_in_lists():
+  from flax import nnx
+
+  from wn_jax import nnx as wn_nnx
+
+  rng = np.random.default_rng(0)
+  sd = {
+    f'blocks.{i}.weight_{n}': rng.normal(size=s).astype(np.float32)
+    for i in range(2)
+    for n, s in (('g', (1, 4)), ('v', (4, 4)))  # dim=1: the input axis, Flax axis=-2
+  }
+
+  class Twin(nn.Module):
+    def setup(self):
+      self.blocks = [wn_linen.WNDense(4, axis=a, use_bias=False) for a in (-2, -1)]
+
+    def __call__(self, x):
+      return self.blocks[1](self.blocks[0](x))
+
+  class NNXTwin(nnx.Module):
+    def __init__(self, rngs):
+      layers = [wn_nnx.WNLinear(4, 4, axis=a, use_bias=False, rngs=rngs) for a in (-2, -1)]
+      self.blocks = nnx.List(layers)
+
+  with pytest.raises(ValueError, match=r"'blocks_1': the twin keeps axis -1.*dim=1"):
+    wt.to_linen(sd, twin=(Twin(), np.ones((1, 4), np.float32)))
+  with pytest.raises(ValueError, match=r"'blocks/1': the twin keeps axis -1.*dim=1"):
+    wt.to_nnx(sd, twin=NNXTwin(nnx.Rngs(0)))
