@@ -34,7 +34,7 @@ docs: .stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 test: lint typecheck docs
-	WN_JAX_SITE=site $(PY) -m pytest -q
+	WN_JAX_SITE=site $(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) .stamp-* site

@@ -22,6 +22,9 @@ import urllib.parse
 
 import pytest
 
+# One worker runs this file's tests (a parallel run shares its module fixture).
+pytestmark = pytest.mark.xdist_group('test_docs')
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / 'docs'
 PAGES = sorted(p for p in DOCS.rglob('*.md') if 'api' not in p.relative_to(DOCS).parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import flax.linen as nn
 import jax
@@ -60,7 +61,10 @@ class _NNXMLP(nnx.Module):
     return x
 
 
+@functools.cache
 def _cases():
+  """name -> a call to repeat; built on first use (not at collection, which every worker
+  of a parallel run repeats)."""
   key = jax.random.key(0)
   v = jax.random.normal(key, (16, 8))
   g = jnp.linspace(0.5, 2.0, 8)
@@ -101,12 +105,34 @@ def _cases():
   return cases
 
 
-_CASES = _cases()
+_NAMES = [
+  'linen WNConv apply',
+  'linen WeightNorm apply',
+  'linen fold',
+  'nnx construction',
+  'nnx WNConv construction',
+  'nnx WeightNorm call',
+  'nnx WeightNorm construction',
+  'normalize',
+  'normalize axis=None',
+  'decompose',
+  'norm',
+  'weight_norm + materialize',
+  *(
+    f'{what}, {rows}'
+    for what in ('linen apply', 'linen init', 'linen data_init', 'nnx call', 'nnx data_init')
+    for rows in ('rows < features', 'rows >= features')
+  ),
+]
 
 
-@pytest.mark.parametrize('name', sorted(_CASES))
+def test_every_case_is_named():
+  assert sorted(_NAMES) == sorted(_cases())
+
+
+@pytest.mark.parametrize('name', _NAMES)
 def test_repeated_eager_call_compiles_nothing(name):
-  call = _CASES[name]
+  call = _cases()[name]
   jax.block_until_ready(call())  # the first call may compile
   with count_compiles() as seen:
     jax.block_until_ready(call())

@@ -15,6 +15,9 @@ import time
 
 import pytest
 
+# One worker runs this file's tests (a parallel run shares its module fixture).
+pytestmark = pytest.mark.xdist_group('test_multiprocess')
+
 ROOT = pathlib.Path(__file__).parent.parent
 WORKER = str(ROOT / 'tests' / 'multiprocess_worker.py')
 TIMEOUT_S = 900  # per launch; about 70 s of CPU per worker, so generous for a loaded machine
