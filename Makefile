@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SRC := $(wildcard wn_jax tests benchmarks examples notebooks/*.py docs/_ext)
 
-.PHONY: demo test lint typecheck docs clean
+.PHONY: demo test check lint typecheck docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ typecheck: .stamp-dev
 # --strict alone: --quiet would hide the warnings that --strict turns into errors.
 docs: .stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+# The quick inner loop: lint, types and every test but the slow ones (subprocesses,
+# notebooks, the built site). `make test` runs everything and is what CI runs.
+check: lint typecheck
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 test: lint typecheck docs
 	WN_JAX_SITE=site $(PY) -m pytest -q -n 2 --dist loadgroup

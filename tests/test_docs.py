@@ -22,8 +22,9 @@ import urllib.parse
 
 import pytest
 
-# One worker runs this file's tests (a parallel run shares its module fixture).
-pytestmark = pytest.mark.xdist_group('test_docs')
+# Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
+# its module fixture).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_docs')]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / 'docs'

@@ -15,8 +15,9 @@ import time
 
 import pytest
 
-# One worker runs this file's tests (a parallel run shares its module fixture).
-pytestmark = pytest.mark.xdist_group('test_multiprocess')
+# Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
+# its module fixture).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_multiprocess')]
 
 ROOT = pathlib.Path(__file__).parent.parent
 WORKER = str(ROOT / 'tests' / 'multiprocess_worker.py')

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-# One worker runs this file's tests (a parallel run shares its module fixture).
-pytestmark = pytest.mark.xdist_group('test_sharding')
+# Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
+# its module fixture).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_sharding')]
 
 ROOT = pathlib.Path(__file__).parent.parent
 CHECKS = [
