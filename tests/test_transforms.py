@@ -15,6 +15,7 @@ from flax import nnx
 import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_trees_close
+from wn_jax import _core as core
 
 CASES = [
   ((5,), None),
@@ -92,6 +93,60 @@ def test_linearize_keeps_no_weight_sized_residual_but_v():
   _, vjp = jax.vjp(f, v, g)
   residuals = [x for x in jax.tree_util.tree_leaves(vjp) if hasattr(x, 'shape')]
   assert sum(x.size >= v.size for x in residuals) == 1, [x.shape for x in residuals]
+
+
+def _ref_factor(v, g, axis):
+  return np.asarray(g, np.float64) / ref.norm(v, axis).reshape(np.shape(g))
+
+
+@pytest.mark.parametrize('shape,axis', CASES)
+def test_factor_in_both_modes_and_to_second_order(shape, axis, x64):
+  # The factor g / ||v|| a Dense layer applies to its output: its own custom_jvp.
+  v, g = _vg(shape, axis)
+  dv, dg = _vg(shape, axis, seed=1)
+  f = lambda v, g: core.factor(v, g, axis)
+  s, ds = jax.jvp(f, (v, g), (dv, dg))
+  h = 1e-6
+  fd = (_ref_factor(v + h * dv, g + h * dg, axis) - _ref_factor(v - h * dv, g - h * dg, axis)) / (
+    2 * h
+  )
+  np.testing.assert_allclose(s, _ref_factor(v, g, axis), rtol=1e-12)
+  np.testing.assert_allclose(ds, fd, rtol=1e-7, atol=1e-8)
+  fwd = jax.jacfwd(f, argnums=(0, 1))(v, g)
+  assert_trees_close(fwd, jax.jacrev(f, argnums=(0, 1))(v, g), rtol=1e-12, atol=1e-12)
+  loss = lambda v: jnp.sum(jnp.sin(f(v, g)))
+  d = _vg(shape, axis, seed=3)[0]
+  hess = jax.jacfwd(jax.jacrev(loss))(v)
+  hvp = jax.jvp(jax.grad(loss), (v,), (d,))[1]
+  np.testing.assert_allclose(np.tensordot(hess, d, axes=d.ndim), hvp, rtol=1e-10, atol=1e-12)
+  grad_at = lambda v: jax.grad(loss)(v)
+  np.testing.assert_allclose(
+    hvp, (grad_at(v + h * d) - grad_at(v - h * d)) / (2 * h), rtol=1e-6, atol=1e-8
+  )
+
+
+def test_factor_at_a_zero_slice_and_a_clamped_one():
+  # Where the norm does not depend on v (an all-zero slice, or one clamped to eps), the
+  # factor is g / n locally: ds = dg / n, and no derivative w.r.t. v.
+  v = jnp.asarray([[1.0, 0.0, 0.3], [2.0, 0.0, -0.4]])
+  g = jnp.asarray([1.5, 3.0, 0.5])
+  dv, dg = jnp.ones_like(v), jnp.asarray([0.0, 1.0, 1.0])
+  s, ds = jax.jvp(lambda v, g: core.factor(v, g, eps=1.0), (v, g), (dv, dg))
+  np.testing.assert_allclose(s, [1.5 / 5**0.5, 3.0, 0.5], rtol=1e-6)
+  expected_0 = -1.5 / 5**0.5 * (3.0 / 5**0.5) / 5**0.5  # -s <u, dv> / n
+  np.testing.assert_allclose(ds, [expected_0, 1.0, 1.0], rtol=1e-6)
+  loss = lambda v: jnp.sum(core.factor(v, g, eps=1.0) ** 2)
+  for d in (jax.grad(loss)(v), jax.hessian(loss)(v)):
+    assert np.all(np.isfinite(np.asarray(d)))
+  np.testing.assert_array_equal(jax.grad(loss)(v)[:, 1:], 0.0)
+
+
+def test_factor_keeps_no_weight_sized_residual_but_v():
+  v, g = (jnp.asarray(a, jnp.float32) for a in _vg((64, 32), -1))
+  f = lambda v, g: core.factor(v, g)
+  for fn in (jax.linearize(f, v, g)[1], jax.vjp(f, v, g)[1]):
+    residuals = [x for x in jax.tree_util.tree_leaves(fn) if hasattr(x, 'shape')]
+    assert sum(x.size >= v.size for x in residuals) == 1, [x.shape for x in residuals]
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
