@@ -224,12 +224,16 @@ def _materialize_case():
   return lambda p: jnp.sum(jnp.tanh(x @ wn_jax.materialize(p)['a'] + p['b']) ** 2), wn
 
 
+WIDE = X.reshape(2, 18)  # fewer rows than input features: a Dense layer scales its output
+
 LAYERS = {
   'linen.WNDense': lambda: _linen_case(wn_jax.linen.WNDense(4), X),
+  'linen.WNDense/scaled': lambda: _linen_case(wn_jax.linen.WNDense(4), WIDE),
   'linen.WNConv': lambda: _linen_case(wn_jax.linen.WNConv(4, (3,)), X),
   'linen.WNConvTranspose': lambda: _linen_case(wn_jax.linen.WNConvTranspose(4, (3,)), X),
   'linen.WeightNorm': lambda: _linen_case(wn_jax.linen.WeightNorm(nn.Conv(4, (3,))), X),
   'nnx.WNLinear': lambda: _nnx_case(wn_jax.nnx.WNLinear(3, 4, rngs=nnx.Rngs(0)), X),
+  'nnx.WNLinear/scaled': lambda: _nnx_case(wn_jax.nnx.WNLinear(18, 4, rngs=nnx.Rngs(0)), WIDE),
   'nnx.WNConv': lambda: _nnx_case(wn_jax.nnx.WNConv(3, 4, (3,), rngs=nnx.Rngs(0)), X),
   'nnx.WNConvTranspose': lambda: _nnx_case(
     wn_jax.nnx.WNConvTranspose(3, 4, (3,), rngs=nnx.Rngs(0)), X
@@ -256,7 +260,10 @@ def test_layer_jacfwd_equals_jacrev_and_linearize_works(name):
   np.testing.assert_allclose(lin(d), along, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['linen.WNDense', 'nnx.WNLinear', 'materialize'])
+@pytest.mark.parametrize(
+  'name',
+  ['linen.WNDense', 'linen.WNDense/scaled', 'nnx.WNLinear', 'nnx.WNLinear/scaled', 'materialize'],
+)
 def test_layer_hessian_forward_over_reverse_equals_jvp_of_grad(name):
   loss, params = LAYERS[name]()
   d = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
