@@ -121,9 +121,9 @@ TINY = float(jnp.finfo(jnp.float32).tiny)  # float32's smallest normal number, 1
 
 def _assert_close(actual, expected):
   """Equal to float32 rounding relative to the largest entry, give or take a few ``TINY``:
-  an entry of the answer below ``TINY`` is subnormal in float32 (0 on a CPU, which flushes
-  subnormals), and so are the terms it sums. ``dL/dv`` goes as ``1 / c``: at ``c = 1e36``
-  its entries reach down there."""
+  a term of the answer below ``TINY`` is subnormal in float32 (0 on a CPU, which flushes
+  subnormals). ``dL/dv`` goes as ``1 / c``: from about ``c = 1e30`` its projection term
+  (``v`` times ``g <grad_w, v> / ||v||^3``) has entries down there."""
   expected = np.asarray(expected, np.float64)
   atol = 16 * RTOL[jnp.dtype(jnp.float32)] * float(np.max(np.abs(expected))) + 4 * TINY
   np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0, atol=atol)
