@@ -122,7 +122,7 @@ TINY = float(jnp.finfo(jnp.float32).tiny)  # float32's smallest normal number, 1
 def _assert_close(actual, expected):
   """Equal to float32 rounding relative to the largest entry, give or take a few ``TINY``:
   a term of the answer below ``TINY`` is subnormal in float32 (0 on a CPU, which flushes
-  subnormals). ``dL/dv`` goes as ``1 / c``: from about ``c = 1e30`` its projection term
+  subnormals). ``dL/dv`` goes as ``1 / c``: from about ``c = 1e35`` its projection term
   (``v`` times ``g <grad_w, v> / ||v||^3``) has entries down there."""
   expected = np.asarray(expected, np.float64)
   atol = 16 * RTOL[jnp.dtype(jnp.float32)] * float(np.max(np.abs(expected))) + 4 * TINY
