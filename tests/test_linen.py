@@ -861,3 +861,17 @@ def test_a_dense_layer_with_no_output_features():
   assert params['scale'].shape == (0,)
   assert wn_jax.norm(jnp.zeros((3, 0))).shape == (0,)
   assert wn_jax.norm(jnp.zeros((0, 0))).shape == (0,)
+
+
+@pytest.mark.parametrize('batch_axes', [('b',), ('b', 'l')], ids=['(b, 64)', '(b, l, 64)'])
+def test_dense_exports_with_a_symbolic_batch(batch_axes):
+  # Serving code exports with a symbolic batch: the layer decides whether to scale its
+  # output without comparing the symbolic row count with the input features.
+  layer = wl.WNDense(8)
+  variables = _perturb_scale(layer.init(KEY, jnp.ones((2, 64))))
+  shape = jax.export.symbolic_shape(', '.join((*batch_axes, '64')))
+  spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+  exported = jax.export.export(jax.jit(layer.apply))(variables, spec)
+  for rows in (3, 100):  # eagerly: the output scaled, w formed
+    x = _rand((rows, 64) if len(batch_axes) == 1 else (1, rows, 64), seed=rows)
+    assert_close(exported.call(variables, x), np.asarray(layer.apply(variables, x)), factor=8)

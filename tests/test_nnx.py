@@ -338,3 +338,16 @@ def test_weight_norm_wrapper_scale_carries_the_kernel_sharding():
 def test_complex_kernel_error_names_the_layer(make, message):
   with pytest.raises(ValueError, match=message):
     make()
+
+
+def test_linear_exports_with_a_symbolic_batch():
+  # As linen's WNDense: a symbolic row count is never compared with the input features.
+  layer = wx.WNLinear(64, 8, rngs=nnx.Rngs(0))
+  layer.scale[...] = layer.scale[...] * jnp.linspace(0.5, 2.0, 8)
+  graphdef, state = nnx.split(layer)
+  apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape('b, 64'), jnp.float32)
+  exported = jax.export.export(apply)(state, spec)
+  for rows in (3, 100):  # eagerly: the output scaled, w formed
+    x = _rand((rows, 64), seed=rows)
+    assert_close(exported.call(state, x), np.asarray(layer(x)), factor=8)

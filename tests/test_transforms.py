@@ -15,6 +15,7 @@ from flax import nnx
 import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_trees_close
+from wn_jax import _core as core
 
 CASES = [
   ((5,), None),
@@ -94,6 +95,60 @@ def test_linearize_keeps_no_weight_sized_residual_but_v():
   assert sum(x.size >= v.size for x in residuals) == 1, [x.shape for x in residuals]
 
 
+def _ref_factor(v, g, axis):
+  return np.asarray(g, np.float64) / ref.norm(v, axis).reshape(np.shape(g))
+
+
+@pytest.mark.parametrize('shape,axis', CASES)
+def test_factor_in_both_modes_and_to_second_order(shape, axis, x64):
+  # The factor g / ||v|| a Dense layer applies to its output: its own custom_jvp.
+  v, g = _vg(shape, axis)
+  dv, dg = _vg(shape, axis, seed=1)
+  f = lambda v, g: core.factor(v, g, axis)
+  s, ds = jax.jvp(f, (v, g), (dv, dg))
+  h = 1e-6
+  fd = (_ref_factor(v + h * dv, g + h * dg, axis) - _ref_factor(v - h * dv, g - h * dg, axis)) / (
+    2 * h
+  )
+  np.testing.assert_allclose(s, _ref_factor(v, g, axis), rtol=1e-12)
+  np.testing.assert_allclose(ds, fd, rtol=1e-7, atol=1e-8)
+  fwd = jax.jacfwd(f, argnums=(0, 1))(v, g)
+  assert_trees_close(fwd, jax.jacrev(f, argnums=(0, 1))(v, g), rtol=1e-12, atol=1e-12)
+  loss = lambda v: jnp.sum(jnp.sin(f(v, g)))
+  d = _vg(shape, axis, seed=3)[0]
+  hess = jax.jacfwd(jax.jacrev(loss))(v)
+  hvp = jax.jvp(jax.grad(loss), (v,), (d,))[1]
+  np.testing.assert_allclose(np.tensordot(hess, d, axes=d.ndim), hvp, rtol=1e-10, atol=1e-12)
+  grad_at = lambda v: jax.grad(loss)(v)
+  np.testing.assert_allclose(
+    hvp, (grad_at(v + h * d) - grad_at(v - h * d)) / (2 * h), rtol=1e-6, atol=1e-8
+  )
+
+
+def test_factor_at_a_zero_slice_and_a_clamped_one():
+  # Where the norm does not depend on v (an all-zero slice, or one clamped to eps), the
+  # factor is g / n locally: ds = dg / n, and no derivative w.r.t. v.
+  v = jnp.asarray([[1.0, 0.0, 0.3], [2.0, 0.0, -0.4]])
+  g = jnp.asarray([1.5, 3.0, 0.5])
+  dv, dg = jnp.ones_like(v), jnp.asarray([0.0, 1.0, 1.0])
+  s, ds = jax.jvp(lambda v, g: core.factor(v, g, eps=1.0), (v, g), (dv, dg))
+  np.testing.assert_allclose(s, [1.5 / 5**0.5, 3.0, 0.5], rtol=1e-6)
+  expected_0 = -1.5 / 5**0.5 * (3.0 / 5**0.5) / 5**0.5  # -s <u, dv> / n
+  np.testing.assert_allclose(ds, [expected_0, 1.0, 1.0], rtol=1e-6)
+  loss = lambda v: jnp.sum(core.factor(v, g, eps=1.0) ** 2)
+  for d in (jax.grad(loss)(v), jax.hessian(loss)(v)):
+    assert np.all(np.isfinite(np.asarray(d)))
+  np.testing.assert_array_equal(jax.grad(loss)(v)[:, 1:], 0.0)
+
+
+def test_factor_keeps_no_weight_sized_residual_but_v():
+  v, g = (jnp.asarray(a, jnp.float32) for a in _vg((64, 32), -1))
+  f = lambda v, g: core.factor(v, g)
+  for fn in (jax.linearize(f, v, g)[1], jax.vjp(f, v, g)[1]):
+    residuals = [x for x in jax.tree_util.tree_leaves(fn) if hasattr(x, 'shape')]
+    assert sum(x.size >= v.size for x in residuals) == 1, [x.shape for x in residuals]
+
+
 @pytest.mark.parametrize('dtype', DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_jvp_on_an_all_zero_slice_is_finite_and_that_of_g_times_v(dtype):
   with jax.enable_x64(dtype == jnp.float64):
@@ -169,12 +224,16 @@ def _materialize_case():
   return lambda p: jnp.sum(jnp.tanh(x @ wn_jax.materialize(p)['a'] + p['b']) ** 2), wn
 
 
+WIDE = X.reshape(2, 18)  # fewer rows than input features: a Dense layer scales its output
+
 LAYERS = {
   'linen.WNDense': lambda: _linen_case(wn_jax.linen.WNDense(4), X),
+  'linen.WNDense/scaled': lambda: _linen_case(wn_jax.linen.WNDense(4), WIDE),
   'linen.WNConv': lambda: _linen_case(wn_jax.linen.WNConv(4, (3,)), X),
   'linen.WNConvTranspose': lambda: _linen_case(wn_jax.linen.WNConvTranspose(4, (3,)), X),
   'linen.WeightNorm': lambda: _linen_case(wn_jax.linen.WeightNorm(nn.Conv(4, (3,))), X),
   'nnx.WNLinear': lambda: _nnx_case(wn_jax.nnx.WNLinear(3, 4, rngs=nnx.Rngs(0)), X),
+  'nnx.WNLinear/scaled': lambda: _nnx_case(wn_jax.nnx.WNLinear(18, 4, rngs=nnx.Rngs(0)), WIDE),
   'nnx.WNConv': lambda: _nnx_case(wn_jax.nnx.WNConv(3, 4, (3,), rngs=nnx.Rngs(0)), X),
   'nnx.WNConvTranspose': lambda: _nnx_case(
     wn_jax.nnx.WNConvTranspose(3, 4, (3,), rngs=nnx.Rngs(0)), X
@@ -201,7 +260,10 @@ def test_layer_jacfwd_equals_jacrev_and_linearize_works(name):
   np.testing.assert_allclose(lin(d), along, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['linen.WNDense', 'nnx.WNLinear', 'materialize'])
+@pytest.mark.parametrize(
+  'name',
+  ['linen.WNDense', 'linen.WNDense/scaled', 'nnx.WNLinear', 'nnx.WNLinear/scaled', 'materialize'],
+)
 def test_layer_hessian_forward_over_reverse_equals_jvp_of_grad(name):
   loss, params = LAYERS[name]()
   d = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)

@@ -202,22 +202,41 @@ def _normalize_tangent_impl(v, s, inv_n, active, dv, dg, red):
   return s * dv + (v * inv_n) * (dg - jnp.where(active, s * u_dv, 0.0))
 
 
+def _factor_tangent_impl(v, s, inv_n, active, dv, dg, red):
+  # With s = g / n and u = v / n (n the clamped norm): ds = (dg - s <u, dv>) / n. As in
+  # normalize's rule, u is formed inside the pass and the projection drops out where n
+  # does not depend on v; dividing by n last keeps every intermediate in range (never
+  # 1 / n ** 2), and reverse mode, the transpose, multiplies the cotangent by 1 / n first.
+  u_dv = jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
+  return (dg - jnp.where(active, s * u_dv, 0.0)) * inv_n
+
+
 # Under jax.linearize / grad, the tangent rules keep only their inputs (v, g and the
 # per-slice norm) as residuals and recompute u = v / n inside the backward's fused
 # passes: nothing weight-sized beyond v itself is stored.
 _norm_tangent = jax.checkpoint(_norm_tangent_impl, prevent_cse=False, static_argnums=(3,))
 _normalize_tangent = jax.checkpoint(_normalize_tangent_impl, prevent_cse=False, static_argnums=(6,))
+_factor_tangent = jax.checkpoint(_factor_tangent_impl, prevent_cse=False, static_argnums=(6,))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _factor(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   """``g / ||v||`` per slice, keepdims, in the reduction dtype: the factor ``_weight``
   multiplies ``v`` by, for a layer that applies it to its output instead.
 
-  Plain autodiff through it is exact to any order: the norm is a ``custom_jvp`` (finite
-  on an all-zero slice), and the clamp takes no derivative where it acts.
+  A ``custom_jvp``, as :func:`_normalize`: plain autodiff through ``g / n`` forms
+  ``n ** 2``, which leaves float32's range for norms beyond about 1e19 or below 1e-19.
   """
   n, _ = _denominator(v, kept, eps)
   return g / n
+
+
+@_factor.defjvp
+def _factor_jvp(kept, eps, primals, tangents):
+  (v, g), (dv, dg) = primals, tangents
+  n, active = _denominator(v, kept, eps)
+  inv_n = 1.0 / n
+  return g / n, _factor_tangent(v, g * inv_n, inv_n, active, dv, dg, _reduced(v.ndim, kept))
 
 
 def _weight(v: jax.Array, g: jax.Array, n: jax.Array) -> jax.Array:

@@ -74,6 +74,11 @@ def scales_output(
   last) are fewer than the input features. The choice is static (shapes are known at
   trace time) and changes rounding only.
 
+  A symbolic row count (``jax.export`` with a symbolic batch) is never compared with the
+  input features (that comparison is inconclusive for symbolic dimensions): ``w`` is then
+  formed, which is right at every batch size, and the exported function gives the
+  layer's results to rounding.
+
   Never with a custom ``dot_general`` (``linear_dot`` False): it may not be linear in the
   kernel (a quantized matmul), and it must see ``w``. Never with float16 compute:
   ``x @ v`` there follows the scale of ``||v||``, not of ``||w||``, and float16's narrow
@@ -83,6 +88,8 @@ def scales_output(
   if kernel_ndim != 2 or kept != (1,) or not shape or not linear_dot:
     return False
   if jnp.dtype(compute_dtype) == jnp.dtype(jnp.float16):
+    return False
+  if any(jax.export.is_symbolic_dim(d) for d in shape):
     return False
   return math.prod(shape[:-1]) < shape[-1]
 
