@@ -206,6 +206,7 @@ def test_linen_scale_param_dtype_and_epsilon():
   params = model.init(KEY, jnp.ones((1, 2)))['params']
   assert params['layer']['kernel'].dtype == jnp.float16
   assert params['scale']['kernel'].dtype == jnp.float32
+  assert_close(params['scale']['kernel'], ref.norm(params['layer']['kernel'], -1).reshape(3))
   # epsilon: a lower bound on ||v||.
   v = jnp.array([[1e-4, 3.0], [0.0, 4.0]])
   g = jnp.array([2.0, 2.0])
@@ -219,6 +220,7 @@ def test_nnx_scale_param_dtype_and_epsilon():
   layer = nnx.Linear(2, 3, param_dtype=jnp.float16, dtype=jnp.float32, rngs=nnx.Rngs(0))
   model = wx.WeightNorm(layer, param_dtype=jnp.float32)
   assert model.scale['kernel'][...].dtype == jnp.float32
+  assert_close(model.scale['kernel'][...], ref.norm(layer.kernel[...], -1).reshape(3))
   plain = nnx.Linear(2, 2, use_bias=False, rngs=nnx.Rngs(0))
   plain.kernel[...] = jnp.array([[1e-4, 3.0], [0.0, 4.0]])
   model = wx.WeightNorm(
