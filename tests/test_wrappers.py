@@ -115,6 +115,14 @@ def test_linen_weight_norm_beside_a_wn_layer_is_allowed():
   assert jax.tree_util.tree_map(jnp.shape, params['scale']) == {'plain': {'kernel': (3,)}}
 
 
+def test_a_wn_layers_bias_may_be_wrapped():
+  # Only its kernel (and scale) are weight-normalized already.
+  params = wl.WeightNorm(wl.WNDense(3), where='bias', axis=None).init(KEY, jnp.ones((1, 2)))
+  assert jax.tree_util.tree_map(jnp.shape, params['params']['scale']) == {'bias': ()}
+  model = wx.WeightNorm(wx.WNLinear(2, 3, rngs=nnx.Rngs(0)), where='bias', axis=None)
+  assert model.scale['bias'][...].shape == ()
+
+
 @pytest.mark.parametrize(
   'make',
   [

@@ -341,14 +341,26 @@ def initial_scale(
   return _core.decompose(jnp.asarray(node.v, dtype), node.axis)[1]
 
 
+def weight_normed_parts(path: tuple[str, ...], name: str, wrapper: bool) -> dict:
+  """:func:`check_wrappable`'s ``owners`` entries for a weight-normalized module at ``path``.
+
+  A ``WeightNorm`` wrapper owns every parameter under it (its layer's and its scale); a
+  ``WN*`` layer its ``kernel`` and ``scale``, not its ``bias``.
+  """
+  at = f"at '{'/'.join(path)}'" if path else '(the wrapped layer itself)'
+  parts = [path] if wrapper else [(*path, 'kernel'), (*path, 'scale')]
+  return {p: f'{name} {at}' for p in parts}
+
+
 def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], str]) -> None:
   """Refuses a ``WeightNorm`` wrapper with nothing to normalize, or one that normalizes twice.
 
   Args:
     params: the wrapped layer's parameters, a nested dict of arrays.
     where: the wrapper's selection.
-    owners: the path (inside ``params``) of each weight-normalized module inside the layer
-      (a ``WN*`` layer, another wrapper), to its class name.
+    owners: the parameter paths (inside ``params``; a path owns what lies under it) that a
+      weight-normalized module inside the layer normalizes already, to that module
+      (:func:`weight_normed_parts`).
   """
   if not jax.tree_util.tree_leaves(params):
     raise ValueError(
@@ -361,13 +373,12 @@ def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], 
     keys = tuple(path_str(path).split('/'))
     owner = next((o for o in owners if keys[: len(o)] == o), None)
     if owner is not None and select(path, leaf):
-      at = f"at '{'/'.join(owner)}'" if owner else '(the wrapped layer itself)'
       raise ValueError(
-        f'{owners[owner]} {at} is weight-normalized already, and where={where!r} '
-        f"selects its parameter '{'/'.join(keys)}': a second WeightNorm would stack another "
-        f'scale on the same weight (a dead parameter; PyTorch refuses this too). Wrap the '
-        f'plain layer (e.g. nn.Dense for WNDense, the inner layer of a WeightNorm), or leave '
-        f'the weight-normalized one out with where=.'
+        f'{owners[owner]} is weight-normalized already, and where={where!r} selects its '
+        f"parameter '{'/'.join(keys)}': a second WeightNorm would stack another scale on "
+        f'the same weight (a dead parameter; PyTorch refuses this too). Wrap the plain '
+        f'layer (e.g. nn.Dense for WNDense, the inner layer of a WeightNorm), or leave the '
+        f'weight-normalized one out with where=.'
       )
 
 

@@ -502,9 +502,10 @@ class WeightNorm(nn.Module):
       return {**variables, 'params': params} if params else variables
 
     def note(next_fun, call_args, call_kwargs, context):
-      if isinstance(context.module, (WeightNorm, _WeightNormedKernel)):
-        path = tuple(context.module.scope.path)
-        owners[path[len(common) :]] = type(context.module).__name__
+      m = context.module
+      if isinstance(m, (WeightNorm, _WeightNormedKernel)):
+        path = tuple(m.scope.path)[len(common) :]
+        owners.update(_tree.weight_normed_parts(path, type(m).__name__, isinstance(m, WeightNorm)))
       return next_fun(*call_args, **call_kwargs)
 
     def run(layer):

@@ -336,11 +336,11 @@ class WeightNorm(nnx.Module):
     self.where = where
     self.epsilon = epsilon
     pure = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
-    owners = {
-      tuple(str(k) for k in path): type(m).__name__
-      for path, m in nnx.iter_modules(layer)
-      if isinstance(m, (WeightNorm, _WeightNormedKernel))
-    }
+    owners: dict[tuple[str, ...], str] = {}
+    for path, m in nnx.iter_modules(layer):
+      if isinstance(m, (WeightNorm, _WeightNormedKernel)):
+        keys = tuple(str(k) for k in path)
+        owners.update(_tree.weight_normed_parts(keys, type(m).__name__, isinstance(m, WeightNorm)))
     try:
       _tree.check_wrappable(pure, where, owners)
       wn = _tree.weight_norm(pure, axis, where=where)
