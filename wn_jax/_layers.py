@@ -52,10 +52,12 @@ def weight_dtype(where: str, v: Any, g: Any, layer_dtype: Any, inputs: Any = ())
   return _core.result_dtype(*dtypes)
 
 
-def normalize(where: str, v: Any, g: Any, kept: _core.Axis, dtype: Any) -> jax.Array:
+def normalize(
+  where: str, v: Any, g: Any, kept: _core.Axis, dtype: Any, eps: float = 0.0
+) -> jax.Array:
   """``_core.normalize`` with ``v`` and ``g`` cast to ``dtype`` first (reduced in float32)."""
   try:
-    return _core.normalize(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept)
+    return _core.normalize(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept, eps=eps)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
 

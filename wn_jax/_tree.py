@@ -138,8 +138,9 @@ def is_wrapper_scale(
 
   ``shapes`` maps every array's key path to its shape. A wrapper's params are its ``scale``
   tree and, where the layer was built inside it, the ``layer`` (a linen layer built by the
-  parent keeps its params beside the wrapper, under the same parent). The ``scale`` tree
-  mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
+  parent keeps its params beside the wrapper, under the same parent; a layer made of several
+  modules the parent built, an inline ``nn.Sequential``, has its ``scale`` tree start with
+  their names). The ``scale`` tree mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
   parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
   ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
 
@@ -159,8 +160,9 @@ def is_wrapper_scale(
   inside = [k[n:] for k in under(prefix)]
   if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
     candidates = {layer}
-  elif parent:  # the layer's params beside the wrapper
+  elif parent:  # the layer's params beside the wrapper; several modules: by their names
     candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
+    candidates.add(parent[:-1])
   else:
     return False
 
@@ -271,11 +273,17 @@ def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -
 
 
 def replace_selected(
-  params: PyTree, where: Where, fn: Callable[[Any], Any], caller: str = 'wn_jax.weight_norm'
+  params: PyTree,
+  where: Where,
+  fn: Callable[[Any], Any],
+  caller: str = 'wn_jax.weight_norm',
+  *,
+  required: bool = True,
 ) -> PyTree:
   """``params`` with every leaf ``where`` selects replaced by ``fn(leaf)``.
 
-  ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error.
+  ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error
+  unless ``required`` is False.
   """
   select = selector(where, caller)
   count = 0
@@ -294,13 +302,84 @@ def replace_selected(
       raise ValueError(f'{caller}: leaf {path_str(path)!r}: {e}') from None
 
   out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
-  if count == 0:
+  if count == 0 and required:
     raise ValueError(
       f'{caller}: where={where!r} selected no leaf of the parameters. Default selects '
       f'floating leaves with ndim >= 2; pass a regular expression matching the key path '
       f'(e.g. where="kernel") or a callable (path, leaf) -> bool.'
     )
   return out
+
+
+def not_a_layer(label: str, expected: str, layer: Any) -> TypeError:
+  """The ``WeightNorm`` wrappers' error for something that is not a layer."""
+  shape = f' of shape {tuple(layer.shape)}' if hasattr(layer, 'shape') else ''
+  return TypeError(
+    f'{label}: expected a layer, a {expected} instance (e.g. nn.Dense(3)); got '
+    f'{type(layer).__module__}.{type(layer).__qualname__}{shape}. Wrap the layer that '
+    f'holds the parameters; for arrays or a parameter tree use wn_jax.weight_norm.'
+  )
+
+
+def initial_scale(
+  node: WeightNormed,
+  scale_init: Callable[..., Any] | None,
+  param_dtype: Any,
+  key: Callable[[], Any] | None,
+) -> jax.Array:
+  """A ``WeightNorm`` wrapper's initial ``g`` for ``node`` (from :func:`weight_norm`).
+
+  ``||v||`` (the layer's function unchanged), or ``scale_init(key(), shape, dtype)``; in
+  ``param_dtype``, or with ``None`` in ``v``'s dtype. The norm is taken of ``v`` in
+  ``param_dtype``, so a float32 ``g`` of a float16 kernel is not rounded to float16.
+  """
+  dtype = node.g.dtype if param_dtype is None else jnp.dtype(param_dtype)
+  if scale_init is not None:
+    return scale_init(None if key is None else key(), node.g.shape, dtype)
+  if param_dtype is None:
+    return node.g
+  return _core.decompose(jnp.asarray(node.v, dtype), node.axis)[1]
+
+
+def weight_normed_parts(path: tuple[str, ...], name: str, wrapper: bool) -> dict:
+  """:func:`check_wrappable`'s ``owners`` entries for a weight-normalized module at ``path``.
+
+  A ``WeightNorm`` wrapper owns every parameter under it (its layer's and its scale); a
+  ``WN*`` layer its ``kernel`` and ``scale``, not its ``bias``.
+  """
+  at = f"at '{'/'.join(path)}'" if path else '(the wrapped layer itself)'
+  parts = [path] if wrapper else [(*path, 'kernel'), (*path, 'scale')]
+  return {p: f'{name} {at}' for p in parts}
+
+
+def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], str]) -> None:
+  """Refuses a ``WeightNorm`` wrapper with nothing to normalize, or one that normalizes twice.
+
+  Args:
+    params: the wrapped layer's parameters, a nested dict of arrays.
+    where: the wrapper's selection.
+    owners: the parameter paths (inside ``params``; a path owns what lies under it) that a
+      weight-normalized module inside the layer normalizes already, to that module
+      (:func:`weight_normed_parts`).
+  """
+  if not jax.tree_util.tree_leaves(params):
+    raise ValueError(
+      'the layer has no parameters, so there is nothing to weight-normalize. '
+      'Wrap the layers that have parameters (pooling and activations need no weight '
+      'norm), or leave this one unwrapped.'
+    )
+  select = selector(where, 'WeightNorm')
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(path_str(path).split('/'))
+    owner = next((o for o in owners if keys[: len(o)] == o), None)
+    if owner is not None and select(path, leaf):
+      raise ValueError(
+        f'{owners[owner]} is weight-normalized already, and where={where!r} selects its '
+        f"parameter '{'/'.join(keys)}': a second WeightNorm would stack another scale on "
+        f'the same weight (a dead parameter; PyTorch refuses this too). Wrap the plain '
+        f'layer (e.g. nn.Dense for WNDense, the inner layer of a WeightNorm), or leave the '
+        f'weight-normalized one out with where=.'
+      )
 
 
 def materialize(params: PyTree) -> PyTree:

@@ -1,0 +1,237 @@
+"""The ``WeightNorm`` wrappers (linen and NNX): methods and attributes, refusals, options."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import reference as ref
+from tests.helpers import assert_close
+from wn_jax import linen as wl
+from wn_jax import nnx as wx
+
+KEY = jax.random.key(0)
+
+
+def _rand(shape, seed=1):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _moved(scale, factor=1.5):
+  """The scale tree moved away from ``||v||``, so a wrapper that ignored it would fail."""
+  return jax.tree_util.tree_map(lambda g: factor * g, scale)
+
+
+def _normalized(layer_params, scale, axis=-1):
+  """``layer_params`` with each parameter that ``scale`` mirrors replaced by the reference w."""
+  out = {}
+  for k, v in layer_params.items():
+    if k not in scale:
+      out[k] = v
+    elif isinstance(scale[k], dict):
+      out[k] = _normalized(v, scale[k], axis)
+    else:
+      out[k] = jnp.asarray(ref.normalize(v, scale[k], axis), jnp.float32)
+  return out
+
+
+# Item 4: the wrapped layer's methods and attributes.
+
+
+def test_linen_embed_attend_uses_w():
+  model = wl.WeightNorm(nn.Embed(5, 4), where='embedding', axis=0)
+  ids = jnp.array([0, 3, 4])
+  params = model.init(KEY, ids)['params']
+  params = {'layer': params['layer'], 'scale': _moved(params['scale'])}
+  w = ref.normalize(params['layer']['embedding'], params['scale']['embedding'], 0)
+  q = _rand((2, 4))
+  assert_close(model.apply({'params': params}, ids), w[np.asarray(ids)])
+  assert_close(model.apply({'params': params}, q, method='attend'), np.asarray(q) @ w.T)
+  # From a parent, the bound method is forwarded too.
+  assert_close(model.apply({'params': params}, q, method=lambda m, q: m.attend(q)), q @ w.T)
+  # Attributes that hold v (a parameter made in setup) are refused, not handed over raw.
+  with pytest.raises(AttributeError, match=r"'embedding'.*direction v.*\.layer\.embedding"):
+    model.apply({'params': params}, method=lambda m: m.embedding)
+
+
+def test_linen_rnn_over_a_wrapped_cell_equals_the_rnn_with_w():
+  x = _rand((2, 5, 3))
+  rnn = nn.RNN(wl.WeightNorm(nn.LSTMCell(8)))
+  params = rnn.init(KEY, x)['params']['cell']
+  params = {'layer': params['layer'], 'scale': _moved(params['scale'])}
+  out = rnn.apply({'params': {'cell': params}}, x)
+  plain = nn.RNN(nn.LSTMCell(8))
+  w = _normalized(params['layer'], params['scale'])
+  assert_close(out, plain.apply({'params': {'cell': w}}, x), factor=4)
+  grads = jax.grad(lambda p: jnp.sum(rnn.apply({'params': {'cell': p}}, x) ** 2))(params)
+  assert any(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads['scale']))
+
+
+def test_nnx_embed_attend_and_rnn_use_w():
+  embed = nnx.Embed(5, 4, rngs=nnx.Rngs(0))
+  model = wx.WeightNorm(embed, where='embedding', axis=0)
+  model.scale['embedding'][...] = 1.5 * model.scale['embedding'][...]
+  w = ref.normalize(embed.embedding[...], model.scale['embedding'][...], 0)
+  q = _rand((2, 4))
+  assert_close(model.attend(q), np.asarray(q) @ w.T)
+  with pytest.raises(AttributeError, match=r"'embedding'.*direction v"):
+    _ = model.embedding
+
+  cell = nnx.LSTMCell(3, 8, rngs=nnx.Rngs(0))
+  wrapped = wx.WeightNorm(cell)
+  for g in jax.tree_util.tree_leaves(wrapped.scale, is_leaf=lambda x: isinstance(x, nnx.Param)):
+    g[...] = 1.5 * g[...]
+  x = _rand((2, 5, 3))
+  out = nnx.RNN(wrapped)(x)
+  plain = nnx.clone(cell)
+  for name in ('ii', 'if_', 'ig', 'io', 'hi', 'hf', 'hg', 'ho'):
+    v, g = getattr(cell, name).kernel[...], wrapped.scale[name]['kernel'][...]
+    getattr(plain, name).kernel[...] = jnp.asarray(ref.normalize(v, g), jnp.float32)
+  assert_close(out, nnx.RNN(plain)(x), factor=4)
+
+
+# Item 5: weight norm applied twice.
+
+
+@pytest.mark.parametrize(
+  'layer',
+  [wl.WNDense(3), wl.WeightNorm(nn.Dense(3))],
+  ids=['WNDense', 'WeightNorm'],
+)
+def test_linen_refuses_weight_norm_twice(layer):
+  with pytest.raises(ValueError, match=r'weight-normalized already.*WeightNorm'):
+    wl.WeightNorm(layer).init(KEY, jnp.ones((1, 2)))
+
+
+def test_linen_weight_norm_beside_a_wn_layer_is_allowed():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WNDense(2, name='wn')(nn.Dense(3, name='plain')(x))
+
+  params = wl.WeightNorm(Mixed(), where='plain/kernel').init(KEY, jnp.ones((1, 2)))['params']
+  assert jax.tree_util.tree_map(jnp.shape, params['scale']) == {'plain': {'kernel': (3,)}}
+
+
+def test_a_wn_layers_bias_may_be_wrapped():
+  # Only its kernel (and scale) are weight-normalized already.
+  params = wl.WeightNorm(wl.WNDense(3), where='bias', axis=None).init(KEY, jnp.ones((1, 2)))
+  assert jax.tree_util.tree_map(jnp.shape, params['params']['scale']) == {'bias': ()}
+  model = wx.WeightNorm(wx.WNLinear(2, 3, rngs=nnx.Rngs(0)), where='bias', axis=None)
+  assert model.scale['bias'][...].shape == ()
+
+
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: wx.WNLinear(2, 3, rngs=nnx.Rngs(0)),
+    lambda: wx.WeightNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0))),
+  ],
+  ids=['WNLinear', 'WeightNorm'],
+)
+def test_nnx_refuses_weight_norm_twice(make):
+  with pytest.raises(ValueError, match=r'weight-normalized already.*WeightNorm'):
+    wx.WeightNorm(make())
+
+
+# Item 7: a layer without parameters.
+
+
+def test_both_refuse_a_layer_without_parameters_in_the_same_words():
+  class Pool(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.max_pool(x, (2,))
+
+  class NNXPool(nnx.Module):
+    def __call__(self, x):
+      return nnx.max_pool(x, (2,))
+
+  words = r'Pool\).*has no parameters.*nothing to weight-normalize'
+  with pytest.raises(ValueError, match=words):
+    wl.WeightNorm(Pool()).init(KEY, jnp.ones((1, 4, 2)))
+  with pytest.raises(ValueError, match=words):
+    wx.WeightNorm(NNXPool())
+
+
+# Item 10: a layer with submodules built inline in a parent's compact method.
+
+
+def test_linen_wrapper_of_an_inline_sequential():
+  def seq():
+    return nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+
+  class Parent(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WeightNorm(seq())(x)
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return seq()(x)
+
+  x = _rand((4, 2))
+  params = Parent().init(KEY, x)['params']
+  # The layers live beside the wrapper (built by the parent); the scale mirrors them.
+  assert jax.tree_util.tree_map(jnp.shape, params['WeightNorm_0']) == {
+    'scale': {'Dense_0': {'kernel': (3,)}, 'Dense_1': {'kernel': (2,)}}
+  }
+  plain = {k: params[k] for k in ('Dense_0', 'Dense_1')}
+  assert_close(Parent().apply({'params': params}, x), Plain().apply({'params': plain}, x))
+  scale = _moved(params['WeightNorm_0']['scale'])
+  moved = {**params, 'WeightNorm_0': {'scale': scale}}
+  assert_close(
+    Parent().apply({'params': moved}, x),
+    Plain().apply({'params': _normalized(plain, scale)}, x),
+  )
+  # fold knows this is a wrapper's scale tree (its layer's parameters hold v).
+  with pytest.raises(ValueError, match=r'WeightNorm wrapper'):
+    wl.fold(moved)
+
+
+# Item 12: something that is not a layer.
+
+
+def test_wrappers_refuse_what_is_not_a_layer():
+  with pytest.raises(TypeError, match=r'flax\.linen\.Module.*got.*Array'):
+    wl.WeightNorm(jnp.ones((2, 3)))
+  with pytest.raises(TypeError, match=r'flax\.nnx\.Module.*got.*Array'):
+    wx.WeightNorm(jnp.ones((2, 3)))
+  with pytest.raises(TypeError, match=r'flax\.nnx\.Module.*got.*Dense'):
+    wx.WeightNorm(nn.Dense(3))
+
+
+# Item 14: Flax's options.
+
+
+def test_linen_scale_param_dtype_and_epsilon():
+  model = wl.WeightNorm(
+    nn.Dense(3, param_dtype=jnp.float16, dtype=jnp.float32), param_dtype=jnp.float32
+  )
+  params = model.init(KEY, jnp.ones((1, 2)))['params']
+  assert params['layer']['kernel'].dtype == jnp.float16
+  assert params['scale']['kernel'].dtype == jnp.float32
+  assert_close(params['scale']['kernel'], ref.norm(params['layer']['kernel'], -1).reshape(3))
+  # epsilon: a lower bound on ||v||.
+  v = jnp.array([[1e-4, 3.0], [0.0, 4.0]])
+  g = jnp.array([2.0, 2.0])
+  params = {'layer': {'kernel': v}, 'scale': {'kernel': g}}
+  eps = wl.WeightNorm(nn.Dense(2, use_bias=False), epsilon=1e-2)
+  x = jnp.eye(2)
+  assert_close(eps.apply({'params': params}, x), [[2e-2, 1.2], [0.0, 1.6]])
+
+
+def test_nnx_scale_param_dtype_and_epsilon():
+  layer = nnx.Linear(2, 3, param_dtype=jnp.float16, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  model = wx.WeightNorm(layer, param_dtype=jnp.float32)
+  assert model.scale['kernel'][...].dtype == jnp.float32
+  assert_close(model.scale['kernel'][...], ref.norm(layer.kernel[...], -1).reshape(3))
+  plain = nnx.Linear(2, 2, use_bias=False, rngs=nnx.Rngs(0))
+  plain.kernel[...] = jnp.array([[1e-4, 3.0], [0.0, 4.0]])
+  model = wx.WeightNorm(
+    plain, epsilon=1e-2, scale_init=nnx.initializers.constant(2.0), rngs=nnx.Rngs(0)
+  )
+  assert_close(model(jnp.eye(2)), [[2e-2, 1.2], [0.0, 1.6]])
