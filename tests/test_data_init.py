@@ -409,3 +409,79 @@ def test_transpose_kernel_default_axis_message(api):
     wx.data_init(layer, x)
     y = layer(x)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-4)
+
+
+class _NNXRNN(nnx.Module):
+  """An input layer, then an RNN cell applied at every step."""
+
+  def __init__(self, rngs, scan):
+    self.inp = wx.WNLinear(8, 8, rngs=rngs)
+    self.cell = wx.WNLinear(8, 8, rngs=rngs)
+    self.scan = scan
+
+  def __call__(self, xs):
+    h = jnp.zeros(xs.shape[1:])
+    xs = self.inp(xs)
+    if not self.scan:
+      for x in xs:
+        h = self.cell(h + x)
+      return h
+
+    # The cell shared across the steps: broadcast state, whose writes nnx.scan discards.
+    @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(cell, h, x):
+      return cell(h + x)
+
+    return step(self.cell, h, xs)
+
+
+def test_nnx_layer_shared_across_scan_steps_is_refused_not_skipped():
+  # nnx.scan drops the cell's writes: data_init used to leave its scale as it was, silently.
+  xs = _batch((4, 64, 8))
+  model = _NNXRNN(nnx.Rngs(0), scan=True)
+  before = nnx.to_pure_dict(nnx.state(model))
+  with pytest.raises(ValueError, match=r"layer 'cell'.*discards.*Python loop"):
+    wx.data_init(model, xs)
+  after = nnx.to_pure_dict(nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, after, before)  # the input layer too
+  # The advice works: the same layers in a Python loop, then back in the scan.
+  model.scan = False
+  wx.data_init(model, xs)
+  assert not np.allclose(model.cell.scale[...], before['cell']['scale'])
+  model.scan = True
+  h = np.asarray(model(xs[:1]), np.float64)  # one step: the cell on the initialized input
+  np.testing.assert_allclose(h.std(0), 1.0, rtol=1e-4)
+
+
+class _NNXStacked(nnx.Module):
+  """Three layers stacked along nnx.scan (in_axes=0): each step its own layer."""
+
+  def __init__(self):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+      return wx.WNLinear(8, 8, rngs=nnx.Rngs(key))
+
+    self.layers = make(jax.random.split(jax.random.key(0), 3))
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def run(layer, h):
+      return layer(h)
+
+    return run(self.layers, x)
+
+
+def test_nnx_stacked_layers_inside_scan_each_from_their_own_statistics():
+  # Their writes come back from the scan: initialized, not refused.
+  x = _batch((64, 8))
+  model = _NNXStacked()
+  wx.data_init(model, x, init_scale=0.5)
+  kernel, scale = (
+    np.asarray(a[...], np.float64) for a in (model.layers.kernel, model.layers.scale)
+  )
+  bias = np.asarray(model.layers.bias[...], np.float64)
+  h = np.asarray(x, np.float64)
+  for i in range(3):  # layer i standardized on the output of the initialized layer i - 1
+    t = h @ (kernel[i] / np.linalg.norm(kernel[i], axis=0))
+    np.testing.assert_allclose(scale[i], 0.5 / t.std(0), rtol=1e-4)
+    h = t * scale[i] + bias[i]

@@ -35,6 +35,10 @@ class _Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
   done: set = dataclasses.field(default_factory=set)
+  # (tag, layer) of each layer that initialized itself, for the caller to check that its
+  # writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
+  # transform's copies of a layer are freed after it).
+  claimed: list = dataclasses.field(default_factory=list)
 
 
 _MODE: contextvars.ContextVar[_Mode | None] = contextvars.ContextVar(
