@@ -485,3 +485,37 @@ def test_nnx_stacked_layers_inside_scan_each_from_their_own_statistics():
     t = h @ (kernel[i] / np.linalg.norm(kernel[i], axis=0))
     np.testing.assert_allclose(scale[i], 0.5 / t.std(0), rtol=1e-4)
     h = t * scale[i] + bias[i]
+
+
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_float16_scale_that_does_not_fit_is_refused(api, jit):
+  # Inputs of std 1e-5: g = 1 / sigma is about 1e5, past float16's largest finite 65504; it
+  # used to become inf silently, and every output non-finite.
+  x = (_batch((256, 8)) * 5e-6).astype(jnp.float16)
+  msg = r'does not fit float16.*Compute this layer in float32'
+  f16 = dict(dtype=jnp.float16, param_dtype=jnp.float16)
+  if api == 'linen':
+    model = wl.WNDense(4, **f16)
+    variables = model.init(jax.random.key(1), x)
+    run = lambda v, x: wl.data_init(model, v, x)  # noqa: E731
+    with pytest.raises(ValueError if not jit else Exception, match=msg):
+      jax.block_until_ready((jax.jit(run) if jit else run)(variables, x))
+    # The advice works: the layer in float32.
+    x = x.astype(jnp.float32)
+    model = wl.WNDense(4)
+    y = model.apply(run(model.init(jax.random.key(1), x), x), x)
+  else:
+    layer = wx.WNLinear(8, 4, rngs=nnx.Rngs(0), **f16)
+    before = np.asarray(layer.scale[...])
+    run = nnx.jit(wx.data_init) if jit else wx.data_init
+    with pytest.raises(ValueError if not jit else Exception, match=msg):
+      jax.block_until_ready(run(layer, x))
+    if not jit:
+      np.testing.assert_array_equal(layer.scale[...], before)  # left as it was
+    x = x.astype(jnp.float32)
+    layer = wx.WNLinear(8, 4, rngs=nnx.Rngs(0))
+    run(layer, x)
+    y = layer(x)
+  assert np.all(np.isfinite(np.asarray(y, np.float32)))
+  np.testing.assert_allclose(np.asarray(y, np.float32).std(0), 1.0, rtol=2e-2)

@@ -197,10 +197,11 @@ class _WeightNormedKernel:
       t = call(*args, **kwargs)
     finally:
       object.__delattr__(self, '_direction_only')
-    g, b, out = _data_init.initialize(t, mode, path, where, getattr(self, 'use_bias', True))
-    self._put_boxed('scale', g.astype(self.param_dtype))
+    bias_dtype = self.param_dtype if getattr(self, 'use_bias', True) else None
+    g, b, out = _data_init.initialize(t, mode, path, where, (self.param_dtype, bias_dtype))
+    self._put_boxed('scale', g)
     if b is not None:
-      self._put_boxed('bias', b.astype(self.param_dtype))
+      self._put_boxed('bias', b)
     return out
 
   def _out_axis(self) -> int:
@@ -526,7 +527,10 @@ def data_init(
   earlier layers after their initialization. A layer used twice (shared weights) is
   initialized on its first use only. A feature with standard deviation below 1e-6
   (constant on the batch) keeps $\sigma = 1$ (finite, never NaN). Statistics are
-  taken in float32 (or wider) whatever the parameter dtype. Plain layers,
+  taken in float32 (or wider) whatever the parameter dtype; a ``g`` or ``b`` that does not
+  fit the layer's parameter or compute dtype (float16 on a batch that varies too little)
+  is refused with a ``ValueError`` naming the layer, never stored as ``inf`` (under ``jit``
+  it is raised when the computation runs). Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
   collections (``batch_stats``) may change during the pass (batch norm in training
   mode) but are returned unchanged.

@@ -124,10 +124,11 @@ class _WeightNormedKernel:
     zero_bias = None if bias is None else jnp.zeros_like(bias[...])
     t = call.__func__(_KernelView(self, direction, zero_bias), inputs, *args, **kwargs)
     name = type(self).__name__  # init_scale's callable gets the class name
-    new_g, b, out = _data_init.initialize(t, mode, name, where, bias is not None)
-    self.scale[...] = new_g.astype(g.dtype)
+    dtypes = (g.dtype, None if bias is None else bias.dtype)
+    new_g, b, out = _data_init.initialize(t, mode, name, where, dtypes)
+    self.scale[...] = new_g
     if b is not None:
-      self.bias[...] = b.astype(bias.dtype)
+      self.bias[...] = b
     return out
 
 
