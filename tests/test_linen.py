@@ -861,3 +861,24 @@ def test_a_dense_layer_with_no_output_features():
   assert params['scale'].shape == (0,)
   assert wn_jax.norm(jnp.zeros((3, 0))).shape == (0,)
   assert wn_jax.norm(jnp.zeros((0, 0))).shape == (0,)
+
+
+@pytest.mark.parametrize(
+  'layer,shape',
+  [('Dense', (3, 5)), ('Conv', (2, 8, 8, 3)), ('ConvTranspose', (2, 8, 3))],
+)
+def test_same_key_same_parameters_as_the_plain_layer_with_a_random_bias_init(layer, shape):
+  # Creating scale used to draw a key before the bias: a random bias_init then gave another
+  # bias than the plain layer's, and another output.
+  kw = dict(bias_init=nn.initializers.normal(1.0))
+  if layer != 'Dense':
+    kw['kernel_size'] = (3,) * (len(shape) - 2)
+  wn, plain = getattr(wl, 'WN' + layer)(6, **kw), getattr(nn, layer)(6, **kw)
+  x = _rand(shape)
+  vw, vp = wn.init(KEY, x)['params'], plain.init(KEY, x)['params']
+  assert set(vw) == {*vp, 'scale'}
+  for name in vp:  # bit for bit
+    np.testing.assert_array_equal(vw[name], vp[name], err_msg=name)
+  np.testing.assert_allclose(
+    wn.apply({'params': vw}, x), plain.apply({'params': vp}, x), 1e-5, 1e-5
+  )

@@ -338,3 +338,15 @@ def test_weight_norm_wrapper_scale_carries_the_kernel_sharding():
 def test_complex_kernel_error_names_the_layer(make, message):
   with pytest.raises(ValueError, match=message):
     make()
+
+
+@pytest.mark.parametrize('layer', ['Linear', 'Conv', 'ConvTranspose'])
+def test_same_rngs_same_parameters_as_the_plain_layer_with_a_random_bias_init(layer):
+  kw = dict(bias_init=nnx.initializers.normal(1.0))
+  args = (3, 6) if layer == 'Linear' else (3, 6, (3,))
+  wn = getattr(wx, 'WN' + layer)(*args, rngs=nnx.Rngs(0), **kw)
+  plain = getattr(nnx, layer)(*args, rngs=nnx.Rngs(0), **kw)
+  for name in ('kernel', 'bias'):  # bit for bit
+    np.testing.assert_array_equal(getattr(wn, name)[...], getattr(plain, name)[...])
+  x = _rand((2, 8, 3))
+  np.testing.assert_allclose(wn(x), plain(x), rtol=1e-5, atol=1e-5)

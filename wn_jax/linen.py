@@ -6,9 +6,11 @@ and the layer computes with ``w = scale * kernel / ||kernel||`` (norm over every
 axis but ``axis``). Everything else, attributes, defaults, padding, masks, groups,
 dtypes, is Flax's own code, so a plain checkpoint converts by adding ``scale``.
 
-By default (``scale_init=None``) ``scale`` starts at ``||kernel||``, so at
-initialization a WN layer computes exactly what the plain layer with the same key and
-``kernel_init`` computes.
+By default (``scale_init=None``) ``scale`` starts at ``||kernel||`` and takes no key, so
+with the same key every other parameter (``kernel``, and ``bias`` with any ``bias_init``)
+is the plain layer's, bit for bit, and at initialization a WN layer computes what the plain
+layer computes. A ``scale_init`` draws a key after the kernel's: the bias then comes from
+another key than the plain layer's.
 
 Mixed precision: ``w`` is formed in the dtype the layer computes in, the wider of the
 parameters' dtype and ``dtype`` (with ``dtype=None``, the promotion of the parameters with
@@ -114,6 +116,12 @@ class _WeightNormedKernel:
       # Its shape is checked above: Flax's param would check it again by tracing
       # init_scale (jax.eval_shape), a third of an eager call's cost.
       g = nn.unbox(self.get_variable('params', 'scale'))  # type: ignore[attr-defined]
+    elif self.scale_init is None and self.is_mutable_collection('params'):  # type: ignore[attr-defined]
+      # g = ||v|| takes no key: created as a variable, not a param (which draws one), the
+      # parameters after it (the bias) get the plain layer's keys. (Without mutable params,
+      # param raises Flax's usual missing-parameter error.)
+      scale = self.variable('params', 'scale', init_scale, None, shape, self.param_dtype)  # type: ignore[attr-defined]
+      g = scale.value
     else:
       g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
     if mode is not None:
