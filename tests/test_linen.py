@@ -882,3 +882,21 @@ def test_same_key_same_parameters_as_the_plain_layer_with_a_random_bias_init(lay
   np.testing.assert_allclose(
     wn.apply({'params': vw}, x), plain.apply({'params': vp}, x), 1e-5, 1e-5
   )
+
+
+@pytest.mark.parametrize('names', [('x',), ()], ids=['one-name', 'no-name'])
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNDense', 'WeightNorm'])
+def test_partition_names_shorter_than_the_kernel_leave_the_rest_unsharded(wrapped, names):
+  # As in nn.Dense (and Flax's WeightNorm test): missing trailing names are unsharded. They
+  # used to raise IndexError in every WN layer and wrapper.
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), names)
+  x = _rand((10, 10))
+  model = (
+    wl.WeightNorm(nn.Dense(10, kernel_init=init)) if wrapped else wl.WNDense(10, kernel_init=init)
+  )
+  variables = model.init(KEY, x)
+  p = variables['params']
+  scale = p['scale']['kernel'] if wrapped else p['scale']
+  assert scale.names == (None,)
+  plain = {'params': p['layer']} if wrapped else nn.Dense(10, kernel_init=init).init(KEY, x)
+  np.testing.assert_allclose(model.apply(variables, x), nn.Dense(10).apply(plain, x), 1e-5, 1e-5)

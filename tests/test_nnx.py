@@ -350,3 +350,21 @@ def test_same_rngs_same_parameters_as_the_plain_layer_with_a_random_bias_init(la
     np.testing.assert_array_equal(getattr(wn, name)[...], getattr(plain, name)[...])
   x = _rand((2, 8, 3))
   np.testing.assert_allclose(wn(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNLinear', 'WeightNorm'])
+def test_partition_names_shorter_than_the_kernel_leave_the_rest_unsharded(wrapped):
+  # As in nnx.Linear: the missing trailing names are unsharded (was: IndexError).
+  mesh = jax.make_mesh((1,), ('x',))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ('x',))
+  with jax.set_mesh(mesh):
+    if wrapped:
+      model = wx.WeightNorm(nnx.Linear(10, 10, kernel_init=init, rngs=nnx.Rngs(0)))
+      scale = model.scale['kernel']
+    else:
+      model = wx.WNLinear(10, 10, kernel_init=init, rngs=nnx.Rngs(0))
+      scale = model.scale
+    y = model(_rand((4, 10)))
+    plain = nnx.Linear(10, 10, kernel_init=init, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(y, plain(_rand((4, 10))), rtol=1e-5, atol=1e-5)
+  assert scale.get_metadata()['out_sharding'] == (None,)
