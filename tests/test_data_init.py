@@ -519,3 +519,64 @@ def test_float16_scale_that_does_not_fit_is_refused(api, jit):
     y = layer(x)
   assert np.all(np.isfinite(np.asarray(y, np.float32)))
   np.testing.assert_allclose(np.asarray(y, np.float32).std(0), 1.0, rtol=2e-2)
+
+
+class _LinenCell(nn.Module):
+  @nn.compact
+  def __call__(self, h, x):
+    h = wl.WNDense(8, name='cell')(h + x)
+    return h, h
+
+
+class _LinenRNN(nn.Module):
+  """A cell whose parameters are shared by every step of nn.scan (variable_broadcast)."""
+
+  @nn.compact
+  def __call__(self, xs):
+    scan = nn.scan(_LinenCell, variable_broadcast='params', split_rngs={'params': False})
+    return scan(name='rnn')(jnp.zeros(xs.shape[1:]), xs)[1]
+
+
+class _LinenSharedVmap(nn.Module):
+  """One layer's parameters shared across nn.vmap's mapped axis (variable_axes None)."""
+
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, xs):
+    vm = nn.vmap(
+      wl.WNDense,
+      variable_axes={'params': None},
+      split_rngs={'params': False},
+      axis_name=self.axis_name,
+    )
+    return vm(8, name='shared')(xs)
+
+
+def test_linen_layer_shared_across_scan_steps_is_refused_with_the_fix():
+  # Flax used to answer "broadcasted variable has a data dependency on the scan body".
+  xs = _batch((4, 64, 8))
+  model = _LinenRNN()
+  variables = model.init(jax.random.key(1), xs)
+  with pytest.raises(ValueError, match=r"WNDense at '/rnn/cell'.*nn.scan.*outside the scan"):
+    wl.data_init(model, variables, xs)
+  # The advice works: the cell alone, on one step, with the same parameters.
+  cell = variables['params']['rnn']
+  new = wl.data_init(_LinenCell(), {'params': cell}, jnp.zeros(xs.shape[1:]), xs[0])
+  h = model.apply({'params': {'rnn': new['params']}}, xs)[0]
+  np.testing.assert_allclose(np.asarray(h).std(0), 1.0, rtol=1e-4)
+
+
+def test_linen_layer_shared_across_vmap_needs_the_axis_name():
+  # Flax used to answer with an out_axes error: the layer's g came out per mapped element.
+  xs = _batch((4, 64, 8))
+  model = _LinenSharedVmap()
+  variables = model.init(jax.random.key(1), xs)
+  with pytest.raises(ValueError, match=r"WNDense at '/shared'.*nn.vmap.*axis_name="):
+    wl.data_init(model, variables, xs)
+  # The advice works: the statistics of the whole batch, over the mapped axis too.
+  model = _LinenSharedVmap(axis_name='b')
+  new = wl.data_init(model, variables, xs, axis_name='b')
+  y = np.asarray(model.apply(new, xs)).reshape(-1, 8)
+  np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
 from wn_jax._core import reduce_dtype
@@ -83,6 +84,46 @@ def is_partial_eval(x: object) -> bool:
       return True
     trace = getattr(trace, 'parent_trace', None)
   return False
+
+
+def _mapped_levels(x: object) -> set[int]:
+  """The ``vmap`` levels (ids of their traces) along which ``x`` varies."""
+  levels = set()
+  while isinstance(x, batching.BatchTracer):
+    if isinstance(x.batch_dim, int):
+      levels.add(id(x._trace))
+    x = x.val
+  return levels
+
+
+def check_not_broadcast(kernel: object, inputs: object, where: str) -> None:
+  """A ``ValueError`` if the kernel is one ``nn.scan`` broadcasts to every step.
+
+  Flax's scan first traces its body in a partial-evaluation pass where the loop's inputs are
+  unknown; a broadcast kernel is known there (a stacked one is not). Its ``g`` would then
+  depend on the loop, which a broadcast variable cannot.
+  """
+  leaves = jax.tree_util.tree_leaves(inputs)
+  if any(map(is_partial_eval, leaves)) and not is_partial_eval(kernel):
+    raise ValueError(
+      f'{where}: data_init cannot initialize a layer inside nn.scan whose parameters are '
+      f"broadcast to every step (variable_broadcast='params'): they cannot depend on one "
+      f"step's statistics. Initialize it outside the scan: run data_init on the scanned "
+      f"module alone, on one step's inputs, with its parameters (variables['params'] under "
+      f"the scan's name), and put the result back; or give each step its own parameters "
+      f"(variable_axes={{'params': 0}})."
+    )
+
+
+def check_not_shared_across_vmap(kernel: object, g: object, where: str) -> None:
+  """A ``ValueError`` if ``g`` varies along a ``vmap`` axis the kernel is shared across."""
+  if _mapped_levels(g) - _mapped_levels(kernel):
+    raise ValueError(
+      f'{where}: data_init cannot initialize a layer inside nn.vmap whose parameters are '
+      f"shared across the mapped axis (variable_axes={{'params': None}}) from each mapped "
+      f"element's statistics. Pass the same axis_name= to nn.vmap and to data_init, so the "
+      f"statistics are the whole batch's, mapped axis included."
+    )
 
 
 def scale_for(m: _Mode, path: str) -> float:

@@ -197,6 +197,7 @@ class _WeightNormedKernel:
     if mode is None:
       return self._plain_call(call, *args, **kwargs)
     where = self._where()
+    _data_init.check_not_broadcast(nn.unbox(kernel), args, where)
     path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
     kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
     _data_init.check_output_axis(jnp.ndim(nn.unbox(kernel)), kept, self._out_axis(), where)
@@ -207,6 +208,7 @@ class _WeightNormedKernel:
       object.__delattr__(self, '_direction_only')
     bias_dtype = self.param_dtype if getattr(self, 'use_bias', True) else None
     g, b, out = _data_init.initialize(t, mode, path, where, (self.param_dtype, bias_dtype))
+    _data_init.check_not_shared_across_vmap(nn.unbox(kernel), g, where)
     self._put_boxed('scale', g)
     if b is not None:
       self._put_boxed('bias', b)
@@ -538,7 +540,10 @@ def data_init(
   taken in float32 (or wider) whatever the parameter dtype; a ``g`` or ``b`` that does not
   fit the layer's parameter or compute dtype (float16 on a batch that varies too little)
   is refused with a ``ValueError`` naming the layer, never stored as ``inf`` (under ``jit``
-  it is raised when the computation runs). Plain layers,
+  it is raised when the computation runs). A layer whose parameters ``nn.scan`` broadcasts
+  to every step is refused, naming it (initialize it outside the scan); one shared across
+  ``nn.vmap``'s mapped axis needs the same ``axis_name`` passed to ``nn.vmap`` and here, or
+  is refused with that fix. Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
   collections (``batch_stats``) may change during the pass (batch norm in training
   mode) but are returned unchanged.
