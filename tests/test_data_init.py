@@ -580,3 +580,31 @@ def test_linen_layer_shared_across_vmap_needs_the_axis_name():
   y = np.asarray(model.apply(new, xs)).reshape(-1, 8)
   np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
   np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+
+
+class _NNXSharedVmap(nnx.Module):
+  """One layer shared across nnx.vmap's mapped axis (in_axes=None)."""
+
+  def __init__(self, axis_name=None):
+    self.shared = wx.WNLinear(8, 8, rngs=nnx.Rngs(0))
+    self.axis_name = axis_name
+
+  def __call__(self, xs):
+    @nnx.vmap(in_axes=(None, 0), axis_name=self.axis_name)
+    def run(layer, x):
+      return layer(x)
+
+    return run(self.shared, xs)
+
+
+def test_nnx_layer_shared_across_vmap_needs_the_axis_name():
+  # JAX used to answer with an out_axes error: the layer's g came out per mapped element.
+  xs = _batch((4, 64, 8))
+  model = _NNXSharedVmap()
+  with pytest.raises(ValueError, match=r'WNLinear.*nnx.vmap.*axis_name='):
+    wx.data_init(model, xs)
+  model = _NNXSharedVmap(axis_name='b')
+  wx.data_init(model, xs, axis_name='b')
+  y = np.asarray(model(xs)).reshape(-1, 8)
+  np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)

@@ -119,10 +119,11 @@ def check_not_shared_across_vmap(kernel: object, g: object, where: str) -> None:
   """A ``ValueError`` if ``g`` varies along a ``vmap`` axis the kernel is shared across."""
   if _mapped_levels(g) - _mapped_levels(kernel):
     raise ValueError(
-      f'{where}: data_init cannot initialize a layer inside nn.vmap whose parameters are '
-      f"shared across the mapped axis (variable_axes={{'params': None}}) from each mapped "
-      f"element's statistics. Pass the same axis_name= to nn.vmap and to data_init, so the "
-      f"statistics are the whole batch's, mapped axis included."
+      f'{where}: data_init cannot initialize a layer whose parameters are shared across '
+      f"the mapped axis of nn.vmap (variable_axes={{'params': None}}) or nnx.vmap "
+      f"(in_axes=None) from each mapped element's statistics. Pass the same axis_name= to "
+      f"the vmap and to data_init, so the statistics are the whole batch's, mapped axis "
+      f'included.'
     )
 
 

@@ -126,6 +126,7 @@ class _WeightNormedKernel:
     name = type(self).__name__  # init_scale's callable gets the class name
     dtypes = (g.dtype, None if bias is None else bias.dtype)
     new_g, b, out = _data_init.initialize(t, mode, name, where, dtypes)
+    _data_init.check_not_shared_across_vmap(kernel, new_g, where)
     self.scale[...] = new_g
     if b is not None:
       self.bias[...] = b
@@ -429,8 +430,8 @@ class MeanOnlyBatchNorm(nnx.Module):
 def _discarded(path: str, layer: _WeightNormedKernel) -> ValueError:
   return ValueError(
     f"wn_jax.nnx.data_init: layer '{path}' ({layer._where()}) initialized itself inside a "
-    f'transform that discards its writes: a layer shared across the steps of nnx.scan or '
-    f'nnx.vmap (in_axes=None, e.g. an RNN cell) would keep its scale and bias. The model is '
+    f'transform that discards its writes: a layer shared across the steps of nnx.scan '
+    f'(in_axes=None, e.g. an RNN cell) would keep its scale and bias. The model is '
     f'left unchanged. Run data_init on the model with the shared layer applied in a Python '
     f'loop (the same layer objects), then use the transformed model.'
   )
@@ -465,11 +466,12 @@ def data_init(
   float32 statistics, ``init_scale`` per layer as a callable of the layer's class
   name). Wrap the call in ``nnx.jit`` to compile it.
 
-  NNX discards a layer's writes inside ``nnx.scan`` or ``nnx.vmap`` where the layer is
-  shared across the steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused
-  with a ``ValueError`` naming it, never skipped; initialize the model with that layer
-  applied in a Python loop instead. Layers stacked along the transform (``in_axes=0``) are
-  each initialized. On any error the model is left as it was.
+  NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
+  steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
+  naming it, never skipped; initialize the model with that layer applied in a Python loop
+  instead. A layer shared across ``nnx.vmap``'s mapped axis needs the same ``axis_name``
+  passed to ``nnx.vmap`` and here (or is refused with that fix). Layers stacked along a
+  transform (``in_axes=0``) are each initialized. On any error the model is left as it was.
 
   Args:
     model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
