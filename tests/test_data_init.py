@@ -409,3 +409,202 @@ def test_transpose_kernel_default_axis_message(api):
     wx.data_init(layer, x)
     y = layer(x)
   np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-4)
+
+
+class _NNXRNN(nnx.Module):
+  """An input layer, then an RNN cell applied at every step."""
+
+  def __init__(self, rngs, scan):
+    self.inp = wx.WNLinear(8, 8, rngs=rngs)
+    self.cell = wx.WNLinear(8, 8, rngs=rngs)
+    self.scan = scan
+
+  def __call__(self, xs):
+    h = jnp.zeros(xs.shape[1:])
+    xs = self.inp(xs)
+    if not self.scan:
+      for x in xs:
+        h = self.cell(h + x)
+      return h
+
+    # The cell shared across the steps: broadcast state, whose writes nnx.scan discards.
+    @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=nnx.Carry)
+    def step(cell, h, x):
+      return cell(h + x)
+
+    return step(self.cell, h, xs)
+
+
+def test_nnx_layer_shared_across_scan_steps_is_refused_not_skipped():
+  # nnx.scan drops the cell's writes: data_init used to leave its scale as it was, silently.
+  xs = _batch((4, 64, 8))
+  model = _NNXRNN(nnx.Rngs(0), scan=True)
+  before = nnx.to_pure_dict(nnx.state(model))
+  with pytest.raises(ValueError, match=r"layer 'cell'.*discards.*Python loop"):
+    wx.data_init(model, xs)
+  after = nnx.to_pure_dict(nnx.state(model))
+  jax.tree.map(np.testing.assert_array_equal, after, before)  # the input layer too
+  # The advice works: the same layers in a Python loop, then back in the scan.
+  model.scan = False
+  wx.data_init(model, xs)
+  assert not np.allclose(model.cell.scale[...], before['cell']['scale'])
+  model.scan = True
+  h = np.asarray(model(xs[:1]), np.float64)  # one step: the cell on the initialized input
+  np.testing.assert_allclose(h.std(0), 1.0, rtol=1e-4)
+
+
+class _NNXStacked(nnx.Module):
+  """Three layers stacked along nnx.scan (in_axes=0): each step its own layer."""
+
+  def __init__(self):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+      return wx.WNLinear(8, 8, rngs=nnx.Rngs(key))
+
+    self.layers = make(jax.random.split(jax.random.key(0), 3))
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def run(layer, h):
+      return layer(h)
+
+    return run(self.layers, x)
+
+
+def test_nnx_stacked_layers_inside_scan_each_from_their_own_statistics():
+  # Their writes come back from the scan: initialized, not refused.
+  x = _batch((64, 8))
+  model = _NNXStacked()
+  wx.data_init(model, x, init_scale=0.5)
+  kernel, scale = (
+    np.asarray(a[...], np.float64) for a in (model.layers.kernel, model.layers.scale)
+  )
+  bias = np.asarray(model.layers.bias[...], np.float64)
+  h = np.asarray(x, np.float64)
+  for i in range(3):  # layer i standardized on the output of the initialized layer i - 1
+    t = h @ (kernel[i] / np.linalg.norm(kernel[i], axis=0))
+    np.testing.assert_allclose(scale[i], 0.5 / t.std(0), rtol=1e-4)
+    h = t * scale[i] + bias[i]
+
+
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_float16_scale_that_does_not_fit_is_refused(api, jit):
+  # Inputs of std 1e-5: g = 1 / sigma is about 1e5, past float16's largest finite 65504; it
+  # used to become inf silently, and every output non-finite.
+  x = (_batch((256, 8)) * 5e-6).astype(jnp.float16)
+  msg = r'does not fit float16.*Compute this layer in float32'
+  f16 = dict(dtype=jnp.float16, param_dtype=jnp.float16)
+  if api == 'linen':
+    model = wl.WNDense(4, **f16)
+    variables = model.init(jax.random.key(1), x)
+    run = lambda v, x: wl.data_init(model, v, x)  # noqa: E731
+    with pytest.raises(ValueError if not jit else Exception, match=msg):
+      jax.block_until_ready((jax.jit(run) if jit else run)(variables, x))
+    # The advice works: the layer in float32.
+    x = x.astype(jnp.float32)
+    model = wl.WNDense(4)
+    y = model.apply(run(model.init(jax.random.key(1), x), x), x)
+  else:
+    layer = wx.WNLinear(8, 4, rngs=nnx.Rngs(0), **f16)
+    before = np.asarray(layer.scale[...])
+    run = nnx.jit(wx.data_init) if jit else wx.data_init
+    with pytest.raises(ValueError if not jit else Exception, match=msg):
+      jax.block_until_ready(run(layer, x))
+    if not jit:
+      np.testing.assert_array_equal(layer.scale[...], before)  # left as it was
+    x = x.astype(jnp.float32)
+    layer = wx.WNLinear(8, 4, rngs=nnx.Rngs(0))
+    run(layer, x)
+    y = layer(x)
+  assert np.all(np.isfinite(np.asarray(y, np.float32)))
+  np.testing.assert_allclose(np.asarray(y, np.float32).std(0), 1.0, rtol=2e-2)
+
+
+class _LinenCell(nn.Module):
+  @nn.compact
+  def __call__(self, h, x):
+    h = wl.WNDense(8, name='cell')(h + x)
+    return h, h
+
+
+class _LinenRNN(nn.Module):
+  """A cell whose parameters are shared by every step of nn.scan (variable_broadcast)."""
+
+  @nn.compact
+  def __call__(self, xs):
+    scan = nn.scan(_LinenCell, variable_broadcast='params', split_rngs={'params': False})
+    return scan(name='rnn')(jnp.zeros(xs.shape[1:]), xs)[1]
+
+
+class _LinenSharedVmap(nn.Module):
+  """One layer's parameters shared across nn.vmap's mapped axis (variable_axes None)."""
+
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, xs):
+    vm = nn.vmap(
+      wl.WNDense,
+      variable_axes={'params': None},
+      split_rngs={'params': False},
+      axis_name=self.axis_name,
+    )
+    return vm(8, name='shared')(xs)
+
+
+def test_linen_layer_shared_across_scan_steps_is_refused_with_the_fix():
+  # Flax used to answer "broadcasted variable has a data dependency on the scan body".
+  xs = _batch((4, 64, 8))
+  model = _LinenRNN()
+  variables = model.init(jax.random.key(1), xs)
+  with pytest.raises(ValueError, match=r"WNDense at '/rnn/cell'.*nn.scan.*outside the scan"):
+    wl.data_init(model, variables, xs)
+  # The advice works: the cell alone, on one step, with the same parameters.
+  cell = variables['params']['rnn']
+  new = wl.data_init(_LinenCell(), {'params': cell}, jnp.zeros(xs.shape[1:]), xs[0])
+  h = model.apply({'params': {'rnn': new['params']}}, xs)[0]
+  np.testing.assert_allclose(np.asarray(h).std(0), 1.0, rtol=1e-4)
+
+
+def test_linen_layer_shared_across_vmap_needs_the_axis_name():
+  # Flax used to answer with an out_axes error: the layer's g came out per mapped element.
+  xs = _batch((4, 64, 8))
+  model = _LinenSharedVmap()
+  variables = model.init(jax.random.key(1), xs)
+  with pytest.raises(ValueError, match=r"WNDense at '/shared'.*nn.vmap.*axis_name="):
+    wl.data_init(model, variables, xs)
+  # The advice works: the statistics of the whole batch, over the mapped axis too.
+  model = _LinenSharedVmap(axis_name='b')
+  new = wl.data_init(model, variables, xs, axis_name='b')
+  y = np.asarray(model.apply(new, xs)).reshape(-1, 8)
+  np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+
+
+class _NNXSharedVmap(nnx.Module):
+  """One layer shared across nnx.vmap's mapped axis (in_axes=None)."""
+
+  def __init__(self, axis_name=None):
+    self.shared = wx.WNLinear(8, 8, rngs=nnx.Rngs(0))
+    self.axis_name = axis_name
+
+  def __call__(self, xs):
+    @nnx.vmap(in_axes=(None, 0), axis_name=self.axis_name)
+    def run(layer, x):
+      return layer(x)
+
+    return run(self.shared, xs)
+
+
+def test_nnx_layer_shared_across_vmap_needs_the_axis_name():
+  # JAX used to answer with an out_axes error: the layer's g came out per mapped element.
+  xs = _batch((4, 64, 8))
+  model = _NNXSharedVmap()
+  with pytest.raises(ValueError, match=r'WNLinear.*nnx.vmap.*axis_name='):
+    wx.data_init(model, xs)
+  model = _NNXSharedVmap(axis_name='b')
+  wx.data_init(model, xs, axis_name='b')
+  y = np.asarray(model(xs)).reshape(-1, 8)
+  np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)

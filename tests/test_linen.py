@@ -875,3 +875,42 @@ def test_dense_exports_with_a_symbolic_batch(batch_axes):
   for rows in (3, 100):  # eagerly: the output scaled, w formed
     x = _rand((rows, 64) if len(batch_axes) == 1 else (1, rows, 64), seed=rows)
     assert_close(exported.call(variables, x), np.asarray(layer.apply(variables, x)), factor=8)
+
+
+@pytest.mark.parametrize(
+  'layer,shape',
+  [('Dense', (3, 5)), ('Conv', (2, 8, 8, 3)), ('ConvTranspose', (2, 8, 3))],
+)
+def test_same_key_same_parameters_as_the_plain_layer_with_a_random_bias_init(layer, shape):
+  # Creating scale used to draw a key before the bias: a random bias_init then gave another
+  # bias than the plain layer's, and another output.
+  kw = dict(bias_init=nn.initializers.normal(1.0))
+  if layer != 'Dense':
+    kw['kernel_size'] = (3,) * (len(shape) - 2)
+  wn, plain = getattr(wl, 'WN' + layer)(6, **kw), getattr(nn, layer)(6, **kw)
+  x = _rand(shape)
+  vw, vp = wn.init(KEY, x)['params'], plain.init(KEY, x)['params']
+  assert set(vw) == {*vp, 'scale'}
+  for name in vp:  # bit for bit
+    np.testing.assert_array_equal(vw[name], vp[name], err_msg=name)
+  np.testing.assert_allclose(
+    wn.apply({'params': vw}, x), plain.apply({'params': vp}, x), 1e-5, 1e-5
+  )
+
+
+@pytest.mark.parametrize('names', [('x',), ()], ids=['one-name', 'no-name'])
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNDense', 'WeightNorm'])
+def test_partition_names_shorter_than_the_kernel_leave_the_rest_unsharded(wrapped, names):
+  # As in nn.Dense (and Flax's WeightNorm test): missing trailing names are unsharded. They
+  # used to raise IndexError in every WN layer and wrapper.
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), names)
+  x = _rand((10, 10))
+  model = (
+    wl.WeightNorm(nn.Dense(10, kernel_init=init)) if wrapped else wl.WNDense(10, kernel_init=init)
+  )
+  variables = model.init(KEY, x)
+  p = variables['params']
+  scale = p['scale']['kernel'] if wrapped else p['scale']
+  assert scale.names == (None,)
+  plain = {'params': p['layer']} if wrapped else nn.Dense(10, kernel_init=init).init(KEY, x)
+  np.testing.assert_allclose(model.apply(variables, x), nn.Dense(10).apply(plain, x), 1e-5, 1e-5)

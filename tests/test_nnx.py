@@ -351,3 +351,33 @@ def test_linear_exports_with_a_symbolic_batch():
   for rows in (3, 100):  # eagerly: the output scaled, w formed
     x = _rand((rows, 64), seed=rows)
     assert_close(exported.call(state, x), np.asarray(layer(x)), factor=8)
+
+
+@pytest.mark.parametrize('layer', ['Linear', 'Conv', 'ConvTranspose'])
+def test_same_rngs_same_parameters_as_the_plain_layer_with_a_random_bias_init(layer):
+  kw = dict(bias_init=nnx.initializers.normal(1.0))
+  args = (3, 6) if layer == 'Linear' else (3, 6, (3,))
+  wn = getattr(wx, 'WN' + layer)(*args, rngs=nnx.Rngs(0), **kw)
+  plain = getattr(nnx, layer)(*args, rngs=nnx.Rngs(0), **kw)
+  for name in ('kernel', 'bias'):  # bit for bit
+    np.testing.assert_array_equal(getattr(wn, name)[...], getattr(plain, name)[...])
+  x = _rand((2, 8, 3))
+  np.testing.assert_allclose(wn(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('wrapped', [False, True], ids=['WNLinear', 'WeightNorm'])
+def test_partition_names_shorter_than_the_kernel_leave_the_rest_unsharded(wrapped):
+  # As in nnx.Linear: the missing trailing names are unsharded (was: IndexError).
+  mesh = jax.make_mesh((1,), ('x',))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ('x',))
+  with jax.set_mesh(mesh):
+    if wrapped:
+      model = wx.WeightNorm(nnx.Linear(10, 10, kernel_init=init, rngs=nnx.Rngs(0)))
+      scale = model.scale['kernel']
+    else:
+      model = wx.WNLinear(10, 10, kernel_init=init, rngs=nnx.Rngs(0))
+      scale = model.scale
+    y = model(_rand((4, 10)))
+    plain = nnx.Linear(10, 10, kernel_init=init, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(y, plain(_rand((4, 10))), rtol=1e-5, atol=1e-5)
+  assert scale.get_metadata()['out_sharding'] == (None,)

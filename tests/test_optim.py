@@ -505,3 +505,75 @@ def test_decay_mask_decays_a_dense_named_scale_alone_in_its_module(use_bias):
     'wn': {'scale': {'kernel': jnp.ones(4)}},
   }
   assert wn_jax.optim.decay_mask(elsewhere)['wn']['scale'] == {'kernel': True}
+
+
+# Each contrib optimizer with the extra arguments optax passes it, as a function of the loss
+# and of the point (in the coordinates the optimizer sees) that they are taken at.
+CONTRIB = {
+  'sophia': (
+    lambda: optax.contrib.sophia(1e-2, update_interval=2),
+    lambda loss, value, grad: {'obj_fn': loss},
+  ),
+  'momo': (lambda: optax.contrib.momo(0.1), lambda loss, value, grad: {'value': value}),
+  'reduce_on_plateau': (
+    lambda: optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=2)),
+    lambda loss, value, grad: {'value': value},
+  ),
+  'zoom_linesearch': (
+    lambda: optax.chain(optax.sgd(1.0), optax.scale_by_zoom_linesearch(8)),
+    lambda loss, value, grad: {'value': value, 'grad': grad, 'value_fn': loss},
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CONTRIB))
+def test_contrib_optimizers_extra_arguments_in_weight_normed_coordinates(name, x64):
+  # sophia's obj_fn used to reach it in w coordinates: TypeError on a WeightNormed node.
+  make, extra = CONTRIB[name]
+  loss, params, _ = _least_squares()
+  tx = wn_jax.optim.weight_norm(make())
+
+  @jax.jit
+  def step(p, s):
+    value, grad = jax.value_and_grad(loss)(p)
+    u, s = tx.update(grad, s, p, **extra(loss, value, grad))
+    return optax.apply_updates(p, u), s
+
+  # Way 2: the same optimizer on (v, g), every extra argument taken there.
+  opt, fn = make(), lambda q: loss(wn_jax.materialize(q))
+
+  @jax.jit
+  def step_re(q, s):
+    value, grad = jax.value_and_grad(fn)(q)
+    u, s = opt.update(grad, s, q, **extra(fn, value, grad))
+    return optax.apply_updates(q, u), s
+
+  p, s = params, tx.init(params)
+  q = wn_jax.weight_norm(params)
+  s_re = opt.init(q)
+  for _ in range(6):
+    p, s = step(p, s)
+    q, s_re = step_re(q, s_re)
+  assert_trees_close(p, wn_jax.materialize(q), rtol=1e-9, atol=1e-12)
+  assert float(loss(p)) < float(loss(params))  # it trains
+
+
+def test_schedule_free_eval_params(x64):
+  # optax.contrib.schedule_free_eval_params used to fail on the wrapper's state (b1).
+  loss, params, _ = _least_squares()
+  tx = wn_jax.optim.weight_norm(optax.contrib.schedule_free_sgd(0.1))
+  opt, fn = optax.contrib.schedule_free_sgd(0.1), lambda q: loss(wn_jax.materialize(q))
+  p, s = params, tx.init(params)
+  q = wn_jax.weight_norm(params)
+  s_re = opt.init(q)
+  for _ in range(5):
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    p = optax.apply_updates(p, u)
+    u, s_re = opt.update(jax.grad(fn)(q), s_re, q)
+    q = optax.apply_updates(q, u)
+  got = wn_jax.optim.schedule_free_eval_params(s, p)
+  want = wn_jax.materialize(optax.contrib.schedule_free_eval_params(s_re, q))
+  assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
+  assert not np.allclose(got['w'], p['w'])  # the evaluation point is not the training point
+  with pytest.raises(ValueError, match=r'wn_jax.optim.schedule_free_eval_params'):
+    wn_jax.optim.schedule_free_eval_params(s_re, p)

@@ -18,9 +18,11 @@ import contextvars
 import dataclasses
 from collections.abc import Callable
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
 from wn_jax._core import reduce_dtype
@@ -35,6 +37,10 @@ class _Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
   done: set = dataclasses.field(default_factory=set)
+  # (tag, layer) of each layer that initialized itself, for the caller to check that its
+  # writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
+  # transform's copies of a layer are freed after it).
+  claimed: list = dataclasses.field(default_factory=list)
 
 
 _MODE: contextvars.ContextVar[_Mode | None] = contextvars.ContextVar(
@@ -80,6 +86,47 @@ def is_partial_eval(x: object) -> bool:
   return False
 
 
+def _mapped_levels(x: object) -> set[int]:
+  """The ``vmap`` levels (ids of their traces) along which ``x`` varies."""
+  levels = set()
+  while isinstance(x, batching.BatchTracer):
+    if isinstance(x.batch_dim, int):
+      levels.add(id(x._trace))
+    x = x.val
+  return levels
+
+
+def check_not_broadcast(kernel: object, inputs: object, where: str) -> None:
+  """A ``ValueError`` if the kernel is one ``nn.scan`` broadcasts to every step.
+
+  Flax's scan first traces its body in a partial-evaluation pass where the loop's inputs are
+  unknown; a broadcast kernel is known there (a stacked one is not). Its ``g`` would then
+  depend on the loop, which a broadcast variable cannot.
+  """
+  leaves = jax.tree_util.tree_leaves(inputs)
+  if any(map(is_partial_eval, leaves)) and not is_partial_eval(kernel):
+    raise ValueError(
+      f'{where}: data_init cannot initialize a layer inside nn.scan whose parameters are '
+      f"broadcast to every step (variable_broadcast='params'): they cannot depend on one "
+      f"step's statistics. Initialize it outside the scan: run data_init on the scanned "
+      f"module alone, on one step's inputs, with its parameters (variables['params'] under "
+      f"the scan's name), and put the result back; or give each step its own parameters "
+      f"(variable_axes={{'params': 0}})."
+    )
+
+
+def check_not_shared_across_vmap(kernel: object, g: object, where: str) -> None:
+  """A ``ValueError`` if ``g`` varies along a ``vmap`` axis the kernel is shared across."""
+  if _mapped_levels(g) - _mapped_levels(kernel):
+    raise ValueError(
+      f'{where}: data_init cannot initialize a layer whose parameters are shared across '
+      f"the mapped axis of nn.vmap (variable_axes={{'params': None}}) or nnx.vmap "
+      f"(in_axes=None) from each mapped element's statistics. Pass the same axis_name= to "
+      f"the vmap and to data_init, so the statistics are the whole batch's, mapped axis "
+      f'included.'
+    )
+
+
 def scale_for(m: _Mode, path: str) -> float:
   s = m.init_scale(path) if callable(m.init_scale) else m.init_scale
   if not s > 0:
@@ -112,20 +159,57 @@ def statistics(t: jax.Array, m: _Mode, where: str) -> tuple[jax.Array, jax.Array
 
 
 def initialize(
-  t: jax.Array, m: _Mode, path: str, where: str, use_bias: bool
+  t: jax.Array, m: _Mode, path: str, where: str, dtypes: tuple[Any, Any | None]
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """``(g, b, output)`` from the bias-free pre-activation ``t``: the module docstring's rule.
 
-  ``b`` is ``None`` without a bias (then the output is only scaled). All in float32 or wider;
-  callers cast ``g`` and ``b`` to their parameter dtype.
+  ``dtypes`` are the parameter dtypes of ``g`` and ``b`` (``None``: no bias; then ``b`` is
+  ``None`` and the output is only scaled). Computed in float32 or wider; ``g`` and ``b``
+  come cast to their dtypes, refused (``ValueError``) where they do not fit them.
   """
   mu, sigma = statistics(t, m, where)
   g = scale_for(m, path) / sigma
   out = t.astype(mu.dtype) * g
-  if not use_bias:
-    return g, None, out.astype(t.dtype)
-  b = -mu * g
-  return g, b, (out + b).astype(t.dtype)
+  b = None if dtypes[1] is None else -mu * g
+  _check_fits(where, g, b, sigma, tuple(d for d in (*dtypes, t.dtype) if d is not None))
+  if b is None:
+    return g.astype(dtypes[0]), None, out.astype(t.dtype)
+  return g.astype(dtypes[0]), b.astype(dtypes[1]), (out + b).astype(t.dtype)
+
+
+def _check_fits(
+  where: str, g: jax.Array, b: jax.Array | None, sigma: jax.Array, dtypes: tuple[Any, ...]
+) -> None:
+  """A ``ValueError`` unless ``g`` and ``b`` are finite in every one of ``dtypes``.
+
+  ``dtypes``: their parameter dtypes and the layer's compute dtype (``w``'s entries reach
+  ``g``, and ``b`` is added in it). Value-dependent: raised at once on concrete arrays;
+  under a trace (``jit``) a debug callback raises it when the computation runs.
+  """
+  found = [g] if b is None else [g, b]
+  fits = jnp.all(jnp.stack([jnp.isfinite(x.astype(d)).all() for x in found for d in dtypes]))
+  largest = [jnp.max(jnp.abs(x)) for x in found]
+
+  def check(fits, sigma_min, *largest):
+    if bool(fits):
+      return
+    big = max(float(v) for v in largest)
+    narrow = [str(jnp.dtype(d)) for d in dtypes if float(jnp.finfo(d).max) < big] or dtypes
+    raise ValueError(
+      f'{where}: data_init sets g = init_scale / sigma (here up to {float(largest[0]):.3g})'
+      + ('' if len(largest) == 1 else f' and b = -mu * g (up to {float(largest[1]):.3g})')
+      + f', which does not fit {"/".join(sorted(set(map(str, narrow))))}: the '
+      f'pre-activation varies too little on this batch (smallest per-feature standard '
+      f'deviation {float(sigma_min):.3g}). Compute this layer in float32 (dtype and '
+      f'param_dtype float32), pass a smaller init_scale, or initialize on a batch at the '
+      f'scale the layer sees in training.'
+    )
+
+  args = (fits, jnp.min(sigma), *largest)
+  if any(isinstance(a, jax.core.Tracer) for a in args):
+    jax.debug.callback(check, *args)
+  else:
+    check(*args)
 
 
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int, where: str) -> None:

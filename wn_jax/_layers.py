@@ -120,10 +120,14 @@ def _scaled_output(y, v, g, bias, kept):
 
 
 def kept_names(names: Sequence[Any] | None, kept: tuple[int, ...]) -> tuple[Any, ...] | None:
-  """The partition names of a scale: those of its kernel's kept axes (``None``: unpartitioned)."""
+  """The partition names of a scale: those of its kernel's kept axes (``None``: unpartitioned).
+
+  ``names`` may be shorter than the kernel's rank: as in Flax, the missing trailing axes are
+  unsharded (``None``).
+  """
   if names is None:
     return None
-  return tuple(names[a] for a in kept)
+  return tuple(names[a] if a < len(names) else None for a in kept)
 
 
 # fold's default: each layer's axis from its scale's shape, where only one choice fits.

@@ -6,9 +6,11 @@ and the layer computes with ``w = scale * kernel / ||kernel||`` (norm over every
 axis but ``axis``). Everything else, attributes, defaults, padding, masks, groups,
 dtypes, is Flax's own code, so a plain checkpoint converts by adding ``scale``.
 
-By default (``scale_init=None``) ``scale`` starts at ``||kernel||``, so at
-initialization a WN layer computes exactly what the plain layer with the same key and
-``kernel_init`` computes.
+By default (``scale_init=None``) ``scale`` starts at ``||kernel||`` and takes no key, so
+with the same key every other parameter (``kernel``, and ``bias`` with any ``bias_init``)
+is the plain layer's, bit for bit, and at initialization a WN layer computes what the plain
+layer computes. A ``scale_init`` draws a key after the kernel's: the bias then comes from
+another key than the plain layer's.
 
 Mixed precision: ``w`` is formed in the dtype the layer computes in, the wider of the
 parameters' dtype and ``dtype`` (with ``dtype=None``, the promotion of the parameters with
@@ -117,6 +119,12 @@ class _WeightNormedKernel:
       # Its shape is checked above: Flax's param would check it again by tracing
       # init_scale (jax.eval_shape), a third of an eager call's cost.
       g = nn.unbox(self.get_variable('params', 'scale'))  # type: ignore[attr-defined]
+    elif self.scale_init is None and self.is_mutable_collection('params'):  # type: ignore[attr-defined]
+      # g = ||v|| takes no key: created as a variable, not a param (which draws one), the
+      # parameters after it (the bias) get the plain layer's keys. (Without mutable params,
+      # param raises Flax's usual missing-parameter error.)
+      scale = self.variable('params', 'scale', init_scale, None, shape, self.param_dtype)  # type: ignore[attr-defined]
+      g = scale.value
     else:
       g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
     if mode is not None:
@@ -192,6 +200,7 @@ class _WeightNormedKernel:
     if mode is None:
       return self._plain_call(call, *args, **kwargs)
     where = self._where()
+    _data_init.check_not_broadcast(nn.unbox(kernel), args, where)
     path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
     kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
     _data_init.check_output_axis(jnp.ndim(nn.unbox(kernel)), kept, self._out_axis(), where)
@@ -200,10 +209,12 @@ class _WeightNormedKernel:
       t = call(*args, **kwargs)
     finally:
       object.__delattr__(self, '_direction_only')
-    g, b, out = _data_init.initialize(t, mode, path, where, getattr(self, 'use_bias', True))
-    self._put_boxed('scale', g.astype(self.param_dtype))
+    bias_dtype = self.param_dtype if getattr(self, 'use_bias', True) else None
+    g, b, out = _data_init.initialize(t, mode, path, where, (self.param_dtype, bias_dtype))
+    _data_init.check_not_shared_across_vmap(nn.unbox(kernel), g, where)
+    self._put_boxed('scale', g)
     if b is not None:
-      self._put_boxed('bias', b.astype(self.param_dtype))
+      self._put_boxed('bias', b)
     return out
 
   def _out_axis(self) -> int:
@@ -671,7 +682,13 @@ def data_init(
   earlier layers after their initialization. A layer used twice (shared weights) is
   initialized on its first use only. A feature with standard deviation below 1e-6
   (constant on the batch) keeps $\sigma = 1$ (finite, never NaN). Statistics are
-  taken in float32 (or wider) whatever the parameter dtype. Plain layers,
+  taken in float32 (or wider) whatever the parameter dtype; a ``g`` or ``b`` that does not
+  fit the layer's parameter or compute dtype (float16 on a batch that varies too little)
+  is refused with a ``ValueError`` naming the layer, never stored as ``inf`` (under ``jit``
+  it is raised when the computation runs). A layer whose parameters ``nn.scan`` broadcasts
+  to every step is refused, naming it (initialize it outside the scan); one shared across
+  ``nn.vmap``'s mapped axis needs the same ``axis_name`` passed to ``nn.vmap`` and here, or
+  is refused with that fix. Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
   collections (``batch_stats``) may change during the pass (batch norm in training
   mode) but are returned unchanged.

@@ -13,8 +13,10 @@ ConvTranspose ``(*window, in, out)``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,6 +29,11 @@ from wn_jax import _layers
 from wn_jax import _tree
 
 Initializer = Callable[..., Any]
+
+# While data_init runs, each WN layer's scale carries its index in the model as this metadata
+# key: the metadata follows the layer into NNX transforms' copies of it, so a write that a
+# transform discards is traced back to the model's layer.
+_TAG = 'wn_jax_data_init'
 
 
 class _KernelView:
@@ -112,15 +119,18 @@ class _WeightNormedKernel:
     if mode is None:
       w = _layers.normalize(where, kernel, g, kept, dtype)
       return call.__func__(_KernelView(self, w, bias), inputs, *args, **kwargs)
+    mode.claimed.append((self.scale.get_metadata(_TAG, None), self))
     _data_init.check_output_axis(kernel.ndim, kept, self._out_axis(), where)
     direction = _layers.normalize(where, kernel, jnp.ones_like(g), kept, dtype)
     zero_bias = None if bias is None else jnp.zeros_like(bias[...])
     t = call.__func__(_KernelView(self, direction, zero_bias), inputs, *args, **kwargs)
     name = type(self).__name__  # init_scale's callable gets the class name
-    new_g, b, out = _data_init.initialize(t, mode, name, where, bias is not None)
-    self.scale[...] = new_g.astype(g.dtype)
+    dtypes = (g.dtype, None if bias is None else bias.dtype)
+    new_g, b, out = _data_init.initialize(t, mode, name, where, dtypes)
+    _data_init.check_not_shared_across_vmap(kernel, new_g, where)
+    self.scale[...] = new_g
     if b is not None:
-      self.bias[...] = b.astype(bias.dtype)
+      self.bias[...] = b
     return out
 
 
@@ -478,6 +488,28 @@ class MeanOnlyBatchNorm(nnx.Module):
     return kwargs
 
 
+def _discarded(path: str, layer: _WeightNormedKernel) -> ValueError:
+  return ValueError(
+    f"wn_jax.nnx.data_init: layer '{path}' ({layer._where()}) initialized itself inside a "
+    f'transform that discards its writes: a layer shared across the steps of nnx.scan '
+    f'(in_axes=None, e.g. an RNN cell) would keep its scale and bias. The model is '
+    f'left unchanged. Run data_init on the model with the shared layer applied in a Python '
+    f'loop (the same layer objects), then use the transformed model.'
+  )
+
+
+@contextlib.contextmanager
+def _tagged(layers: list[tuple[Any, _WeightNormedKernel]]) -> Iterator[None]:
+  """Each layer's scale tagged with its index while the block runs (see ``_TAG``)."""
+  for i, (_, layer) in enumerate(layers):
+    layer.scale.set_metadata(_TAG, i)
+  try:
+    yield
+  finally:
+    for _, layer in layers:
+      layer.scale.del_metadata(_TAG)
+
+
 def data_init(
   model: nnx.Module,
   *args: Any,
@@ -494,6 +526,13 @@ def data_init(
   :func:`wn_jax.linen.data_init` for the rules: shared layers, constant features,
   float32 statistics, ``init_scale`` per layer as a callable of the layer's class
   name). Wrap the call in ``nnx.jit`` to compile it.
+
+  NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
+  steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
+  naming it, never skipped; initialize the model with that layer applied in a Python loop
+  instead. A layer shared across ``nnx.vmap``'s mapped axis needs the same ``axis_name``
+  passed to ``nnx.vmap`` and here (or is refused with that fix). Layers stacked along a
+  transform (``in_axes=0``) are each initialized. On any error the model is left as it was.
 
   Args:
     model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
@@ -515,8 +554,21 @@ def data_init(
     >>> bool(jnp.allclose(layer(x).std(0), 1.0, atol=1e-4))
     True
   """
-  with _data_init.mode(init_scale, axis_name):
-    return model(*args, **kwargs)
+  layers = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, _WeightNormedKernel)]
+  state = [n for _, n in nnx.iter_graph(model) if isinstance(n, nnx.Variable)]
+  saved = [v.get_raw_value() for v in state]
+  scales = [layer.scale.get_raw_value() for _, layer in layers]
+  try:
+    with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
+      out = model(*args, **kwargs)
+    for i, _ in mode.claimed:  # a write that landed replaced the scale's array
+      if i is not None and layers[i][1].scale.get_raw_value() is scales[i]:
+        raise _discarded('/'.join(str(k) for k in layers[i][0]), layers[i][1])
+  except BaseException:
+    for v, value in zip(state, saved):  # the model as it was, never half initialized
+      v.set_raw_value(value)
+    raise
+  return out
 
 
 def layer_axes(model: nnx.Module) -> dict[str, Any]:

@@ -120,9 +120,11 @@ def weight_norm(
   ``tx.update(grads, state, nnx.state(model, nnx.Param))``.
 
   Extra arguments of ``update`` reach ``inner`` in (v, g) coordinates, so line-search
-  optimizers (``optax.lbfgs``, ``optax.scale_by_zoom_linesearch``) work: ``grad`` is
-  pulled back like the updates, ``value_fn`` is composed with :func:`wn_jax.materialize`,
-  ``value`` is the same. Take ``value`` and ``grad`` in ``w`` each step with
+  optimizers (``optax.lbfgs``, ``optax.scale_by_zoom_linesearch``) and optax's contrib
+  optimizers (``sophia``, ``momo``, ``reduce_on_plateau``) work: ``grad`` is pulled back
+  like the updates, ``value_fn`` and ``obj_fn`` are composed with
+  :func:`wn_jax.materialize`, ``value`` is the same. For ``optax.contrib.schedule_free``,
+  evaluate at :func:`schedule_free_eval_params` (optax's own reads the inner state). Take ``value`` and ``grad`` in ``w`` each step with
   ``jax.value_and_grad(fn)(params)``: ``optax.value_and_grad_from_state`` would read the
   gradient the inner state keeps, which is in (v, g) coordinates.
 
@@ -186,18 +188,7 @@ def weight_norm(
     # Updates come back in the structure of the incoming updates (variables and all).
     treedef = jax.tree_util.tree_structure(updates)
     params, updates = _values(params), _values(updates)
-    try:
-      wn = jax.tree_util.tree_map(
-        lambda d, p: p if isinstance(d, optax.MaskedNode) else d,
-        state.directions,
-        params,
-        is_leaf=_is_node,
-      )
-    except ValueError as e:
-      raise ValueError(
-        'wn_jax.optim.weight_norm: params do not have the structure they had at init '
-        f'({e}). Re-run tx.init on the new params.'
-      ) from None
+    wn = _directions_and_rest(state, params, 'wn_jax.optim.weight_norm')
     for d, p in zip(
       jax.tree_util.tree_leaves(state.directions, is_leaf=_is_node),
       jax.tree_util.tree_leaves(params),
@@ -252,6 +243,58 @@ def weight_norm(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _directions_and_rest(state: WeightNormState, params: Any, caller: str) -> Any:
+  """The tree ``inner`` trains: the state's (v, g) at selected leaves, ``params`` elsewhere."""
+  try:
+    return jax.tree_util.tree_map(
+      lambda d, p: p if isinstance(d, optax.MaskedNode) else d,
+      state.directions,
+      params,
+      is_leaf=_is_node,
+    )
+  except ValueError as e:
+    raise ValueError(
+      f'{caller}: params do not have the structure they had at init ({e}). Re-run '
+      f'tx.init on the new params.'
+    ) from None
+
+
+def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
+  r"""The weights to evaluate at, for ``weight_norm(optax.contrib.schedule_free(...))``.
+
+  ``optax.contrib.schedule_free_eval_params`` on the inner optimizer's state and its (v, g)
+  tree, then recomposed: schedule-free averages in the coordinates it trains, so the
+  evaluation weights are $g_x v_x / \lVert v_x \rVert$ of its (v, g) evaluation point.
+
+  Args:
+    state: the ``WeightNormState`` of ``weight_norm(schedule_free(...))`` (or of a
+      ``schedule_free_*`` optimizer), as ``tx.update`` returns it.
+    params: the current weights ``w``, as passed to ``tx.update``.
+
+  Returns:
+    A tree like ``params`` (bare arrays) of the weights to evaluate the model at.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, wn_jax
+    >>> params = {'w': jnp.array([[3.0, 1.0], [4.0, 1.0]])}
+    >>> tx = wn_jax.optim.weight_norm(optax.contrib.schedule_free_sgd(0.1))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.ones((2, 2))}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> wn_jax.optim.schedule_free_eval_params(state, params)['w'].shape
+    (2, 2)
+  """
+  caller = 'wn_jax.optim.schedule_free_eval_params'
+  if not isinstance(state, WeightNormState):
+    raise ValueError(
+      f'{caller}: expected the WeightNormState of wn_jax.optim.weight_norm(...), got a '
+      f'{type(state).__name__}. For a schedule-free optimizer used alone, call '
+      f'optax.contrib.schedule_free_eval_params.'
+    )
+  wn = _directions_and_rest(state, _values(params), caller)
+  return _tree.materialize(optax.contrib.schedule_free_eval_params(state.inner_state, wn))
+
+
 def _norms(directions: Any) -> Any:
   """``||v||`` of each ``WeightNormed`` direction (``MaskedNode`` elsewhere)."""
   return jax.tree_util.tree_map(
@@ -261,25 +304,35 @@ def _norms(directions: Any) -> Any:
   )
 
 
+# The extra arguments of optax's optimizers that are functions of the params: the line
+# searches' value_fn, sophia's (Hutchinson estimator's) obj_fn.
+_FUNCTIONS_OF_PARAMS = ('value_fn', 'obj_fn')
+
+
 def _in_vg_coordinates(extra_args: dict[str, Any], pullback: Any) -> dict[str, Any]:
   """The inner optimizer's extra arguments, moved from ``w`` to ``(v, g)`` coordinates.
 
-  ``grad`` is pulled back like the updates; ``value_fn`` is composed with
-  :func:`wn_jax.materialize` (its signature kept, so optax hands it the same keyword
+  ``grad`` is pulled back like the updates; ``value_fn`` and ``obj_fn`` are composed with
+  :func:`wn_jax.materialize` (their signatures kept, so optax hands them the same keyword
   arguments); ``value`` and anything else are the same in both coordinates.
   """
   out = dict(extra_args)
   if out.get('grad') is not None:
     out['grad'] = pullback(out['grad'])
-  value_fn = out.get('value_fn')
-  if value_fn is not None:
-
-    @functools.wraps(value_fn)
-    def value_fn_vg(wn, *args, **kwargs):
-      return value_fn(_tree.materialize(wn), *args, **kwargs)
-
-    out['value_fn'] = value_fn_vg
+  for name in _FUNCTIONS_OF_PARAMS:
+    if out.get(name) is not None:
+      out[name] = _of_directions(out[name])
   return out
+
+
+def _of_directions(fn: Any) -> Any:
+  """``fn`` of the weights as a function of the (v, g) tree: ``fn(materialize(wn), ...)``."""
+
+  @functools.wraps(fn)
+  def fn_vg(wn, *args, **kwargs):
+    return fn(_tree.materialize(wn), *args, **kwargs)
+
+  return fn_vg
 
 
 def _refuse_weight_normed(params: Any) -> None:
