@@ -1,0 +1,37 @@
+"""The PyTorch layer kinds wn_jax converts, and their weights' layouts."""
+
+from __future__ import annotations
+
+KINDS = (
+  'Linear',
+  'Conv1d',
+  'Conv2d',
+  'Conv3d',
+  'ConvTranspose1d',
+  'ConvTranspose2d',
+  'ConvTranspose3d',
+)
+# PyTorch's own layer arguments; TorchLayer.linen/.nnx pass every other one to Flax.
+TORCH_ARGS = ('stride', 'padding', 'dilation', 'groups', 'output_padding', 'padding_mode')
+_DEFAULT_KIND = {2: 'Linear', 3: 'Conv1d', 4: 'Conv2d', 5: 'Conv3d'}
+
+
+_NORMS = (
+  'LayerNorm',
+  'GroupNorm',
+  'RMSNorm',
+  'BatchNorm1d',
+  'BatchNorm2d',
+  'BatchNorm3d',
+  'InstanceNorm1d',
+  'InstanceNorm2d',
+  'InstanceNorm3d',
+)
+PLAIN_KINDS = (*_NORMS, 'Embedding')
+
+
+def _perm(kind: str, ndim: int) -> tuple[int, ...]:
+  """PyTorch axis order -> Flax axis order: flax_kernel = torch_weight.transpose(perm)."""
+  if kind == 'Linear':
+    return (1, 0)
+  return (*range(2, ndim), 1, 0)
