@@ -60,17 +60,16 @@ from wn_jax.pytorch._plan import Rule as Rule  # a type, not in __all__: pytorch
 from wn_jax.pytorch._state_dict import find_prefixes
 from wn_jax.pytorch._to_torch import to_torch
 
-# In the order of the API page.
 __all__ = [
   'KINDS',
-  'TORCH_ARGS',
   'PLAIN_KINDS',
+  'TORCH_ARGS',
   'TorchLayer',
+  'conv_kwargs',
   'find_prefixes',
   'from_torch',
-  'to_torch',
+  'layer_axes',
   'to_linen',
   'to_nnx',
-  'layer_axes',
-  'conv_kwargs',
+  'to_torch',
 ]
