@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# Layers whose weight becomes a Flax kernel (weight-normed or plain).
 KINDS = (
   'Linear',
   'Conv1d',
@@ -13,9 +14,9 @@ KINDS = (
 )
 # PyTorch's own layer arguments; TorchLayer.linen/.nnx pass every other one to Flax.
 TORCH_ARGS = ('stride', 'padding', 'dilation', 'groups', 'output_padding', 'padding_mode')
+# A weight's kind by its rank, where nothing else tells (a state dict without its module).
 _DEFAULT_KIND = {2: 'Linear', 3: 'Conv1d', 4: 'Conv2d', 5: 'Conv3d'}
-
-
+# Layers whose tensors keep their layout, under Flax's names (scale, mean, var, embedding).
 _NORMS = (
   'LayerNorm',
   'GroupNorm',

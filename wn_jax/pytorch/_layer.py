@@ -157,6 +157,8 @@ def _wn_layer(
   g_key: str,
   v_key: str,
 ) -> TorchLayer:
+  """PyTorch's ``g`` and ``v`` as a :class:`TorchLayer` in Flax layout; the module's ``dim``, where
+  it tells one, settles what ``g``'s shape alone cannot."""
   if not _is_float(v) or not _is_float(g):
     raise _error(f'{prefix!r}: g and v must be floating arrays; got {g.dtype} and {v.dtype}.')
   kind = info.kind if info.kind in KINDS else _DEFAULT_KIND.get(v.ndim)
@@ -186,6 +188,7 @@ def _wn_layer(
 def _decomposable(
   prefix: str, sd: Mapping[str, Any], infos: dict[str, _Info], decompose: Any
 ) -> bool:
+  """Whether ``decompose`` asks for the plain Linear / Conv ``weight`` at ``prefix``."""
   if decompose is False or decompose is None or _key(prefix, '.weight') not in sd:
     return False
   kind = _plain_kind(prefix, sd, infos)

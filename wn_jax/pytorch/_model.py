@@ -12,6 +12,7 @@ from wn_jax.pytorch._naming import _linen_path
 from wn_jax.pytorch._naming import _nest
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
+from wn_jax.pytorch._plan import _Options
 from wn_jax.pytorch._plan import _outputs
 from wn_jax.pytorch._plan import _plan
 from wn_jax.pytorch._state_dict import _array
@@ -22,20 +23,11 @@ from wn_jax.pytorch._twin import _check_axes
 from wn_jax.pytorch._twin import _twin
 
 
-def _tree(
-  source: Any,
-  naming: str,
-  kinds: Mapping[str, str] | None,
-  rules: Mapping[str, Rule] | None,
-  decompose: Any,
-  dtype: Any,
-  template: Any,
-  twin: Any,
-  buffers: str,
-  drop: str | None,
-  buffer_keys: str | None,
+def _to_tree(
+  source: Any, naming: str, options: _Options, template: Any, twin: Any
 ) -> dict[Any, Any]:
-  sd, layers, leaves, _ = _plan(source, kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
+  """Every tensor of ``source`` in a linen (``naming='linen'``) or NNX tree."""
+  sd, layers, leaves, _ = _plan(source, options)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
 
@@ -48,7 +40,8 @@ def _tree(
     for name, value in layer.params.items():
       put(_path(prefix, name, 'params', naming), value, _key(prefix, '.' + name))
   for leaf in leaves:
-    for (prefix, name), value in _outputs(leaf, leaf.forward(_array(sd[leaf.key], dtype))).items():
+    converted = leaf.forward(_array(sd[leaf.key], options.dtype))
+    for (prefix, name), value in _outputs(leaf, converted).items():
       put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
   if twin is not None:
     twin_template, axes = _twin(twin, naming)
@@ -142,9 +135,8 @@ def to_linen(
     >>> variables['params']['head']['kernel'].shape
     (4, 1)
   """
-  return _tree(
-    source, 'linen', kinds, rules, decompose, dtype, template, twin, buffers, drop, buffer_keys
-  )
+  options = _Options(kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
+  return _to_tree(source, 'linen', options, template, twin)
 
 
 def to_nnx(
@@ -202,9 +194,8 @@ def to_nnx(
     >>> model.layers[0].scale[...].tolist()
     [2.0, 2.0, 2.0, 2.0]
   """
-  return _tree(
-    source, 'nnx', kinds, rules, decompose, dtype, template, twin, buffers, drop, buffer_keys
-  )
+  options = _Options(kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
+  return _to_tree(source, 'nnx', options, template, twin)
 
 
 def layer_axes(

@@ -26,6 +26,19 @@ Rule = tuple[Callable[[np.ndarray], Any], Callable[[np.ndarray], Any]]
 
 
 @dataclasses.dataclass(frozen=True)
+class _Options:
+  """The keyword arguments to_linen, to_nnx and to_torch share: which tensor goes where, how."""
+
+  kinds: Mapping[str, str] | None = None
+  rules: Mapping[str, Rule] | None = None
+  decompose: bool | str = False
+  dtype: Any = None
+  buffers: str = 'buffers'
+  drop: str | None = None
+  buffer_keys: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class _Leaf:
   """One tensor that is not part of a weight-normed layer, and where it goes."""
 
@@ -97,22 +110,16 @@ def _buffer_keys(source: Any) -> set[str]:
 
 
 def _plan(
-  source: Any,
-  kinds: Mapping[str, str] | None,
-  rules: Mapping[str, Rule] | None,
-  decompose: Any,
-  dtype: Any,
-  buffers: str = 'buffers',
-  drop: str | None = None,
-  buffer_keys: str | None = None,
+  source: Any, options: _Options
 ) -> tuple[Mapping[str, Any], dict[str, TorchLayer], list[_Leaf], set[str]]:
   """(state dict, weight-normed layers, every other tensor's rule, keys left out of Flax)."""
+  buffers, drop, buffer_keys = options.buffers, options.drop, options.buffer_keys
   if not isinstance(buffers, str) or not buffers:
     raise _error(
       f"buffers= names the linen collection torch buffers go to ('buffers' by default, "
       f"'params' to train them); got {buffers!r}."
     )
-  sd, infos, layers = _layers(source, kinds, decompose, dtype)
+  sd, infos, layers = _layers(source, options.kinds, options.decompose, options.dtype)
   skipped = {k for k in sd if drop is not None and re.fullmatch(drop, k)}
   for p in [p for p, layer in layers.items() if skipped & set(_layer_keys(p, layer))]:
     skipped |= set(_layer_keys(p, layers.pop(p)))  # a layer goes whole, or not at all
@@ -124,7 +131,7 @@ def _plan(
       continue
     kind = _plain_kind(_split(key)[0], sd, infos)
     collection = buffers if key in held else 'params'
-    leaf = _leaf(key, kind, len(sd[key].shape), rules or {}, collection)
+    leaf = _leaf(key, kind, len(sd[key].shape), options.rules or {}, collection)
     if leaf is None:
       skipped.add(key)
     else:

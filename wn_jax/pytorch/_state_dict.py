@@ -17,6 +17,7 @@ _STYLES = {
 
 
 def _error(msg: str) -> ValueError:
+  """The package's error: the message, labelled ``wn_jax.pytorch:``."""
   return ValueError(f'wn_jax.pytorch: {msg}')
 
 
@@ -26,6 +27,7 @@ def _is_module(x: Any) -> bool:
 
 
 def _load(source: Any) -> Mapping[str, Any]:
+  """The state dict of a torch module, a mapping (as it is) or a ``.safetensors`` path."""
   if _is_module(source):
     return source.state_dict()
   if isinstance(source, (str, os.PathLike)):

@@ -15,6 +15,7 @@ from wn_jax.pytorch._layer import _layers_to_torch
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
+from wn_jax.pytorch._plan import _Options
 from wn_jax.pytorch._plan import _plan
 from wn_jax.pytorch._state_dict import _array
 from wn_jax.pytorch._state_dict import _error
@@ -28,26 +29,16 @@ _SAME = (
 )
 
 
-def _tree_to_torch(
-  tree: Any,
-  like: Any,
-  kinds: Mapping[str, str] | None,
-  rules: Mapping[str, Rule] | None,
-  decompose: Any,
-  buffers: str,
-  drop: str | None,
-  buffer_keys: str | None,
-) -> dict[str, Any]:
-  sd, layers, leaves, skipped = _plan(
-    like, kinds, rules, decompose, None, buffers, drop, buffer_keys
-  )
+def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
+  """A linen or NNX tree as ``like``'s state dict."""
+  sd, layers, leaves, skipped = _plan(like, options)
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
   missing: list[str] = []
 
   def get(prefix: str, name: str, collection: str) -> Any:
     # A state dict cannot tell buffers from parameters: either collection holds them.
-    other = {'params': buffers, buffers: 'params'}.get(collection, collection)
+    other = {'params': options.buffers, options.buffers: 'params'}.get(collection, collection)
     for c in (collection, other):
       path = tuple(map(str, _path(prefix, name, c, naming)))
       if path in flat:
@@ -158,4 +149,5 @@ def to_torch(
   if _is_layers(layers):
     return _layers_to_torch(layers, like, style)
   _check_tree(layers, like)
-  return _tree_to_torch(layers, like, kinds, rules, decompose, buffers, drop, buffer_keys)
+  options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
+  return _tree_to_torch(layers, like, options)

@@ -14,24 +14,31 @@ from wn_jax.pytorch._state_dict import _error
 
 def _twin(twin: Any, naming: str) -> tuple[Any, dict[tuple[str, ...], Any]]:
   """(the twin's variables, for the template; ``{module path: axis}`` of its WN layers)."""
-  import jax
+  return _nnx_twin(twin) if naming == 'nnx' else _linen_twin(twin)
 
-  if naming == 'nnx':
-    from flax import nnx
 
-    from wn_jax import nnx as wx
+def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
+  """An NNX model's state and its WN layers' axes, by module path."""
+  from flax import nnx
 
-    if not isinstance(twin, nnx.Module):
-      raise TypeError(
-        f'wn_jax.pytorch.to_nnx: twin= takes the NNX model itself; got {type(twin).__name__}.'
-      )
-    found = {
-      tuple(map(str, path)): m.axis
-      for path, m in nnx.iter_graph(twin)
-      if isinstance(m, wx._WeightNormedKernel)
-    }
-    return nnx.state(twin), found
+  from wn_jax import nnx as wx
+
+  if not isinstance(twin, nnx.Module):
+    raise TypeError(
+      f'wn_jax.pytorch.to_nnx: twin= takes the NNX model itself; got {type(twin).__name__}.'
+    )
+  found = {
+    tuple(map(str, path)): m.axis
+    for path, m in nnx.iter_graph(twin)
+    if isinstance(m, wx._WeightNormedKernel)
+  }
+  return nnx.state(twin), found
+
+
+def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
+  """``(module, *inputs)``: its variables from an abstract ``init``, and its WN layers' axes."""
   import flax.linen as nn
+  import jax
 
   from wn_jax import linen as wl
 
