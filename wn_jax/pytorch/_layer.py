@@ -1,0 +1,356 @@
+"""One weight-normed layer, PyTorch's ``g`` and ``v`` to Flax parameters and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from wn_jax import _core
+from wn_jax.pytorch._conv import conv_kwargs
+from wn_jax.pytorch._kinds import _DEFAULT_KIND
+from wn_jax.pytorch._kinds import KINDS
+from wn_jax.pytorch._kinds import TORCH_ARGS
+from wn_jax.pytorch._kinds import _perm
+from wn_jax.pytorch._state_dict import _STYLES
+from wn_jax.pytorch._state_dict import _array
+from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _finish
+from wn_jax.pytorch._state_dict import _is_float
+from wn_jax.pytorch._state_dict import _key
+from wn_jax.pytorch._state_dict import _load
+from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import find_prefixes
+from wn_jax.pytorch._walk import _MISSING
+from wn_jax.pytorch._walk import _Info
+from wn_jax.pytorch._walk import _infos
+from wn_jax.pytorch._walk import _plain_kind
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLayer:
+  """One converted PyTorch layer: what its wn_jax twin needs to compute exactly the same.
+
+  Attributes:
+    kind: the PyTorch layer kind, e.g. ``'Conv1d'`` or ``'ConvTranspose1d'``.
+    params: ``{'kernel', 'scale'[, 'bias']}`` for ``WNDense`` / ``WNConv`` /
+      ``WNConvTranspose`` (linen) or ``WNLinear`` / ``WNConv`` / ``WNConvTranspose``
+      (NNX), as NumPy arrays in Flax layout.
+    axis: the ``axis`` the wn_jax layer must be built with (``None``: whole tensor).
+    transpose_kernel: the ``transpose_kernel`` a ``WNConvTranspose`` must be built with.
+    dim: PyTorch's ``dim`` (``None`` for the whole tensor).
+    style: the key style it came in, ``'legacy'``, ``'parametrization'`` or ``'plain'``
+      (a plain ``weight``, decomposed by ``from_torch(..., decompose=True)``).
+    args: the PyTorch layer's ``stride``, ``padding``, ... as read from the torch
+      module (empty for a state dict); :meth:`linen` and :meth:`nnx` use them.
+
+  Examples:
+    >>> import numpy as np
+    >>> sd = {'weight_g': np.full((4, 1, 1), 2.0, np.float32), 'weight_v': np.ones((4, 3, 5), np.float32)}
+    >>> layer = from_torch(sd)['']
+    >>> layer.kind, layer.params['kernel'].shape, layer.axis
+    ('Conv1d', (5, 3, 4), -1)
+    >>> module, variables = layer.linen(padding=2)
+    >>> module.apply(variables, np.ones((1, 7, 3), np.float32)).shape
+    (1, 7, 4)
+  """
+
+  kind: str
+  params: dict[str, np.ndarray]
+  axis: int | None
+  transpose_kernel: bool
+  dim: int | None
+  style: str
+  args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def _layer_kwargs(self, kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(features, the Flax layer's keyword arguments): PyTorch's arguments mapped, Flax's kept."""
+    kernel = self.params['kernel']
+    torch_args = {**self.args, **{k: v for k, v in kwargs.items() if k in TORCH_ARGS}}
+    kw: dict[str, Any] = {'axis': self.axis, 'use_bias': 'bias' in self.params}
+    if self.kind == 'Linear':
+      if torch_args:
+        raise _error(f'a Linear layer takes no conv arguments; got {sorted(torch_args)}.')
+      features = kernel.shape[-1]
+    else:
+      kw.update(conv_kwargs(self.kind, kernel.shape[:-2], **torch_args))
+      del kw['kernel_size']
+      features = kernel.shape[-2] if self.transpose_kernel else kernel.shape[-1]
+    kw.update({k: v for k, v in kwargs.items() if k not in TORCH_ARGS})
+    return features, kw
+
+  def linen(self, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """The configured linen layer and its variables: ``layer.apply(variables, x)``.
+
+    Args:
+      **kwargs: the PyTorch layer's ``stride``, ``padding``, ``dilation``, ``groups``,
+        ``output_padding``, ``padding_mode`` (see :func:`conv_kwargs`); any other
+        argument (``name``, ``dtype``, ``param_dtype``, ``precision``, ...) goes to the
+        Flax layer as it is.
+
+    Returns:
+      ``(WNDense | WNConv | WNConvTranspose, {'params': ...})``, the parameters as JAX
+      arrays; inputs are channels-last.
+    """
+    from wn_jax import linen as wl
+
+    features, kw = self._layer_kwargs(kwargs)
+    kernel_size = self.params['kernel'].shape[:-2]
+    if self.kind == 'Linear':
+      layer: Any = wl.WNDense(features, **kw)
+    elif self.transpose_kernel:
+      layer = wl.WNConvTranspose(features, kernel_size, **kw)
+    else:
+      layer = wl.WNConv(features, kernel_size, **kw)
+    return layer, {'params': {k: jnp.array(v) for k, v in self.params.items()}}
+
+  def nnx(self, *, rngs: Any = None, **kwargs: Any) -> Any:
+    """The configured NNX layer with these parameters loaded (``rngs`` optional).
+
+    Takes the arguments :meth:`linen` takes.
+    """
+    from flax import nnx as fnnx
+
+    from wn_jax import nnx as wx
+
+    features, kw = self._layer_kwargs(kwargs)
+    kernel = self.params['kernel']
+    rngs = rngs or fnnx.Rngs(0)
+    if self.kind == 'Linear':
+      layer: Any = wx.WNLinear(kernel.shape[0], features, rngs=rngs, **kw)
+    elif self.transpose_kernel:
+      layer = wx.WNConvTranspose(kernel.shape[-1], features, kernel.shape[:-2], rngs=rngs, **kw)
+    else:
+      groups = kw.get('feature_group_count', 1)
+      layer = wx.WNConv(kernel.shape[-2] * groups, features, kernel.shape[:-2], rngs=rngs, **kw)
+    for name, value in self.params.items():
+      getattr(layer, name).set_value(jnp.array(value))
+    return layer
+
+
+def _torch_dim(g: np.ndarray, v: np.ndarray, where: str) -> int | None:
+  """PyTorch's ``dim`` from g's shape: size ``v.shape[dim]`` along it, 1 elsewhere; or a scalar."""
+  if g.ndim == 0:
+    return None
+  fits = g.ndim == v.ndim and all(s in (1, n) for s, n in zip(g.shape, v.shape))
+  kept = [i for i, (s, n) in enumerate(zip(g.shape, v.shape)) if s == n != 1] if fits else []
+  ones = [i for i, n in enumerate(v.shape) if n == 1]
+  if not fits or len(kept) > 1 or (not kept and not ones):
+    raise _error(
+      f'{where}: g of shape {g.shape} does not fit v of shape {v.shape}: PyTorch keeps g with '
+      f"v's rank, size v.shape[dim] along dim and 1 elsewhere (or a scalar for dim=None)."
+    )
+  return kept[0] if kept else ones[0]
+
+
+def _wn_layer(
+  prefix: str,
+  g: np.ndarray,
+  v: np.ndarray,
+  bias: np.ndarray | None,
+  info: _Info,
+  style: str,
+  g_key: str,
+  v_key: str,
+) -> TorchLayer:
+  """PyTorch's ``g`` and ``v`` as a :class:`TorchLayer` in Flax layout; the module's ``dim``, where
+  it tells one, settles what ``g``'s shape alone cannot."""
+  if not _is_float(v) or not _is_float(g):
+    raise _error(f'{prefix!r}: g and v must be floating arrays; got {g.dtype} and {v.dtype}.')
+  kind = info.kind if info.kind in KINDS else _DEFAULT_KIND.get(v.ndim)
+  if kind is None:
+    raise _error(f'{v_key!r} has rank {v.ndim}; pass its kind in kinds={{{prefix!r}: ...}}.')
+  expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2
+  if v.ndim != expected_rank:
+    raise _error(f'{v_key!r} of shape {v.shape} is not a {kind} weight (rank {expected_rank}).')
+  dim = _torch_dim(g, v, repr(g_key))
+  if info.dim is not _MISSING and info.dim != dim:  # g's shape alone can be ambiguous
+    told = None if info.dim is None else info.dim % v.ndim
+    want = () if told is None else tuple(n if i == told else 1 for i, n in enumerate(v.shape))
+    if g.shape != want:
+      raise _error(f"{g_key!r} of shape {g.shape} does not fit the module's dim={info.dim}.")
+    dim = told
+  perm = _perm(kind, v.ndim)
+  kernel = np.ascontiguousarray(v.transpose(perm))
+  axis = None if dim is None else perm.index(dim) - v.ndim
+  scale = g.reshape(_core.scale_shape(kernel.shape, axis, 'wn_jax.pytorch.from_torch'))
+  params = {'kernel': kernel, 'scale': scale}
+  if bias is not None:
+    params['bias'] = bias
+  transposed = kind.startswith('ConvTranspose')
+  return TorchLayer(kind, params, axis, transposed, dim, style, dict(info.args))
+
+
+def _decomposable(
+  prefix: str, sd: Mapping[str, Any], infos: dict[str, _Info], decompose: Any
+) -> bool:
+  """Whether ``decompose`` asks for the plain Linear / Conv ``weight`` at ``prefix``."""
+  if decompose is False or decompose is None or _key(prefix, '.weight') not in sd:
+    return False
+  kind = _plain_kind(prefix, sd, infos)
+  if kind not in KINDS:
+    return False
+  return decompose is True or re.search(decompose, prefix) is not None
+
+
+def _stored(prefix: str, style: str, sd: Mapping[str, Any], info: _Info, dtype: Any) -> TorchLayer:
+  """A weight-normed layer as PyTorch stored it: ``g`` and ``v`` in one of the key styles."""
+  g_key, v_key = (_key(prefix, s) for s in _STYLES[style])
+  for key in (g_key, v_key):
+    if key not in sd:
+      raise _error(f'{key!r} is missing: a weight-normed layer needs both g and v.')
+  bias_key = _key(prefix, '.bias')
+  bias = _array(sd[bias_key], dtype) if bias_key in sd else None
+  g, v = _array(sd[g_key], dtype), _array(sd[v_key], dtype)
+  return _wn_layer(prefix, g, v, bias, info, style, g_key, v_key)
+
+
+def _decomposed(
+  prefix: str, kind: str | None, sd: Mapping[str, Any], info: _Info, dtype: Any
+) -> TorchLayer:
+  """A plain ``weight`` as ``v = w``, ``g = ||w||``, with PyTorch's default ``dim=0``."""
+  w_key, bias_key = _key(prefix, '.weight'), _key(prefix, '.bias')
+  w = _array(sd[w_key], dtype)
+  shape_g = np.ones((w.shape[0],) + (1,) * (w.ndim - 1), w.dtype)  # PyTorch's default dim=0
+  told = dataclasses.replace(info, kind=kind, dim=0)
+  layer = _wn_layer(prefix, shape_g, w, None, told, 'plain', w_key, w_key)
+  direction, norm = _core.decompose(layer.params['kernel'], layer.axis)
+  params = {'kernel': np.array(direction), 'scale': np.array(norm.astype(w.dtype))}
+  if bias_key in sd:
+    params['bias'] = _array(sd[bias_key], dtype)
+  return dataclasses.replace(layer, params=params)
+
+
+def _layers(
+  source: Any, kinds: Mapping[str, str] | None, decompose: Any, dtype: Any
+) -> tuple[Mapping[str, Any], dict[str, _Info], dict[str, TorchLayer]]:
+  """(state dict, infos, {prefix: TorchLayer}) for every weight-normed (or decomposed) layer."""
+  sd = _load(source)
+  infos = _infos(source, sd, kinds)
+  out: dict[str, TorchLayer] = {}
+  for prefix, style in find_prefixes(sd).items():
+    out[prefix] = _stored(prefix, style, sd, infos.get(prefix, _Info(None, {})), dtype)
+  for prefix in dict.fromkeys(_split(k)[0] for k in sd):
+    if prefix in out or not _decomposable(prefix, sd, infos, decompose):
+      continue
+    info = infos.get(prefix, _Info(None, {}))
+    out[prefix] = _decomposed(prefix, _plain_kind(prefix, sd, infos), sd, info, dtype)
+  return sd, infos, out
+
+
+def from_torch(
+  state_dict: Any,
+  kinds: Mapping[str, str] | None = None,
+  *,
+  decompose: bool | str = False,
+  dtype: Any = None,
+) -> dict[str, TorchLayer]:
+  """Converts the weight-normed layers of a PyTorch model or state dict to wn_jax parameters.
+
+  Args:
+    state_dict: a torch module (its layer kinds, arguments and weight norm ``dim`` are
+      read from it; duck typed, torch is not imported), a mapping of key -> array
+      (NumPy, JAX, ml_dtypes or torch), or the path of a ``.safetensors`` file.
+    kinds: the PyTorch layer kind of prefixes whose kernel shape cannot tell it, e.g.
+      ``{'ups.0': 'ConvTranspose1d'}`` (not needed with a module). By default a 2-D
+      weight is a ``Linear``, 3-D a ``Conv1d``, 4-D ``Conv2d``, 5-D ``Conv3d``. One of
+      ``KINDS`` (or ``PLAIN_KINDS``).
+    decompose: also convert plain (not weight-normed) Linear / Conv layers, e.g. of a
+      checkpoint after ``remove_weight_norm``: ``True`` for all of them, or a regular
+      expression searched in the prefix. Each becomes ``v = w``, ``g = ||w||`` with
+      PyTorch's default ``dim=0`` (the function is unchanged); ``to_torch`` writes it
+      back as a plain ``weight`` (its ``style`` is ``'plain'``).
+    dtype: cast the floating parameters to this dtype (default: keep the checkpoint's,
+      bfloat16 and float16 included).
+
+  Returns:
+    ``{prefix: TorchLayer}`` for every weight-normed prefix, in key order. The arrays
+    are copies: changing the torch model afterwards changes nothing here.
+
+  Raises:
+    ValueError: naming the key, for a missing ``weight_g`` / ``weight_v`` (or
+      ``original0`` / ``original1``), a ``g`` whose shape does not fit ``v``, an unknown
+      kind, a ``kinds`` prefix that matches no layer, or a checkpoint without any
+      weight-normed layer. Nothing is returned half-converted.
+
+  Examples:
+    >>> import numpy as np
+    >>> from wn_jax.pytorch import from_torch
+    >>> sd = {'fc.weight_g': np.ones((3, 1), np.float32), 'fc.weight_v': np.ones((3, 2), np.float32),
+    ...       'fc.bias': np.zeros(3, np.float32)}
+    >>> layer = from_torch(sd)['fc']
+    >>> layer.kind, layer.axis, layer.params['kernel'].shape, layer.params['scale'].shape
+    ('Linear', -1, (2, 3), (3,))
+  """
+  sd, _, layers = _layers(state_dict, kinds, decompose, dtype)
+  if not layers:
+    raise _error(
+      f'no weight-normed layer in this checkpoint ({len(sd)} keys, e.g. {list(sd)[:3]}): '
+      'expected <prefix>.weight_g / .weight_v or <prefix>.parametrizations.weight.original0/1. '
+      'A plain checkpoint (after remove_weight_norm) converts with decompose=True; '
+      'to_linen / to_nnx convert every tensor of a model.'
+    )
+  return layers
+
+
+def _export_layer(prefix: str, layer: TorchLayer, style: str) -> dict[str, np.ndarray]:
+  """The PyTorch tensors of one layer, in ``style``."""
+  if style != 'plain' and style not in _STYLES:
+    raise _error(f'unknown style {style!r}; expected one of {sorted(_STYLES) + ["plain"]}.')
+  kernel = np.asarray(layer.params['kernel'])
+  inverse = np.argsort(_perm(layer.kind, kernel.ndim))
+  out: dict[str, np.ndarray] = {}
+  if style == 'plain':
+    w = np.asarray(_core.normalize(kernel, layer.params['scale'], layer.axis)).astype(kernel.dtype)
+    out[_key(prefix, '.weight')] = np.ascontiguousarray(w.transpose(inverse))
+  else:
+    v = np.ascontiguousarray(kernel.transpose(inverse))
+    g = np.array(layer.params['scale'])
+    if layer.dim is None:
+      g = g.reshape(())
+    else:
+      g = g.reshape([v.shape[i] if i == layer.dim else 1 for i in range(v.ndim)])
+    g_suffix, v_suffix = _STYLES[style]
+    out[_key(prefix, g_suffix)] = g
+    out[_key(prefix, v_suffix)] = v
+  if 'bias' in layer.params:
+    out[_key(prefix, '.bias')] = np.array(layer.params['bias'])
+  return out
+
+
+def _is_layers(x: Any) -> bool:
+  """``{prefix: TorchLayer}``, as :func:`from_torch` gives."""
+  return isinstance(x, Mapping) and bool(x) and all(isinstance(v, TorchLayer) for v in x.values())
+
+
+def _layers_to_torch(
+  layers: Mapping[str, TorchLayer], like: Any, style: str | None
+) -> dict[str, Any]:
+  """``{prefix: TorchLayer}`` as PyTorch tensors: in ``like``'s key styles, else ``style``'s or
+  each layer's own; the keys of ``like`` outside these layers copied from ``like``."""
+  ref = None if like is None else _load(like)
+  ref_styles = {} if ref is None else find_prefixes(ref)
+  if ref is not None:
+    lacking = [p for p in ref_styles if p not in layers]
+    if lacking:
+      raise _error(f'like holds weight-normed layers that layers lacks: {lacking}.')
+  out: dict[str, np.ndarray] = {}
+  for prefix, layer in layers.items():
+    plain = ref is not None and prefix not in ref_styles and _key(prefix, '.weight') in ref
+    s = style or ref_styles.get(prefix) or ('plain' if plain else layer.style)
+    out.update(_export_layer(prefix, layer, s))
+  if ref is None:
+    return out
+  return _finish(out, like, {k for k in ref if k not in out})
+
+
+def _layer_keys(prefix: str, layer: TorchLayer) -> list[str]:
+  if layer.style == 'plain':
+    names = ['.weight']
+  else:
+    names = list(_STYLES[layer.style])
+  return [_key(prefix, n) for n in names + (['.bias'] if 'bias' in layer.params else [])]

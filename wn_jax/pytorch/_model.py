@@ -1,0 +1,226 @@
+"""Whole PyTorch models, every tensor, as linen variables or an NNX pure dict."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from wn_jax.pytorch._layer import _layers
+from wn_jax.pytorch._naming import _linen_path
+from wn_jax.pytorch._naming import _nest
+from wn_jax.pytorch._naming import _path
+from wn_jax.pytorch._plan import Rule
+from wn_jax.pytorch._plan import _Options
+from wn_jax.pytorch._plan import _outputs
+from wn_jax.pytorch._plan import _plan
+from wn_jax.pytorch._state_dict import _array
+from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _key
+from wn_jax.pytorch._twin import _check
+from wn_jax.pytorch._twin import _check_axes
+from wn_jax.pytorch._twin import _twin
+
+
+def _to_tree(
+  source: Any, naming: str, options: _Options, template: Any, twin: Any
+) -> dict[Any, Any]:
+  """Every tensor of ``source`` in a linen (``naming='linen'``) or NNX tree."""
+  sd, layers, leaves, _ = _plan(source, options)
+  flat: dict[tuple[Any, ...], Any] = {}
+  where: dict[tuple[Any, ...], str] = {}
+
+  def put(path: tuple[Any, ...], value: Any, key: str) -> None:
+    if path in flat:
+      raise _error(f'{where[path]!r} and {key!r} both convert to {"/".join(map(str, path))}.')
+    flat[path], where[path] = jnp.array(value), key
+
+  for prefix, layer in layers.items():
+    for name, value in layer.params.items():
+      put(_path(prefix, name, 'params', naming), value, _key(prefix, '.' + name))
+  for leaf in leaves:
+    converted = leaf.forward(_array(sd[leaf.key], options.dtype))
+    for (prefix, name), value in _outputs(leaf, converted).items():
+      put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
+  if twin is not None:
+    twin_template, axes = _twin(twin, naming)
+    _check_axes(layers, axes, naming)
+    template = twin_template if template is None else template
+  if template is not None:
+    _check(flat, template, layers, naming)
+  return _nest(flat)
+
+
+def to_linen(
+  source: Any,
+  kinds: Mapping[str, str] | None = None,
+  *,
+  rules: Mapping[str, Rule] | None = None,
+  decompose: bool | str = False,
+  dtype: Any = None,
+  template: Any = None,
+  twin: Any = None,
+  buffers: str = 'buffers',
+  drop: str | None = None,
+  buffer_keys: str | None = None,
+) -> dict[str, Any]:
+  """A whole PyTorch model's tensors as linen ``variables``: ``model.apply(variables, x)``.
+
+  Weight-normed layers become ``kernel`` (v in Flax layout), ``scale`` (g) and ``bias``
+  (build them as ``WNConv`` / ``WNConvTranspose(transpose_kernel=True)`` / ``WNDense``
+  with the ``axis`` :func:`from_torch` gives, ``-1`` for PyTorch's default ``dim=0``);
+  plain Linear / Conv ``weight`` -> ``kernel`` in Flax layout; norm layers' ``weight``
+  -> ``scale``, ``running_mean`` / ``running_var`` -> ``batch_stats`` ``mean`` / ``var``;
+  Embedding ``weight`` -> ``embedding``; any other tensor keeps its name and layout
+  (unless a ``rules`` entry says otherwise), as does every tensor of a module class
+  wn_jax does not know when ``source`` is the module (a bare state dict's ``weight`` is
+  read by its rank: 2-D a Linear, 3-D a Conv1d, ...; ``kinds`` overrides). Module names follow linen's for lists of
+  submodules assigned in ``setup``: ``resblocks.0.convs1.1`` -> ``resblocks_0/convs1_1``.
+
+  Args:
+    source: a torch module (preferred: the kinds and weight norm ``dim`` come from
+      it; duck typed, torch is not imported), a state dict or a ``.safetensors`` path.
+    kinds: as :func:`from_torch`: the kind of prefixes whose shape cannot tell it (not
+      needed with a module); also ``'Embedding'``, ``'LayerNorm'``, ``'BatchNorm1d'`` ...
+      for plain layers of a state dict.
+    rules: ``{regex: (forward, inverse)}`` for model-specific tensors: a key that
+      ``re.fullmatch``es a regex keeps its name, and its value becomes
+      ``forward(array)``; :func:`to_torch` applies ``inverse``. E.g. a Snake activation's
+      ``alpha`` of shape ``(1, C, 1)``:
+      ``{r'.*\\.alpha': (lambda a: a.reshape(-1), lambda a: a.reshape(1, -1, 1))}``.
+      ``forward`` may instead return a dict of several leaves, named relative to the
+      tensor's module and dotted as PyTorch keys (``{'cell.ii.kernel': ..., ...}``, so a
+      list index follows linen's or NNX's naming); ``inverse`` then takes that dict back
+      to the one tensor (torch's ``nn.LSTM`` onto per-gate Flax cells, say). Anything
+      else raises, naming the key.
+    buffers: the linen collection torch buffers (``register_buffer``: a mel ``mean``, a
+      codebook's ``cluster_size``) go to, read from a torch module (a state dict cannot
+      tell them from parameters): ``'buffers'`` by default, so an optimizer of
+      ``params`` never trains them; ``'params'`` puts them with the parameters. Running
+      statistics of norm layers go to ``batch_stats`` all the same. NNX's pure dict is
+      one tree: declare them in the twin as a ``nnx.Variable`` type that is not a
+      ``nnx.Param``.
+    buffer_keys: a regex: keys that ``re.fullmatch`` it are buffers too, for a state dict
+      or ``.safetensors`` file, which cannot tell (a module tells its own).
+    drop: a regex; keys that ``re.fullmatch`` it are left out (a weight-normed layer
+      whole), e.g. codebooks ``__call__`` never runs, which a template from
+      ``jax.eval_shape(model.init, ...)`` lacks. :func:`to_torch` given the same ``drop``
+      copies them back from ``like``.
+    decompose: as :func:`from_torch`: plain Linear / Conv weights to WN ``(kernel,
+      scale)`` (``True``, or a regex searched in the prefix).
+    dtype: cast the floating tensors to this dtype (default: keep the checkpoint's).
+    template: optional, the Flax model's own tree (e.g. ``jax.eval_shape`` of ``init``,
+      or ``nnx.state(model)``): every converted name and shape is checked against it,
+      and a mismatch raises with the missing and unexpected paths.
+    twin: optional, ``(model, *inputs)``: the Flax model and inputs its ``init`` runs on
+      (abstractly, nothing is computed). Its variables serve as ``template``, and each
+      weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``, which
+      shapes alone cannot always tell (wav2vec2's ``dim=2`` Conv1d with as many channels
+      as window taps fits a twin left at ``axis=-1``, and computes wrong).
+
+  Returns:
+    ``{'params': ...}``, plus ``'batch_stats'`` when the model has running statistics;
+    JAX arrays, copied.
+
+  Examples:
+    >>> import numpy as np
+    >>> from wn_jax import pytorch
+    >>> sd = {'blocks.0.weight_g': np.ones((4, 1, 1), np.float32),
+    ...       'blocks.0.weight_v': np.ones((4, 2, 3), np.float32),
+    ...       'blocks.0.bias': np.zeros(4, np.float32), 'head.weight': np.ones((1, 4), np.float32)}
+    >>> variables = pytorch.to_linen(sd)
+    >>> {k: v.shape for k, v in variables['params']['blocks_0'].items()}
+    {'kernel': (3, 2, 4), 'scale': (4,), 'bias': (4,)}
+    >>> variables['params']['head']['kernel'].shape
+    (4, 1)
+  """
+  options = _Options(kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
+  return _to_tree(source, 'linen', options, template, twin)
+
+
+def to_nnx(
+  source: Any,
+  kinds: Mapping[str, str] | None = None,
+  *,
+  rules: Mapping[str, Rule] | None = None,
+  decompose: bool | str = False,
+  dtype: Any = None,
+  template: Any = None,
+  twin: Any = None,
+  buffers: str = 'buffers',
+  drop: str | None = None,
+  buffer_keys: str | None = None,
+) -> dict[Any, Any]:
+  """A whole PyTorch model's tensors as an NNX pure dict, for ``nnx.replace_by_pure_dict``.
+
+  The same conversion as :func:`to_linen`, in one tree (running statistics under
+  their NNX names ``mean`` / ``var``), with a torch ``nn.ModuleList`` index as an integer
+  key: ``resblocks.0.convs1.1`` -> ``['resblocks'][0]['convs1'][1]``, the path of an
+  ``nnx.List`` of submodules. Load it with
+  ``state = nnx.state(model); nnx.replace_by_pure_dict(state, tree); nnx.update(model, state)``.
+
+  Args:
+    source: as :func:`to_linen`.
+    kinds: as :func:`to_linen`.
+    rules: as :func:`to_linen`.
+    buffers: as :func:`to_linen`.
+    buffer_keys: as :func:`to_linen`.
+    drop: as :func:`to_linen`.
+    decompose: as :func:`to_linen`.
+    dtype: as :func:`to_linen`.
+    template: as :func:`to_linen`.
+    twin: optional, the NNX model itself (any parameter values): as ``template=nnx.state(twin)``,
+      and each weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``
+      (see :func:`to_linen`).
+
+  Returns:
+    A nested dict of JAX arrays (copied).
+
+  Examples:
+    >>> import numpy as np
+    >>> from flax import nnx
+    >>> import wn_jax
+    >>> from wn_jax import pytorch
+    >>> sd = {'layers.0.weight_g': np.full((4, 1), 2.0, np.float32),
+    ...       'layers.0.weight_v': np.ones((4, 3), np.float32), 'layers.0.bias': np.zeros(4, np.float32)}
+    >>> class Model(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.layers = nnx.List([wn_jax.nnx.WNLinear(3, 4, rngs=rngs)])
+    >>> model = Model(nnx.Rngs(0))
+    >>> state = nnx.state(model)
+    >>> nnx.replace_by_pure_dict(state, pytorch.to_nnx(sd, template=state))
+    >>> nnx.update(model, state)
+    >>> model.layers[0].scale[...].tolist()
+    [2.0, 2.0, 2.0, 2.0]
+  """
+  options = _Options(kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
+  return _to_tree(source, 'nnx', options, template, twin)
+
+
+def layer_axes(
+  source: Any, kinds: Mapping[str, str] | None = None, *, decompose: bool | str = False
+) -> dict[str, int | None]:
+  """Each weight-normed layer's kept ``axis``, keyed by its linen path, for ``linen.fold``.
+
+  A converted layer's ``scale`` does not always tell its axis (a wav2vec2-style ``dim=2``
+  Conv1d whose window equals its channel count fits ``axis=-1`` too), so fold a converted
+  model with ``wn_jax.linen.fold(variables['params'], axis=layer_axes(torch_model))``.
+
+  Args:
+    source: as :func:`to_linen`.
+    kinds: as :func:`to_linen`.
+    decompose: as :func:`to_linen`.
+
+  Returns:
+    ``{'/'-joined linen path: axis}`` for every weight-normed (or decomposed) layer.
+
+  Examples:
+    >>> import numpy as np
+    >>> sd = {'pos_conv.0.weight_g': np.ones((1, 1, 4), np.float32),
+    ...       'pos_conv.0.weight_v': np.ones((4, 4, 4), np.float32)}
+    >>> layer_axes(sd)
+    {'pos_conv_0': -3}
+  """
+  _, _, layers = _layers(source, kinds, decompose, None)
+  return {'/'.join(_linen_path(prefix)): layer.axis for prefix, layer in layers.items()}

@@ -1,0 +1,56 @@
+"""Torch module prefixes as linen and NNX paths, and nested trees from flat ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wn_jax.pytorch._state_dict import _error
+
+
+def _linen_path(prefix: str) -> tuple[str, ...]:
+  """``'resblocks.0.convs1.1'`` -> ``('resblocks_0', 'convs1_1')``: linen's names for lists."""
+  names: list[str] = []
+  for part in prefix.split('.') if prefix else []:
+    if part.isdigit() and names:
+      names[-1] += f'_{part}'
+    else:
+      names.append(part)
+  return tuple(names)
+
+
+def _nnx_path(prefix: str) -> tuple[str | int, ...]:
+  """``'resblocks.0.convs1.1'`` -> ``('resblocks', 0, 'convs1', 1)``: ``nnx.List`` indices."""
+  return tuple(int(p) if p.isdigit() else p for p in (prefix.split('.') if prefix else []))
+
+
+def _path(prefix: str, name: str, collection: str, naming: str) -> tuple[Any, ...]:
+  if naming == 'linen':
+    return (collection, *_linen_path(prefix), name)
+  return (*_nnx_path(prefix), name)
+
+
+def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:
+  tree: dict[Any, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+      if not isinstance(node, dict):
+        raise _error(f'{"/".join(map(str, path))}: a parameter and a module share a name.')
+    node[path[-1]] = value
+  return tree
+
+
+def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
+  """``{path of str: leaf}`` of a nested dict, nnx.State or pure dict."""
+  import jax
+
+  if hasattr(tree, 'to_pure_dict'):  # an nnx.State
+    from flax import nnx
+
+    tree = nnx.to_pure_dict(tree)
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
+    flat[parts] = leaf
+  return flat

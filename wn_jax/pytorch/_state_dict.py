@@ -1,0 +1,129 @@
+"""PyTorch state dicts: loading them, their arrays bit for bit, their key styles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+_STYLES = {
+  'legacy': ('.weight_g', '.weight_v'),
+  'parametrization': ('.parametrizations.weight.original0', '.parametrizations.weight.original1'),
+}
+
+
+def _error(msg: str) -> ValueError:
+  """The package's error: the message, labelled ``wn_jax.pytorch:``."""
+  return ValueError(f'wn_jax.pytorch: {msg}')
+
+
+def _is_module(x: Any) -> bool:
+  """A torch ``nn.Module``, duck typed (torch is never imported here)."""
+  return hasattr(x, 'named_modules') and hasattr(x, 'state_dict') and not isinstance(x, Mapping)
+
+
+def _load(source: Any) -> Mapping[str, Any]:
+  """The state dict of a torch module, a mapping (as it is) or a ``.safetensors`` path."""
+  if _is_module(source):
+    return source.state_dict()
+  if isinstance(source, (str, os.PathLike)):
+    try:
+      from safetensors.numpy import load_file
+    except ImportError as e:  # pragma: no cover - depends on the environment
+      raise _error(
+        'reading a .safetensors file needs the safetensors package: pip install "wn_jax[safetensors]".'
+      ) from e
+    return load_file(os.fspath(source))
+  if not isinstance(source, Mapping):
+    raise _error(
+      'expected a state dict (a mapping of key -> array), a .safetensors path or a torch '
+      f'module; got {type(source).__name__}.'
+    )
+  return source
+
+
+def _array(x: Any, dtype: Any = None) -> np.ndarray:
+  """A NumPy copy of ``x`` (NumPy, JAX or torch), bit for bit, bfloat16 included.
+
+  ``dtype`` casts floating arrays (``None``: keep their dtype).
+  """
+  if hasattr(x, 'detach'):  # a torch tensor, without importing torch
+    x = x.detach().cpu()
+    if str(x.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: via float32, exactly
+      x = x.float().numpy().astype(ml_dtypes.bfloat16)
+    else:
+      x = x.numpy()
+  out = np.array(x, copy=True)
+  if dtype is not None and _is_float(out):
+    out = out.astype(dtype)
+  return out
+
+
+def _is_float(x: Any) -> bool:
+  return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def find_prefixes(state_dict: Mapping[str, Any]) -> dict[str, str]:
+  """Every weight-normed prefix in ``state_dict`` and its key style.
+
+  Examples:
+    >>> import numpy as np
+    >>> find_prefixes({'a.weight_g': np.ones(1), 'b.parametrizations.weight.original1': np.ones(1)})
+    {'a': 'legacy', 'b': 'parametrization'}
+  """
+  found: dict[str, str] = {}
+  for key in state_dict:
+    for style, suffixes in _STYLES.items():
+      for suffix in suffixes:
+        if key.endswith(suffix) or key == suffix[1:]:
+          found.setdefault(key[: -len(suffix)] if key.endswith(suffix) else '', style)
+  return found
+
+
+def _key(prefix: str, suffix: str) -> str:
+  """``prefix + suffix``; a top-level module's keys have no prefix and no dot."""
+  return prefix + suffix if prefix else suffix[1:]
+
+
+def _split(key: str) -> tuple[str, str]:
+  """``'a.b.weight'`` -> ``('a.b', 'weight')``."""
+  prefix, _, leaf = key.rpartition('.')
+  return prefix, leaf
+
+
+def _like(ref: Any, value: np.ndarray, key: str, hint: str = '') -> Any:
+  """``value`` as ``ref`` is: a torch tensor of its dtype and device, or a NumPy array of its dtype."""
+  if tuple(ref.shape) != value.shape:
+    raise _error(
+      f'{key!r}: like has shape {tuple(ref.shape)}, the converted value {value.shape}. {hint}'
+    )
+  if hasattr(ref, 'new_tensor'):  # torch, without importing it
+    if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, float8: torch reads no such NumPy array
+      value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
+    return ref.new_tensor(value)
+  return np.asarray(value).astype(np.asarray(ref).dtype, copy=False)
+
+
+def _finish(
+  out: dict[str, np.ndarray], like: Any, skipped: set[str], hint: str = ''
+) -> dict[str, Any]:
+  """``out`` in the order, types and dtypes of ``like``'s state dict; ``skipped`` keys from ``like``."""
+  if like is None:
+    return out
+  ref = _load(like)
+  extra = [k for k in out if k not in ref]
+  missing = [k for k in ref if k not in out and k not in skipped]
+  if extra or missing:
+    raise _error(
+      f"the converted keys do not match like's state dict: missing {missing}, unexpected {extra}. "
+      f'{hint}'
+    )
+  return {k: (_like(ref[k], out[k], k, hint) if k in out else _copy(ref[k])) for k in ref}
+
+
+def _copy(x: Any) -> Any:
+  return x.clone() if hasattr(x, 'clone') else np.array(x, copy=True)

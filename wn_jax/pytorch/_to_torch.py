@@ -1,0 +1,153 @@
+"""wn_jax parameters back to a PyTorch state dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from wn_jax.pytorch._layer import TorchLayer
+from wn_jax.pytorch._layer import _export_layer
+from wn_jax.pytorch._layer import _is_layers
+from wn_jax.pytorch._layer import _layers_to_torch
+from wn_jax.pytorch._naming import _flatten
+from wn_jax.pytorch._naming import _path
+from wn_jax.pytorch._plan import Rule
+from wn_jax.pytorch._plan import _Options
+from wn_jax.pytorch._plan import _plan
+from wn_jax.pytorch._state_dict import _array
+from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _finish
+from wn_jax.pytorch._state_dict import _key
+from wn_jax.pytorch._state_dict import _split
+
+_SAME = (
+  'If the tree came from to_linen / to_nnx with rules=, kinds=, decompose=, buffers= or drop=, '
+  'pass to_torch the same rules=, kinds=, decompose=, buffers= and drop=.'
+)
+
+
+def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
+  """A linen or NNX tree as ``like``'s state dict."""
+  sd, layers, leaves, skipped = _plan(like, options)
+  naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
+  flat = _flatten(tree)
+  missing: list[str] = []
+
+  def get(prefix: str, name: str, collection: str) -> Any:
+    # A state dict cannot tell buffers from parameters: either collection holds them.
+    other = {'params': options.buffers, options.buffers: 'params'}.get(collection, collection)
+    for c in (collection, other):
+      path = tuple(map(str, _path(prefix, name, c, naming)))
+      if path in flat:
+        return np.array(flat[path])
+    missing.append('/'.join(map(str, _path(prefix, name, collection, naming))))
+    return None
+
+  out: dict[str, np.ndarray] = {}
+  for prefix, layer in layers.items():
+    params = {n: get(prefix, n, 'params') for n in layer.params}
+    if all(v is not None for v in params.values()):
+      out.update(_export_layer(prefix, dataclasses.replace(layer, params=params), layer.style))
+  for leaf in leaves:
+    # A rule's forward on like's own tensor names the leaves its inverse takes back.
+    names = leaf.forward(_array(sd[leaf.key])) if leaf.user else None
+    if isinstance(names, Mapping):
+      parts = {rel: get(*_split(_key(leaf.prefix, f'.{rel}')), leaf.collection) for rel in names}
+      if all(v is not None for v in parts.values()):
+        out[leaf.key] = np.asarray(leaf.inverse(parts))
+    else:
+      value = get(leaf.prefix, leaf.name, leaf.collection)
+      if value is not None:
+        out[leaf.key] = np.asarray(leaf.inverse(value))
+  if missing:
+    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
+  return _finish(out, like, skipped, _SAME)
+
+
+def _check_tree(tree: Any, like: Any) -> None:
+  """Raises unless ``tree`` is a linen or NNX tree, with the ``like`` it needs."""
+  if not isinstance(tree, Mapping) and not hasattr(tree, 'to_pure_dict'):
+    raise _error(
+      'expected {prefix: TorchLayer} (from from_torch), linen variables or NNX state; got '
+      f'{type(tree).__name__}.'
+    )
+  values = list(tree.values())
+  if any(isinstance(v, TorchLayer) for v in values):
+    raise _error(
+      'expected {prefix: TorchLayer} (from from_torch), linen variables or NNX state; got a '
+      f'mapping of {sorted({type(v).__name__ for v in values})}.'
+    )
+  if not any(isinstance(v, Mapping) for v in values) and any('.' in str(k) for k in tree):
+    raise _error(
+      f'got a PyTorch state dict (keys {list(tree)[:3]}), which is already in PyTorch form: '
+      'to_torch takes what from_torch, to_linen or to_nnx give (a model with tensors only on '
+      'its root module has no dotted keys).'
+    )
+  if like is None:
+    raise _error(
+      'a linen or NNX tree converts back with like=<the torch module or its state dict>, '
+      'which sets the keys and their key style.'
+    )
+
+
+def to_torch(
+  layers: Any,
+  *,
+  like: Any = None,
+  style: str | None = None,
+  kinds: Mapping[str, str] | None = None,
+  rules: Mapping[str, Rule] | None = None,
+  decompose: bool | str = False,
+  buffers: str = 'buffers',
+  drop: str | None = None,
+  buffer_keys: str | None = None,
+) -> dict[str, Any]:
+  """The reverse of :func:`from_torch`, :func:`to_linen` and :func:`to_nnx`.
+
+  ``module.load_state_dict(to_torch(..., like=module), strict=True)`` loads the result.
+  A tree goes back with the ``kinds``, ``rules``, ``decompose``, ``buffers``,
+  ``buffer_keys`` and ``drop`` it was made with; without them, the error says so.
+
+  Args:
+    layers: ``{prefix: TorchLayer}`` (e.g. from :func:`from_torch`, with trained params
+      swapped in via ``dataclasses.replace``); or a whole linen ``variables`` dict
+      (``{'params': ...}``, as :func:`to_linen` gives) or NNX state (``nnx.state(model)``
+      or its pure dict, as :func:`to_nnx` gives), which need ``like``.
+    like: the torch module (or its state dict) the result is for. Its state dict sets
+      the keys, their order, key style, shapes and dtypes, and, for torch tensors, the
+      result's type and device: a plain ``weight`` in ``like`` gets the folded
+      ``g * v / ||v||``. With ``layers``, the keys of ``like`` that are not in a
+      weight-normed layer are copied from ``like``; with a tree every value comes from
+      the tree, except buffers Flax has no place for (BatchNorm's
+      ``num_batches_tracked``) and ``drop``'s keys, copied from ``like``.
+    style: ``'legacy'`` (``weight_g`` / ``weight_v``), ``'parametrization'`` or
+      ``'plain'`` (the folded ``weight``), for ``layers`` without ``like``; default:
+      each layer's own.
+    kinds: as :func:`to_linen`, for a ``like`` state dict whose shapes cannot tell.
+    rules: as :func:`to_linen`; the inverse of each pair is applied.
+    decompose: as :func:`to_linen`.
+    buffers: as :func:`to_linen`: the linen collection the buffers are read from (from a
+      ``like`` state dict, which cannot tell buffers, ``params`` or this one).
+    drop: as :func:`to_linen`: keys copied from ``like``, not read from the tree.
+    buffer_keys: as :func:`to_linen`.
+
+  Returns:
+    ``{key: array}`` with PyTorch's shapes: NumPy arrays, or torch tensors when
+    ``like`` holds them.
+
+  Examples:
+    >>> import numpy as np
+    >>> from wn_jax.pytorch import from_torch, to_torch
+    >>> sd = {'c.weight_g': np.ones((4, 1, 1), np.float32), 'c.weight_v': np.ones((4, 2, 3), np.float32)}
+    >>> back = to_torch(from_torch(sd))
+    >>> all(np.array_equal(back[k], sd[k]) for k in sd)
+    True
+  """
+  if _is_layers(layers):
+    return _layers_to_torch(layers, like, style)
+  _check_tree(layers, like)
+  options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
+  return _tree_to_torch(layers, like, options)

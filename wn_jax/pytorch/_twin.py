@@ -1,0 +1,129 @@
+"""The Flax model's own tree and axes, checked against a converted one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from wn_jax.pytorch._layer import TorchLayer
+from wn_jax.pytorch._naming import _flatten
+from wn_jax.pytorch._naming import _path
+from wn_jax.pytorch._state_dict import _error
+
+
+def _twin(twin: Any, naming: str) -> tuple[Any, dict[tuple[str, ...], Any]]:
+  """(the twin's variables, for the template; ``{module path: axis}`` of its WN layers)."""
+  return _nnx_twin(twin) if naming == 'nnx' else _linen_twin(twin)
+
+
+def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
+  """An NNX model's state and its WN layers' axes, by module path."""
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  if not isinstance(twin, nnx.Module):
+    raise TypeError(
+      f'wn_jax.pytorch.to_nnx: twin= takes the NNX model itself; got {type(twin).__name__}.'
+    )
+  found = {
+    tuple(map(str, path)): m.axis
+    for path, m in nnx.iter_graph(twin)
+    if isinstance(m, wx._WeightNormedKernel)
+  }
+  return nnx.state(twin), found
+
+
+def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
+  """``(module, *inputs)``: its variables from an abstract ``init``, and its WN layers' axes."""
+  import flax.linen as nn
+  import jax
+
+  from wn_jax import linen as wl
+
+  if not (isinstance(twin, (tuple, list)) and twin and isinstance(twin[0], nn.Module)):
+    raise TypeError(
+      'wn_jax.pytorch.to_linen: twin= takes (module, *inputs), the linen model and inputs '
+      f'its init runs on (abstractly); got {type(twin).__name__}.'
+    )
+  module, *inputs = twin
+  axes: dict[tuple[str, ...], Any] = {}
+
+  def record(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
+    layer = context.module
+    if isinstance(layer, wl._WeightNormedKernel) and isinstance(layer, nn.Module):
+      axes[tuple(layer.path)] = layer.axis
+    return call(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    template = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+  return template, axes
+
+
+def _kept(axis: Any, ndim: int) -> tuple[int, ...] | None:
+  """An ``axis`` (int, tuple or None) as sorted non-negative axes of an ``ndim`` kernel."""
+  if axis is None:
+    return None
+  return tuple(sorted(a % ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))))
+
+
+def _check_axes(
+  layers: dict[str, TorchLayer], axes: dict[tuple[str, ...], Any], naming: str
+) -> None:
+  """Each weight-normed layer's kept axis against the twin's layer at its path."""
+  for prefix, layer in layers.items():
+    path = _path(prefix, 'scale', 'params', naming)[1 if naming == 'linen' else 0 : -1]
+    where = tuple(map(str, path))
+    if where not in axes:
+      continue
+    ndim = np.ndim(layer.params['kernel'])
+    if _kept(axes[where], ndim) != _kept(layer.axis, ndim):
+      raise _error(
+        f'{"/".join(where)!r}: the twin keeps axis {axes[where]}, but PyTorch weight-normed '
+        f'{prefix!r} with dim={layer.dim}, which is wn_jax axis={layer.axis}: build that '
+        f"layer with axis={layer.axis} (layer_axes(torch_model) gives every layer's)."
+      )
+
+
+def _check(
+  flat: dict[tuple[Any, ...], Any], template: Any, layers: dict[str, TorchLayer], naming: str
+) -> None:
+  """Every name and shape of the converted tree against the Flax model's own."""
+  got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
+  want = {p: tuple(getattr(v, 'shape', ())) for p, v in _flatten(template).items()}
+  scales = {tuple(map(str, _path(p, 'scale', 'params', naming))): x for p, x in layers.items()}
+  if want and all(p[0] != 'params' for p in want) and all(p[0] == 'params' for p in got):
+    got = {p[1:]: s for p, s in got.items()}  # a linen params tree, not variables
+    scales = {p[1:]: x for p, x in scales.items()}
+  missing = sorted('/'.join(p) for p in want if p not in got)
+  unexpected = sorted('/'.join(p) for p in got if p not in want)
+  bad = sorted(p for p in got if p in want and got[p] != want[p])
+  shapes = [f'{"/".join(p)}: {got[p]} vs {want[p]}' for p in bad]
+  if not (missing or unexpected or shapes):
+    return
+  hints = [
+    f'build {"/".join(p[:-1])!r} with axis={scales[p].axis} (PyTorch weight-normed it with '
+    f'dim={scales[p].dim})'
+    for p in bad
+    if p in scales
+  ]
+  if any(m.split('/', 1)[-1] == u.split('/', 1)[-1] for m in missing for u in unexpected):
+    hints.append(
+      "put each tensor in the template's collection (torch buffers go to buffers=, "
+      "'buffers' by default, read from a module or marked by buffer_keys=)"
+    )
+  if missing or unexpected:
+    hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
+  if unexpected:
+    hints.append(
+      'leave out tensors the Flax model does not hold with drop=<regex> (to_torch brings '
+      'them back from like)'
+    )
+  if any(p not in scales for p in bad):
+    hints.append('pass rules= for tensors of a layout of their own')
+  raise _error(
+    'the converted tree does not fit the template: '
+    f'missing {missing}, unexpected {unexpected}, shapes (converted vs template) {shapes}. '
+    f'Fix: {"; ".join(hints)}.'
+  )

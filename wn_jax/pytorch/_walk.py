@@ -1,0 +1,99 @@
+"""What a live torch module says about each of its layers (or a state dict's shapes guess)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from wn_jax.pytorch._kinds import _DEFAULT_KIND
+from wn_jax.pytorch._kinds import KINDS
+from wn_jax.pytorch._kinds import PLAIN_KINDS
+from wn_jax.pytorch._kinds import TORCH_ARGS
+from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _is_module
+from wn_jax.pytorch._state_dict import _key
+from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import find_prefixes
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:
+  """A prefix's layer: kind, PyTorch arguments and weight norm's ``dim`` (if the module tells)."""
+
+  kind: str | None
+  args: dict[str, Any]
+  dim: Any = _MISSING
+
+
+def _kind_of(module: Any) -> str | None:
+  """The PyTorch layer kind from the class and its bases (``ParametrizedConv1d`` -> ``Conv1d``)."""
+  for cls in type(module).__mro__:
+    if cls.__name__ in KINDS or cls.__name__ in PLAIN_KINDS:
+      return cls.__name__
+  return None
+
+
+def _wn_dim(module: Any) -> Any:
+  """Weight norm's ``dim`` on ``module.weight`` (``None``: whole tensor), or ``_MISSING``."""
+  for hook in getattr(module, '_forward_pre_hooks', {}).values():  # legacy weight_norm
+    if type(hook).__name__ == 'WeightNorm' and getattr(hook, 'name', None) == 'weight':
+      return None if hook.dim in (None, -1) else hook.dim
+  try:
+    parametrizations = module.parametrizations.weight
+  except (AttributeError, KeyError):
+    return _MISSING
+  for p in parametrizations:
+    if type(p).__name__ == '_WeightNorm':
+      return None if p.dim in (None, -1) else p.dim
+  return _MISSING
+
+
+def _walk(module: Any) -> dict[str, _Info]:
+  """``{prefix: _Info}`` for every submodule of a torch module (kind ``None``: a class wn_jax
+  does not know, whose tensors keep their names and layout)."""
+  out: dict[str, _Info] = {}
+  for prefix, m in module.named_modules():
+    kind = _kind_of(m)
+    args: dict[str, Any] = {}
+    if kind in KINDS and kind != 'Linear':
+      names = [a for a in TORCH_ARGS if not (a == 'output_padding' and 'Transpose' not in kind)]
+      args = {a: getattr(m, a) for a in names if hasattr(m, a)}
+    out[prefix] = _Info(kind, args, _wn_dim(m))
+  return out
+
+
+def _guess_kind(prefix: str, sd: Mapping[str, Any]) -> str | None:
+  """A plain layer's kind from its keys and shapes alone (a state dict without its module)."""
+  if _key(prefix, '.running_mean') in sd:
+    return 'BatchNorm1d'
+  weight = sd.get(_key(prefix, '.weight'))
+  if weight is None:
+    return None
+  ndim = len(weight.shape)
+  return 'LayerNorm' if ndim == 1 else _DEFAULT_KIND.get(ndim)
+
+
+def _plain_kind(prefix: str, sd: Mapping[str, Any], infos: dict[str, _Info]) -> str | None:
+  """A plain layer's kind: the module's (or ``kinds``'), guessed only for a bare state dict."""
+  info = infos.get(prefix)
+  return info.kind if info is not None else _guess_kind(prefix, sd)
+
+
+def _infos(source: Any, sd: Mapping[str, Any], kinds: Mapping[str, str] | None) -> dict[str, _Info]:
+  """Each prefix's ``_Info``: from the module if given, overridden by ``kinds``."""
+  infos = _walk(source) if _is_module(source) else {}
+  prefixes = {_split(k)[0] for k in sd} | set(find_prefixes(sd))
+  for p, k in (kinds or {}).items():
+    if p not in prefixes:
+      raise _error(
+        f'kinds names prefix {p!r}, which matches no layer of the state dict '
+        f'(weight-normed layers: {sorted(find_prefixes(sd))}).'
+      )
+    if k not in KINDS and k not in PLAIN_KINDS:
+      raise _error(f'unknown kind {k!r} for prefix {p!r}; expected one of {KINDS + PLAIN_KINDS}.')
+    old = infos.get(p, _Info(None, {}))
+    infos[p] = dataclasses.replace(old, kind=k)
+  return infos
