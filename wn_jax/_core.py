@@ -13,6 +13,14 @@ from jax.typing import ArrayLike
 Axis = int | Sequence[int] | None
 
 
+def as_array(x: ArrayLike, dtype=None) -> jax.Array:
+  """``jnp.asarray(x, dtype)``, without its cost (tens of microseconds eagerly) for a JAX
+  array (or tracer) that already has the dtype."""
+  if isinstance(x, jax.Array) and (dtype is None or x.dtype == dtype):
+    return x
+  return jnp.asarray(x, dtype)
+
+
 def kept_axes(ndim: int, axis: Axis, where: str) -> tuple[int, ...]:
   """Canonicalizes ``axis`` (the KEPT axes) for an array of rank ``ndim``.
 
@@ -159,7 +167,7 @@ def _norm_jit(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
 
 
 def _norm(w: ArrayLike, axis: Axis, where: str) -> jax.Array:
-  w = jnp.asarray(w)
+  w = as_array(w)
   _check_floating(w, 'w', where)
   return _norm_jit(w, kept_axes(w.ndim, axis, where))
 
@@ -340,7 +348,7 @@ def _checked(
   v: ArrayLike, g: ArrayLike, axis: Axis, eps: float, where: str
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
   """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError`` naming ``where``."""
-  v, g = jnp.asarray(v), jnp.asarray(g)
+  v, g = as_array(v), as_array(g)
   _check_floating(v, 'v', where)
   _check_floating(g, 'g', where)
   if not (isinstance(eps, (int, float)) and eps >= 0):
@@ -417,7 +425,7 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
     >>> wn_jax.decompose(jnp.zeros((2, 2)))[1]  # an all-zero slice starts at g = 1
     Array([1., 1.], dtype=float32)
   """
-  w = jnp.asarray(w)
+  w = as_array(w)
   _check_floating(w, 'w', 'wn_jax.decompose')
   return w, _scale_of(w, kept_axes(w.ndim, axis, 'wn_jax.decompose'))
 

@@ -57,7 +57,7 @@ def normalize(
 ) -> jax.Array:
   """``_core.normalize`` with ``v`` and ``g`` cast to ``dtype`` first (reduced in float32)."""
   try:
-    return _core.normalize(jnp.asarray(v, dtype), jnp.asarray(g, dtype), kept, eps=eps)
+    return _core.normalize(_core.as_array(v, dtype), _core.as_array(g, dtype), kept, eps=eps)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
 
@@ -101,9 +101,9 @@ def scaled_output(
 ) -> jax.Array:
   """``y * (g / ||v||) + bias`` for ``y = x @ v``, formed in the wider of ``y``'s dtype and the
   factor's (float32), rounded once to ``y``'s dtype."""
-  v, g = jnp.asarray(v, dtype), jnp.asarray(g, dtype)
+  v, g = _core.as_array(v, dtype), _core.as_array(g, dtype)
   try:
-    return _scaled_output(y, v, g, None if bias is None else jnp.asarray(bias), kept)
+    return _scaled_output(y, v, g, None if bias is None else _core.as_array(bias), kept)
   except ValueError as e:
     raise ValueError(f'{where}: {e}') from None
 

@@ -132,7 +132,7 @@ class _WeightNormedKernel:
     dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))
     if scaled is not None:
       scaled.update(v=value, g=g, kept=kept, dtype=dtype)
-      return jnp.asarray(value, dtype)
+      return _core.as_array(value, dtype)
     return _layers.normalize(where, value, g, kept, dtype)
 
   def _plain_call(self, call, *args, **kwargs):

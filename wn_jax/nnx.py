@@ -37,12 +37,17 @@ _TAG = 'wn_jax_data_init'
 
 
 class _KernelView:
-  """The module as Flax's ``__call__`` sees it, with the kernel (and bias) replaced."""
+  """The module as Flax's ``__call__`` sees it, with the kernel and bias replaced.
+
+  A bias of ``None`` also reads ``use_bias`` as ``False``: the layer adds none.
+  """
 
   def __init__(self, module: Any, kernel: jax.Array, bias: Any):
     object.__setattr__(self, '_module', module)
     object.__setattr__(self, 'kernel', kernel)
     object.__setattr__(self, 'bias', bias)
+    if bias is None:
+      object.__setattr__(self, 'use_bias', False)
 
   def __getattr__(self, name: str) -> Any:
     return getattr(object.__getattribute__(self, '_module'), name)
@@ -111,8 +116,8 @@ class _WeightNormedKernel:
         getattr(self, 'dot_general', None) is jax.lax.dot_general,
       )
     ):
-      zero = None if bias is None else jnp.zeros_like(bias[...])
-      y = call.__func__(_KernelView(self, kernel.astype(dtype), zero), inputs, *args, **kwargs)
+      # Only Linear scales its output, and it takes no bias: the factor's call adds it.
+      y = call.__func__(_KernelView(self, kernel.astype(dtype), None), inputs, *args, **kwargs)
       return _layers.scaled_output(
         where, y, kernel, g, kept, dtype, None if bias is None else bias[...]
       )
