@@ -19,6 +19,7 @@ CHECKS = [
   'partitioned_scale',
   'data_init',
   'explicit_mesh',
+  'projection',
 ]
 
 
