@@ -647,15 +647,14 @@ def direction_stats(
   caller = 'wn_jax.optim.direction_stats'
   params = _values(params)
   kept = _direction_axes(params, axis, caller)
-  nodes, node_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
+  paths, nodes = [p for p, _ in flat], [x for _, x in flat]
   if updates is None:
-    update_nodes = [None] * len(nodes)
-  else:
-    update_nodes = jax.tree_util.tree_structure(params, is_leaf=_is_node).flatten_up_to(
-      _values(updates)
-    )
+    update_nodes: list[Any] = [None] * len(nodes)
+  else:  # updates have the structure of params
+    update_nodes = jax.tree_util.tree_leaves(_values(updates), is_leaf=_is_node)
   out = {}
-  for (path, x), u, k in zip(nodes, update_nodes, kept):
+  for path, x, u, k in zip(paths, nodes, update_nodes, kept):
     if k is None:
       continue
     name = '/'.join(_path_keys(path))
