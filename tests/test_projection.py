@@ -406,3 +406,21 @@ def test_errors():
     tx.update(square, {'targets': state.targets}, square)
   with pytest.raises(ValueError, match=r'no axis in the mapping'):
     wn_jax.optim.project_directions(axis={'other': -1}).init(square)
+
+
+def test_repeated_eager_calls_compile_nothing():
+  from tests.test_eager import count_compiles
+
+  params = NET.init(jax.random.key(0), X, XC)['params']
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  for norm in ('init', 2.0):
+    tx = wn_jax.optim.project_directions(norm)
+
+    def calls(tx=tx):
+      state = tx.init(params)
+      return tx.update(grads, state, params), wn_jax.optim.direction_stats(params, grads)
+
+    jax.block_until_ready(calls())  # the first call may compile
+    with count_compiles() as seen:
+      jax.block_until_ready(calls())
+    assert not seen, f'norm={norm!r}: {len(seen)} compilation(s) on a repeated eager call'
