@@ -63,8 +63,8 @@ def _on_mesh(tree):
   )
 
 
-def _train(loss_fn, params, layout, x, sharded):
-  tx = optax.adam(1e-2)
+def _train(loss_fn, params, layout, x, sharded, tx=None):
+  tx = optax.adam(1e-2) if tx is None else tx
   state = tx.init(params)
 
   def step(p, s, x):
@@ -164,11 +164,11 @@ def check_pytree_transform():
   )
 
 
-def check_optimizer_transformation():
+def check_optimizer_transformation(tx=None, name='optimizer'):
   model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(8)])
   params = model.init(jax.random.key(3), X)['params']
   loss = lambda p, x: jnp.mean((model.apply({'params': p}, x) - Y) ** 2)
-  tx = wn_jax.optim.weight_norm(optax.adam(1e-2))
+  tx = wn_jax.optim.weight_norm(optax.adam(1e-2)) if tx is None else tx
 
   def run(layout, sharded):
     p, x = params, X
@@ -197,7 +197,44 @@ def check_optimizer_transformation():
     got = run(layout, True)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=layout)
-  print('OK optimizer', flush=True)
+  print(f'OK {name}', flush=True)
+
+
+def check_projection():
+  """project_directions on sharded WN layers, and weight_norm(project=...) on sharded plain
+  weights: the single-device trajectory, the asked-for shardings, every v at its init norm."""
+  model = nn.Sequential([wl.WNDense(16), nn.relu, wl.WNDense(8)])
+  params = model.init(jax.random.key(3), X)['params']
+  loss = lambda p, x: jnp.mean((model.apply({'params': p}, x) - Y) ** 2)
+  tx = optax.chain(optax.adam(1e-2), wn_jax.optim.project_directions())
+  ref, ref_losses = _train(loss, params, 'data', X, sharded=False, tx=tx)
+  for layout in ('data', 'model_out', 'model_in', 'both'):
+    got, losses = _train(loss, params, layout, X, sharded=True, tx=tx)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f'projection/{layout}')
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    for k in ('layers_0', 'layers_2'):
+      np.testing.assert_allclose(
+        wn_jax.norm(got[k]['kernel']), wn_jax.norm(params[k]['kernel']), rtol=2e-6, err_msg=k
+      )
+      assert not np.allclose(got[k]['kernel'], params[k]['kernel'])
+  plain = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(8)])
+  p0 = plain.init(jax.random.key(3), X)['params']
+  tx = wn_jax.optim.weight_norm(optax.adam(1e-2), project='init')
+  check_optimizer_transformation(tx, 'projection (optimizer route)')
+  for layout in ('model_out', 'both'):
+    p = jax.tree_util.tree_map(
+      lambda a, s: jax.device_put(a, NamedSharding(MESH, s)), p0, _specs(p0, layout)
+    )
+    state = _on_mesh(jax.jit(tx.init)(p))
+    grad = jax.jit(jax.grad(lambda p: jnp.mean((plain.apply({'params': p}, X) - Y) ** 2)))
+    for _ in range(STEPS):
+      u, state = jax.jit(tx.update)(grad(p), state, p)
+      p = optax.apply_updates(p, u)
+    for k in ('layers_0', 'layers_2'):
+      v = state.directions[k]['kernel'].v
+      np.testing.assert_allclose(wn_jax.norm(v), wn_jax.norm(p0[k]['kernel']), rtol=2e-6)
+  print('OK projection', flush=True)
 
 
 def check_partitioned_layers_shard_scale():
@@ -365,6 +402,7 @@ CHECKS = {
   'partitioned_scale': check_partitioned_layers_shard_scale,
   'data_init': check_data_init_sharded_batch,
   'explicit_mesh': check_explicit_mesh,
+  'projection': check_projection,
 }
 
 if __name__ == '__main__':

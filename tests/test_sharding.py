@@ -23,6 +23,7 @@ CHECKS = [
   'partitioned_scale',
   'data_init',
   'explicit_mesh',
+  'projection',
 ]
 
 

@@ -150,13 +150,26 @@ def is_wrapper_scale(
   >>> is_wrapper_scale({('ada', 'scale', 'kernel'): (4, 4), ('fc', 'kernel'): (4, 4)}, ('ada', 'scale'))
   False
   """
+  return bool(wrapped_layers(shapes, prefix))
+
+
+def wrapped_layers(
+  shapes: dict[tuple[str, ...], tuple[int, ...]], prefix: tuple[str, ...]
+) -> list[tuple[str, ...]]:
+  """The layers whose parameters the ``scale`` tree at ``prefix`` mirrors (the rule of
+  :func:`is_wrapper_scale`): each a key path whose parameter at ``layer + r`` is the ``v``
+  of the magnitude at ``prefix + r``. Empty: not a wrapper's; one: the wrapped layer.
+
+  >>> wrapped_layers({('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}, ('wn', 'scale'))
+  [('dense',)]
+  """
 
   def under(pre: tuple[str, ...]) -> list[tuple[str, ...]]:
     return [k for k in shapes if len(k) > len(pre) and k[: len(pre)] == pre]
 
   parent, n = prefix[:-1], len(prefix)
   if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
-    return False
+    return []
   inside = [k[n:] for k in under(prefix)]
   if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
     candidates = {layer}
@@ -164,13 +177,15 @@ def is_wrapper_scale(
     candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
     candidates.add(parent[:-1])
   else:
-    return False
+    return []
 
   def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
     g, w = shapes[prefix + r], shapes.get(c + r)
     return w is not None and len(g) < len(w) and fits_kept_axes(g, w)
 
-  return bool(inside) and any(all(mirrors(r, c) for r in inside) for c in candidates)
+  if not inside:
+    return []
+  return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
 
 
 def _is_lost_node(x: Any) -> bool:

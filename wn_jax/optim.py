@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from flax import serialization
 from flax import struct
 
 from wn_jax import _core
+from wn_jax import _layers
 from wn_jax import _tree
 
 _is_node = lambda x: isinstance(x, (_tree.WeightNormed, optax.MaskedNode))
@@ -94,6 +96,7 @@ def weight_norm(
   axis: _core.Axis = -1,
   *,
   where: _tree.Where = None,
+  project: str | float | None = None,
 ) -> optax.GradientTransformation:
   r"""Trains plain weights ``w`` in weight-normalized coordinates ``w = g v / ||v||``.
 
@@ -134,6 +137,9 @@ def weight_norm(
       features of Flax kernels).
     where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
       ``ndim >= 2``).
+    project: ``None``, or ``'init'`` or a positive number: each step puts every ``v``
+      back on its target norm, as :func:`project_directions` (chained after ``inner``
+      in (v, g) coordinates) does; ``w`` is the same to float rounding.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -158,6 +164,9 @@ def weight_norm(
     >>> bool(jnp.allclose(wn_jax.norm(new['w']), state.directions['w'].g))
     True
   """
+
+  if project is not None:
+    inner = optax.chain(inner, project_directions(project))
 
   def init_fn(params):
     _refuse_weight_normed(params)
@@ -418,3 +427,293 @@ def decay_mask(params: Any) -> Any:
     return not is_magnitude(_path_keys(path))
 
   return jax.tree_util.tree_map_with_path(mask, params, is_leaf=_is_node)
+
+
+class ProjectDirectionsState(NamedTuple):
+  """State of :func:`project_directions`."""
+
+  # params-shaped: each direction's target norms (g's shape, float32, or float64 for float64
+  # v), MaskedNode() elsewhere; None for a constant norm (read from the factory at update).
+  targets: Any
+
+
+def project_directions(
+  norm: str | float | jax.Array = 'init', *, axis: _layers.AxisSpec = _layers.INFER
+) -> optax.GradientTransformationExtraArgs:
+  r"""Keeps every weight-normalization direction on its sphere: Normalize-and-Project.
+
+  Chained after any optimizer, it returns updates $u'$ such that each direction
+  $v$ (a slice per kept index, as ``g`` is) lands on its target norm $\rho$:
+
+  $$ v' = \rho \, \frac{v + u}{\lVert v + u \rVert}, \qquad u' = v' - v, $$
+
+  computed as :func:`wn_jax.normalize` ``(v + u, rho)`` (the same norm, range-safe; an
+  all-zero slice stays zero). The weight $w = g \, v / \lVert v \rVert$ does not depend on
+  $\lVert v \rVert$, so $w$ and $g$ are those of the unprojected step to float rounding;
+  only $\lVert v \rVert$ is held. Without it, every step with a gradient orthogonal to
+  $v$ (weight normalization's is) makes $\lVert v \rVert$ grow, and the effective step on
+  the direction, $\lVert \Delta v \rVert / \lVert v \rVert$, decays like
+  $1 / \lVert v \rVert^2$ (see :func:`direction_stats` and the guide *Effective learning
+  rate*).
+
+  Directions are found by structure, with the rule :func:`decay_mask` and
+  :func:`wn_jax.linen.fold` use: the ``kernel`` of a linen or NNX WN layer (a ``kernel``
+  beside a ``scale`` shaped like its kept axes), each parameter of a layer a
+  ``WeightNorm`` wrapper normalizes (its ``scale`` tree, :func:`decay_mask`'s rule), and
+  ``v`` of every :class:`wn_jax.WeightNormed`. Every other leaf's update passes unchanged.
+  For the optimizer route, where ``v`` lives in the state, use
+  ``weight_norm(inner, project=...)``.
+
+  Args:
+    norm: ``'init'`` (each slice keeps its norm at ``init``; an all-zero slice gets 1, as
+      :func:`wn_jax.decompose` gives ``g``), or a positive constant for every slice (a
+      float, or an array under ``optax.inject_hyperparams``).
+    axis: the kept axis of WN layers and wrappers, as :func:`wn_jax.linen.fold` takes it:
+      ``'infer'`` (from each scale's shape, refused where several axes fit, e.g. a
+      square kernel), an int, tuple or ``None`` for all, or a mapping from layer path
+      (``'block/WNDense_0'``; a wrapper's own path) to axis: ``wn_jax.linen.layer_axes(
+      model, x)`` or ``wn_jax.nnx.layer_axes(model)``. ``WeightNormed`` nodes carry theirs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  Raises:
+    ValueError: for a ``norm`` that is neither ``'init'`` nor positive; from ``init`` or
+      ``update``, for a layer whose axis cannot be read (named), for params that changed
+      structure since ``init``, or for ``update`` without ``params`` or with a state that
+      is not a ``ProjectDirectionsState``.
+
+  References:
+    Salimans & Kingma, 2016 (section 2.2). https://arxiv.org/abs/1602.07868
+
+    Lyle et al., *Normalization and effective learning rates in reinforcement learning*,
+    NeurIPS 2024. https://arxiv.org/abs/2407.01800
+
+    Hoffer et al., *Norm matters: efficient and accurate normalization schemes in deep
+    networks*, NeurIPS 2018. https://arxiv.org/abs/1803.01814
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, wn_jax
+    >>> params = wn_jax.weight_norm({'w': jnp.array([[3.0, 1.0], [4.0, 1.0]])})
+    >>> tx = optax.chain(optax.sgd(0.5), wn_jax.optim.project_directions())
+    >>> state = tx.init(params)
+    >>> grads = wn_jax.WeightNormed(jnp.array([[-1.0, 0.0], [0.0, 2.0]]), jnp.zeros(2))
+    >>> updates, state = tx.update({'w': grads}, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> wn_jax.norm(new['w'].v)  # the norms at init: 5 and sqrt(2)
+    Array([5.       , 1.4142135], dtype=float32)
+  """
+  caller = 'wn_jax.optim.project_directions'
+  if isinstance(norm, str) and norm != 'init':
+    raise ValueError(f"{caller}: norm must be 'init' or a positive number; got {norm!r}.")
+  if isinstance(norm, (int, float)) and not norm > 0:
+    raise ValueError(
+      f'{caller}: norm must be positive (a direction of norm {norm!r} has no direction); '
+      f"got {norm!r}. Pass norm='init' to keep each slice's norm at init."
+    )
+  constant = not isinstance(norm, str)
+
+  def init_fn(params):
+    params = _values(params)
+    kept = _direction_axes(params, axis, caller)
+    if constant:
+      return ProjectDirectionsState(None)
+    nodes, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_node)
+    targets = [
+      optax.MaskedNode() if k is None else _target(_direction(x), k) for x, k in zip(nodes, kept)
+    ]
+    return ProjectDirectionsState(treedef.unflatten(targets))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(
+        f'{caller}: update needs params (the current parameters, holding v); call '
+        f'tx.update(grads, state, params), as optax.chain does when given params.'
+      )
+    if not isinstance(state, ProjectDirectionsState):
+      raise ValueError(
+        f'{caller}: update got a state of type {type(state).__name__}, not the '
+        f'ProjectDirectionsState that tx.init returns (a checkpoint restored without a '
+        f'target?). Restore with a target: jax.eval_shape(tx.init, params).'
+      )
+    treedef = jax.tree_util.tree_structure(updates)
+    params, updates = _values(params), _values(updates)
+    kept = _direction_axes(params, axis, caller)
+    nodes, node_def = jax.tree_util.tree_flatten(params, is_leaf=_is_node)
+    update_nodes = node_def.flatten_up_to(updates)
+    if constant:
+      targets = [None] * len(nodes)
+    else:
+      try:
+        targets = node_def.flatten_up_to(state.targets)
+      except (ValueError, TypeError) as e:
+        raise ValueError(
+          f'{caller}: params do not have the structure they had at init ({e}). Re-run '
+          f'tx.init on the new params.'
+        ) from None
+    out = []
+    for x, u, k, t in zip(nodes, update_nodes, kept, targets):
+      if k is None:
+        out.append(u)
+        continue
+      v, dv = _direction(x), _direction(u)
+      shape = _core.scale_shape(v.shape, k)
+      t = jnp.broadcast_to(jnp.asarray(norm, _acc(v)), shape) if t is None else t
+      if jnp.shape(t) != shape:
+        raise ValueError(
+          f'{caller}: a direction of shape {v.shape} meets a target norm of shape '
+          f'{jnp.shape(t)} in the state; the params changed since init. Re-run tx.init.'
+        )
+      dv = _project(v, dv, t, k)
+      out.append(_tree.WeightNormed(dv, u.g, u.axis) if isinstance(u, _tree.WeightNormed) else dv)
+    leaves = jax.tree_util.tree_leaves(node_def.unflatten(out), is_leaf=_is_masked)
+    return jax.tree_util.tree_unflatten(treedef, leaves), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _direction(x: Any) -> Any:
+  """``v``: the node's, or the leaf itself (a WN layer's or a wrapped layer's kernel)."""
+  return x.v if isinstance(x, _tree.WeightNormed) else x
+
+
+def _acc(x: Any) -> jnp.dtype:
+  return _core.reduce_dtype(jnp.result_type(x))
+
+
+def _target(v: Any, kept: tuple[int, ...]) -> jax.Array:
+  """``||v||`` per slice in the reduction dtype, 1 on an all-zero slice (``decompose``'s ``g``)."""
+  v = jnp.asarray(v)
+  return _core.decompose(v.astype(_acc(v)), kept)[1]
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _project(v: jax.Array, dv: jax.Array, target: jax.Array, kept: tuple[int, ...]) -> jax.Array:
+  """``u'`` with ``v + u' = normalize(v + dv, target)``, in the dtype of ``dv``."""
+  step = (v + dv.astype(v.dtype)).astype(v.dtype)  # what optax.apply_updates gives
+  return (_core.normalize(step, target, kept).astype(v.dtype) - v).astype(dv.dtype)
+
+
+def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[Any]:
+  """For each leaf of ``params`` flattened with ``WeightNormed`` nodes whole: the kept axes
+  of its direction, or ``None`` where it holds none.
+
+  A ``WeightNormed`` node's ``v`` (its own axis); a WN layer's ``kernel`` (beside a
+  ``scale`` array shaped like its kept axes, :func:`decay_mask`'s rule); each parameter a
+  ``WeightNorm`` wrapper's ``scale`` tree mirrors (:func:`wn_jax._tree.wrapped_layers`).
+  The axis of the latter two is ``axis`` at the layer's (the wrapper's) path, as in fold.
+  """
+  nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
+  shapes = {_path_keys(p): tuple(jnp.shape(x)) for p, x in nodes if not _is_node(x)}
+  axis_of = _layers._axis_of(axis, caller)
+  wrapped: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
+  prefixes = {k[: i + 1] for k in shapes for i, part in enumerate(k[:-1]) if part == 'scale'}
+  for prefix in sorted(prefixes):
+    layers = _tree.wrapped_layers(shapes, prefix)
+    if len(layers) > 1:
+      raise ValueError(
+        f"{caller}: the WeightNorm wrapper scale tree '{'/'.join(prefix)}' mirrors the "
+        f'parameters of several layers ({["/".join(c) for c in layers]}), so the parameters '
+        f'do not say which one it normalizes. Build the wrapped layer inside the wrapper '
+        f'(its params then sit under the wrapper), or use the pytree route.'
+      )
+    for layer in layers:
+      for k, shape in shapes.items():
+        if k[: len(prefix)] == prefix:
+          wrapped[layer + k[len(prefix) :]] = (shape, prefix[:-1])
+
+  def kept_of(owner: tuple[str, ...], v_shape: tuple[int, ...], g_shape: tuple[int, ...]):
+    where = '/'.join(owner)
+    a = axis_of(where)
+    if isinstance(a, str):
+      a = _layers._inferred(where, v_shape, g_shape, caller)
+    kept = _core.kept_axes(len(v_shape), a, f"{caller}: layer '{where}'")
+    if _core.scale_shape(v_shape, kept) != g_shape:
+      raise ValueError(
+        f"{caller}: layer '{where}': its scale has shape {g_shape}, but a kernel of shape "
+        f'{v_shape} keeping axis {a!r} needs {_core.scale_shape(v_shape, kept)}. Pass each '
+        f"layer's own axis: axis=layer_axes(model, ...), or a mapping {{'{where}': ...}}."
+      )
+    return kept
+
+  out: list[Any] = []
+  for path, x in nodes:
+    if isinstance(x, _tree.WeightNormed):
+      out.append(_core.kept_axes(jnp.ndim(x.v), x.axis, caller))
+      continue
+    keys = _path_keys(path) if not _is_node(x) else ()
+    scale = shapes.get(keys[:-1] + ('scale',)) if keys and keys[-1] == 'kernel' else None
+    if scale is not None and _tree.fits_kept_axes(scale, shapes[keys]):
+      out.append(kept_of(keys[:-1], shapes[keys], scale))
+    elif keys in wrapped:
+      out.append(kept_of(wrapped[keys][1], shapes[keys], wrapped[keys][0]))
+    else:
+      out.append(None)
+  return out
+
+
+def direction_stats(
+  params: Any, updates: Any = None, *, axis: _layers.AxisSpec = _layers.INFER
+) -> dict[str, jax.Array]:
+  r"""Per-direction norms and effective step sizes, for a training loop to log.
+
+  For each direction $v$ that :func:`project_directions` finds (same rule, same ``axis``),
+  averaged over its slices $j$ (one per ``g`` entry):
+
+  - ``'<path>/norm'``: the mean of $\lVert v_j \rVert$;
+  - ``'<path>/step'`` (with ``updates``): the mean of $\lVert \Delta v_j \rVert / \lVert
+    v_j \rVert$, the effective step: how far the step turns the direction of $w$.
+
+  Why it matters (Salimans & Kingma, section 2.2): with $w = g \, v / \lVert v \rVert$,
+  $\nabla_v L = \frac{g}{\lVert v \rVert} (I - u u^\top) \nabla_w L$, $u = v / \lVert v
+  \rVert$: orthogonal to $v$ and scaled by $g / \lVert v \rVert$. A gradient step then
+  makes $\lVert v \rVert$ grow ($\lVert v + \Delta v \rVert^2 = \lVert v \rVert^2 +
+  \lVert \Delta v \rVert^2$), and the effective step shrinks like $1 / \lVert v
+  \rVert^2$ for SGD (like $1 / \lVert v \rVert$ for Adam, whose step size does not scale
+  with the gradient): an implicit learning-rate decay. :func:`project_directions` holds
+  $\lVert v \rVert$ fixed, which keeps the effective step at the one the learning rate sets
+  (Lyle et al., 2024; Hoffer et al., 2018).
+
+  Args:
+    params: the parameters (linen, NNX state or pure dict, or a tree with
+      ``WeightNormed`` nodes, e.g. ``weight_norm``'s ``state.directions``).
+    updates: the updates of the step (as the optimizer returns them), or ``None``.
+    axis: the kept axis of WN layers and wrappers, as in :func:`project_directions`.
+
+  Returns:
+    A flat dict of float32 scalars keyed ``'<path>/norm'`` and ``'<path>/step'``, the path
+    ``/``-joined (``'Dense_0/kernel'``). Works under ``jit``.
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> params = wn_jax.weight_norm({'w': jnp.array([[3.0, 0.0], [4.0, 2.0]])})
+    >>> updates = wn_jax.WeightNormed(jnp.array([[0.4, 0.0], [-0.3, 1.0]]), jnp.zeros(2))
+    >>> stats = wn_jax.optim.direction_stats(params, {'w': updates})
+    >>> round(float(stats['w/norm']), 6), round(float(stats['w/step']), 6)  # (5+2)/2, (.1+.5)/2
+    (3.5, 0.3)
+  """
+  caller = 'wn_jax.optim.direction_stats'
+  params = _values(params)
+  kept = _direction_axes(params, axis, caller)
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
+  paths, nodes = [p for p, _ in flat], [x for _, x in flat]
+  if updates is None:
+    update_nodes: list[Any] = [None] * len(nodes)
+  else:  # updates have the structure of params
+    update_nodes = jax.tree_util.tree_leaves(_values(updates), is_leaf=_is_node)
+  out = {}
+  for path, x, u, k in zip(paths, nodes, update_nodes, kept):
+    if k is None:
+      continue
+    name = '/'.join(_path_keys(path))
+    n = _core.norm(_direction(x), k)
+    out[f'{name}/norm'] = jnp.mean(n)
+    if u is not None:
+      safe = jnp.where(n > 0, n, 1.0)
+      out[f'{name}/step'] = jnp.mean(_core.norm(_direction(u), k) / safe)
+  return out
