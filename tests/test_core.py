@@ -324,3 +324,13 @@ def test_invariants(sa, seed, c):
     np.sum(np.asarray(gw, np.float64) ** 2, axis=red)
   )
   assert np.all(np.abs(dots) <= 1e-5 * scale + 1e-30)
+
+
+def test_eps_takes_numpy_floats_and_refuses_non_finite():
+  v, g = jnp.ones((3, 2)), jnp.ones(2)
+  np.testing.assert_array_equal(
+    wn_jax.normalize(v, g, eps=np.float32(1e-3)), wn_jax.normalize(v, g, eps=1e-3)
+  )
+  for bad in (float('inf'), float('nan'), -1.0, True):
+    with pytest.raises(ValueError, match='eps must be a finite non-negative number'):
+      wn_jax.normalize(v, g, eps=bad)

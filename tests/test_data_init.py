@@ -608,3 +608,16 @@ def test_nnx_layer_shared_across_vmap_needs_the_axis_name():
   y = np.asarray(model(xs)).reshape(-1, 8)
   np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
   np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize('front', ['linen', 'nnx'])
+def test_a_call_that_initializes_no_layer_is_refused(front):
+  # Found by a user: data_init on WeightNorm-wrapped (or plain) layers returned the
+  # variables unchanged, silently.
+  x = 3.0 * jax.random.normal(jax.random.key(0), (64, 5))
+  with pytest.raises(ValueError, match='initialized no layer'):
+    if front == 'linen':
+      model = wl.WeightNorm(nn.Dense(4))
+      wl.data_init(model, model.init(jax.random.key(1), x), x)
+    else:
+      wx.data_init(wx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0))), x)

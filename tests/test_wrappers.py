@@ -235,3 +235,21 @@ def test_nnx_scale_param_dtype_and_epsilon():
     plain, epsilon=1e-2, scale_init=nnx.initializers.constant(2.0), rngs=nnx.Rngs(0)
   )
   assert_close(model(jnp.eye(2)), [[2e-2, 1.2], [0.0, 1.6]])
+
+
+@pytest.mark.parametrize('epsilon', [-1.0, float('inf'), float('nan')])
+def test_a_bad_epsilon_is_refused_at_construction(epsilon):
+  with pytest.raises(ValueError, match='epsilon must be a finite non-negative number'):
+    wl.WeightNorm(nn.Dense(3), epsilon=epsilon)
+  with pytest.raises(ValueError, match='epsilon must be a finite non-negative number'):
+    wx.WeightNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), epsilon=epsilon)
+
+
+def test_the_not_a_layer_error_gives_an_example_of_its_own_api():
+  with pytest.raises(TypeError, match=r'e\.g\. nnx\.Linear'):
+    wx.WeightNorm(jnp.ones((2, 3)))
+
+
+def test_selecting_no_leaf_names_the_parameters_and_the_fix():
+  with pytest.raises(ValueError, match=r"'embedding'.*where='embedding'"):
+    wx.WeightNorm(nnx.Embed(10, 4, rngs=nnx.Rngs(0)))

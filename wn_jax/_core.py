@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 Axis = int | Sequence[int] | None
@@ -57,6 +59,16 @@ def kept_axes(ndim: int, axis: Axis, where: str) -> tuple[int, ...]:
 def reduce_dtype(dtype) -> jnp.dtype:
   """The dtype the norm is reduced in: float32, or float64 for float64 input."""
   return result_dtype(dtype, jnp.float32)
+
+
+def is_eps(eps: object) -> bool:
+  """Whether ``eps`` is a static lower bound on a norm: a finite real number >= 0."""
+  return (
+    isinstance(eps, (int, float, np.integer, np.floating))
+    and not isinstance(eps, bool)
+    and math.isfinite(eps)
+    and eps >= 0
+  )
 
 
 def _check_floating(x: jax.Array, name: str, where: str) -> None:
@@ -351,8 +363,10 @@ def _checked(
   v, g = as_array(v), as_array(g)
   _check_floating(v, 'v', where)
   _check_floating(g, 'g', where)
-  if not (isinstance(eps, (int, float)) and eps >= 0):
-    raise ValueError(f'{where}: eps must be a non-negative Python float; got {eps!r}.')
+  if not is_eps(eps):
+    raise ValueError(
+      f'{where}: eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'
+    )
   kept = kept_axes(v.ndim, axis, where)
   expected = scale_shape(v.shape, kept)
   if g.shape != expected:

@@ -58,6 +58,14 @@ def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> I
   token = _MODE.set(_Mode(init_scale, axis_name))
   try:
     yield _MODE.get()  # type: ignore[misc]
+    if not _MODE.get().done:  # type: ignore[union-attr]
+      raise ValueError(
+        'data_init: the call initialized no layer: no WN layer (WNDense, WNConv, '
+        'WNConvTranspose; NNX: WNLinear, WNConv, WNConvTranspose) ran in it. Plain layers and '
+        'layers inside a WeightNorm wrapper are left as they are (a wrapper scales parameters, '
+        'not the output features of a pre-activation): build the layers to initialize as WN '
+        "layers, or set a wrapper's scale by hand."
+      )
   finally:
     _MODE.reset(token)
 

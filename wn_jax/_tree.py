@@ -319,18 +319,25 @@ def replace_selected(
   out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
   if count == 0 and required:
     raise ValueError(
-      f'{caller}: where={where!r} selected no leaf of the parameters. Default selects '
-      f'floating leaves with ndim >= 2; pass a regular expression matching the key path '
-      f'(e.g. where="kernel") or a callable (path, leaf) -> bool.'
+      f'{caller}: where={where!r} selected no leaf of the parameters (they are '
+      f'{_some_paths(params)}). Pass a regular expression searched in the /-joined key path '
+      f"(e.g. where='embedding' for an Embed) or a callable (path, leaf) -> bool; "
+      f'where=None selects every floating leaf with ndim >= 2.'
     )
   return out
 
 
-def not_a_layer(label: str, expected: str, layer: Any) -> TypeError:
+def _some_paths(params: PyTree, limit: int = 6) -> str:
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  more = f', ... ({len(paths)} in all)' if len(paths) > limit else ''
+  return ', '.join(repr(p) for p in paths[:limit]) + more if paths else 'none'
+
+
+def not_a_layer(label: str, expected: str, example: str, layer: Any) -> TypeError:
   """The ``WeightNorm`` wrappers' error for something that is not a layer."""
   shape = f' of shape {tuple(layer.shape)}' if hasattr(layer, 'shape') else ''
   return TypeError(
-    f'{label}: expected a layer, a {expected} instance (e.g. nn.Dense(3)); got '
+    f'{label}: expected a layer, a {expected} instance (e.g. {example}); got '
     f'{type(layer).__module__}.{type(layer).__qualname__}{shape}. Wrap the layer that '
     f'holds the parameters; for arrays or a parameter tree use wn_jax.weight_norm.'
   )

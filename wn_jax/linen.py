@@ -411,7 +411,14 @@ class WeightNorm(nn.Module):
 
   def __post_init__(self) -> None:
     if not isinstance(self.layer, nn.Module):
-      raise _tree.not_a_layer('wn_jax.linen.WeightNorm', 'flax.linen.Module', self.layer)
+      raise _tree.not_a_layer(
+        'wn_jax.linen.WeightNorm', 'flax.linen.Module', 'nn.Dense(3)', self.layer
+      )
+    if not _core.is_eps(self.epsilon):
+      raise ValueError(
+        f'wn_jax.linen.WeightNorm: epsilon must be a finite non-negative number; '
+        f'got {self.epsilon!r}.'
+      )
     super().__post_init__()
 
   def __call__(self, *args, **kwargs):

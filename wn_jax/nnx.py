@@ -345,7 +345,13 @@ class WeightNorm(nnx.Module):
     rngs: nnx.Rngs | None = None,
   ):
     if not isinstance(layer, nnx.Module):
-      raise _tree.not_a_layer('wn_jax.nnx.WeightNorm', 'flax.nnx.Module', layer)
+      raise _tree.not_a_layer(
+        'wn_jax.nnx.WeightNorm', 'flax.nnx.Module', 'nnx.Linear(2, 3, rngs=nnx.Rngs(0))', layer
+      )
+    if not _core.is_eps(epsilon):
+      raise ValueError(
+        f'wn_jax.nnx.WeightNorm: epsilon must be a finite non-negative number; got {epsilon!r}.'
+      )
     self.layer = layer
     self.axis = axis
     self.where = where
