@@ -67,7 +67,7 @@ def is_eps(eps: object) -> bool:
     isinstance(eps, (int, float, np.integer, np.floating))
     and not isinstance(eps, bool)
     and math.isfinite(eps)
-    and eps >= 0
+    and float(eps) >= 0
   )
 
 
