@@ -817,3 +817,115 @@ def test_twin_axis_check_finds_layers_in_lists():
     wt.to_linen(sd, twin=(Twin(), np.ones((1, 4), np.float32)))
   with pytest.raises(ValueError, match=r"'blocks/1': the twin keeps axis -1.*dim=1"):
     wt.to_nnx(sd, twin=NNXTwin(nnx.Rngs(0)))
+
+
+# Review of the porting (weight norm on other layers and tensors, hints, regexes, float64).
+
+
+class Embedding(_FakeModule):
+  pass
+
+
+def _wn_fake(cls, v, g, name='weight', style='parametrization', dim=0):
+  """A duck-typed module of class ``cls`` whose tensor ``name`` is weight-normed."""
+  if style == 'legacy':
+    module = cls(state={f'{name}_g': g, f'{name}_v': v})
+    hook = type('WeightNorm', (), {})()
+    hook.name, hook.dim = name, dim
+    module._forward_pre_hooks = {0: hook}
+    return module
+  module = cls()
+  module._children = {
+    'parametrizations': _FakeModule({name: _FakeModule(state={'original0': g, 'original1': v})})
+  }
+  module.parametrizations = types.SimpleNamespace(**{name: [_WeightNorm(dim)]})
+  return module
+
+
+@pytest.mark.parametrize('style', ['legacy', 'parametrization'])
+def test_weight_norm_on_an_unknown_layer_keeps_the_tensor_name_and_layout(style):
+  # A weight-normed Embedding was read as a Linear (kernel (4, 10)), a 3-D weight of a class
+  # wn_jax does not know (Bilinear) as a Conv1d (kernel permuted).
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+  model = _FakeModule(
+    {
+      'embed': _wn_fake(Embedding, f32(10, 4), f32(10, 1), style=style),
+      'bil': _wn_fake(_Custom, f32(2, 3, 5), f32(2, 1, 1), style=style),
+    }
+  )
+  model._children['bil']._state['bias'] = f32(2)
+  sd = model.state_dict()
+  layers = wt.from_torch(model)
+  assert layers['embed'].kind == 'Embedding' and layers['bil'].kind == 'Tensor'
+  assert layers['embed'].axis == -2 and layers['bil'].axis == -3  # torch's dim=0, same layout
+  variables = wt.to_linen(model)['params']
+  assert {k: v.shape for k, v in variables['embed'].items()} == {
+    'embedding': (10, 4),
+    'embedding_scale': (10,),
+  }
+  assert {k: v.shape for k, v in variables['bil'].items()} == {
+    'weight': (2, 3, 5),
+    'weight_scale': (2,),
+    'bias': (2,),
+  }
+  g = sd['embed.weight_g'] if style == 'legacy' else sd['embed.parametrizations.weight.original0']
+  np.testing.assert_array_equal(variables['embed']['embedding_scale'], g.reshape(-1))
+  _same_state_dict(wt.to_torch(wt.to_linen(model), like=model), sd)
+  _same_state_dict(wt.to_torch(wt.to_nnx(model), like=model), sd)
+  _same_state_dict(wt.to_torch(layers, like=model), sd)
+  with pytest.raises(ValueError, match=r"kind 'Embedding' has no wn_jax layer.*axis is -2"):
+    layers['embed'].linen()
+
+
+@pytest.mark.parametrize('style', ['legacy', 'parametrization'])
+def test_weight_norm_on_a_tensor_not_named_weight(style):
+  # torch.nn.utils.weight_norm(lstm, name='weight_hh_l0'): was not recognized, and passed
+  # through as raw weight_hh_l0_g / _v or a submodule 'parametrizations/weight_hh_l0'.
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+  lstm = _wn_fake(_Custom, f32(12, 3), f32(1, 3), name='weight_hh_l0', style=style, dim=1)
+  lstm._state.update({'weight_ih_l0': f32(12, 2), 'bias_ih_l0': f32(12)})
+  model = _FakeModule({'lstm': lstm})
+  sd = model.state_dict()
+  assert wt.find_prefixes(sd) == {'lstm.weight_hh_l0': style}
+  for source in (model, sd):
+    params = wt.to_linen(source)['params']
+    assert {k: v.shape for k, v in params['lstm'].items()} == {
+      'weight_hh_l0': (12, 3),
+      'weight_hh_l0_scale': (3,),
+      'weight_ih_l0': (12, 2),
+      'bias_ih_l0': (12,),
+    }
+    _same_state_dict(wt.to_torch(wt.to_linen(source), like=source), sd)
+    _same_state_dict(wt.to_torch(wt.to_nnx(source), like=source), sd)
+  (layer,) = wt.from_torch(sd).values()
+  assert layer.kind == 'Tensor' and layer.tensor == 'weight_hh_l0' and layer.axis == -1
+
+
+def test_live_weight_norm_on_other_layers_and_tensors():
+  torch = pytest.importorskip('torch')
+  from torch.nn.utils import parametrizations
+
+  torch.manual_seed(0)
+  with warnings.catch_warnings():  # torch's own: its legacy weight_norm is deprecated
+    warnings.simplefilter('ignore', FutureWarning)
+    model = torch.nn.ModuleDict(
+      {
+        'embed': parametrizations.weight_norm(torch.nn.Embedding(10, 4)),
+        'bil': parametrizations.weight_norm(torch.nn.Bilinear(3, 5, 2)),
+        'lstm': torch.nn.utils.weight_norm(torch.nn.LSTM(2, 3), name='weight_hh_l0'),
+        'gru': parametrizations.weight_norm(torch.nn.GRU(2, 3), name='weight_ih_l0', dim=1),
+      }
+    )
+  params = wt.to_linen(model)['params']
+  assert params['embed']['embedding'].shape == (10, 4)
+  assert params['embed']['embedding_scale'].shape == (10,)
+  assert params['bil']['weight'].shape == (2, 3, 5) and params['bil']['weight_scale'].shape == (2,)
+  assert params['lstm']['weight_hh_l0_scale'].shape == (12,)
+  assert params['gru']['weight_ih_l0'].shape == (9, 2)
+  assert params['gru']['weight_ih_l0_scale'].shape == (2,)  # dim=1
+  for tree in (wt.to_linen(model), wt.to_nnx(model)):
+    back = wt.to_torch(tree, like=model)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(back, strict=True)

@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from wn_jax.pytorch._layer import _layers
+from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _linen_path
 from wn_jax.pytorch._naming import _nest
 from wn_jax.pytorch._naming import _path
@@ -36,7 +37,8 @@ def _to_tree(
       raise _error(f'{where[path]!r} and {key!r} both convert to {"/".join(map(str, path))}.')
     flat[path], where[path] = jnp.array(value), key
 
-  for prefix, layer in layers.items():
+  for key, layer in layers.items():
+    prefix = _module_prefix(key, layer)
     for name, value in layer.params.items():
       put(_path(prefix, name, 'params', naming), value, _key(prefix, '.' + name))
   for leaf in leaves:

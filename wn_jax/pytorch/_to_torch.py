@@ -12,6 +12,7 @@ from wn_jax.pytorch._layer import TorchLayer
 from wn_jax.pytorch._layer import _export_layer
 from wn_jax.pytorch._layer import _is_layers
 from wn_jax.pytorch._layer import _layers_to_torch
+from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
@@ -48,7 +49,7 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
 
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
-    params = {n: get(prefix, n, 'params') for n in layer.params}
+    params = {n: get(_module_prefix(prefix, layer), n, 'params') for n in layer.params}
     if all(v is not None for v in params.values()):
       out.update(_export_layer(prefix, dataclasses.replace(layer, params=params), layer.style))
   for leaf in leaves:

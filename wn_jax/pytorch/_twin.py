@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import TorchLayer
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
@@ -73,6 +74,8 @@ def _check_axes(
 ) -> None:
   """Each weight-normed layer's kept axis against the twin's layer at its path."""
   for prefix, layer in layers.items():
+    if layer.kind not in KINDS:
+      continue  # no WN layer in the twin: its layout is PyTorch's
     path = _path(prefix, 'scale', 'params', naming)[1 if naming == 'linen' else 0 : -1]
     where = tuple(map(str, path))
     if where not in axes:
@@ -92,7 +95,11 @@ def _check(
   """Every name and shape of the converted tree against the Flax model's own."""
   got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
   want = {p: tuple(getattr(v, 'shape', ())) for p, v in _flatten(template).items()}
-  scales = {tuple(map(str, _path(p, 'scale', 'params', naming))): x for p, x in layers.items()}
+  scales = {
+    tuple(map(str, _path(p, 'scale', 'params', naming))): x
+    for p, x in layers.items()
+    if x.kind in KINDS
+  }
   if want and all(p[0] != 'params' for p in want) and all(p[0] == 'params' for p in got):
     got = {p[1:]: s for p, s in got.items()}  # a linen params tree, not variables
     scales = {p[1:]: x for p, x in scales.items()}
