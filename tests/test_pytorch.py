@@ -929,3 +929,24 @@ def test_live_weight_norm_on_other_layers_and_tensors():
     back = wt.to_torch(tree, like=model)
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
     model.load_state_dict(back, strict=True)
+
+
+def test_float64_needs_x64():
+  # A float64 model with x64 off became float32 silently, and came back off by 1.9e-8.
+  sd = {k: v.astype(np.float64) for k, v in _root_sd().items()}
+  with pytest.raises(ValueError, match=r"'fc.kernel' is float64.*jax_enable_x64.*float32"):
+    wt.to_linen(sd)
+  with pytest.raises(ValueError, match=r'float64.*jax_enable_x64'):
+    wt.to_nnx(sd)
+  with pytest.raises(ValueError, match=r'float64.*jax_enable_x64'):
+    wt.from_torch(sd)['fc'].linen()
+  assert wt.to_linen(sd, dtype=np.float32)['params']['mean'].dtype == np.float32  # asked for
+  back = wt.to_torch(wt.from_torch(sd), like=sd)  # NumPy all along: exact
+  _same_state_dict(back, sd)
+
+
+def test_float64_round_trip_with_x64(x64):
+  sd = {k: v.astype(np.float64) for k, v in _root_sd().items()}
+  variables = wt.to_linen(sd)
+  assert variables['params']['mean'].dtype == np.float64
+  _same_state_dict(wt.to_torch(variables, like=sd), sd)

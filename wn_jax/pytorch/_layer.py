@@ -7,7 +7,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from wn_jax import _core
@@ -21,6 +20,7 @@ from wn_jax.pytorch._state_dict import _array
 from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _finish
 from wn_jax.pytorch._state_dict import _is_float
+from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
@@ -133,7 +133,7 @@ class TorchLayer:
       layer = wl.WNConvTranspose(features, kernel_size, **kw)
     else:
       layer = wl.WNConv(features, kernel_size, **kw)
-    return layer, {'params': {k: jnp.array(v) for k, v in self.params.items()}}
+    return layer, {'params': {k: _jax(v, k) for k, v in self.params.items()}}
 
   def nnx(self, *, rngs: Any = None, **kwargs: Any) -> Any:
     """The configured NNX layer with these parameters loaded (``rngs`` optional).
@@ -155,7 +155,7 @@ class TorchLayer:
       groups = kw.get('feature_group_count', 1)
       layer = wx.WNConv(kernel.shape[-2] * groups, features, kernel.shape[:-2], rngs=rngs, **kw)
     for name, value in self.params.items():
-      getattr(layer, name).set_value(jnp.array(value))
+      getattr(layer, name).set_value(_jax(value, name))
     return layer
 
 

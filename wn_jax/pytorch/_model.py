@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
 from wn_jax.pytorch._layer import _layers
 from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _linen_path
@@ -18,6 +16,7 @@ from wn_jax.pytorch._plan import _outputs
 from wn_jax.pytorch._plan import _plan
 from wn_jax.pytorch._state_dict import _array
 from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._twin import _check
 from wn_jax.pytorch._twin import _check_axes
@@ -35,7 +34,7 @@ def _to_tree(
   def put(path: tuple[Any, ...], value: Any, key: str) -> None:
     if path in flat:
       raise _error(f'{where[path]!r} and {key!r} both convert to {"/".join(map(str, path))}.')
-    flat[path], where[path] = jnp.array(value), key
+    flat[path], where[path] = _jax(value, key), key
 
   for key, layer in layers.items():
     prefix = _module_prefix(key, layer)

@@ -61,6 +61,20 @@ def _array(x: Any, dtype: Any = None) -> np.ndarray:
   return out
 
 
+def _jax(value: Any, key: str) -> Any:
+  """``value`` as a JAX array, refusing the 64-bit floats JAX would round to 32 bits."""
+  import jax
+
+  dtype = np.asarray(value).dtype if not hasattr(value, 'dtype') else np.dtype(value.dtype)
+  if dtype in (np.float64, np.complex128) and not jax.config.jax_enable_x64:
+    raise _error(
+      f'{key!r} is {dtype}, which JAX without x64 would round to 32 bits (and to_torch could '
+      "not give back bit for bit): enable x64 with jax.config.update('jax_enable_x64', True), "
+      'or convert to float32 (module.float() in PyTorch, or dtype=np.float32 here).'
+    )
+  return jnp.array(value)
+
+
 def _is_float(x: Any) -> bool:
   return bool(jnp.issubdtype(x.dtype, jnp.floating))
 
