@@ -66,7 +66,7 @@ def _jax(value: Any, key: str) -> Any:
   import jax
 
   dtype = np.asarray(value).dtype if not hasattr(value, 'dtype') else np.dtype(value.dtype)
-  if dtype in (np.float64, np.complex128) and not jax.config.jax_enable_x64:
+  if dtype in (np.float64, np.complex128) and jax.dtypes.canonicalize_dtype(dtype) != dtype:
     raise _error(
       f'{key!r} is {dtype}, which JAX without x64 would round to 32 bits (and to_torch could '
       "not give back bit for bit): enable x64 with jax.config.update('jax_enable_x64', True), "
