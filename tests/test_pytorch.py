@@ -950,3 +950,40 @@ def test_float64_round_trip_with_x64(x64):
   variables = wt.to_linen(sd)
   assert variables['params']['mean'].dtype == np.float64
   _same_state_dict(wt.to_torch(variables, like=sd), sd)
+
+
+def test_tree_errors_name_the_right_fix():
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+
+  class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(5, (3,), name='c')(x)
+
+  sd = {'c.weight': f32(5, 4, 3), 'c.bias': f32(5)}
+  x_nct = np.ones((2, 4, 9), np.float32)  # PyTorch's layout: the twin's init sees 9 channels
+  with pytest.raises(ValueError, match=r'channels-last.*moveaxis\(x, 1, -1\)') as info:
+    wt.to_linen(sd, twin=(Conv(), x_nct))
+  assert 'rules=' not in str(info.value)
+  variables = wt.to_linen(sd, twin=(Conv(), np.moveaxis(x_nct, 1, -1)))
+  # A permuted shape of a plain tensor: the layout, not a rule, is the likely fix.
+  template = {'params': {'c': {'kernel': np.zeros((5, 4, 3)), 'bias': np.zeros(5)}}}
+  with pytest.raises(ValueError, match=r'a permutation.*Flax layout'):
+    wt.to_linen(sd, template=template)
+
+  class Dense(nn.Module):  # a plain nn.Dense where PyTorch weight-normed the layer
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='l')(x)
+
+  wn = {'l.weight_g': f32(3, 1), 'l.weight_v': f32(3, 2), 'l.bias': f32(3)}
+  with pytest.raises(ValueError, match=r"build 'params/l' with a WN layer \(WNDense"):
+    wt.to_linen(wn, twin=(Dense(), np.ones((1, 2), np.float32)))
+  with pytest.raises(ValueError, match=r'twin= or template=, not both'):
+    wt.to_linen(sd, twin=(Conv(), x_nct), template=variables)
+  # variables['params'] of a model with buffers: a linen tree, lacking its buffers.
+  model = _FakeModule({'fc': _Custom(state={'w': f32(3)})}, buffers={'mean': f32(3)})
+  variables = wt.to_linen(model)
+  with pytest.raises(ValueError, match=r"linen params.*\['buffers/mean'\].*whole variables"):
+    wt.to_torch(variables['params'], like=model)

@@ -27,6 +27,11 @@ def _to_tree(
   source: Any, naming: str, options: _Options, template: Any, twin: Any
 ) -> dict[Any, Any]:
   """Every tensor of ``source`` in a linen (``naming='linen'``) or NNX tree."""
+  if twin is not None and template is not None:
+    raise _error(
+      'pass twin= or template=, not both: twin= checks the names, shapes and kept axes '
+      '(its variables are the template), template= the names and shapes only.'
+    )
   sd, layers, leaves, _ = _plan(source, options)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
@@ -44,12 +49,13 @@ def _to_tree(
     converted = leaf.forward(_array(sd[leaf.key], options.dtype))
     for (prefix, name), value in _outputs(leaf, converted).items():
       put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
+  inputs = None
   if twin is not None:
-    twin_template, axes = _twin(twin, naming)
+    template, axes = _twin(twin, naming)
     _check_axes(layers, axes, naming)
-    template = twin_template if template is None else template
+    inputs = twin[1:] if naming == 'linen' else None
   if template is not None:
-    _check(flat, template, layers, naming)
+    _check(flat, template, layers, naming, inputs)
   return _nest(flat)
 
 

@@ -89,8 +89,17 @@ def _check_axes(
       )
 
 
+def _channels_first(inputs: Any) -> list[tuple[int, ...]]:
+  """The shapes of a twin's array inputs of rank 3 or more (those a layout can be wrong for)."""
+  return [tuple(x.shape) for x in inputs or () if len(getattr(x, 'shape', ())) >= 3]
+
+
 def _check(
-  flat: dict[tuple[Any, ...], Any], template: Any, layers: dict[str, TorchLayer], naming: str
+  flat: dict[tuple[Any, ...], Any],
+  template: Any,
+  layers: dict[str, TorchLayer],
+  naming: str,
+  inputs: Any = None,
 ) -> None:
   """Every name and shape of the converted tree against the Flax model's own."""
   got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
@@ -115,19 +124,40 @@ def _check(
     for p in bad
     if p in scales
   ]
+  spatial = _channels_first(inputs)
+  if bad and spatial:
+    hints.append(
+      "the twin's inputs must be channels-last, Flax's layout (N, ..., C): a PyTorch (N, C, ...) "
+      f'input x is np.moveaxis(x, 1, -1) (the twin got {", ".join(map(str, spatial))})'
+    )
+  permuted = [p for p in bad if p not in scales and sorted(got[p]) == sorted(want[p])]
+  if permuted and not spatial:
+    hints.append(
+      f"{', '.join('/'.join(p) for p in permuted)}: a permutation of the template's shape, "
+      'so a layout mix-up: the converted values are in Flax layout (kernels (*window, in, out)); '
+      'a tensor of a layout of its own takes rules='
+    )
+  wn = {p[:-1] for p in scales}
+  plain = sorted({'/'.join(u[:-1]) for u in got if u not in want and u[:-1] in wn})
+  if plain:
+    hints.append(
+      f'build {", ".join(map(repr, plain))} with a WN layer (WNDense / WNConv / '
+      'WNConvTranspose(transpose_kernel=True) in linen, WNLinear / WNConv / WNConvTranspose in '
+      'NNX), with the axis layer_axes gives: PyTorch weight-normed it, its scale is g'
+    )
   if any(m.split('/', 1)[-1] == u.split('/', 1)[-1] for m in missing for u in unexpected):
     hints.append(
       "put each tensor in the template's collection (torch buffers go to buffers=, "
       "'buffers' by default, read from a module or marked by buffer_keys=)"
     )
-  if missing or unexpected:
+  if (missing or unexpected) and not plain:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
-  if unexpected:
+  if unexpected and not plain:
     hints.append(
       'leave out tensors the Flax model does not hold with drop=<regex> (to_torch brings '
       'them back from like)'
     )
-  if any(p not in scales for p in bad):
+  if any(p not in scales for p in bad) and not spatial and not permuted:
     hints.append('pass rules= for tensors of a layout of their own')
   raise _error(
     'the converted tree does not fit the template: '
