@@ -987,3 +987,20 @@ def test_tree_errors_name_the_right_fix():
   variables = wt.to_linen(model)
   with pytest.raises(ValueError, match=r"linen params.*\['buffers/mean'\].*whole variables"):
     wt.to_torch(variables['params'], like=model)
+
+
+def test_patterns_that_match_nothing_are_refused():
+  sd = _lstm_sd()
+  with pytest.raises(
+    ValueError, match=r"drop='quantizer\\\.\.\*' matches no key.*lstm.weight_ih_l0"
+  ):
+    wt.to_linen(sd, drop=r'quantizer\..*')
+  with pytest.raises(ValueError, match=r"buffer_keys='mean' matches no key.*re.fullmatch"):
+    wt.to_linen(sd, buffer_keys='mean')
+  with pytest.raises(ValueError, match=r"rules= key 'weight_ih_l0' matches no key"):
+    wt.to_nnx(sd, rules={'weight_ih_l0': (np.transpose, np.transpose)})  # fullmatch: no prefix
+  with pytest.raises(ValueError, match=r"drop='x' matches no key"):
+    wt.to_torch(wt.to_linen(sd), like=sd, drop='x')
+  wn = {'l.weight_g': np.ones((3, 1), np.float32), 'l.weight_v': np.ones((3, 2), np.float32)}
+  with pytest.raises(ValueError, match=r"rules= key 'l\\\.weight_v'.*weight-normed"):
+    wt.to_linen(wn, rules={r'l\.weight_v': (np.transpose, np.transpose)})

@@ -309,7 +309,7 @@ def from_torch(
       ``KINDS`` (or ``PLAIN_KINDS``).
     decompose: also convert plain (not weight-normed) Linear / Conv layers, e.g. of a
       checkpoint after ``remove_weight_norm``: ``True`` for all of them, or a regular
-      expression searched in the prefix. Each becomes ``v = w``, ``g = ||w||`` with
+      expression ``re.search``ed in the prefix (``decompose='^ups'``). Each becomes ``v = w``, ``g = ||w||`` with
       PyTorch's default ``dim=0`` (the function is unchanged); ``to_torch`` writes it
       back as a plain ``weight`` (its ``style`` is ``'plain'``).
     dtype: cast the floating parameters to this dtype (default: keep the checkpoint's,

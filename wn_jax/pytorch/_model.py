@@ -115,7 +115,8 @@ def to_linen(
       ``jax.eval_shape(model.init, ...)`` lacks. :func:`to_torch` given the same ``drop``
       copies them back from ``like``.
     decompose: as :func:`from_torch`: plain Linear / Conv weights to WN ``(kernel,
-      scale)`` (``True``, or a regex searched in the prefix).
+      scale)`` (``True``, or a regex ``re.search``ed in the prefix, where ``rules``,
+      ``drop`` and ``buffer_keys`` ``re.fullmatch`` the whole key).
     dtype: cast the floating tensors to this dtype (default: keep the checkpoint's).
     template: optional, the Flax model's own tree (e.g. ``jax.eval_shape`` of ``init``,
       or ``nnx.state(model)``): every converted name and shape is checked against it,
@@ -125,6 +126,12 @@ def to_linen(
       weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``, which
       shapes alone cannot always tell (wav2vec2's ``dim=2`` Conv1d with as many channels
       as window taps fits a twin left at ``axis=-1``, and computes wrong).
+
+  Raises:
+    ValueError: for a ``drop``, ``buffer_keys`` or ``rules`` pattern that matches no key
+      (a typo would convert silently), listing the keys; for a float64 tensor with JAX's
+      x64 off; for ``twin`` and ``template`` both given; for a tree that does not fit the
+      ``template`` / ``twin``, naming the paths and the fix.
 
   Returns:
     ``{'params': ...}``, plus ``'batch_stats'`` when the model has running statistics;
