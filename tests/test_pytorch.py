@@ -859,6 +859,7 @@ def test_weight_norm_on_an_unknown_layer_keeps_the_tensor_name_and_layout(style)
   layers = wt.from_torch(model)
   assert layers['embed'].kind == 'Embedding' and layers['bil'].kind == 'Tensor'
   assert layers['embed'].axis == -2 and layers['bil'].axis == -3  # torch's dim=0, same layout
+  assert wt.layer_axes(model) == {}  # no kernel / scale for linen.fold
   variables = wt.to_linen(model)['params']
   assert {k: v.shape for k, v in variables['embed'].items()} == {
     'embedding': (10, 4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import _layers
 from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _linen_path
@@ -227,7 +228,8 @@ def layer_axes(
     decompose: as :func:`to_linen`.
 
   Returns:
-    ``{'/'-joined linen path: axis}`` for every weight-normed (or decomposed) layer.
+    ``{'/'-joined linen path: axis}`` for every weight-normed (or decomposed) Linear / Conv /
+    ConvTranspose layer (a tensor kept in PyTorch's layout has no ``kernel`` to fold).
 
   Examples:
     >>> import numpy as np
@@ -237,4 +239,8 @@ def layer_axes(
     {'pos_conv_0': -3}
   """
   _, _, layers = _layers(source, kinds, decompose, None)
-  return {'/'.join(_linen_path(prefix)): layer.axis for prefix, layer in layers.items()}
+  return {
+    '/'.join(_linen_path(prefix)): layer.axis
+    for prefix, layer in layers.items()
+    if layer.kind in KINDS  # the others keep PyTorch's names: no kernel / scale to fold
+  }
