@@ -968,6 +968,20 @@ def test_tree_errors_name_the_right_fix():
     wt.to_linen(sd, twin=(Conv(), x_nct))
   assert 'rules=' not in str(info.value)
   variables = wt.to_linen(sd, twin=(Conv(), np.moveaxis(x_nct, 1, -1)))
+
+  class Act(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param('alpha', nn.initializers.ones, (5,))
+
+  class Snake(nn.Module):  # a channels-last input, and a tensor that does need a rule
+    @nn.compact
+    def __call__(self, x):
+      return Act(name='act')(nn.Conv(5, (3,), name='c')(x))
+
+  with pytest.raises(ValueError, match=r'act/alpha: \(1, 5, 1\) vs \(5,\)') as info:
+    wt.to_linen({**sd, 'act.alpha': f32(1, 5, 1)}, twin=(Snake(), np.moveaxis(x_nct, 1, -1)))
+  assert 'rules=' in str(info.value) and 'channels-last' not in str(info.value)
   # A permuted shape of a plain tensor: the layout, not a rule, is the likely fix.
   template = {'params': {'c': {'kernel': np.zeros((5, 4, 3)), 'bias': np.zeros(5)}}}
   with pytest.raises(ValueError, match=r'a permutation.*Flax layout'):

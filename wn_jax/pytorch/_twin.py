@@ -89,9 +89,23 @@ def _check_axes(
       )
 
 
-def _channels_first(inputs: Any) -> list[tuple[int, ...]]:
-  """The shapes of a twin's array inputs of rank 3 or more (those a layout can be wrong for)."""
-  return [tuple(x.shape) for x in inputs or () if len(getattr(x, 'shape', ())) >= 3]
+def _channels_first(
+  inputs: Any, bad: list[tuple[str, ...]], got: dict[Any, Any], want: dict[Any, Any]
+) -> list[tuple[int, ...]]:
+  """The shapes of the twin's inputs that look channels-first: ``(N, C, ..., L)`` where a
+  mismatched shape has ``C`` in the converted tree and ``L`` in the twin's at the same place."""
+  found = []
+  for x in inputs or ():
+    shape = tuple(getattr(x, 'shape', ()))
+    if len(shape) < 3 or shape[1] == shape[-1]:
+      continue
+    for p in bad:
+      if len(got[p]) == len(want[p]) and any(
+        c == shape[1] and t == shape[-1] for c, t in zip(got[p], want[p])
+      ):
+        found.append(shape)
+        break
+  return found
 
 
 def _check(
@@ -124,7 +138,7 @@ def _check(
     for p in bad
     if p in scales
   ]
-  spatial = _channels_first(inputs)
+  spatial = _channels_first(inputs, bad, got, want)
   if bad and spatial:
     hints.append(
       "the twin's inputs must be channels-last, Flax's layout (N, ..., C): a PyTorch (N, C, ...) "
