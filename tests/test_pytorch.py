@@ -817,3 +817,205 @@ def test_twin_axis_check_finds_layers_in_lists():
     wt.to_linen(sd, twin=(Twin(), np.ones((1, 4), np.float32)))
   with pytest.raises(ValueError, match=r"'blocks/1': the twin keeps axis -1.*dim=1"):
     wt.to_nnx(sd, twin=NNXTwin(nnx.Rngs(0)))
+
+
+# Review of the porting (weight norm on other layers and tensors, hints, regexes, float64).
+
+
+class Embedding(_FakeModule):
+  pass
+
+
+def _wn_fake(cls, v, g, name='weight', style='parametrization', dim=0):
+  """A duck-typed module of class ``cls`` whose tensor ``name`` is weight-normed."""
+  if style == 'legacy':
+    module = cls(state={f'{name}_g': g, f'{name}_v': v})
+    hook = type('WeightNorm', (), {})()
+    hook.name, hook.dim = name, dim
+    module._forward_pre_hooks = {0: hook}
+    return module
+  module = cls()
+  module._children = {
+    'parametrizations': _FakeModule({name: _FakeModule(state={'original0': g, 'original1': v})})
+  }
+  module.parametrizations = types.SimpleNamespace(**{name: [_WeightNorm(dim)]})
+  return module
+
+
+@pytest.mark.parametrize('style', ['legacy', 'parametrization'])
+def test_weight_norm_on_an_unknown_layer_keeps_the_tensor_name_and_layout(style):
+  # A weight-normed Embedding was read as a Linear (kernel (4, 10)), a 3-D weight of a class
+  # wn_jax does not know (Bilinear) as a Conv1d (kernel permuted).
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+  model = _FakeModule(
+    {
+      'embed': _wn_fake(Embedding, f32(10, 4), f32(10, 1), style=style),
+      'bil': _wn_fake(_Custom, f32(2, 3, 5), f32(2, 1, 1), style=style),
+    }
+  )
+  model._children['bil']._state['bias'] = f32(2)
+  sd = model.state_dict()
+  layers = wt.from_torch(model)
+  assert layers['embed'].kind == 'Embedding' and layers['bil'].kind == 'Tensor'
+  assert layers['embed'].axis == -2 and layers['bil'].axis == -3  # torch's dim=0, same layout
+  assert wt.layer_axes(model) == {}  # no kernel / scale for linen.fold
+  variables = wt.to_linen(model)['params']
+  assert {k: v.shape for k, v in variables['embed'].items()} == {
+    'embedding': (10, 4),
+    'embedding_scale': (10,),
+  }
+  assert {k: v.shape for k, v in variables['bil'].items()} == {
+    'weight': (2, 3, 5),
+    'weight_scale': (2,),
+    'bias': (2,),
+  }
+  g = sd['embed.weight_g'] if style == 'legacy' else sd['embed.parametrizations.weight.original0']
+  np.testing.assert_array_equal(variables['embed']['embedding_scale'], g.reshape(-1))
+  _same_state_dict(wt.to_torch(wt.to_linen(model), like=model), sd)
+  _same_state_dict(wt.to_torch(wt.to_nnx(model), like=model), sd)
+  _same_state_dict(wt.to_torch(layers, like=model), sd)
+  with pytest.raises(ValueError, match=r"kind 'Embedding' has no wn_jax layer.*axis is -2"):
+    layers['embed'].linen()
+
+
+@pytest.mark.parametrize('style', ['legacy', 'parametrization'])
+def test_weight_norm_on_a_tensor_not_named_weight(style):
+  # torch.nn.utils.weight_norm(lstm, name='weight_hh_l0'): was not recognized, and passed
+  # through as raw weight_hh_l0_g / _v or a submodule 'parametrizations/weight_hh_l0'.
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+  lstm = _wn_fake(_Custom, f32(12, 3), f32(1, 3), name='weight_hh_l0', style=style, dim=1)
+  lstm._state.update({'weight_ih_l0': f32(12, 2), 'bias_ih_l0': f32(12)})
+  model = _FakeModule({'lstm': lstm})
+  sd = model.state_dict()
+  assert wt.find_prefixes(sd) == {'lstm.weight_hh_l0': style}
+  for source in (model, sd):
+    params = wt.to_linen(source)['params']
+    assert {k: v.shape for k, v in params['lstm'].items()} == {
+      'weight_hh_l0': (12, 3),
+      'weight_hh_l0_scale': (3,),
+      'weight_ih_l0': (12, 2),
+      'bias_ih_l0': (12,),
+    }
+    _same_state_dict(wt.to_torch(wt.to_linen(source), like=source), sd)
+    _same_state_dict(wt.to_torch(wt.to_nnx(source), like=source), sd)
+  (layer,) = wt.from_torch(sd).values()
+  assert layer.kind == 'Tensor' and layer.tensor == 'weight_hh_l0' and layer.axis == -1
+
+
+def test_live_weight_norm_on_other_layers_and_tensors():
+  torch = pytest.importorskip('torch')
+  from torch.nn.utils import parametrizations
+
+  torch.manual_seed(0)
+  with warnings.catch_warnings():  # torch's own: its legacy weight_norm is deprecated
+    warnings.simplefilter('ignore', FutureWarning)
+    model = torch.nn.ModuleDict(
+      {
+        'embed': parametrizations.weight_norm(torch.nn.Embedding(10, 4)),
+        'bil': parametrizations.weight_norm(torch.nn.Bilinear(3, 5, 2)),
+        'lstm': torch.nn.utils.weight_norm(torch.nn.LSTM(2, 3), name='weight_hh_l0'),
+        'gru': parametrizations.weight_norm(torch.nn.GRU(2, 3), name='weight_ih_l0', dim=1),
+      }
+    )
+  params = wt.to_linen(model)['params']
+  assert params['embed']['embedding'].shape == (10, 4)
+  assert params['embed']['embedding_scale'].shape == (10,)
+  assert params['bil']['weight'].shape == (2, 3, 5) and params['bil']['weight_scale'].shape == (2,)
+  assert params['lstm']['weight_hh_l0_scale'].shape == (12,)
+  assert params['gru']['weight_ih_l0'].shape == (9, 2)
+  assert params['gru']['weight_ih_l0_scale'].shape == (2,)  # dim=1
+  for tree in (wt.to_linen(model), wt.to_nnx(model)):
+    back = wt.to_torch(tree, like=model)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(back, strict=True)
+
+
+def test_float64_needs_x64():
+  # A float64 model with x64 off became float32 silently, and came back off by 1.9e-8.
+  sd = {k: v.astype(np.float64) for k, v in _root_sd().items()}
+  with pytest.raises(ValueError, match=r"'fc.kernel' is float64.*jax_enable_x64.*float32"):
+    wt.to_linen(sd)
+  with pytest.raises(ValueError, match=r'float64.*jax_enable_x64'):
+    wt.to_nnx(sd)
+  with pytest.raises(ValueError, match=r'float64.*jax_enable_x64'):
+    wt.from_torch(sd)['fc'].linen()
+  assert wt.to_linen(sd, dtype=np.float32)['params']['mean'].dtype == np.float32  # asked for
+  back = wt.to_torch(wt.from_torch(sd), like=sd)  # NumPy all along: exact
+  _same_state_dict(back, sd)
+
+
+def test_float64_round_trip_with_x64(x64):
+  sd = {k: v.astype(np.float64) for k, v in _root_sd().items()}
+  variables = wt.to_linen(sd)
+  assert variables['params']['mean'].dtype == np.float64
+  _same_state_dict(wt.to_torch(variables, like=sd), sd)
+
+
+def test_tree_errors_name_the_right_fix():
+  rng = np.random.default_rng(0)
+  f32 = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+
+  class Conv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(5, (3,), name='c')(x)
+
+  sd = {'c.weight': f32(5, 4, 3), 'c.bias': f32(5)}
+  x_nct = np.ones((2, 4, 9), np.float32)  # PyTorch's layout: the twin's init sees 9 channels
+  with pytest.raises(ValueError, match=r'channels-last.*moveaxis\(x, 1, -1\)') as info:
+    wt.to_linen(sd, twin=(Conv(), x_nct))
+  assert 'rules=' not in str(info.value)
+  variables = wt.to_linen(sd, twin=(Conv(), np.moveaxis(x_nct, 1, -1)))
+
+  class Act(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param('alpha', nn.initializers.ones, (5,))
+
+  class Snake(nn.Module):  # a channels-last input, and a tensor that does need a rule
+    @nn.compact
+    def __call__(self, x):
+      return Act(name='act')(nn.Conv(5, (3,), name='c')(x))
+
+  with pytest.raises(ValueError, match=r'act/alpha: \(1, 5, 1\) vs \(5,\)') as info:
+    wt.to_linen({**sd, 'act.alpha': f32(1, 5, 1)}, twin=(Snake(), np.moveaxis(x_nct, 1, -1)))
+  assert 'rules=' in str(info.value) and 'channels-last' not in str(info.value)
+  # A permuted shape of a plain tensor: the layout, not a rule, is the likely fix.
+  template = {'params': {'c': {'kernel': np.zeros((5, 4, 3)), 'bias': np.zeros(5)}}}
+  with pytest.raises(ValueError, match=r'a permutation.*Flax layout'):
+    wt.to_linen(sd, template=template)
+
+  class Dense(nn.Module):  # a plain nn.Dense where PyTorch weight-normed the layer
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='l')(x)
+
+  wn = {'l.weight_g': f32(3, 1), 'l.weight_v': f32(3, 2), 'l.bias': f32(3)}
+  with pytest.raises(ValueError, match=r"build 'params/l' with a WN layer \(WNDense"):
+    wt.to_linen(wn, twin=(Dense(), np.ones((1, 2), np.float32)))
+  with pytest.raises(ValueError, match=r'twin= or template=, not both'):
+    wt.to_linen(sd, twin=(Conv(), x_nct), template=variables)
+  # variables['params'] of a model with buffers: a linen tree, lacking its buffers.
+  model = _FakeModule({'fc': _Custom(state={'w': f32(3)})}, buffers={'mean': f32(3)})
+  variables = wt.to_linen(model)
+  with pytest.raises(ValueError, match=r"linen params.*\['buffers/mean'\].*whole variables"):
+    wt.to_torch(variables['params'], like=model)
+
+
+def test_patterns_that_match_nothing_are_refused():
+  sd = _lstm_sd()
+  with pytest.raises(
+    ValueError, match=r"drop='quantizer\\\.\.\*' matches no key.*lstm.weight_ih_l0"
+  ):
+    wt.to_linen(sd, drop=r'quantizer\..*')
+  with pytest.raises(ValueError, match=r"buffer_keys='mean' matches no key.*re.fullmatch"):
+    wt.to_linen(sd, buffer_keys='mean')
+  with pytest.raises(ValueError, match=r"rules= key 'weight_ih_l0' matches no key"):
+    wt.to_nnx(sd, rules={'weight_ih_l0': (np.transpose, np.transpose)})  # fullmatch: no prefix
+  with pytest.raises(ValueError, match=r"drop='x' matches no key"):
+    wt.to_torch(wt.to_linen(sd), like=sd, drop='x')
+  wn = {'l.weight_g': np.ones((3, 1), np.float32), 'l.weight_v': np.ones((3, 2), np.float32)}
+  with pytest.raises(ValueError, match=r"rules= key 'l\\\.weight_v'.*weight-normed"):
+    wt.to_linen(wn, rules={r'l\.weight_v': (np.transpose, np.transpose)})

@@ -9,6 +9,12 @@ PyTorch stores a weight-normed tensor as ``g`` and ``v``, in one of two key styl
 - ``torch.nn.utils.parametrizations.weight_norm``:
   ``<prefix>.parametrizations.weight.original0`` (g), ``...original1`` (v).
 
+Weight norm on another tensor (``name='weight_hh_l0'``: ``weight_hh_l0_g`` / ``_v``, or
+``parametrizations.weight_hh_l0.original0`` / ``1``), or on the ``weight`` of a layer with no
+wn_jax WN layer (an Embedding, or, read from the module, a class wn_jax does not know), keeps
+the tensor's name and PyTorch layout: ``<name>`` (v) and ``<name>_scale`` (g, one entry per
+index of PyTorch's ``dim``); an Embedding's is named ``embedding``.
+
 :func:`from_torch` turns them into the parameters of wn_jax's WN layers (``kernel`` =
 v in Flax layout, ``scale`` = g, ``bias``) and says how each layer must be configured
 (``axis``, ``transpose_kernel``, and, from a torch module, its PyTorch arguments).

@@ -7,7 +7,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from wn_jax import _core
@@ -21,9 +20,13 @@ from wn_jax.pytorch._state_dict import _array
 from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _finish
 from wn_jax.pytorch._state_dict import _is_float
+from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
+from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import _suffixes
+from wn_jax.pytorch._state_dict import _weight_normed
 from wn_jax.pytorch._state_dict import find_prefixes
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
@@ -47,6 +50,15 @@ class TorchLayer:
       (a plain ``weight``, decomposed by ``from_torch(..., decompose=True)``).
     args: the PyTorch layer's ``stride``, ``padding``, ... as read from the torch
       module (empty for a state dict); :meth:`linen` and :meth:`nnx` use them.
+    tensor: the name of the weight-normed PyTorch tensor (``'weight'``, or e.g.
+      ``'weight_hh_l0'`` for ``weight_norm(lstm, name='weight_hh_l0')``).
+
+  A layer wn_jax has no WN layer for keeps its tensor's name and PyTorch layout: weight
+  norm on another tensor than ``weight`` (kind ``'Tensor'``), on the ``weight`` of a module
+  class wn_jax does not know, read from the module itself (``'Tensor'``), or of an
+  ``Embedding`` (``'Embedding'``, named ``embedding``). Its ``params`` are ``{name: v,
+  name + '_scale': g[, 'bias']}``, ``v`` in PyTorch's layout, ``g`` of shape
+  ``(v.shape[dim],)`` (``()`` for ``dim=None``), and ``axis = dim - v.ndim``.
 
   Examples:
     >>> import numpy as np
@@ -66,9 +78,24 @@ class TorchLayer:
   dim: int | None
   style: str
   args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  tensor: str = 'weight'
+
+  @property
+  def _names(self) -> tuple[str, str]:
+    """The Flax names of ``v`` and ``g``: ``kernel`` and ``scale`` for a WN layer."""
+    if self.kind in KINDS:
+      return 'kernel', 'scale'
+    name = 'embedding' if self.kind == 'Embedding' else self.tensor
+    return name, f'{name}_scale'
 
   def _layer_kwargs(self, kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """(features, the Flax layer's keyword arguments): PyTorch's arguments mapped, Flax's kept."""
+    if self.kind not in KINDS:
+      raise _error(
+        f'{self.tensor!r} of kind {self.kind!r} has no wn_jax layer: its params keep '
+        f"PyTorch's name and layout ({sorted(self.params)}), the kept axis is {self.axis}; "
+        'build its Flax twin by hand, or pass kinds= if it is a Linear / Conv.'
+      )
     kernel = self.params['kernel']
     torch_args = {**self.args, **{k: v for k, v in kwargs.items() if k in TORCH_ARGS}}
     kw: dict[str, Any] = {'axis': self.axis, 'use_bias': 'bias' in self.params}
@@ -106,7 +133,7 @@ class TorchLayer:
       layer = wl.WNConvTranspose(features, kernel_size, **kw)
     else:
       layer = wl.WNConv(features, kernel_size, **kw)
-    return layer, {'params': {k: jnp.array(v) for k, v in self.params.items()}}
+    return layer, {'params': {k: _jax(v, k) for k, v in self.params.items()}}
 
   def nnx(self, *, rngs: Any = None, **kwargs: Any) -> Any:
     """The configured NNX layer with these parameters loaded (``rngs`` optional).
@@ -128,7 +155,7 @@ class TorchLayer:
       groups = kw.get('feature_group_count', 1)
       layer = wx.WNConv(kernel.shape[-2] * groups, features, kernel.shape[:-2], rngs=rngs, **kw)
     for name, value in self.params.items():
-      getattr(layer, name).set_value(jnp.array(value))
+      getattr(layer, name).set_value(_jax(value, name))
     return layer
 
 
@@ -147,6 +174,17 @@ def _torch_dim(g: np.ndarray, v: np.ndarray, where: str) -> int | None:
   return kept[0] if kept else ones[0]
 
 
+def _kept_layout(info: _Info, tensor: str, v: np.ndarray) -> str | None:
+  """The kind of a weight-normed tensor that keeps its PyTorch layout, or ``None``."""
+  if tensor != 'weight':
+    return 'Tensor'
+  if info.kind in KINDS:
+    return None
+  if info.kind is not None:
+    return info.kind  # Embedding, a norm: kinds= or the module says so
+  return 'Tensor' if info.live or v.ndim not in _DEFAULT_KIND else None
+
+
 def _wn_layer(
   prefix: str,
   g: np.ndarray,
@@ -156,15 +194,17 @@ def _wn_layer(
   style: str,
   g_key: str,
   v_key: str,
+  tensor: str = 'weight',
 ) -> TorchLayer:
   """PyTorch's ``g`` and ``v`` as a :class:`TorchLayer` in Flax layout; the module's ``dim``, where
   it tells one, settles what ``g``'s shape alone cannot."""
   if not _is_float(v) or not _is_float(g):
     raise _error(f'{prefix!r}: g and v must be floating arrays; got {g.dtype} and {v.dtype}.')
-  kind = info.kind if info.kind in KINDS else _DEFAULT_KIND.get(v.ndim)
-  if kind is None:
+  kept = _kept_layout(info, tensor, v)
+  kind = kept or (info.kind if info.kind in KINDS else _DEFAULT_KIND.get(v.ndim))
+  if kind is None:  # pragma: no cover - _kept_layout takes every other rank
     raise _error(f'{v_key!r} has rank {v.ndim}; pass its kind in kinds={{{prefix!r}: ...}}.')
-  expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2
+  expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2 if kind in KINDS else v.ndim
   if v.ndim != expected_rank:
     raise _error(f'{v_key!r} of shape {v.shape} is not a {kind} weight (rank {expected_rank}).')
   dim = _torch_dim(g, v, repr(g_key))
@@ -174,15 +214,17 @@ def _wn_layer(
     if g.shape != want:
       raise _error(f"{g_key!r} of shape {g.shape} does not fit the module's dim={info.dim}.")
     dim = told
-  perm = _perm(kind, v.ndim)
+  perm = tuple(range(v.ndim)) if kept else _perm(kind, v.ndim)
   kernel = np.ascontiguousarray(v.transpose(perm))
   axis = None if dim is None else perm.index(dim) - v.ndim
   scale = g.reshape(_core.scale_shape(kernel.shape, axis, 'wn_jax.pytorch.from_torch'))
-  params = {'kernel': kernel, 'scale': scale}
+  layer = TorchLayer(kind, {}, axis, False, dim, style, dict(info.args), tensor)
+  v_name, g_name = layer._names
+  params = {v_name: kernel, g_name: scale}
   if bias is not None:
     params['bias'] = bias
   transposed = kind.startswith('ConvTranspose')
-  return TorchLayer(kind, params, axis, transposed, dim, style, dict(info.args))
+  return dataclasses.replace(layer, params=params, transpose_kernel=transposed)
 
 
 def _decomposable(
@@ -197,16 +239,21 @@ def _decomposable(
   return decompose is True or re.search(decompose, prefix) is not None
 
 
-def _stored(prefix: str, style: str, sd: Mapping[str, Any], info: _Info, dtype: Any) -> TorchLayer:
-  """A weight-normed layer as PyTorch stored it: ``g`` and ``v`` in one of the key styles."""
-  g_key, v_key = (_key(prefix, s) for s in _STYLES[style])
+def _stored(
+  prefix: str, style: str, sd: Mapping[str, Any], info: _Info, dtype: Any, tensor: str = 'weight'
+) -> TorchLayer:
+  """A weight-normed tensor as PyTorch stored it: ``g`` and ``v`` in one of the key styles."""
+  g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
   for key in (g_key, v_key):
     if key not in sd:
       raise _error(f'{key!r} is missing: a weight-normed layer needs both g and v.')
   bias_key = _key(prefix, '.bias')
-  bias = _array(sd[bias_key], dtype) if bias_key in sd else None
+  bias = _array(sd[bias_key], dtype) if bias_key in sd and tensor == 'weight' else None
   g, v = _array(sd[g_key], dtype), _array(sd[v_key], dtype)
-  return _wn_layer(prefix, g, v, bias, info, style, g_key, v_key)
+  info = dataclasses.replace(
+    info, dim=info.dims.get(tensor, info.dim if tensor == 'weight' else _MISSING)
+  )
+  return _wn_layer(prefix, g, v, bias, info, style, g_key, v_key, tensor)
 
 
 def _decomposed(
@@ -232,8 +279,9 @@ def _layers(
   sd = _load(source)
   infos = _infos(source, sd, kinds)
   out: dict[str, TorchLayer] = {}
-  for prefix, style in find_prefixes(sd).items():
-    out[prefix] = _stored(prefix, style, sd, infos.get(prefix, _Info(None, {})), dtype)
+  for (prefix, tensor), style in _weight_normed(sd).items():
+    info = infos.get(prefix, _Info(None, {}))
+    out[_layer_key(prefix, tensor)] = _stored(prefix, style, sd, info, dtype, tensor)
   for prefix in dict.fromkeys(_split(k)[0] for k in sd):
     if prefix in out or not _decomposable(prefix, sd, infos, decompose):
       continue
@@ -261,7 +309,7 @@ def from_torch(
       ``KINDS`` (or ``PLAIN_KINDS``).
     decompose: also convert plain (not weight-normed) Linear / Conv layers, e.g. of a
       checkpoint after ``remove_weight_norm``: ``True`` for all of them, or a regular
-      expression searched in the prefix. Each becomes ``v = w``, ``g = ||w||`` with
+      expression ``re.search``ed in the prefix (``decompose='^ups'``). Each becomes ``v = w``, ``g = ||w||`` with
       PyTorch's default ``dim=0`` (the function is unchanged); ``to_torch`` writes it
       back as a plain ``weight`` (its ``style`` is ``'plain'``).
     dtype: cast the floating parameters to this dtype (default: keep the checkpoint's,
@@ -297,24 +345,31 @@ def from_torch(
   return layers
 
 
-def _export_layer(prefix: str, layer: TorchLayer, style: str) -> dict[str, np.ndarray]:
+def _module_prefix(key: str, layer: TorchLayer) -> str:
+  """The torch module of the layer at ``key`` (``key`` itself, but for a tensor not ``weight``)."""
+  return key if layer.tensor == 'weight' else _split(key)[0]
+
+
+def _export_layer(key: str, layer: TorchLayer, style: str) -> dict[str, np.ndarray]:
   """The PyTorch tensors of one layer, in ``style``."""
   if style != 'plain' and style not in _STYLES:
     raise _error(f'unknown style {style!r}; expected one of {sorted(_STYLES) + ["plain"]}.')
-  kernel = np.asarray(layer.params['kernel'])
-  inverse = np.argsort(_perm(layer.kind, kernel.ndim))
+  prefix, (v_name, g_name) = _module_prefix(key, layer), layer._names
+  kernel = np.asarray(layer.params[v_name])
+  perm = _perm(layer.kind, kernel.ndim) if layer.kind in KINDS else tuple(range(kernel.ndim))
+  inverse = np.argsort(perm)
   out: dict[str, np.ndarray] = {}
   if style == 'plain':
-    w = np.asarray(_core.normalize(kernel, layer.params['scale'], layer.axis)).astype(kernel.dtype)
-    out[_key(prefix, '.weight')] = np.ascontiguousarray(w.transpose(inverse))
+    w = np.asarray(_core.normalize(kernel, layer.params[g_name], layer.axis)).astype(kernel.dtype)
+    out[_key(prefix, f'.{layer.tensor}')] = np.ascontiguousarray(w.transpose(inverse))
   else:
     v = np.ascontiguousarray(kernel.transpose(inverse))
-    g = np.array(layer.params['scale'])
+    g = np.array(layer.params[g_name])
     if layer.dim is None:
       g = g.reshape(())
     else:
       g = g.reshape([v.shape[i] if i == layer.dim else 1 for i in range(v.ndim)])
-    g_suffix, v_suffix = _STYLES[style]
+    g_suffix, v_suffix = _suffixes(style, layer.tensor)
     out[_key(prefix, g_suffix)] = g
     out[_key(prefix, v_suffix)] = v
   if 'bias' in layer.params:
@@ -333,14 +388,15 @@ def _layers_to_torch(
   """``{prefix: TorchLayer}`` as PyTorch tensors: in ``like``'s key styles, else ``style``'s or
   each layer's own; the keys of ``like`` outside these layers copied from ``like``."""
   ref = None if like is None else _load(like)
-  ref_styles = {} if ref is None else find_prefixes(ref)
+  ref_styles = {} if ref is None else find_prefixes(ref)  # keyed as layers are
   if ref is not None:
     lacking = [p for p in ref_styles if p not in layers]
     if lacking:
       raise _error(f'like holds weight-normed layers that layers lacks: {lacking}.')
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
-    plain = ref is not None and prefix not in ref_styles and _key(prefix, '.weight') in ref
+    weight = _key(_module_prefix(prefix, layer), f'.{layer.tensor}')
+    plain = ref is not None and prefix not in ref_styles and weight in ref
     s = style or ref_styles.get(prefix) or ('plain' if plain else layer.style)
     out.update(_export_layer(prefix, layer, s))
   if ref is None:
@@ -348,9 +404,10 @@ def _layers_to_torch(
   return _finish(out, like, {k for k in ref if k not in out})
 
 
-def _layer_keys(prefix: str, layer: TorchLayer) -> list[str]:
+def _layer_keys(key: str, layer: TorchLayer) -> list[str]:
+  prefix = _module_prefix(key, layer)
   if layer.style == 'plain':
-    names = ['.weight']
+    names = [f'.{layer.tensor}']
   else:
-    names = list(_STYLES[layer.style])
+    names = list(_suffixes(layer.style, layer.tensor))
   return [_key(prefix, n) for n in names + (['.bias'] if 'bias' in layer.params else [])]

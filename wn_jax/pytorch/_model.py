@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-
+from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import _layers
+from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _linen_path
 from wn_jax.pytorch._naming import _nest
 from wn_jax.pytorch._naming import _path
@@ -17,6 +17,7 @@ from wn_jax.pytorch._plan import _outputs
 from wn_jax.pytorch._plan import _plan
 from wn_jax.pytorch._state_dict import _array
 from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._twin import _check
 from wn_jax.pytorch._twin import _check_axes
@@ -27,6 +28,11 @@ def _to_tree(
   source: Any, naming: str, options: _Options, template: Any, twin: Any
 ) -> dict[Any, Any]:
   """Every tensor of ``source`` in a linen (``naming='linen'``) or NNX tree."""
+  if twin is not None and template is not None:
+    raise _error(
+      'pass twin= or template=, not both: twin= checks the names, shapes and kept axes '
+      '(its variables are the template), template= the names and shapes only.'
+    )
   sd, layers, leaves, _ = _plan(source, options)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
@@ -34,21 +40,23 @@ def _to_tree(
   def put(path: tuple[Any, ...], value: Any, key: str) -> None:
     if path in flat:
       raise _error(f'{where[path]!r} and {key!r} both convert to {"/".join(map(str, path))}.')
-    flat[path], where[path] = jnp.array(value), key
+    flat[path], where[path] = _jax(value, key), key
 
-  for prefix, layer in layers.items():
+  for key, layer in layers.items():
+    prefix = _module_prefix(key, layer)
     for name, value in layer.params.items():
       put(_path(prefix, name, 'params', naming), value, _key(prefix, '.' + name))
   for leaf in leaves:
     converted = leaf.forward(_array(sd[leaf.key], options.dtype))
     for (prefix, name), value in _outputs(leaf, converted).items():
       put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
+  inputs = None
   if twin is not None:
-    twin_template, axes = _twin(twin, naming)
+    template, axes = _twin(twin, naming)
     _check_axes(layers, axes, naming)
-    template = twin_template if template is None else template
+    inputs = twin[1:] if naming == 'linen' else None
   if template is not None:
-    _check(flat, template, layers, naming)
+    _check(flat, template, layers, naming, inputs)
   return _nest(flat)
 
 
@@ -108,7 +116,8 @@ def to_linen(
       ``jax.eval_shape(model.init, ...)`` lacks. :func:`to_torch` given the same ``drop``
       copies them back from ``like``.
     decompose: as :func:`from_torch`: plain Linear / Conv weights to WN ``(kernel,
-      scale)`` (``True``, or a regex searched in the prefix).
+      scale)`` (``True``, or a regex ``re.search``ed in the prefix, where ``rules``,
+      ``drop`` and ``buffer_keys`` ``re.fullmatch`` the whole key).
     dtype: cast the floating tensors to this dtype (default: keep the checkpoint's).
     template: optional, the Flax model's own tree (e.g. ``jax.eval_shape`` of ``init``,
       or ``nnx.state(model)``): every converted name and shape is checked against it,
@@ -118,6 +127,12 @@ def to_linen(
       weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``, which
       shapes alone cannot always tell (wav2vec2's ``dim=2`` Conv1d with as many channels
       as window taps fits a twin left at ``axis=-1``, and computes wrong).
+
+  Raises:
+    ValueError: for a ``drop``, ``buffer_keys`` or ``rules`` pattern that matches no key
+      (a typo would convert silently), listing the keys; for a float64 tensor with JAX's
+      x64 off; for ``twin`` and ``template`` both given; for a tree that does not fit the
+      ``template`` / ``twin``, naming the paths and the fix.
 
   Returns:
     ``{'params': ...}``, plus ``'batch_stats'`` when the model has running statistics;
@@ -213,7 +228,8 @@ def layer_axes(
     decompose: as :func:`to_linen`.
 
   Returns:
-    ``{'/'-joined linen path: axis}`` for every weight-normed (or decomposed) layer.
+    ``{'/'-joined linen path: axis}`` for every weight-normed (or decomposed) Linear / Conv /
+    ConvTranspose layer (a tensor kept in PyTorch's layout has no ``kernel`` to fold).
 
   Examples:
     >>> import numpy as np
@@ -223,4 +239,8 @@ def layer_axes(
     {'pos_conv_0': -3}
   """
   _, _, layers = _layers(source, kinds, decompose, None)
-  return {'/'.join(_linen_path(prefix)): layer.axis for prefix, layer in layers.items()}
+  return {
+    '/'.join(_linen_path(prefix)): layer.axis
+    for prefix, layer in layers.items()
+    if layer.kind in KINDS  # the others keep PyTorch's names: no kernel / scale to fold
+  }

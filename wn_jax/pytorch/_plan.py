@@ -109,6 +109,32 @@ def _buffer_keys(source: Any) -> set[str]:
   return {name for name, _ in source.named_buffers()}
 
 
+def _check_patterns(
+  sd: Mapping[str, Any], layers: dict[str, TorchLayer], options: _Options
+) -> None:
+  """Raises for a ``drop=``, ``buffer_keys=`` or ``rules=`` pattern that ``re.fullmatch``es no key:
+  a typo would otherwise convert silently as if it were not there."""
+  keys = list(sd)
+  in_layers = {k for p, layer in layers.items() for k in _layer_keys(p, layer)}
+  some = f'{keys[:6]}{" ..." if len(keys) > 6 else ""}'
+  named = [('drop=', options.drop), ('buffer_keys=', options.buffer_keys)]
+  for what, pattern in named + [('rules= key', p) for p in options.rules or {}]:
+    if pattern is None:
+      continue
+    hits = [k for k in keys if re.fullmatch(pattern, k)]
+    if what == 'rules= key' and hits and all(k in in_layers for k in hits):
+      raise _error(
+        f"{what} '{pattern}' matches only keys of weight-normed layers ({hits[:3]}), which "
+        'convert to kernel / scale as they are; rules= applies to the other tensors.'
+      )
+    if not hits:
+      raise _error(
+        f"{what}{'' if what.endswith('=') else ' '}'{pattern}' matches no key of the state dict "
+        '(patterns must re.fullmatch '
+        rf"the whole key, e.g. r'.*\.alpha'); its keys: {some}."
+      )
+
+
 def _plan(
   source: Any, options: _Options
 ) -> tuple[Mapping[str, Any], dict[str, TorchLayer], list[_Leaf], set[str]]:
@@ -120,6 +146,7 @@ def _plan(
       f"'params' to train them); got {buffers!r}."
     )
   sd, infos, layers = _layers(source, options.kinds, options.decompose, options.dtype)
+  _check_patterns(sd, layers, options)
   skipped = {k for k in sd if drop is not None and re.fullmatch(drop, k)}
   for p in [p for p, layer in layers.items() if skipped & set(_layer_keys(p, layer))]:
     skipped |= set(_layer_keys(p, layers.pop(p)))  # a layer goes whole, or not at all

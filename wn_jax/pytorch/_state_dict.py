@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,10 +11,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-_STYLES = {
-  'legacy': ('.weight_g', '.weight_v'),
-  'parametrization': ('.parametrizations.weight.original0', '.parametrizations.weight.original1'),
-}
+_STYLES = ('legacy', 'parametrization')
 
 
 def _error(msg: str) -> ValueError:
@@ -63,25 +61,83 @@ def _array(x: Any, dtype: Any = None) -> np.ndarray:
   return out
 
 
+def _jax(value: Any, key: str) -> Any:
+  """``value`` as a JAX array, refusing the 64-bit floats JAX would round to 32 bits."""
+  import jax
+
+  dtype = np.asarray(value).dtype if not hasattr(value, 'dtype') else np.dtype(value.dtype)
+  if dtype in (np.float64, np.complex128) and jax.dtypes.canonicalize_dtype(dtype) != dtype:
+    raise _error(
+      f'{key!r} is {dtype}, which JAX without x64 would round to 32 bits (and to_torch could '
+      "not give back bit for bit): enable x64 with jax.config.update('jax_enable_x64', True), "
+      'or convert to float32 (module.float() in PyTorch, or dtype=np.float32 here).'
+    )
+  return jnp.array(value)
+
+
 def _is_float(x: Any) -> bool:
   return bool(jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def _suffixes(style: str, tensor: str = 'weight') -> tuple[str, str]:
+  """The ``g`` and ``v`` key suffixes of weight norm on the tensor ``tensor`` in ``style``."""
+  if style == 'legacy':
+    return f'.{tensor}_g', f'.{tensor}_v'
+  return f'.parametrizations.{tensor}.original0', f'.parametrizations.{tensor}.original1'
+
+
+_NAMED = {
+  'legacy': re.compile(r'(?:(.*)\.)?(\w+)_([gv])'),
+  'parametrization': re.compile(r'(?:(.*)\.)?parametrizations\.(\w+)\.original([01])'),
+}
+
+
+def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+  """``{(module prefix, tensor name): style}`` of every weight-normed tensor, in key order.
+
+  A tensor ``w`` is weight-normed when both of its keys are there: ``w_g`` and ``w_v``, or
+  ``parametrizations.w.original0`` and ``original1``; for a name other than ``weight``,
+  the legacy ``g`` must also have ``v``'s rank (or be a scalar), so that two unrelated
+  tensors ``x_g``, ``x_v`` are not taken for one.
+  """
+  found: dict[tuple[str, str], str] = {}
+  for key in state_dict:
+    for style, pattern in _NAMED.items():
+      match = pattern.fullmatch(key)
+      if match is None:
+        continue
+      prefix, tensor = match.group(1) or '', match.group(2)
+      g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
+      if tensor == 'weight':
+        found.setdefault((prefix, tensor), style)
+      elif g_key in state_dict and v_key in state_dict:
+        g, v = state_dict[g_key], state_dict[v_key]
+        if style == 'parametrization' or len(g.shape) in (0, len(v.shape)):
+          found.setdefault((prefix, tensor), style)
+  return found
+
+
+def _layer_key(prefix: str, tensor: str) -> str:
+  """A weight-normed tensor's key among the layers: its module's prefix for ``weight``,
+  else ``prefix.tensor`` (a module may weight-norm several tensors)."""
+  return prefix if tensor == 'weight' else _key(prefix, f'.{tensor}')
 
 
 def find_prefixes(state_dict: Mapping[str, Any]) -> dict[str, str]:
   """Every weight-normed prefix in ``state_dict`` and its key style.
 
+  The prefix is the module's for a weight-normed ``weight``, and ``<module>.<name>`` for
+  weight norm on another tensor (``weight_norm(lstm, name='weight_hh_l0')``: keys
+  ``weight_hh_l0_g`` / ``_v`` or ``parametrizations.weight_hh_l0.original0`` / ``1``).
+
   Examples:
     >>> import numpy as np
     >>> find_prefixes({'a.weight_g': np.ones(1), 'b.parametrizations.weight.original1': np.ones(1)})
     {'a': 'legacy', 'b': 'parametrization'}
+    >>> find_prefixes({'lstm.w_hh_g': np.ones((1, 3)), 'lstm.w_hh_v': np.ones((4, 3))})
+    {'lstm.w_hh': 'legacy'}
   """
-  found: dict[str, str] = {}
-  for key in state_dict:
-    for style, suffixes in _STYLES.items():
-      for suffix in suffixes:
-        if key.endswith(suffix) or key == suffix[1:]:
-          found.setdefault(key[: -len(suffix)] if key.endswith(suffix) else '', style)
-  return found
+  return {_layer_key(p, t): s for (p, t), s in _weight_normed(state_dict).items()}
 
 
 def _key(prefix: str, suffix: str) -> str:

@@ -12,6 +12,7 @@ from wn_jax.pytorch._layer import TorchLayer
 from wn_jax.pytorch._layer import _export_layer
 from wn_jax.pytorch._layer import _is_layers
 from wn_jax.pytorch._layer import _layers_to_torch
+from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
@@ -34,6 +35,32 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
   sd, layers, leaves, skipped = _plan(like, options)
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
+  out, missing = _gather(flat, naming, sd, layers, leaves, options)
+  if missing and naming == 'nnx' and isinstance(tree, Mapping):
+    # variables['params'] of a linen model: it lacks only what other collections hold.
+    as_params = {('params', *p): v for p, v in flat.items()}
+    _, lacking = _gather(as_params, 'linen', sd, layers, leaves, options)
+    if all(not m.startswith('params/') for m in lacking):
+      raise _error(
+        f"this looks like a linen params tree (variables['params']), which lacks {lacking}: "
+        "pass to_torch the whole variables, {'params': ..., "
+        f"'{options.buffers}': ..., 'batch_stats': ...}} as to_linen gives them; buffers and "
+        'running statistics live in collections of their own.'
+      )
+  if missing:
+    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
+  return _finish(out, like, skipped, _SAME)
+
+
+def _gather(
+  flat: dict[tuple[str, ...], Any],
+  naming: str,
+  sd: Mapping[str, Any],
+  layers: dict[str, TorchLayer],
+  leaves: list[Any],
+  options: _Options,
+) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(like's tensors from the flat tree, the paths the tree lacks)."""
   missing: list[str] = []
 
   def get(prefix: str, name: str, collection: str) -> Any:
@@ -48,7 +75,7 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
 
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
-    params = {n: get(prefix, n, 'params') for n in layer.params}
+    params = {n: get(_module_prefix(prefix, layer), n, 'params') for n in layer.params}
     if all(v is not None for v in params.values()):
       out.update(_export_layer(prefix, dataclasses.replace(layer, params=params), layer.style))
   for leaf in leaves:
@@ -62,9 +89,7 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
       value = get(leaf.prefix, leaf.name, leaf.collection)
       if value is not None:
         out[leaf.key] = np.asarray(leaf.inverse(value))
-  if missing:
-    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
-  return _finish(out, like, skipped, _SAME)
+  return out, missing
 
 
 def _check_tree(tree: Any, like: Any) -> None:

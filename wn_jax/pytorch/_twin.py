@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import TorchLayer
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
@@ -73,6 +74,8 @@ def _check_axes(
 ) -> None:
   """Each weight-normed layer's kept axis against the twin's layer at its path."""
   for prefix, layer in layers.items():
+    if layer.kind not in KINDS:
+      continue  # no WN layer in the twin: its layout is PyTorch's
     path = _path(prefix, 'scale', 'params', naming)[1 if naming == 'linen' else 0 : -1]
     where = tuple(map(str, path))
     if where not in axes:
@@ -86,13 +89,40 @@ def _check_axes(
       )
 
 
+def _channels_first(
+  inputs: Any, bad: list[tuple[str, ...]], got: dict[Any, Any], want: dict[Any, Any]
+) -> list[tuple[int, ...]]:
+  """The shapes of the twin's inputs that look channels-first: ``(N, C, ..., L)`` where a
+  mismatched shape has ``C`` in the converted tree and ``L`` in the twin's at the same place."""
+  found = []
+  for x in inputs or ():
+    shape = tuple(getattr(x, 'shape', ()))
+    if len(shape) < 3 or shape[1] == shape[-1]:
+      continue
+    for p in bad:
+      if len(got[p]) == len(want[p]) and any(
+        c == shape[1] and t == shape[-1] for c, t in zip(got[p], want[p])
+      ):
+        found.append(shape)
+        break
+  return found
+
+
 def _check(
-  flat: dict[tuple[Any, ...], Any], template: Any, layers: dict[str, TorchLayer], naming: str
+  flat: dict[tuple[Any, ...], Any],
+  template: Any,
+  layers: dict[str, TorchLayer],
+  naming: str,
+  inputs: Any = None,
 ) -> None:
   """Every name and shape of the converted tree against the Flax model's own."""
   got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
   want = {p: tuple(getattr(v, 'shape', ())) for p, v in _flatten(template).items()}
-  scales = {tuple(map(str, _path(p, 'scale', 'params', naming))): x for p, x in layers.items()}
+  scales = {
+    tuple(map(str, _path(p, 'scale', 'params', naming))): x
+    for p, x in layers.items()
+    if x.kind in KINDS
+  }
   if want and all(p[0] != 'params' for p in want) and all(p[0] == 'params' for p in got):
     got = {p[1:]: s for p, s in got.items()}  # a linen params tree, not variables
     scales = {p[1:]: x for p, x in scales.items()}
@@ -108,19 +138,40 @@ def _check(
     for p in bad
     if p in scales
   ]
+  spatial = _channels_first(inputs, bad, got, want)
+  if bad and spatial:
+    hints.append(
+      "the twin's inputs must be channels-last, Flax's layout (N, ..., C): a PyTorch (N, C, ...) "
+      f'input x is np.moveaxis(x, 1, -1) (the twin got {", ".join(map(str, spatial))})'
+    )
+  permuted = [p for p in bad if p not in scales and sorted(got[p]) == sorted(want[p])]
+  if permuted and not spatial:
+    hints.append(
+      f"{', '.join('/'.join(p) for p in permuted)}: a permutation of the template's shape, "
+      'so a layout mix-up: the converted values are in Flax layout (kernels (*window, in, out)); '
+      'a tensor of a layout of its own takes rules='
+    )
+  wn = {p[:-1] for p in scales}
+  plain = sorted({'/'.join(u[:-1]) for u in got if u not in want and u[:-1] in wn})
+  if plain:
+    hints.append(
+      f'build {", ".join(map(repr, plain))} with a WN layer (WNDense / WNConv / '
+      'WNConvTranspose(transpose_kernel=True) in linen, WNLinear / WNConv / WNConvTranspose in '
+      'NNX), with the axis layer_axes gives: PyTorch weight-normed it, its scale is g'
+    )
   if any(m.split('/', 1)[-1] == u.split('/', 1)[-1] for m in missing for u in unexpected):
     hints.append(
       "put each tensor in the template's collection (torch buffers go to buffers=, "
       "'buffers' by default, read from a module or marked by buffer_keys=)"
     )
-  if missing or unexpected:
+  if (missing or unexpected) and not plain:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
-  if unexpected:
+  if unexpected and not plain:
     hints.append(
       'leave out tensors the Flax model does not hold with drop=<regex> (to_torch brings '
       'them back from like)'
     )
-  if any(p not in scales for p in bad):
+  if any(p not in scales for p in bad) and not spatial and not permuted:
     hints.append('pass rules= for tensors of a layout of their own')
   raise _error(
     'the converted tree does not fit the template: '

@@ -25,7 +25,9 @@ class _Info:
 
   kind: str | None
   args: dict[str, Any]
-  dim: Any = _MISSING
+  dim: Any = _MISSING  # of the tensor at hand (see dims)
+  dims: dict[str, Any] = dataclasses.field(default_factory=dict)  # {weight-normed tensor: dim}
+  live: bool = False  # read from a torch module: a kind None is a class wn_jax does not know
 
 
 def _kind_of(module: Any) -> str | None:
@@ -36,19 +38,21 @@ def _kind_of(module: Any) -> str | None:
   return None
 
 
-def _wn_dim(module: Any) -> Any:
-  """Weight norm's ``dim`` on ``module.weight`` (``None``: whole tensor), or ``_MISSING``."""
+def _wn_dims(module: Any) -> dict[str, Any]:
+  """Weight norm's ``dim`` on each weight-normed tensor of ``module`` (``None``: whole tensor)."""
+  dims: dict[str, Any] = {}
   for hook in getattr(module, '_forward_pre_hooks', {}).values():  # legacy weight_norm
-    if type(hook).__name__ == 'WeightNorm' and getattr(hook, 'name', None) == 'weight':
-      return None if hook.dim in (None, -1) else hook.dim
-  try:
-    parametrizations = module.parametrizations.weight
-  except (AttributeError, KeyError):
-    return _MISSING
-  for p in parametrizations:
-    if type(p).__name__ == '_WeightNorm':
-      return None if p.dim in (None, -1) else p.dim
-  return _MISSING
+    if type(hook).__name__ == 'WeightNorm' and isinstance(getattr(hook, 'name', None), str):
+      dims[hook.name] = None if hook.dim in (None, -1) else hook.dim
+  parametrizations = getattr(module, 'parametrizations', None)
+  if parametrizations is None:
+    return dims
+  names = parametrizations.keys() if hasattr(parametrizations, 'keys') else vars(parametrizations)
+  for name in list(names):
+    for p in getattr(parametrizations, name):
+      if type(p).__name__ == '_WeightNorm':
+        dims[name] = None if p.dim in (None, -1) else p.dim
+  return dims
 
 
 def _walk(module: Any) -> dict[str, _Info]:
@@ -61,7 +65,8 @@ def _walk(module: Any) -> dict[str, _Info]:
     if kind in KINDS and kind != 'Linear':
       names = [a for a in TORCH_ARGS if not (a == 'output_padding' and 'Transpose' not in kind)]
       args = {a: getattr(m, a) for a in names if hasattr(m, a)}
-    out[prefix] = _Info(kind, args, _wn_dim(m))
+    dims = _wn_dims(m)
+    out[prefix] = _Info(kind, args, dims.get('weight', _MISSING), dims, live=True)
   return out
 
 
