@@ -23,7 +23,7 @@ import urllib.parse
 import pytest
 
 # Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
-# its module fixture).
+# its fixture, session-scoped).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_docs')]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import time
 import pytest
 
 # Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
-# its module fixture).
+# its fixture, session-scoped).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_multiprocess')]
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -83,7 +83,7 @@ def _launch(out: str, *argv_per_process: list[str], devices: int) -> list[tuple[
   ]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # never torn down while other files' tests interleave
 def runs(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('multiprocess'))
   port = str(_free_port())

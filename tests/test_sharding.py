@@ -9,7 +9,7 @@ import sys
 import pytest
 
 # Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
-# its module fixture).
+# its fixture, session-scoped).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_sharding')]
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -38,7 +38,7 @@ def _run(*args, timeout=600):
   )
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # never torn down while other files' tests interleave
 def report():
   proc = _run('tests/sharded_checks.py')
   return proc.stdout + proc.stderr
