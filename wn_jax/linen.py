@@ -236,7 +236,8 @@ class WNDense(_WeightNormedKernel, nn.Dense):
 
   Where the rows (every input axis but the last) are fewer than the input features and
   ``axis`` keeps the output features, the layer scales its output instead of forming ``w``:
-  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there.
+  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there. A symbolic
+  row count (`jax.export` with a symbolic batch) always forms $w$.
 
   Parameters: `kernel` holds v, of layout `(in, out)`; `scale` holds g, of shape `(out,)`
   for the default `axis=-1`; and `bias`. Every attribute of `flax.linen.Dense` (features,

@@ -144,7 +144,8 @@ class WNLinear(_WeightNormedKernel, nnx.Linear):
 
   Where the rows (every input axis but the last) are fewer than the input features and
   ``axis`` keeps the output features, the layer scales its output instead of forming ``w``:
-  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there.
+  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there. A symbolic
+  row count (`jax.export` with a symbolic batch) always forms $w$.
 
   Args:
     in_features: as ``nnx.Linear``.
