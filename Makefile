@@ -33,10 +33,13 @@ typecheck: .stamp-dev
 docs: .stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
-# The quick inner loop: lint, types and every test but the slow ones (subprocesses,
-# notebooks, the built site). `make test` runs everything and is what CI runs.
+# The quick inner loop (about a minute and a half): lint, types, and the quick tier: the core
+# and pytree tests against the float64 reference, the compile counts of tests/test_eager.py and
+# every doctest of the library. `make test` runs everything and is what CI runs
+# (`pytest -m "not slow"` leaves out only the subprocess, notebook and built-site tests).
+QUICK := tests/test_core.py tests/test_tree.py tests/test_eager.py wn_jax
 check: lint typecheck
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 $(QUICK)
 
 test: lint typecheck docs
 	WN_JAX_SITE=site $(PY) -m pytest -q -n 2 --dist loadgroup
