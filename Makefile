@@ -33,7 +33,7 @@ typecheck: .stamp-dev
 docs: .stamp-dev
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
-# The quick inner loop (about a minute and a half): lint, types, and the quick tier: the core
+# The quick inner loop (about a minute): lint, types, and the quick tier: the core
 # and pytree tests against the float64 reference, the compile counts of tests/test_eager.py and
 # every doctest of the library. `make test` runs everything and is what CI runs
 # (`pytest -m "not slow"` leaves out only the subprocess, notebook and built-site tests).
