@@ -366,9 +366,13 @@ def test_structure_decides_not_names():
   # AdaLN's Dense named 'scale' beside a kernel of the same rank: no WN layer, no wrapper.
   params = {'ada': {'scale': {'kernel': jnp.ones((4, 4))}}, 'fc': {'kernel': jnp.ones((4, 4))}}
   assert wn_jax.optim.direction_stats(params) == {}
+  # A real WN layer beside them (projection refuses params without one): only it is projected.
+  params['wn'] = {'kernel': jnp.ones((4, 3)), 'scale': jnp.ones(3)}
   tx = wn_jax.optim.project_directions()
   updates = jax.tree_util.tree_map(jnp.ones_like, params)
-  assert_trees_equal(tx.update(updates, tx.init(params), params)[0], updates)
+  out = tx.update(updates, tx.init(params), params)[0]
+  assert_trees_equal({k: out[k] for k in ('ada', 'fc')}, {k: updates[k] for k in ('ada', 'fc')})
+  assert not np.array_equal(out['wn']['kernel'], updates['wn']['kernel'])
 
 
 def test_a_wrapper_whose_layer_is_ambiguous_is_refused():
@@ -424,3 +428,24 @@ def test_repeated_eager_calls_compile_nothing():
     with count_compiles() as seen:
       jax.block_until_ready(calls())
     assert not seen, f'norm={norm!r}: {len(seen)} compilation(s) on a repeated eager call'
+
+
+def test_review_fixes_bad_norms_masking_and_no_directions():
+  # Found by a user: a negative NumPy target flipped every direction (w changed sign), inf gave
+  # NaN; optax.masked crashed in update; a model with no WN layer was silently left alone.
+  for bad in (np.float32(-2.0), jnp.array(0.0), float('inf'), np.array([1.0, -1.0])):
+    with pytest.raises(ValueError, match='norm must be positive and finite'):
+      wn_jax.optim.project_directions(bad)
+  with pytest.raises(ValueError, match='found no weight-normalized direction'):
+    wn_jax.optim.project_directions().init({'dense': {'kernel': jnp.ones((3, 2))}})
+  x = jnp.ones((4, 3))
+  params = wl.WNDense(5).init(jax.random.key(0), x)['params']
+  mask = {'kernel': True, 'scale': True, 'bias': False}
+  tx = optax.chain(optax.sgd(0.1), optax.masked(wn_jax.optim.project_directions(), mask))
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(wn_jax.norm(new['kernel']), wn_jax.norm(params['kernel']), rtol=1e-6)
+  plain = wn_jax.optim.weight_norm(optax.sgd(0.1), project=False)
+  assert plain.init({'w': jnp.ones((3, 2))}) is not None

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax import serialization
@@ -137,8 +138,8 @@ def weight_norm(
       features of Flax kernels).
     where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
       ``ndim >= 2``).
-    project: ``None``, or ``'init'`` or a positive number: each step puts every ``v``
-      back on its target norm, as :func:`project_directions` (chained after ``inner``
+    project: ``None`` (or ``False``: off), or ``'init'`` or a positive number: each step
+      puts every ``v`` back on its target norm, as :func:`project_directions` (chained after ``inner``
       in (v, g) coordinates) does; ``w`` is the same to float rounding.
 
   Returns:
@@ -165,7 +166,7 @@ def weight_norm(
     True
   """
 
-  if project is not None:
+  if project is not None and project is not False:
     inner = optax.chain(inner, project_directions(project))
 
   def init_fn(params):
@@ -195,7 +196,7 @@ def weight_norm(
       )
     _refuse_weight_normed(params)
     # Updates come back in the structure of the incoming updates (variables and all).
-    treedef = jax.tree_util.tree_structure(updates)
+    treedef = jax.tree_util.tree_structure(updates, is_leaf=_is_masked)  # optax.masked's
     params, updates = _values(params), _values(updates)
     wn = _directions_and_rest(state, params, 'wn_jax.optim.weight_norm')
     for d, p in zip(
@@ -506,16 +507,20 @@ def project_directions(
   caller = 'wn_jax.optim.project_directions'
   if isinstance(norm, str) and norm != 'init':
     raise ValueError(f"{caller}: norm must be 'init' or a positive number; got {norm!r}.")
-  if isinstance(norm, (int, float)) and not norm > 0:
-    raise ValueError(
-      f'{caller}: norm must be positive (a direction of norm {norm!r} has no direction); '
-      f"got {norm!r}. Pass norm='init' to keep each slice's norm at init."
-    )
   constant = not isinstance(norm, str)
+  if constant:
+    _check_norm(norm, caller)
 
   def init_fn(params):
     params = _values(params)
     kept = _direction_axes(params, axis, caller)
+    if all(k is None for k in kept):
+      raise ValueError(
+        f'{caller}: found no weight-normalized direction in the params (a kernel beside a '
+        f"scale of a WN layer, a WeightNorm wrapper's parameters, or WeightNormed.v), so it "
+        f'would do nothing. Chain it after the optimizer of a model with WN layers, or use '
+        f'wn_jax.optim.weight_norm(inner, project=...) for a plain model.'
+      )
     if constant:
       return ProjectDirectionsState(None)
     nodes, treedef = jax.tree_util.tree_flatten(params, is_leaf=_is_node)
@@ -537,7 +542,7 @@ def project_directions(
         f'ProjectDirectionsState that tx.init returns (a checkpoint restored without a '
         f'target?). Restore with a target: jax.eval_shape(tx.init, params).'
       )
-    treedef = jax.tree_util.tree_structure(updates)
+    treedef = jax.tree_util.tree_structure(updates, is_leaf=_is_masked)  # optax.masked's
     params, updates = _values(params), _values(updates)
     kept = _direction_axes(params, axis, caller)
     nodes, node_def = jax.tree_util.tree_flatten(params, is_leaf=_is_node)
@@ -571,6 +576,23 @@ def project_directions(
     return jax.tree_util.tree_unflatten(treedef, leaves), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_norm(norm: Any, caller: str) -> None:
+  """A constant target must be positive and finite (checked where it is concrete: not under
+  ``jit``, where ``optax.inject_hyperparams`` passes a traced one)."""
+  if isinstance(norm, jax.core.Tracer):
+    return
+  try:
+    value = np.asarray(norm, np.float64)
+  except (TypeError, ValueError):
+    value = np.array(np.nan)
+  if isinstance(norm, bool) or not (np.all(np.isfinite(value)) and np.all(value > 0)):
+    raise ValueError(
+      f'{caller}: norm must be positive and finite (a direction of norm 0 has no direction, '
+      f"and a negative one flips it); got {norm!r}. Pass norm='init' to keep each slice's "
+      f'norm at init.'
+    )
 
 
 def _is_masked(x: Any) -> bool:
