@@ -162,7 +162,8 @@ def _norm_keepdims_jvp(kept, primals, tangents):
 
 
 def _norm_tangent_impl(v, inv_n, dv, red):
-  # <u, dv> with u = v / ||v|| formed inside the pass (0 on an all-zero slice: v = 0).
+  # <u, dv> with u = v / ||v|| formed inside the pass (0 on an all-zero slice: v = 0): the
+  # norm's tangent, and the projection term of normalize's and the factor's.
   return jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
 
 
@@ -218,7 +219,7 @@ def _normalize_tangent_impl(v, s, inv_n, active, dv, dg, red):
   # formed inside the elementwise passes, never alone: that keeps every intermediate in
   # range for weights near the ends of the float range (1 / n is representable for
   # every norm up to ~8e37).
-  u_dv = jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
+  u_dv = _norm_tangent_impl(v, inv_n, dv, red)
   return s * dv + (v * inv_n) * (dg - jnp.where(active, s * u_dv, 0.0))
 
 
@@ -227,7 +228,7 @@ def _factor_tangent_impl(v, s, inv_n, active, dv, dg, red):
   # normalize's rule, u is formed inside the pass and the projection drops out where n
   # does not depend on v; dividing by n last keeps every intermediate in range (never
   # 1 / n ** 2), and reverse mode, the transpose, multiplies the cotangent by 1 / n first.
-  u_dv = jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
+  u_dv = _norm_tangent_impl(v, inv_n, dv, red)
   return (dg - jnp.where(active, s * u_dv, 0.0)) * inv_n
 
 
