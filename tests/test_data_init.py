@@ -225,6 +225,16 @@ def test_nnx_every_layer_standardized(jit):
   _assert_standardized({str(i): t for i, t in enumerate(trace)}, 0.5)
 
 
+def test_nnx_init_scale_callable_gets_the_layer_path():
+  # As in linen, a callable init_scale gets each layer's path (here as layer_axes names it).
+  x = _batch((256, 4))
+  net = nnx.Sequential(wx.WNLinear(4, 8, rngs=nnx.Rngs(0)), wx.WNLinear(8, 3, rngs=nnx.Rngs(1)))
+  seen = []
+  out = wx.data_init(net, x, init_scale=lambda p: seen.append(p) or (0.5 if p == 'layers/1' else 1))
+  assert seen == list(wx.layer_axes(net)) == ['layers/0', 'layers/1']
+  np.testing.assert_allclose(out.std(0), 0.5, rtol=1e-3)
+
+
 def test_nnx_matches_linen():
   x = _batch((128, 10))
   lin = MLP(depth=3)

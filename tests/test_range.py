@@ -23,7 +23,7 @@ import wn_jax
 from tests import reference as ref
 from tests.helpers import RTOL
 from wn_jax import _core as core
-from wn_jax import _layers
+from wn_jax import _kernel
 from wn_jax import linen as wl
 from wn_jax import nnx as wx
 
@@ -130,8 +130,8 @@ def _assert_close(actual, expected):
 
 
 def test_the_dense_paths_are_the_ones_named():
-  assert _layers.scales_output(2, (1,), jnp.ones(FEW), jnp.float32, True)
-  assert not _layers.scales_output(2, (1,), jnp.ones(MANY), jnp.float32, True)
+  assert _kernel.scales_output(2, (1,), jnp.ones(FEW), jnp.float32, True)
+  assert not _kernel.scales_output(2, (1,), jnp.ones(MANY), jnp.float32, True)
 
 
 def _reference(plain, v, g, b, x, r):

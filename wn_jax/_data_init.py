@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
@@ -33,7 +34,7 @@ CONSTANT_FEATURE_STD = 1e-6
 
 
 @dataclasses.dataclass
-class _Mode:
+class Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
   done: set = dataclasses.field(default_factory=set)
@@ -41,21 +42,23 @@ class _Mode:
   # writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
   # transform's copies of a layer are freed after it).
   claimed: list = dataclasses.field(default_factory=list)
+  # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
+  paths: dict = dataclasses.field(default_factory=dict)
 
 
-_MODE: contextvars.ContextVar[_Mode | None] = contextvars.ContextVar(
+_MODE: contextvars.ContextVar[Mode | None] = contextvars.ContextVar(
   'wn_jax_data_init', default=None
 )
 
 
 @contextlib.contextmanager
-def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> Iterator[_Mode]:
+def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> Iterator[Mode]:
   if not (callable(init_scale) or (isinstance(init_scale, (int, float)) and init_scale > 0)):
     raise ValueError(
       f'data_init: init_scale must be a positive float or a callable (layer path) -> float; '
       f'got {init_scale!r}.'
     )
-  token = _MODE.set(_Mode(init_scale, axis_name))
+  token = _MODE.set(Mode(init_scale, axis_name))
   try:
     yield _MODE.get()  # type: ignore[misc]
     if not _MODE.get().done:  # type: ignore[union-attr]
@@ -70,7 +73,7 @@ def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> I
     _MODE.reset(token)
 
 
-def claim(key: object) -> _Mode | None:
+def claim(key: object) -> Mode | None:
   """The active mode if the layer ``key`` is still to be initialized (first use only)."""
   m = _MODE.get()
   if m is None or key in m.done:
@@ -104,7 +107,7 @@ def _mapped_levels(x: object) -> set[int]:
   return levels
 
 
-def check_not_broadcast(kernel: object, inputs: object, where: str) -> None:
+def check_not_broadcast(kernel: object, inputs: object) -> None:
   """A ``ValueError`` if the kernel is one ``nn.scan`` broadcasts to every step.
 
   Flax's scan first traces its body in a partial-evaluation pass where the loop's inputs are
@@ -114,35 +117,35 @@ def check_not_broadcast(kernel: object, inputs: object, where: str) -> None:
   leaves = jax.tree_util.tree_leaves(inputs)
   if any(map(is_partial_eval, leaves)) and not is_partial_eval(kernel):
     raise ValueError(
-      f'{where}: data_init cannot initialize a layer inside nn.scan whose parameters are '
-      f"broadcast to every step (variable_broadcast='params'): they cannot depend on one "
-      f"step's statistics. Initialize it outside the scan: run data_init on the scanned "
-      f"module alone, on one step's inputs, with its parameters (variables['params'] under "
-      f"the scan's name), and put the result back; or give each step its own parameters "
-      f"(variable_axes={{'params': 0}})."
+      'data_init cannot initialize a layer inside nn.scan whose parameters are '
+      "broadcast to every step (variable_broadcast='params'): they cannot depend on one "
+      "step's statistics. Initialize it outside the scan: run data_init on the scanned "
+      "module alone, on one step's inputs, with its parameters (variables['params'] under "
+      "the scan's name), and put the result back; or give each step its own parameters "
+      "(variable_axes={'params': 0})."
     )
 
 
-def check_not_shared_across_vmap(kernel: object, g: object, where: str) -> None:
+def check_not_shared_across_vmap(kernel: object, g: object) -> None:
   """A ``ValueError`` if ``g`` varies along a ``vmap`` axis the kernel is shared across."""
   if _mapped_levels(g) - _mapped_levels(kernel):
     raise ValueError(
-      f'{where}: data_init cannot initialize a layer whose parameters are shared across '
-      f"the mapped axis of nn.vmap (variable_axes={{'params': None}}) or nnx.vmap "
-      f"(in_axes=None) from each mapped element's statistics. Pass the same axis_name= to "
-      f"the vmap and to data_init, so the statistics are the whole batch's, mapped axis "
-      f'included.'
+      'data_init cannot initialize a layer whose parameters are shared across '
+      "the mapped axis of nn.vmap (variable_axes={'params': None}) or nnx.vmap "
+      "(in_axes=None) from each mapped element's statistics. Pass the same axis_name= to "
+      "the vmap and to data_init, so the statistics are the whole batch's, mapped axis "
+      'included.'
     )
 
 
-def scale_for(m: _Mode, path: str) -> float:
+def scale_for(m: Mode, path: str) -> float:
   s = m.init_scale(path) if callable(m.init_scale) else m.init_scale
   if not s > 0:
     raise ValueError(f'data_init: init_scale for layer {path!r} must be positive; got {s!r}.')
   return float(s)
 
 
-def statistics(t: jax.Array, m: _Mode, where: str) -> tuple[jax.Array, jax.Array]:
+def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
   """Per-feature (last axis) mean and standard deviation of ``t``, in float32 or wider.
 
   Over the global batch: under ``jit`` with a sharded batch XLA reduces across devices;
@@ -151,7 +154,7 @@ def statistics(t: jax.Array, m: _Mode, where: str) -> tuple[jax.Array, jax.Array
   count = t.size // t.shape[-1]
   if count < 2 and m.axis_name is None:
     raise ValueError(
-      f'{where}: data_init needs at least 2 values per feature to estimate a standard '
+      f'data_init needs at least 2 values per feature to estimate a standard '
       f'deviation; got an output of shape {t.shape}. Pass a larger batch.'
     )
   t = t.astype(reduce_dtype(t.dtype))
@@ -167,44 +170,46 @@ def statistics(t: jax.Array, m: _Mode, where: str) -> tuple[jax.Array, jax.Array
 
 
 def initialize(
-  t: jax.Array, m: _Mode, path: str, where: str, dtypes: tuple[Any, Any | None]
+  t: jax.Array, m: Mode, path: str, label: str, dtypes: tuple[Any, Any | None]
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """``(g, b, output)`` from the bias-free pre-activation ``t``: the module docstring's rule.
 
   ``dtypes`` are the parameter dtypes of ``g`` and ``b`` (``None``: no bias; then ``b`` is
-  ``None`` and the output is only scaled). Computed in float32 or wider; ``g`` and ``b``
+  ``None`` and the output is only scaled). ``label`` names the layer in the one error raised
+  after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in float32 or wider; ``g`` and ``b``
   come cast to their dtypes, refused (``ValueError``) where they do not fit them.
   """
-  mu, sigma = statistics(t, m, where)
+  mu, sigma = statistics(t, m)
   g = scale_for(m, path) / sigma
   out = t.astype(mu.dtype) * g
   b = None if dtypes[1] is None else -mu * g
-  _check_fits(where, g, b, sigma, tuple(d for d in (*dtypes, t.dtype) if d is not None))
+  _check_fits(label, g, b, sigma, tuple(d for d in (*dtypes, t.dtype) if d is not None))
   if b is None:
     return g.astype(dtypes[0]), None, out.astype(t.dtype)
   return g.astype(dtypes[0]), b.astype(dtypes[1]), (out + b).astype(t.dtype)
 
 
 def _check_fits(
-  where: str, g: jax.Array, b: jax.Array | None, sigma: jax.Array, dtypes: tuple[Any, ...]
+  label: str, g: jax.Array, b: jax.Array | None, sigma: jax.Array, dtypes: tuple[Any, ...]
 ) -> None:
   """A ``ValueError`` unless ``g`` and ``b`` are finite in every one of ``dtypes``.
 
   ``dtypes``: their parameter dtypes and the layer's compute dtype (``w``'s entries reach
   ``g``, and ``b`` is added in it). Value-dependent: raised at once on concrete arrays;
-  under a trace (``jit``) a debug callback raises it when the computation runs.
+  under a trace (``jit``) a debug callback raises it when the computation runs, with
+  ``label`` (no caller is left to add it then).
   """
   found = [g] if b is None else [g, b]
   fits = jnp.all(jnp.stack([jnp.isfinite(x.astype(d)).all() for x in found for d in dtypes]))
   largest = [jnp.max(jnp.abs(x)) for x in found]
 
-  def check(fits, sigma_min, *largest):
+  def check(fits, sigma_min, *largest, prefix=''):
     if bool(fits):
       return
     big = max(float(v) for v in largest)
     narrow = [str(jnp.dtype(d)) for d in dtypes if float(jnp.finfo(d).max) < big] or dtypes
     raise ValueError(
-      f'{where}: data_init sets g = init_scale / sigma (here up to {float(largest[0]):.3g})'
+      f'{prefix}data_init sets g = init_scale / sigma (here up to {float(largest[0]):.3g})'
       + ('' if len(largest) == 1 else f' and b = -mu * g (up to {float(largest[1]):.3g})')
       + f', which does not fit {"/".join(sorted(set(map(str, narrow))))}: the '
       f'pre-activation varies too little on this batch (smallest per-feature standard '
@@ -215,22 +220,22 @@ def _check_fits(
 
   args = (fits, jnp.min(sigma), *largest)
   if any(isinstance(a, jax.core.Tracer) for a in args):
-    jax.debug.callback(check, *args)
+    jax.debug.callback(functools.partial(check, prefix=f'{label}: '), *args)
   else:
     check(*args)
 
 
-def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int, where: str) -> None:
+def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int) -> None:
   if kept != (out_axis % kernel_ndim,):
     if out_axis == -2 and kept == (kernel_ndim - 1,):
       raise ValueError(
-        f'{where}: data_init sets one g per output feature, so the layer must keep the '
-        f'output-feature axis; with transpose_kernel=True the default axis=-1 keeps the input '
-        f"features (PyTorch's convention). Build the layer with axis=-2 (the output features "
-        f'with transpose_kernel=True), or initialize this layer by hand.'
+        'data_init sets one g per output feature, so the layer must keep the '
+        'output-feature axis; with transpose_kernel=True the default axis=-1 keeps the input '
+        "features (PyTorch's convention). Build the layer with axis=-2 (the output features "
+        'with transpose_kernel=True), or initialize this layer by hand.'
       )
     raise ValueError(
-      f'{where}: data_init sets one g per output feature, so the layer must keep the '
+      f'data_init sets one g per output feature, so the layer must keep the '
       f'output-feature axis ({out_axis % kernel_ndim} of the kernel); it keeps {kept}. '
       f'Use the default axis, or initialize this layer by hand.'
     )

@@ -29,6 +29,7 @@ Kernel layouts and the default kept ``axis=-1``:
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import types
 from collections.abc import Callable
@@ -39,8 +40,10 @@ import jax
 import jax.numpy as jnp
 from flax.linen.transforms import get_module_scopes
 
+from wn_jax import _batch_norm
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _kernel
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -54,12 +57,20 @@ def _scale_box(kernel_box: Any, g: jax.Array, kept: tuple[int, ...]) -> Any:
   return g
 
 
+# The pass of the WN layer whose parent's code runs now, and that layer: its ``param``
+# override feeds the kernel and bias the pass gives (a context variable, not state on the
+# frozen module).
+_PASS: contextvars.ContextVar[tuple[Any, _kernel.Pass] | None] = contextvars.ContextVar(
+  'wn_jax_linen_pass', default=None
+)
+
+
 class _WeightNormedKernel:
   """Mixin for Flax layers: turns their ``kernel`` parameter into ``(kernel, scale)``.
 
   Flax layers read their kernel through ``self.param('kernel', ...)``; this override
-  hands them ``w = scale * kernel / ||kernel||`` instead, so all of the layer's own
-  code runs unchanged.
+  hands them what the call's :class:`wn_jax._kernel.Pass` gives (``w``, or ``v`` where the
+  output is scaled), so all of the layer's own code runs unchanged.
   """
 
   axis: _core.Axis
@@ -93,20 +104,17 @@ class _WeightNormedKernel:
   @nn.nowrap
   def param(self, name, init_fn, *init_args, unbox=True, **init_kwargs):  # type: ignore[override]
     value = super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)  # type: ignore[misc]
-    mode = getattr(self, '_direction_only', None)
-    scaled = getattr(self, '_scaled', None)  # a dict while the output is scaled
-    if name == 'bias' and (mode is not None or scaled is not None):
-      if scaled is not None:  # only Dense scales its output, and it takes a bias of None
-        scaled['bias'] = value
-        return None
-      return jnp.zeros_like(value)
-    if name != 'kernel':
+    active = _PASS.get()
+    if active is None or active[0] is not self or name not in ('kernel', 'bias'):
       return value
-    where = self._where()
-    _layers.check_real(where, 'kernel', value)
-    kept = _core.kept_axes(value.ndim, self.axis, where)
+    p = active[1]
+    if name == 'bias':
+      return p.bias(value)
+    return p.kernel(value, self._scale(value, p.axes(value)))
+
+  def _scale(self, value: jax.Array, kept: tuple[int, ...]) -> jax.Array:
+    """The layer's ``scale``: read, or created (at ``||kernel||`` by default, with no key)."""
     shape = _core.scale_shape(value.shape, kept)
-    self._check_loaded_scale(shape, value.shape)
 
     def init_scale(key, shape, dtype):
       if self.scale_init is None:
@@ -116,106 +124,64 @@ class _WeightNormedKernel:
       return _scale_box(self.get_variable('params', 'kernel'), g, kept)  # type: ignore[attr-defined]
 
     if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
-      # Its shape is checked above: Flax's param would check it again by tracing
-      # init_scale (jax.eval_shape), a third of an eager call's cost.
-      g = nn.unbox(self.get_variable('params', 'scale'))  # type: ignore[attr-defined]
-    elif self.scale_init is None and self.is_mutable_collection('params'):  # type: ignore[attr-defined]
+      # Read, not through param: Flax's param would check its shape (the pass does) by
+      # tracing init_scale (jax.eval_shape), a third of an eager call's cost.
+      return nn.unbox(self.get_variable('params', 'scale'))  # type: ignore[attr-defined]
+    if self.scale_init is None and self.is_mutable_collection('params'):  # type: ignore[attr-defined]
       # g = ||v|| takes no key: created as a variable, not a param (which draws one), the
       # parameters after it (the bias) get the plain layer's keys. (Without mutable params,
       # param raises Flax's usual missing-parameter error.)
       scale = self.variable('params', 'scale', init_scale, None, shape, self.param_dtype)  # type: ignore[attr-defined]
-      g = scale.value
-    else:
-      g = super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
-    if mode is not None:
-      g = jnp.ones_like(g)
-    dtype = _layers.weight_dtype(where, value, g, self.dtype, getattr(self, '_inputs', ()))
-    if scaled is not None:
-      scaled.update(v=value, g=g, kept=kept, dtype=dtype)
-      return _core.as_array(value, dtype)
-    return _layers.normalize(where, value, g, kept, dtype)
+      return scale.value
+    return super().param('scale', init_scale, shape, self.param_dtype)  # type: ignore[misc]
 
-  def _plain_call(self, call, *args, **kwargs):
-    """``call(*args)`` outside data init: a WNDense whose rows are fewer than its input
-    features scales its output instead of forming ``w`` (``_layers.scales_output``)."""
-    if not (
-      isinstance(self, nn.Dense)
-      and _layers.scales_output(
-        2,
-        _core.kept_axes(2, self.axis, self._where()),
-        args[0],
-        self.dtype if self.dtype is not None else jnp.result_type(args[0], self.param_dtype),
-        self.dot_general is None and self.dot_general_cls is None,
-      )
-    ):
-      return call(*args, **kwargs)
-    scaled: dict[str, Any] = {}
-    object.__setattr__(self, '_scaled', scaled)
+  def _forward(self, call: Callable[[jax.Array], jax.Array], inputs: jax.Array) -> jax.Array:
+    """``call(inputs)``, the parent's code, run with the pass of this call (``_kernel``)."""
+    p = self._start(inputs)
+    token = _PASS.set((self, p))
     try:
-      y = call(*args, **kwargs)
+      y = call(inputs)
     finally:
-      object.__delattr__(self, '_scaled')
-    return _layers.scaled_output(
-      self._where(),
-      y,
-      scaled['v'],
-      scaled['g'],
-      scaled['kept'],
-      scaled['dtype'],
-      scaled.get('bias'),
-    )
-
-  def _check_loaded_scale(self, shape, kernel_shape) -> None:
-    if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
-      got = jnp.shape(nn.unbox(self.get_variable('params', 'scale')))  # type: ignore[attr-defined]
-      if got != shape:
-        raise ValueError(
-          f'{self._where()}: the loaded scale has shape {got}, but a kernel of shape '
-          f'{kernel_shape} with axis={self.axis!r} needs {shape}. Check the checkpoint, '
-          f"or the layer's axis."
-        )
-
-  def _data_init_call(self, call, inputs):
-    """Runs ``call(inputs)``, or, in data-init mode on first use, initializes g and b.
-
-    While it runs, ``param`` sees ``inputs`` (with ``dtype=None`` a Flax layer computes in
-    the promotion of its inputs and parameters, so ``w`` is formed in that dtype).
-    """
-    object.__setattr__(self, '_inputs', inputs)
-    try:
-      return self._data_init_run(call, inputs)
-    finally:
-      object.__delattr__(self, '_inputs')
-
-  def _data_init_run(self, call, *args, **kwargs):
-    if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
-      return self._plain_call(call, *args, **kwargs)
-    kernel = self.get_variable('params', 'kernel')  # type: ignore[attr-defined]
-    if _data_init.is_partial_eval(nn.unbox(kernel)):
-      # Flax's scan first traces its body in a partial-evaluation pass (for its loop
-      # invariants) whose results it discards: not a use. The loop's own trace then
-      # initializes each stacked layer from its own statistics.
-      return self._plain_call(call, *args, **kwargs)
-    mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
-    if mode is None:
-      return self._plain_call(call, *args, **kwargs)
-    where = self._where()
-    _data_init.check_not_broadcast(nn.unbox(kernel), args, where)
-    path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
-    kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
-    _data_init.check_output_axis(jnp.ndim(nn.unbox(kernel)), kept, self._out_axis(), where)
-    object.__setattr__(self, '_direction_only', mode)
-    try:
-      t = call(*args, **kwargs)
-    finally:
-      object.__delattr__(self, '_direction_only')
-    bias_dtype = self.param_dtype if getattr(self, 'use_bias', True) else None
-    g, b, out = _data_init.initialize(t, mode, path, where, (self.param_dtype, bias_dtype))
-    _data_init.check_not_shared_across_vmap(nn.unbox(kernel), g, where)
-    self._put_boxed('scale', g)
+      _PASS.reset(token)
+    out, g, b = p.output(y)
+    if g is not None:
+      self._put_boxed('scale', g)
     if b is not None:
       self._put_boxed('bias', b)
     return out
+
+  def _start(self, inputs: jax.Array) -> _kernel.Pass:
+    dense = isinstance(self, nn.Dense)
+    return _kernel.start(
+      self._where(),
+      self.axis,
+      inputs,
+      self.dtype,
+      param_dtype=self.param_dtype,
+      dense=dense,
+      linear_dot=dense and self.dot_general is None and self.dot_general_cls is None,  # type: ignore[attr-defined]
+      init=self._claim(inputs),
+      path='/'.join(self.scope.path),  # type: ignore[attr-defined]
+      out_axis=self._out_axis(),
+    )
+
+  def _claim(self, inputs: jax.Array) -> _data_init.Mode | None:
+    """The data init's mode if it runs and this is the layer's first use, else ``None``."""
+    if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
+      return None
+    kernel = nn.unbox(self.get_variable('params', 'kernel'))  # type: ignore[attr-defined]
+    if _data_init.is_partial_eval(kernel):
+      # Flax's scan first traces its body in a partial-evaluation pass (for its loop
+      # invariants) whose results it discards: not a use. The loop's own trace then
+      # initializes each stacked layer from its own statistics.
+      return None
+    mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
+    if mode is not None:
+      try:
+        _data_init.check_not_broadcast(kernel, inputs)
+      except ValueError as e:
+        raise ValueError(f'{self._where()}: {e}') from None
+    return mode
 
   def _out_axis(self) -> int:
     return -1
@@ -265,7 +231,7 @@ class WNDense(_WeightNormedKernel, nn.Dense):
   scale_init: Initializer | None = None
 
   def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
-    return self._data_init_call(super().__call__, inputs)
+    return self._forward(super().__call__, inputs)
 
 
 class WNConv(_WeightNormedKernel, nn.Conv):
@@ -299,7 +265,7 @@ class WNConv(_WeightNormedKernel, nn.Conv):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
     self._check_conv_input(inputs)
-    return self._data_init_call(super().__call__, inputs)
+    return self._forward(super().__call__, inputs)
 
 
 class WNConvTranspose(_WeightNormedKernel, nn.ConvTranspose):
@@ -329,7 +295,7 @@ class WNConvTranspose(_WeightNormedKernel, nn.ConvTranspose):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
     self._check_conv_input(inputs)
-    return self._data_init_call(super().__call__, inputs)
+    return self._forward(super().__call__, inputs)
 
   def _out_axis(self) -> int:
     return -2 if self.transpose_kernel else -1
@@ -452,90 +418,108 @@ class WeightNorm(nn.Module):
   @nn.compact
   def _mapped(self, method: str, args: tuple, kwargs: dict) -> Any:
     """``layer.<method>(*args, **kwargs)`` with each selected parameter replaced by its ``w``."""
-    where = self._label()
-    layer_dtype = getattr(self.layer, 'dtype', None)
-    common, keys = _scope_keys(self.layer)
-    # Flax maps each scope the layer's variables live in (one, unless the parent built
-    # the layer's submodules inline) in turn, in the order of `keys`.
-    created: list = []  # at init, each scope's params as the layer created them
-    stored: list = []  # each scope's params as stored: v, with its metadata boxes
-    restored: list = []
-    scale: list = []  # read once per call
-    owners: dict[tuple[str, ...], str] = {}  # weight-normalized modules met inside, at init
-
-    def weight(x: _tree.WeightNormed) -> jax.Array:
-      dtype = _layers.weight_dtype(where, x.v, x.g, layer_dtype, (args, kwargs))
-      return _layers.normalize(where, x.v, x.g, x.axis, dtype, self.epsilon)
-
-    def init(key):
-      # Only at init: g = ||v|| (or scale_init); afterwards g comes from `scale`.
-      boxed = _nested(keys, created)
-      params = nn.unbox(boxed)
-      _tree.check_wrappable(params, self.where, owners)
-      wn = _tree.weight_norm(params, self.axis, where=self.where)
-      keys_ = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
-
-      def g(x: _tree.WeightNormed) -> jax.Array:
-        return _tree.initial_scale(x, self.scale_init, self.param_dtype, lambda: next(keys_))
-
-      def box(path, g):  # each scale partitioned like its kernel's kept axes
-        kernel = boxed
-        for k in path:
-          kernel = kernel[k.key]
-        return _scale_box(kernel, g, _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where))
-
-      return jax.tree_util.tree_map_with_path(box, _tree.map_selected(wn, g))
-
-    def trans_in(variables):
-      key = keys[len(stored)]
-      params = variables.get('params', {})
-      stored.append(params)
-      try:
-        if not scale and self.has_variable('params', 'scale'):
-          # Not Flax's param: it would re-check the shape by tracing init, which needs every
-          # scope's parameters (each g is checked against its v where it is used).
-          scale.append(nn.unbox(self.get_variable('params', 'scale')))
-        elif not scale:
-          scale.append(self.param('scale', init))
-        if not params:
-          return variables
-        directions = _tree.replace_selected(
-          _nest(key, nn.unbox(params)),
-          self.where,
-          lambda v: _tree.WeightNormed(v, None, self.axis),
-          'wn_jax.linen.WeightNorm',
-          required=False,
-        )
-      except ValueError as e:
-        raise ValueError(f'{where}: {e}') from None
-      merged = _tree.map_selected(directions, weight, scale[0])
-      return {**variables, 'params': _unnest(key, merged)}
-
-    def trans_out(variables):
-      if not stored:  # Flax's first pass at init: the parameters as the layer created them
-        created.append(variables.get('params', {}))
-        return variables
-      # Flax stores the view the layer saw; the layer's parameters are v, as created.
-      params = stored[len(restored)]
-      restored.append(params)
-      return {**variables, 'params': params} if params else variables
-
-    def note(next_fun, call_args, call_kwargs, context):
-      m = context.module
-      if isinstance(m, (WeightNorm, _WeightNormedKernel)):
-        path = tuple(m.scope.path)[len(common) :]
-        owners.update(_tree.weight_normed_parts(path, type(m).__name__, isinstance(m, WeightNorm)))
-      return next_fun(*call_args, **call_kwargs)
-
-    def run(layer):
-      if not self.is_initializing():
-        return getattr(layer, method)(*args, **kwargs)
-      with nn.intercept_methods(note):
-        return getattr(layer, method)(*args, **kwargs)
-
+    m = _Mapping(self, method, args, kwargs)
     return nn.map_variables(
-      run, 'params', trans_in_fn=trans_in, trans_out_fn=trans_out, init=self.is_initializing()
+      m.run, 'params', trans_in_fn=m.trans_in, trans_out_fn=m.trans_out, init=m.initializing
     )(self.layer)
+
+
+class _Mapping:
+  """One call of a ``WeightNorm``: the ``nn.map_variables`` callbacks and what they share.
+
+  Flax maps each scope the layer's variables live in (one, unless the parent built the
+  layer's submodules inline) in turn, in the order of ``keys``.
+  """
+
+  def __init__(self, wrapper: WeightNorm, method: str, args: tuple, kwargs: dict):
+    self.wrapper, self.method, self.args, self.kwargs = wrapper, method, args, kwargs
+    self.label = wrapper._label()
+    self.initializing = wrapper.is_initializing()
+    self.common, self.keys = _scope_keys(wrapper.layer)
+    self.created: list = []  # at init, each scope's params as the layer created them
+    self.stored: list = []  # each scope's params as stored: v, with its metadata boxes
+    self.restored: list = []
+    self.scale: list = []  # read once per call
+    self.owners: dict[tuple[str, ...], str] = {}  # weight-normalized modules met inside, at init
+
+  def weight(self, x: _tree.WeightNormed) -> jax.Array:
+    layer_dtype = getattr(self.wrapper.layer, 'dtype', None)
+    with _kernel.labelled(self.label):
+      return _kernel.weight(x, layer_dtype, (self.args, self.kwargs), self.wrapper.epsilon)
+
+  def init(self, key: jax.Array) -> Any:
+    """The scale tree at init: ``g = ||v||`` (or ``scale_init``), boxed like each kernel."""
+    w = self.wrapper
+    boxed = _nested(self.keys, self.created)
+    params = nn.unbox(boxed)
+    _tree.check_wrappable(params, w.where, self.owners)
+    wn = _tree.weight_norm(params, w.axis, where=w.where)
+    keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
+
+    def g(x: _tree.WeightNormed) -> jax.Array:
+      return _tree.initial_scale(x, w.scale_init, w.param_dtype, lambda: next(keys))
+
+    def box(path, g):  # each scale partitioned like its kernel's kept axes
+      kernel = boxed
+      for k in path:
+        kernel = kernel[k.key]
+      kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), w.axis, self.label)
+      return _scale_box(kernel, g, kept)
+
+    return jax.tree_util.tree_map_with_path(box, _tree.map_selected(wn, g))
+
+  def read_scale(self) -> Any:
+    w = self.wrapper
+    if not self.scale and w.has_variable('params', 'scale'):
+      # Not Flax's param: it would re-check the shape by tracing init, which needs every
+      # scope's parameters (each g is checked against its v where it is used).
+      self.scale.append(nn.unbox(w.get_variable('params', 'scale')))
+    elif not self.scale:
+      self.scale.append(w.param('scale', self.init))
+    return self.scale[0]
+
+  def trans_in(self, variables: dict) -> dict:
+    key = self.keys[len(self.stored)]
+    params = variables.get('params', {})
+    self.stored.append(params)
+    with _kernel.labelled(self.label):
+      scale = self.read_scale()
+      if not params:
+        return variables
+      directions = _tree.replace_selected(
+        _nest(key, nn.unbox(params)),
+        self.wrapper.where,
+        lambda v: _tree.WeightNormed(v, None, self.wrapper.axis),
+        'wn_jax.linen.WeightNorm',
+        required=False,
+      )
+    merged = _tree.map_selected(directions, self.weight, scale)
+    return {**variables, 'params': _unnest(key, merged)}
+
+  def trans_out(self, variables: dict) -> dict:
+    if not self.stored:  # Flax's first pass at init: the parameters as the layer created them
+      self.created.append(variables.get('params', {}))
+      return variables
+    # Flax stores the view the layer saw; the layer's parameters are v, as created.
+    params = self.stored[len(self.restored)]
+    self.restored.append(params)
+    return {**variables, 'params': params} if params else variables
+
+  def note(self, next_fun, call_args, call_kwargs, context):
+    """Records each weight-normalized module met inside the layer (init only)."""
+    m = context.module
+    if isinstance(m, (WeightNorm, _WeightNormedKernel)):
+      path = tuple(m.scope.path)[len(self.common) :]
+      self.owners.update(
+        _tree.weight_normed_parts(path, type(m).__name__, isinstance(m, WeightNorm))
+      )
+    return next_fun(*call_args, **call_kwargs)
+
+  def run(self, layer: nn.Module) -> Any:
+    if not self.initializing:
+      return getattr(layer, self.method)(*self.args, **self.kwargs)
+    with nn.intercept_methods(self.note):
+      return getattr(layer, self.method)(*self.args, **self.kwargs)
 
 
 def _forwarding(name: str) -> Callable[..., Any]:
@@ -640,8 +624,7 @@ class MeanOnlyBatchNorm(nn.Module):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
     x = jnp.asarray(x)
-    (feature,) = _core.kept_axes(x.ndim, self.axis, f'MeanOnlyBatchNorm {self.name!r}')
-    reduced = tuple(i for i in range(x.ndim) if i != feature)
+    feature = _batch_norm.feature_axis(x, self.axis, f'MeanOnlyBatchNorm {self.name!r}')
     stat_dtype = _core.reduce_dtype(x.dtype)
     ra_mean = self.variable(
       'batch_stats', 'mean', lambda: jnp.zeros((x.shape[feature],), stat_dtype)
@@ -649,19 +632,15 @@ class MeanOnlyBatchNorm(nn.Module):
     if use_ra:
       mean = ra_mean.value
     else:
-      mean = jnp.mean(x.astype(stat_dtype), axis=reduced)
-      if self.axis_name is not None and not self.is_initializing():
-        mean = jax.lax.pmean(mean, self.axis_name, axis_index_groups=self.axis_index_groups)
+      # Flax's BatchNorm takes no cross-device mean at init either.
+      axis_name = None if self.is_initializing() else self.axis_name
+      mean = _batch_norm.batch_mean(x, feature, axis_name, self.axis_index_groups)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-    shape = [1] * x.ndim
-    shape[feature] = x.shape[feature]
-    y = x.astype(stat_dtype) - mean.reshape(shape)
+    bias = None
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (x.shape[feature],), self.param_dtype)
-      y = y + bias.astype(stat_dtype).reshape(shape)
-    out_dtype = self.dtype or x.dtype
-    return y.astype(out_dtype)
+    return _batch_norm.centered(x, mean, bias, feature, self.dtype)
 
 
 def data_init(

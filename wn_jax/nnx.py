@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wn_jax import _batch_norm
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _kernel
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -43,14 +45,14 @@ class _KernelView:
   """
 
   def __init__(self, module: Any, kernel: jax.Array, bias: Any):
-    object.__setattr__(self, '_module', module)
-    object.__setattr__(self, 'kernel', kernel)
-    object.__setattr__(self, 'bias', bias)
+    self._module = module
+    self.kernel = kernel
+    self.bias = bias
     if bias is None:
-      object.__setattr__(self, 'use_bias', False)
+      self.use_bias = False
 
   def __getattr__(self, name: str) -> Any:
-    return getattr(object.__getattribute__(self, '_module'), name)
+    return getattr(self._module, name)
 
 
 def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
@@ -71,11 +73,12 @@ class _WeightNormedKernel:
   dtype: Any
   param_dtype: Any
 
-  _dense = False  # WNLinear: may scale its output instead of forming w (_layers.scales_output)
+  _dense = False  # WNLinear: may scale its output instead of forming w (_kernel.scales_output)
 
   def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
     v = self.kernel[...]
-    _layers.check_real(self._where(), 'kernel', v)
+    with _kernel.labelled(self._where()):
+      _kernel.check_real('kernel', v)
     kept = _core.kept_axes(v.ndim, axis, self._where())
     self.axis = axis
     if scale_init is None:
@@ -91,49 +94,29 @@ class _WeightNormedKernel:
     return f'{type(self).__name__}(kernel {tuple(self.kernel.shape)})'
 
   def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    call = super().__call__  # type: ignore[misc]
-    kernel = self.kernel[...]
-    bias = self.bias
-    where = self._where()
-    kept = _core.kept_axes(kernel.ndim, self.axis, where)
-    g = self.scale[...]
-    dtype = _layers.weight_dtype(where, kernel, g, self.dtype, inputs)
-    if g.shape != _core.scale_shape(kernel.shape, kept):
-      raise ValueError(
-        f'{where}: scale has shape {g.shape}, but a kernel of shape {kernel.shape} with '
-        f'axis={self.axis!r} needs {_core.scale_shape(kernel.shape, kept)}. Check the '
-        f"loaded state, or the layer's axis."
-      )
     mode = _data_init.claim(id(self))
-    if (
-      mode is None
-      and self._dense
-      and _layers.scales_output(
-        kernel.ndim,
-        kept,
-        inputs,
-        self.dtype if self.dtype is not None else jnp.result_type(inputs, kernel),
-        getattr(self, 'dot_general', None) is jax.lax.dot_general,
-      )
-    ):
-      # Only Linear scales its output, and it takes no bias: the factor's call adds it.
-      y = call.__func__(_KernelView(self, kernel.astype(dtype), None), inputs, *args, **kwargs)
-      return _layers.scaled_output(
-        where, y, kernel, g, kept, dtype, None if bias is None else bias[...]
-      )
-    if mode is None:
-      w = _layers.normalize(where, kernel, g, kept, dtype)
-      return call.__func__(_KernelView(self, w, bias), inputs, *args, **kwargs)
-    mode.claimed.append((self.scale.get_metadata(_TAG, None), self))
-    _data_init.check_output_axis(kernel.ndim, kept, self._out_axis(), where)
-    direction = _layers.normalize(where, kernel, jnp.ones_like(g), kept, dtype)
-    zero_bias = None if bias is None else jnp.zeros_like(bias[...])
-    t = call.__func__(_KernelView(self, direction, zero_bias), inputs, *args, **kwargs)
-    name = type(self).__name__  # init_scale's callable gets the class name
-    dtypes = (g.dtype, None if bias is None else bias.dtype)
-    new_g, b, out = _data_init.initialize(t, mode, name, where, dtypes)
-    _data_init.check_not_shared_across_vmap(kernel, new_g, where)
-    self.scale[...] = new_g
+    tag = None if mode is None else self.scale.get_metadata(_TAG, None)
+    if mode is not None:  # the caller checks that the writes below landed
+      mode.claimed.append((tag, self))
+    kernel = self.kernel[...]
+    p = _kernel.start(
+      self._where(),
+      self.axis,
+      inputs,
+      self.dtype,
+      param_dtype=kernel.dtype,
+      dense=self._dense,
+      linear_dot=getattr(self, 'dot_general', None) is jax.lax.dot_general,
+      init=mode,
+      path='' if mode is None else mode.paths.get(tag, ''),
+      out_axis=self._out_axis(),
+    )
+    view = _KernelView(
+      self, p.kernel(kernel, self.scale[...]), p.bias(None if self.bias is None else self.bias[...])
+    )
+    out, g, b = p.output(super().__call__.__func__(view, inputs, *args, **kwargs))  # type: ignore[misc]
+    if g is not None:
+      self.scale[...] = g
     if b is not None:
       self.bias[...] = b
     return out
@@ -417,8 +400,8 @@ class WeightNorm(nnx.Module):
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
     def weight(x: _tree.WeightNormed) -> jax.Array:
-      dtype = _layers.weight_dtype(where, x.v, x.g, layer_dtype, (args, kwargs))
-      return _layers.normalize(where, x.v, x.g, x.axis, dtype, self.epsilon)
+      with _kernel.labelled(where):
+        return _kernel.weight(x, layer_dtype, (args, kwargs), self.epsilon)
 
     weights = _tree.map_selected(directions, weight, g)
     nnx.replace_by_pure_dict(params, weights)
@@ -431,12 +414,13 @@ class WeightNorm(nnx.Module):
 class MeanOnlyBatchNorm(nnx.Module):
   r"""The paper's mean-only batch normalization: $y = x - \mu_B + b$.
 
-  The mean runs over every axis but the last (features); the running mean lives in an
+  The mean runs over every axis but ``axis`` (features); the running mean lives in an
   ``nnx.BatchStat`` and serves ``use_running_average=True`` (or after
   ``model.eval()``). No division by the variance.
 
   Args:
     num_features: size of the feature axis.
+    axis: the feature axis (default ``-1``), as ``wn_jax.linen.MeanOnlyBatchNorm``'s.
     momentum: decay of the running mean.
     use_running_average: use the running mean instead of the batch's.
     use_bias: add a learned ``bias`` (``nnx.Param``).
@@ -459,6 +443,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     self,
     num_features: int,
     *,
+    axis: int = -1,
     momentum: float = 0.99,
     use_running_average: bool = False,
     use_bias: bool = True,
@@ -468,6 +453,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     rngs: nnx.Rngs | None = None,
   ):
     del rngs
+    self.axis = axis
     self.momentum = momentum
     self.use_running_average = use_running_average
     self.dtype = dtype
@@ -478,26 +464,27 @@ class MeanOnlyBatchNorm(nnx.Module):
   def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
     use_ra = self.use_running_average if use_running_average is None else use_running_average
     x = jnp.asarray(x)
-    stat_dtype = _core.reduce_dtype(x.dtype)
+    feature = _batch_norm.feature_axis(x, self.axis, 'wn_jax.nnx.MeanOnlyBatchNorm')
     if use_ra:
-      mean = self.mean[...].astype(stat_dtype)
+      mean = self.mean[...]
     else:
-      mean = jnp.mean(x.astype(stat_dtype), axis=tuple(range(x.ndim - 1)))
-      if self.axis_name is not None:
-        mean = jax.lax.pmean(mean, self.axis_name)
+      mean = _batch_norm.batch_mean(x, feature, self.axis_name)
       self.mean[...] = (self.momentum * self.mean[...] + (1.0 - self.momentum) * mean).astype(
         self.mean.dtype
       )
-    y = x.astype(stat_dtype) - mean
-    if self.bias is not None:
-      y = y + self.bias[...].astype(stat_dtype)
-    return y.astype(self.dtype or x.dtype)
+    bias = None if self.bias is None else self.bias[...]
+    return _batch_norm.centered(x, mean, bias, feature, self.dtype)
 
   def set_mode(self, use_running_average: bool | None = None, **kwargs: Any) -> dict:
     """Lets ``model.eval()`` / ``model.train()`` switch the running average."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
     return kwargs
+
+
+def _path(path: tuple[Any, ...]) -> str:
+  """A layer's path in its model, as :func:`layer_axes` and ``data_init`` name it."""
+  return '/'.join(str(k) for k in path)
 
 
 def _discarded(path: str, layer: _WeightNormedKernel) -> ValueError:
@@ -536,8 +523,8 @@ def data_init(
   from its bias-free pre-activation's per-feature mean ``mu`` and standard deviation
   ``sigma`` on this batch, and passes the initialized output on (see
   :func:`wn_jax.linen.data_init` for the rules: shared layers, constant features,
-  float32 statistics, ``init_scale`` per layer as a callable of the layer's class
-  name). Wrap the call in ``nnx.jit`` to compile it.
+  float32 statistics, ``init_scale`` per layer as a callable of the layer's path in
+  ``model``, as :func:`layer_axes` names it: ``'layers/0'``). Wrap the call in ``nnx.jit`` to compile it.
 
   NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
   steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
@@ -549,8 +536,8 @@ def data_init(
   Args:
     model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
     *args: the batch.
-    init_scale: the target standard deviation, or a callable from the layer's class
-      name to it.
+    init_scale: the target standard deviation, or a callable from the layer's path
+      (``'layers/0'``; ``''`` for the model itself) to it.
     axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis.
     **kwargs: passed to the model.
 
@@ -572,10 +559,11 @@ def data_init(
   scales = [layer.scale.get_raw_value() for _, layer in layers]
   try:
     with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
+      mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
       out = model(*args, **kwargs)
     for i, _ in mode.claimed:  # a write that landed replaced the scale's array
       if i is not None and layers[i][1].scale.get_raw_value() is scales[i]:
-        raise _discarded('/'.join(str(k) for k in layers[i][0]), layers[i][1])
+        raise _discarded(_path(layers[i][0]), layers[i][1])
   except BaseException:
     for v, value in zip(state, saved):  # the model as it was, never half initialized
       v.set_raw_value(value)
@@ -600,7 +588,7 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
     {'layers/0': 0, 'layers/1': -1}
   """
   return {
-    '/'.join(str(k) for k in path): node.axis
+    _path(path): node.axis
     for path, node in nnx.iter_graph(model)
     if isinstance(node, _WeightNormedKernel)
   }

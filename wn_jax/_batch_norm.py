@@ -1,0 +1,38 @@
+r"""The paper's mean-only batch normalization, $y = x - \mu_B + b$, for linen and NNX."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wn_jax import _core
+
+
+def feature_axis(x: jax.Array, axis: int, label: str) -> int:
+  """The feature axis ``axis`` of ``x`` as a non-negative int."""
+  (feature,) = _core.kept_axes(jnp.ndim(x), axis, label)
+  return feature
+
+
+def batch_mean(
+  x: jax.Array, feature: int, axis_name: str | None, axis_index_groups: Any = None
+) -> jax.Array:
+  """The per-feature mean of ``x`` over every other axis (and ``axis_name``), in float32+."""
+  reduced = tuple(i for i in range(x.ndim) if i != feature)
+  mean = jnp.mean(x.astype(_core.reduce_dtype(x.dtype)), axis=reduced)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name, axis_index_groups=axis_index_groups)
+  return mean
+
+
+def centered(x: jax.Array, mean: jax.Array, bias: Any, feature: int, dtype: Any) -> jax.Array:
+  """``x - mean + bias`` along ``feature``, computed in float32 or wider, in ``dtype``."""
+  stat_dtype = _core.reduce_dtype(x.dtype)
+  shape = [1] * x.ndim
+  shape[feature] = x.shape[feature]
+  y = x.astype(stat_dtype) - mean.astype(stat_dtype).reshape(shape)
+  if bias is not None:
+    y = y + bias.astype(stat_dtype).reshape(shape)
+  return y.astype(dtype or x.dtype)

@@ -1,0 +1,232 @@
+"""The forward pass of the WN layers, written once for linen and NNX.
+
+A WN layer runs its Flax parent's own code (``Dense``/``Linear``, ``Conv``, ``ConvTranspose``)
+with the kernel and the bias that code reads replaced. A :class:`Pass` says what they are
+replaced with, and what becomes of the output:
+
+| pass | kernel fed | bias fed | output |
+|---|---|---|---|
+| plain | ``w = g v / ||v||`` in the compute dtype | ``b`` | ``y`` |
+| scaled (Dense, rows < input features) | ``v`` | none | ``y * (g / ||v||) + b`` |
+| direction (data init, first use) | ``v / ||v||`` | zeros | ``y`` standardized: new ``g``, ``b`` |
+
+linen pulls the kernel and bias through ``Module.param`` (its override asks the pass), NNX
+pushes them into the parent's ``__call__``; each then writes back what a data init returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wn_jax import _core
+from wn_jax import _data_init
+
+
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+  """A ``ValueError`` raised in the block, with ``label`` (the layer) in front."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(f'{label}: {e}') from None
+
+
+def check_real(name: str, x: Any) -> None:
+  """A ``ValueError`` unless ``x`` is a real floating array."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f'the {name} must be a real floating array (float16, bfloat16, float32 or '
+      f'float64) to be weight-normalized; got dtype {dtype}. Use a real param_dtype, or '
+      f'leave this parameter out of the weight normalization.'
+    )
+
+
+def weight_dtype(v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtype:
+  """The dtype ``w`` is formed in: the widest of ``v``'s, ``g``'s and the layer's compute dtype.
+
+  The compute dtype is ``layer_dtype`` (a Flax layer's ``dtype``) when it is set; with
+  ``None`` a Flax layer promotes its parameters with its inputs, so the floating array
+  leaves of ``inputs`` count instead. Forming ``w`` in the wider dtype rounds it at most
+  once, to the dtype the layer computes in (``bfloat16`` parameters in a ``float32`` layer
+  give a ``float32`` weight, not a ``bfloat16`` one).
+  """
+  check_real('kernel', v)
+  check_real('scale', g)
+  dtypes = [jnp.result_type(v), jnp.result_type(g)]
+  if layer_dtype is not None:
+    dtypes.append(jnp.dtype(layer_dtype))
+  else:
+    dtypes += [
+      x.dtype
+      for x in jax.tree_util.tree_leaves(inputs)
+      if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+  dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+  return _core.result_dtype(*dtypes)
+
+
+def normalize(v: Any, g: Any, kept: _core.Axis, dtype: Any, eps: float = 0.0) -> jax.Array:
+  """``_core.normalize`` with ``v`` and ``g`` cast to ``dtype`` first (reduced in float32)."""
+  return _core.normalize(_core.as_array(v, dtype), _core.as_array(g, dtype), kept, eps=eps)
+
+
+def weight(x: Any, layer_dtype: Any, inputs: Any, eps: float = 0.0) -> jax.Array:
+  """A wrapper's ``w`` for the ``WeightNormed`` leaf ``x``, in the dtype its layer computes in."""
+  dtype = weight_dtype(x.v, x.g, layer_dtype, inputs)
+  return normalize(x.v, x.g, x.axis, dtype, eps)
+
+
+def scales_output(
+  kernel_ndim: int, kept: tuple[int, ...], inputs: Any, compute_dtype: Any, linear_dot: bool
+) -> bool:
+  r"""Whether a Dense layer applies $g / \lVert v \rVert$ to its output instead of forming ``w``.
+
+  For a kernel ``(in, out)`` keeping ``out``, ``x @ w + b == (x @ v) * s + b`` with
+  ``s = g / ||v||`` per output feature (the paper's section 2.1). Forming ``w`` costs
+  weight-sized passes (write ``w``; backward: a reduction for ``dL/dg`` and the scaling
+  of ``dL/dw``); scaling the output moves them to activation-sized arrays (rows x out)
+  and leaves one weight-sized pass in the backward (``dL/dv`` gains ``v`` times a
+  per-slice factor). So the output is scaled when the rows (every input axis but the
+  last) are fewer than the input features. The choice is static (shapes are known at
+  trace time) and changes rounding only.
+
+  A symbolic row count (``jax.export`` with a symbolic batch) is never compared with the
+  input features (that comparison is inconclusive for symbolic dimensions): ``w`` is then
+  formed, which is right at every batch size, and the exported function gives the
+  layer's results to rounding.
+
+  Never with a custom ``dot_general`` (``linear_dot`` False): it may not be linear in the
+  kernel (a quantized matmul), and it must see ``w``. Never with float16 compute:
+  ``x @ v`` there follows the scale of ``||v||``, not of ``||w||``, and float16's narrow
+  range would overflow or underflow it where ``x @ w`` is fine.
+  """
+  shape = jnp.shape(inputs)
+  if kernel_ndim != 2 or kept != (1,) or not shape or not linear_dot:
+    return False
+  if jnp.dtype(compute_dtype) == jnp.dtype(jnp.float16):
+    return False
+  if any(jax.export.is_symbolic_dim(d) for d in shape):
+    return False
+  return math.prod(shape[:-1]) < shape[-1]
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _scaled_output(y, v, g, bias, kept):
+  # ``y * (g / ||v||) + bias`` for ``y = x @ v``, formed in the wider of ``y``'s dtype and
+  # the factor's (float32), rounded once to ``y``'s dtype. One jitted call: eagerly, one
+  # dispatch instead of one per operation.
+  s = _core.factor(v, g, kept)
+  acc = _core.result_dtype(y.dtype, s.dtype)
+  out = y.astype(acc) * s
+  if bias is not None:
+    out = out + bias.astype(acc)
+  return out.astype(y.dtype)
+
+
+@dataclasses.dataclass
+class Pass:
+  """One call of a WN layer: what its own code reads as kernel and bias, and its output.
+
+  Built by :func:`start`; the adapter feeds :meth:`kernel` and :meth:`bias` to the layer's
+  code and hands its result to :meth:`output`. Errors carry ``label`` (the layer).
+  """
+
+  label: str  # the layer, for errors: "WNDense at '/Dense_0'"
+  axis: _core.Axis
+  layer_dtype: Any  # the layer's ``dtype`` (None: the promotion with the inputs)
+  inputs: Any
+  scaled: bool = False  # a Dense scaling its output (``scales_output``)
+  init: _data_init.Mode | None = None  # data init, this layer's first use
+  path: str = ''  # data init: the layer's path, for a callable ``init_scale``
+  out_axis: int = -1  # the kernel's output-feature axis (data init keeps it)
+  # Set as the layer's code reads its parameters:
+  v: Any = None
+  g: Any = None
+  kept: tuple[int, ...] = ()
+  dtype: Any = None
+  bias_value: Any = None
+
+  def labelled(self) -> contextlib.AbstractContextManager[None]:
+    return labelled(self.label)
+
+  def axes(self, v: Any) -> tuple[int, ...]:
+    """The kept axes of the kernel ``v`` (a real floating array), checked for a data init."""
+    with self.labelled():
+      check_real('kernel', v)
+    kept = _core.kept_axes(jnp.ndim(v), self.axis, self.label)
+    with self.labelled():
+      if self.init is not None:
+        _data_init.check_output_axis(jnp.ndim(v), kept, self.out_axis)
+    return kept
+
+  def kernel(self, v: Any, g: Any) -> jax.Array:
+    """What the layer's code multiplies by, from the direction ``v`` and the scale ``g``."""
+    kept = self.axes(v)
+    need = _core.scale_shape(jnp.shape(v), kept)
+    if jnp.shape(g) != need:
+      raise ValueError(
+        f'{self.label}: the loaded scale has shape {jnp.shape(g)}, but a kernel of shape '
+        f'{jnp.shape(v)} with axis={self.axis!r} needs {need}. Check the loaded state or '
+        f"checkpoint, or the layer's axis."
+      )
+    with self.labelled():
+      self.dtype = weight_dtype(v, g, self.layer_dtype, self.inputs)
+      self.v, self.g, self.kept = v, g, kept
+      if self.scaled:
+        return _core.as_array(v, self.dtype)
+      if self.init is not None:
+        return normalize(v, jnp.ones_like(g), kept, self.dtype)
+      return normalize(v, g, kept, self.dtype)
+
+  def bias(self, b: Any) -> Any:
+    """What the layer's code adds: ``b`` itself, none (scaled) or zeros (data init)."""
+    self.bias_value = b
+    if b is None or not (self.scaled or self.init is not None):
+      return b
+    return None if self.scaled else jnp.zeros_like(b)
+
+  def output(self, y: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """``(output, g, b)``: ``g`` and ``b`` are new values after a data init, else ``None``."""
+    b = self.bias_value
+    with self.labelled():
+      if self.scaled:
+        v, g = _core.as_array(self.v, self.dtype), _core.as_array(self.g, self.dtype)
+        b = None if b is None else _core.as_array(b)
+        return _scaled_output(y, v, g, b, self.kept), None, None
+      if self.init is None:
+        return y, None, None
+      dtypes = (jnp.result_type(self.g), None if b is None else jnp.result_type(b))
+      g, b, out = _data_init.initialize(y, self.init, self.path, self.label, dtypes)
+      _data_init.check_not_shared_across_vmap(self.v, g)
+    return out, g, b
+
+
+def start(
+  label: str,
+  axis: _core.Axis,
+  inputs: Any,
+  layer_dtype: Any,
+  *,
+  param_dtype: Any,
+  dense: bool,
+  linear_dot: bool,
+  init: _data_init.Mode | None = None,
+  path: str = '',
+  out_axis: int = -1,
+) -> Pass:
+  """The pass of one call: data init if ``init`` is given, else scaled where it pays."""
+  scaled = False
+  if init is None and dense:
+    kept = _core.kept_axes(2, axis, label)
+    compute = layer_dtype if layer_dtype is not None else jnp.result_type(inputs, param_dtype)
+    scaled = scales_output(2, kept, inputs, compute, linear_dot)
+  return Pass(label, axis, layer_dtype, inputs, scaled, init, path, out_axis)
