@@ -1,0 +1,105 @@
+"""Kept axes, the scale's shape and the dtype rules: what every part of wn_jax agrees on."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+Axis = int | Sequence[int] | None
+
+
+def as_array(x: ArrayLike, dtype=None) -> jax.Array:
+  """``jnp.asarray(x, dtype)``, without its cost (tens of microseconds eagerly) for a JAX
+  array (or tracer) that already has the dtype."""
+  if isinstance(x, jax.Array) and (dtype is None or x.dtype == dtype):
+    return x
+  return jnp.asarray(x, dtype)
+
+
+def kept_axes(ndim: int, axis: Axis, where: str) -> tuple[int, ...]:
+  """Canonicalizes ``axis`` (the KEPT axes) for an array of rank ``ndim``.
+
+  Returns the kept axes as non-negative ints in increasing order; ``None`` gives
+  ``()``. ``where`` names the caller in error messages.
+  """
+  if axis is None:
+    return ()
+  if isinstance(axis, Sequence) and not isinstance(axis, str):
+    axes = tuple(axis)
+  else:
+    axes = (axis,)
+  out = []
+  for a in axes:
+    if isinstance(a, bool):
+      raise ValueError(f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.')
+    try:
+      a = operator.index(a)
+    except TypeError:
+      raise ValueError(
+        f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.'
+      ) from None
+    if not -ndim <= a < ndim:
+      raise ValueError(
+        f'{where}: axis {a} is out of range for a weight of rank {ndim} (valid: '
+        f'{-ndim}..{ndim - 1}); pass an axis of the weight, or None for the whole tensor.'
+      )
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f'{where}: axis {axis!r} repeats an axis; name each kept axis once.')
+  return tuple(sorted(out))
+
+
+def reduce_dtype(dtype) -> jnp.dtype:
+  """The dtype the norm is reduced in: float32, or float64 for float64 input."""
+  return result_dtype(dtype, jnp.float32)
+
+
+def is_eps(eps: object) -> bool:
+  """Whether ``eps`` is a static lower bound on a norm: a finite real number >= 0."""
+  return (
+    isinstance(eps, (int, float, np.integer, np.floating))
+    and not isinstance(eps, bool)
+    and math.isfinite(eps)
+    and float(eps) >= 0
+  )
+
+
+def check_floating(x: jax.Array, name: str, where: str) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+      f'{where}: {name} must be a real floating array (float16, bfloat16, float32 or '
+      f'float64); got dtype {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32).'
+    )
+
+
+def scale_shape(shape: Sequence[int], axis: Axis, where: str = 'scale_shape') -> tuple[int, ...]:
+  """The shape of ``g`` for a weight of ``shape`` keeping ``axis``.
+
+  >>> scale_shape((3, 3, 16, 32), -1)
+  (32,)
+  >>> scale_shape((4, 5), None)
+  ()
+  """
+  return tuple(shape[a] for a in kept_axes(len(shape), axis, where))
+
+
+def reduced(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(i for i in range(ndim) if i not in kept)
+
+
+def result_dtype(*dtypes) -> jnp.dtype:
+  """The float dtype of a result from these float dtypes, even under strict promotion.
+
+  The widest wins; bfloat16 with float16 gives float32.
+  """
+  ds = {jnp.dtype(d) for d in dtypes}
+  if len(ds) == 1:
+    return ds.pop()
+  widest = max(d.itemsize for d in ds)
+  return jnp.dtype(jnp.float32) if widest == 2 else max(ds, key=lambda d: d.itemsize)
