@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from wn_jax._errors import labelled
+
 Axis = int | Sequence[int] | None
 
 
@@ -22,37 +24,39 @@ def as_array(x: ArrayLike, dtype=None) -> jax.Array:
   return jnp.asarray(x, dtype)
 
 
-def kept_axes(ndim: int, axis: Axis, where: str) -> tuple[int, ...]:
+def kept_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   """Canonicalizes ``axis`` (the KEPT axes) for an array of rank ``ndim``.
 
-  Returns the kept axes as non-negative ints in increasing order; ``None`` gives
-  ``()``. ``where`` names the caller in error messages.
+  Returns the kept axes as non-negative ints in increasing order; ``None`` gives ``()``.
+
+  >>> kept_axes(4, (-1, 0)), kept_axes(2, None)
+  ((0, 3), ())
   """
   if axis is None:
     return ()
-  if isinstance(axis, Sequence) and not isinstance(axis, str):
-    axes = tuple(axis)
-  else:
-    axes = (axis,)
+  axes = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else (axis,)
   out = []
   for a in axes:
-    if isinstance(a, bool):
-      raise ValueError(f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.')
-    try:
-      a = operator.index(a)
-    except TypeError:
-      raise ValueError(
-        f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.'
-      ) from None
+    a = _index(a, axis)
     if not -ndim <= a < ndim:
       raise ValueError(
-        f'{where}: axis {a} is out of range for a weight of rank {ndim} (valid: '
+        f'axis {a} is out of range for a weight of rank {ndim} (valid: '
         f'{-ndim}..{ndim - 1}); pass an axis of the weight, or None for the whole tensor.'
       )
     out.append(a % ndim)
   if len(set(out)) != len(out):
-    raise ValueError(f'{where}: axis {axis!r} repeats an axis; name each kept axis once.')
+    raise ValueError(f'axis {axis!r} repeats an axis; name each kept axis once.')
   return tuple(sorted(out))
+
+
+def _index(a: object, axis: Axis) -> int:
+  """``a``, one entry of ``axis``, as an int (NumPy integers too, not bools)."""
+  if not isinstance(a, bool):
+    try:
+      return operator.index(a)  # type: ignore[arg-type]
+    except TypeError:
+      pass
+  raise ValueError(f'axis must be an int, a tuple of ints or None; got {axis!r}.')
 
 
 def reduce_dtype(dtype) -> jnp.dtype:
@@ -70,15 +74,16 @@ def is_eps(eps: object) -> bool:
   )
 
 
-def check_floating(x: jax.Array, name: str, where: str) -> None:
+def check_floating(x: jax.Array, name: str) -> None:
+  """A ``ValueError`` unless ``x`` (called ``name`` in the message) is real floating."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(
-      f'{where}: {name} must be a real floating array (float16, bfloat16, float32 or '
+      f'{name} must be a real floating array (float16, bfloat16, float32 or '
       f'float64); got dtype {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32).'
     )
 
 
-def scale_shape(shape: Sequence[int], axis: Axis, where: str = 'scale_shape') -> tuple[int, ...]:
+def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
   """The shape of ``g`` for a weight of ``shape`` keeping ``axis``.
 
   >>> scale_shape((3, 3, 16, 32), -1)
@@ -86,10 +91,12 @@ def scale_shape(shape: Sequence[int], axis: Axis, where: str = 'scale_shape') ->
   >>> scale_shape((4, 5), None)
   ()
   """
-  return tuple(shape[a] for a in kept_axes(len(shape), axis, where))
+  with labelled('wn_jax.scale_shape'):
+    return tuple(shape[a] for a in kept_axes(len(shape), axis))
 
 
 def reduced(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
+  """The axes the norm runs over: every axis of a rank-``ndim`` weight but the ``kept`` ones."""
   return tuple(i for i in range(ndim) if i not in kept)
 
 

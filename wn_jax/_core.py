@@ -17,6 +17,7 @@ from wn_jax._axes import reduce_dtype
 from wn_jax._axes import reduced
 from wn_jax._axes import result_dtype
 from wn_jax._axes import scale_shape
+from wn_jax._errors import labelled
 from wn_jax._norm import norm_keepdims
 from wn_jax._norm import projection
 
@@ -33,10 +34,11 @@ def _norm_jit(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   return n.reshape(scale_shape(w.shape, kept))
 
 
-def _norm(w: ArrayLike, axis: Axis, where: str) -> jax.Array:
+def _checked_weight(w: ArrayLike, axis: Axis) -> tuple[jax.Array, tuple[int, ...]]:
+  """``(w, kept)``: ``w`` as a floating array and its kept axes, or a ``ValueError``."""
   w = as_array(w)
-  check_floating(w, 'w', where)
-  return _norm_jit(w, kept_axes(w.ndim, axis, where))
+  check_floating(w, 'w')
+  return w, kept_axes(w.ndim, axis)
 
 
 def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
@@ -50,7 +52,9 @@ def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
     >>> wn_jax.norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), axis=-1)
     Array([5., 0.], dtype=float32)
   """
-  return _norm(w, axis, 'wn_jax.norm')
+  with labelled('wn_jax.norm'):
+    w, kept = _checked_weight(w, axis)
+  return _norm_jit(w, kept)
 
 
 def _denominator(v: jax.Array, kept: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array]:
@@ -194,7 +198,8 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
     Array([[6., 0.],
            [8., 0.]], dtype=float32)
   """
-  v, g, kept = _checked(v, g, axis, eps, 'wn_jax.normalize')
+  with labelled('wn_jax.normalize'):
+    v, g, kept = _checked(v, g, axis, eps)
   return _normalize_jit(v, g, kept, float(eps))
 
 
@@ -211,21 +216,21 @@ def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype
 
 
 def _checked(
-  v: ArrayLike, g: ArrayLike, axis: Axis, eps: float, where: str
+  v: ArrayLike, g: ArrayLike, axis: Axis, eps: float
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError`` naming ``where``."""
+  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``."""
   v, g = as_array(v), as_array(g)
-  check_floating(v, 'v', where)
-  check_floating(g, 'g', where)
+  check_floating(v, 'v')
+  check_floating(g, 'g')
   if not is_eps(eps):
     raise ValueError(
-      f'{where}: eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'
+      f'eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'
     )
-  kept = kept_axes(v.ndim, axis, where)
+  kept = kept_axes(v.ndim, axis)
   expected = scale_shape(v.shape, kept)
   if g.shape != expected:
     raise ValueError(
-      f'{where}: g must have the shape of v along the kept axis {axis!r}, '
+      f'g must have the shape of v along the kept axis {axis!r}, '
       f'{expected}, for v of shape {v.shape}; got g of shape {g.shape}. '
       f'Build g with wn_jax.decompose(w, axis) or reshape it.'
     )
@@ -241,7 +246,8 @@ def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> 
   forming ``w``: ``x @ normalize(v, g) == (x @ v) * factor(v, g)`` for a Dense kernel
   ``(in, out)`` with ``axis=-1`` (the paper's section 2.1).
   """
-  v, g, kept = _checked(v, g, axis, eps, 'wn_jax factor')
+  with labelled('wn_jax factor'):
+    v, g, kept = _checked(v, g, axis, eps)
   return _factor_jit(v, g, kept, float(eps))
 
 
@@ -281,9 +287,9 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
     >>> wn_jax.decompose(jnp.zeros((2, 2)))[1]  # an all-zero slice starts at g = 1
     Array([1., 1.], dtype=float32)
   """
-  w = as_array(w)
-  check_floating(w, 'w', 'wn_jax.decompose')
-  return w, _scale_of(w, kept_axes(w.ndim, axis, 'wn_jax.decompose'))
+  with labelled('wn_jax.decompose'):
+    w, kept = _checked_weight(w, axis)
+  return w, _scale_of(w, kept)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -297,7 +303,8 @@ def _scale_of(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
 def normalize_with_norm(v: jax.Array, g: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
   """``(normalize(v, g, axis), ||v||)``, the norm computed once: for an optimizer's update,
   which is not differentiated. The norm has ``g``'s shape, in the reduction dtype."""
-  v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax normalize_with_norm')
+  with labelled('wn_jax normalize_with_norm'):
+    v, g, kept = _checked(v, g, axis, 0.0)
   return _normalize_with_norm_jit(v, g, kept)
 
 
@@ -318,7 +325,8 @@ def pullback(
   """``(grad_v, grad_g)`` from ``grad_w`` for ``w = normalize(v, g, axis)``, given
   ``n = ||v||`` (as :func:`normalize_with_norm` returns it): the transpose of
   normalize's tangent map, without computing the norm again."""
-  v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax pullback')
+  with labelled('wn_jax pullback'):
+    v, g, kept = _checked(v, g, axis, 0.0)
   return _pullback_jit(v, g, n, grad_w, kept)
 
 

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from wn_jax import _axes
 from wn_jax import _core
+from wn_jax._errors import labelled
 
 PyTree = Any
 Where = None | str | Callable[[tuple, Any], bool]
@@ -42,7 +44,7 @@ class WeightNormed:
 
   __slots__ = ('v', 'g', 'axis')
 
-  def __init__(self, v: Any, g: Any, axis: _core.Axis = -1):
+  def __init__(self, v: Any, g: Any, axis: _axes.Axis = -1):
     self.v = v
     self.g = g
     self.axis = _static_axis(axis)
@@ -74,7 +76,7 @@ class WeightNormed:
 def _static_axis(axis: Any) -> Any:
   """``axis`` as hashable static data: NumPy integers as ints, a sequence as a tuple.
 
-  Bad values are kept as they are, for :func:`wn_jax._core.kept_axes` to refuse by name.
+  Bad values are kept as they are, for :func:`wn_jax._axes.kept_axes` to refuse by name.
 
   >>> import numpy as np
   >>> _static_axis(np.int64(-1)), _static_axis([np.int32(0), 1]), _static_axis(None)
@@ -224,7 +226,7 @@ def _is_floating_matrix(leaf: Any) -> bool:
   )
 
 
-def selector(where: Where, caller: str) -> Callable[[tuple, Any], bool]:
+def selector(where: Where) -> Callable[[tuple, Any], bool]:
   """Turns ``where`` into a predicate ``(path, leaf) -> bool``.
 
   ``None``: every floating array leaf with ``ndim >= 2``. A string: a regular
@@ -237,19 +239,17 @@ def selector(where: Where, caller: str) -> Callable[[tuple, Any], bool]:
     try:
       pattern = re.compile(where)
     except re.error as e:
-      raise ValueError(
-        f'{caller}: where={where!r} is not a valid regular expression: {e}.'
-      ) from None
+      raise ValueError(f'where={where!r} is not a valid regular expression: {e}.') from None
     return lambda path, leaf: hasattr(leaf, 'shape') and pattern.search(path_str(path)) is not None
   if callable(where):
     return where
   raise ValueError(
-    f'{caller}: where must be None, a regular expression string or a callable '
+    f'where must be None, a regular expression string or a callable '
     f'(path, leaf) -> bool; got {type(where).__name__}.'
   )
 
 
-def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -> PyTree:
+def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -> PyTree:
   r"""Replaces the selected leaves of ``params`` by :class:`WeightNormed` nodes.
 
   Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
@@ -282,16 +282,16 @@ def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -
     >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
     True
   """
-  return replace_selected(
-    params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
-  )
+  with labelled('wn_jax.weight_norm'):
+    return replace_selected(
+      params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
+    )
 
 
 def replace_selected(
   params: PyTree,
   where: Where,
   fn: Callable[[Any], Any],
-  caller: str = 'wn_jax.weight_norm',
   *,
   required: bool = True,
 ) -> PyTree:
@@ -300,7 +300,7 @@ def replace_selected(
   ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error
   unless ``required`` is False.
   """
-  select = selector(where, caller)
+  select = selector(where)
   count = 0
 
   def convert(path, leaf):
@@ -314,12 +314,12 @@ def replace_selected(
     try:
       return fn(leaf)
     except ValueError as e:
-      raise ValueError(f'{caller}: leaf {path_str(path)!r}: {e}') from None
+      raise ValueError(f'leaf {path_str(path)!r}: {e}') from None
 
   out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
   if count == 0 and required:
     raise ValueError(
-      f'{caller}: where={where!r} selected no leaf of the parameters (they are '
+      f'where={where!r} selected no leaf of the parameters (they are '
       f'{_some_paths(params)}). Pass a regular expression searched in the /-joined key path '
       f"(e.g. where='embedding' for an Embed) or a callable (path, leaf) -> bool; "
       f'where=None selects every floating leaf with ndim >= 2.'
@@ -390,7 +390,7 @@ def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], 
       'Wrap the layers that have parameters (pooling and activations need no weight '
       'norm), or leave this one unwrapped.'
     )
-  select = selector(where, 'WeightNorm')
+  select = selector(where)
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = tuple(path_str(path).split('/'))
     owner = next((o for o in owners if keys[: len(o)] == o), None)

@@ -39,8 +39,10 @@ import jax
 import jax.numpy as jnp
 from flax.linen.transforms import get_module_scopes
 
+from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _errors
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -71,6 +73,11 @@ class _WeightNormedKernel:
   def _where(self) -> str:
     path = '/'.join(self.scope.path) if self.scope is not None else ''  # type: ignore[attr-defined]
     return f"{type(self).__name__} at '/{path}'"
+
+  def _kept(self, ndim: int) -> tuple[int, ...]:
+    """The kept axes of a rank-``ndim`` kernel, or a ``ValueError`` naming the layer."""
+    with _errors.labelled(self._where()):
+      return _axes.kept_axes(ndim, self.axis)
 
   def _check_conv_input(self, inputs: jax.Array) -> None:
     """Input rank and group checks of Conv / ConvTranspose, with the layer's name."""
@@ -104,7 +111,7 @@ class _WeightNormedKernel:
       return value
     where = self._where()
     _layers.check_real(where, 'kernel', value)
-    kept = _core.kept_axes(value.ndim, self.axis, where)
+    kept = self._kept(value.ndim)
     shape = _core.scale_shape(value.shape, kept)
     self._check_loaded_scale(shape, value.shape)
 
@@ -142,7 +149,7 @@ class _WeightNormedKernel:
       isinstance(self, nn.Dense)
       and _layers.scales_output(
         2,
-        _core.kept_axes(2, self.axis, self._where()),
+        self._kept(2),
         args[0],
         self.dtype if self.dtype is not None else jnp.result_type(args[0], self.param_dtype),
         self.dot_general is None and self.dot_general_cls is None,
@@ -202,7 +209,7 @@ class _WeightNormedKernel:
     where = self._where()
     _data_init.check_not_broadcast(nn.unbox(kernel), args, where)
     path = '/'.join(self.scope.path)  # type: ignore[attr-defined]
-    kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where)
+    kept = self._kept(jnp.ndim(nn.unbox(kernel)))
     _data_init.check_output_axis(jnp.ndim(nn.unbox(kernel)), kept, self._out_axis(), where)
     object.__setattr__(self, '_direction_only', mode)
     try:
@@ -482,7 +489,7 @@ class WeightNorm(nn.Module):
         kernel = boxed
         for k in path:
           kernel = kernel[k.key]
-        return _scale_box(kernel, g, _core.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis, where))
+        return _scale_box(kernel, g, _axes.kept_axes(jnp.ndim(nn.unbox(kernel)), self.axis))
 
       return jax.tree_util.tree_map_with_path(box, _tree.map_selected(wn, g))
 
@@ -503,7 +510,6 @@ class WeightNorm(nn.Module):
           _nest(key, nn.unbox(params)),
           self.where,
           lambda v: _tree.WeightNormed(v, None, self.axis),
-          'wn_jax.linen.WeightNorm',
           required=False,
         )
       except ValueError as e:
@@ -640,7 +646,9 @@ class MeanOnlyBatchNorm(nn.Module):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
     x = jnp.asarray(x)
-    (feature,) = _core.kept_axes(x.ndim, self.axis, f'MeanOnlyBatchNorm {self.name!r}')
+    with _errors.labelled(f'MeanOnlyBatchNorm {self.name!r}'):
+      kept = _axes.kept_axes(x.ndim, self.axis)
+    (feature,) = kept
     reduced = tuple(i for i in range(x.ndim) if i != feature)
     stat_dtype = _core.reduce_dtype(x.dtype)
     ra_mean = self.variable(
@@ -830,4 +838,5 @@ def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
   """
-  return _layers.fold(nn.unbox(params), axis, 'wn_jax.linen.fold')
+  with _errors.labelled('wn_jax.linen.fold'):
+    return _layers.fold(nn.unbox(params), axis)

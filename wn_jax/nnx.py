@@ -23,8 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _errors
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -76,7 +78,8 @@ class _WeightNormedKernel:
   def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
     v = self.kernel[...]
     _layers.check_real(self._where(), 'kernel', v)
-    kept = _core.kept_axes(v.ndim, axis, self._where())
+    with _errors.labelled(self._where()):
+      kept = _axes.kept_axes(v.ndim, axis)
     self.axis = axis
     if scale_init is None:
       g = _core.decompose(v, kept)[1]
@@ -95,7 +98,8 @@ class _WeightNormedKernel:
     kernel = self.kernel[...]
     bias = self.bias
     where = self._where()
-    kept = _core.kept_axes(kernel.ndim, self.axis, where)
+    with _errors.labelled(where):
+      kept = _axes.kept_axes(kernel.ndim, self.axis)
     g = self.scale[...]
     dtype = _layers.weight_dtype(where, kernel, g, self.dtype, inputs)
     if g.shape != _core.scale_shape(kernel.shape, kept):
@@ -274,7 +278,9 @@ def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
     return nnx.Dict(
       {str(k): _to_params(v, _child(kernels, k), axis, where) for k, v in tree.items()}
     )
-  return _scale_param(kernels, tree, _core.kept_axes(kernels.ndim, axis, where))
+  with _errors.labelled(where):
+    kept = _axes.kept_axes(kernels.ndim, axis)
+  return _scale_param(kernels, tree, kept)
 
 
 class WeightNorm(nnx.Module):
@@ -407,12 +413,10 @@ class WeightNorm(nnx.Module):
   def _mapped(self, method: str, args: tuple, kwargs: dict) -> Any:
     """``layer.<method>(*args, **kwargs)`` with each selected parameter replaced by its ``w``."""
     graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
-    directions = _tree.replace_selected(
-      nnx.to_pure_dict(params),
-      self.where,
-      lambda v: _tree.WeightNormed(v, None, self.axis),
-      'wn_jax.nnx.WeightNorm',
-    )
+    with _errors.labelled('wn_jax.nnx.WeightNorm'):
+      directions = _tree.replace_selected(
+        nnx.to_pure_dict(params), self.where, lambda v: _tree.WeightNormed(v, None, self.axis)
+      )
     g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
@@ -627,4 +631,5 @@ def fold(model: nnx.Module) -> dict[str, Any]:
     True
   """
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return _layers.fold(params, layer_axes(model), 'wn_jax.nnx.fold')
+  with _errors.labelled('wn_jax.nnx.fold'):
+    return _layers.fold(params, layer_axes(model), from_model=True)

@@ -26,7 +26,9 @@ from flax import nnx
 from flax import serialization
 from flax import struct
 
+from wn_jax import _axes
 from wn_jax import _core
+from wn_jax import _errors
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -632,7 +634,8 @@ def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[An
   """
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
   shapes = {_path_keys(p): tuple(jnp.shape(x)) for p, x in nodes if not _is_node(x)}
-  axis_of = _layers._axis_of(axis, caller)
+  with _errors.labelled(caller):
+    axis_of = _layers._axis_of(axis)
   wrapped: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
   prefixes = {k[: i + 1] for k in shapes for i, part in enumerate(k[:-1]) if part == 'scale'}
   for prefix in sorted(prefixes):
@@ -651,10 +654,12 @@ def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[An
 
   def kept_of(owner: tuple[str, ...], v_shape: tuple[int, ...], g_shape: tuple[int, ...]):
     where = '/'.join(owner)
-    a = axis_of(where)
-    if isinstance(a, str):
-      a = _layers._inferred(where, v_shape, g_shape, caller)
-    kept = _core.kept_axes(len(v_shape), a, f"{caller}: layer '{where}'")
+    with _errors.labelled(caller):
+      a = axis_of(where)
+      if isinstance(a, str):
+        a = _layers._inferred(where, v_shape, g_shape)
+      with _errors.labelled(f"layer '{where}'"):
+        kept = _axes.kept_axes(len(v_shape), a)
     if _core.scale_shape(v_shape, kept) != g_shape:
       raise ValueError(
         f"{caller}: layer '{where}': its scale has shape {g_shape}, but a kernel of shape "
@@ -666,7 +671,8 @@ def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[An
   out: list[Any] = []
   for path, x in nodes:
     if isinstance(x, _tree.WeightNormed):
-      out.append(_core.kept_axes(jnp.ndim(x.v), x.axis, caller))
+      with _errors.labelled(caller):
+        out.append(_axes.kept_axes(jnp.ndim(x.v), x.axis))
       continue
     keys = _path_keys(path) if not _is_node(x) else ()
     scale = shapes.get(keys[:-1] + ('scale',)) if keys and keys[-1] == 'kernel' else None
