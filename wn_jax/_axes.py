@@ -83,6 +83,7 @@ def check_floating(x: jax.Array, name: str) -> None:
     )
 
 
+@labelled('wn_jax.scale_shape')
 def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
   """The shape of ``g`` for a weight of ``shape`` keeping ``axis``.
 
@@ -91,8 +92,17 @@ def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
   >>> scale_shape((4, 5), None)
   ()
   """
-  with labelled('wn_jax.scale_shape'):
-    return tuple(shape[a] for a in kept_axes(len(shape), axis))
+  return tuple(shape[a] for a in kept_axes(len(shape), axis))
+
+
+def fits_kept_axes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
+  """Whether ``g_shape`` is ``v_shape`` along some kept axes (in order): a possible ``g``.
+
+  >>> fits_kept_axes((4,), (3, 4)), fits_kept_axes((), (3, 4)), fits_kept_axes((4, 3), (3, 4))
+  (True, True, False)
+  """
+  rest = iter(v_shape)
+  return all(any(d == e for e in rest) for d in g_shape)
 
 
 def reduced(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:

@@ -41,6 +41,7 @@ def _checked_weight(w: ArrayLike, axis: Axis) -> tuple[jax.Array, tuple[int, ...
   return w, kept_axes(w.ndim, axis)
 
 
+@labelled('wn_jax.norm')
 def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
   """The Euclidean norm of ``w`` over every axis but the kept ``axis``.
 
@@ -52,8 +53,7 @@ def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
     >>> wn_jax.norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), axis=-1)
     Array([5., 0.], dtype=float32)
   """
-  with labelled('wn_jax.norm'):
-    w, kept = _checked_weight(w, axis)
+  w, kept = _checked_weight(w, axis)
   return _norm_jit(w, kept)
 
 
@@ -142,6 +142,7 @@ def _tangent_at(v, g, n, active, kept):
   return lambda dv, dg: _normalize_tangent(v, g * inv_n, inv_n, active, dv, dg, red)
 
 
+@labelled('wn_jax.normalize')
 def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
   r"""The weight-normalized weight $w = g \, v / \lVert v \rVert$.
 
@@ -198,8 +199,7 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
     Array([[6., 0.],
            [8., 0.]], dtype=float32)
   """
-  with labelled('wn_jax.normalize'):
-    v, g, kept = _checked(v, g, axis, eps)
+  v, g, kept = _checked(v, g, axis, eps)
   return _normalize_jit(v, g, kept, float(eps))
 
 
@@ -237,6 +237,7 @@ def _checked(
   return v, g, kept
 
 
+@labelled('wn_jax factor')
 def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
   r"""The per-slice factor $g / \lVert v \rVert$, so that ``normalize(v, g, axis)`` is ``v`` times it.
 
@@ -246,8 +247,7 @@ def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> 
   forming ``w``: ``x @ normalize(v, g) == (x @ v) * factor(v, g)`` for a Dense kernel
   ``(in, out)`` with ``axis=-1`` (the paper's section 2.1).
   """
-  with labelled('wn_jax factor'):
-    v, g, kept = _checked(v, g, axis, eps)
+  v, g, kept = _checked(v, g, axis, eps)
   return _factor_jit(v, g, kept, float(eps))
 
 
@@ -257,6 +257,7 @@ def _factor_jit(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -
   return _factor(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, eps).reshape(g.shape)
 
 
+@labelled('wn_jax.decompose')
 def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
   r"""Splits ``w`` into ``(v, g)`` with ``v = w`` and ``g = ||w||`` along the kept ``axis``.
 
@@ -287,8 +288,7 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
     >>> wn_jax.decompose(jnp.zeros((2, 2)))[1]  # an all-zero slice starts at g = 1
     Array([1., 1.], dtype=float32)
   """
-  with labelled('wn_jax.decompose'):
-    w, kept = _checked_weight(w, axis)
+  w, kept = _checked_weight(w, axis)
   return w, _scale_of(w, kept)
 
 
@@ -300,11 +300,11 @@ def _scale_of(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   return jnp.where(n == 0, jnp.ones_like(n), n).astype(w.dtype)
 
 
+@labelled('wn_jax normalize_with_norm')
 def normalize_with_norm(v: jax.Array, g: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
   """``(normalize(v, g, axis), ||v||)``, the norm computed once: for an optimizer's update,
   which is not differentiated. The norm has ``g``'s shape, in the reduction dtype."""
-  with labelled('wn_jax normalize_with_norm'):
-    v, g, kept = _checked(v, g, axis, 0.0)
+  v, g, kept = _checked(v, g, axis, 0.0)
   return _normalize_with_norm_jit(v, g, kept)
 
 
@@ -319,14 +319,14 @@ def _normalize_with_norm_jit(
   return w.astype(result_dtype(v.dtype, g.dtype)), n.reshape(g.shape)
 
 
+@labelled('wn_jax pullback')
 def pullback(
   v: jax.Array, g: jax.Array, n: jax.Array, grad_w: jax.Array, axis: Axis
 ) -> tuple[jax.Array, jax.Array]:
   """``(grad_v, grad_g)`` from ``grad_w`` for ``w = normalize(v, g, axis)``, given
   ``n = ||v||`` (as :func:`normalize_with_norm` returns it): the transpose of
   normalize's tangent map, without computing the norm again."""
-  with labelled('wn_jax pullback'):
-    v, g, kept = _checked(v, g, axis, 0.0)
+  v, g, kept = _checked(v, g, axis, 0.0)
   return _pullback_jit(v, g, n, grad_w, kept)
 
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import TracebackType
 
 
-class labelled:
-  """Prefixes ``label: `` to a ``ValueError`` raised inside the ``with`` block.
+class labelled(contextlib.ContextDecorator):
+  """Prefixes ``label: `` to a ``ValueError`` raised inside: a ``with`` block, or a decorated
+  public function.
 
-  A class, not a ``contextlib`` generator: it costs well under a microsecond, so eager
-  calls of the layers pay nothing for it.
+  It costs well under a microsecond, so eager calls of the layers pay nothing for it.
 
   >>> with labelled('wn_jax.norm'):
   ...   raise ValueError('axis 3 is out of range.')
   Traceback (most recent call last):
   ValueError: wn_jax.norm: axis 3 is out of range.
   """
-
-  __slots__ = ('label',)
 
   def __init__(self, label: str):
     self.label = label

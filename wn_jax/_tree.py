@@ -123,73 +123,6 @@ def _is_wn(x: Any) -> bool:
   return isinstance(x, WeightNormed)
 
 
-def fits_kept_axes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
-  """Whether ``g_shape`` is ``v_shape`` along some kept axes (in order): a possible ``g``.
-
-  >>> fits_kept_axes((4,), (3, 4)), fits_kept_axes((), (3, 4)), fits_kept_axes((4, 3), (3, 4))
-  (True, True, False)
-  """
-  rest = iter(v_shape)
-  return all(any(d == e for e in rest) for d in g_shape)
-
-
-def is_wrapper_scale(
-  shapes: dict[tuple[str, ...], tuple[int, ...]], prefix: tuple[str, ...]
-) -> bool:
-  """Whether the subtree at ``prefix`` (ending in ``'scale'``) is a ``WeightNorm`` wrapper's.
-
-  ``shapes`` maps every array's key path to its shape. A wrapper's params are its ``scale``
-  tree and, where the layer was built inside it, the ``layer`` (a linen layer built by the
-  parent keeps its params beside the wrapper, under the same parent; a layer made of several
-  modules the parent built, an inline ``nn.Sequential``, has its ``scale`` tree start with
-  their names). The ``scale`` tree mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
-  parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
-  ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
-
-  >>> shapes = {('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}
-  >>> is_wrapper_scale(shapes, ('wn', 'scale'))
-  True
-  >>> is_wrapper_scale({('ada', 'scale', 'kernel'): (4, 4), ('fc', 'kernel'): (4, 4)}, ('ada', 'scale'))
-  False
-  """
-  return bool(wrapped_layers(shapes, prefix))
-
-
-def wrapped_layers(
-  shapes: dict[tuple[str, ...], tuple[int, ...]], prefix: tuple[str, ...]
-) -> list[tuple[str, ...]]:
-  """The layers whose parameters the ``scale`` tree at ``prefix`` mirrors (the rule of
-  :func:`is_wrapper_scale`): each a key path whose parameter at ``layer + r`` is the ``v``
-  of the magnitude at ``prefix + r``. Empty: not a wrapper's; one: the wrapped layer.
-
-  >>> wrapped_layers({('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}, ('wn', 'scale'))
-  [('dense',)]
-  """
-
-  def under(pre: tuple[str, ...]) -> list[tuple[str, ...]]:
-    return [k for k in shapes if len(k) > len(pre) and k[: len(pre)] == pre]
-
-  parent, n = prefix[:-1], len(prefix)
-  if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
-    return []
-  inside = [k[n:] for k in under(prefix)]
-  if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
-    candidates = {layer}
-  elif parent:  # the layer's params beside the wrapper; several modules: by their names
-    candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
-    candidates.add(parent[:-1])
-  else:
-    return []
-
-  def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
-    g, w = shapes[prefix + r], shapes.get(c + r)
-    return w is not None and len(g) < len(w) and fits_kept_axes(g, w)
-
-  if not inside:
-    return []
-  return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
-
-
 def _is_lost_node(x: Any) -> bool:
   """A plain ``{'v', 'g'}`` dict of arrays whose ``g`` fits ``v``: a ``WeightNormed``
   restored without a target (orbax, msgpack), its static ``axis`` lost."""
@@ -197,7 +130,7 @@ def _is_lost_node(x: Any) -> bool:
     type(x) is dict
     and set(x) == {'v', 'g'}
     and all(hasattr(x[k], 'shape') for k in ('v', 'g'))
-    and fits_kept_axes(tuple(x['g'].shape), tuple(x['v'].shape))
+    and _axes.fits_kept_axes(tuple(x['g'].shape), tuple(x['v'].shape))
   )
 
 
@@ -249,6 +182,7 @@ def selector(where: Where) -> Callable[[tuple, Any], bool]:
   )
 
 
+@labelled('wn_jax.weight_norm')
 def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -> PyTree:
   r"""Replaces the selected leaves of ``params`` by :class:`WeightNormed` nodes.
 
@@ -282,10 +216,9 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
     True
   """
-  with labelled('wn_jax.weight_norm'):
-    return replace_selected(
-      params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
-    )
+  return replace_selected(
+    params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
+  )
 
 
 def replace_selected(

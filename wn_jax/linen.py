@@ -43,6 +43,7 @@ from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _data_init
 from wn_jax import _errors
+from wn_jax import _fold
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -779,7 +780,8 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   return dict(sorted(axes.items()))
 
 
-def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
+@_errors.labelled('wn_jax.linen.fold')
+def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
   r"""Folds weight normalization away: WN layer parameters -> plain layer parameters.
 
   Every dict that holds a ``kernel`` and a ``scale`` array (a ``WNDense``, ``WNConv`` or
@@ -838,5 +840,4 @@ def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
   """
-  with _errors.labelled('wn_jax.linen.fold'):
-    return _layers.fold(nn.unbox(params), axis)
+  return _fold.fold(nn.unbox(params), axis)

@@ -27,6 +27,7 @@ from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _data_init
 from wn_jax import _errors
+from wn_jax import _fold
 from wn_jax import _layers
 from wn_jax import _tree
 
@@ -610,6 +611,7 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   }
 
 
+@_errors.labelled('wn_jax.nnx.fold')
 def fold(model: nnx.Module) -> dict[str, Any]:
   r"""The model's parameters with weight normalization folded away, as a pure dict.
 
@@ -631,5 +633,4 @@ def fold(model: nnx.Module) -> dict[str, Any]:
     True
   """
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with _errors.labelled('wn_jax.nnx.fold'):
-    return _layers.fold(params, layer_axes(model), from_model=True)
+  return _fold.fold(params, layer_axes(model), from_model=True)
