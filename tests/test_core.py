@@ -14,7 +14,7 @@ import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
 from tests.helpers import shape_and_axis
-from wn_jax import _core
+from wn_jax import _norm
 
 CASES = [
   ((5,), -1),
@@ -169,13 +169,13 @@ def test_both_backend_branches_of_the_norm_match_the_reference():
   expected = ref.decompose(vr, -1)[1]
   on_cpu = wn_jax.norm(v)
   ss = jnp.sum(v * v, axis=0, keepdims=True)
-  elsewhere = _core._ranged(v, ss, (0,)).reshape(4)
+  elsewhere = _norm._ranged(v, ss, (0,)).reshape(4)
   for n in (on_cpu, elsewhere):
     assert_close(n, expected, factor=2, floor=0.0)
   # In range, both are the plain norm, bit for bit (all compiled alike, under jit).
   w = jnp.asarray(base, jnp.float32)
   plain = jax.jit(lambda w: jnp.sqrt(jnp.sum(w * w, axis=0)))(w)
-  ranged = jax.jit(lambda w: _core._ranged(w, jnp.sum(w * w, 0, keepdims=True), (0,))[0])(w)
+  ranged = jax.jit(lambda w: _norm._ranged(w, jnp.sum(w * w, 0, keepdims=True), (0,))[0])(w)
   assert np.array_equal(jax.jit(wn_jax.norm)(w), plain)
   assert np.array_equal(ranged, plain)
 

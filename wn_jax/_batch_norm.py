@@ -7,12 +7,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from wn_jax import _axes
 from wn_jax import _core
+from wn_jax._errors import labelled
 
 
 def feature_axis(x: jax.Array, axis: int, label: str) -> int:
   """The feature axis ``axis`` of ``x`` as a non-negative int."""
-  (feature,) = _core.kept_axes(jnp.ndim(x), axis, label)
+  with labelled(label):
+    (feature,) = _axes.kept_axes(jnp.ndim(x), axis)
   return feature
 
 

@@ -3,168 +3,23 @@
 from __future__ import annotations
 
 import functools
-import math
-import operator
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-Axis = int | Sequence[int] | None
-
-
-def as_array(x: ArrayLike, dtype=None) -> jax.Array:
-  """``jnp.asarray(x, dtype)``, without its cost (tens of microseconds eagerly) for a JAX
-  array (or tracer) that already has the dtype."""
-  if isinstance(x, jax.Array) and (dtype is None or x.dtype == dtype):
-    return x
-  return jnp.asarray(x, dtype)
-
-
-def kept_axes(ndim: int, axis: Axis, where: str) -> tuple[int, ...]:
-  """Canonicalizes ``axis`` (the KEPT axes) for an array of rank ``ndim``.
-
-  Returns the kept axes as non-negative ints in increasing order; ``None`` gives
-  ``()``. ``where`` names the caller in error messages.
-  """
-  if axis is None:
-    return ()
-  if isinstance(axis, Sequence) and not isinstance(axis, str):
-    axes = tuple(axis)
-  else:
-    axes = (axis,)
-  out = []
-  for a in axes:
-    if isinstance(a, bool):
-      raise ValueError(f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.')
-    try:
-      a = operator.index(a)
-    except TypeError:
-      raise ValueError(
-        f'{where}: axis must be an int, a tuple of ints or None; got {axis!r}.'
-      ) from None
-    if not -ndim <= a < ndim:
-      raise ValueError(
-        f'{where}: axis {a} is out of range for a weight of rank {ndim} (valid: '
-        f'{-ndim}..{ndim - 1}); pass an axis of the weight, or None for the whole tensor.'
-      )
-    out.append(a % ndim)
-  if len(set(out)) != len(out):
-    raise ValueError(f'{where}: axis {axis!r} repeats an axis; name each kept axis once.')
-  return tuple(sorted(out))
-
-
-def reduce_dtype(dtype) -> jnp.dtype:
-  """The dtype the norm is reduced in: float32, or float64 for float64 input."""
-  return result_dtype(dtype, jnp.float32)
-
-
-def is_eps(eps: object) -> bool:
-  """Whether ``eps`` is a static lower bound on a norm: a finite real number >= 0."""
-  return (
-    isinstance(eps, (int, float, np.integer, np.floating))
-    and not isinstance(eps, bool)
-    and math.isfinite(eps)
-    and float(eps) >= 0
-  )
-
-
-def _check_floating(x: jax.Array, name: str, where: str) -> None:
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(
-      f'{where}: {name} must be a real floating array (float16, bfloat16, float32 or '
-      f'float64); got dtype {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32).'
-    )
-
-
-def scale_shape(shape: Sequence[int], axis: Axis, where: str = 'scale_shape') -> tuple[int, ...]:
-  """The shape of ``g`` for a weight of ``shape`` keeping ``axis``.
-
-  >>> scale_shape((3, 3, 16, 32), -1)
-  (32,)
-  >>> scale_shape((4, 5), None)
-  ()
-  """
-  return tuple(shape[a] for a in kept_axes(len(shape), axis, where))
-
-
-def _reduced(ndim: int, kept: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(i for i in range(ndim) if i not in kept)
-
-
-# Per reduction dtype: (lo, k). The plain sum of squares is exact to rounding when it lies
-# in [lo, inf); below (all entries under about sqrt(lo)) the slice is summed scaled up by k,
-# above (overflow) scaled down by 1 / k. Powers of two: scaling is exact, so each slice gets
-# the plain sum's result wherever the plain sum is in range, and a correct one elsewhere.
-_RANGE = {
-  jnp.dtype(jnp.float32): (2.0**-100, 2.0**80),
-  jnp.dtype(jnp.float64): (2.0**-1000, 2.0**600),
-}
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _norm_keepdims(v: jax.Array, kept: tuple[int, ...]) -> jax.Array:
-  r"""``||v||`` over every axis but ``kept``, keepdims, without overflow or underflow.
-
-  ``v`` is already in the reduction dtype. The plain sum of squares gives each slice's
-  norm where it is in range (the common case, bit for bit the plain norm); a slice out of
-  range takes a sum of squares of ``v`` scaled by a power of two that is in range
-  (``_RANGE``). For float32: correct for normal entries (from about 1.2e-38; subnormal
-  entries may be flushed to 0, as on CPU) up to a norm of 3.4e38, float32's largest.
-  ``normalize`` covers less: its factor $g / \lVert v \rVert$ must be a normal float32
-  too (with $g = 1$, $\lVert v \rVert$ below about 8e37; measured on CPU: a norm of 2e37
-  gives the right $w$, 2e38 gives 0). Its derivative is
-  $\langle v, \dot v \rangle / \lVert v \rVert$, and 0 on an all-zero slice (so
-  derivatives of every order stay finite there).
-
-  How the scaled sums run depends on the backend, with the same result: on a GPU or TPU
-  all three sums are computed (XLA fuses sibling reductions of one operand into one
-  kernel that reads ``v`` once); XLA on a CPU runs each sum as its own pass over ``v``,
-  so there the scaled sums run under a ``lax.cond``, only when some slice is out of range.
-  """
-  red = _reduced(v.ndim, kept)
-  lo = _RANGE[jnp.dtype(v.dtype)][0]
-  ss = jnp.sum(v * v, axis=red, keepdims=True)
-
-  def on_cpu(v, ss):
-    # One min over the slices: an overflowed (inf) or NaN slice counts as -1, below lo.
-    # So a NaN slice takes the ranged branch and stays NaN.
-    out = ~(jnp.min(jnp.where(ss < jnp.inf, ss, -1.0)) >= lo)
-    return jax.lax.cond(out, lambda v, ss: _ranged(v, ss, red), lambda v, ss: jnp.sqrt(ss), v, ss)
-
-  if not ss.size:  # no slices (a kept axis of size 0): nothing to check
-    return jnp.sqrt(ss)
-  return jax.lax.platform_dependent(v, ss, cpu=on_cpu, default=lambda v, ss: _ranged(v, ss, red))
-
-
-def _ranged(v: jax.Array, ss: jax.Array, red: tuple[int, ...]) -> jax.Array:
-  """Each slice's norm from ``ss``, its plain sum of squares, or from a scaled one where
-  ``ss`` is out of range: of ``v * k`` below ``lo``, of ``v / k`` on overflow."""
-  lo, k = _RANGE[jnp.dtype(v.dtype)]
-  # Two more plain sums, not one variadic lax.reduce: on a CPU XLA ran the variadic one
-  # 7x slower at 1024^2 (4.5 ms vs 0.65 ms, measured).
-  ss_up, ss_down = (jnp.sum(x * x, axis=red, keepdims=True) for x in (v * k, v * (1.0 / k)))
-  # Comparisons are False for NaN: a NaN slice takes the last branch and stays NaN. Only
-  # an infinite entry overflows the scaled-down sum: its slice's norm is NaN (not inf), so
-  # the whole slice of w is NaN, as with a NaN entry.
-  big = jnp.where(ss_down < jnp.inf, jnp.sqrt(ss_down) * k, jnp.nan)
-  return jnp.where(ss < lo, jnp.sqrt(ss_up) * (1.0 / k), jnp.where(ss < jnp.inf, jnp.sqrt(ss), big))
-
-
-@_norm_keepdims.defjvp
-def _norm_keepdims_jvp(kept, primals, tangents):
-  (v,), (dv,) = primals, tangents
-  n = _norm_keepdims(v, kept)
-  inv_n = 1.0 / jnp.where(n > 0, n, 1.0)
-  return n, _norm_tangent(v, inv_n, dv, _reduced(v.ndim, kept))
-
-
-def _norm_tangent_impl(v, inv_n, dv, red):
-  # <u, dv> with u = v / ||v|| formed inside the pass (0 on an all-zero slice: v = 0): the
-  # norm's tangent, and the projection term of normalize's and the factor's.
-  return jnp.sum((v * inv_n) * dv, axis=red, keepdims=True)
+from wn_jax._axes import Axis
+from wn_jax._axes import as_array
+from wn_jax._axes import check_floating
+from wn_jax._axes import is_eps
+from wn_jax._axes import kept_axes
+from wn_jax._axes import reduce_dtype
+from wn_jax._axes import reduced
+from wn_jax._axes import result_dtype
+from wn_jax._axes import scale_shape
+from wn_jax._errors import labelled
+from wn_jax._norm import norm_keepdims
+from wn_jax._norm import projection
 
 
 # Every public entry point checks its arguments in Python, then runs its array work as one
@@ -175,16 +30,18 @@ def _norm_tangent_impl(v, inv_n, dv, red):
 # traced and lowered once per configuration however many layers share it.
 @functools.partial(jax.jit, static_argnums=(1,))
 def _norm_jit(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
-  n = _norm_keepdims(w.astype(reduce_dtype(w.dtype)), kept)
+  n = norm_keepdims(w.astype(reduce_dtype(w.dtype)), kept)
   return n.reshape(scale_shape(w.shape, kept))
 
 
-def _norm(w: ArrayLike, axis: Axis, where: str) -> jax.Array:
+def _checked_weight(w: ArrayLike, axis: Axis) -> tuple[jax.Array, tuple[int, ...]]:
+  """``(w, kept)``: ``w`` as a floating array and its kept axes, or a ``ValueError``."""
   w = as_array(w)
-  _check_floating(w, 'w', where)
-  return _norm_jit(w, kept_axes(w.ndim, axis, where))
+  check_floating(w, 'w')
+  return w, kept_axes(w.ndim, axis)
 
 
+@labelled('wn_jax.norm')
 def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
   """The Euclidean norm of ``w`` over every axis but the kept ``axis``.
 
@@ -196,12 +53,13 @@ def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
     >>> wn_jax.norm(jnp.array([[3.0, 0.0], [4.0, 0.0]]), axis=-1)
     Array([5., 0.], dtype=float32)
   """
-  return _norm(w, axis, 'wn_jax.norm')
+  w, kept = _checked_weight(w, axis)
+  return _norm_jit(w, kept)
 
 
 def _denominator(v: jax.Array, kept: tuple[int, ...], eps: float) -> tuple[jax.Array, jax.Array]:
   """``(max(||v||, eps), ||v|| > eps)`` per slice, keepdims; 1 for an all-zero slice."""
-  return _clamped(_norm_keepdims(v, kept), eps)
+  return _clamped(norm_keepdims(v, kept), eps)
 
 
 def _clamped(n: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -219,7 +77,7 @@ def _normalize_tangent_impl(v, s, inv_n, active, dv, dg, red):
   # formed inside the elementwise passes, never alone: that keeps every intermediate in
   # range for weights near the ends of the float range (1 / n is representable for
   # every norm up to ~8e37).
-  u_dv = _norm_tangent_impl(v, inv_n, dv, red)
+  u_dv = projection(v, inv_n, dv, red)
   return s * dv + (v * inv_n) * (dg - jnp.where(active, s * u_dv, 0.0))
 
 
@@ -228,14 +86,13 @@ def _factor_tangent_impl(v, s, inv_n, active, dv, dg, red):
   # normalize's rule, u is formed inside the pass and the projection drops out where n
   # does not depend on v; dividing by n last keeps every intermediate in range (never
   # 1 / n ** 2), and reverse mode, the transpose, multiplies the cotangent by 1 / n first.
-  u_dv = _norm_tangent_impl(v, inv_n, dv, red)
+  u_dv = projection(v, inv_n, dv, red)
   return (dg - jnp.where(active, s * u_dv, 0.0)) * inv_n
 
 
 # Under jax.linearize / grad, the tangent rules keep only their inputs (v, g and the
 # per-slice norm) as residuals and recompute u = v / n inside the backward's fused
 # passes: nothing weight-sized beyond v itself is stored.
-_norm_tangent = jax.checkpoint(_norm_tangent_impl, prevent_cse=False, static_argnums=(3,))
 _normalize_tangent = jax.checkpoint(_normalize_tangent_impl, prevent_cse=False, static_argnums=(6,))
 _factor_tangent = jax.checkpoint(_factor_tangent_impl, prevent_cse=False, static_argnums=(6,))
 
@@ -257,7 +114,7 @@ def _factor_jvp(kept, eps, primals, tangents):
   (v, g), (dv, dg) = primals, tangents
   n, active = _denominator(v, kept, eps)
   inv_n = 1.0 / n
-  return g / n, _factor_tangent(v, g * inv_n, inv_n, active, dv, dg, _reduced(v.ndim, kept))
+  return g / n, _factor_tangent(v, g * inv_n, inv_n, active, dv, dg, reduced(v.ndim, kept))
 
 
 def _weight(v: jax.Array, g: jax.Array, n: jax.Array) -> jax.Array:
@@ -281,10 +138,11 @@ def _normalize_jvp(kept, eps, primals, tangents):
 def _tangent_at(v, g, n, active, kept):
   """``(dv, dg) -> dw``, normalize's tangent map at ``(v, g)``, ``n`` the clamped norm."""
   inv_n = 1.0 / n  # per slice: the weight-sized passes multiply, never divide
-  red = _reduced(v.ndim, kept)
+  red = reduced(v.ndim, kept)
   return lambda dv, dg: _normalize_tangent(v, g * inv_n, inv_n, active, dv, dg, red)
 
 
+@labelled('wn_jax.normalize')
 def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
   r"""The weight-normalized weight $w = g \, v / \lVert v \rVert$.
 
@@ -341,7 +199,7 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
     Array([[6., 0.],
            [8., 0.]], dtype=float32)
   """
-  v, g, kept = _checked(v, g, axis, eps, 'wn_jax.normalize')
+  v, g, kept = _checked(v, g, axis, eps)
   return _normalize_jit(v, g, kept, float(eps))
 
 
@@ -358,27 +216,28 @@ def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype
 
 
 def _checked(
-  v: ArrayLike, g: ArrayLike, axis: Axis, eps: float, where: str
+  v: ArrayLike, g: ArrayLike, axis: Axis, eps: float
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError`` naming ``where``."""
+  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``."""
   v, g = as_array(v), as_array(g)
-  _check_floating(v, 'v', where)
-  _check_floating(g, 'g', where)
+  check_floating(v, 'v')
+  check_floating(g, 'g')
   if not is_eps(eps):
     raise ValueError(
-      f'{where}: eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'
+      f'eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'
     )
-  kept = kept_axes(v.ndim, axis, where)
+  kept = kept_axes(v.ndim, axis)
   expected = scale_shape(v.shape, kept)
   if g.shape != expected:
     raise ValueError(
-      f'{where}: g must have the shape of v along the kept axis {axis!r}, '
+      f'g must have the shape of v along the kept axis {axis!r}, '
       f'{expected}, for v of shape {v.shape}; got g of shape {g.shape}. '
       f'Build g with wn_jax.decompose(w, axis) or reshape it.'
     )
   return v, g, kept
 
 
+@labelled('wn_jax factor')
 def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> jax.Array:
   r"""The per-slice factor $g / \lVert v \rVert$, so that ``normalize(v, g, axis)`` is ``v`` times it.
 
@@ -388,7 +247,7 @@ def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> 
   forming ``w``: ``x @ normalize(v, g) == (x @ v) * factor(v, g)`` for a Dense kernel
   ``(in, out)`` with ``axis=-1`` (the paper's section 2.1).
   """
-  v, g, kept = _checked(v, g, axis, eps, 'wn_jax factor')
+  v, g, kept = _checked(v, g, axis, eps)
   return _factor_jit(v, g, kept, float(eps))
 
 
@@ -398,18 +257,7 @@ def _factor_jit(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -
   return _factor(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, eps).reshape(g.shape)
 
 
-def result_dtype(*dtypes) -> jnp.dtype:
-  """The float dtype of a result from these float dtypes, even under strict promotion.
-
-  The widest wins; bfloat16 with float16 gives float32.
-  """
-  ds = {jnp.dtype(d) for d in dtypes}
-  if len(ds) == 1:
-    return ds.pop()
-  widest = max(d.itemsize for d in ds)
-  return jnp.dtype(jnp.float32) if widest == 2 else max(ds, key=lambda d: d.itemsize)
-
-
+@labelled('wn_jax.decompose')
 def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
   r"""Splits ``w`` into ``(v, g)`` with ``v = w`` and ``g = ||w||`` along the kept ``axis``.
 
@@ -440,9 +288,8 @@ def decompose(w: ArrayLike, axis: Axis = -1) -> tuple[jax.Array, jax.Array]:
     >>> wn_jax.decompose(jnp.zeros((2, 2)))[1]  # an all-zero slice starts at g = 1
     Array([1., 1.], dtype=float32)
   """
-  w = as_array(w)
-  _check_floating(w, 'w', 'wn_jax.decompose')
-  return w, _scale_of(w, kept_axes(w.ndim, axis, 'wn_jax.decompose'))
+  w, kept = _checked_weight(w, axis)
+  return w, _scale_of(w, kept)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -453,10 +300,11 @@ def _scale_of(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
   return jnp.where(n == 0, jnp.ones_like(n), n).astype(w.dtype)
 
 
+@labelled('wn_jax normalize_with_norm')
 def normalize_with_norm(v: jax.Array, g: jax.Array, axis: Axis) -> tuple[jax.Array, jax.Array]:
   """``(normalize(v, g, axis), ||v||)``, the norm computed once: for an optimizer's update,
   which is not differentiated. The norm has ``g``'s shape, in the reduction dtype."""
-  v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax normalize_with_norm')
+  v, g, kept = _checked(v, g, axis, 0.0)
   return _normalize_with_norm_jit(v, g, kept)
 
 
@@ -466,18 +314,19 @@ def _normalize_with_norm_jit(
 ) -> tuple[jax.Array, jax.Array]:
   acc = reduce_dtype(v.dtype)
   va = v.astype(acc)
-  n = _norm_keepdims(va, kept)
+  n = norm_keepdims(va, kept)
   w = _weight(va, _keepdims(g, v.shape, kept, acc), _clamped(n, 0.0)[0])
   return w.astype(result_dtype(v.dtype, g.dtype)), n.reshape(g.shape)
 
 
+@labelled('wn_jax pullback')
 def pullback(
   v: jax.Array, g: jax.Array, n: jax.Array, grad_w: jax.Array, axis: Axis
 ) -> tuple[jax.Array, jax.Array]:
   """``(grad_v, grad_g)`` from ``grad_w`` for ``w = normalize(v, g, axis)``, given
   ``n = ||v||`` (as :func:`normalize_with_norm` returns it): the transpose of
   normalize's tangent map, without computing the norm again."""
-  v, g, kept = _checked(v, g, axis, 0.0, 'wn_jax pullback')
+  v, g, kept = _checked(v, g, axis, 0.0)
   return _pullback_jit(v, g, n, grad_w, kept)
 
 

@@ -16,27 +16,18 @@ pushes them into the parent's ``__call__``; each then writes back what a data in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _data_init
-
-
-@contextlib.contextmanager
-def labelled(label: str) -> Iterator[None]:
-  """A ``ValueError`` raised in the block, with ``label`` (the layer) in front."""
-  try:
-    yield
-  except ValueError as e:
-    raise ValueError(f'{label}: {e}') from None
+from wn_jax._errors import labelled
 
 
 def check_real(name: str, x: Any) -> None:
@@ -155,15 +146,14 @@ class Pass:
   dtype: Any = None
   bias_value: Any = None
 
-  def labelled(self) -> contextlib.AbstractContextManager[None]:
+  def labelled(self) -> labelled:
     return labelled(self.label)
 
   def axes(self, v: Any) -> tuple[int, ...]:
     """The kept axes of the kernel ``v`` (a real floating array), checked for a data init."""
     with self.labelled():
       check_real('kernel', v)
-    kept = _core.kept_axes(jnp.ndim(v), self.axis, self.label)
-    with self.labelled():
+      kept = _axes.kept_axes(jnp.ndim(v), self.axis)
       if self.init is not None:
         _data_init.check_output_axis(jnp.ndim(v), kept, self.out_axis)
     return kept
@@ -226,7 +216,8 @@ def start(
   """The pass of one call: data init if ``init`` is given, else scaled where it pays."""
   scaled = False
   if init is None and dense:
-    kept = _core.kept_axes(2, axis, label)
+    with labelled(label):
+      kept = _axes.kept_axes(2, axis)
     compute = layer_dtype if layer_dtype is not None else jnp.result_type(inputs, param_dtype)
     scaled = scales_output(2, kept, inputs, compute, linear_dot)
   return Pass(label, axis, layer_dtype, inputs, scaled, init, path, out_axis)

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from wn_jax import _axes
 from wn_jax import _core
+from wn_jax._errors import labelled
 
 PyTree = Any
 Where = None | str | Callable[[tuple, Any], bool]
@@ -42,7 +44,7 @@ class WeightNormed:
 
   __slots__ = ('v', 'g', 'axis')
 
-  def __init__(self, v: Any, g: Any, axis: _core.Axis = -1):
+  def __init__(self, v: Any, g: Any, axis: _axes.Axis = -1):
     self.v = v
     self.g = g
     self.axis = _static_axis(axis)
@@ -74,7 +76,7 @@ class WeightNormed:
 def _static_axis(axis: Any) -> Any:
   """``axis`` as hashable static data: NumPy integers as ints, a sequence as a tuple.
 
-  Bad values are kept as they are, for :func:`wn_jax._core.kept_axes` to refuse by name.
+  Bad values are kept as they are, for :func:`wn_jax._axes.kept_axes` to refuse by name.
 
   >>> import numpy as np
   >>> _static_axis(np.int64(-1)), _static_axis([np.int32(0), 1]), _static_axis(None)
@@ -121,73 +123,6 @@ def _is_wn(x: Any) -> bool:
   return isinstance(x, WeightNormed)
 
 
-def fits_kept_axes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
-  """Whether ``g_shape`` is ``v_shape`` along some kept axes (in order): a possible ``g``.
-
-  >>> fits_kept_axes((4,), (3, 4)), fits_kept_axes((), (3, 4)), fits_kept_axes((4, 3), (3, 4))
-  (True, True, False)
-  """
-  rest = iter(v_shape)
-  return all(any(d == e for e in rest) for d in g_shape)
-
-
-def is_wrapper_scale(
-  shapes: dict[tuple[str, ...], tuple[int, ...]], prefix: tuple[str, ...]
-) -> bool:
-  """Whether the subtree at ``prefix`` (ending in ``'scale'``) is a ``WeightNorm`` wrapper's.
-
-  ``shapes`` maps every array's key path to its shape. A wrapper's params are its ``scale``
-  tree and, where the layer was built inside it, the ``layer`` (a linen layer built by the
-  parent keeps its params beside the wrapper, under the same parent; a layer made of several
-  modules the parent built, an inline ``nn.Sequential``, has its ``scale`` tree start with
-  their names). The ``scale`` tree mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
-  parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
-  ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
-
-  >>> shapes = {('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}
-  >>> is_wrapper_scale(shapes, ('wn', 'scale'))
-  True
-  >>> is_wrapper_scale({('ada', 'scale', 'kernel'): (4, 4), ('fc', 'kernel'): (4, 4)}, ('ada', 'scale'))
-  False
-  """
-  return bool(wrapped_layers(shapes, prefix))
-
-
-def wrapped_layers(
-  shapes: dict[tuple[str, ...], tuple[int, ...]], prefix: tuple[str, ...]
-) -> list[tuple[str, ...]]:
-  """The layers whose parameters the ``scale`` tree at ``prefix`` mirrors (the rule of
-  :func:`is_wrapper_scale`): each a key path whose parameter at ``layer + r`` is the ``v``
-  of the magnitude at ``prefix + r``. Empty: not a wrapper's; one: the wrapped layer.
-
-  >>> wrapped_layers({('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}, ('wn', 'scale'))
-  [('dense',)]
-  """
-
-  def under(pre: tuple[str, ...]) -> list[tuple[str, ...]]:
-    return [k for k in shapes if len(k) > len(pre) and k[: len(pre)] == pre]
-
-  parent, n = prefix[:-1], len(prefix)
-  if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
-    return []
-  inside = [k[n:] for k in under(prefix)]
-  if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
-    candidates = {layer}
-  elif parent:  # the layer's params beside the wrapper; several modules: by their names
-    candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
-    candidates.add(parent[:-1])
-  else:
-    return []
-
-  def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
-    g, w = shapes[prefix + r], shapes.get(c + r)
-    return w is not None and len(g) < len(w) and fits_kept_axes(g, w)
-
-  if not inside:
-    return []
-  return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
-
-
 def _is_lost_node(x: Any) -> bool:
   """A plain ``{'v', 'g'}`` dict of arrays whose ``g`` fits ``v``: a ``WeightNormed``
   restored without a target (orbax, msgpack), its static ``axis`` lost."""
@@ -195,7 +130,7 @@ def _is_lost_node(x: Any) -> bool:
     type(x) is dict
     and set(x) == {'v', 'g'}
     and all(hasattr(x[k], 'shape') for k in ('v', 'g'))
-    and fits_kept_axes(tuple(x['g'].shape), tuple(x['v'].shape))
+    and _axes.fits_kept_axes(tuple(x['g'].shape), tuple(x['v'].shape))
   )
 
 
@@ -224,7 +159,7 @@ def _is_floating_matrix(leaf: Any) -> bool:
   )
 
 
-def selector(where: Where, caller: str) -> Callable[[tuple, Any], bool]:
+def selector(where: Where) -> Callable[[tuple, Any], bool]:
   """Turns ``where`` into a predicate ``(path, leaf) -> bool``.
 
   ``None``: every floating array leaf with ``ndim >= 2``. A string: a regular
@@ -237,19 +172,18 @@ def selector(where: Where, caller: str) -> Callable[[tuple, Any], bool]:
     try:
       pattern = re.compile(where)
     except re.error as e:
-      raise ValueError(
-        f'{caller}: where={where!r} is not a valid regular expression: {e}.'
-      ) from None
+      raise ValueError(f'where={where!r} is not a valid regular expression: {e}.') from None
     return lambda path, leaf: hasattr(leaf, 'shape') and pattern.search(path_str(path)) is not None
   if callable(where):
     return where
   raise ValueError(
-    f'{caller}: where must be None, a regular expression string or a callable '
+    f'where must be None, a regular expression string or a callable '
     f'(path, leaf) -> bool; got {type(where).__name__}.'
   )
 
 
-def weight_norm(params: PyTree, axis: _core.Axis = -1, *, where: Where = None) -> PyTree:
+@labelled('wn_jax.weight_norm')
+def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -> PyTree:
   r"""Replaces the selected leaves of ``params`` by :class:`WeightNormed` nodes.
 
   Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
@@ -291,7 +225,6 @@ def replace_selected(
   params: PyTree,
   where: Where,
   fn: Callable[[Any], Any],
-  caller: str = 'wn_jax.weight_norm',
   *,
   required: bool = True,
 ) -> PyTree:
@@ -300,7 +233,7 @@ def replace_selected(
   ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error
   unless ``required`` is False.
   """
-  select = selector(where, caller)
+  select = selector(where)
   count = 0
 
   def convert(path, leaf):
@@ -314,12 +247,12 @@ def replace_selected(
     try:
       return fn(leaf)
     except ValueError as e:
-      raise ValueError(f'{caller}: leaf {path_str(path)!r}: {e}') from None
+      raise ValueError(f'leaf {path_str(path)!r}: {e}') from None
 
   out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
   if count == 0 and required:
     raise ValueError(
-      f'{caller}: where={where!r} selected no leaf of the parameters (they are '
+      f'where={where!r} selected no leaf of the parameters (they are '
       f'{_some_paths(params)}). Pass a regular expression searched in the /-joined key path '
       f"(e.g. where='embedding' for an Embed) or a callable (path, leaf) -> bool; "
       f'where=None selects every floating leaf with ndim >= 2.'
@@ -390,7 +323,7 @@ def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], 
       'Wrap the layers that have parameters (pooling and activations need no weight '
       'norm), or leave this one unwrapped.'
     )
-  select = selector(where, 'WeightNorm')
+  select = selector(where)
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = tuple(path_str(path).split('/'))
     owner = next((o for o in owners if keys[: len(o)] == o), None)

@@ -40,11 +40,13 @@ import jax
 import jax.numpy as jnp
 from flax.linen.transforms import get_module_scopes
 
+from wn_jax import _axes
 from wn_jax import _batch_norm
 from wn_jax import _core
 from wn_jax import _data_init
 from wn_jax import _kernel
-from wn_jax import _layers
+from wn_jax import _errors
+from wn_jax import _fold
 from wn_jax import _tree
 
 Initializer = Callable[..., Any]
@@ -53,7 +55,7 @@ Initializer = Callable[..., Any]
 def _scale_box(kernel_box: Any, g: jax.Array, kept: tuple[int, ...]) -> Any:
   """``g`` boxed like the kernel: a partitioned kernel gives a partitioned scale."""
   if isinstance(kernel_box, nn.Partitioned):
-    return kernel_box.replace(value=g, names=_layers.kept_names(kernel_box.names, kept))
+    return kernel_box.replace(value=g, names=_axes.kept_names(kernel_box.names, kept))
   return g
 
 
@@ -444,7 +446,7 @@ class _Mapping:
 
   def weight(self, x: _tree.WeightNormed) -> jax.Array:
     layer_dtype = getattr(self.wrapper.layer, 'dtype', None)
-    with _kernel.labelled(self.label):
+    with _errors.labelled(self.label):
       return _kernel.weight(x, layer_dtype, (self.args, self.kwargs), self.wrapper.epsilon)
 
   def init(self, key: jax.Array) -> Any:
@@ -463,7 +465,7 @@ class _Mapping:
       kernel = boxed
       for k in path:
         kernel = kernel[k.key]
-      kept = _core.kept_axes(jnp.ndim(nn.unbox(kernel)), w.axis, self.label)
+      kept = _axes.kept_axes(jnp.ndim(nn.unbox(kernel)), w.axis)
       return _scale_box(kernel, g, kept)
 
     return jax.tree_util.tree_map_with_path(box, _tree.map_selected(wn, g))
@@ -482,7 +484,7 @@ class _Mapping:
     key = self.keys[len(self.stored)]
     params = variables.get('params', {})
     self.stored.append(params)
-    with _kernel.labelled(self.label):
+    with _errors.labelled(self.label):
       scale = self.read_scale()
       if not params:
         return variables
@@ -490,7 +492,6 @@ class _Mapping:
         _nest(key, nn.unbox(params)),
         self.wrapper.where,
         lambda v: _tree.WeightNormed(v, None, self.wrapper.axis),
-        'wn_jax.linen.WeightNorm',
         required=False,
       )
     merged = _tree.map_selected(directions, self.weight, scale)
@@ -750,7 +751,8 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   return dict(sorted(axes.items()))
 
 
-def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
+@_errors.labelled('wn_jax.linen.fold')
+def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
   r"""Folds weight normalization away: WN layer parameters -> plain layer parameters.
 
   Every dict that holds a ``kernel`` and a ``scale`` array (a ``WNDense``, ``WNConv`` or
@@ -809,4 +811,4 @@ def fold(params: Any, axis: _layers.AxisSpec = _layers.INFER) -> Any:
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
   """
-  return _layers.fold(nn.unbox(params), axis, 'wn_jax.linen.fold')
+  return _fold.fold(nn.unbox(params), axis)

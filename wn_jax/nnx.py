@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wn_jax import _axes
 from wn_jax import _batch_norm
 from wn_jax import _core
 from wn_jax import _data_init
 from wn_jax import _kernel
-from wn_jax import _layers
+from wn_jax import _errors
+from wn_jax import _fold
 from wn_jax import _tree
 
 Initializer = Callable[..., Any]
@@ -57,7 +59,7 @@ class _KernelView:
 
 def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
   """``g`` as an ``nnx.Param``, sharded like the kernel's kept axes."""
-  names = _layers.kept_names(kernel.get_metadata().get('out_sharding'), kept)
+  names = _axes.kept_names(kernel.get_metadata().get('out_sharding'), kept)
   if names is None:
     return nnx.Param(g)
   return nnx.Param(g, out_sharding=names)
@@ -77,9 +79,9 @@ class _WeightNormedKernel:
 
   def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
     v = self.kernel[...]
-    with _kernel.labelled(self._where()):
+    with _errors.labelled(self._where()):
       _kernel.check_real('kernel', v)
-    kept = _core.kept_axes(v.ndim, axis, self._where())
+      kept = _axes.kept_axes(v.ndim, axis)
     self.axis = axis
     if scale_init is None:
       g = _core.decompose(v, kept)[1]
@@ -257,7 +259,9 @@ def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
     return nnx.Dict(
       {str(k): _to_params(v, _child(kernels, k), axis, where) for k, v in tree.items()}
     )
-  return _scale_param(kernels, tree, _core.kept_axes(kernels.ndim, axis, where))
+  with _errors.labelled(where):
+    kept = _axes.kept_axes(kernels.ndim, axis)
+  return _scale_param(kernels, tree, kept)
 
 
 class WeightNorm(nnx.Module):
@@ -390,17 +394,15 @@ class WeightNorm(nnx.Module):
   def _mapped(self, method: str, args: tuple, kwargs: dict) -> Any:
     """``layer.<method>(*args, **kwargs)`` with each selected parameter replaced by its ``w``."""
     graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
-    directions = _tree.replace_selected(
-      nnx.to_pure_dict(params),
-      self.where,
-      lambda v: _tree.WeightNormed(v, None, self.axis),
-      'wn_jax.nnx.WeightNorm',
-    )
+    with _errors.labelled('wn_jax.nnx.WeightNorm'):
+      directions = _tree.replace_selected(
+        nnx.to_pure_dict(params), self.where, lambda v: _tree.WeightNormed(v, None, self.axis)
+      )
     g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
     def weight(x: _tree.WeightNormed) -> jax.Array:
-      with _kernel.labelled(where):
+      with _errors.labelled(where):
         return _kernel.weight(x, layer_dtype, (args, kwargs), self.epsilon)
 
     weights = _tree.map_selected(directions, weight, g)
@@ -594,6 +596,7 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   }
 
 
+@_errors.labelled('wn_jax.nnx.fold')
 def fold(model: nnx.Module) -> dict[str, Any]:
   r"""The model's parameters with weight normalization folded away, as a pure dict.
 
@@ -615,4 +618,4 @@ def fold(model: nnx.Module) -> dict[str, Any]:
     True
   """
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return _layers.fold(params, layer_axes(model), 'wn_jax.nnx.fold')
+  return _fold.fold(params, layer_axes(model), from_model=True)

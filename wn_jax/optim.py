@@ -26,8 +26,10 @@ from flax import nnx
 from flax import serialization
 from flax import struct
 
+from wn_jax import _axes
 from wn_jax import _core
-from wn_jax import _layers
+from wn_jax import _errors
+from wn_jax import _fold
 from wn_jax import _tree
 
 _is_node = lambda x: isinstance(x, (_tree.WeightNormed, optax.MaskedNode))
@@ -409,9 +411,9 @@ def decay_mask(params: Any) -> Any:
   }
 
   def fits(keys: tuple[str, ...], of: tuple[str, ...]) -> bool:
-    return of in shapes and _tree.fits_kept_axes(shapes[keys], shapes[of])
+    return of in shapes and _axes.fits_kept_axes(shapes[keys], shapes[of])
 
-  wrapper_scale = functools.cache(lambda prefix: _tree.is_wrapper_scale(shapes, prefix))
+  wrapper_scale = functools.cache(lambda prefix: _fold.is_wrapper_scale(shapes, prefix))
 
   def is_magnitude(keys: tuple[str, ...]) -> bool:
     return any(
@@ -439,7 +441,7 @@ class ProjectDirectionsState(NamedTuple):
 
 
 def project_directions(
-  norm: str | float | jax.Array = 'init', *, axis: _layers.AxisSpec = _layers.INFER
+  norm: str | float | jax.Array = 'init', *, axis: _fold.AxisSpec = _fold.INFER
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keeps every weight-normalization direction on its sphere: Normalize-and-Project.
 
@@ -621,22 +623,23 @@ def _project(v: jax.Array, dv: jax.Array, target: jax.Array, kept: tuple[int, ..
   return (_core.normalize(step, target, kept).astype(v.dtype) - v).astype(dv.dtype)
 
 
-def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[Any]:
+def _direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
   """For each leaf of ``params`` flattened with ``WeightNormed`` nodes whole: the kept axes
   of its direction, or ``None`` where it holds none.
 
   A ``WeightNormed`` node's ``v`` (its own axis); a WN layer's ``kernel`` (beside a
   ``scale`` array shaped like its kept axes, :func:`decay_mask`'s rule); each parameter a
-  ``WeightNorm`` wrapper's ``scale`` tree mirrors (:func:`wn_jax._tree.wrapped_layers`).
+  ``WeightNorm`` wrapper's ``scale`` tree mirrors (:func:`wn_jax._fold.wrapped_layers`).
   The axis of the latter two is ``axis`` at the layer's (the wrapper's) path, as in fold.
   """
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_node)[0]
   shapes = {_path_keys(p): tuple(jnp.shape(x)) for p, x in nodes if not _is_node(x)}
-  axis_of = _layers._axis_of(axis, caller)
+  with _errors.labelled(caller):
+    axis_of = _fold.axis_of(axis)
   wrapped: dict[tuple[str, ...], tuple[tuple[int, ...], tuple[str, ...]]] = {}
   prefixes = {k[: i + 1] for k in shapes for i, part in enumerate(k[:-1]) if part == 'scale'}
   for prefix in sorted(prefixes):
-    layers = _tree.wrapped_layers(shapes, prefix)
+    layers = _fold.wrapped_layers(shapes, prefix)
     if len(layers) > 1:
       raise ValueError(
         f"{caller}: the WeightNorm wrapper scale tree '{'/'.join(prefix)}' mirrors the "
@@ -651,10 +654,12 @@ def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[An
 
   def kept_of(owner: tuple[str, ...], v_shape: tuple[int, ...], g_shape: tuple[int, ...]):
     where = '/'.join(owner)
-    a = axis_of(where)
-    if isinstance(a, str):
-      a = _layers._inferred(where, v_shape, g_shape, caller)
-    kept = _core.kept_axes(len(v_shape), a, f"{caller}: layer '{where}'")
+    with _errors.labelled(caller):
+      a = axis_of(where)
+      if isinstance(a, str):
+        a = _fold.inferred(where, v_shape, g_shape)
+      with _errors.labelled(f"layer '{where}'"):
+        kept = _axes.kept_axes(len(v_shape), a)
     if _core.scale_shape(v_shape, kept) != g_shape:
       raise ValueError(
         f"{caller}: layer '{where}': its scale has shape {g_shape}, but a kernel of shape "
@@ -666,11 +671,12 @@ def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[An
   out: list[Any] = []
   for path, x in nodes:
     if isinstance(x, _tree.WeightNormed):
-      out.append(_core.kept_axes(jnp.ndim(x.v), x.axis, caller))
+      with _errors.labelled(caller):
+        out.append(_axes.kept_axes(jnp.ndim(x.v), x.axis))
       continue
     keys = _path_keys(path) if not _is_node(x) else ()
     scale = shapes.get(keys[:-1] + ('scale',)) if keys and keys[-1] == 'kernel' else None
-    if scale is not None and _tree.fits_kept_axes(scale, shapes[keys]):
+    if scale is not None and _axes.fits_kept_axes(scale, shapes[keys]):
       out.append(kept_of(keys[:-1], shapes[keys], scale))
     elif keys in wrapped:
       out.append(kept_of(wrapped[keys][1], shapes[keys], wrapped[keys][0]))
@@ -680,7 +686,7 @@ def _direction_axes(params: Any, axis: _layers.AxisSpec, caller: str) -> list[An
 
 
 def direction_stats(
-  params: Any, updates: Any = None, *, axis: _layers.AxisSpec = _layers.INFER
+  params: Any, updates: Any = None, *, axis: _fold.AxisSpec = _fold.INFER
 ) -> dict[str, jax.Array]:
   r"""Per-direction norms and effective step sizes, for a training loop to log.
 

@@ -159,8 +159,9 @@ class TorchLayer:
     return layer
 
 
-def _torch_dim(g: np.ndarray, v: np.ndarray, where: str) -> int | None:
-  """PyTorch's ``dim`` from g's shape: size ``v.shape[dim]`` along it, 1 elsewhere; or a scalar."""
+def _torch_dim(g: np.ndarray, v: np.ndarray, g_key: str) -> int | None:
+  """PyTorch's ``dim`` from g's shape (``g_key`` its state-dict key): size ``v.shape[dim]``
+  along it, 1 elsewhere; or a scalar."""
   if g.ndim == 0:
     return None
   fits = g.ndim == v.ndim and all(s in (1, n) for s, n in zip(g.shape, v.shape))
@@ -168,7 +169,7 @@ def _torch_dim(g: np.ndarray, v: np.ndarray, where: str) -> int | None:
   ones = [i for i, n in enumerate(v.shape) if n == 1]
   if not fits or len(kept) > 1 or (not kept and not ones):
     raise _error(
-      f'{where}: g of shape {g.shape} does not fit v of shape {v.shape}: PyTorch keeps g with '
+      f'{g_key!r}: g of shape {g.shape} does not fit v of shape {v.shape}: PyTorch keeps g with '
       f"v's rank, size v.shape[dim] along dim and 1 elsewhere (or a scalar for dim=None)."
     )
   return kept[0] if kept else ones[0]
@@ -207,7 +208,7 @@ def _wn_layer(
   expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2 if kind in KINDS else v.ndim
   if v.ndim != expected_rank:
     raise _error(f'{v_key!r} of shape {v.shape} is not a {kind} weight (rank {expected_rank}).')
-  dim = _torch_dim(g, v, repr(g_key))
+  dim = _torch_dim(g, v, g_key)
   if info.dim is not _MISSING and info.dim != dim:  # g's shape alone can be ambiguous
     told = None if info.dim is None else info.dim % v.ndim
     want = () if told is None else tuple(n if i == told else 1 for i, n in enumerate(v.shape))
@@ -217,7 +218,7 @@ def _wn_layer(
   perm = tuple(range(v.ndim)) if kept else _perm(kind, v.ndim)
   kernel = np.ascontiguousarray(v.transpose(perm))
   axis = None if dim is None else perm.index(dim) - v.ndim
-  scale = g.reshape(_core.scale_shape(kernel.shape, axis, 'wn_jax.pytorch.from_torch'))
+  scale = g.reshape(_core.scale_shape(kernel.shape, axis))
   layer = TorchLayer(kind, {}, axis, False, dim, style, dict(info.args), tensor)
   v_name, g_name = layer._names
   params = {v_name: kernel, g_name: scale}

@@ -1,0 +1,233 @@
+"""Folding: WN layers' ``(kernel, scale)`` into plain kernels, and how each layer's axis is read.
+
+One structural rule decides what a weight-normalized part of a parameter tree is, for
+``linen.fold``, ``nnx.fold`` and the optimizer's ``decay_mask`` / ``project_directions``: a
+WN layer is a ``kernel`` beside a ``scale`` shaped like the kernel along its kept axes; a
+``WeightNorm`` wrapper is a ``scale`` tree that mirrors a layer's parameters
+(:func:`wrapped_layers`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wn_jax import _axes
+from wn_jax import _kernel
+from wn_jax import _tree
+from wn_jax._errors import labelled
+
+# fold's default: each layer's axis from its scale's shape, where only one choice fits.
+INFER = 'infer'
+
+AxisSpec = _axes.Axis | str | Mapping[str, _axes.Axis] | Callable[[str], _axes.Axis]
+
+Shapes = dict[tuple[str, ...], tuple[int, ...]]
+
+
+def is_wrapper_scale(shapes: Shapes, prefix: tuple[str, ...]) -> bool:
+  """Whether the subtree at ``prefix`` (ending in ``'scale'``) is a ``WeightNorm`` wrapper's.
+
+  ``shapes`` maps every array's key path to its shape. A wrapper's params are its ``scale``
+  tree and, where the layer was built inside it, the ``layer`` (a linen layer built by the
+  parent keeps its params beside the wrapper, under the same parent; a layer made of several
+  modules the parent built, an inline ``nn.Sequential``, has its ``scale`` tree start with
+  their names). The ``scale`` tree mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
+  parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
+  ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
+
+  >>> shapes = {('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}
+  >>> is_wrapper_scale(shapes, ('wn', 'scale'))
+  True
+  >>> is_wrapper_scale({('ada', 'scale', 'kernel'): (4, 4), ('fc', 'kernel'): (4, 4)}, ('ada', 'scale'))
+  False
+  """
+  return bool(wrapped_layers(shapes, prefix))
+
+
+def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
+  """The layers whose parameters the ``scale`` tree at ``prefix`` mirrors (the rule of
+  :func:`is_wrapper_scale`): each a key path whose parameter at ``layer + r`` is the ``v``
+  of the magnitude at ``prefix + r``. Empty: not a wrapper's; one: the wrapped layer.
+
+  >>> wrapped_layers({('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}, ('wn', 'scale'))
+  [('dense',)]
+  """
+
+  def under(pre: tuple[str, ...]) -> list[tuple[str, ...]]:
+    return [k for k in shapes if len(k) > len(pre) and k[: len(pre)] == pre]
+
+  parent, n = prefix[:-1], len(prefix)
+  if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
+    return []
+  inside = [k[n:] for k in under(prefix)]
+  if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
+    candidates = {layer}
+  elif parent:  # the layer's params beside the wrapper; several modules: by their names
+    candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
+    candidates.add(parent[:-1])
+  else:
+    return []
+
+  def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
+    g, w = shapes[prefix + r], shapes.get(c + r)
+    return w is not None and len(g) < len(w) and _axes.fits_kept_axes(g, w)
+
+  if not inside:
+    return []
+  return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
+
+
+def _layer_name(path: str) -> str:
+  return f"layer '{path}'" if path else 'the root layer (the model itself)'
+
+
+def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> ValueError:
+  # A scale with more axes than the layer keeps: most likely one leading layer axis on
+  # every parameter (nn.scan, nn.vmap, nnx.vmap), which no axis choice undoes.
+  several = (
+    ''  # the axes come from the model (nnx.fold): only a stacked layer gets here
+    if from_model
+    else f"; a single layer built with several kept axes takes them in a mapping {{'{path}': ...}}"
+  )
+  return ValueError(
+    f'{_layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
+    f'than one layer keeping the default axis has, for a kernel of shape '
+    f'{tuple(kernel_shape)}: it looks like a stacked layer (nn.scan, nn.vmap, nnx.vmap), which '
+    f'fold does not support. Unstack it first and fold each layer (e.g. '
+    f'jax.tree.map(lambda a: a[i], params) for layer i){several}.'
+  )
+
+
+def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> Any:
+  """The layer's kept axis from its scale's shape, where only one choice fits, or a
+  ``ValueError`` naming the layer at ``path``."""
+  fits = _fitting_axes(kernel_shape, scale_shape)
+  if len(fits) == 1:
+    return fits[0]
+  if fits and len(scale_shape) > 1:
+    raise _stacked(path, kernel_shape, scale_shape)
+  if not fits:
+    raise ValueError(
+      f"layer '{path}': its scale of shape {scale_shape} fits no choice of kept "
+      f'axes of its kernel of shape {kernel_shape}. Check the parameters (a stacked or '
+      f'scanned layer is not a WN layer fold can read).'
+    )
+  raise ValueError(
+    f"layer '{path}': its scale of shape {scale_shape} fits several kept axes "
+    f'of its kernel of shape {kernel_shape} ({fits}), so the parameters alone do not say '
+    f'which one the layer was built with. Pass axis=-1 if every layer kept the default '
+    f"(the output features), or each layer's own: axis=layer_axes(model, x), or a "
+    f"mapping {{'{path}': ...}}."
+  )
+
+
+def axis_of(axis: AxisSpec) -> Callable[[str], _axes.Axis]:
+  """``axis`` (fold's argument) as a function from a layer's path to its axis (or
+  :data:`INFER`)."""
+  if isinstance(axis, str):
+    if axis != INFER:
+      raise ValueError(
+        f"axis must be 'infer', an int, a tuple of ints, None, a mapping from "
+        f'layer path to axis or a callable; got {axis!r}.'
+      )
+    return lambda path: INFER  # type: ignore[return-value]
+  if isinstance(axis, Mapping):
+    table = dict(axis)
+
+    def lookup(path: str) -> _axes.Axis:
+      if path not in table:
+        raise ValueError(
+          f"layer '{path}' has a kernel and a scale, but no axis in the mapping "
+          f'(it names {sorted(table)}). Add it, or build the mapping with layer_axes(model, ...).'
+        )
+      return table[path]
+
+    return lookup
+  if callable(axis):
+    return axis
+  return lambda path: axis
+
+
+def _fitting_axes(kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> list[Any]:
+  """Every choice of kept kernel axes (NumPy-style negative ints) that gives ``scale_shape``."""
+  n = len(kernel_shape)
+  out: list[Any] = []
+  for kept in itertools.combinations(range(n), len(scale_shape)):
+    if tuple(kernel_shape[a] for a in kept) == tuple(scale_shape):
+      neg = tuple(a - n for a in kept)
+      out.append(neg[0] if len(neg) == 1 else (None if not neg else neg))
+  return out
+
+
+def _layer_kept(path: str, kernel: jax.Array, scale: jax.Array, a: Any, from_model: bool):
+  """The kept axes of the WN layer at ``path`` with axis ``a`` (``INFER``: from the shapes),
+  checked against its scale's shape."""
+  if isinstance(a, str):
+    a = inferred(path, kernel.shape, scale.shape)
+  with labelled(f"layer '{path}'"):
+    kept = _axes.kept_axes(kernel.ndim, a)
+  need = _axes.scale_shape(kernel.shape, kept)
+  if scale.shape != need and scale.ndim > max(len(kept), 1):
+    raise _stacked(path, kernel.shape, scale.shape, from_model)
+  if scale.shape != need:
+    raise ValueError(
+      f"layer '{path}': its scale has shape {scale.shape}, but a kernel of "
+      f'shape {kernel.shape} keeping axis {a!r} needs {need}; the layer was built with '
+      f'another axis (the shapes fit axis in {_fitting_axes(kernel.shape, scale.shape)}). '
+      f"Pass each layer's own axis: axis=layer_axes(model, ...), or a mapping "
+      f"{{'{path}': ...}}."
+    )
+  return kept
+
+
+def _wrapper_error(path: tuple[str, ...]) -> ValueError:
+  return ValueError(
+    f"'{'/'.join(path)}' is a WeightNorm wrapper's scale tree; fold "
+    f"folds WN layers and WeightNormed leaves, not a wrapper (its layer's parameters hold "
+    f'v, not w). Train or export that part with the pytree route (wn_jax.weight_norm + '
+    f'wn_jax.materialize), or fold it by hand: each layer parameter v becomes '
+    f'wn_jax.normalize(v, g, axis) with g from the scale tree, and the scale tree goes.'
+  )
+
+
+def fold(params: Any, axis: AxisSpec, *, from_model: bool = False) -> Any:
+  """Every ``{'kernel', 'scale', ...}`` dict of ``params`` folded into ``{'kernel': w, ...}``,
+  and every ``WeightNormed`` node into its weight.
+
+  ``axis``: each layer's kept axis (:data:`AxisSpec`). ``from_model``: the axes come from
+  the model (``nnx.fold``), not from the caller, so a mismatch is a stacked layer and the
+  errors do not suggest a mapping. Plain messages: the public ``fold`` adds its name.
+  """
+  axis_at = axis_of(axis)
+  shapes = {
+    tuple(_tree.path_str(p).split('/')): jnp.shape(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, _tree.WeightNormed)
+    )[0]
+    if not isinstance(x, _tree.WeightNormed)
+  }
+
+  def walk(tree: Any, path: tuple[str, ...]) -> Any:
+    if isinstance(tree, _tree.WeightNormed):
+      return tree.weight()
+    if not hasattr(tree, 'items'):
+      return tree
+    if hasattr(tree.get('scale'), 'items') and is_wrapper_scale(shapes, (*path, 'scale')):
+      raise _wrapper_error((*path, 'scale'))
+    if 'kernel' in tree and 'scale' in tree and hasattr(tree['scale'], 'shape'):
+      where = '/'.join(path)
+      kernel, scale = jnp.asarray(tree['kernel']), jnp.asarray(tree['scale'])
+      kept = _layer_kept(where, kernel, scale, axis_at(where), from_model)
+      rest = {k: walk(v, (*path, str(k))) for k, v in tree.items() if k not in ('kernel', 'scale')}
+      with labelled(f"layer '{where}'"):
+        dtype = _kernel.weight_dtype(kernel, scale, None)
+        return {'kernel': _kernel.normalize(kernel, scale, kept, dtype), **rest}
+    return {k: walk(v, (*path, str(k))) for k, v in tree.items()}
+
+  return walk(params, ())
