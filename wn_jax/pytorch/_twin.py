@@ -22,7 +22,7 @@ def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
   """An NNX model's state and its WN layers' axes, by module path."""
   from flax import nnx
 
-  from wn_jax import nnx as wx
+  from wn_jax.nnx._layers import _WeightNormedKernel
 
   if not isinstance(twin, nnx.Module):
     raise TypeError(
@@ -31,7 +31,7 @@ def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
   found = {
     tuple(map(str, path)): m.axis
     for path, m in nnx.iter_graph(twin)
-    if isinstance(m, wx._WeightNormedKernel)
+    if isinstance(m, _WeightNormedKernel)
   }
   return nnx.state(twin), found
 
@@ -41,7 +41,7 @@ def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
   import flax.linen as nn
   import jax
 
-  from wn_jax import linen as wl
+  from wn_jax.linen._layers import _WeightNormedKernel
 
   if not (isinstance(twin, (tuple, list)) and twin and isinstance(twin[0], nn.Module)):
     raise TypeError(
@@ -53,7 +53,7 @@ def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
 
   def record(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
     layer = context.module
-    if isinstance(layer, wl._WeightNormedKernel) and isinstance(layer, nn.Module):
+    if isinstance(layer, _WeightNormedKernel) and isinstance(layer, nn.Module):
       axes[tuple(layer.path)] = layer.axis
     return call(*args, **kwargs)
 

@@ -1,0 +1,184 @@
+"""Whole-model tools of the linen front end: data init, each layer's axis, fold."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from wn_jax import _data_init
+from wn_jax import _errors
+from wn_jax import _fold
+from wn_jax.linen._layers import _WeightNormedKernel
+
+
+def data_init(
+  model: nn.Module,
+  variables: Any,
+  *args: Any,
+  init_scale: float | Callable[[str], float] = 1.0,
+  axis_name: str | None = None,
+  method: Any = None,
+  **kwargs: Any,
+) -> Any:
+  r"""The paper's data-dependent initialization (section 3) of every WN layer in ``model``.
+
+  Runs ``model.apply(variables, *args, **kwargs)`` once on a batch. Each ``WNDense``,
+  ``WNConv`` and ``WNConvTranspose``, in forward order, computes its pre-activation
+  $t = (v / \lVert v \rVert) \cdot x$ without bias, takes the per-feature mean
+  $\mu$ and standard deviation $\sigma$ over the batch (and spatial) axes,
+  and sets
+
+  $$
+  g = s / \sigma, \qquad b = -\mu \, s / \sigma
+  $$
+
+  with ``s = init_scale``, so its output on this batch has mean 0 and standard deviation
+  ``s`` per feature; it passes that initialized output on, so each later layer sees the
+  earlier layers after their initialization. A layer used twice (shared weights) is
+  initialized on its first use only. A feature with standard deviation below 1e-6
+  (constant on the batch) keeps $\sigma = 1$ (finite, never NaN). Statistics are
+  taken in float32 (or wider) whatever the parameter dtype; a ``g`` or ``b`` that does not
+  fit the layer's parameter or compute dtype (float16 on a batch that varies too little)
+  is refused with a ``ValueError`` naming the layer, never stored as ``inf`` (under ``jit``
+  it is raised when the computation runs). A layer whose parameters ``nn.scan`` broadcasts
+  to every step is refused, naming it (initialize it outside the scan); one shared across
+  ``nn.vmap``'s mapped axis needs the same ``axis_name`` passed to ``nn.vmap`` and here, or
+  is refused with that fix. Plain layers,
+  ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
+  collections (``batch_stats``) may change during the pass (batch norm in training
+  mode) but are returned unchanged.
+
+  Args:
+    model: the linen model.
+    variables: its variables (``{'params': ..., ...}``), e.g. from ``model.init``.
+    *args: the batch, as ``model.apply`` takes it.
+    init_scale: the target standard deviation, or a callable from a layer's path
+      (``'Dense_0'``, ``'block/WNConv_1'``) to it.
+    axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis, so the
+      statistics are the global batch's. Under ``jax.jit`` with a sharded batch no name
+      is needed.
+    method: the method of ``model`` to run (default ``__call__``).
+    **kwargs: passed to ``model.apply`` (e.g. ``train=True``).
+
+  Returns:
+    New variables with the WN layers' ``scale`` and ``bias`` set; nothing is mutated.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> model = wn_jax.linen.WNDense(3)
+    >>> x = jax.random.normal(jax.random.key(0), (256, 5))
+    >>> variables = wn_jax.linen.data_init(model, model.init(jax.random.key(1), x), x)
+    >>> y = model.apply(variables, x)
+    >>> bool(jnp.allclose(y.mean(0), 0.0, atol=1e-5)), bool(jnp.allclose(y.std(0), 1.0, atol=1e-4))
+    (True, True)
+  """
+  with _data_init.mode(init_scale, axis_name):
+    # Every collection mutable, so a model with batch norm in training mode runs; only the
+    # new params are kept.
+    _, updates = model.apply(variables, *args, mutable=True, method=method, **kwargs)
+  return {**variables, 'params': updates['params']}
+
+
+def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Any]:
+  """The kept ``axis`` of every WN layer of ``model``, by path: what :func:`fold` needs to know.
+
+  Traces ``model.init`` abstractly (``jax.eval_shape``: nothing is computed or allocated)
+  on ``args`` (arrays or ``jax.ShapeDtypeStruct``) and records the ``axis`` attribute of
+  each ``WNDense``, ``WNConv`` and ``WNConvTranspose`` it calls, keyed by the layer's path
+  in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
+
+  Args:
+    model: the linen model.
+    *args: example inputs, as ``model.init`` takes them.
+    method: the method of ``model`` to run (default ``__call__``).
+    **kwargs: passed to ``model.init`` (e.g. ``train=False``).
+
+  Returns:
+    A dict from layer path to axis, for ``fold(params, axis=...)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return wn_jax.linen.WNDense(4, axis=0, name='out')(wn_jax.linen.WNDense(4)(x))
+    >>> wn_jax.linen.layer_axes(Net(), jnp.ones((2, 4)))
+    {'WNDense_0': -1, 'out': 0}
+  """
+  axes: dict[str, Any] = {}
+
+  def record(next_fun, call_args, call_kwargs, context):
+    module = context.module
+    if isinstance(module, _WeightNormedKernel) and context.method_name == '__call__':
+      axes['/'.join(module.scope.path)] = module.axis  # type: ignore[attr-defined]
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args)
+  return dict(sorted(axes.items()))
+
+
+@_errors.labelled('wn_jax.linen.fold')
+def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
+  r"""Folds weight normalization away: WN layer parameters -> plain layer parameters.
+
+  Every dict that holds a ``kernel`` and a ``scale`` array (a ``WNDense``, ``WNConv`` or
+  ``WNConvTranspose``) gets $w = g \, v / \lVert v \rVert$ as its ``kernel`` and loses
+  ``scale``; ``WeightNormed`` leaves are materialized; everything else is kept. The result
+  loads into the plain Flax layers (``nn.Dense``, ``nn.Conv``, ``nn.ConvTranspose``) with the
+  same names, for deployment: inference then costs exactly what the plain model costs.
+  NNX: fold ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, or use
+  :func:`wn_jax.nnx.fold`, which reads each layer's axis from the model.
+
+  The parameters do not record the axis a layer was built with, and a scale's shape does
+  not always tell: a square ``(n, n)`` kernel with a scale of shape ``(n,)`` fits both
+  ``axis=-1`` and ``axis=0``. So by default (``axis='infer'``) ``fold`` reads each layer's
+  axis from its scale's shape where only one choice fits, and refuses, naming the layer,
+  where several do; it is never silently wrong. Pass ``axis=-1`` when every layer kept
+  the default (the output features), or each layer's own: ``axis=layer_axes(model, x)``
+  reads them from the model; a mapping or a callable also works. A layer whose scale does
+  not fit the axis it is given is refused, named. A ``WeightNorm`` wrapper's parameters are
+  refused, naming the wrapper (its layer's parameters hold ``v``): export that part with
+  the pytree route (:func:`wn_jax.weight_norm` + :func:`wn_jax.materialize`), or fold it
+  by hand with :func:`wn_jax.normalize`. A plain submodule named ``scale`` (AdaLN's) is
+  folded like any other.
+
+  Args:
+    params: a linen ``params`` tree (boxed or not), or an NNX pure dict.
+    axis: ``'infer'`` (default: from each scale's shape, refused where ambiguous); the
+      kept axis of every WN layer: an int, a tuple of ints or ``None`` for all;
+      a mapping from layer path (``'block/WNDense_0'``, ``/``-joined keys of ``params``)
+      to axis, which must name every WN layer (:func:`layer_axes` builds it); or a
+      callable from layer path to axis.
+
+  Returns:
+    The folded params; ``params`` is not modified.
+
+  Raises:
+    ValueError: a layer's axis cannot be inferred, a layer's scale does not fit its axis,
+      a mapping misses a layer, or ``params`` hold a ``WeightNorm`` wrapper's; the message
+      names the layer's path.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
+    >>> x = jnp.ones((2, 3))
+    >>> variables = wn_jax.linen.WNDense(4, name='fc').init(jax.random.key(0), x)
+    >>> plain = wn_jax.linen.fold(variables['params'])
+    >>> sorted(plain)
+    ['bias', 'kernel']
+    >>> y = nn.Dense(4).apply({'params': plain}, x)
+    >>> bool(jnp.allclose(y, wn_jax.linen.WNDense(4).apply(variables, x)))
+    True
+    >>> square = wn_jax.linen.WNDense(3, axis=0)
+    >>> v = square.init(jax.random.key(0), x)
+    >>> wn_jax.linen.fold(v['params'])
+    Traceback (most recent call last):
+    ValueError: wn_jax.linen.fold: layer '': its scale of shape (3,) fits several kept axes ...
+    >>> plain = wn_jax.linen.fold(v['params'], wn_jax.linen.layer_axes(square, x))
+    >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
+    True
+  """
+  return _fold.fold(nn.unbox(params), axis)

@@ -1,0 +1,82 @@
+"""The paper's mean-only batch normalization, as an NNX module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wn_jax import _batch_norm
+
+
+class MeanOnlyBatchNorm(nnx.Module):
+  r"""The paper's mean-only batch normalization: $y = x - \mu_B + b$.
+
+  The mean runs over every axis but ``axis`` (features); the running mean lives in an
+  ``nnx.BatchStat`` and serves ``use_running_average=True`` (or after
+  ``model.eval()``). No division by the variance.
+
+  Args:
+    num_features: size of the feature axis.
+    axis: the feature axis (default ``-1``), as ``wn_jax.linen.MeanOnlyBatchNorm``'s.
+    momentum: decay of the running mean.
+    use_running_average: use the running mean instead of the batch's.
+    use_bias: add a learned ``bias`` (``nnx.Param``).
+    dtype: computation dtype (the mean is taken in float32 or wider).
+    param_dtype: dtype of ``bias``.
+    axis_name: a mapped axis to average the batch mean over.
+    rngs: unused, for signature parity with ``nnx.BatchNorm``.
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> bn = wn_jax.nnx.MeanOnlyBatchNorm(2, rngs=nnx.Rngs(0))
+    >>> bn(jnp.arange(6.0).reshape(3, 2))
+    Array([[-2., -2.],
+           [ 0.,  0.],
+           [ 2.,  2.]], dtype=float32)
+  """
+
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    axis: int = -1,
+    momentum: float = 0.99,
+    use_running_average: bool = False,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    axis_name: str | None = None,
+    rngs: nnx.Rngs | None = None,
+  ):
+    del rngs
+    self.axis = axis
+    self.momentum = momentum
+    self.use_running_average = use_running_average
+    self.dtype = dtype
+    self.axis_name = axis_name
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
+    use_ra = self.use_running_average if use_running_average is None else use_running_average
+    x = jnp.asarray(x)
+    feature = _batch_norm.feature_axis(x, self.axis, 'wn_jax.nnx.MeanOnlyBatchNorm')
+    if use_ra:
+      mean = self.mean[...]
+    else:
+      mean = _batch_norm.batch_mean(x, feature, self.axis_name)
+      self.mean[...] = (self.momentum * self.mean[...] + (1.0 - self.momentum) * mean).astype(
+        self.mean.dtype
+      )
+    bias = None if self.bias is None else self.bias[...]
+    return _batch_norm.centered(x, mean, bias, feature, self.dtype)
+
+  def set_mode(self, use_running_average: bool | None = None, **kwargs: Any) -> dict:
+    """Lets ``model.eval()`` / ``model.train()`` switch the running average."""
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+    return kwargs

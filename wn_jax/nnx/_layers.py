@@ -1,0 +1,217 @@
+"""The NNX WN layers: Flax's Linear, Conv and ConvTranspose, each reading the one forward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from wn_jax import _axes
+from wn_jax import _core
+from wn_jax import _data_init
+from wn_jax import _errors
+from wn_jax import _kernel
+
+Initializer = Callable[..., Any]
+
+# While data_init runs, each WN layer's scale carries its index in the model as this metadata
+# key: the metadata follows the layer into NNX transforms' copies of it, so a write that a
+# transform discards is traced back to the model's layer.
+_TAG = 'wn_jax_data_init'
+
+
+class _KernelView:
+  """The module as Flax's ``__call__`` sees it, with the kernel and bias replaced.
+
+  A bias of ``None`` also reads ``use_bias`` as ``False``: the layer adds none.
+  """
+
+  def __init__(self, module: Any, kernel: jax.Array, bias: Any):
+    self._module = module
+    self.kernel = kernel
+    self.bias = bias
+    if bias is None:
+      self.use_bias = False
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._module, name)
+
+
+def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
+  """``g`` as an ``nnx.Param``, sharded like the kernel's kept axes."""
+  names = _axes.kept_names(kernel.get_metadata().get('out_sharding'), kept)
+  if names is None:
+    return nnx.Param(g)
+  return nnx.Param(g, out_sharding=names)
+
+
+class _WeightNormedKernel:
+  """Mixin: adds ``scale`` at construction and normalizes ``kernel`` in ``__call__``."""
+
+  kernel: nnx.Param
+  scale: nnx.Param
+  bias: Any
+  axis: _core.Axis
+  dtype: Any
+  param_dtype: Any
+
+  _dense = False  # WNLinear: may scale its output instead of forming w (_kernel.scales_output)
+
+  def _add_scale(self, axis: _core.Axis, scale_init: Initializer | None, rngs: nnx.Rngs) -> None:
+    v = self.kernel[...]
+    with _errors.labelled(self._where()):
+      _kernel.check_real('kernel', v)
+      kept = _axes.kept_axes(v.ndim, axis)
+    self.axis = axis
+    if scale_init is None:
+      g = _core.decompose(v, kept)[1]
+    else:
+      g = scale_init(rngs.params(), _core.scale_shape(v.shape, kept), v.dtype)
+    self.scale = _scale_param(self.kernel, g, kept)
+
+  def _out_axis(self) -> int:
+    return -1
+
+  def _where(self) -> str:
+    return f'{type(self).__name__}(kernel {tuple(self.kernel.shape)})'
+
+  def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    mode = _data_init.claim(id(self))
+    tag = None if mode is None else self.scale.get_metadata(_TAG, None)
+    if mode is not None:  # the caller checks that the writes below landed
+      mode.claimed.append((tag, self))
+    kernel = self.kernel[...]
+    p = _kernel.start(
+      self._where(),
+      self.axis,
+      inputs,
+      self.dtype,
+      param_dtype=kernel.dtype,
+      dense=self._dense,
+      linear_dot=getattr(self, 'dot_general', None) is jax.lax.dot_general,
+      init=mode,
+      path='' if mode is None else mode.paths.get(tag, ''),
+      out_axis=self._out_axis(),
+    )
+    view = _KernelView(
+      self, p.kernel(kernel, self.scale[...]), p.bias(None if self.bias is None else self.bias[...])
+    )
+    out, g, b = p.output(super().__call__.__func__(view, inputs, *args, **kwargs))  # type: ignore[misc]
+    if g is not None:
+      self.scale[...] = g
+    if b is not None:
+      self.bias[...] = b
+    return out
+
+
+class WNLinear(_WeightNormedKernel, nnx.Linear):
+  r"""``flax.nnx.Linear`` with a weight-normalized kernel: $w = g \, v / \lVert v \rVert$.
+
+  Where the rows (every input axis but the last) are fewer than the input features and
+  ``axis`` keeps the output features, the layer scales its output instead of forming ``w``:
+  $y = (x v) \odot (g / \lVert v \rVert) + b$, the same function, cheaper there. A symbolic
+  row count (`jax.export` with a symbolic batch) always forms $w$.
+
+  Args:
+    in_features: as ``nnx.Linear``.
+    out_features: as ``nnx.Linear``.
+    axis: the kept kernel axis or axes (default ``-1``: one ``g`` per output feature of
+      the ``(in, out)`` kernel).
+    scale_init: ``None`` (default: ``g = ||v||``, the layer computes what
+      ``nnx.Linear`` with the same ``rngs`` computes) or a Flax initializer.
+    rngs: the ``nnx.Rngs``.
+    **kwargs: every other ``nnx.Linear`` argument (use_bias, dtype, param_dtype,
+      precision, kernel_init, bias_init, ...).
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNLinear(3, 4, rngs=nnx.Rngs(0))
+    >>> plain = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer.scale.shape
+    ((3, 4), (4,))
+    >>> bool(jnp.allclose(layer(jnp.ones((2, 3))), plain(jnp.ones((2, 3)))))
+    True
+  """
+
+  _dense = True
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axis: _core.Axis = -1,
+    scale_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+  ):
+    super().__init__(in_features, out_features, rngs=rngs, **kwargs)
+    self._add_scale(axis, scale_init, rngs)
+
+
+class _WeightNormedConv(_WeightNormedKernel):
+  """The constructor WNConv and WNConvTranspose share: Flax's, then ``scale``."""
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int | tuple[int, ...],
+    *,
+    axis: _core.Axis = -1,
+    scale_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+  ):
+    groups = kwargs.get('feature_group_count', 1)
+    if in_features % groups or out_features % groups:
+      raise ValueError(
+        f'{type(self).__name__}: feature_group_count={groups} must divide in_features ({in_features}) '
+        f'and out_features ({out_features}); choose a common divisor.'
+      )
+    super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)  # type: ignore[call-arg]
+    self._add_scale(axis, scale_init, rngs)
+
+
+class WNConv(_WeightNormedConv, nnx.Conv):
+  r"""``flax.nnx.Conv`` with a weight-normalized kernel ``(*window, in // groups, out)``.
+
+  Args:
+    in_features: as ``nnx.Conv``.
+    out_features: as ``nnx.Conv``.
+    kernel_size: as ``nnx.Conv``.
+    axis: the kept kernel axis or axes (default ``-1``, the output features).
+    scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
+    rngs: the ``nnx.Rngs``.
+    **kwargs: every other ``nnx.Conv`` argument (strides, padding, input_dilation,
+      kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, ...).
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNConv(4, 8, (3,), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((1, 16, 4))).shape, layer.scale.shape
+    ((1, 16, 8), (8,))
+  """
+
+
+class WNConvTranspose(_WeightNormedConv, nnx.ConvTranspose):
+  r"""``flax.nnx.ConvTranspose`` with a weight-normalized kernel.
+
+  The kernel layout is ``(*window, in, out)``, or ``(*window, out, in)`` with
+  ``transpose_kernel=True``; the default ``axis=-1`` keeps the last kernel axis (with
+  ``transpose_kernel=True``, the input features, as PyTorch's ``weight_norm`` does).
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNConvTranspose(3, 4, (4,), strides=(2,), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((1, 8, 3))).shape
+    (1, 16, 4)
+  """
+
+  def _out_axis(self) -> int:
+    return -2 if getattr(self, 'transpose_kernel', False) else -1

@@ -1,0 +1,153 @@
+"""Whole-model tools of the NNX front end: data init, each layer's path and axis, fold."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any
+
+from flax import nnx
+
+from wn_jax import _data_init
+from wn_jax import _errors
+from wn_jax import _fold
+from wn_jax.nnx._layers import _TAG
+from wn_jax.nnx._layers import _WeightNormedKernel
+
+
+def _path(path: tuple[Any, ...]) -> str:
+  """A layer's path in its model, as :func:`layer_axes` and ``data_init`` name it."""
+  return '/'.join(str(k) for k in path)
+
+
+def _discarded(path: str, layer: _WeightNormedKernel) -> ValueError:
+  return ValueError(
+    f"wn_jax.nnx.data_init: layer '{path}' ({layer._where()}) initialized itself inside a "
+    f'transform that discards its writes: a layer shared across the steps of nnx.scan '
+    f'(in_axes=None, e.g. an RNN cell) would keep its scale and bias. The model is '
+    f'left unchanged. Run data_init on the model with the shared layer applied in a Python '
+    f'loop (the same layer objects), then use the transformed model.'
+  )
+
+
+@contextlib.contextmanager
+def _tagged(layers: list[tuple[Any, _WeightNormedKernel]]) -> Iterator[None]:
+  """Each layer's scale tagged with its index while the block runs (see ``_TAG``)."""
+  for i, (_, layer) in enumerate(layers):
+    layer.scale.set_metadata(_TAG, i)
+  try:
+    yield
+  finally:
+    for _, layer in layers:
+      layer.scale.del_metadata(_TAG)
+
+
+def data_init(
+  model: nnx.Module,
+  *args: Any,
+  init_scale: float | Callable[[str], float] = 1.0,
+  axis_name: str | None = None,
+  **kwargs: Any,
+) -> Any:
+  r"""The paper's data-dependent initialization of every NNX WN layer, in place.
+
+  Calls ``model(*args, **kwargs)`` once; each ``WNLinear`` / ``WNConv`` /
+  ``WNConvTranspose`` on its first use sets ``g = s / sigma`` and ``b = -mu s / sigma``
+  from its bias-free pre-activation's per-feature mean ``mu`` and standard deviation
+  ``sigma`` on this batch, and passes the initialized output on (see
+  :func:`wn_jax.linen.data_init` for the rules: shared layers, constant features,
+  float32 statistics, ``init_scale`` per layer as a callable of the layer's path in
+  ``model``, as :func:`layer_axes` names it: ``'layers/0'``). Wrap the call in ``nnx.jit`` to compile it.
+
+  NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
+  steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
+  naming it, never skipped; initialize the model with that layer applied in a Python loop
+  instead. A layer shared across ``nnx.vmap``'s mapped axis needs the same ``axis_name``
+  passed to ``nnx.vmap`` and here (or is refused with that fix). Layers stacked along a
+  transform (``in_axes=0``) are each initialized. On any error the model is left as it was.
+
+  Args:
+    model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
+    *args: the batch.
+    init_scale: the target standard deviation, or a callable from the layer's path
+      (``'layers/0'``; ``''`` for the model itself) to it.
+    axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis.
+    **kwargs: passed to the model.
+
+  Returns:
+    The model's output on the batch, after initialization.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNLinear(5, 3, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (256, 5))
+    >>> _ = wn_jax.nnx.data_init(layer, x)
+    >>> bool(jnp.allclose(layer(x).std(0), 1.0, atol=1e-4))
+    True
+  """
+  layers = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, _WeightNormedKernel)]
+  state = [n for _, n in nnx.iter_graph(model) if isinstance(n, nnx.Variable)]
+  saved = [v.get_raw_value() for v in state]
+  scales = [layer.scale.get_raw_value() for _, layer in layers]
+  try:
+    with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
+      mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
+      out = model(*args, **kwargs)
+    for i, _ in mode.claimed:  # a write that landed replaced the scale's array
+      if i is not None and layers[i][1].scale.get_raw_value() is scales[i]:
+        raise _discarded(_path(layers[i][0]), layers[i][1])
+  except BaseException:
+    for v, value in zip(state, saved):  # the model as it was, never half initialized
+      v.set_raw_value(value)
+    raise
+  return out
+
+
+def layer_axes(model: nnx.Module) -> dict[str, Any]:
+  """The kept ``axis`` of every WN layer of ``model``, by path (``'layers/0'``; ``''`` for itself).
+
+  The paths are those of ``nnx.to_pure_dict(nnx.state(model))``, ``/``-joined, so the
+  result is the ``axis`` that :func:`wn_jax.linen.fold` takes for this model's state.
+
+  Examples:
+    >>> import wn_jax
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(
+    ...   wn_jax.nnx.WNLinear(3, 3, axis=0, rngs=nnx.Rngs(0)),
+    ...   wn_jax.nnx.WNLinear(3, 2, rngs=nnx.Rngs(0)),
+    ... )
+    >>> wn_jax.nnx.layer_axes(model)
+    {'layers/0': 0, 'layers/1': -1}
+  """
+  return {
+    _path(path): node.axis
+    for path, node in nnx.iter_graph(model)
+    if isinstance(node, _WeightNormedKernel)
+  }
+
+
+@_errors.labelled('wn_jax.nnx.fold')
+def fold(model: nnx.Module) -> dict[str, Any]:
+  r"""The model's parameters with weight normalization folded away, as a pure dict.
+
+  Each WN layer's ``kernel`` becomes $w = g \, v / \lVert v \rVert$ with the layer's own
+  ``axis`` (read from the model, so it is never ambiguous) and its ``scale`` is dropped;
+  the result loads into the same model built with plain ``nnx.Linear`` / ``nnx.Conv`` /
+  ``nnx.ConvTranspose`` layers through ``nnx.replace_by_pure_dict``. Same as
+  ``wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), layer_axes(model))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> layer = wn_jax.nnx.WNLinear(3, 3, axis=0, rngs=nnx.Rngs(0))
+    >>> plain = nnx.Linear(3, 3, rngs=nnx.Rngs(1))
+    >>> state = nnx.state(plain, nnx.Param)
+    >>> nnx.replace_by_pure_dict(state, wn_jax.nnx.fold(layer))
+    >>> nnx.update(plain, state)
+    >>> bool(jnp.allclose(plain(jnp.ones((1, 3))), layer(jnp.ones((1, 3)))))
+    True
+  """
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return _fold.fold(params, layer_axes(model), from_model=True)

@@ -1,0 +1,186 @@
+"""``WeightNorm``: weight-normalizes the parameters of any NNX module."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import jax
+from flax import nnx
+
+from wn_jax import _axes
+from wn_jax import _core
+from wn_jax import _errors
+from wn_jax import _kernel
+from wn_jax import _tree
+from wn_jax.nnx._layers import Initializer
+from wn_jax.nnx._layers import _scale_param
+from wn_jax.nnx._layers import _WeightNormedKernel
+
+
+def _child(state: Any, key: Any) -> Any:
+  """``state[key]``, where a list index may come as a string or an int."""
+  for k in (key, str(key), int(key) if str(key).isdigit() else key):
+    if k in state:
+      return state[k]
+  return state[key]
+
+
+def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
+  """The scale tree as ``nnx.Param`` s, each sharded like its kernel (``kernels``: the state)."""
+  if isinstance(tree, dict):
+    return nnx.Dict(
+      {str(k): _to_params(v, _child(kernels, k), axis, where) for k, v in tree.items()}
+    )
+  with _errors.labelled(where):
+    kept = _axes.kept_axes(kernels.ndim, axis)
+  return _scale_param(kernels, tree, kept)
+
+
+class WeightNorm(nnx.Module):
+  r"""Weight-normalizes the ``nnx.Param`` s of any NNX module.
+
+  Each selected parameter ``v`` of ``layer`` is used as ``w = g * v / ||v||``. ``layer``
+  keeps ``v`` in its own parameters (never overwritten); ``g`` lives in ``self.scale``,
+  a nested ``nnx.Dict`` of ``nnx.Param`` that mirrors the layer's parameter paths, with
+  string keys (``model.scale['kernel']``, ``model.scale['layers']['0']['kernel']``), so
+  ``nnx.Optimizer(..., wrt=nnx.Param)`` trains it. Non-parameter state that the layer
+  updates in its forward pass (e.g. ``BatchStat``) is carried back to it.
+
+  The wrapper stands for the layer: calling it, or any method of the layer through it
+  (``wrapper.attend(q)`` for an ``nnx.Embed``), runs that method with every selected
+  parameter replaced by its ``w``. The layer's other attributes are forwarded as they are
+  (``num_feature_axes``: so ``nnx.RNN(WeightNorm(nnx.LSTMCell(...)))`` works), except one
+  that holds parameters or submodules (which hold or compute with ``v``): it is refused.
+  ``.layer`` is the wrapped layer itself: its methods compute with ``v``, not ``w``.
+
+  Args:
+    layer: the NNX module to wrap (a ``flax.nnx.Module``).
+    axis: the kept axis or axes of every selected parameter (default ``-1``).
+    where: which parameters: a regular expression searched in the ``/``-joined path
+      (default: every ``kernel``), or a callable ``(path, leaf) -> bool``.
+    scale_init: ``None`` (``g = ||v||``: the wrapped layer's function is unchanged) or a
+      Flax initializer (then ``rngs`` is needed).
+    epsilon: a lower bound on each ``||v||`` (default ``0``: none), as
+      :func:`wn_jax.normalize`'s ``eps``. Flax's ``1e-12`` is not needed against zero
+      slices here (they give ``w = 0`` and finite gradients).
+    param_dtype: the dtype of ``scale`` (default ``None``: that of the parameter it
+      scales). ``jnp.float32`` keeps a float32 magnitude for a float16 kernel.
+    rngs: for ``scale_init``.
+
+  Flax's ``use_scale=False`` ($w = v / \lVert v \rVert$, no trained length) is not an
+  option: it is ``scale_init=nnx.initializers.ones`` with ``scale`` left out of the
+  optimizer (``nnx.Optimizer(..., wrt=...)``). Nor is a ``dtype`` of the wrapper's own: each
+  ``w`` is formed in the layer's compute dtype, as follows.
+
+  Raises:
+    TypeError: if ``layer`` is not a ``flax.nnx.Module``.
+    ValueError: naming the layer, if it has no parameters, or if ``where`` selects a
+      parameter of a module that is weight-normalized already (a ``WN*`` layer, another
+      ``WeightNorm``).
+
+  Each ``scale`` is sharded like its kernel's kept axes (the kernel's ``out_sharding``
+  metadata, from ``nnx.with_partitioning``). Each ``w`` is formed in the wider of its
+  parameters' dtype and the layer's ``dtype`` attribute when it has one that is not
+  ``None``; otherwise in the promotion with the call's floating inputs.
+
+  Examples:
+    >>> import jax.numpy as jnp, wn_jax
+    >>> from flax import nnx
+    >>> model = wn_jax.nnx.WeightNorm(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
+    >>> model.scale['kernel'].shape
+    (3,)
+    >>> bool(jnp.allclose(model(jnp.ones((1, 2))), model.layer(jnp.ones((1, 2)))))
+    True
+  """
+
+  def __init__(
+    self,
+    layer: nnx.Module,
+    *,
+    axis: _core.Axis = -1,
+    where: _tree.Where = r'(^|/)kernel$',
+    scale_init: Initializer | None = None,
+    epsilon: float = 0.0,
+    param_dtype: Any = None,
+    rngs: nnx.Rngs | None = None,
+  ):
+    if not isinstance(layer, nnx.Module):
+      raise _tree.not_a_layer(
+        'wn_jax.nnx.WeightNorm', 'flax.nnx.Module', 'nnx.Linear(2, 3, rngs=nnx.Rngs(0))', layer
+      )
+    if not _core.is_eps(epsilon):
+      raise ValueError(
+        f'wn_jax.nnx.WeightNorm: epsilon must be a finite non-negative number; got {epsilon!r}.'
+      )
+    self.layer = layer
+    self.axis = axis
+    self.where = where
+    self.epsilon = epsilon
+    pure = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+    owners: dict[tuple[str, ...], str] = {}
+    for path, m in nnx.iter_modules(layer):
+      if isinstance(m, (WeightNorm, _WeightNormedKernel)):
+        keys = tuple(str(k) for k in path)
+        owners.update(_tree.weight_normed_parts(keys, type(m).__name__, isinstance(m, WeightNorm)))
+    try:
+      _tree.check_wrappable(pure, where, owners)
+      wn = _tree.weight_norm(pure, axis, where=where)
+    except ValueError as e:
+      raise ValueError(f'{self._where()}: {e}') from None
+    if scale_init is not None and rngs is None:
+      raise ValueError(f'{self._where()}: a scale_init needs rngs=nnx.Rngs(...).')
+
+    key = None if rngs is None else rngs.params
+    scales = _tree.map_selected(wn, lambda x: _tree.initial_scale(x, scale_init, param_dtype, key))
+    self.scale = _to_params(scales, nnx.state(layer, nnx.Param), axis, self._where())
+
+  def _where(self) -> str:
+    return f'wn_jax.nnx.WeightNorm({type(self.layer).__name__})'
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    return self._mapped('__call__', args, kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    layer = vars(self).get('layer')
+    if name.startswith('_') or not isinstance(layer, nnx.Module):
+      raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+    if inspect.isfunction(inspect.getattr_static(type(layer), name, None)):
+
+      def forward(*args: Any, **kwargs: Any) -> Any:
+        return self._mapped(name, args, kwargs)
+
+      forward.__name__ = forward.__qualname__ = name
+      return forward
+    value = getattr(layer, name)
+    if any(
+      isinstance(x, (nnx.Module, nnx.Variable, jax.Array))
+      for x in jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    ):
+      raise AttributeError(
+        f"{self._where()}: '{name}' of the wrapped layer holds parameters or submodules, "
+        f'which hold or compute with the direction v, not the weight w. Call the '
+        f"layer's methods through the wrapper, or reach the raw one as .layer.{name}."
+      )
+    return value
+
+  def _mapped(self, method: str, args: tuple, kwargs: dict) -> Any:
+    """``layer.<method>(*args, **kwargs)`` with each selected parameter replaced by its ``w``."""
+    graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
+    with _errors.labelled('wn_jax.nnx.WeightNorm'):
+      directions = _tree.replace_selected(
+        nnx.to_pure_dict(params), self.where, lambda v: _tree.WeightNormed(v, None, self.axis)
+      )
+    g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
+    where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
+
+    def weight(x: _tree.WeightNormed) -> jax.Array:
+      with _errors.labelled(where):
+        return _kernel.weight(x, layer_dtype, (args, kwargs), self.epsilon)
+
+    weights = _tree.map_selected(directions, weight, g)
+    nnx.replace_by_pure_dict(params, weights)
+    layer = nnx.merge(graphdef, params, rest)
+    out = getattr(layer, method)(*args, **kwargs)
+    nnx.update(self.layer, nnx.state(layer, nnx.Not(nnx.Param)))
+    return out
