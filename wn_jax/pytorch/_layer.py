@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from wn_jax import _axes
 from wn_jax import _core
 from wn_jax.pytorch._conv import conv_kwargs
 from wn_jax.pytorch._kinds import _DEFAULT_KIND
@@ -218,7 +219,7 @@ def _wn_layer(
   perm = tuple(range(v.ndim)) if kept else _perm(kind, v.ndim)
   kernel = np.ascontiguousarray(v.transpose(perm))
   axis = None if dim is None else perm.index(dim) - v.ndim
-  scale = g.reshape(_core.scale_shape(kernel.shape, axis))
+  scale = g.reshape(_axes.scale_shape(kernel.shape, axis))
   layer = TorchLayer(kind, {}, axis, False, dim, style, dict(info.args), tensor)
   v_name, g_name = layer._names
   params = {v_name: kernel, g_name: scale}
