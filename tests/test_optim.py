@@ -188,6 +188,24 @@ def test_composes_with_chain_inject_multisteps_and_donation():
     assert _loss(p) < _loss(params)
 
 
+def test_works_inside_optax_masked():
+  # optax.masked hands it MaskedNode() for the leaves left out (update used to crash on them).
+  params = _params()
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: path[0].key != 'layers_4', params)
+  inside = {k: v for k, v in params.items() if k != 'layers_4'}
+  tx = optax.masked(wn_jax.optim.weight_norm(optax.adam(1e-2)), mask)
+  alone = wn_jax.optim.weight_norm(optax.adam(1e-2))
+  state, alone_state = tx.init(params), alone.init(inside)
+  for _ in range(2):
+    grads = jax.grad(_loss)(params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    expected, alone_state = alone.update({k: grads[k] for k in inside}, alone_state, inside)
+    assert_trees_close({k: updates[k] for k in inside}, expected, rtol=1e-6, atol=1e-7)
+    assert_trees_close(updates['layers_4'], grads['layers_4'], rtol=0, atol=0)  # passed through
+    params = optax.apply_updates(params, updates)
+    inside = optax.apply_updates(inside, expected)
+
+
 def test_apply_if_finite_skips_a_nan_step_without_corrupting_state():
   params = _params()
   tx = optax.apply_if_finite(wn_jax.optim.weight_norm(optax.adam(1e-2)), max_consecutive_errors=5)

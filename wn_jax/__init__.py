@@ -1,5 +1,6 @@
 """wn_jax: weight normalization for JAX (Salimans & Kingma, 2016, arXiv:1602.07868)."""
 
+from wn_jax import _serialization  # noqa: F401 (registers the optim state's flax.serialization)
 from wn_jax import linen
 from wn_jax import nnx
 from wn_jax import optim
