@@ -16,6 +16,7 @@ from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
+from wn_jax.pytorch._plan import _Leaf
 from wn_jax.pytorch._plan import _Options
 from wn_jax.pytorch._plan import _plan
 from wn_jax.pytorch._state_dict import _array
@@ -30,66 +31,27 @@ _SAME = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+  """What ``like`` needs from a tree: its state dict, and how each tensor is made."""
+
+  sd: Mapping[str, Any]  # like's state dict
+  layers: dict[str, TorchLayer]  # its weight-normed layers
+  leaves: list[_Leaf]  # its other tensors' rules
+  options: _Options
+
+
 def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
   """A linen or NNX tree as ``like``'s state dict."""
+  _check_tree(tree, like)
   sd, layers, leaves, skipped = _plan(like, options)
+  target = _Target(sd, layers, leaves, options)
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
-  out, missing = _gather(flat, naming, sd, layers, leaves, options)
-  if missing and naming == 'nnx' and isinstance(tree, Mapping):
-    # variables['params'] of a linen model: it lacks only what other collections hold.
-    as_params = {('params', *p): v for p, v in flat.items()}
-    _, lacking = _gather(as_params, 'linen', sd, layers, leaves, options)
-    if all(not m.startswith('params/') for m in lacking):
-      raise _error(
-        f"this looks like a linen params tree (variables['params']), which lacks {lacking}: "
-        "pass to_torch the whole variables, {'params': ..., "
-        f"'{options.buffers}': ..., 'batch_stats': ...}} as to_linen gives them; buffers and "
-        'running statistics live in collections of their own.'
-      )
+  out, missing = _gather(flat, naming, target)
   if missing:
-    raise _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
+    raise _lacks(tree, flat, naming, missing, target)
   return _finish(out, like, skipped, _SAME)
-
-
-def _gather(
-  flat: dict[tuple[str, ...], Any],
-  naming: str,
-  sd: Mapping[str, Any],
-  layers: dict[str, TorchLayer],
-  leaves: list[Any],
-  options: _Options,
-) -> tuple[dict[str, np.ndarray], list[str]]:
-  """(like's tensors from the flat tree, the paths the tree lacks)."""
-  missing: list[str] = []
-
-  def get(prefix: str, name: str, collection: str) -> Any:
-    # A state dict cannot tell buffers from parameters: either collection holds them.
-    other = {'params': options.buffers, options.buffers: 'params'}.get(collection, collection)
-    for c in (collection, other):
-      path = tuple(map(str, _path(prefix, name, c, naming)))
-      if path in flat:
-        return np.array(flat[path])
-    missing.append('/'.join(map(str, _path(prefix, name, collection, naming))))
-    return None
-
-  out: dict[str, np.ndarray] = {}
-  for prefix, layer in layers.items():
-    params = {n: get(_module_prefix(prefix, layer), n, 'params') for n in layer.params}
-    if all(v is not None for v in params.values()):
-      out.update(_export_layer(prefix, dataclasses.replace(layer, params=params), layer.style))
-  for leaf in leaves:
-    # A rule's forward on like's own tensor names the leaves its inverse takes back.
-    names = leaf.forward(_array(sd[leaf.key])) if leaf.user else None
-    if isinstance(names, Mapping):
-      parts = {rel: get(*_split(_key(leaf.prefix, f'.{rel}')), leaf.collection) for rel in names}
-      if all(v is not None for v in parts.values()):
-        out[leaf.key] = np.asarray(leaf.inverse(parts))
-    else:
-      value = get(leaf.prefix, leaf.name, leaf.collection)
-      if value is not None:
-        out[leaf.key] = np.asarray(leaf.inverse(value))
-  return out, missing
 
 
 def _check_tree(tree: Any, like: Any) -> None:
@@ -116,6 +78,77 @@ def _check_tree(tree: Any, like: Any) -> None:
       'a linen or NNX tree converts back with like=<the torch module or its state dict>, '
       'which sets the keys and their key style.'
     )
+
+
+def _lacks(
+  tree: Any, flat: dict[tuple[str, ...], Any], naming: str, missing: list[str], target: _Target
+) -> ValueError:
+  """The error for a tree that lacks ``missing``: a linen params tree is told apart."""
+  if naming == 'nnx' and isinstance(tree, Mapping):
+    # variables['params'] of a linen model: it lacks only what other collections hold.
+    as_params = {('params', *p): v for p, v in flat.items()}
+    _, lacking = _gather(as_params, 'linen', target)
+    if all(not m.startswith('params/') for m in lacking):
+      return _error(
+        f"this looks like a linen params tree (variables['params']), which lacks {lacking}: "
+        "pass to_torch the whole variables, {'params': ..., "
+        f"'{target.options.buffers}': ..., 'batch_stats': ...}} as to_linen gives them; buffers "
+        'and running statistics live in collections of their own.'
+      )
+  return _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
+
+
+class _Reader:
+  """Reads a flat tree's arrays by PyTorch prefix and name, noting the paths it lacks."""
+
+  def __init__(self, flat: dict[tuple[str, ...], Any], naming: str, buffers: str) -> None:
+    self.flat, self.naming, self.buffers = flat, naming, buffers
+    self.missing: list[str] = []
+
+  def get(self, prefix: str, name: str, collection: str) -> Any:
+    """The array at ``prefix.name`` (``None`` if the tree lacks it, noted in ``missing``)."""
+    # A state dict cannot tell buffers from parameters: either collection holds them.
+    other = {'params': self.buffers, self.buffers: 'params'}.get(collection, collection)
+    for c in (collection, other):
+      path = tuple(map(str, _path(prefix, name, c, self.naming)))
+      if path in self.flat:
+        return np.array(self.flat[path])
+    self.missing.append('/'.join(map(str, _path(prefix, name, collection, self.naming))))
+    return None
+
+
+def _gather(
+  flat: dict[tuple[str, ...], Any], naming: str, target: _Target
+) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(like's tensors from the flat tree, the paths the tree lacks)."""
+  read = _Reader(flat, naming, target.options.buffers)
+  out: dict[str, np.ndarray] = {}
+  for prefix, layer in target.layers.items():
+    out.update(_layer_tensors(prefix, layer, read))
+  for leaf in target.leaves:
+    out.update(_leaf_tensor(leaf, target.sd, read))
+  return out, read.missing
+
+
+def _layer_tensors(prefix: str, layer: TorchLayer, read: _Reader) -> dict[str, np.ndarray]:
+  """A weight-normed layer's tensors, in its key style (none if the tree lacks any)."""
+  params = {n: read.get(_module_prefix(prefix, layer), n, 'params') for n in layer.params}
+  if any(v is None for v in params.values()):
+    return {}
+  return _export_layer(prefix, dataclasses.replace(layer, params=params), layer.style)
+
+
+def _leaf_tensor(leaf: _Leaf, sd: Mapping[str, Any], read: _Reader) -> dict[str, np.ndarray]:
+  """``{key: tensor}`` for one other tensor, by its rule's inverse (empty if the tree lacks it)."""
+  # A rule's forward on like's own tensor names the leaves its inverse takes back.
+  names = leaf.forward(_array(sd[leaf.key])) if leaf.user else None
+  if isinstance(names, Mapping):
+    parts = {rel: read.get(*_split(_key(leaf.prefix, f'.{rel}')), leaf.collection) for rel in names}
+    if any(v is None for v in parts.values()):
+      return {}
+    return {leaf.key: np.asarray(leaf.inverse(parts))}
+  value = read.get(leaf.prefix, leaf.name, leaf.collection)
+  return {} if value is None else {leaf.key: np.asarray(leaf.inverse(value))}
 
 
 def to_torch(
@@ -173,6 +206,5 @@ def to_torch(
   """
   if _is_layers(layers):
     return _layers_to_torch(layers, like, style)
-  _check_tree(layers, like)
   options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
   return _tree_to_torch(layers, like, options)

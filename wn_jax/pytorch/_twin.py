@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -108,14 +109,49 @@ def _channels_first(
   return found
 
 
-def _check(
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+  """The converted tree against the template: their shapes by path, and how they differ."""
+
+  got: dict[tuple[str, ...], tuple[int, ...]]  # the converted tree's shapes
+  want: dict[tuple[str, ...], tuple[int, ...]]  # the template's
+  scales: dict[tuple[str, ...], TorchLayer]  # each WN layer's scale path: its layer
+  spatial: list[tuple[int, ...]]  # the twin's inputs that look channels-first
+
+  @property
+  def missing(self) -> list[str]:
+    return sorted('/'.join(p) for p in self.want if p not in self.got)
+
+  @property
+  def unexpected(self) -> list[str]:
+    return sorted('/'.join(p) for p in self.got if p not in self.want)
+
+  @property
+  def bad(self) -> list[tuple[str, ...]]:
+    return sorted(p for p in self.got if p in self.want and self.got[p] != self.want[p])
+
+  @property
+  def permuted(self) -> list[tuple[str, ...]]:
+    """Mismatched plain tensors whose shape permutes the template's: a layout mix-up."""
+    return [
+      p for p in self.bad if p not in self.scales and sorted(self.got[p]) == sorted(self.want[p])
+    ]
+
+  @property
+  def plain(self) -> list[str]:
+    """Modules PyTorch weight-normed that the template builds as plain layers."""
+    wn = {p[:-1] for p in self.scales}
+    return sorted({'/'.join(u[:-1]) for u in self.got if u not in self.want and u[:-1] in wn})
+
+
+def _fit(
   flat: dict[tuple[Any, ...], Any],
   template: Any,
   layers: dict[str, TorchLayer],
   naming: str,
-  inputs: Any = None,
-) -> None:
-  """Every name and shape of the converted tree against the Flax model's own."""
+  inputs: Any,
+) -> _Fit:
+  """The shapes of ``flat`` and ``template`` by path, a linen params tree read as one."""
   got = {tuple(map(str, p)): tuple(v.shape) for p, v in flat.items()}
   want = {p: tuple(getattr(v, 'shape', ())) for p, v in _flatten(template).items()}
   scales = {
@@ -126,53 +162,94 @@ def _check(
   if want and all(p[0] != 'params' for p in want) and all(p[0] == 'params' for p in got):
     got = {p[1:]: s for p, s in got.items()}  # a linen params tree, not variables
     scales = {p[1:]: x for p, x in scales.items()}
-  missing = sorted('/'.join(p) for p in want if p not in got)
-  unexpected = sorted('/'.join(p) for p in got if p not in want)
   bad = sorted(p for p in got if p in want and got[p] != want[p])
-  shapes = [f'{"/".join(p)}: {got[p]} vs {want[p]}' for p in bad]
-  if not (missing or unexpected or shapes):
-    return
-  hints = [
-    f'build {"/".join(p[:-1])!r} with axis={scales[p].axis} (PyTorch weight-normed it with '
-    f'dim={scales[p].dim})'
-    for p in bad
-    if p in scales
+  return _Fit(got, want, scales, _channels_first(inputs, bad, got, want))
+
+
+def _axis_hints(fit: _Fit) -> list[str]:
+  """A WN layer's shape off: the axis PyTorch's ``dim`` means."""
+  return [
+    f'build {"/".join(p[:-1])!r} with axis={fit.scales[p].axis} (PyTorch weight-normed it '
+    f'with dim={fit.scales[p].dim})'
+    for p in fit.bad
+    if p in fit.scales
   ]
-  spatial = _channels_first(inputs, bad, got, want)
-  if bad and spatial:
-    hints.append(
-      "the twin's inputs must be channels-last, Flax's layout (N, ..., C): a PyTorch (N, C, ...) "
-      f'input x is np.moveaxis(x, 1, -1) (the twin got {", ".join(map(str, spatial))})'
-    )
-  permuted = [p for p in bad if p not in scales and sorted(got[p]) == sorted(want[p])]
-  if permuted and not spatial:
-    hints.append(
-      f"{', '.join('/'.join(p) for p in permuted)}: a permutation of the template's shape, "
+
+
+def _layout_hints(fit: _Fit) -> list[str]:
+  """A shape off by a layout: the twin's inputs channels-first, or a permuted tensor."""
+  if fit.bad and fit.spatial:
+    return [
+      "the twin's inputs must be channels-last, Flax's layout (N, ..., C): a PyTorch "
+      f'(N, C, ...) input x is np.moveaxis(x, 1, -1) (the twin got '
+      f'{", ".join(map(str, fit.spatial))})'
+    ]
+  if fit.permuted:
+    return [
+      f"{', '.join('/'.join(p) for p in fit.permuted)}: a permutation of the template's shape, "
       'so a layout mix-up: the converted values are in Flax layout (kernels (*window, in, out)); '
       'a tensor of a layout of its own takes rules='
-    )
-  wn = {p[:-1] for p in scales}
-  plain = sorted({'/'.join(u[:-1]) for u in got if u not in want and u[:-1] in wn})
-  if plain:
-    hints.append(
-      f'build {", ".join(map(repr, plain))} with a WN layer (WNDense / WNConv / '
-      'WNConvTranspose(transpose_kernel=True) in linen, WNLinear / WNConv / WNConvTranspose in '
-      'NNX), with the axis layer_axes gives: PyTorch weight-normed it, its scale is g'
-    )
+    ]
+  return []
+
+
+def _plain_hints(fit: _Fit) -> list[str]:
+  """A layer PyTorch weight-normed, plain in the template: build it as a WN layer."""
+  if not fit.plain:
+    return []
+  return [
+    f'build {", ".join(map(repr, fit.plain))} with a WN layer (WNDense / WNConv / '
+    'WNConvTranspose(transpose_kernel=True) in linen, WNLinear / WNConv / WNConvTranspose in '
+    'NNX), with the axis layer_axes gives: PyTorch weight-normed it, its scale is g'
+  ]
+
+
+def _name_hints(fit: _Fit) -> list[str]:
+  """Paths missing or unexpected: the collection, the submodule names, ``drop=``."""
+  missing, unexpected = fit.missing, fit.unexpected
+  hints = []
   if any(m.split('/', 1)[-1] == u.split('/', 1)[-1] for m in missing for u in unexpected):
     hints.append(
       "put each tensor in the template's collection (torch buffers go to buffers=, "
       "'buffers' by default, read from a module or marked by buffer_keys=)"
     )
-  if (missing or unexpected) and not plain:
+  if (missing or unexpected) and not fit.plain:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
-  if unexpected and not plain:
+  if unexpected and not fit.plain:
     hints.append(
       'leave out tensors the Flax model does not hold with drop=<regex> (to_torch brings '
       'them back from like)'
     )
-  if any(p not in scales for p in bad) and not spatial and not permuted:
-    hints.append('pass rules= for tensors of a layout of their own')
+  return hints
+
+
+def _rules_hints(fit: _Fit) -> list[str]:
+  """A plain tensor's shape off with no layout to blame: ``rules=``."""
+  if any(p not in fit.scales for p in fit.bad) and not fit.spatial and not fit.permuted:
+    return ['pass rules= for tensors of a layout of their own']
+  return []
+
+
+def _check(
+  flat: dict[tuple[Any, ...], Any],
+  template: Any,
+  layers: dict[str, TorchLayer],
+  naming: str,
+  inputs: Any = None,
+) -> None:
+  """Every name and shape of the converted tree against the Flax model's own."""
+  fit = _fit(flat, template, layers, naming, inputs)
+  missing, unexpected, bad = fit.missing, fit.unexpected, fit.bad
+  shapes = [f'{"/".join(p)}: {fit.got[p]} vs {fit.want[p]}' for p in bad]
+  if not (missing or unexpected or shapes):
+    return
+  hints = [
+    *_axis_hints(fit),
+    *_layout_hints(fit),
+    *_plain_hints(fit),
+    *_name_hints(fit),
+    *_rules_hints(fit),
+  ]
   raise _error(
     'the converted tree does not fit the template: '
     f'missing {missing}, unexpected {unexpected}, shapes (converted vs template) {shapes}. '
