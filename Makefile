@@ -35,8 +35,9 @@ docs: .stamp-dev
 
 # The quick inner loop (about a minute): lint, types, and the quick tier: the core
 # and pytree tests against the float64 reference, the compile counts of tests/test_eager.py and
-# every doctest of the library, and the house rules of tests/test_architecture.py. `make test` runs everything and is what CI runs
-# (`pytest -m "not slow"` leaves out only the subprocess, notebook and built-site tests).
+# every doctest of the library, and the house rules of tests/test_architecture.py. `make test` runs
+# everything and is what CI runs (`pytest -m "not slow"` leaves out only the sharding, subprocess,
+# notebook and built-site tests).
 QUICK := tests/test_core.py tests/test_tree.py tests/test_eager.py tests/test_architecture.py wn_jax
 check: lint typecheck
 	$(PY) -m pytest -q -n 2 $(QUICK)

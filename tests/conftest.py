@@ -1,8 +1,14 @@
-"""Test configuration: strict dtype promotion everywhere; x64 only where a test asks."""
+"""Test configuration: 8 CPU devices, strict dtype promotion everywhere; x64 only where a test
+asks."""
 
 import jax
 import pytest
 from hypothesis import settings
+
+# 8 host CPU devices for the sharding tests (and the multi-process test's restore), in-process
+# as in equinox's conftest.py: JAX reads this when its backend starts, so before any test runs.
+# Everything else runs on the default device, the first.
+jax.config.update('jax_num_cpu_devices', 8)
 
 # Derandomized: the same examples on every run, so CI is reproducible.
 settings.register_profile('wn_jax', derandomize=True, deadline=None)
@@ -42,3 +48,20 @@ def _highest_matmul_precision():
 
 # tests/data/make_torch_oracle.py needs torch and is run by hand, never collected.
 collect_ignore_glob = ['data/*']
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """``--dist loadgroup`` on pytest >= 9.2, whose structured node ids ignore the group suffix
+  pytest-xdist 3.8 writes (pytest-dev/pytest-xdist#1386): the suffix, written where pytest
+  reads it. A no-op where xdist's own took effect, or outside an xdist worker."""
+  if not getattr(config.option, 'loadgroup', False):
+    return
+  for item in items:
+    names = {
+      str(m.args[0] if m.args else m.kwargs.get('name', 'default'))
+      for m in item.iter_markers('xdist_group')
+    }
+    node_id = getattr(item, '_id', None)
+    if names and '@' not in item.nodeid and hasattr(type(node_id), 'parse'):
+      item._id = type(node_id).parse(f'{item.nodeid}@{"_".join(sorted(names))}')

@@ -3,20 +3,20 @@
 Importing this file only imports libraries (pytest's doctest collection imports it): JAX is
 configured, devices are touched and the checks run only from ``main()``.
 
-    python tests/multiprocess_worker.py train PROCESS_ID PORT DIR   # twice: ids 0 and 1
-    python tests/multiprocess_worker.py restore DIR                 # one process, 8 devices
+    python tests/multiprocess_worker.py PROCESS_ID PORT DIR   # twice: ids 0 and 1
 
-``train``: two processes of 4 host CPU devices each (gloo collectives, coordinator on
-127.0.0.1:PORT) form one 4 x 2 ('data', 'model') mesh. WN linen layers, WN NNX layers, the
-pytree transform and the optax transformation train 3 adam steps with the batch over 'data'
-and each kernel sharded over its output features ('model'), its input features ('model') or
-both (in over 'data', out over 'model'); losses and gathered parameters must equal a
-single-device run in the same process to 1e-5, and ``scale`` / ``g`` must be sharded like
-its kernel's output features. Then data-dependent initialization on a global batch of which
-each process holds half, every wn_jax entry point called on global arrays outside ``jit``,
-and an orbax checkpoint saved by both processes and restored in the same layout, bit for
-bit. Process 0 writes the saved state to DIR/saved.npz; ``restore`` restores the checkpoint
-in one process on a 2 x 4 mesh with other shardings and compares bit for bit.
+Two processes of 4 host CPU devices each (gloo collectives, coordinator on 127.0.0.1:PORT)
+form one 4 x 2 ('data', 'model') mesh. WN linen layers, WN NNX layers, the pytree transform
+and the optax transformation train 3 adam steps with the batch over 'data' and each kernel
+sharded over its output features ('model'), its input features ('model') or both (in over
+'data', out over 'model'); losses and gathered parameters must equal a single-device run in
+the same process to 1e-5, and ``scale`` / ``g`` must be sharded like its kernel's output
+features. Then data-dependent initialization on a global batch of which each process holds
+half, every wn_jax entry point called on global arrays outside ``jit``, and an orbax
+checkpoint saved by both processes and restored in the same layout, bit for bit. Process 0
+writes the saved state to DIR/saved.npz; ``restore_resharded(DIR)`` (the test calls it, in its
+own process of 8 devices) restores the checkpoint on a 2 x 4 mesh with other shardings and
+compares bit for bit.
 
 Each check prints ``OK name`` or ``FAIL name: error``.
 """
@@ -336,9 +336,9 @@ def _train_checks(out: str) -> dict:
   }
 
 
-def _restore_resharded(out: str) -> None:
-  """The two processes' checkpoint, in one process on a 2 x 4 mesh, resharded."""
-  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AUTO, AUTO))
+def restore_resharded(out: str, devices: list) -> None:
+  """The two processes' checkpoint, in one process on a 2 x 4 mesh of ``devices``, resharded."""
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AUTO, AUTO), devices=devices)
   x = _data()['x']
   params = nn.unbox(jax.eval_shape(_linen_mlp().init, jax.random.key(3), x)['params'])
   plain = jax.eval_shape(PLAIN_MLP.init, jax.random.key(3), x)['params']
@@ -366,19 +366,13 @@ def _restore_resharded(out: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-  mode = argv[0]
-  if mode == 'train':
-    pid, port, out = int(argv[1]), argv[2], argv[3]
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(
-      f'127.0.0.1:{port}', num_processes=2, process_id=pid, initialization_timeout=60
-    )
-    assert jax.process_count() == 2 and jax.local_device_count() == 4, jax.devices()
-    checks = _train_checks(out)
-  else:
-    out = argv[1]
-    assert jax.process_count() == 1 and jax.device_count() == 8, jax.devices()
-    checks = {'restore_resharded': lambda: _restore_resharded(out)}
+  pid, port, out = int(argv[0]), argv[1], argv[2]
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(
+    f'127.0.0.1:{port}', num_processes=2, process_id=pid, initialization_timeout=60
+  )
+  assert jax.process_count() == 2 and jax.local_device_count() == 4, jax.devices()
+  checks = _train_checks(out)
   failed = 0
   for name, check in checks.items():
     start, cpu = time.perf_counter(), time.process_time()
@@ -390,8 +384,7 @@ def main(argv: list[str]) -> int:
       failed += 1
       traceback.print_exc()
       print(f'FAIL {name}: {type(e).__name__}: {e}', flush=True)
-  if mode == 'train':
-    jax.distributed.shutdown()
+  jax.distributed.shutdown()
   return 1 if failed else 0
 
 

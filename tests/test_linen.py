@@ -9,8 +9,15 @@ import pytest
 
 import wn_jax
 from tests import reference as ref
-from tests.helpers import RTOL
+from tests.helpers import DENSE_PATHS
+from tests.helpers import MP_DTYPES
 from tests.helpers import assert_close
+from tests.helpers import assert_mixed_precision
+from tests.helpers import check_dense_forms_w
+from tests.helpers import check_dense_path
+from tests.helpers import fake_int8_dot
+from tests.helpers import mp_input
+from tests.helpers import mp_scale
 from wn_jax import linen as wl
 
 KEY = jax.random.key(0)
@@ -381,57 +388,19 @@ def test_mean_only_batch_norm_axis_name_matches_global_mean():
   assert_close(y, xr - xr.mean((0, 1)))
 
 
-MP_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
-
-
-def _f64(a):
-  return np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
-
-
-def _normwise(y, expected):
-  return float(np.linalg.norm(_f64(y) - expected) / np.linalg.norm(expected))
-
-
-def assert_mixed_precision(y, x, kernel, scale, bias, plain_apply, param_dtype, dtype):
-  """A WN layer's output against the float64 reference, and its error against the plain layer's.
-
-  ``plain_apply(kernel)`` runs the plain Flax layer (same dtype, param_dtype, bias) with
-  ``kernel``; it gets the exact w rounded to ``param_dtype``, and its error is measured
-  against the float64 product of its own parameters: the rounding of the computation alone.
-  """
-  w = ref.normalize(_f64(kernel), _f64(scale), -1)
-  err = _normwise(y, ref.dense(_f64(x), w, _f64(bias)))
-  plain_kernel = jnp.asarray(w).astype(param_dtype)
-  plain_err = _normwise(
-    plain_apply(plain_kernel), ref.dense(_f64(x), _f64(plain_kernel), _f64(bias))
-  )
-  assert y.dtype == dtype
-  assert err <= 2 * RTOL[jnp.dtype(dtype)], (err, plain_err)
-  assert err <= 2 * plain_err, (err, plain_err)
-
-
-def _mp_input(dtype):
-  return _rand((32, 64)).astype(dtype)
-
-
-def _mp_scale(g):
-  """g moved away from ||v|| (in float32), back in its own dtype."""
-  return (g.astype(jnp.float32) * jnp.linspace(0.5, 2.0, g.shape[-1])).astype(g.dtype)
-
-
 @pytest.mark.parametrize('param_dtype', MP_DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize('dtype', MP_DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize('wrapped', [False, True], ids=['WNDense', 'WeightNorm'])
 def test_mixed_precision_within_2x_of_plain_flax(wrapped, dtype, param_dtype):
-  x = _mp_input(dtype)
+  x = mp_input(dtype)
   plain = nn.Dense(48, dtype=dtype, param_dtype=param_dtype)
   layer = wl.WeightNorm(plain) if wrapped else wl.WNDense(48, dtype=dtype, param_dtype=param_dtype)
   p = layer.init(KEY, x)['params']
   if wrapped:
-    p['scale']['kernel'] = _mp_scale(p['scale']['kernel'])
+    p['scale']['kernel'] = mp_scale(p['scale']['kernel'])
     kernel, scale, bias = p['layer']['kernel'], p['scale']['kernel'], p['layer']['bias']
   else:
-    p['scale'] = _mp_scale(p['scale'])
+    p['scale'] = mp_scale(p['scale'])
     kernel, scale, bias = p['kernel'], p['scale'], p['bias']
   assert kernel.dtype == scale.dtype == param_dtype
   y = jax.jit(layer.apply)({'params': p}, x)
@@ -595,33 +564,6 @@ def test_fold_refuses_where_it_cannot_know():
     wl.fold({'fc': narrow['params']}, {'fc': 3})
 
 
-def test_fold_nnx_state_with_each_layers_axis():
-  from flax import nnx
-
-  from wn_jax import nnx as wx
-
-  wn_model = nnx.Sequential(
-    wx.WNConv(4, 4, (4,), axis=-3, padding='SAME', rngs=nnx.Rngs(0)),
-    wx.WNLinear(4, 4, axis=0, rngs=nnx.Rngs(1)),
-    wx.WNLinear(4, 3, rngs=nnx.Rngs(2)),
-  )
-  for layer in wn_model.layers:
-    layer.scale[...] = layer.scale[...] * jnp.linspace(0.5, 2.0, layer.scale.shape[0])
-  assert wx.layer_axes(wn_model) == {'layers/0': -3, 'layers/1': 0, 'layers/2': -1}
-  plain = nnx.Sequential(
-    nnx.Conv(4, 4, (4,), padding='SAME', rngs=nnx.Rngs(5)),
-    nnx.Linear(4, 4, rngs=nnx.Rngs(6)),
-    nnx.Linear(4, 3, rngs=nnx.Rngs(7)),
-  )
-  x = _rand((2, 6, 4))
-  pure = nnx.to_pure_dict(nnx.state(wn_model, nnx.Param))
-  for folded in (wx.fold(wn_model), wl.fold(pure, wx.layer_axes(wn_model))):
-    state = nnx.state(plain, nnx.Param)
-    nnx.replace_by_pure_dict(state, folded)
-    nnx.update(plain, state)
-    np.testing.assert_allclose(plain(x), wn_model(x), rtol=1e-5, atol=1e-5)
-
-
 def test_fold_refuses_stacked_layers():
   x = _rand((4, 6))
   params = Stack().init(KEY, x)['params']
@@ -640,24 +582,11 @@ def test_fold_refuses_stacked_layers():
   assert 'layer_axes' not in str(e.value)
 
 
-def test_nnx_fold_refuses_a_vmap_stacked_layer_and_names_it():
-  from flax import nnx
-
-  @nnx.vmap(in_axes=0, out_axes=0)
-  def make(key):
-    return wn_jax.nnx.WNLinear(6, 6, rngs=nnx.Rngs(key))
-
-  layer = make(jax.random.split(KEY, 3))
-  with pytest.raises(ValueError, match=r'the root layer \(the model itself\).*stacked layer') as e:
-    wn_jax.nnx.fold(layer)
-  assert 'mapping' not in str(e.value)  # nnx.fold takes no axis
-
-
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize('wrapped', [False, True], ids=['WNDense', 'WeightNorm'])
 def test_dtype_none_forms_w_in_the_promotion_with_the_inputs(wrapped):
   # Flax's dtype=None computes in the promotion of inputs and parameters: float32 here.
-  x = _mp_input(jnp.float32)
+  x = mp_input(jnp.float32)
   plain = nn.Dense(48, param_dtype=jnp.bfloat16)
   layer = wl.WeightNorm(plain) if wrapped else wl.WNDense(48, param_dtype=jnp.bfloat16)
   p = layer.init(KEY, x)['params']
@@ -676,27 +605,6 @@ def test_dtype_none_forms_w_in_the_promotion_with_the_inputs(wrapped):
     jnp.bfloat16,
     jnp.float32,
   )
-
-
-def test_fold_a_converted_dim2_layer_whose_window_equals_its_channels():
-  # Issue 16 bug 4: a PyTorch dim=2 Conv1d with window 4 and 4 channels has a kernel (4, 4, 4)
-  # and a scale (4,) that fits axis=-1 as well as its own axis=-3; fold is told each axis.
-  from wn_jax import pytorch as wt
-
-  rng = np.random.default_rng(0)
-  sd = {
-    'pos_conv.weight_g': rng.uniform(0.5, 2.0, (1, 1, 4)).astype(np.float32),
-    'pos_conv.weight_v': rng.normal(size=(4, 4, 4)).astype(np.float32),
-    'pos_conv.bias': rng.normal(size=4).astype(np.float32),
-  }
-  assert wt.layer_axes(sd) == {'pos_conv': -3}
-  params = wt.to_linen(sd)['params']
-  module, _ = wt.from_torch(sd)['pos_conv'].linen(padding=2)
-  x = rng.normal(size=(2, 9, 4)).astype(np.float32)
-  expected = module.apply({'params': params['pos_conv']}, x)
-  plain = wl.fold(params, axis=wt.layer_axes(sd))
-  y = nn.Conv(4, (4,), padding=[(2, 2)]).apply({'params': plain['pos_conv']}, x)
-  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
 
 
 def test_fold_refuses_a_weight_norm_wrapper_and_names_it():
@@ -732,127 +640,19 @@ def test_fold_keeps_a_plain_submodule_named_scale():
   assert set(folded['out']) == {'kernel', 'bias'}
 
 
-def _dot_reads_the_kernel(fn, params, kernel) -> bool:
-  """Whether the dot_general in ``fn(params)``'s jaxpr takes the kernel parameter itself."""
-  flat, _ = jax.tree_util.tree_flatten(params)
-  jaxpr = jax.make_jaxpr(fn)(params).jaxpr
-  kernel_var = jaxpr.invars[next(i for i, x in enumerate(flat) if x is kernel)]
-  dots = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general']
-  assert len(dots) == 1
-  return dots[0].invars[1] is kernel_var
-
-
-@pytest.mark.parametrize(
-  'shape,scaled',
-  [
-    ((5, 48), True),
-    ((2, 3, 7, 48), True),
-    ((48, 48), False),
-    ((64, 48), False),
-    ((7, 8, 48), False),
-  ],
-)
-@pytest.mark.parametrize('framework', ['linen', 'nnx'])
-def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(framework, shape, scaled):
-  # y = (x @ v) * (g / ||v||) + b where the rows (every input axis but the last) are fewer
-  # than the input features, x @ w + b elsewhere: the same function, forward and backward,
-  # against the float64 reference.
+@pytest.mark.parametrize('shape,scaled', DENSE_PATHS)
+def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(shape, scaled):
   x = _rand(shape)
-  if framework == 'linen':
-    layer = wl.WNDense(24)
-    params = _perturb_scale(layer.init(KEY, x))['params']
-    params['bias'] = params['bias'] + 0.1
-    apply = lambda p, x: layer.apply({'params': p}, x)
-  else:
-    from flax import nnx
-
-    from wn_jax import nnx as wx
-
-    graphdef, state = nnx.split(wx.WNLinear(48, 24, rngs=nnx.Rngs(0)), nnx.Param)
-    params = nnx.to_pure_dict(state)
-    params['scale'] = params['scale'] * jnp.linspace(0.5, 2.0, 24)
-    params['bias'] = params['bias'] + 0.1
-
-    def apply(p, x):
-      s = jax.tree_util.tree_map(lambda a: a, state)
-      nnx.replace_by_pure_dict(s, p)
-      return nnx.merge(graphdef, s)(x)
-
-  assert _dot_reads_the_kernel(lambda p: apply(p, x), params, params['kernel']) == scaled
-  v, g = np.asarray(params['kernel'], np.float64), np.asarray(params['scale'], np.float64)
-  b = np.asarray(params['bias'], np.float64)
-  w = ref.normalize(v, g, -1)
-  x64 = np.asarray(x, np.float64)
-  assert_close(jax.jit(apply)(params, x), ref.dense(x64, w, b), factor=8)
-  r = _rand((*shape[:-1], 24), seed=3)
-  gp = jax.grad(lambda p: jnp.sum(apply(p, x) * r))(params)
-  r64 = np.asarray(r, np.float64)
-  gw = x64.reshape(-1, 48).T @ r64.reshape(-1, 24)
-  ev, eg = ref.grads(v, g, -1, gw)
-  assert_close(gp['kernel'], ev, factor=16)
-  assert_close(gp['scale'], eg, factor=16)
-  assert_close(gp['bias'], r64.reshape(-1, 24).sum(0), factor=8)
-  # Forward mode agrees with reverse mode on the scaled path too.
-  t = jax.tree_util.tree_map(lambda a: _rand(a.shape, seed=5), params)
-  jvp = jax.jvp(lambda p: jnp.sum(apply(p, x) * r), (params,), (t,))[1]
-  dot = sum(jnp.vdot(gp[k], t[k]) for k in params)
-  assert_close(jvp, np.float64(dot), factor=64)
+  layer = wl.WNDense(24)
+  params = _perturb_scale(layer.init(KEY, x))['params']
+  params['bias'] = params['bias'] + 0.1
+  check_dense_path(lambda p, x: layer.apply({'params': p}, x), params, x, scaled)
 
 
-def _fake_int8_dot(lhs, rhs, dn, precision=None, preferred_element_type=None, **kw):
-  """A dot_general that is not linear in its kernel (per-tensor fake int8)."""
-  s = jnp.max(jnp.abs(rhs)) / 127.0
-  return jax.lax.dot_general(
-    lhs,
-    jnp.round(rhs / s) * s,
-    dn,
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-  )
-
-
-@pytest.mark.parametrize('framework', ['linen', 'nnx'])
-def test_dense_forms_w_for_a_custom_dot_general_and_for_float16(framework):
-  # A custom dot_general must see w (it may not be linear in the kernel), and float16
-  # compute must not follow the scale of ||v||: both form w, whatever the rows.
-  from flax import nnx
-
-  from wn_jax import nnx as wx
-
-  k = jax.random.normal(KEY, (16, 4)) * jnp.array([1.0, 10.0, 0.1, 3.0])
-  params = {'kernel': k, 'scale': jnp.array([1.0, 2.0, 3.0, 4.0]), 'bias': jnp.zeros(4)}
-  w = wn_jax.normalize(k, params['scale'])
-  for rows in (1, 15, 16):
-    x = _rand((rows, 16))
-    if framework == 'linen':
-      y = wl.WNDense(4, dot_general=_fake_int8_dot).apply({'params': params}, x)
-    else:
-      layer = wx.WNLinear(16, 4, dot_general=_fake_int8_dot, rngs=nnx.Rngs(0))
-      layer.kernel[...], layer.scale[...] = k, params['scale']
-      y = layer(x)
-    plain = nn.Dense(4, dot_general=_fake_int8_dot).apply(
-      {'params': {'kernel': w, 'bias': params['bias']}}, x
-    )
-    np.testing.assert_allclose(y, plain, rtol=1e-6, atol=1e-6)
-  # float16 compute: the same w from a kernel 1e-6 times smaller gives the same output.
-  x = _rand((1, 16))
-  if framework == 'linen':
-    layer16 = wl.WNDense(4, dtype=jnp.float16)
-    apply = lambda p: layer16.apply({'params': p}, x)
-  else:
-
-    def apply(p):
-      layer = wx.WNLinear(16, 4, dtype=jnp.float16, rngs=nnx.Rngs(0))
-      layer.kernel[...], layer.scale[...], layer.bias[...] = p['kernel'], p['scale'], p['bias']
-      return layer(x)
-
-  small = dict(params, kernel=k * 1e-6)
-  assert not _dot_reads_the_kernel(apply, params, params['kernel'])
-  np.testing.assert_allclose(
-    np.asarray(apply(small), np.float32),
-    np.asarray(apply(params), np.float32),
-    rtol=2e-3,
-    atol=2e-3,
+def test_dense_forms_w_for_a_custom_dot_general_and_for_float16():
+  check_dense_forms_w(
+    lambda p, x: wl.WNDense(4, dot_general=fake_int8_dot).apply({'params': p}, x),
+    lambda p, x: wl.WNDense(4, dtype=jnp.float16).apply({'params': p}, x),
   )
 
 

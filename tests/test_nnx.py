@@ -10,11 +10,15 @@ from flax import nnx
 
 import wn_jax
 from tests import reference as ref
+from tests.helpers import DENSE_PATHS
+from tests.helpers import MP_DTYPES
 from tests.helpers import assert_close
-from tests.test_linen import MP_DTYPES
-from tests.test_linen import _mp_input
-from tests.test_linen import _mp_scale
-from tests.test_linen import assert_mixed_precision
+from tests.helpers import assert_mixed_precision
+from tests.helpers import check_dense_forms_w
+from tests.helpers import check_dense_path
+from tests.helpers import fake_int8_dot
+from tests.helpers import mp_input
+from tests.helpers import mp_scale
 from wn_jax import linen as wl
 from wn_jax import nnx as wx
 
@@ -279,16 +283,16 @@ def test_linen_twin_parity_of_attribute_vocabulary():
 @pytest.mark.parametrize('dtype', MP_DTYPES, ids=lambda d: d.__name__)
 @pytest.mark.parametrize('wrapped', [False, True], ids=['WNLinear', 'WeightNorm'])
 def test_mixed_precision_within_2x_of_plain_flax(wrapped, dtype, param_dtype):
-  x = _mp_input(dtype)
+  x = mp_input(dtype)
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
   if wrapped:
     layer = wx.WeightNorm(nnx.Linear(64, 48, **kw))
-    layer.scale['kernel'][...] = _mp_scale(layer.scale['kernel'][...])
+    layer.scale['kernel'][...] = mp_scale(layer.scale['kernel'][...])
     kernel, scale = layer.layer.kernel[...], layer.scale['kernel'][...]
     bias = layer.layer.bias[...]
   else:
     layer = wx.WNLinear(64, 48, **kw)
-    layer.scale[...] = _mp_scale(layer.scale[...])
+    layer.scale[...] = mp_scale(layer.scale[...])
     kernel, scale, bias = layer.kernel[...], layer.scale[...], layer.bias[...]
   assert kernel.dtype == scale.dtype == param_dtype
   plain = nnx.Linear(64, 48, **kw)
@@ -386,3 +390,66 @@ def test_partition_names_shorter_than_the_kernel_leave_the_rest_unsharded(wrappe
     plain = nnx.Linear(10, 10, kernel_init=init, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(y, plain(_rand((4, 10))), rtol=1e-5, atol=1e-5)
   assert scale.get_metadata()['out_sharding'] == (None,)
+
+
+def test_fold_nnx_state_with_each_layers_axis():
+  wn_model = nnx.Sequential(
+    wx.WNConv(4, 4, (4,), axis=-3, padding='SAME', rngs=nnx.Rngs(0)),
+    wx.WNLinear(4, 4, axis=0, rngs=nnx.Rngs(1)),
+    wx.WNLinear(4, 3, rngs=nnx.Rngs(2)),
+  )
+  for layer in wn_model.layers:
+    layer.scale[...] = layer.scale[...] * jnp.linspace(0.5, 2.0, layer.scale.shape[0])
+  assert wx.layer_axes(wn_model) == {'layers/0': -3, 'layers/1': 0, 'layers/2': -1}
+  plain = nnx.Sequential(
+    nnx.Conv(4, 4, (4,), padding='SAME', rngs=nnx.Rngs(5)),
+    nnx.Linear(4, 4, rngs=nnx.Rngs(6)),
+    nnx.Linear(4, 3, rngs=nnx.Rngs(7)),
+  )
+  x = _rand((2, 6, 4))
+  pure = nnx.to_pure_dict(nnx.state(wn_model, nnx.Param))
+  for folded in (wx.fold(wn_model), wl.fold(pure, wx.layer_axes(wn_model))):
+    state = nnx.state(plain, nnx.Param)
+    nnx.replace_by_pure_dict(state, folded)
+    nnx.update(plain, state)
+    np.testing.assert_allclose(plain(x), wn_model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_fold_refuses_a_vmap_stacked_layer_and_names_it():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return wn_jax.nnx.WNLinear(6, 6, rngs=nnx.Rngs(key))
+
+  layer = make(jax.random.split(jax.random.key(0), 3))
+  with pytest.raises(ValueError, match=r'the root layer \(the model itself\).*stacked layer') as e:
+    wn_jax.nnx.fold(layer)
+  assert 'mapping' not in str(e.value)  # nnx.fold takes no axis
+
+
+@pytest.mark.parametrize('shape,scaled', DENSE_PATHS)
+def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(shape, scaled):
+  graphdef, state = nnx.split(wx.WNLinear(48, 24, rngs=nnx.Rngs(0)), nnx.Param)
+  params = nnx.to_pure_dict(state)
+  params['scale'] = params['scale'] * jnp.linspace(0.5, 2.0, 24)
+  params['bias'] = params['bias'] + 0.1
+
+  def apply(p, x):
+    s = jax.tree_util.tree_map(lambda a: a, state)
+    nnx.replace_by_pure_dict(s, p)
+    return nnx.merge(graphdef, s)(x)
+
+  check_dense_path(apply, params, _rand(shape), scaled)
+
+
+def test_dense_forms_w_for_a_custom_dot_general_and_for_float16():
+  def int8(p, x):
+    layer = wx.WNLinear(16, 4, dot_general=fake_int8_dot, rngs=nnx.Rngs(0))
+    layer.kernel[...], layer.scale[...] = p['kernel'], p['scale']
+    return layer(x)
+
+  def float16(p, x):
+    layer = wx.WNLinear(16, 4, dtype=jnp.float16, rngs=nnx.Rngs(0))
+    layer.kernel[...], layer.scale[...], layer.bias[...] = p['kernel'], p['scale'], p['bias']
+    return layer(x)
+
+  check_dense_forms_w(int8, float16)

@@ -1019,3 +1019,22 @@ def test_patterns_that_match_nothing_are_refused():
   wn = {'l.weight_g': np.ones((3, 1), np.float32), 'l.weight_v': np.ones((3, 2), np.float32)}
   with pytest.raises(ValueError, match=r"rules= key 'l\\\.weight_v'.*weight-normed"):
     wt.to_linen(wn, rules={r'l\.weight_v': (np.transpose, np.transpose)})
+
+
+def test_fold_a_converted_dim2_layer_whose_window_equals_its_channels():
+  # Issue 16 bug 4: a PyTorch dim=2 Conv1d with window 4 and 4 channels has a kernel (4, 4, 4)
+  # and a scale (4,) that fits axis=-1 as well as its own axis=-3; fold is told each axis.
+  rng = np.random.default_rng(0)
+  sd = {
+    'pos_conv.weight_g': rng.uniform(0.5, 2.0, (1, 1, 4)).astype(np.float32),
+    'pos_conv.weight_v': rng.normal(size=(4, 4, 4)).astype(np.float32),
+    'pos_conv.bias': rng.normal(size=4).astype(np.float32),
+  }
+  assert wt.layer_axes(sd) == {'pos_conv': -3}
+  params = wt.to_linen(sd)['params']
+  module, _ = wt.from_torch(sd)['pos_conv'].linen(padding=2)
+  x = rng.normal(size=(2, 9, 4)).astype(np.float32)
+  expected = module.apply({'params': params['pos_conv']}, x)
+  plain = wn_linen.fold(params, axis=wt.layer_axes(sd))
+  y = nn.Conv(4, (4,), padding=[(2, 2)]).apply({'params': plain['pos_conv']}, x)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))

@@ -12,6 +12,8 @@ kernel is scaled by ``c`` and the scale kept, so ``w`` (and everything but ``dL/
 which goes as ``1 / c``) is the same at every ``c``.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -146,18 +148,27 @@ def _reference(plain, v, g, b, x, r):
   return y, {'kernel': gv, 'scale': gg, 'bias': gb}, gx
 
 
+@functools.cache
+def _compiled(name):
+  """A path's layer, its parameters, and its jitted forward and gradient functions: built
+  once per path, so every scale runs the same compiled functions (the shapes are the same)."""
+  apply, params = PATHS[name][0]()
+  loss = lambda p, x, r: jnp.sum(apply(p, x) * r)
+  return params, jax.jit(apply), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 @pytest.mark.parametrize('c', SCALES, ids=lambda c: f'{c:g}')
 @pytest.mark.parametrize('name', list(PATHS))
 def test_values_and_first_derivatives_across_the_range(name, c):
-  build, x_shape, plain = PATHS[name]
-  apply, params = build()
+  _, x_shape, plain = PATHS[name]
+  params, forward, gradient = _compiled(name)
   params = dict(params)
   g = params['scale'] * jax.random.uniform(jax.random.key(7), params['scale'].shape, minval=0.5)
   params.update(kernel=params['kernel'] * c, scale=g, bias=params['bias'] + 0.1)
   x = jax.random.normal(jax.random.key(1), x_shape)
-  y = jax.jit(apply)(params, x)
+  y = forward(params, x)
   r = jax.random.normal(jax.random.key(3), y.shape)
-  grads, gx = jax.jit(jax.grad(lambda p, x: jnp.sum(apply(p, x) * r), argnums=(0, 1)))(params, x)
+  grads, gx = gradient(params, x, r)
   p64 = {k: np.asarray(a, np.float64) for k, a in params.items()}
   ey, egrads, egx = _reference(
     plain,
