@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -155,17 +156,7 @@ def to_linen(
 
 
 def to_nnx(
-  source: Any,
-  kinds: Mapping[str, str] | None = None,
-  *,
-  rules: Mapping[str, Rule] | None = None,
-  decompose: bool | str = False,
-  dtype: Any = None,
-  template: Any = None,
-  twin: Any = None,
-  buffers: str = 'buffers',
-  drop: str | None = None,
-  buffer_keys: str | None = None,
+  source: Any, kinds: Mapping[str, str] | None = None, *, twin: Any = None, **options: Any
 ) -> dict[Any, Any]:
   """A whole PyTorch model's tensors as an NNX pure dict, for ``nnx.replace_by_pure_dict``.
 
@@ -178,16 +169,12 @@ def to_nnx(
   Args:
     source: as :func:`to_linen`.
     kinds: as :func:`to_linen`.
-    rules: as :func:`to_linen`.
-    buffers: as :func:`to_linen`.
-    buffer_keys: as :func:`to_linen`.
-    drop: as :func:`to_linen`.
-    decompose: as :func:`to_linen`.
-    dtype: as :func:`to_linen`.
-    template: as :func:`to_linen`.
     twin: optional, the NNX model itself (any parameter values): as ``template=nnx.state(twin)``,
       and each weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``
       (see :func:`to_linen`).
+    **options: every other keyword of :func:`to_linen` (``rules``, ``decompose``, ``dtype``,
+      ``template``, ``buffers``, ``drop``, ``buffer_keys``), with its meaning and default
+      (one signature, to_linen's, holds them; an unknown keyword is a ``TypeError``).
 
   Returns:
     A nested dict of JAX arrays (copied).
@@ -209,8 +196,16 @@ def to_nnx(
     >>> model.layers[0].scale[...].tolist()
     [2.0, 2.0, 2.0, 2.0]
   """
-  options = _Options(kinds, rules, decompose, dtype, buffers, drop, buffer_keys)
-  return _to_tree(source, 'nnx', options, template, twin)
+  try:
+    bound = inspect.signature(to_linen).bind(source, kinds, twin=twin, **options)
+  except TypeError as e:
+    raise TypeError(f'wn_jax.pytorch.to_nnx: {e}') from None
+  bound.apply_defaults()
+  a = bound.arguments
+  converting = _Options(
+    a['kinds'], a['rules'], a['decompose'], a['dtype'], a['buffers'], a['drop'], a['buffer_keys']
+  )
+  return _to_tree(source, 'nnx', converting, a['template'], twin)
 
 
 def layer_axes(
