@@ -220,6 +220,25 @@ def test_mean_only_batch_norm_matches_linen(axis):
   np.testing.assert_allclose(bn(x), x - bn.mean[...].reshape(shape), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+  'axis, features, match',
+  [
+    (4, 3, r'axis must be one int, the feature axis of the input \(-4..3'),
+    (None, 3, r'axis must be one int.*got None'),
+    ((1, 2), 3, r'axis must be one int.*got \(1, 2\)'),
+    (1, 5, r'the input has 3 features along axis 1.*num_features=5. Build it with num_features=3'),
+  ],
+)
+def test_mean_only_batch_norm_refuses_a_bad_axis_with_the_fix(axis, features, match):
+  bn = wx.MeanOnlyBatchNorm(features, axis=axis, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'wn_jax.nnx.MeanOnlyBatchNorm: ' + match):
+    bn(jnp.ones((2, 3, 4, 5)))
+  twin = wl.MeanOnlyBatchNorm(axis=axis, use_running_average=False)
+  if features == 3:  # linen takes the features from the input
+    with pytest.raises(ValueError, match=r"MeanOnlyBatchNorm at '/': " + match):
+      twin.init(jax.random.key(0), jnp.ones((2, 3, 4, 5)))
+
+
 def test_partitioning_propagates_to_scale():
   mesh = jax.make_mesh((1,), ('model',))
   with jax.set_mesh(mesh):

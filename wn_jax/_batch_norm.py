@@ -7,16 +7,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wn_jax import _axes
 from wn_jax import _core
-from wn_jax._errors import labelled
 
 
 def feature_axis(x: jax.Array, axis: int, label: str) -> int:
-  """The feature axis ``axis`` of ``x`` as a non-negative int."""
-  with labelled(label):
-    (feature,) = _axes.kept_axes(jnp.ndim(x), axis)
-  return feature
+  """The feature axis ``axis`` of the input ``x`` as a non-negative int."""
+  ndim = jnp.ndim(x)
+  if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+    raise ValueError(
+      f'{label}: axis must be one int, the feature axis of the input (-{ndim}..{ndim - 1} for '
+      f'an input of shape {jnp.shape(x)}); got {axis!r}. Pass the axis that holds the features.'
+    )
+  return axis % ndim
 
 
 def batch_mean(

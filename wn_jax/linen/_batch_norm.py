@@ -59,7 +59,11 @@ class MeanOnlyBatchNorm(nn.Module):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
     x = jnp.asarray(x)
-    feature = _batch_norm.feature_axis(x, self.axis, f'MeanOnlyBatchNorm {self.name!r}')
+    feature = _batch_norm.feature_axis(
+      x,
+      self.axis,
+      f"MeanOnlyBatchNorm at '/{'/'.join(self.scope.path)}'",  # type: ignore[union-attr]
+    )
     stat_dtype = _core.reduce_dtype(x.dtype)
     ra_mean = self.variable(
       'batch_stats', 'mean', lambda: jnp.zeros((x.shape[feature],), stat_dtype)

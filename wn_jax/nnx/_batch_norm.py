@@ -65,6 +65,13 @@ class MeanOnlyBatchNorm(nnx.Module):
     use_ra = self.use_running_average if use_running_average is None else use_running_average
     x = jnp.asarray(x)
     feature = _batch_norm.feature_axis(x, self.axis, 'wn_jax.nnx.MeanOnlyBatchNorm')
+    if x.shape[feature] != self.mean.shape[0]:
+      raise ValueError(
+        f'wn_jax.nnx.MeanOnlyBatchNorm: the input has {x.shape[feature]} features along axis '
+        f'{self.axis} (shape {x.shape}), but the layer was built with num_features='
+        f'{self.mean.shape[0]}. Build it with num_features={x.shape[feature]}, or pass the '
+        f'axis that holds the features.'
+      )
     if use_ra:
       mean = self.mean[...]
     else:
