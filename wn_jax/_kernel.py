@@ -158,9 +158,9 @@ class Pass:
         _data_init.check_output_axis(jnp.ndim(v), kept, self.out_axis)
     return kept
 
-  def kernel(self, v: Any, g: Any) -> jax.Array:
-    """What the layer's code multiplies by, from the direction ``v`` and the scale ``g``."""
-    kept = self.axes(v)
+  def kernel(self, v: Any, g: Any, kept: tuple[int, ...]) -> jax.Array:
+    """What the layer's code multiplies by, from the direction ``v``, the scale ``g`` and
+    ``v``'s kept axes (from :meth:`axes`)."""
     need = _core.scale_shape(jnp.shape(v), kept)
     if jnp.shape(g) != need:
       raise ValueError(

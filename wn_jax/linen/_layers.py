@@ -78,7 +78,8 @@ class _WeightNormedKernel:
     p = active[1]
     if name == 'bias':
       return p.bias(value)
-    return p.kernel(value, self._scale(value, p.axes(value)))
+    kept = p.axes(value)
+    return p.kernel(value, self._scale(value, kept), kept)
 
   def _scale(self, value: jax.Array, kept: tuple[int, ...]) -> jax.Array:
     """The layer's ``scale``: read, or created (at ``||kernel||`` by default, with no key)."""

@@ -96,7 +96,9 @@ class _WeightNormedKernel:
       out_axis=self._out_axis(),
     )
     view = _KernelView(
-      self, p.kernel(kernel, self.scale[...]), p.bias(None if self.bias is None else self.bias[...])
+      self,
+      p.kernel(kernel, self.scale[...], p.axes(kernel)),
+      p.bias(None if self.bias is None else self.bias[...]),
     )
     out, g, b = p.output(super().__call__.__func__(view, inputs, *args, **kwargs))  # type: ignore[misc]
     if g is not None:
