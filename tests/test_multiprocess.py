@@ -41,7 +41,8 @@ CHECKS = [
 def _env() -> dict:
   return {
     **os.environ,
-    'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    # After the suite's own flags (tests/conftest.py), which the workers keep.
+    'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count=4',
     'JAX_PLATFORMS': 'cpu',
     'PYTHONPATH': str(ROOT),
   }
