@@ -187,6 +187,29 @@ def test_conv_transpose_and_bad_init_scale():
     wl.data_init(model, new, x, init_scale=-1.0)
 
 
+@pytest.mark.parametrize('bad', [True, 0, -1.0, np.inf, np.nan, '0.5', jnp.asarray(0.5)])
+def test_init_scale_is_a_positive_finite_number(bad):
+  # A bool, an infinity or a string is refused up front, naming init_scale (inf used to run
+  # and then blame the batch); a callable's result is checked the same way, naming the layer.
+  model = wl.WNDense(3)
+  x = _batch((8, 4))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r'init_scale must be a positive finite'):
+    wl.data_init(model, variables, x, init_scale=bad)
+  with pytest.raises(ValueError, match='init_scale for layer .* must be a positive finite'):
+    wl.data_init(model, variables, x, init_scale=lambda path: bad)
+  with pytest.raises(ValueError, match="init_scale for layer 'layers/0' must be a positive finite"):
+    wx.data_init(NNXNet(nnx.Rngs(0)), _batch((8, 10)), init_scale=lambda path: bad)
+
+
+@pytest.mark.parametrize('good', [np.float32(0.5), np.float64(0.5), 1, np.int64(2)])
+def test_init_scale_takes_numpy_scalars_and_ints(good):
+  model = wl.WNDense(3)
+  x = _batch((64, 4))
+  new = wl.data_init(model, model.init(jax.random.key(0), x), x, init_scale=good)
+  np.testing.assert_allclose(np.asarray(model.apply(new, x)).std(0), float(good), rtol=1e-3)
+
+
 class NNXNet(nnx.Module):
   def __init__(self, rngs):
     self.layers = nnx.List(

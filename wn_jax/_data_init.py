@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
+from wn_jax._axes import is_eps
 from wn_jax._core import reduce_dtype
 
 # A feature whose standard deviation on the batch is below this is taken as constant:
@@ -53,10 +54,10 @@ _MODE: contextvars.ContextVar[Mode | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> Iterator[Mode]:
-  if not (callable(init_scale) or (isinstance(init_scale, (int, float)) and init_scale > 0)):
+  if not (callable(init_scale) or _is_scale(init_scale)):
     raise ValueError(
-      f'data_init: init_scale must be a positive float or a callable (layer path) -> float; '
-      f'got {init_scale!r}.'
+      f'data_init: init_scale must be a positive finite number (a Python or NumPy float) or '
+      f'a callable (layer path) -> such a number; got {init_scale!r}.'
     )
   token = _MODE.set(Mode(init_scale, axis_name))
   try:
@@ -138,11 +139,19 @@ def check_not_shared_across_vmap(kernel: object, g: object) -> None:
     )
 
 
+def _is_scale(s: object) -> bool:
+  """Whether ``s`` is a static output scale: a finite real number > 0 (not a bool)."""
+  return is_eps(s) and float(s) > 0  # type: ignore[arg-type]
+
+
 def scale_for(m: Mode, path: str) -> float:
   s = m.init_scale(path) if callable(m.init_scale) else m.init_scale
-  if not s > 0:
-    raise ValueError(f'data_init: init_scale for layer {path!r} must be positive; got {s!r}.')
-  return float(s)
+  if not _is_scale(s):
+    raise ValueError(
+      f'data_init: init_scale for layer {path!r} must be a positive finite number (a Python '
+      f'or NumPy float); got {s!r}.'
+    )
+  return float(s)  # type: ignore[arg-type]
 
 
 def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:

@@ -55,8 +55,8 @@ def data_init(
     model: the linen model.
     variables: its variables (``{'params': ..., ...}``), e.g. from ``model.init``.
     *args: the batch, as ``model.apply`` takes it.
-    init_scale: the target standard deviation, or a callable from a layer's path
-      (``'Dense_0'``, ``'block/WNConv_1'``) to it.
+    init_scale: the target standard deviation (a positive finite Python or NumPy number),
+      or a callable from a layer's path (``'Dense_0'``, ``'block/WNConv_1'``) to it.
     axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis, so the
       statistics are the global batch's. Under ``jax.jit`` with a sharded batch no name
       is needed.

@@ -70,8 +70,8 @@ def data_init(
   Args:
     model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
     *args: the batch.
-    init_scale: the target standard deviation, or a callable from the layer's path
-      (``'layers/0'``; ``''`` for the model itself) to it.
+    init_scale: the target standard deviation (a positive finite Python or NumPy number),
+      or a callable from the layer's path (``'layers/0'``; ``''`` for the model itself) to it.
     axis_name: inside ``shard_map`` / ``pmap``, the mapped batch axis.
     **kwargs: passed to the model.
 
