@@ -362,6 +362,18 @@ def test_direction_stats_against_the_reference():
     np.testing.assert_allclose(stats[f'{name}/step'], step.mean(), rtol=1e-5)
 
 
+def test_direction_stats_refuses_updates_of_another_structure():
+  # Leaves are paired by position: updates of a subset, or under other names, would pair a
+  # direction with some other parameter's update. They are refused, naming both structures.
+  params = NET.init(jax.random.key(0), X, XC)['params']
+  updates = jax.tree_util.tree_map(jnp.zeros_like, params)
+  subset = {k: updates[k] for k in list(updates)[1:]}
+  renamed = {f'{k}_': v for k, v in updates.items()}
+  for bad in (subset, renamed):
+    with pytest.raises(ValueError, match='updates must have the structure of params'):
+      wn_jax.optim.direction_stats(params, bad)
+
+
 def test_structure_decides_not_names():
   # AdaLN's Dense named 'scale' beside a kernel of the same rank: no WN layer, no wrapper.
   params = {'ada': {'scale': {'kernel': jnp.ones((4, 4))}}, 'fc': {'kernel': jnp.ones((4, 4))}}

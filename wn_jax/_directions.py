@@ -227,8 +227,16 @@ def direction_stats(
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]
   if updates is None:
     update_nodes: list[Any] = [None] * len(flat)
-  else:  # updates have the structure of params
-    update_nodes = jax.tree_util.tree_leaves(unwrap(updates), is_leaf=is_node)
+  else:  # paired by position: updates must have the structure of params
+    pairs = jax.tree_util.tree_flatten_with_path(unwrap(updates), is_leaf=is_node)[0]
+    want, got = ({'/'.join(path_keys(p)) for p, _ in nodes} for nodes in (flat, pairs))
+    if len(pairs) != len(flat) or want != got:
+      raise ValueError(
+        'wn_jax.optim.direction_stats: updates must have the structure of params (pass the '
+        f'updates the optimizer returns for them); missing from updates: {sorted(want - got)}, '
+        f'not in params: {sorted(got - want)}.'
+      )
+    update_nodes = [u for _, u in pairs]
   out = {}
   for (path, x), u, k in zip(flat, update_nodes, kept):
     if k is None:
