@@ -461,3 +461,15 @@ def test_review_fixes_bad_norms_masking_and_no_directions():
   np.testing.assert_allclose(wn_jax.norm(new['kernel']), wn_jax.norm(params['kernel']), rtol=1e-6)
   plain = wn_jax.optim.weight_norm(optax.sgd(0.1), project=False)
   assert plain.init({'w': jnp.ones((3, 2))}) is not None
+
+
+def test_a_constant_norm_beyond_the_directions_dtype_is_refused():
+  # float16 directions hold at most 65504: norm=1e5 projected a one-entry slice to inf.
+  params = {'w': wn_jax.WeightNormed(jnp.ones((1, 3), jnp.float16), jnp.ones(3, jnp.float16))}
+  updates = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.01), params)
+  tx = wn_jax.optim.project_directions(norm=1e5)
+  with pytest.raises(ValueError, match='65504'):
+    tx.update(updates, tx.init(params), params)
+  tx = wn_jax.optim.project_directions(norm=1e4)
+  new = optax.apply_updates(params, tx.update(updates, tx.init(params), params)[0])
+  np.testing.assert_allclose(np.asarray(new['w'].v, np.float32), 1e4, rtol=1e-3)

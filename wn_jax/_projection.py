@@ -64,7 +64,8 @@ def project_directions(
   Args:
     norm: ``'init'`` (each slice keeps its norm at ``init``; an all-zero slice gets 1, as
       :func:`wn_jax.decompose` gives ``g``), or a positive constant for every slice (a
-      float, or an array under ``optax.inject_hyperparams``).
+      float, or an array under ``optax.inject_hyperparams``) that the directions' dtype
+      holds (at most 65504 for float16).
     axis: the kept axis of WN layers and wrappers, as :func:`wn_jax.linen.fold` takes it:
       ``'infer'`` (from each scale's shape, refused where several axes fit, e.g. a
       square kernel), an int, tuple or ``None`` for all, or a mapping from layer path
@@ -154,6 +155,20 @@ def _check_norm(norm: Any) -> None:
     )
 
 
+def _check_fits(norm: Any, dtype: Any) -> None:
+  """A constant target must fit the directions' dtype: a slice with one nonzero entry holds
+  the whole norm in it (float16's largest value is 65504)."""
+  if isinstance(norm, jax.core.Tracer):
+    return
+  largest = float(jnp.finfo(dtype).max)
+  if float(np.max(np.asarray(norm, np.float64))) > largest:
+    raise ValueError(
+      f'{_CALLER}: norm {norm!r} is beyond what a {jnp.dtype(dtype).name} direction holds '
+      f'({largest:.6g}); a slice could overflow to inf. Pass a smaller norm, or keep the '
+      f'directions in float32.'
+    )
+
+
 def _nothing_to_project() -> ValueError:
   return ValueError(
     f'{_CALLER}: found no weight-normalized direction in the params (a kernel beside a '
@@ -181,7 +196,9 @@ def _projected_update(x: Any, u: Any, kept: Any, target: Any, *, norm: Any) -> A
     return u
   v, dv = direction(x), direction(u)
   shape = _core.scale_shape(v.shape, kept)
-  target = jnp.broadcast_to(jnp.asarray(norm, _acc(v)), shape) if target is None else target
+  if target is None:
+    _check_fits(norm, jnp.result_type(v))
+    target = jnp.broadcast_to(jnp.asarray(norm, _acc(v)), shape)
   if jnp.shape(target) != shape:
     raise ValueError(
       f'{_CALLER}: a direction of shape {v.shape} meets a target norm of shape '
