@@ -86,9 +86,14 @@ collect_ignore_glob = ['data/*']
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-  """``--dist loadgroup`` on pytest >= 9.2, whose structured node ids ignore the group suffix
+  """The slow tests first (subprocesses, notebooks, the docs, 8-device sharding; a stable
+  sort, the same on every xdist worker): each starts while short tests remain to fill the
+  other worker, rather than one running alone at the end.
+
+  And ``--dist loadgroup`` on pytest >= 9.2, whose structured node ids ignore the group suffix
   pytest-xdist 3.8 writes (pytest-dev/pytest-xdist#1386): the suffix, written where pytest
   reads it. A no-op where xdist's own took effect, or outside an xdist worker."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
   if not getattr(config.option, 'loadgroup', False):
     return
   for item in items:
