@@ -42,8 +42,8 @@ QUICK := tests/test_core.py tests/test_tree.py tests/test_eager.py tests/test_ar
 check: lint typecheck
 	$(PY) -m pytest -q -n 2 $(QUICK)
 
-# The suite compiles with LLVM's optimizations off (tests/conftest.py); the range tests run
-# once more with XLA as users get it.
+# The suite compiles fast (tests/conftest.py: LLVM's optimizations off, XLA's older CPU loop
+# emitters); the range tests run once more with XLA as users get it.
 test: lint typecheck docs
 	WN_JAX_SITE=site $(PY) -m pytest -q -n 2 --dist loadgroup
 	WN_JAX_TEST_XLA=default $(PY) -m pytest -q -n 2 tests/test_range.py
