@@ -1038,3 +1038,35 @@ def test_fold_a_converted_dim2_layer_whose_window_equals_its_channels():
   plain = wn_linen.fold(params, axis=wt.layer_axes(sd))
   y = nn.Conv(4, (4,), padding=[(2, 2)]).apply({'params': plain['pos_conv']}, x)
   np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize('given', ['twin', 'template'])
+def test_torch_sequential_loads_into_nnx_sequential(given):
+  # torch's nn.Sequential names its children 0, 1, ...; nnx.Sequential keeps them under
+  # 'layers' (a nested Sequential too). With the model (or its state) to fit, they land there.
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  rng = np.random.default_rng(0)
+  sd = {}
+  for key, (o, i) in {'0': (4, 3), '2.0': (2, 4)}.items():
+    sd.update(
+      {
+        f'{key}.weight_g': rng.uniform(1, 2, (o, 1)).astype(np.float32),
+        f'{key}.weight_v': rng.normal(size=(o, i)).astype(np.float32),
+        f'{key}.bias': rng.normal(size=o).astype(np.float32),
+      }
+    )
+  model = nnx.Sequential(
+    wx.WNLinear(3, 4, rngs=nnx.Rngs(0)),
+    nnx.relu,
+    nnx.Sequential(wx.WNLinear(4, 2, rngs=nnx.Rngs(1))),
+  )
+  state = nnx.state(model)
+  tree = wt.to_nnx(sd, twin=model) if given == 'twin' else wt.to_nnx(sd, template=state)
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(model, state)
+  np.testing.assert_array_equal(model.layers[0].scale[...], sd['0.weight_g'][:, 0])
+  np.testing.assert_array_equal(model.layers[2].layers[0].kernel[...], sd['2.0.weight_v'].T)
+  np.testing.assert_array_equal(model.layers[2].layers[0].bias[...], sd['2.0.bias'])

@@ -12,6 +12,7 @@ from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _linen_path
 from wn_jax.pytorch._naming import _nest
 from wn_jax.pytorch._naming import _path
+from wn_jax.pytorch._naming import _under_layers
 from wn_jax.pytorch._plan import Rule
 from wn_jax.pytorch._plan import _Options
 from wn_jax.pytorch._plan import _outputs
@@ -57,6 +58,8 @@ def _to_tree(
     _check_axes(layers, axes, naming)
     inputs = twin[1:] if naming == 'linen' else None
   if template is not None:
+    if naming == 'nnx':
+      flat = _under_layers(flat, template)
     _check(flat, template, layers, naming, inputs)
   return _nest(flat)
 
@@ -163,7 +166,8 @@ def to_nnx(
   The same conversion as :func:`to_linen`, in one tree (running statistics under
   their NNX names ``mean`` / ``var``), with a torch ``nn.ModuleList`` index as an integer
   key: ``resblocks.0.convs1.1`` -> ``['resblocks'][0]['convs1'][1]``, the path of an
-  ``nnx.List`` of submodules. Load it with
+  ``nnx.List`` of submodules. With ``twin`` or ``template``, the children of a torch
+  ``nn.Sequential`` go under ``layers`` where the model has an ``nnx.Sequential``. Load it with
   ``state = nnx.state(model); nnx.replace_by_pure_dict(state, tree); nnx.update(model, state)``.
 
   Args:

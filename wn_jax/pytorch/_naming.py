@@ -29,6 +29,28 @@ def _path(prefix: str, name: str, collection: str, naming: str) -> tuple[Any, ..
   return (*_nnx_path(prefix), name)
 
 
+def _under_layers(flat: dict[tuple[Any, ...], Any], template: Any) -> dict[tuple[Any, ...], Any]:
+  """NNX paths moved under ``layers`` where the template has an ``nnx.Sequential``: torch's
+  ``nn.Sequential`` names its children ``0``, ``1``, ..., nnx's keeps them in ``layers``, so
+  ``(P, i, ...)`` becomes ``(P, 'layers', i, ...)`` where the template has ``P/layers/i`` and
+  no ``P/i`` (nested ones too)."""
+  nodes = {p[:n] for p in _flatten(template) for n in range(1, len(p) + 1)}
+  moved = {}
+  for path, value in flat.items():
+    new: tuple[Any, ...] = ()
+    for part in path:
+      key = tuple(map(str, new))
+      if (
+        isinstance(part, int)
+        and (*key, str(part)) not in nodes
+        and (*key, 'layers', str(part)) in nodes
+      ):
+        new += ('layers',)
+      new += (part,)
+    moved[new] = value
+  return moved
+
+
 def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:
   tree: dict[Any, Any] = {}
   for path, value in flat.items():
