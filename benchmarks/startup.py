@@ -510,7 +510,7 @@ def _load() -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--rounds', type=int, default=11)
+  parser.add_argument('--rounds', type=int, default=25)
   parser.add_argument('--quick', action='store_true', help='5 rounds, shorter samples, print only')
   args = parser.parse_args()
   rounds = 5 if args.quick else args.rounds
