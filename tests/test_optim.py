@@ -576,11 +576,41 @@ def test_contrib_optimizers_extra_arguments_in_weight_normed_coordinates(name, x
   assert float(loss(p)) < float(loss(params))  # it trains
 
 
-def test_schedule_free_eval_params(x64):
+_SCHEDULE_FREE = {
+  # name: (inner, project, the reference optimizer on (v, g), where its ScheduleFreeState is)
+  'alone': (
+    lambda: optax.contrib.schedule_free_sgd(0.1),
+    None,
+    lambda: optax.contrib.schedule_free_sgd(0.1),
+    lambda s: s,
+  ),
+  # With project=, the state of weight_norm(inner) is a chain's: it used to fail on a tuple
+  # (AttributeError: b1). Projection rescales the directions after schedule-free's update:
+  # optax recomputes its x from the params it is given, so the evaluation point follows.
+  'project': (
+    lambda: optax.contrib.schedule_free_sgd(0.1),
+    'init',
+    lambda: optax.chain(
+      optax.contrib.schedule_free_sgd(0.1), wn_jax.optim.project_directions('init')
+    ),
+    lambda s: s[0],
+  ),
+  'in a chain': (
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_sgd(0.1)),
+    None,
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_sgd(0.1)),
+    lambda s: s[1],
+  ),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_SCHEDULE_FREE))
+def test_schedule_free_eval_params(x64, case):
   # optax.contrib.schedule_free_eval_params used to fail on the wrapper's state (b1).
   loss, params, _ = _least_squares()
-  tx = wn_jax.optim.weight_norm(optax.contrib.schedule_free_sgd(0.1))
-  opt, fn = optax.contrib.schedule_free_sgd(0.1), lambda q: loss(wn_jax.materialize(q))
+  inner, project, reference, sf_state = _SCHEDULE_FREE[case]
+  tx = wn_jax.optim.weight_norm(inner(), project=project)
+  opt, fn = reference(), lambda q: loss(wn_jax.materialize(q))
   p, s = params, tx.init(params)
   q = wn_jax.weight_norm(params)
   s_re = opt.init(q)
@@ -590,8 +620,21 @@ def test_schedule_free_eval_params(x64):
     u, s_re = opt.update(jax.grad(fn)(q), s_re, q)
     q = optax.apply_updates(q, u)
   got = wn_jax.optim.schedule_free_eval_params(s, p)
-  want = wn_jax.materialize(optax.contrib.schedule_free_eval_params(s_re, q))
+  want = wn_jax.materialize(optax.contrib.schedule_free_eval_params(sf_state(s_re), q))
   assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
   assert not np.allclose(got['w'], p['w'])  # the evaluation point is not the training point
   with pytest.raises(ValueError, match=r'wn_jax.optim.schedule_free_eval_params'):
     wn_jax.optim.schedule_free_eval_params(s_re, p)
+
+
+def test_schedule_free_eval_params_refuses_other_optimizers():
+  params = {'w': jnp.ones((3, 2))}
+  for inner in (
+    optax.adam(0.1),
+    optax.chain(optax.contrib.schedule_free_sgd(0.1), optax.contrib.schedule_free_sgd(0.1)),
+  ):
+    tx = wn_jax.optim.weight_norm(inner)
+    with pytest.raises(
+      ValueError, match=r'schedule_free_eval_params: .*(no|2) schedule-free state'
+    ):
+      wn_jax.optim.schedule_free_eval_params(tx.init(params), params)

@@ -274,7 +274,8 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
 
   Args:
     state: the ``WeightNormState`` of ``weight_norm(schedule_free(...))`` (or of a
-      ``schedule_free_*`` optimizer), as ``tx.update`` returns it.
+      ``schedule_free_*`` optimizer, alone or in a chain, with or without ``project=``), as
+      ``tx.update`` returns it.
     params: the current weights ``w``, as passed to ``tx.update``.
 
   Returns:
@@ -297,5 +298,25 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
       f'{type(state).__name__}. For a schedule-free optimizer used alone, call '
       f'optax.contrib.schedule_free_eval_params.'
     )
+  found = _schedule_free_states(state.inner_state)
+  if len(found) != 1:
+    raise ValueError(
+      f"{caller}: expected one schedule-free state in the inner optimizer's state "
+      f'(weight_norm(optax.contrib.schedule_free_*(...)), alone or in a chain), found '
+      f'{len(found) or "no"} schedule-free state{"" if len(found) == 1 else "s"}. Evaluate a '
+      f'model trained with another optimizer at params.'
+    )
   wn = _directions_and_rest(state.directions, unwrap(params), caller)
-  return _tree.materialize(optax.contrib.schedule_free_eval_params(state.inner_state, wn))
+  return _tree.materialize(optax.contrib.schedule_free_eval_params(found[0], wn))
+
+
+def _schedule_free_states(state: Any) -> list[Any]:
+  """Every ``ScheduleFreeState`` in an optax state: alone, or inside the states of
+  ``optax.chain`` (``project=`` chains one), ``masked``, ``inject_hyperparams``, ... ."""
+  if isinstance(state, optax.contrib.ScheduleFreeState):
+    return [state]
+  if isinstance(state, dict):
+    state = list(state.values())
+  if isinstance(state, (tuple, list)):
+    return [found for part in state for found in _schedule_free_states(part)]
+  return []
