@@ -576,13 +576,30 @@ def test_contrib_optimizers_extra_arguments_in_weight_normed_coordinates(name, x
   assert float(loss(p)) < float(loss(params))  # it trains
 
 
+def _sf_eval_at(state, q, names):
+  """optax's evaluation point at the parameters ``names`` of ``q`` (those ``state``
+  trains), ``q`` itself at the others."""
+  trained = {k: q[k] if k in names else optax.MaskedNode() for k in q}
+  x = optax.contrib.schedule_free_eval_params(state, trained)
+  return {k: x[k] if k in names else q[k] for k in q}
+
+
+def _sf_masked():
+  return optax.masked(optax.contrib.schedule_free_sgd(0.1), {'w': True, 'b': False})
+
+
+def _sf_partitioned():
+  sf = optax.contrib.schedule_free_sgd
+  return optax.multi_transform({'sf': sf(0.1), 'other': sf(0.2)}, {'w': 'sf', 'b': 'other'})
+
+
 _SCHEDULE_FREE = {
-  # name: (inner, project, the reference optimizer on (v, g), where its ScheduleFreeState is)
+  # name: (inner, project, the reference optimizer on (v, g), its evaluation point)
   'alone': (
     lambda: optax.contrib.schedule_free_sgd(0.1),
     None,
     lambda: optax.contrib.schedule_free_sgd(0.1),
-    lambda s: s,
+    optax.contrib.schedule_free_eval_params,
   ),
   # With project=, the state of weight_norm(inner) is a chain's: it used to fail on a tuple
   # (AttributeError: b1). Projection rescales the directions after schedule-free's update:
@@ -593,13 +610,27 @@ _SCHEDULE_FREE = {
     lambda: optax.chain(
       optax.contrib.schedule_free_sgd(0.1), wn_jax.optim.project_directions('init')
     ),
-    lambda s: s[0],
+    lambda s, q: optax.contrib.schedule_free_eval_params(s[0], q),
   ),
   'in a chain': (
     lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_sgd(0.1)),
     None,
     lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_sgd(0.1)),
-    lambda s: s[1],
+    lambda s, q: optax.contrib.schedule_free_eval_params(s[1], q),
+  ),
+  # optax.masked and multi_transform hold schedule-free states of parts of the tree: they
+  # used to fail inside optax (TypeError). Each state gives the evaluation point of the
+  # parameters it trains.
+  'masked': (_sf_masked, None, _sf_masked, lambda s, q: _sf_eval_at(s.inner_state, q, {'w'})),
+  'partitioned': (
+    _sf_partitioned,
+    None,
+    _sf_partitioned,
+    lambda s, q: _sf_eval_at(
+      s.inner_states['sf'].inner_state,
+      _sf_eval_at(s.inner_states['other'].inner_state, q, {'b'}),
+      {'w'},
+    ),
   ),
 }
 
@@ -608,7 +639,7 @@ _SCHEDULE_FREE = {
 def test_schedule_free_eval_params(x64, case):
   # optax.contrib.schedule_free_eval_params used to fail on the wrapper's state (b1).
   loss, params, _ = _least_squares()
-  inner, project, reference, sf_state = _SCHEDULE_FREE[case]
+  inner, project, reference, eval_point = _SCHEDULE_FREE[case]
   tx = wn_jax.optim.weight_norm(inner(), project=project)
   opt, fn = reference(), lambda q: loss(wn_jax.materialize(q))
   p, s = params, tx.init(params)
@@ -620,7 +651,7 @@ def test_schedule_free_eval_params(x64, case):
     u, s_re = opt.update(jax.grad(fn)(q), s_re, q)
     q = optax.apply_updates(q, u)
   got = wn_jax.optim.schedule_free_eval_params(s, p)
-  want = wn_jax.materialize(optax.contrib.schedule_free_eval_params(sf_state(s_re), q))
+  want = wn_jax.materialize(eval_point(s_re, q))
   assert_trees_close(got, want, rtol=1e-9, atol=1e-12)
   assert not np.allclose(got['w'], p['w'])  # the evaluation point is not the training point
   with pytest.raises(ValueError, match=r'wn_jax.optim.schedule_free_eval_params'):
@@ -635,6 +666,15 @@ def test_schedule_free_eval_params_refuses_other_optimizers():
   ):
     tx = wn_jax.optim.weight_norm(inner)
     with pytest.raises(
-      ValueError, match=r'schedule_free_eval_params: .*(no|2) schedule-free state'
+      ValueError, match=r'schedule_free_eval_params: (found no|2) schedule-free state'
     ):
       wn_jax.optim.schedule_free_eval_params(tx.init(params), params)
+
+
+def test_schedule_free_eval_params_refuses_params_of_other_shapes():
+  # It used to return the state's (5, 4) weight for (2, 4) params, where update refuses.
+  tx = wn_jax.optim.weight_norm(optax.contrib.schedule_free_sgd(0.1))
+  state = tx.init({'w': jnp.ones((5, 4)), 'b': jnp.zeros(4)})
+  for w, b in (((2, 4), (4,)), ((5, 4), (1,))):
+    with pytest.raises(ValueError, match=r'schedule_free_eval_params: .*shape .*tx.init'):
+      wn_jax.optim.schedule_free_eval_params(state, {'w': jnp.ones(w), 'b': jnp.zeros(b)})

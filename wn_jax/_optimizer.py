@@ -169,11 +169,11 @@ def _refuse_weight_normed(params: Any) -> None:
       )
 
 
-def _check_shapes(directions: Any, params: Any) -> None:
+def _check_shapes(directions: Any, params: Any, caller: str = _CALLER) -> None:
   def check(d: _tree.WeightNormed, w: Any) -> None:
     if jnp.shape(d.v) != jnp.shape(w):
       raise ValueError(
-        f'{_CALLER}: a weight of shape {jnp.shape(w)} meets a state '
+        f'{caller}: a weight of shape {jnp.shape(w)} meets a state '
         f'direction of shape {jnp.shape(d.v)}; the params changed since init. Re-run '
         f'tx.init on the new params.'
       )
@@ -275,7 +275,8 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
   Args:
     state: the ``WeightNormState`` of ``weight_norm(schedule_free(...))`` (or of a
       ``schedule_free_*`` optimizer, alone or in a chain, with or without ``project=``), as
-      ``tx.update`` returns it.
+      ``tx.update`` returns it. Under ``optax.masked`` or ``multi_transform``, each
+      schedule-free state evaluates the parameters it trains; the others are ``params``.
     params: the current weights ``w``, as passed to ``tx.update``.
 
   Returns:
@@ -298,16 +299,53 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
       f'{type(state).__name__}. For a schedule-free optimizer used alone, call '
       f'optax.contrib.schedule_free_eval_params.'
     )
+  params = unwrap(params)
+  wn = _directions_and_rest(state.directions, params, caller)
+  _check_shapes(state.directions, params, caller)
   found = _schedule_free_states(state.inner_state)
-  if len(found) != 1:
+  if not found:
     raise ValueError(
-      f"{caller}: expected one schedule-free state in the inner optimizer's state "
-      f'(weight_norm(optax.contrib.schedule_free_*(...)), alone or in a chain), found '
-      f'{len(found) or "no"} schedule-free state{"" if len(found) == 1 else "s"}. Evaluate a '
-      f'model trained with another optimizer at params.'
+      f"{caller}: found no schedule-free state in the inner optimizer's state: expected "
+      f'weight_norm(optax.contrib.schedule_free_*(...)), alone, in a chain or under '
+      f'optax.masked / multi_transform. Evaluate a model trained with another optimizer at '
+      f'params.'
     )
-  wn = _directions_and_rest(state.directions, unwrap(params), caller)
-  return _tree.materialize(optax.contrib.schedule_free_eval_params(found[0], wn))
+  trained: dict[str, int] = {}
+  x = wn
+  for sf in found:
+    # sf.z holds MaskedNode() at the parameters this schedule-free optimizer does not train
+    # (optax.masked, multi_transform): evaluate the others, keep the point found so far there.
+    y = _trained_part(sf.z, wn, caller)
+    for path, _ in jax.tree_util.tree_leaves_with_path(y):
+      trained[_tree.path_str(path)] = trained.get(_tree.path_str(path), 0) + 1
+    at = optax.contrib.schedule_free_eval_params(sf, y)
+    x = jax.tree_util.tree_map(lambda a, b: b if is_masked(a) else a, at, x, is_leaf=is_masked)
+  twice = [path for path, n in trained.items() if n > 1]
+  if twice:
+    raise ValueError(
+      f'{caller}: {max(trained.values())} schedule-free states train the same parameters '
+      f'({", ".join(twice[:4])}): their evaluation points differ. Train each parameter with '
+      f'one schedule-free optimizer.'
+    )
+  return _tree.materialize(x)
+
+
+def _trained_part(z: Any, wn: Any, caller: str) -> Any:
+  """``wn`` where ``z`` (a schedule-free state's) holds values, ``MaskedNode()`` elsewhere."""
+
+  def part(zi: Any, yi: Any) -> Any:
+    if is_masked(zi):
+      return zi
+    for a, b in zip(jax.tree_util.tree_leaves(zi), jax.tree_util.tree_leaves(yi)):
+      if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(
+          f'{caller}: a parameter of shape {jnp.shape(b)} meets the schedule-free '
+          f"state's of shape {jnp.shape(a)}; the params changed since init. Re-run tx.init "
+          f'on the new params.'
+        )
+    return yi
+
+  return jax.tree_util.tree_map(part, z, wn, is_leaf=is_masked)
 
 
 def _schedule_free_states(state: Any) -> list[Any]:
