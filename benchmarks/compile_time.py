@@ -130,6 +130,7 @@ def measure(build: Callable[[], tuple]) -> dict[str, float]:
     'compile': t2 - t1,
     'ops': len(_INSTR.findall(text)),
     'conditionals': text.count(' conditional('),
+    'fusions': text.count(' fusion('),
   }
 
 
