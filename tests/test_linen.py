@@ -714,3 +714,13 @@ def test_partition_names_shorter_than_the_kernel_leave_the_rest_unsharded(wrappe
   assert scale.names == (None,)
   plain = {'params': p['layer']} if wrapped else nn.Dense(10, kernel_init=init).init(KEY, x)
   np.testing.assert_allclose(model.apply(variables, x), nn.Dense(10).apply(plain, x), 1e-5, 1e-5)
+
+
+def test_mean_only_batch_norm_of_an_int_input_is_float():
+  # As flax.linen.BatchNorm: an int input is promoted to float. The mean and the output
+  # used to be cast to int, silently truncated.
+  xi = jnp.array([[0, 1, 2], [3, 4, 6]])
+  bn = wl.MeanOnlyBatchNorm(use_running_average=False)
+  y, _ = bn.apply(bn.init(KEY, xi), xi, mutable=['batch_stats'])
+  assert y.dtype == jnp.float32
+  assert_close(y, np.array([[-1.5, -1.5, -2.0], [1.5, 1.5, 2.0]]))

@@ -472,3 +472,10 @@ def test_dense_forms_w_for_a_custom_dot_general_and_for_float16():
     return layer(x)
 
   check_dense_forms_w(int8, float16)
+
+
+def test_mean_only_batch_norm_of_an_int_input_is_float():
+  xi = jnp.array([[0, 1, 2], [3, 4, 6]])
+  y = wx.MeanOnlyBatchNorm(3)(xi)
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(y, [[-1.5, -1.5, -2.0], [1.5, 1.5, 2.0]])

@@ -10,6 +10,13 @@ import jax.numpy as jnp
 from wn_jax import _core
 
 
+def floating(x: Any) -> jax.Array:
+  """``x`` as an array, an int or bool one promoted to JAX's default float (as
+  ``flax.linen.BatchNorm`` promotes it): a mean subtracted in ints would be truncated."""
+  x = jnp.asarray(x)
+  return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.result_type(float))
+
+
 def feature_axis(x: jax.Array, axis: int, label: str) -> int:
   """The feature axis ``axis`` of the input ``x`` as a non-negative int."""
   ndim = jnp.ndim(x)

@@ -58,7 +58,7 @@ class MeanOnlyBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
-    x = jnp.asarray(x)
+    x = _batch_norm.floating(x)
     feature = _batch_norm.feature_axis(
       x,
       self.axis,

@@ -63,7 +63,7 @@ class MeanOnlyBatchNorm(nnx.Module):
 
   def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
     use_ra = self.use_running_average if use_running_average is None else use_running_average
-    x = jnp.asarray(x)
+    x = _batch_norm.floating(x)
     feature = _batch_norm.feature_axis(x, self.axis, 'wn_jax.nnx.MeanOnlyBatchNorm')
     if x.shape[feature] != self.mean.shape[0]:
       raise ValueError(
