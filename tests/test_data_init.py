@@ -654,3 +654,52 @@ def test_a_call_that_initializes_no_layer_is_refused(front):
       wl.data_init(model, model.init(jax.random.key(1), x), x)
     else:
       wx.data_init(wx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0))), x)
+
+
+class _NNXTrainBN(nnx.Module):
+  def __init__(self, rngs):
+    self.a = wx.WNLinear(4, 8, rngs=rngs)
+    self.mobn = wx.MeanOnlyBatchNorm(8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.b = wx.WNLinear(8, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.b(self.bn(nnx.relu(self.mobn(self.a(x)))))
+
+
+def test_nnx_data_init_leaves_batch_statistics_alone():
+  # As in linen, only the WN layers' scale and bias change. NNX data_init used to leave the
+  # running statistics of the batch norms it called in training mode updated.
+  x = _batch((32, 4))
+  model = _NNXTrainBN(nnx.Rngs(0))
+  before = [np.array(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))]
+  scale = model.a.scale[...]
+  wx.data_init(model, x)
+  for a, b in zip(before, jax.tree_util.tree_leaves(nnx.state(model, nnx.BatchStat))):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(model.a.scale[...], scale)
+
+
+@pytest.mark.parametrize('value', [37.3, -1e4, 0.7])
+def test_a_constant_feature_keeps_unit_sigma_whatever_its_value(value):
+  # A constant feature's float32 standard deviation is rounding noise, about |mu| 1e-7:
+  # above 1e-6 for |mu| beyond a few units, it used to give g = 1 / noise (262144 at 37.3).
+  x = jnp.full((100, 1), value)
+  model = wl.WNDense(3)
+  new = wl.data_init(model, model.init(jax.random.key(0), x), x)
+  np.testing.assert_allclose(new['params']['scale'], 1.0)
+  np.testing.assert_allclose(model.apply(new, x), 0.0, atol=1e-3 * abs(value))
+  layer = wx.WNLinear(1, 3, rngs=nnx.Rngs(0))
+  wx.data_init(layer, x)
+  np.testing.assert_allclose(layer.scale[...], 1.0)
+
+
+@pytest.mark.parametrize('size', [1e-7, 1e-20, 1e20])
+def test_a_varying_feature_is_standardized_at_any_scale(size):
+  # Features of std 1e-7 used to count as constant (an absolute cutoff of 1e-6) and kept
+  # their scale; at 1e-20 the squares underflowed float32 (sigma 0: constant too), at 1e20
+  # they overflowed (sigma inf: g = 0, a dead layer).
+  x = _batch((256, 8)) * size
+  model = wl.WNDense(4)
+  new = wl.data_init(model, model.init(jax.random.key(0), x), x)
+  _assert_standardized({'out': model.apply(new, x)}, 1.0)

@@ -29,9 +29,12 @@ from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the p
 from wn_jax._axes import is_eps
 from wn_jax._core import reduce_dtype
 
-# A feature whose standard deviation on the batch is below this is taken as constant:
-# its sigma counts as 1 (g = init_scale, b = -mu * init_scale), so nothing blows up.
-CONSTANT_FEATURE_STD = 1e-6
+# A feature is taken as constant on the batch when its standard deviation is at most this
+# many units in the last place of its mean (of the statistics' dtype): a constant feature's
+# sigma is the rounding of its mean, about |mu| * eps, never exactly 0. Its sigma counts
+# as 1 (g = init_scale, b = -mu * init_scale), so nothing blows up. A feature that varies,
+# at whatever scale, is standardized.
+CONSTANT_FEATURE_ULPS = 128
 
 
 @dataclasses.dataclass
@@ -171,11 +174,19 @@ def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
   mu = jnp.mean(t, axis=axes)
   if m.axis_name is not None:
     mu = jax.lax.pmean(mu, m.axis_name)
-  var = jnp.mean(jnp.square(t - mu), axis=axes)
+  # The deviations scaled by their largest magnitude, so their squares neither underflow
+  # (a feature varying by 1e-20) nor overflow (by 1e20) the statistics' dtype.
+  d = t - mu
+  top = jnp.max(jnp.abs(d), axis=axes)
+  if m.axis_name is not None:
+    top = jax.lax.pmax(top, m.axis_name)
+  top = jnp.where(top > 0, top, 1.0)
+  var = jnp.mean(jnp.square(d / top), axis=axes)
   if m.axis_name is not None:
     var = jax.lax.pmean(var, m.axis_name)
-  sigma = jnp.sqrt(var)
-  return mu, jnp.where(sigma > CONSTANT_FEATURE_STD, sigma, 1.0)
+  sigma = top * jnp.sqrt(var)
+  rounding = CONSTANT_FEATURE_ULPS * jnp.finfo(sigma.dtype).eps * jnp.abs(mu)
+  return mu, jnp.where(sigma > rounding, sigma, 1.0)
 
 
 def initialize(

@@ -38,8 +38,9 @@ def data_init(
   with ``s = init_scale``, so its output on this batch has mean 0 and standard deviation
   ``s`` per feature; it passes that initialized output on, so each later layer sees the
   earlier layers after their initialization. A layer used twice (shared weights) is
-  initialized on its first use only. A feature with standard deviation below 1e-6
-  (constant on the batch) keeps $\sigma = 1$ (finite, never NaN). Statistics are
+  initialized on its first use only. A feature constant on the batch (its standard
+  deviation no more than the rounding of its mean, 128 units in the last place) keeps
+  $\sigma = 1$ (finite, never NaN); one that varies, at any scale, is standardized. Statistics are
   taken in float32 (or wider) whatever the parameter dtype; a ``g`` or ``b`` that does not
   fit the layer's parameter or compute dtype (float16 on a batch that varies too little)
   is refused with a ``ValueError`` naming the layer, never stored as ``inf`` (under ``jit``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,10 +100,20 @@ def data_init(
       if i is not None and layers[i][1].scale.get_raw_value() is scales[i]:
         raise _discarded(_path(layers[i][0]), layers[i][1])
   except BaseException:
-    for v, value in zip(state, saved):  # the model as it was, never half initialized
-      v.set_raw_value(value)
+    _restore(state, saved)  # the model as it was, never half initialized
     raise
+  # Only the WN layers' scale and bias change, as in linen: the running statistics of the
+  # batch norms the call ran in training mode (and RNG counts) go back to what they were.
+  initialized = {id(v) for _, layer in layers for v in (layer.scale, layer.bias) if v is not None}
+  _restore(state, saved, but=initialized)
   return out
+
+
+def _restore(variables: list[Any], values: list[Any], but: Collection[int] = ()) -> None:
+  """Sets each of ``variables`` back to its saved value, except those whose id is in ``but``."""
+  for v, value in zip(variables, values):
+    if id(v) not in but:
+      v.set_raw_value(value)
 
 
 def layer_axes(model: nnx.Module) -> dict[str, Any]:
