@@ -69,7 +69,8 @@ def data_init(
   transform (``in_axes=0``) are each initialized. On any error the model is left as it was.
 
   Args:
-    model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place.
+    model: the NNX model; its WN layers' ``scale`` and ``bias`` are updated in place, and
+      every other variable (running statistics, RNG counts) is left as it was.
     *args: the batch.
     init_scale: the target standard deviation (a positive finite Python or NumPy number),
       or a callable from the layer's path (``'layers/0'``; ``''`` for the model itself) to it.
