@@ -1070,3 +1070,100 @@ def test_torch_sequential_loads_into_nnx_sequential(given):
   np.testing.assert_array_equal(model.layers[0].scale[...], sd['0.weight_g'][:, 0])
   np.testing.assert_array_equal(model.layers[2].layers[0].kernel[...], sd['2.0.weight_v'].T)
   np.testing.assert_array_equal(model.layers[2].layers[0].bias[...], sd['2.0.bias'])
+
+
+def _grouped_conv_dim2():
+  rng = np.random.default_rng(0)
+  return {
+    '0.weight_g': rng.uniform(1, 2, (1, 1, 8)).astype(np.float32),
+    '0.weight_v': rng.normal(size=(8, 4, 8)).astype(np.float32),
+    '0.bias': np.zeros(8, np.float32),
+  }
+
+
+def test_twin_checks_the_kept_axis_inside_an_nnx_sequential():
+  # The axis check looked the twin's layers up by torch's path, without nnx.Sequential's
+  # 'layers': a twin left at axis=-1 passed, and computed wrong.
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  def twin(axis):
+    kw = wt.conv_kwargs('Conv1d', 8, padding=4, groups=2)
+    return nnx.Sequential(wx.WNConv(8, 8, axis=axis, rngs=nnx.Rngs(0), **kw))
+
+  with pytest.raises(ValueError, match=r"'layers/0'.*axis -1.*dim=2.*axis=-3"):
+    wt.to_nnx(_grouped_conv_dim2(), twin=twin(-1))
+  assert set(wt.to_nnx(_grouped_conv_dim2(), twin=twin(-3))['layers'][0]) == {
+    'kernel',
+    'scale',
+    'bias',
+  }
+
+
+def test_twin_checks_the_layer_kind():
+  # A ConvTranspose1d(6, 6, 4) fits the shapes of a WNConv and of a WNConvTranspose with
+  # Flax's default transpose_kernel=False (in = out): both computed wrong, unchecked.
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  rng = np.random.default_rng(1)
+  sd = {
+    'up.weight_g': rng.uniform(1, 2, (6, 1, 1)).astype(np.float32),
+    'up.weight_v': rng.normal(size=(6, 6, 4)).astype(np.float32),
+    'up.bias': np.zeros(6, np.float32),
+  }
+  kinds = {'up': 'ConvTranspose1d'}
+  x = np.ones((1, 5, 6), np.float32)
+
+  def linen_twin(layer):
+    class Up(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return layer(name='up')(x)
+
+    return (Up(), x)
+
+  for layer in (
+    lambda **kw: wn_linen.WNConvTranspose(6, (4,), axis=-1, **kw),
+    lambda **kw: wn_linen.WNConv(6, (4,), axis=-1, **kw),
+  ):
+    with pytest.raises(ValueError, match=r"'up'.*ConvTranspose1d.*transpose_kernel=True"):
+      wt.to_linen(sd, kinds, twin=linen_twin(layer))
+  right = lambda **kw: wn_linen.WNConvTranspose(6, (4,), axis=-1, transpose_kernel=True, **kw)
+  assert 'up' in wt.to_linen(sd, kinds, twin=linen_twin(right))['params']
+  # Without kinds=, a bare state dict's rank-3 weight is a Conv1d's or a ConvTranspose1d's
+  # (they convert alike): either twin is taken, Flax's transpose_kernel=False never.
+  assert 'up' in wt.to_linen(sd, twin=linen_twin(right))['params']
+  with pytest.raises(ValueError, match=r"'up'.*Conv1d by its weight rank.*transpose_kernel=True"):
+    wt.to_linen(sd, twin=linen_twin(lambda **kw: wn_linen.WNConvTranspose(6, (4,), axis=-1, **kw)))
+
+  class NNXUp(nnx.Module):
+    def __init__(self, transpose_kernel):
+      self.up = wx.WNConvTranspose(
+        6, 6, (4,), axis=-1, transpose_kernel=transpose_kernel, rngs=nnx.Rngs(0)
+      )
+
+  with pytest.raises(ValueError, match=r"'up'.*ConvTranspose1d.*transpose_kernel=True"):
+    wt.to_nnx(sd, kinds, twin=NNXUp(False))
+  assert set(wt.to_nnx(sd, kinds, twin=NNXUp(True))['up']) == {'kernel', 'scale', 'bias'}
+
+
+def test_nnx_sequential_goes_back_to_torch():
+  # to_torch looked for torch's 0, 1, ... at the root of an nnx.Sequential's state, which
+  # keeps them under 'layers': the round trip failed ("the nnx tree lacks ['0/kernel', ...]").
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  sd = _grouped_conv_dim2()
+  kw = wt.conv_kwargs('Conv1d', 8, padding=4, groups=2)
+  model = nnx.Sequential(wx.WNConv(8, 8, axis=-3, rngs=nnx.Rngs(0), **kw))
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, wt.to_nnx(sd, twin=model))
+  nnx.update(model, state)
+  back = wt.to_torch(nnx.state(model), like=sd)
+  assert list(back) == list(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])

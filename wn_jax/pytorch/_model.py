@@ -9,6 +9,7 @@ from typing import Any
 from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import _layers
 from wn_jax.pytorch._layer import _module_prefix
+from wn_jax.pytorch._naming import _layers_mover
 from wn_jax.pytorch._naming import _linen_path
 from wn_jax.pytorch._naming import _nest
 from wn_jax.pytorch._naming import _path
@@ -54,8 +55,10 @@ def _to_tree(
       put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
   inputs = None
   if twin is not None:
-    template, axes = _twin(twin, naming)
-    _check_axes(layers, axes, naming)
+    template, found = _twin(twin, naming)
+    known = {p for p in layers if hasattr(source, 'state_dict') or p in (options.kinds or {})}
+    move = _layers_mover(template) if naming == 'nnx' else tuple
+    _check_axes(layers, found, naming, move, known)
     inputs = twin[1:] if naming == 'linen' else None
   if template is not None:
     if naming == 'nnx':
@@ -128,9 +131,11 @@ def to_linen(
       and a mismatch raises with the missing and unexpected paths.
     twin: optional, ``(model, *inputs)``: the Flax model and inputs its ``init`` runs on
       (abstractly, nothing is computed). Its variables serve as ``template``, and each
-      weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``, which
-      shapes alone cannot always tell (wav2vec2's ``dim=2`` Conv1d with as many channels
-      as window taps fits a twin left at ``axis=-1``, and computes wrong).
+      weight-normed layer's kept ``axis`` is checked against PyTorch's ``dim``, and its
+      kind against PyTorch's layer, which shapes alone cannot always tell (wav2vec2's
+      ``dim=2`` Conv1d with as many channels as window taps fits a twin left at
+      ``axis=-1``; a ``ConvTranspose1d`` with as many inputs as outputs fits a ``WNConv``
+      or a ``WNConvTranspose`` without ``transpose_kernel=True``: each computes wrong).
 
   Raises:
     ValueError: for a ``drop``, ``buffer_keys`` or ``rules`` pattern that matches no key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 from wn_jax.pytorch._state_dict import _error
@@ -29,14 +31,19 @@ def _path(prefix: str, name: str, collection: str, naming: str) -> tuple[Any, ..
   return (*_nnx_path(prefix), name)
 
 
-def _under_layers(flat: dict[tuple[Any, ...], Any], template: Any) -> dict[tuple[Any, ...], Any]:
+def _layers_mover(template: Any) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
   """NNX paths moved under ``layers`` where the template has an ``nnx.Sequential``: torch's
   ``nn.Sequential`` names its children ``0``, ``1``, ..., nnx's keeps them in ``layers``, so
   ``(P, i, ...)`` becomes ``(P, 'layers', i, ...)`` where the template has ``P/layers/i`` and
   no ``P/i`` (nested ones too)."""
-  nodes = {p[:n] for p in _flatten(template) for n in range(1, len(p) + 1)}
-  moved = {}
-  for path, value in flat.items():
+  return _mover(_flatten(template))
+
+
+def _mover(paths: Iterable[tuple[str, ...]]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+  """:func:`_layers_mover` of a tree given by its leaves' paths."""
+  nodes = {p[:n] for p in paths for n in range(1, len(p) + 1)}
+
+  def move(path: tuple[Any, ...]) -> tuple[Any, ...]:
     new: tuple[Any, ...] = ()
     for part in path:
       key = tuple(map(str, new))
@@ -47,8 +54,15 @@ def _under_layers(flat: dict[tuple[Any, ...], Any], template: Any) -> dict[tuple
       ):
         new += ('layers',)
       new += (part,)
-    moved[new] = value
-  return moved
+    return new
+
+  return move
+
+
+def _under_layers(flat: dict[tuple[Any, ...], Any], template: Any) -> dict[tuple[Any, ...], Any]:
+  """``flat``'s paths moved under ``layers`` as the template's ``nnx.Sequential`` keeps them."""
+  move = _layers_mover(template)
+  return {move(path): value for path, value in flat.items()}
 
 
 def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:

@@ -14,6 +14,7 @@ from wn_jax.pytorch._layer import _is_layers
 from wn_jax.pytorch._layer import _layers_to_torch
 from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _flatten
+from wn_jax.pytorch._naming import _mover
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
 from wn_jax.pytorch._plan import _Leaf
@@ -103,6 +104,8 @@ class _Reader:
 
   def __init__(self, flat: dict[tuple[str, ...], Any], naming: str, buffers: str) -> None:
     self.flat, self.naming, self.buffers = flat, naming, buffers
+    # torch's nn.Sequential children 0, 1, ... sit under 'layers' in an nnx.Sequential.
+    self.move = _mover(flat) if naming == 'nnx' else tuple
     self.missing: list[str] = []
 
   def get(self, prefix: str, name: str, collection: str) -> Any:
@@ -110,10 +113,10 @@ class _Reader:
     # A state dict cannot tell buffers from parameters: either collection holds them.
     other = {'params': self.buffers, self.buffers: 'params'}.get(collection, collection)
     for c in (collection, other):
-      path = tuple(map(str, _path(prefix, name, c, self.naming)))
+      path = tuple(map(str, self.move(_path(prefix, name, c, self.naming))))
       if path in self.flat:
         return np.array(self.flat[path])
-    self.missing.append('/'.join(map(str, _path(prefix, name, collection, self.naming))))
+    self.missing.append('/'.join(map(str, self.move(_path(prefix, name, collection, self.naming)))))
     return None
 
 

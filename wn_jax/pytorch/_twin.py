@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,15 +15,51 @@ from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._state_dict import _error
 
 
-def _twin(twin: Any, naming: str) -> tuple[Any, dict[tuple[str, ...], Any]]:
-  """(the twin's variables, for the template; ``{module path: axis}`` of its WN layers)."""
+@dataclasses.dataclass(frozen=True)
+class _TwinLayer:
+  """What the twin's WN layer at a path fixes beyond its shapes."""
+
+  axis: Any  # its kept axis
+  kind: str  # 'Dense', 'Conv', 'ConvTranspose' (PyTorch's kernel layout) or 'Flax ConvTranspose'
+  name: str  # its class, as the error names it
+
+
+# PyTorch's layers by the Flax layer that computes as they do, for the errors.
+_BUILD = {
+  'Dense': 'WNDense (linen) / WNLinear (NNX)',
+  'Conv': 'WNConv',
+  'ConvTranspose': 'WNConvTranspose with transpose_kernel=True',
+}
+
+
+def _twin_layer(layer: Any, conv: type, conv_transpose: type) -> _TwinLayer:
+  """The twin's WN ``layer`` (``conv``, ``conv_transpose``: linen's or NNX's classes)."""
+  axis, name = layer.axis, type(layer).__name__
+  if isinstance(layer, conv_transpose):
+    if getattr(layer, 'transpose_kernel', False):
+      return _TwinLayer(axis, 'ConvTranspose', name)
+    return _TwinLayer(axis, 'Flax ConvTranspose', f'{name} with transpose_kernel=False')
+  return _TwinLayer(axis, 'Conv' if isinstance(layer, conv) else 'Dense', name)
+
+
+def _torch_kind(kind: str) -> str:
+  """The ``_TwinLayer.kind`` that computes as PyTorch's layer ``kind`` does."""
+  if kind == 'Linear':
+    return 'Dense'
+  return 'ConvTranspose' if kind.startswith('ConvTranspose') else 'Conv'
+
+
+def _twin(twin: Any, naming: str) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
+  """(the twin's variables, for the template; its WN layers by module path)."""
   return _nnx_twin(twin) if naming == 'nnx' else _linen_twin(twin)
 
 
-def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
-  """An NNX model's state and its WN layers' axes, by module path."""
+def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
+  """An NNX model's state and its WN layers, by module path."""
   from flax import nnx
 
+  from wn_jax.nnx._layers import WNConv
+  from wn_jax.nnx._layers import WNConvTranspose
   from wn_jax.nnx._layers import _WeightNormedKernel
 
   if not isinstance(twin, nnx.Module):
@@ -30,18 +67,20 @@ def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
       f'wn_jax.pytorch.to_nnx: twin= takes the NNX model itself; got {type(twin).__name__}.'
     )
   found = {
-    tuple(map(str, path)): m.axis
+    tuple(map(str, path)): _twin_layer(m, WNConv, WNConvTranspose)
     for path, m in nnx.iter_graph(twin)
     if isinstance(m, _WeightNormedKernel)
   }
   return nnx.state(twin), found
 
 
-def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
-  """``(module, *inputs)``: its variables from an abstract ``init``, and its WN layers' axes."""
+def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
+  """``(module, *inputs)``: its variables from an abstract ``init``, and its WN layers."""
   import flax.linen as nn
   import jax
 
+  from wn_jax.linen._layers import WNConv
+  from wn_jax.linen._layers import WNConvTranspose
   from wn_jax.linen._layers import _WeightNormedKernel
 
   if not (isinstance(twin, (tuple, list)) and twin and isinstance(twin[0], nn.Module)):
@@ -50,12 +89,12 @@ def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], Any]]:
       f'its init runs on (abstractly); got {type(twin).__name__}.'
     )
   module, *inputs = twin
-  axes: dict[tuple[str, ...], Any] = {}
+  axes: dict[tuple[str, ...], _TwinLayer] = {}
 
   def record(call: Any, args: Any, kwargs: Any, context: Any) -> Any:
     layer = context.module
     if isinstance(layer, _WeightNormedKernel) and isinstance(layer, nn.Module):
-      axes[tuple(layer.path)] = layer.axis
+      axes[tuple(layer.path)] = _twin_layer(layer, WNConv, WNConvTranspose)
     return call(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -71,20 +110,36 @@ def _kept(axis: Any, ndim: int) -> tuple[int, ...] | None:
 
 
 def _check_axes(
-  layers: dict[str, TorchLayer], axes: dict[tuple[str, ...], Any], naming: str
+  layers: dict[str, TorchLayer],
+  found: dict[tuple[str, ...], _TwinLayer],
+  naming: str,
+  move: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+  known: set[str],
 ) -> None:
-  """Each weight-normed layer's kept axis against the twin's layer at its path."""
+  """Each weight-normed layer's kind and kept axis against the twin's layer at its path
+  (``move``: a converted path as the twin has it, ``nnx.Sequential``'s ``layers`` put in).
+  ``known``: the layers whose kind the source tells (a module, or ``kinds=``); a bare state
+  dict's rank-3 weight may be a Conv1d's or a ConvTranspose1d's, which convert alike."""
   for prefix, layer in layers.items():
     if layer.kind not in KINDS:
       continue  # no WN layer in the twin: its layout is PyTorch's
-    path = _path(prefix, 'scale', 'params', naming)[1 if naming == 'linen' else 0 : -1]
+    path = move(_path(prefix, 'scale', 'params', naming))[1 if naming == 'linen' else 0 : -1]
     where = tuple(map(str, path))
-    if where not in axes:
+    if where not in found:
       continue
-    ndim = np.ndim(layer.params['kernel'])
-    if _kept(axes[where], ndim) != _kept(layer.axis, ndim):
+    twin, want = found[where], _torch_kind(layer.kind)
+    guessed = prefix not in known
+    if twin.kind != want and not (guessed and (want, twin.kind) == ('Conv', 'ConvTranspose')):
+      build = _BUILD[want] + (f' (or a {_BUILD["ConvTranspose"]} for a ConvTranspose)' * guessed)
       raise _error(
-        f'{"/".join(where)!r}: the twin keeps axis {axes[where]}, but PyTorch weight-normed '
+        f"{'/'.join(where)!r}: the twin builds a {twin.name}, but PyTorch's {prefix!r} is a "
+        f'{layer.kind}{" by its weight rank (no kinds= for it)" * guessed}: build that layer '
+        f"as a {build}, which computes as PyTorch's does."
+      )
+    ndim = np.ndim(layer.params['kernel'])
+    if _kept(twin.axis, ndim) != _kept(layer.axis, ndim):
+      raise _error(
+        f'{"/".join(where)!r}: the twin keeps axis {twin.axis}, but PyTorch weight-normed '
         f'{prefix!r} with dim={layer.dim}, which is wn_jax axis={layer.axis}: build that '
         f"layer with axis={layer.axis} (layer_axes(torch_model) gives every layer's)."
       )
