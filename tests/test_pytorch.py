@@ -1167,3 +1167,26 @@ def test_nnx_sequential_goes_back_to_torch():
   assert list(back) == list(sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k])
+
+
+class Linear(_FakeModule):
+  pass
+
+
+class _Double(_Hook):  # a parametrization of the user's, after weight_norm's
+  pass
+
+
+def test_another_parametrization_on_a_weight_normed_tensor_is_refused():
+  # torch computes the weight through every parametrization of the tensor; wn_jax reads only
+  # weight_norm's g and v. A second one used to be ignored: the outputs were silently wrong.
+  rng = np.random.default_rng(0)
+  module = _wn_fake(Linear, rng.normal(size=(3, 4)).astype(np.float32), np.ones((3, 1), np.float32))
+  module.parametrizations.weight.append(_Double(None))
+  model = _FakeModule({'fc': module})
+  with pytest.raises(
+    ValueError, match=r"'fc'.*'weight'.*_WeightNorm, _Double.*remove_parametrizations"
+  ):
+    wt.from_torch(model)
+  with pytest.raises(ValueError, match=r"'fc'.*'weight'.*_WeightNorm, _Double"):
+    wt.to_linen(model)

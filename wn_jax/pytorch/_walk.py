@@ -38,8 +38,10 @@ def _kind_of(module: Any) -> str | None:
   return None
 
 
-def _wn_dims(module: Any) -> dict[str, Any]:
-  """Weight norm's ``dim`` on each weight-normed tensor of ``module`` (``None``: whole tensor)."""
+def _wn_dims(module: Any, prefix: str) -> dict[str, Any]:
+  """Weight norm's ``dim`` on each weight-normed tensor of ``module`` (``None``: whole tensor);
+  a ``ValueError`` for one that has other parametrizations too (torch computes the tensor
+  through all of them, wn_jax reads weight norm's ``g`` and ``v`` only)."""
   dims: dict[str, Any] = {}
   for hook in getattr(module, '_forward_pre_hooks', {}).values():  # legacy weight_norm
     if type(hook).__name__ == 'WeightNorm' and isinstance(getattr(hook, 'name', None), str):
@@ -49,9 +51,17 @@ def _wn_dims(module: Any) -> dict[str, Any]:
     return dims
   names = parametrizations.keys() if hasattr(parametrizations, 'keys') else vars(parametrizations)
   for name in list(names):
-    for p in getattr(parametrizations, name):
+    chain = list(getattr(parametrizations, name))
+    for p in chain:
       if type(p).__name__ == '_WeightNorm':
         dims[name] = None if p.dim in (None, -1) else p.dim
+    if name in dims and len(chain) > 1:
+      raise _error(
+        f'{repr(prefix) if prefix else "the module"}: its {name!r} has {len(chain)} parametrizations '
+        f'({", ".join(type(p).__name__ for p in chain)}), and wn_jax converts weight norm '
+        f'alone. Fold the others into the tensor first: take them off with '
+        f'torch.nn.utils.parametrize.remove_parametrizations, or convert the plain weights.'
+      )
   return dims
 
 
@@ -65,7 +75,7 @@ def _walk(module: Any) -> dict[str, _Info]:
     if kind in KINDS and kind != 'Linear':
       names = [a for a in TORCH_ARGS if not (a == 'output_padding' and 'Transpose' not in kind)]
       args = {a: getattr(m, a) for a in names if hasattr(m, a)}
-    dims = _wn_dims(m)
+    dims = _wn_dims(m, prefix)
     out[prefix] = _Info(kind, args, dims.get('weight', _MISSING), dims, live=True)
   return out
 
