@@ -1190,3 +1190,34 @@ def test_another_parametrization_on_a_weight_normed_tensor_is_refused():
     wt.from_torch(model)
   with pytest.raises(ValueError, match=r"'fc'.*'weight'.*_WeightNorm, _Double"):
     wt.to_linen(model)
+
+
+def test_tied_tensors_go_back_with_the_converted_values():
+  # A module registered twice (m.dec = m.enc): like's state dict holds its tensors under both
+  # names. With the twin's one layer and drop= for the alias, to_torch used to copy like's
+  # old values for the alias, and loading them wrote over the trained ones.
+  rng = np.random.default_rng(0)
+  enc = {
+    'weight_g': rng.uniform(1, 2, (3, 1)).astype(np.float32),
+    'weight_v': rng.normal(size=(3, 4)).astype(np.float32),
+    'bias': np.zeros(3, np.float32),
+  }
+  like = {**{f'enc.{k}': v for k, v in enc.items()}, **{f'dec.{k}': v for k, v in enc.items()}}
+
+  class Tied(nn.Module):  # the Flax twin holds the layer once
+    @nn.compact
+    def __call__(self, x):
+      enc = wn_linen.WNDense(3, name='enc')
+      return enc(enc(x)[..., :1].repeat(4, -1))
+
+  twin = (Tied(), np.ones((1, 4), np.float32))
+  # The hint was to build 'params/dec' as a WN layer, which the twin does not hold at all.
+  with pytest.raises(ValueError, match=r"unexpected \['params/dec/bias'.*drop=") as raised:
+    wt.to_linen(like, twin=twin)
+  assert 'with a WN layer' not in str(raised.value)
+  tree = wt.to_linen(like, twin=twin, drop=r'dec\..*')
+  tree['params']['enc']['scale'] = tree['params']['enc']['scale'] * 2  # trained
+  back = wt.to_torch(tree, like=like, drop=r'dec\..*')
+  np.testing.assert_array_equal(back['enc.weight_g'], 2 * enc['weight_g'])
+  for k in enc:
+    np.testing.assert_array_equal(back[f'dec.{k}'], back[f'enc.{k}'])

@@ -178,7 +178,29 @@ def _finish(
       f"the converted keys do not match like's state dict: missing {missing}, unexpected {extra}. "
       f'{hint}'
     )
-  return {k: (_like(ref[k], out[k], k, hint) if k in out else _copy(ref[k])) for k in ref}
+  tied = _tied(ref, out)
+  return {
+    k: _like(ref[k], out[k], k, hint)
+    if k in out
+    else _like(ref[k], out[tied[k]], k, hint)
+    if k in tied
+    else _copy(ref[k])
+    for k in ref
+  }
+
+
+def _tied(ref: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, str]:
+  """``{key: the converted key it shares its tensor with}`` for ``like``'s keys left out of
+  ``out`` (a module registered under two names, tied weights): they take the converted
+  value, not ``like``'s old one, which loading would write over the converted tensor."""
+
+  def tensor(x: Any) -> Any:
+    if hasattr(x, 'data_ptr') and x.numel():  # torch: the same storage, offset and view
+      return ('torch', x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+    return id(x)
+
+  converted = {tensor(ref[k]): k for k in out if k in ref}
+  return {k: converted[tensor(ref[k])] for k in ref if k not in out and tensor(ref[k]) in converted}
 
 
 def _copy(x: Any) -> Any:

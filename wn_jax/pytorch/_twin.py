@@ -194,9 +194,13 @@ class _Fit:
 
   @property
   def plain(self) -> list[str]:
-    """Modules PyTorch weight-normed that the template builds as plain layers."""
+    """Modules PyTorch weight-normed that the template builds as plain layers (it holds
+    the module, but not its scale)."""
     wn = {p[:-1] for p in self.scales}
-    return sorted({'/'.join(u[:-1]) for u in self.got if u not in self.want and u[:-1] in wn})
+    held = {w[:-1] for w in self.want}
+    return sorted(
+      {'/'.join(u[:-1]) for u in self.got if u not in self.want and u[:-1] in wn & held}
+    )
 
 
 def _fit(
