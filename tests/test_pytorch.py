@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import re
 import sys
 import types
 import warnings
@@ -1072,13 +1073,19 @@ def test_torch_sequential_loads_into_nnx_sequential(given):
   np.testing.assert_array_equal(model.layers[2].layers[0].bias[...], sd['2.0.bias'])
 
 
-def _grouped_conv_dim2():
-  rng = np.random.default_rng(0)
+def _wn_state(prefix, v_shape, dim=0, seed=0):
+  """A legacy weight-normed layer's state dict: random g (along ``dim``) and v, zero bias."""
+  rng = np.random.default_rng(seed)
+  g_shape = tuple(n if i == dim else 1 for i, n in enumerate(v_shape))
   return {
-    '0.weight_g': rng.uniform(1, 2, (1, 1, 8)).astype(np.float32),
-    '0.weight_v': rng.normal(size=(8, 4, 8)).astype(np.float32),
-    '0.bias': np.zeros(8, np.float32),
+    f'{prefix}.weight_g': rng.uniform(1, 2, g_shape).astype(np.float32),
+    f'{prefix}.weight_v': rng.normal(size=v_shape).astype(np.float32),
+    f'{prefix}.bias': np.zeros(v_shape[0], np.float32),
   }
+
+
+def _grouped_conv_dim2():
+  return _wn_state('0', (8, 4, 8), dim=2)
 
 
 def test_twin_checks_the_kept_axis_inside_an_nnx_sequential():
@@ -1108,12 +1115,7 @@ def test_twin_checks_the_layer_kind():
 
   from wn_jax import nnx as wx
 
-  rng = np.random.default_rng(1)
-  sd = {
-    'up.weight_g': rng.uniform(1, 2, (6, 1, 1)).astype(np.float32),
-    'up.weight_v': rng.normal(size=(6, 6, 4)).astype(np.float32),
-    'up.bias': np.zeros(6, np.float32),
-  }
+  sd = _wn_state('up', (6, 6, 4), seed=1)
   kinds = {'up': 'ConvTranspose1d'}
   x = np.ones((1, 5, 6), np.float32)
 
@@ -1196,12 +1198,7 @@ def test_tied_tensors_go_back_with_the_converted_values():
   # A module registered twice (m.dec = m.enc): like's state dict holds its tensors under both
   # names. With the twin's one layer and drop= for the alias, to_torch used to copy like's
   # old values for the alias, and loading them wrote over the trained ones.
-  rng = np.random.default_rng(0)
-  enc = {
-    'weight_g': rng.uniform(1, 2, (3, 1)).astype(np.float32),
-    'weight_v': rng.normal(size=(3, 4)).astype(np.float32),
-    'bias': np.zeros(3, np.float32),
-  }
+  enc = {k.split('.', 1)[1]: v for k, v in _wn_state('enc', (3, 4)).items()}
   like = {**{f'enc.{k}': v for k, v in enc.items()}, **{f'dec.{k}': v for k, v in enc.items()}}
 
   class Tied(nn.Module):  # the Flax twin holds the layer once
@@ -1221,3 +1218,18 @@ def test_tied_tensors_go_back_with_the_converted_values():
   np.testing.assert_array_equal(back['enc.weight_g'], 2 * enc['weight_g'])
   for k in enc:
     np.testing.assert_array_equal(back[f'dec.{k}'], back[f'enc.{k}'])
+
+
+def test_to_torch_refuses_a_tree_of_other_shapes_than_like():
+  # A kernel of another size failed inside NumPy's reshape, naming no key; a scale of 4
+  # entries in another shape was reshaped silently.
+  like = _wn_state('c', (4, 2, 3))
+  tree = wt.to_linen(like)
+  for name, bad in (
+    ('kernel', np.ones((3, 2, 5), np.float32)),
+    ('scale', np.ones((2, 2), np.float32)),
+  ):
+    params = {**tree['params']['c'], name: bad}
+    shape = re.escape(str(bad.shape))
+    with pytest.raises(ValueError, match=rf"params/c/{name} has shape {shape}.*like's 'c'"):
+      wt.to_torch({'params': {'c': params}}, like=like)

@@ -135,9 +135,17 @@ def _gather(
 
 def _layer_tensors(prefix: str, layer: TorchLayer, read: _Reader) -> dict[str, np.ndarray]:
   """A weight-normed layer's tensors, in its key style (none if the tree lacks any)."""
-  params = {n: read.get(_module_prefix(prefix, layer), n, 'params') for n in layer.params}
+  module = _module_prefix(prefix, layer)
+  params = {n: read.get(module, n, 'params') for n in layer.params}
   if any(v is None for v in params.values()):
     return {}
+  for n, v in params.items():
+    if np.shape(v) != np.shape(layer.params[n]):
+      raise _error(
+        f'{"/".join(map(str, read.move(_path(module, n, "params", read.naming))))} has shape '
+        f"{np.shape(v)}, but like's {prefix!r} needs {np.shape(layer.params[n])} (in Flax "
+        'layout): the tree is of another model than like, or of another configuration.'
+      )
   return _export_layer(prefix, dataclasses.replace(layer, params=params), layer.style)
 
 
