@@ -1233,3 +1233,45 @@ def test_to_torch_refuses_a_tree_of_other_shapes_than_like():
     shape = re.escape(str(bad.shape))
     with pytest.raises(ValueError, match=rf"params/c/{name} has shape {shape}.*like's 'c'"):
       wt.to_torch({'params': {'c': params}}, like=like)
+
+
+class _TorchLikeModule(_FakeModule):
+  def state_dict(self):  # every name, as torch's
+    out = {}
+    for name, module in self.named_modules(remove_duplicate=False):
+      out.update({(f'{name}.{k}' if name else k): v for k, v in module._state.items()})
+    return out
+
+  def named_modules(self, prefix='', remove_duplicate=True, memo=None):
+    # torch's: a module registered under two names is listed once unless remove_duplicate=False
+    memo = set() if memo is None else memo
+    if remove_duplicate and id(self) in memo:
+      return
+    memo.add(id(self))
+    yield prefix, self
+    for name, child in self._children.items():
+      yield from child.named_modules(f'{prefix}.{name}' if prefix else name, remove_duplicate, memo)
+
+
+class _TiedConvTranspose1d(_TorchLikeModule):
+  pass
+
+
+_TiedConvTranspose1d.__name__ = 'ConvTranspose1d'
+
+
+def test_a_module_registered_twice_is_read_as_its_kind_under_both_names():
+  # torch's named_modules lists a module once: its second name (m.dec = m.enc) had no kind,
+  # so a ConvTranspose1d was guessed a Conv1d there, with no arguments.
+  sd = _wn_state('', (6, 4, 3))
+  layer = _TiedConvTranspose1d(state={k.lstrip('.'): v for k, v in sd.items()})
+  layer.__dict__.update(
+    stride=(2,), padding=(1,), dilation=(1,), groups=1, output_padding=(1,), padding_mode='zeros'
+  )
+  hook = type('WeightNorm', (), {})()
+  hook.name, hook.dim = 'weight', 0
+  layer._forward_pre_hooks = {0: hook}
+  model = _TorchLikeModule({'enc': layer, 'dec': layer})
+  layers = wt.from_torch(model)
+  assert layers['dec'].kind == layers['enc'].kind == 'ConvTranspose1d'
+  assert layers['dec'].args == layers['enc'].args and layers['dec'].args['stride'] == (2,)

@@ -69,7 +69,11 @@ def _walk(module: Any) -> dict[str, _Info]:
   """``{prefix: _Info}`` for every submodule of a torch module (kind ``None``: a class wn_jax
   does not know, whose tensors keep their names and layout)."""
   out: dict[str, _Info] = {}
-  for prefix, m in module.named_modules():
+  try:  # every name of a module registered twice (tied, m.dec = m.enc), as the state dict has
+    named = list(module.named_modules(remove_duplicate=False))
+  except TypeError:  # a duck-typed module without the argument
+    named = list(module.named_modules())
+  for prefix, m in named:
     kind = _kind_of(m)
     args: dict[str, Any] = {}
     if kind in KINDS and kind != 'Linear':
