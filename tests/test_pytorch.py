@@ -1275,3 +1275,25 @@ def test_a_module_registered_twice_is_read_as_its_kind_under_both_names():
   layers = wt.from_torch(model)
   assert layers['dec'].kind == layers['enc'].kind == 'ConvTranspose1d'
   assert layers['dec'].args == layers['enc'].args and layers['dec'].args['stride'] == (2,)
+
+
+def test_a_plain_tensor_named_weight_v_is_not_taken_for_weight_norm():
+  # A module's own weight_v (an attention's q / k / v matrices) read as half of a legacy
+  # weight norm: "'attn.weight_g' is missing", whatever drop= or rules= said.
+  rng = np.random.default_rng(0)
+  qkv = {f'weight_{n}': rng.normal(size=(4, 4)).astype(np.float32) for n in 'qkv'}
+  out = _wn_state('', (4, 4))
+  model = _FakeModule(
+    {
+      'attn': _FakeModule(state=qkv),
+      'out': _wn_fake(Linear, out['.weight_v'], out['.weight_g'], style='legacy'),
+    }
+  )
+  model._children['out']._state['bias'] = out['.bias']
+  params = wt.to_linen(model)['params']  # the module tells which tensors are weight-normed
+  np.testing.assert_array_equal(params['attn']['weight_v'], qkv['weight_v'])
+  assert set(params['out']) == {'kernel', 'scale', 'bias'}
+  sd = model.state_dict()  # a bare state dict cannot tell: drop= leaves them out
+  with pytest.raises(ValueError, match=r"'attn.weight_g'"):
+    wt.to_linen(sd)
+  assert set(wt.to_linen(sd, drop=r'attn\..*')['params']) == {'out'}

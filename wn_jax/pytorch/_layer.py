@@ -275,14 +275,22 @@ def _decomposed(
 
 
 def _layers(
-  source: Any, kinds: Mapping[str, str] | None, decompose: Any, dtype: Any
+  source: Any, kinds: Mapping[str, str] | None, decompose: Any, dtype: Any, drop: Any = None
 ) -> tuple[Mapping[str, Any], dict[str, _Info], dict[str, TorchLayer]]:
-  """(state dict, infos, {prefix: TorchLayer}) for every weight-normed (or decomposed) layer."""
+  """(state dict, infos, {prefix: TorchLayer}) for every weight-normed (or decomposed) layer.
+
+  A key that looks weight-normed (``weight_v``) is not when the module says so (it has no
+  weight norm on that tensor: an attention's own ``weight_v``), or when ``drop`` takes it."""
   sd = _load(source)
   infos = _infos(source, sd, kinds)
   out: dict[str, TorchLayer] = {}
   for (prefix, tensor), style in _weight_normed(sd).items():
     info = infos.get(prefix, _Info(None, {}))
+    keys = [k for k in (_key(prefix, s) for s in _suffixes(style, tensor)) if k in sd]
+    if (info.live and tensor not in info.dims) or (
+      drop is not None and all(re.fullmatch(drop, k) for k in keys)
+    ):
+      continue
     out[_layer_key(prefix, tensor)] = _stored(prefix, style, sd, info, dtype, tensor)
   for prefix in dict.fromkeys(_split(k)[0] for k in sd):
     if prefix in out or not _decomposable(prefix, sd, infos, decompose):

@@ -145,7 +145,7 @@ def _plan(
       f"buffers= names the linen collection torch buffers go to ('buffers' by default, "
       f"'params' to train them); got {buffers!r}."
     )
-  sd, infos, layers = _layers(source, options.kinds, options.decompose, options.dtype)
+  sd, infos, layers = _layers(source, options.kinds, options.decompose, options.dtype, drop)
   _check_patterns(sd, layers, options)
   skipped = {k for k in sd if drop is not None and re.fullmatch(drop, k)}
   for p in [p for p, layer in layers.items() if skipped & set(_layer_keys(p, layer))]:
