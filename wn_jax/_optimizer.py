@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -310,14 +311,13 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
       f'optax.masked / multi_transform. Evaluate a model trained with another optimizer at '
       f'params.'
     )
-  trained: dict[str, int] = {}
+  trained: collections.Counter[str] = collections.Counter()
   x = wn
   for sf in found:
     # sf.z holds MaskedNode() at the parameters this schedule-free optimizer does not train
     # (optax.masked, multi_transform): evaluate the others, keep the point found so far there.
     y = _trained_part(sf.z, wn, caller)
-    for path, _ in jax.tree_util.tree_leaves_with_path(y):
-      trained[_tree.path_str(path)] = trained.get(_tree.path_str(path), 0) + 1
+    trained.update(_tree.path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(y))
     at = optax.contrib.schedule_free_eval_params(sf, y)
     x = jax.tree_util.tree_map(lambda a, b: b if is_masked(a) else a, at, x, is_leaf=is_masked)
   twice = [path for path, n in trained.items() if n > 1]

@@ -13,17 +13,17 @@ from wn_jax.pytorch._naming import _layers_mover
 from wn_jax.pytorch._naming import _linen_path
 from wn_jax.pytorch._naming import _nest
 from wn_jax.pytorch._naming import _path
-from wn_jax.pytorch._naming import _under_layers
 from wn_jax.pytorch._plan import Rule
 from wn_jax.pytorch._plan import _Options
 from wn_jax.pytorch._plan import _outputs
 from wn_jax.pytorch._plan import _plan
 from wn_jax.pytorch._state_dict import _array
 from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._twin import _check
-from wn_jax.pytorch._twin import _check_axes
+from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin
 
 
@@ -53,16 +53,17 @@ def _to_tree(
     converted = leaf.forward(_array(sd[leaf.key], options.dtype))
     for (prefix, name), value in _outputs(leaf, converted).items():
       put(_path(prefix, name, leaf.collection, naming), value, leaf.key)
-  inputs = None
+  found, inputs = None, None
   if twin is not None:
     template, found = _twin(twin, naming)
-    known = {p for p in layers if hasattr(source, 'state_dict') or p in (options.kinds or {})}
-    move = _layers_mover(template) if naming == 'nnx' else tuple
-    _check_axes(layers, found, naming, move, known)
     inputs = twin[1:] if naming == 'linen' else None
   if template is not None:
-    if naming == 'nnx':
-      flat = _under_layers(flat, template)
+    # NNX: torch's nn.Sequential children go under 'layers' where the model has an nnx.Sequential.
+    move = _layers_mover(template) if naming == 'nnx' else tuple
+    if found is not None:
+      known = {p for p in layers if _is_module(source) or p in (options.kinds or {})}
+      _check_twin_layers(layers, found, naming, move, known)
+    flat = {move(path): value for path, value in flat.items()}
     _check(flat, template, layers, naming, inputs)
   return _nest(flat)
 

@@ -59,12 +59,6 @@ def _mover(paths: Iterable[tuple[str, ...]]) -> Callable[[tuple[Any, ...]], tupl
   return move
 
 
-def _under_layers(flat: dict[tuple[Any, ...], Any], template: Any) -> dict[tuple[Any, ...], Any]:
-  """``flat``'s paths moved under ``layers`` as the template's ``nnx.Sequential`` keeps them."""
-  move = _layers_mover(template)
-  return {move(path): value for path, value in flat.items()}
-
-
 def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:
   tree: dict[Any, Any] = {}
   for path, value in flat.items():

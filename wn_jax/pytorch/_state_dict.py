@@ -178,15 +178,8 @@ def _finish(
       f"the converted keys do not match like's state dict: missing {missing}, unexpected {extra}. "
       f'{hint}'
     )
-  tied = _tied(ref, out)
-  return {
-    k: _like(ref[k], out[k], k, hint)
-    if k in out
-    else _like(ref[k], out[tied[k]], k, hint)
-    if k in tied
-    else _copy(ref[k])
-    for k in ref
-  }
+  source = {**{k: k for k in out}, **_tied(ref, out)}  # like's key -> the converted key it takes
+  return {k: _like(ref[k], out[source[k]], k, hint) if k in source else _copy(ref[k]) for k in ref}
 
 
 def _tied(ref: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, str]:

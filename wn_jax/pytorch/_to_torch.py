@@ -108,15 +108,19 @@ class _Reader:
     self.move = _mover(flat) if naming == 'nnx' else tuple
     self.missing: list[str] = []
 
+  def path(self, prefix: str, name: str, collection: str) -> tuple[str, ...]:
+    """The tree's path of the tensor ``prefix.name`` in ``collection``."""
+    return tuple(map(str, self.move(_path(prefix, name, collection, self.naming))))
+
   def get(self, prefix: str, name: str, collection: str) -> Any:
     """The array at ``prefix.name`` (``None`` if the tree lacks it, noted in ``missing``)."""
     # A state dict cannot tell buffers from parameters: either collection holds them.
     other = {'params': self.buffers, self.buffers: 'params'}.get(collection, collection)
     for c in (collection, other):
-      path = tuple(map(str, self.move(_path(prefix, name, c, self.naming))))
+      path = self.path(prefix, name, c)
       if path in self.flat:
         return np.array(self.flat[path])
-    self.missing.append('/'.join(map(str, self.move(_path(prefix, name, collection, self.naming)))))
+    self.missing.append('/'.join(self.path(prefix, name, collection)))
     return None
 
 
@@ -142,7 +146,7 @@ def _layer_tensors(prefix: str, layer: TorchLayer, read: _Reader) -> dict[str, n
   for n, v in params.items():
     if np.shape(v) != np.shape(layer.params[n]):
       raise _error(
-        f'{"/".join(map(str, read.move(_path(module, n, "params", read.naming))))} has shape '
+        f'{"/".join(read.path(module, n, "params"))} has shape '
         f"{np.shape(v)}, but like's {prefix!r} needs {np.shape(layer.params[n])} (in Flax "
         'layout): the tree is of another model than like, or of another configuration.'
       )

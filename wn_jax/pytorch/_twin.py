@@ -109,7 +109,7 @@ def _kept(axis: Any, ndim: int) -> tuple[int, ...] | None:
   return tuple(sorted(a % ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))))
 
 
-def _check_axes(
+def _check_twin_layers(
   layers: dict[str, TorchLayer],
   found: dict[tuple[str, ...], _TwinLayer],
   naming: str,
