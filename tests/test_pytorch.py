@@ -1297,3 +1297,49 @@ def test_a_plain_tensor_named_weight_v_is_not_taken_for_weight_norm():
   with pytest.raises(ValueError, match=r"'attn.weight_g'"):
     wt.to_linen(sd)
   assert set(wt.to_linen(sd, drop=r'attn\..*')['params']) == {'out'}
+
+
+def test_to_torch_refuses_tree_entries_like_has_no_place_for():
+  # A layer that like lacks (a head added in Flax, or like of another model) was left out of
+  # the result without a word: loading it gave a model without the trained weights.
+  like = {**_wn_state('a', (3, 4)), 'b.weight': np.ones((2, 3), np.float32)}
+  tree = wt.to_linen(like)
+  extra = {'params': {**tree['params'], 'head': {'kernel': np.ones((3, 5), np.float32)}}}
+  with pytest.raises(ValueError, match=r"\['params/head/kernel'\].*like's state dict has no"):
+    wt.to_torch(extra, like=like)
+  nnx_tree = wt.to_nnx(like)
+  with pytest.raises(ValueError, match=r"\['head/kernel'\]"):
+    wt.to_torch({**nnx_tree, 'head': {'kernel': np.ones((3, 5), np.float32)}}, like=like)
+  # Not extra: NNX's RNG state (a Dropout's key and count), and what drop= keeps from like.
+  rngs = {'rngs': {'count': np.uint32(0), 'key': jax.random.key(0)}}
+  back = wt.to_torch({**nnx_tree, 'dropout': rngs}, like=like)
+  assert list(back) == list(like)
+  kept = wt.to_torch(tree, like=like, drop=r'b\..*')
+  np.testing.assert_array_equal(kept['b.weight'], like['b.weight'])
+
+
+class _Body(nn.Module):
+  def setup(self):
+    self.body = nn.Sequential([wn_linen.WNDense(3), nn.relu, wn_linen.WNDense(2)])
+
+  def __call__(self, x):
+    return self.body(x)
+
+
+@pytest.mark.parametrize('nested', [False, True])
+def test_linen_sequential_takes_torch_sequential_children(nested):
+  # torch's nn.Sequential names its children 0, 1, ...; linen's names them layers_0, layers_1,
+  # ... The children went to '0' (or 'body_0'), which the twin refused, and to_torch could not
+  # read them back from a linen nn.Sequential's variables.
+  prefix = 'body.' if nested else ''
+  sd = {**_wn_state(f'{prefix}0', (3, 4)), **_wn_state(f'{prefix}2', (2, 3), seed=1)}
+  model = _Body() if nested else nn.Sequential([wn_linen.WNDense(3), nn.relu, wn_linen.WNDense(2)])
+  x = np.ones((1, 4), np.float32)
+  variables = wt.to_linen(sd, twin=(model, x))
+  params = variables['params']['body'] if nested else variables['params']
+  assert set(params) == {'layers_0', 'layers_2'}
+  np.testing.assert_array_equal(params['layers_2']['kernel'], sd[f'{prefix}2.weight_v'].T)
+  model.apply(variables, x)
+  back = wt.to_torch(variables, like=sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])

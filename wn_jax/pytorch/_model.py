@@ -58,8 +58,8 @@ def _to_tree(
     template, found = _twin(twin, naming)
     inputs = twin[1:] if naming == 'linen' else None
   if template is not None:
-    # NNX: torch's nn.Sequential children go under 'layers' where the model has an nnx.Sequential.
-    move = _layers_mover(template) if naming == 'nnx' else tuple
+    # torch's nn.Sequential children go where the model has a Flax Sequential's.
+    move = _layers_mover(template, naming)
     if found is not None:
       known = {p for p in layers if _is_module(source) or p in (options.kinds or {})}
       _check_twin_layers(layers, found, naming, move, known)
@@ -93,6 +93,8 @@ def to_linen(
   wn_jax does not know when ``source`` is the module (a bare state dict's ``weight`` is
   read by its rank: 2-D a Linear, 3-D a Conv1d, ...; ``kinds`` overrides). Module names follow linen's for lists of
   submodules assigned in ``setup``: ``resblocks.0.convs1.1`` -> ``resblocks_0/convs1_1``.
+  With ``twin`` or ``template``, the children of a torch ``nn.Sequential`` take linen's
+  ``nn.Sequential`` names where the model has one: ``body.0`` -> ``body/layers_0``.
 
   Args:
     source: a torch module (preferred: the kinds and weight norm ``dim`` come from

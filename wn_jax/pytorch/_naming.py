@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -31,16 +32,18 @@ def _path(prefix: str, name: str, collection: str, naming: str) -> tuple[Any, ..
   return (*_nnx_path(prefix), name)
 
 
-def _layers_mover(template: Any) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-  """NNX paths moved under ``layers`` where the template has an ``nnx.Sequential``: torch's
-  ``nn.Sequential`` names its children ``0``, ``1``, ..., nnx's keeps them in ``layers``, so
-  ``(P, i, ...)`` becomes ``(P, 'layers', i, ...)`` where the template has ``P/layers/i`` and
-  no ``P/i`` (nested ones too)."""
-  return _mover(_flatten(template))
+def _layers_mover(template: Any, naming: str) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+  """Paths moved to where the template has a Flax ``Sequential``'s children: torch's
+  ``nn.Sequential`` names its children ``0``, ``1``, ..., NNX's keeps them in ``layers``
+  (:func:`_mover`) and linen's names them ``layers_0``, ... (:func:`_linen_mover`)."""
+  paths = _flatten(template)
+  return _mover(paths) if naming == 'nnx' else _linen_mover(paths)
 
 
 def _mover(paths: Iterable[tuple[str, ...]]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-  """:func:`_layers_mover` of a tree given by its leaves' paths."""
+  """NNX paths moved under ``layers`` where the tree of ``paths`` (its leaves') has an
+  ``nnx.Sequential``: ``(P, i, ...)`` becomes ``(P, 'layers', i, ...)`` where the tree has
+  ``P/layers/i`` and no ``P/i`` (nested ones too)."""
   nodes = {p[:n] for p in paths for n in range(1, len(p) + 1)}
 
   def move(path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -53,6 +56,38 @@ def _mover(paths: Iterable[tuple[str, ...]]) -> Callable[[tuple[Any, ...]], tupl
         and (*key, 'layers', str(part)) in nodes
       ):
         new += ('layers',)
+      new += (part,)
+    return new
+
+  return move
+
+
+def _linen_mover(paths: Iterable[tuple[str, ...]]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+  """Linen paths moved to a linen ``nn.Sequential``'s names where the tree of ``paths`` (its
+  leaves') has one: torch's ``body.0`` is linen's ``body_0`` (a list in ``setup``), or
+  ``body/layers_0`` where the tree has that and no ``body_0`` (``0`` alone: ``layers_0``;
+  ``body.0.1``: ``body/layers_0/layers_1`` or ``body_0/layers_1``, whichever it has)."""
+  nodes = {p[:n] for p in paths for n in range(1, len(p) + 1)}
+
+  def candidates(part: str) -> list[tuple[str, ...]]:
+    """``'body_0_1'`` -> ``[('body', 'layers_0', 'layers_1'), ('body_0', 'layers_1')]``."""
+    m = re.fullmatch(r'(?:(.*?)_)?(\d+(?:_\d+)*)', part)
+    if m is None:
+      return []
+    base, digits = [m[1]] if m[1] else [], m[2].split('_')
+    heads = ['_'.join(base + digits[:j]) for j in range(len(digits))]
+    return [
+      (*([h] if h else []), *(f'layers_{d}' for d in digits[j:])) for j, h in enumerate(heads)
+    ]
+
+  def move(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    new: tuple[Any, ...] = ()
+    for part in path:
+      if (*new, part) not in nodes:
+        found = [c for c in candidates(str(part)) if (*new, *c) in nodes]
+        if found:
+          new += found[0]
+          continue
       new += (part,)
     return new
 

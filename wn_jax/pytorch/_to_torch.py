@@ -14,6 +14,7 @@ from wn_jax.pytorch._layer import _is_layers
 from wn_jax.pytorch._layer import _layers_to_torch
 from wn_jax.pytorch._layer import _module_prefix
 from wn_jax.pytorch._naming import _flatten
+from wn_jax.pytorch._naming import _linen_mover
 from wn_jax.pytorch._naming import _mover
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._plan import Rule
@@ -49,10 +50,37 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
   target = _Target(sd, layers, leaves, options)
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
-  out, missing = _gather(flat, naming, target)
-  if missing:
-    raise _lacks(tree, flat, naming, missing, target)
+  out, read = _gather(flat, naming, target)
+  if read.missing:
+    raise _lacks(tree, flat, naming, read.missing, target)
+  unread = _unread(flat, read, skipped)
+  if unread:
+    some = f'{unread[:6]}{" ..." if len(unread) > 6 else ""}'
+    raise _error(
+      f"the {naming} tree holds {some}, for which like's state dict has no tensor: the result "
+      'would leave them out. Pass like the torch module this tree is of (with the same '
+      'layers), or take these entries out of the tree.'
+    )
   return _finish(out, like, skipped, _SAME)
+
+
+def _unread(flat: dict[tuple[str, ...], Any], read: _Reader, skipped: set[str]) -> list[str]:
+  """The tree's paths that no tensor of like was read from. Not counted: NNX's RNG state (a
+  key and its count) and the modules of the keys taken from like as they are (``drop=``)."""
+  kept = {m for key in skipped for m in read.modules(_torch_module(key))}
+  rng = {path[:-1] for path, x in flat.items() if _is_prng_key(x)}
+  return ['/'.join(p) for p in flat if p not in read.seen and p[:-1] not in kept | rng]
+
+
+def _torch_module(key: str) -> str:
+  """The torch module a state dict key is in (``'a.parametrizations.weight.original0'``: ``'a'``)."""
+  return ('.' + _split(key)[0]).split('.parametrizations.')[0][1:]
+
+
+def _is_prng_key(x: Any) -> bool:
+  import jax
+
+  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _check_tree(tree: Any, like: Any) -> None:
@@ -88,7 +116,7 @@ def _lacks(
   if naming == 'nnx' and isinstance(tree, Mapping):
     # variables['params'] of a linen model: it lacks only what other collections hold.
     as_params = {('params', *p): v for p, v in flat.items()}
-    _, lacking = _gather(as_params, 'linen', target)
+    lacking = _gather(as_params, 'linen', target)[1].missing
     if all(not m.startswith('params/') for m in lacking):
       return _error(
         f"this looks like a linen params tree (variables['params']), which lacks {lacking}: "
@@ -104,9 +132,10 @@ class _Reader:
 
   def __init__(self, flat: dict[tuple[str, ...], Any], naming: str, buffers: str) -> None:
     self.flat, self.naming, self.buffers = flat, naming, buffers
-    # torch's nn.Sequential children 0, 1, ... sit under 'layers' in an nnx.Sequential.
-    self.move = _mover(flat) if naming == 'nnx' else tuple
+    # torch's nn.Sequential children 0, 1, ... are a Flax Sequential's layers.
+    self.move = _mover(flat) if naming == 'nnx' else _linen_mover(flat)
     self.missing: list[str] = []
+    self.seen: set[tuple[str, ...]] = set()  # the paths read
 
   def path(self, prefix: str, name: str, collection: str) -> tuple[str, ...]:
     """The tree's path of the tensor ``prefix.name`` in ``collection``."""
@@ -119,22 +148,27 @@ class _Reader:
     for c in (collection, other):
       path = self.path(prefix, name, c)
       if path in self.flat:
+        self.seen.add(path)
         return np.array(self.flat[path])
     self.missing.append('/'.join(self.path(prefix, name, collection)))
     return None
 
+  def modules(self, prefix: str) -> set[tuple[str, ...]]:
+    """The tree's paths of the torch module ``prefix``, in either collection."""
+    return {self.path(prefix, '_', c)[:-1] for c in ('params', self.buffers)}
+
 
 def _gather(
   flat: dict[tuple[str, ...], Any], naming: str, target: _Target
-) -> tuple[dict[str, np.ndarray], list[str]]:
-  """(like's tensors from the flat tree, the paths the tree lacks)."""
+) -> tuple[dict[str, np.ndarray], _Reader]:
+  """(like's tensors from the flat tree, the reader: the paths it read, those the tree lacks)."""
   read = _Reader(flat, naming, target.options.buffers)
   out: dict[str, np.ndarray] = {}
   for prefix, layer in target.layers.items():
     out.update(_layer_tensors(prefix, layer, read))
   for leaf in target.leaves:
     out.update(_leaf_tensor(leaf, target.sd, read))
-  return out, read.missing
+  return out, read
 
 
 def _layer_tensors(prefix: str, layer: TorchLayer, read: _Reader) -> dict[str, np.ndarray]:
