@@ -1297,6 +1297,13 @@ def test_a_plain_tensor_named_weight_v_is_not_taken_for_weight_norm():
   with pytest.raises(ValueError, match=r"'attn.weight_g'"):
     wt.to_linen(sd)
   assert set(wt.to_linen(sd, drop=r'attn\..*')['params']) == {'out'}
+  # The layers route back: like's own weight_v was taken for a layer the export lacked.
+  layers = wt.from_torch(model)
+  assert set(layers) == {'out'}
+  back = wt.to_torch(layers, like=model)
+  assert list(back) == list(sd)
+  np.testing.assert_array_equal(back['attn.weight_v'], qkv['weight_v'])
+  np.testing.assert_array_equal(back['out.weight_v'], sd['out.weight_v'])
 
 
 def test_to_torch_refuses_tree_entries_like_has_no_place_for():

@@ -28,7 +28,6 @@ from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
 from wn_jax.pytorch._state_dict import _weight_normed
-from wn_jax.pytorch._state_dict import find_prefixes
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _infos
@@ -274,6 +273,23 @@ def _decomposed(
   return dataclasses.replace(layer, params=params)
 
 
+def _weight_normed_here(
+  sd: Mapping[str, Any], infos: dict[str, _Info], drop: Any = None
+) -> dict[tuple[str, str], str]:
+  """:func:`_weight_normed` but for keys that only look weight-normed (``weight_v``): where
+  the module has no weight norm on that tensor (an attention's own), or ``drop`` takes them."""
+  out = {}
+  for (prefix, tensor), style in _weight_normed(sd).items():
+    info = infos.get(prefix, _Info(None, {}))
+    keys = [k for k in (_key(prefix, s) for s in _suffixes(style, tensor)) if k in sd]
+    if (info.live and tensor not in info.dims) or (
+      drop is not None and all(re.fullmatch(drop, k) for k in keys)
+    ):
+      continue
+    out[prefix, tensor] = style
+  return out
+
+
 def _layers(
   source: Any, kinds: Mapping[str, str] | None, decompose: Any, dtype: Any, drop: Any = None
 ) -> tuple[Mapping[str, Any], dict[str, _Info], dict[str, TorchLayer]]:
@@ -284,13 +300,8 @@ def _layers(
   sd = _load(source)
   infos = _infos(source, sd, kinds)
   out: dict[str, TorchLayer] = {}
-  for (prefix, tensor), style in _weight_normed(sd).items():
+  for (prefix, tensor), style in _weight_normed_here(sd, infos, drop).items():
     info = infos.get(prefix, _Info(None, {}))
-    keys = [k for k in (_key(prefix, s) for s in _suffixes(style, tensor)) if k in sd]
-    if (info.live and tensor not in info.dims) or (
-      drop is not None and all(re.fullmatch(drop, k) for k in keys)
-    ):
-      continue
     out[_layer_key(prefix, tensor)] = _stored(prefix, style, sd, info, dtype, tensor)
   for prefix in dict.fromkeys(_split(k)[0] for k in sd):
     if prefix in out or not _decomposable(prefix, sd, infos, decompose):
@@ -398,7 +409,10 @@ def _layers_to_torch(
   """``{prefix: TorchLayer}`` as PyTorch tensors: in ``like``'s key styles, else ``style``'s or
   each layer's own; the keys of ``like`` outside these layers copied from ``like``."""
   ref = None if like is None else _load(like)
-  ref_styles = {} if ref is None else find_prefixes(ref)  # keyed as layers are
+  ref_styles = {}  # like's weight-normed layers, keyed as layers are
+  if ref is not None:
+    normed = _weight_normed_here(ref, _infos(like, ref, None))
+    ref_styles = {_layer_key(p, t): style for (p, t), style in normed.items()}
   if ref is not None:
     lacking = [p for p in ref_styles if p not in layers]
     if lacking:
