@@ -1350,3 +1350,35 @@ def test_linen_sequential_takes_torch_sequential_children(nested):
   back = wt.to_torch(variables, like=sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k])
+
+
+def test_a_twin_of_other_sizes_is_told_so():
+  # Misleading hints: a channels-last input was blamed as channels-first where the kernel size
+  # differed; a bias torch lacks was blamed on submodule names; a bias of another size was
+  # sent to rules=.
+  rng = np.random.default_rng(0)
+  sd = {**_wn_state('c', (8, 4, 3)), 'l.weight': rng.normal(size=(2, 8)).astype(np.float32)}
+
+  def twin(kernel_size=3, features=8, use_bias=True):
+    class Model(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = wn_linen.WNConv(features, (kernel_size,), use_bias=use_bias, name='c')(x)
+        return nn.Dense(2, use_bias=False, name='l')(x)
+
+    return Model()
+
+  x = np.ones((1, 3, 4), np.float32)  # channels-last, 3 steps of 4 channels
+  with pytest.raises(ValueError, match=r"'params/c'.*another size.*kernel_size") as info:
+    wt.to_linen(sd, twin=(twin(kernel_size=4), x))
+  assert 'channels-last' not in str(info.value) and 'rules=' not in str(info.value)
+  with pytest.raises(ValueError, match=r"'params/c'.*another size") as info:
+    wt.to_linen(sd, twin=(twin(features=6), x))
+  assert 'rules=' not in str(info.value)
+  no_bias = {k: v for k, v in sd.items() if k != 'c.bias'}
+  with pytest.raises(ValueError, match=r"'params/c'.*use_bias=False") as info:
+    wt.to_linen(no_bias, twin=(twin(), x))
+  assert 'submodules' not in str(info.value)
+  with pytest.raises(ValueError, match=r"'params/c'.*use_bias=True") as info:
+    wt.to_linen(sd, twin=(twin(use_bias=False), x))
+  assert 'submodules' not in str(info.value)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from collections.abc import Container
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -149,16 +151,17 @@ def _channels_first(
   inputs: Any, bad: list[tuple[str, ...]], got: dict[Any, Any], want: dict[Any, Any]
 ) -> list[tuple[int, ...]]:
   """The shapes of the twin's inputs that look channels-first: ``(N, C, ..., L)`` where a
-  mismatched shape has ``C`` in the converted tree and ``L`` in the twin's at the same place."""
+  mismatched tensor has ``C`` input features in the converted tree and ``L`` in the twin's
+  (a kernel's ``in`` axis, -2 in Flax layout; a 1-D tensor's only axis, as a norm's)."""
   found = []
   for x in inputs or ():
     shape = tuple(getattr(x, 'shape', ()))
     if len(shape) < 3 or shape[1] == shape[-1]:
       continue
     for p in bad:
-      if len(got[p]) == len(want[p]) and any(
-        c == shape[1] and t == shape[-1] for c, t in zip(got[p], want[p])
-      ):
+      c, t = got[p], want[p]
+      i = -2 if len(c) > 1 else -1
+      if len(c) == len(t) and c and (c[i], t[i]) == (shape[1], shape[-1]):
         found.append(shape)
         break
   return found
@@ -193,13 +196,31 @@ class _Fit:
     ]
 
   @property
+  def resized(self) -> list[str]:
+    """Layers (modules with a kernel) whose kernel, scale or bias has another shape."""
+    return sorted({'/'.join(p[:-1]) for p in self.bad if (*p[:-1], 'kernel') in self.got})
+
+  @property
+  def bias_off(self) -> tuple[list[str], list[str]]:
+    """(layers whose bias the template has and the converted tree lacks, and the reverse),
+    of modules both hold."""
+    held = {p[:-1] for p in self.got} & {p[:-1] for p in self.want}
+
+    def biases(paths: Iterable[tuple[str, ...]], other: Container[tuple[str, ...]]) -> list[str]:
+      return sorted(
+        '/'.join(p[:-1]) for p in paths if p not in other and p[-1] == 'bias' and p[:-1] in held
+      )
+
+    return biases(self.want, self.got), biases(self.got, self.want)
+
+  @property
   def plain(self) -> list[str]:
     """Modules PyTorch weight-normed that the template builds as plain layers (it holds
     the module, but not its scale)."""
     wn = {p[:-1] for p in self.scales}
     held = {w[:-1] for w in self.want}
     return sorted(
-      {'/'.join(u[:-1]) for u in self.got if u not in self.want and u[:-1] in wn & held}
+      {'/'.join(u[:-1]) for u in self.scales if u not in self.want and u[:-1] in wn & held}
     )
 
 
@@ -226,13 +247,28 @@ def _fit(
 
 
 def _axis_hints(fit: _Fit) -> list[str]:
-  """A WN layer's shape off: the axis PyTorch's ``dim`` means."""
+  """A WN layer's scale off with its kernel right: the axis PyTorch's ``dim`` means."""
   return [
     f'build {"/".join(p[:-1])!r} with axis={fit.scales[p].axis} (PyTorch weight-normed it '
     f'with dim={fit.scales[p].dim})'
     for p in fit.bad
-    if p in fit.scales
+    if p in fit.scales and (*p[:-1], 'kernel') not in fit.bad
   ]
+
+
+def _size_hints(fit: _Fit) -> list[str]:
+  """A layer of another size, or with a bias on one side only."""
+  lacking, extra = fit.bias_off
+  hints = []
+  if fit.resized and not fit.spatial:
+    hints.append(
+      f'{", ".join(map(repr, fit.resized))}: another size in the twin than in PyTorch: build '
+      "with PyTorch's features / kernel_size / channels (the shapes above; kernels in Flax "
+      'layout (*window, in, out))'
+    )
+  hints += [f"build {m!r} with use_bias=False: PyTorch's has no bias" for m in lacking]
+  hints += [f"build {m!r} with use_bias=True: PyTorch's has a bias" for m in extra]
+  return hints
 
 
 def _layout_hints(fit: _Fit) -> list[str]:
@@ -265,7 +301,10 @@ def _plain_hints(fit: _Fit) -> list[str]:
 
 def _name_hints(fit: _Fit) -> list[str]:
   """Paths missing or unexpected: the collection, the submodule names, ``drop=``."""
-  missing, unexpected = fit.missing, fit.unexpected
+  lacking, extra = fit.bias_off
+  biases = {f'{m}/bias' for m in lacking + extra}
+  missing = [m for m in fit.missing if m not in biases]
+  unexpected = [u for u in fit.unexpected if u not in biases]
   hints = []
   if any(m.split('/', 1)[-1] == u.split('/', 1)[-1] for m in missing for u in unexpected):
     hints.append(
@@ -284,7 +323,9 @@ def _name_hints(fit: _Fit) -> list[str]:
 
 def _rules_hints(fit: _Fit) -> list[str]:
   """A plain tensor's shape off with no layout to blame: ``rules=``."""
-  if any(p not in fit.scales for p in fit.bad) and not fit.spatial and not fit.permuted:
+  resized = set(fit.resized)
+  others = [p for p in fit.bad if p not in fit.scales and '/'.join(p[:-1]) not in resized]
+  if others and not fit.spatial and not fit.permuted:
     return ['pass rules= for tensors of a layout of their own']
   return []
 
@@ -304,6 +345,7 @@ def _check(
     return
   hints = [
     *_axis_hints(fit),
+    *_size_hints(fit),
     *_layout_hints(fit),
     *_plain_hints(fit),
     *_name_hints(fit),
