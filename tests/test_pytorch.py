@@ -1314,6 +1314,9 @@ def test_to_torch_refuses_tree_entries_like_has_no_place_for():
   extra = {'params': {**tree['params'], 'head': {'kernel': np.ones((3, 5), np.float32)}}}
   with pytest.raises(ValueError, match=r"\['params/head/kernel'\].*like's state dict has no"):
     wt.to_torch(extra, like=like)
+  renamed = {'params': {'b': tree['params']['b'], 'aa': tree['params']['a']}}  # a misspelling
+  with pytest.raises(ValueError, match=r"lacks \['params/a/kernel'.*holds \['params/aa/bias'"):
+    wt.to_torch(renamed, like=like)
   nnx_tree = wt.to_nnx(like)
   with pytest.raises(ValueError, match=r"\['head/kernel'\]"):
     wt.to_torch({**nnx_tree, 'head': {'kernel': np.ones((3, 5), np.float32)}}, like=like)
@@ -1323,6 +1326,11 @@ def test_to_torch_refuses_tree_entries_like_has_no_place_for():
   assert list(back) == list(like)
   kept = wt.to_torch(tree, like=like, drop=r'b\..*')
   np.testing.assert_array_equal(kept['b.weight'], like['b.weight'])
+  # A key of the user's own beside a Flax-only entry: only the key (and an RNG stream's count
+  # beside it) is exempt, not its siblings, which were left out without a word.
+  own = {**nnx_tree, 'noise_key': jax.random.key(3), 'temperature': np.ones(())}
+  with pytest.raises(ValueError, match=r"\['temperature'\]"):
+    wt.to_torch(own, like=like)
 
 
 class _Body(nn.Module):
@@ -1331,6 +1339,18 @@ class _Body(nn.Module):
 
   def __call__(self, x):
     return self.body(x)
+
+
+def test_linen_sequential_of_sequentials_at_the_root():
+  # torch's 0.0 became linen's '0_0', whose leading 0 was read as a module name.
+  sd = _wn_state('0.0', (6, 4))
+  model = nn.Sequential([nn.Sequential([wn_linen.WNDense(6)])])
+  x = np.ones((1, 4), np.float32)
+  variables = wt.to_linen(sd, twin=(model, x))
+  assert set(variables['params']['layers_0']['layers_0']) == {'kernel', 'scale', 'bias'}
+  back = wt.to_torch(variables, like=sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k])
 
 
 @pytest.mark.parametrize('nested', [False, True])
@@ -1382,3 +1402,81 @@ def test_a_twin_of_other_sizes_is_told_so():
   with pytest.raises(ValueError, match=r"'params/c'.*use_bias=True") as info:
     wt.to_linen(sd, twin=(twin(use_bias=False), x))
   assert 'submodules' not in str(info.value)
+
+
+def test_to_nnx_takes_a_twin_with_rng_state():
+  # A Dropout's RNG stream (its key and count) has no torch tensor: the twin check called it
+  # missing, so no model with a Dropout could be ported with twin= or template=.
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = wx.WNLinear(4, 3, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+  sd = _wn_state('fc', (3, 4))
+  model = Net(nnx.Rngs(0))
+  tree = wt.to_nnx(sd, twin=model)
+  assert set(tree) == {'fc'}
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(model, state)
+  np.testing.assert_array_equal(model.fc.kernel[...], sd['fc.weight_v'].T)
+  back = wt.to_torch(nnx.state(model), like=sd)
+  np.testing.assert_array_equal(back['fc.weight_v'], sd['fc.weight_v'])
+
+
+class Conv1d(_FakeModule):
+  pass
+
+
+def _fake_conv1d(seed, **args):
+  """A weight-normed Conv1d(4, 4, 3) of the given torch arguments, duck typed."""
+  rng = np.random.default_rng(seed)
+  module = _wn_fake(
+    Conv1d, rng.normal(size=(4, 4, 3)).astype(np.float32), np.ones((4, 1, 1), np.float32)
+  )
+  base = dict(stride=(1,), padding=(0,), dilation=(1,), groups=1, padding_mode='zeros')
+  module.__dict__.update({**base, **args})
+  return module
+
+
+def test_the_twin_check_compares_conv_arguments():
+  # A twin that forgot a dilation or reflect padding passed (the shapes match) and computed
+  # 25-87% off PyTorch: the module tells its arguments, and the twin's are now checked.
+  model = _FakeModule(
+    {
+      'c': _fake_conv1d(0, padding=(2,), dilation=(2,)),
+      'r': _fake_conv1d(1, padding=(1,), padding_mode='reflect'),
+    }
+  )
+
+  def twin(c, r):
+    class Twin(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        conv = lambda name, kw: wn_linen.WNConv(4, (3,), use_bias=False, name=name, **kw)  # noqa: E731
+        return conv('c', c)(x) + conv('r', r)(x)
+
+    return Twin()
+
+  x = np.ones((1, 12, 4), np.float32)
+  with pytest.raises(ValueError, match=r"'c'.*kernel_dilation=1 \(PyTorch: \(2,\)\).*template="):
+    wt.to_linen(model, twin=(twin({'padding': 'SAME'}, {'padding': 'REFLECT'}), x))
+  with pytest.raises(ValueError, match=r"'r'.*padding=.*PyTorch.*'REFLECT'"):
+    wt.to_linen(model, twin=(twin({'padding': 2, 'kernel_dilation': 2}, {'padding': [(1, 1)]}), x))
+  # Equivalent spellings pass: an int, pairs, 'SAME' at stride 1.
+  for c in ({'padding': 2, 'kernel_dilation': 2}, {'padding': 'SAME', 'kernel_dilation': (2,)}):
+    variables = wt.to_linen(model, twin=(twin(c, {'padding': 'REFLECT'}), x))
+  assert set(variables['params']) == {'c', 'r'}
+  wt.to_linen(model, template=jax.eval_shape(twin({}, {}).init, jax.random.key(0), x))
+
+
+def test_a_plain_layer_in_a_sequential_twin_is_told_to_be_a_wn_layer():
+  # Inside a Sequential the hint to build a WN layer was lost (the weight-normed layers'
+  # paths were not moved to the Sequential's names).
+  sd = _wn_state('0', (3, 4))
+  with pytest.raises(ValueError, match=r"'params/layers_0' with a WN layer"):
+    wt.to_linen(sd, twin=(nn.Sequential([nn.Dense(3)]), np.ones((1, 4), np.float32)))

@@ -416,7 +416,11 @@ def _layers_to_torch(
   if ref is not None:
     lacking = [p for p in ref_styles if p not in layers]
     if lacking:
-      raise _error(f'like holds weight-normed layers that layers lacks: {lacking}.')
+      raise _error(
+        f'like holds weight-normed layers that layers lacks: {lacking}. (Where like is a state '
+        "dict, a module's own tensor named like half a weight norm, weight_v, looks like one: "
+        'pass the torch module as like, which tells.)'
+      )
   out: dict[str, np.ndarray] = {}
   for prefix, layer in layers.items():
     weight = _key(_module_prefix(prefix, layer), f'.{layer.tensor}')

@@ -64,7 +64,7 @@ def _to_tree(
       known = {p for p in layers if _is_module(source) or p in (options.kinds or {})}
       _check_twin_layers(layers, found, naming, move, known)
     flat = {move(path): value for path, value in flat.items()}
-    _check(flat, template, layers, naming, inputs)
+    _check(flat, template, layers, naming, inputs, move)
   return _nest(flat)
 
 

@@ -71,7 +71,7 @@ def _linen_mover(paths: Iterable[tuple[str, ...]]) -> Callable[[tuple[Any, ...]]
 
   def candidates(part: str) -> list[tuple[str, ...]]:
     """``'body_0_1'`` -> ``[('body', 'layers_0', 'layers_1'), ('body_0', 'layers_1')]``."""
-    m = re.fullmatch(r'(?:(.*?)_)?(\d+(?:_\d+)*)', part)
+    m = re.fullmatch(r'(?:(.*?[^\d_].*?)_)?(\d+(?:_\d+)*)', part)  # a base name has a letter
     if m is None:
       return []
     base, digits = [m[1]] if m[1] else [], m[2].split('_')
@@ -119,3 +119,16 @@ def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
     parts = tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
     flat[parts] = leaf
   return flat
+
+
+def _rng_state(flat: dict[tuple[str, ...], Any]) -> set[tuple[str, ...]]:
+  """The paths of a flat tree's RNG state, which has no torch tensor: each PRNG key, and the
+  ``count`` beside a ``key`` (an NNX RNG stream: ``nnx.Rngs``, a ``Dropout``'s)."""
+  import jax
+
+  keys = {
+    p
+    for p, x in flat.items()
+    if hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+  }
+  return keys | {(*p[:-1], 'count') for p in keys if p[-1] == 'key'}

@@ -17,6 +17,7 @@ from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _linen_mover
 from wn_jax.pytorch._naming import _mover
 from wn_jax.pytorch._naming import _path
+from wn_jax.pytorch._naming import _rng_state
 from wn_jax.pytorch._plan import Rule
 from wn_jax.pytorch._plan import _Leaf
 from wn_jax.pytorch._plan import _Options
@@ -51,9 +52,9 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
   out, read = _gather(flat, naming, target)
-  if read.missing:
-    raise _lacks(tree, flat, naming, read.missing, target)
   unread = _unread(flat, read, skipped)
+  if read.missing:
+    raise _lacks(tree, flat, naming, read.missing, target, unread)
   if unread:
     some = f'{unread[:6]}{" ..." if len(unread) > 6 else ""}'
     raise _error(
@@ -68,19 +69,13 @@ def _unread(flat: dict[tuple[str, ...], Any], read: _Reader, skipped: set[str]) 
   """The tree's paths that no tensor of like was read from. Not counted: NNX's RNG state (a
   key and its count) and the modules of the keys taken from like as they are (``drop=``)."""
   kept = {m for key in skipped for m in read.modules(_torch_module(key))}
-  rng = {path[:-1] for path, x in flat.items() if _is_prng_key(x)}
-  return ['/'.join(p) for p in flat if p not in read.seen and p[:-1] not in kept | rng]
+  ignored = read.seen | _rng_state(flat)
+  return ['/'.join(p) for p in flat if p not in ignored and p[:-1] not in kept]
 
 
 def _torch_module(key: str) -> str:
   """The torch module a state dict key is in (``'a.parametrizations.weight.original0'``: ``'a'``)."""
   return ('.' + _split(key)[0]).split('.parametrizations.')[0][1:]
-
-
-def _is_prng_key(x: Any) -> bool:
-  import jax
-
-  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _check_tree(tree: Any, like: Any) -> None:
@@ -110,9 +105,15 @@ def _check_tree(tree: Any, like: Any) -> None:
 
 
 def _lacks(
-  tree: Any, flat: dict[tuple[str, ...], Any], naming: str, missing: list[str], target: _Target
+  tree: Any,
+  flat: dict[tuple[str, ...], Any],
+  naming: str,
+  missing: list[str],
+  target: _Target,
+  unread: list[str],
 ) -> ValueError:
-  """The error for a tree that lacks ``missing``: a linen params tree is told apart."""
+  """The error for a tree that lacks ``missing`` (and holds ``unread``, which like has no
+  tensor for: a misspelled module, say): a linen params tree is told apart."""
   if naming == 'nnx' and isinstance(tree, Mapping):
     # variables['params'] of a linen model: it lacks only what other collections hold.
     as_params = {('params', *p): v for p, v in flat.items()}
@@ -124,7 +125,8 @@ def _lacks(
         f"'{target.options.buffers}': ..., 'batch_stats': ...}} as to_linen gives them; buffers "
         'and running statistics live in collections of their own.'
       )
-  return _error(f"the {naming} tree lacks {missing}, which like's state dict needs. {_SAME}")
+  holds = f" It holds {unread}, which like's state dict has no tensor for." if unread else ''
+  return _error(f"the {naming} tree lacks {missing}, which like's state dict needs.{holds} {_SAME}")
 
 
 class _Reader:
