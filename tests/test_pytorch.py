@@ -1003,6 +1003,20 @@ def test_tree_errors_name_the_right_fix():
   variables = wt.to_linen(model)
   with pytest.raises(ValueError, match=r"linen params.*\['buffers/mean'\].*whole variables"):
     wt.to_torch(variables['params'], like=model)
+  # NNX state filtered to its params: it was taken for a linen params tree.
+  from flax import nnx
+
+  bn = {'bn.weight': f32(3), 'bn.bias': f32(3), 'bn.running_mean': f32(3), 'bn.running_var': f32(3)}
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+
+  net = Net()
+  state = nnx.state(net)
+  nnx.replace_by_pure_dict(state, wt.to_nnx(bn, {'bn': 'BatchNorm1d'}, twin=net))
+  with pytest.raises(ValueError, match=r"NNX state lacks \['bn/mean'.*whole nnx.state\(model\)"):
+    wt.to_torch(nnx.state(net, nnx.Param), like=bn, kinds={'bn': 'BatchNorm1d'})
 
 
 def test_patterns_that_match_nothing_are_refused():
@@ -1294,7 +1308,7 @@ def test_a_plain_tensor_named_weight_v_is_not_taken_for_weight_norm():
   np.testing.assert_array_equal(params['attn']['weight_v'], qkv['weight_v'])
   assert set(params['out']) == {'kernel', 'scale', 'bias'}
   sd = model.state_dict()  # a bare state dict cannot tell: drop= leaves them out
-  with pytest.raises(ValueError, match=r"'attn.weight_g'"):
+  with pytest.raises(ValueError, match=r"'attn.weight_g'.*pass the torch module.*drop="):
     wt.to_linen(sd)
   assert set(wt.to_linen(sd, drop=r'attn\..*')['params']) == {'out'}
   # The layers route back: like's own weight_v was taken for a layer the export lacked.
@@ -1472,6 +1486,13 @@ def test_the_twin_check_compares_conv_arguments():
     variables = wt.to_linen(model, twin=(twin(c, {'padding': 'REFLECT'}), x))
   assert set(variables['params']) == {'c', 'r'}
   wt.to_linen(model, template=jax.eval_shape(twin({}, {}).init, jax.random.key(0), x))
+
+
+def test_a_sequential_twin_without_the_activations_is_told_to_keep_them():
+  sd = {**_wn_state('0', (3, 4)), **_wn_state('2', (2, 3), seed=1)}  # Linear, ReLU, Linear
+  twin = nn.Sequential([wn_linen.WNDense(3), wn_linen.WNDense(2)])
+  with pytest.raises(ValueError, match=r"child i is a Flax Sequential's layers_i.*activations"):
+    wt.to_linen(sd, twin=(twin, np.ones((1, 4), np.float32)))
 
 
 def test_a_plain_layer_in_a_sequential_twin_is_told_to_be_a_wn_layer():

@@ -247,7 +247,11 @@ def _stored(
   g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
   for key in (g_key, v_key):
     if key not in sd:
-      raise _error(f'{key!r} is missing: a weight-normed layer needs both g and v.')
+      raise _error(
+        f'{key!r} is missing: a weight-normed layer needs both g and v. If the other is a '
+        "tensor of the model's own (an attention's weight_v, no weight norm), pass the torch "
+        'module, which tells, or drop= its keys.'
+      )
   bias_key = _key(prefix, '.bias')
   bias = _array(sd[bias_key], dtype) if bias_key in sd and tensor == 'weight' else None
   g, v = _array(sd[g_key], dtype), _array(sd[v_key], dtype)

@@ -60,7 +60,8 @@ def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
     raise _error(
       f"the {naming} tree holds {some}, for which like's state dict has no tensor: the result "
       'would leave them out. Pass like the torch module this tree is of (with the same '
-      'layers), or take these entries out of the tree.'
+      'layers), or take these entries out of the tree (NNX: nnx.state(model, nnx.Param, '
+      'nnx.BatchStat, ...) keeps the variable types torch has).'
     )
   return _finish(out, like, skipped, _SAME)
 
@@ -118,12 +119,19 @@ def _lacks(
     # variables['params'] of a linen model: it lacks only what other collections hold.
     as_params = {('params', *p): v for p, v in flat.items()}
     lacking = _gather(as_params, 'linen', target)[1].missing
+    if all(not m.startswith('params/') for m in lacking) and hasattr(tree, 'to_pure_dict'):
+      return _error(
+        f"this NNX state lacks {missing}, which like's state dict needs (buffers or running "
+        'statistics: variables of other types than nnx.Param): pass to_torch the whole '
+        'nnx.state(model), not one filtered by type.'
+      )
     if all(not m.startswith('params/') for m in lacking):
       return _error(
         f"this looks like a linen params tree (variables['params']), which lacks {lacking}: "
         "pass to_torch the whole variables, {'params': ..., "
         f"'{target.options.buffers}': ..., 'batch_stats': ...}} as to_linen gives them; buffers "
-        'and running statistics live in collections of their own.'
+        'and running statistics live in collections of their own. (An NNX pure dict: take '
+        'the whole nnx.state(model), not one filtered by type.)'
       )
   holds = f" It holds {unread}, which like's state dict has no tensor for." if unread else ''
   return _error(f"the {naming} tree lacks {missing}, which like's state dict needs.{holds} {_SAME}")

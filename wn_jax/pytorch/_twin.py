@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from collections.abc import Container
 from collections.abc import Iterable
@@ -382,6 +383,12 @@ def _name_hints(fit: _Fit) -> list[str]:
     hints.append(
       "put each tensor in the template's collection (torch buffers go to buffers=, "
       "'buffers' by default, read from a module or marked by buffer_keys=)"
+    )
+  if unexpected and any(re.search(r'(^|/)layers(_\d+)?/', m) for m in missing):
+    hints.append(
+      "a torch nn.Sequential's child i is a Flax Sequential's layers_i (linen) / layers i "
+      '(NNX): keep its layers without parameters (activations) in the Flax Sequential too, so '
+      'that the indices agree'
     )
   if (missing or unexpected) and not fit.plain:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
