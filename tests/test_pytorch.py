@@ -1472,7 +1472,7 @@ def test_the_twin_check_compares_conv_arguments():
       @nn.compact
       def __call__(self, x):
         conv = lambda name, kw: wn_linen.WNConv(4, (3,), use_bias=False, name=name, **kw)  # noqa: E731
-        return conv('c', c)(x) + conv('r', r)(x)
+        return conv('c', c)(x), conv('r', r)(x)
 
     return Twin()
 
@@ -1486,6 +1486,29 @@ def test_the_twin_check_compares_conv_arguments():
     variables = wt.to_linen(model, twin=(twin(c, {'padding': 'REFLECT'}), x))
   assert set(variables['params']) == {'c', 'r'}
   wt.to_linen(model, template=jax.eval_shape(twin({}, {}).init, jax.random.key(0), x))
+  with pytest.raises(ValueError, match=r"'c'.*input_dilation=2 \(PyTorch: \(1,\)\)"):
+    wt.to_linen(
+      model,
+      twin=(
+        twin({'padding': 2, 'kernel_dilation': 2, 'input_dilation': 2}, {'padding': 'REFLECT'}),
+        x,
+      ),
+    )
+  # A strided conv, and a padding no Flax layer does (the model pads its input itself): the
+  # twin's 'VALID' is the zero pads it means (it was refused as a name).
+  strided = _FakeModule(
+    {
+      'c': _fake_conv1d(0, stride=(2,)),
+      'r': _fake_conv1d(1, padding=(1,), padding_mode='replicate'),
+    }
+  )
+  valid = {'strides': 2, 'padding': 'VALID'}
+  assert set(wt.to_linen(strided, twin=(twin(valid, {'padding': 'VALID'}), x))['params']) == {
+    'c',
+    'r',
+  }
+  with pytest.raises(ValueError, match=r"'r'.*replicate padding.*pad the input yourself"):
+    wt.to_linen(strided, twin=(twin(valid, {'padding': 1}), x))
 
 
 def test_a_sequential_twin_without_the_activations_is_told_to_keep_them():

@@ -15,7 +15,7 @@ def _tuple(x: Any, n: int) -> tuple[int, ...]:
 _PADDING_MODES = {'reflect': 'REFLECT', 'circular': 'CIRCULAR'}
 
 
-def _padding_mode(kind: str, padding: Any, mode: str, k: tuple, d: tuple) -> str:
+def _padding_mode(kind: str, padding: Any, mode: str, k: tuple, d: tuple) -> Any:
   """Flax's ``'REFLECT'`` / ``'CIRCULAR'`` padding for PyTorch's ``padding_mode``, if it is the same."""
   if mode not in _PADDING_MODES:
     hint = " (pad the input with jnp.pad(x, ..., mode='edge') and use padding=0)"
@@ -25,6 +25,8 @@ def _padding_mode(kind: str, padding: Any, mode: str, k: tuple, d: tuple) -> str
     )
   dilated = [di * (ki - 1) + 1 for ki, di in zip(k, d)]
   same = [((kd - 1) // 2, kd // 2) for kd in dilated]  # what Flax pads for REFLECT/CIRCULAR
+  if not isinstance(padding, str) and not any(_tuple(padding, len(k))):
+    return tuple((0, 0) for _ in k)  # no padding: its mode does not matter
   if isinstance(padding, str):
     if padding.lower() == 'same':
       return _PADDING_MODES[mode]

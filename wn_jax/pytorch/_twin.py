@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from wn_jax.pytorch._conv import conv_kwargs
 from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import TorchLayer
 from wn_jax.pytorch._naming import _flatten
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._naming import _rng_state
 from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._twin_conv import CONV_ARGS
+from wn_jax.pytorch._twin_conv import _conv_args_off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +29,6 @@ class _TwinLayer:
   kind: str  # 'Dense', 'Conv', 'ConvTranspose' (PyTorch's kernel layout) or 'Flax ConvTranspose'
   name: str  # its class, as the error names it
   conv: dict[str, Any] = dataclasses.field(default_factory=dict)  # strides, padding, ...
-
-
-# The conv arguments the twin's layer must share with PyTorch's (conv_kwargs gives them).
-_CONV_ARGS = ('strides', 'padding', 'kernel_dilation', 'feature_group_count')
 
 
 # PyTorch's layers by the Flax layer that computes as they do, for the errors.
@@ -45,7 +42,7 @@ _BUILD = {
 def _twin_layer(layer: Any, conv: type, conv_transpose: type) -> _TwinLayer:
   """The twin's WN ``layer`` (``conv``, ``conv_transpose``: linen's or NNX's classes)."""
   axis, name = layer.axis, type(layer).__name__
-  args = {k: getattr(layer, k) for k in _CONV_ARGS if hasattr(layer, k)}
+  args = {k: getattr(layer, k) for k in CONV_ARGS if hasattr(layer, k)}
   if isinstance(layer, conv_transpose):
     if getattr(layer, 'transpose_kernel', False):
       return _TwinLayer(axis, 'ConvTranspose', name, args)
@@ -156,7 +153,7 @@ def _check_twin_layers(
         f'{prefix!r} with dim={layer.dim}, which is wn_jax axis={layer.axis}: build that '
         f"layer with axis={layer.axis} (layer_axes(torch_model) gives every layer's)."
       )
-    off = _conv_args_off(layer, twin)
+    off = _conv_args_off(layer, twin.conv)
     if off:
       raise _error(
         f"{'/'.join(where)!r}: the twin's {twin.name} has {', '.join(off)}: build it with "
@@ -164,56 +161,6 @@ def _check_twin_layers(
         "as PyTorch's does. A model that pads its input itself: pass template= (names and "
         'shapes only) in place of twin=.'
       )
-
-
-def _conv_args_off(layer: TorchLayer, twin: _TwinLayer) -> list[str]:
-  """``'name=twin's (PyTorch: conv_kwargs's)'`` for each conv argument the twin's layer has
-  otherwise than PyTorch's (read from the module; a state dict tells none)."""
-  if not layer.args or not twin.conv or layer.kind == 'Linear':
-    return []
-  window = tuple(np.shape(layer.params['kernel'])[:-2])
-  try:
-    want = conv_kwargs(layer.kind, window, **layer.args)
-  except ValueError:  # PyTorch arguments no Flax layer takes: the model must do it otherwise
-    return []
-  # 'SAME' and 'VALID' are fixed pairs for a Conv at unit stride: compared as such.
-  unit = not layer.kind.startswith('ConvTranspose') and set(want['strides']) == {1}
-  dilation = _per_axis(want['kernel_dilation'], len(window))
-  off = []
-  for k in _CONV_ARGS:
-    if k not in twin.conv or k not in want:
-      continue
-    have, need = twin.conv[k], want[k]
-    if k == 'padding':
-      same = _padding(have, window, dilation, unit) == _padding(need, window, dilation, unit)
-    elif k == 'feature_group_count':
-      same = int(have) == int(need)
-    else:
-      same = _per_axis(have, len(window)) == _per_axis(need, len(window))
-    if not same:
-      off.append(f'{k}={have!r} (PyTorch: {need!r})')
-  return off
-
-
-def _per_axis(value: Any, n: int) -> tuple[int, ...]:
-  """Strides or a dilation as one int per axis (``None``: 1)."""
-  return (1,) * n if value is None else tuple(int(x) for x in np.broadcast_to(value, (n,)))
-
-
-def _padding(value: Any, window: tuple[int, ...], dilation: tuple[int, ...], unit: bool) -> Any:
-  """A Flax padding in one spelling: pairs per axis, or a name (``'SAME'`` and ``'VALID'``
-  as the pairs a unit-stride Conv pads with, where ``unit``)."""
-  if isinstance(value, str):
-    value = value.upper()
-    if unit and value == 'VALID':
-      return ((0, 0),) * len(window)
-    if unit and value == 'SAME':
-      total = [d * (k - 1) for k, d in zip(window, dilation)]
-      return tuple((t // 2, t - t // 2) for t in total)
-    return value
-  if isinstance(value, int):
-    return ((value, value),) * len(window)
-  return tuple((int(p), int(p)) if isinstance(p, int) else tuple(map(int, p)) for p in value)
 
 
 def _channels_first(

@@ -1,0 +1,96 @@
+"""A twin conv's arguments against PyTorch's layer: stride, padding, dilation, groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from wn_jax.pytorch._conv import conv_kwargs
+from wn_jax.pytorch._layer import TorchLayer
+
+# The conv arguments the twin's layer must share with PyTorch's (conv_kwargs gives them).
+CONV_ARGS = ('strides', 'padding', 'kernel_dilation', 'feature_group_count', 'input_dilation')
+
+
+def _conv_args_off(layer: TorchLayer, conv: dict[str, Any]) -> list[str]:
+  """``'name=twin's (PyTorch: ...)'`` for each argument in ``conv``, the twin layer's, that
+  differs from PyTorch's (read from the module; a state dict tells none). Paddings are
+  compared as the pairs they pad where the kernel and strides fix them (``'SAME'``,
+  ``'VALID'``, ints)."""
+  if not layer.args or not conv or layer.kind == 'Linear':
+    return []
+  window = tuple(np.shape(layer.params['kernel'])[:-2])
+  transpose = layer.kind.startswith('ConvTranspose')
+  try:
+    want, padded = conv_kwargs(layer.kind, window, **layer.args), None
+  except ValueError:  # a padding no Flax layer does: the model must pad its input itself
+    try:
+      want = conv_kwargs(
+        layer.kind, window, **{**layer.args, 'padding': 0, 'padding_mode': 'zeros'}
+      )
+    except ValueError:
+      return []
+    padded = f'{layer.args.get("padding_mode")} padding {layer.args.get("padding")}'
+  n = len(window)
+  strides, dilation = _per_axis(want['strides'], n), _per_axis(want['kernel_dilation'], n)
+  dilated = tuple(d * (k - 1) + 1 for k, d in zip(window, dilation))
+  off = []
+  for name in CONV_ARGS:
+    if name not in conv:
+      continue
+    have, need = conv[name], want.get(name)
+    if name == 'padding':
+      have_n = _padding(have, dilated, strides, transpose)
+      need = _padding(need, dilated, strides, transpose)
+      if have_n != need and padded:
+        off.append(
+          f'padding={have!r} (PyTorch pads with {padded}, which no Flax padding does: pad the '
+          "input yourself, jnp.pad, and build the conv with padding='VALID')"
+        )
+        continue
+    elif name == 'feature_group_count':
+      have_n, need = int(have), 1 if need is None else int(need)
+    else:
+      have_n, need = _per_axis(have, n), _per_axis(need, n)
+    if have_n != need:
+      off.append(f'{name}={have!r} (PyTorch: {need!r})')
+  return off
+
+
+def _per_axis(value: Any, n: int) -> tuple[int, ...]:
+  """Strides or a dilation as one int per axis (``None``: 1)."""
+  return (1,) * n if value is None else tuple(int(x) for x in np.broadcast_to(value, (n,)))
+
+
+def _padding(
+  value: Any, dilated: tuple[int, ...], strides: tuple[int, ...], transpose: bool
+) -> Any:
+  """A Flax padding as the pairs it pads (``dilated``: the dilated kernel), where the kernel
+  and strides fix them; else its name (``'SAME'`` of a strided Conv depends on the input)."""
+  n = len(dilated)
+  if not isinstance(value, str):
+    if isinstance(value, int):
+      return ((value, value),) * n
+    return tuple((int(p), int(p)) if isinstance(p, int) else tuple(map(int, p)) for p in value)
+  name = value.upper()
+  if transpose and name in ('SAME', 'VALID'):  # lax.conv_transpose's pads
+    pairs = []
+    for k, s in zip(dilated, strides):
+      if name == 'SAME':
+        total, before = k + s - 2, k - 1 if s > k - 1 else -(-(k + s - 2) // 2)
+      else:
+        total, before = k + s - 2 + max(k - s, 0), k - 1
+      pairs.append((before, total - before))
+    return tuple(pairs)
+  if transpose:
+    return name
+  if name == 'VALID' or (name in ('REFLECT', 'CIRCULAR') and set(dilated) == {1}):
+    return ((0, 0),) * n
+  if name == 'CAUSAL':
+    return tuple((k - 1, 0) for k in dilated)
+  if name in ('SAME', 'SAME_LOWER') and all(s == 1 or k == 1 for k, s in zip(dilated, strides)):
+    half = [(k - 1) // 2 for k in dilated]  # the smaller half
+    lower = name == 'SAME_LOWER'
+    return tuple((k - 1 - h, h) if lower else (h, k - 1 - h) for k, h in zip(dilated, half))
+  return name
