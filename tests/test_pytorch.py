@@ -1524,3 +1524,26 @@ def test_a_plain_layer_in_a_sequential_twin_is_told_to_be_a_wn_layer():
   sd = _wn_state('0', (3, 4))
   with pytest.raises(ValueError, match=r"'params/layers_0' with a WN layer"):
     wt.to_linen(sd, twin=(nn.Sequential([nn.Dense(3)]), np.ones((1, 4), np.float32)))
+
+
+def test_the_twin_check_compares_plain_conv_arguments():
+  # A plain (not weight-normed) conv's reflect padding forgotten in the twin passed, 57% off.
+  rng = np.random.default_rng(0)
+  plain = Conv1d(state={'weight': rng.normal(size=(4, 4, 3)).astype(np.float32)})
+  plain.__dict__.update(stride=(1,), padding=(1,), dilation=(1,), groups=1, padding_mode='reflect')
+  model = _FakeModule({'p': plain})
+
+  def twin(padding):
+    class Twin(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Conv(4, (3,), padding=padding, use_bias=False, name='p')(x)
+
+    return Twin()
+
+  x = np.ones((1, 12, 4), np.float32)
+  with pytest.raises(
+    ValueError, match=r"'p': the twin's Conv has padding=1 \(PyTorch: 'REFLECT'\)"
+  ):
+    wt.to_linen(model, twin=(twin(1), x))
+  assert set(wt.to_linen(model, twin=(twin('REFLECT'), x))['params']) == {'p'}

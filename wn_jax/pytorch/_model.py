@@ -25,6 +25,8 @@ from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._twin import _check
 from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin
+from wn_jax.pytorch._twin_conv import _check_plain_convs
+from wn_jax.pytorch._walk import _infos
 
 
 def _to_tree(
@@ -63,6 +65,7 @@ def _to_tree(
     if found is not None:
       known = {p for p in layers if _is_module(source) or p in (options.kinds or {})}
       _check_twin_layers(layers, found, naming, move, known)
+      _check_plain_convs(sd, _infos(source, sd, options.kinds), found, naming, move)
     flat = {move(path): value for path, value in flat.items()}
     _check(flat, template, layers, naming, inputs, move)
   return _nest(flat)

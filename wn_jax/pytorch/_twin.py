@@ -19,6 +19,7 @@ from wn_jax.pytorch._naming import _rng_state
 from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._twin_conv import CONV_ARGS
 from wn_jax.pytorch._twin_conv import _conv_args_off
+from wn_jax.pytorch._twin_conv import _refuse_conv_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class _TwinLayer:
   kind: str  # 'Dense', 'Conv', 'ConvTranspose' (PyTorch's kernel layout) or 'Flax ConvTranspose'
   name: str  # its class, as the error names it
   conv: dict[str, Any] = dataclasses.field(default_factory=dict)  # strides, padding, ...
+  weight_normed: bool = True  # a WN layer (else a plain Flax conv: only conv is read)
 
 
 # PyTorch's layers by the Flax layer that computes as they do, for the errors.
@@ -42,7 +44,7 @@ _BUILD = {
 def _twin_layer(layer: Any, conv: type, conv_transpose: type) -> _TwinLayer:
   """The twin's WN ``layer`` (``conv``, ``conv_transpose``: linen's or NNX's classes)."""
   axis, name = layer.axis, type(layer).__name__
-  args = {k: getattr(layer, k) for k in CONV_ARGS if hasattr(layer, k)}
+  args = _conv_config(layer)
   if isinstance(layer, conv_transpose):
     if getattr(layer, 'transpose_kernel', False):
       return _TwinLayer(axis, 'ConvTranspose', name, args)
@@ -50,6 +52,15 @@ def _twin_layer(layer: Any, conv: type, conv_transpose: type) -> _TwinLayer:
   if isinstance(layer, conv):
     return _TwinLayer(axis, 'Conv', name, args)
   return _TwinLayer(axis, 'Dense', name)
+
+
+def _conv_config(layer: Any) -> dict[str, Any]:
+  return {k: getattr(layer, k) for k in CONV_ARGS if hasattr(layer, k)}
+
+
+def _plain_conv(layer: Any) -> _TwinLayer:
+  """The twin's plain Flax conv ``layer``: its conv arguments."""
+  return _TwinLayer(None, 'Plain', type(layer).__name__, _conv_config(layer), weight_normed=False)
 
 
 def _torch_kind(kind: str) -> str:
@@ -76,11 +87,12 @@ def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
     raise TypeError(
       f'wn_jax.pytorch.to_nnx: twin= takes the NNX model itself; got {type(twin).__name__}.'
     )
-  found = {
-    tuple(map(str, path)): _twin_layer(m, WNConv, WNConvTranspose)
-    for path, m in nnx.iter_graph(twin)
-    if isinstance(m, _WeightNormedKernel)
-  }
+  found = {}
+  for path, m in nnx.iter_graph(twin):
+    if isinstance(m, _WeightNormedKernel):
+      found[tuple(map(str, path))] = _twin_layer(m, WNConv, WNConvTranspose)
+    elif isinstance(m, (nnx.Conv, nnx.ConvTranspose)):
+      found[tuple(map(str, path))] = _plain_conv(m)
   return nnx.state(twin), found
 
 
@@ -105,6 +117,8 @@ def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
     layer = context.module
     if isinstance(layer, _WeightNormedKernel) and isinstance(layer, nn.Module):
       axes[tuple(layer.path)] = _twin_layer(layer, WNConv, WNConvTranspose)
+    elif isinstance(layer, (nn.Conv, nn.ConvTranspose)):
+      axes[tuple(layer.path)] = _plain_conv(layer)
     return call(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -135,7 +149,7 @@ def _check_twin_layers(
       continue  # no WN layer in the twin: its layout is PyTorch's
     path = move(_path(prefix, 'scale', 'params', naming))[1 if naming == 'linen' else 0 : -1]
     where = tuple(map(str, path))
-    if where not in found:
+    if where not in found or not found[where].weight_normed:
       continue
     twin, want = found[where], _torch_kind(layer.kind)
     guessed = prefix not in known
@@ -153,14 +167,10 @@ def _check_twin_layers(
         f'{prefix!r} with dim={layer.dim}, which is wn_jax axis={layer.axis}: build that '
         f"layer with axis={layer.axis} (layer_axes(torch_model) gives every layer's)."
       )
-    off = _conv_args_off(layer, twin.conv)
-    if off:
-      raise _error(
-        f"{'/'.join(where)!r}: the twin's {twin.name} has {', '.join(off)}: build it with "
-        f"conv_kwargs of PyTorch's {prefix!r} (TorchLayer.linen / .nnx do), which computes "
-        "as PyTorch's does. A model that pads its input itself: pass template= (names and "
-        'shapes only) in place of twin=.'
-      )
+    window = tuple(np.shape(layer.params['kernel'])[:-2])
+    _refuse_conv_args(
+      where, prefix, twin, _conv_args_off(layer.kind, layer.args, window, twin.conv)
+    )
 
 
 def _channels_first(

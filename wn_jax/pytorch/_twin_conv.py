@@ -1,37 +1,43 @@
-"""A twin conv's arguments against PyTorch's layer: stride, padding, dilation, groups."""
+"""A twin conv's arguments against PyTorch's layer's (stride, padding, dilation, groups):
+the weight-normed layers' (from :mod:`wn_jax.pytorch._twin`) and the plain ones'."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from wn_jax.pytorch._conv import conv_kwargs
-from wn_jax.pytorch._layer import TorchLayer
+from wn_jax.pytorch._kinds import KINDS
+from wn_jax.pytorch._naming import _path
+from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _key
 
 # The conv arguments the twin's layer must share with PyTorch's (conv_kwargs gives them).
 CONV_ARGS = ('strides', 'padding', 'kernel_dilation', 'feature_group_count', 'input_dilation')
 
 
-def _conv_args_off(layer: TorchLayer, conv: dict[str, Any]) -> list[str]:
+def _conv_args_off(
+  kind: str, args: dict[str, Any], window: tuple[int, ...], conv: dict[str, Any]
+) -> list[str]:
   """``'name=twin's (PyTorch: ...)'`` for each argument in ``conv``, the twin layer's, that
-  differs from PyTorch's (read from the module; a state dict tells none). Paddings are
+  differs from PyTorch's layer (``kind``, its ``args`` as read from the module, its kernel's
+  ``window``; a state dict tells no args). Paddings are
   compared as the pairs they pad where the kernel and strides fix them (``'SAME'``,
   ``'VALID'``, ints)."""
-  if not layer.args or not conv or layer.kind == 'Linear':
+  if not args or not conv or kind == 'Linear':
     return []
-  window = tuple(np.shape(layer.params['kernel'])[:-2])
-  transpose = layer.kind.startswith('ConvTranspose')
+  transpose = kind.startswith('ConvTranspose')
   try:
-    want, padded = conv_kwargs(layer.kind, window, **layer.args), None
+    want, padded = conv_kwargs(kind, window, **args), None
   except ValueError:  # a padding no Flax layer does: the model must pad its input itself
     try:
-      want = conv_kwargs(
-        layer.kind, window, **{**layer.args, 'padding': 0, 'padding_mode': 'zeros'}
-      )
+      want = conv_kwargs(kind, window, **{**args, 'padding': 0, 'padding_mode': 'zeros'})
     except ValueError:
       return []
-    padded = f'{layer.args.get("padding_mode")} padding {layer.args.get("padding")}'
+    padded = f'{args.get("padding_mode")} padding {args.get("padding")}'
   n = len(window)
   strides, dilation = _per_axis(want['strides'], n), _per_axis(want['kernel_dilation'], n)
   dilated = tuple(d * (k - 1) + 1 for k, d in zip(window, dilation))
@@ -94,3 +100,34 @@ def _padding(
     lower = name == 'SAME_LOWER'
     return tuple((k - 1 - h, h) if lower else (h, k - 1 - h) for k, h in zip(dilated, half))
   return name
+
+
+def _check_plain_convs(
+  sd: Mapping[str, Any],
+  infos: Mapping[str, Any],
+  found: Mapping[tuple[str, ...], Any],
+  naming: str,
+  move: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+) -> None:
+  """Each plain torch conv's arguments (``infos``, from the module) against the twin's
+  plain conv at its path."""
+  for prefix, info in infos.items():
+    weight = sd.get(_key(prefix, '.weight'))
+    if info.kind not in KINDS or info.kind == 'Linear' or not info.args or weight is None:
+      continue
+    path = move(_path(prefix, 'kernel', 'params', naming))[1 if naming == 'linen' else 0 : -1]
+    twin = found.get(tuple(map(str, path)))
+    if twin is not None and not twin.weight_normed:
+      off = _conv_args_off(info.kind, info.args, tuple(np.shape(weight)[2:]), twin.conv)
+      _refuse_conv_args(tuple(map(str, path)), prefix, twin, off)
+
+
+def _refuse_conv_args(where: tuple[str, ...], prefix: str, twin: Any, off: list[str]) -> None:
+  """Raises for ``off``, the twin conv's arguments at ``where`` that differ from ``prefix``'s."""
+  if off:
+    raise _error(
+      f"{'/'.join(where)!r}: the twin's {twin.name} has {', '.join(off)}: build it with "
+      f"conv_kwargs of PyTorch's {prefix!r} (TorchLayer.linen / .nnx do), which computes "
+      "as PyTorch's does. A model that pads its input itself: pass template= (names and "
+      'shapes only) in place of twin=.'
+    )
