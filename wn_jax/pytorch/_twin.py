@@ -58,9 +58,13 @@ def _conv_config(layer: Any) -> dict[str, Any]:
   return {k: getattr(layer, k) for k in CONV_ARGS if hasattr(layer, k)}
 
 
-def _plain_conv(layer: Any) -> _TwinLayer:
-  """The twin's plain Flax conv ``layer``: its conv arguments."""
-  return _TwinLayer(None, 'Plain', type(layer).__name__, _conv_config(layer), weight_normed=False)
+def _plain_conv(layer: Any, transpose: bool) -> _TwinLayer:
+  """The twin's plain Flax conv ``layer`` (``transpose``: a ConvTranspose): its kind and
+  conv arguments."""
+  name, kind = type(layer).__name__, 'ConvTranspose' if transpose else 'Conv'
+  if transpose and not getattr(layer, 'transpose_kernel', False):
+    name, kind = f'{name} with transpose_kernel=False', 'Flax ConvTranspose'
+  return _TwinLayer(None, kind, name, _conv_config(layer), weight_normed=False)
 
 
 def _torch_kind(kind: str) -> str:
@@ -92,7 +96,7 @@ def _nnx_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
     if isinstance(m, _WeightNormedKernel):
       found[tuple(map(str, path))] = _twin_layer(m, WNConv, WNConvTranspose)
     elif isinstance(m, (nnx.Conv, nnx.ConvTranspose)):
-      found[tuple(map(str, path))] = _plain_conv(m)
+      found[tuple(map(str, path))] = _plain_conv(m, isinstance(m, nnx.ConvTranspose))
   return nnx.state(twin), found
 
 
@@ -118,7 +122,7 @@ def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
     if isinstance(layer, _WeightNormedKernel) and isinstance(layer, nn.Module):
       axes[tuple(layer.path)] = _twin_layer(layer, WNConv, WNConvTranspose)
     elif isinstance(layer, (nn.Conv, nn.ConvTranspose)):
-      axes[tuple(layer.path)] = _plain_conv(layer)
+      axes[tuple(layer.path)] = _plain_conv(layer, isinstance(layer, nn.ConvTranspose))
     return call(*args, **kwargs)
 
   with nn.intercept_methods(record):

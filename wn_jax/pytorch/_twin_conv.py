@@ -3,6 +3,7 @@ the weight-normed layers' (from :mod:`wn_jax.pytorch._twin`) and the plain ones'
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -21,27 +22,26 @@ CONV_ARGS = ('strides', 'padding', 'kernel_dilation', 'feature_group_count', 'in
 
 def _conv_args_off(
   kind: str, args: dict[str, Any], window: tuple[int, ...], conv: dict[str, Any]
-) -> list[str]:
-  """``'name=twin's (PyTorch: ...)'`` for each argument in ``conv``, the twin layer's, that
-  differs from PyTorch's layer (``kind``, its ``args`` as read from the module, its kernel's
-  ``window``; a state dict tells no args). Paddings are
-  compared as the pairs they pad where the kernel and strides fix them (``'SAME'``,
-  ``'VALID'``, ints)."""
+) -> dict[str, str]:
+  """``{name: 'name=twin's (PyTorch: ...)'}`` for each argument in ``conv``, the twin layer's,
+  that differs from PyTorch's layer (``kind``, its ``args`` as read from the module, its
+  kernel's ``window``; a state dict tells no args). Paddings are compared as the pairs they
+  pad where the kernel and strides fix them (``'SAME'``, ``'VALID'``, ints)."""
   if not args or not conv or kind == 'Linear':
-    return []
+    return {}
   transpose = kind.startswith('ConvTranspose')
   try:
-    want, padded = conv_kwargs(kind, window, **args), None
+    want, padded = conv_kwargs(kind, window, **args), ''
   except ValueError:  # a padding no Flax layer does: the model must pad its input itself
     try:
       want = conv_kwargs(kind, window, **{**args, 'padding': 0, 'padding_mode': 'zeros'})
     except ValueError:
-      return []
-    padded = f'{args.get("padding_mode")} padding {args.get("padding")}'
+      return {}
+    padded = f', which no Flax padding does ({args.get("padding_mode")} padding)'
   n = len(window)
   strides, dilation = _per_axis(want['strides'], n), _per_axis(want['kernel_dilation'], n)
   dilated = tuple(d * (k - 1) + 1 for k, d in zip(window, dilation))
-  off = []
+  off = {}
   for name in CONV_ARGS:
     if name not in conv:
       continue
@@ -49,18 +49,15 @@ def _conv_args_off(
     if name == 'padding':
       have_n = _padding(have, dilated, strides, transpose)
       need = _padding(need, dilated, strides, transpose)
-      if have_n != need and padded:
-        off.append(
-          f'padding={have!r} (PyTorch pads with {padded}, which no Flax padding does: pad the '
-          "input yourself, jnp.pad, and build the conv with padding='VALID')"
-        )
-        continue
     elif name == 'feature_group_count':
       have_n, need = int(have), 1 if need is None else int(need)
     else:
       have_n, need = _per_axis(have, n), _per_axis(need, n)
     if have_n != need:
-      off.append(f'{name}={have!r} (PyTorch: {need!r})')
+      torch_side = (
+        f'{args.get("padding")!r}{padded}' if name == 'padding' and padded else repr(need)
+      )
+      off[name] = f'{name}={have!r} (PyTorch: {torch_side})'
   return off
 
 
@@ -109,25 +106,43 @@ def _check_plain_convs(
   naming: str,
   move: Callable[[tuple[Any, ...]], tuple[Any, ...]],
 ) -> None:
-  """Each plain torch conv's arguments (``infos``, from the module) against the twin's
-  plain conv at its path."""
+  """Each plain torch conv (``infos``, from the module) against the twin's plain conv at its
+  path: its kind (a ConvTranspose's ``transpose_kernel=True``) and its arguments."""
   for prefix, info in infos.items():
     weight = sd.get(_key(prefix, '.weight'))
     if info.kind not in KINDS or info.kind == 'Linear' or not info.args or weight is None:
       continue
     path = move(_path(prefix, 'kernel', 'params', naming))[1 if naming == 'linen' else 0 : -1]
-    twin = found.get(tuple(map(str, path)))
-    if twin is not None and not twin.weight_normed:
-      off = _conv_args_off(info.kind, info.args, tuple(np.shape(weight)[2:]), twin.conv)
-      _refuse_conv_args(tuple(map(str, path)), prefix, twin, off)
+    where = tuple(map(str, path))
+    twin = found.get(where)
+    if twin is None or twin.weight_normed:
+      continue
+    want = 'ConvTranspose' if info.kind.startswith('ConvTranspose') else 'Conv'
+    if twin.kind != want:
+      build = 'a ConvTranspose with transpose_kernel=True' if want == 'ConvTranspose' else 'a Conv'
+      raise _error(
+        f"{'/'.join(where)!r}: the twin builds a {twin.name}, but PyTorch's {prefix!r} is a "
+        f"{info.kind}: build it as {build}, which computes as PyTorch's does."
+      )
+    off = _conv_args_off(info.kind, info.args, tuple(np.shape(weight)[2:]), twin.conv)
+    _refuse_conv_args(where, prefix, twin, off)
 
 
-def _refuse_conv_args(where: tuple[str, ...], prefix: str, twin: Any, off: list[str]) -> None:
-  """Raises for ``off``, the twin conv's arguments at ``where`` that differ from ``prefix``'s."""
-  if off:
-    raise _error(
-      f"{'/'.join(where)!r}: the twin's {twin.name} has {', '.join(off)}: build it with "
-      f"conv_kwargs of PyTorch's {prefix!r} (TorchLayer.linen / .nnx do), which computes "
-      "as PyTorch's does. A model that pads its input itself: pass template= (names and "
-      'shapes only) in place of twin=.'
+def _refuse_conv_args(
+  where: tuple[str, ...], prefix: str, twin: Any, off: Mapping[str, str]
+) -> None:
+  """Raises for ``off``, the twin conv's arguments at ``where`` that differ from ``prefix``'s;
+  warns for a padding alone, which a model may do around the conv itself."""
+  at = f"{'/'.join(where)!r}: the twin's {twin.name} has"
+  build = f"build it with conv_kwargs of PyTorch's {prefix!r} (TorchLayer.linen / .nnx do)"
+  others = [text for name, text in off.items() if name != 'padding']
+  if others:
+    raise _error(f"{at} {', '.join(others)}: {build}, which computes as PyTorch's does.")
+  if 'padding' in off:
+    warnings.warn(
+      f'wn_jax.pytorch: {at} {off["padding"]}. Right where the model pads around the conv '
+      'itself (F.pad before it, a slice after it, jnp.pad in the twin); else the outputs '
+      f'differ: {build}.',
+      UserWarning,
+      stacklevel=5,
     )
