@@ -1581,3 +1581,37 @@ def test_a_plain_conv_transpose_twin_needs_transpose_kernel():
   with pytest.raises(ValueError, match=r"'up'.*transpose_kernel=False.*transpose_kernel=True"):
     wt.to_linen(model, twin=(twin(False), x))
   assert set(wt.to_linen(model, twin=(twin(True), x))['params']) == {'up'}
+
+
+class _Unsaved(_FakeModule):
+  """A module with a buffer registered persistent=False: listed by named_buffers, not saved."""
+
+  def __init__(self, children=(), state=None, unsaved=None):
+    super().__init__(children, state)
+    self._unsaved = dict(unsaved or {})
+
+  def named_buffers(self):
+    yield from super().named_buffers()
+    yield from self._unsaved.items()
+
+
+def test_a_non_persistent_torch_buffer_the_twin_holds_is_named():
+  # The twin's variable for a torch buffer registered persistent=False (not in the state dict)
+  # was blamed on submodule names.
+  from flax import nnx
+
+  from wn_jax import nnx as wx
+
+  model = _Unsaved(
+    {'fc': _wn_fake(Linear, np.ones((3, 4), np.float32), np.ones((3, 1), np.float32))},
+    unsaved={'window': np.ones(4, np.float32)},
+  )
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.fc = wx.WNLinear(4, 3, use_bias=False, rngs=nnx.Rngs(0))
+      self.window = nnx.Variable(np.ones(4, np.float32))
+
+  with pytest.raises(ValueError, match=r"\['window'\].*persistent=False.*set them by hand") as info:
+    wt.to_nnx(model, twin=Net())
+  assert 'submodules' not in str(info.value)

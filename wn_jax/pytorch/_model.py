@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from wn_jax.pytorch._fit import _check
 from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import _layers
 from wn_jax.pytorch._layer import _module_prefix
@@ -22,7 +23,7 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
-from wn_jax.pytorch._twin import _check
+from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin
 from wn_jax.pytorch._twin_conv import _check_plain_convs
@@ -67,8 +68,21 @@ def _to_tree(
       _check_twin_layers(layers, found, naming, move, known)
       _check_plain_convs(sd, _infos(source, sd, options.kinds), found, naming, move)
     flat = {move(path): value for path, value in flat.items()}
-    _check(flat, template, layers, naming, inputs, move)
+    unsaved = _unsaved(source, sd, options, naming, move)
+    _check(flat, template, layers, naming, inputs, move, unsaved)
   return _nest(flat)
+
+
+def _unsaved(
+  source: Any, sd: Mapping[str, Any], options: _Options, naming: str, move: Any
+) -> set[str]:
+  """The tree paths a torch module's ``persistent=False`` buffers would have, in either
+  collection: no state dict holds them."""
+  if not _is_module(source) or not hasattr(source, 'named_buffers'):
+    return set()
+  prefixes = [_split(k) for k, _ in source.named_buffers() if k not in sd]
+  collections = (options.buffers, 'params')
+  return {'/'.join(map(str, move(_path(*p, c, naming)))) for p in prefixes for c in collections}
 
 
 def to_linen(
