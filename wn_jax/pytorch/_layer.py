@@ -417,7 +417,6 @@ def _layers_to_torch(
   if ref is not None:
     normed = _weight_normed_here(ref, _infos(like, ref, None))
     ref_styles = {_layer_key(p, t): style for (p, t), style in normed.items()}
-  if ref is not None:
     lacking = [p for p in ref_styles if p not in layers]
     if lacking:
       raise _error(

@@ -24,10 +24,9 @@ from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._twin import _check_plain_convs
 from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin
-from wn_jax.pytorch._twin_conv import _check_plain_convs
-from wn_jax.pytorch._walk import _infos
 
 
 def _to_tree(
@@ -39,7 +38,7 @@ def _to_tree(
       'pass twin= or template=, not both: twin= checks the names, shapes and kept axes '
       '(its variables are the template), template= the names and shapes only.'
     )
-  sd, layers, leaves, _ = _plan(source, options)
+  sd, infos, layers, leaves, _ = _plan(source, options)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
 
@@ -66,7 +65,7 @@ def _to_tree(
     if found is not None:
       known = {p for p in layers if _is_module(source) or p in (options.kinds or {})}
       _check_twin_layers(layers, found, naming, move, known)
-      _check_plain_convs(sd, _infos(source, sd, options.kinds), found, naming, move)
+      _check_plain_convs(sd, infos, found, naming, move)
     flat = {move(path): value for path, value in flat.items()}
     unsaved = _unsaved(source, sd, options, naming, move)
     _check(flat, template, layers, naming, inputs, move, unsaved)

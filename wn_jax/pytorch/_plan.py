@@ -20,6 +20,7 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _plain_kind
 
 Rule = tuple[Callable[[np.ndarray], Any], Callable[[np.ndarray], Any]]
@@ -137,8 +138,9 @@ def _check_patterns(
 
 def _plan(
   source: Any, options: _Options
-) -> tuple[Mapping[str, Any], dict[str, TorchLayer], list[_Leaf], set[str]]:
-  """(state dict, weight-normed layers, every other tensor's rule, keys left out of Flax)."""
+) -> tuple[Mapping[str, Any], dict[str, _Info], dict[str, TorchLayer], list[_Leaf], set[str]]:
+  """(state dict, each prefix's layer info, weight-normed layers, every other tensor's rule,
+  keys left out of Flax)."""
   buffers, drop, buffer_keys = options.buffers, options.drop, options.buffer_keys
   if not isinstance(buffers, str) or not buffers:
     raise _error(
@@ -163,4 +165,4 @@ def _plan(
       skipped.add(key)
     else:
       leaves.append(leaf)
-  return sd, layers, leaves, skipped
+  return sd, infos, layers, leaves, skipped

@@ -47,7 +47,7 @@ class _Target:
 def _tree_to_torch(tree: Any, like: Any, options: _Options) -> dict[str, Any]:
   """A linen or NNX tree as ``like``'s state dict."""
   _check_tree(tree, like)
-  sd, layers, leaves, skipped = _plan(like, options)
+  sd, _, layers, leaves, skipped = _plan(like, options)
   target = _Target(sd, layers, leaves, options)
   naming = 'linen' if isinstance(tree, Mapping) and 'params' in tree else 'nnx'
   flat = _flatten(tree)
@@ -119,13 +119,14 @@ def _lacks(
     # variables['params'] of a linen model: it lacks only what other collections hold.
     as_params = {('params', *p): v for p, v in flat.items()}
     lacking = _gather(as_params, 'linen', target)[1].missing
-    if all(not m.startswith('params/') for m in lacking) and hasattr(tree, 'to_pure_dict'):
+    params_only = all(not m.startswith('params/') for m in lacking)
+    if params_only and hasattr(tree, 'to_pure_dict'):
       return _error(
         f"this NNX state lacks {missing}, which like's state dict needs (buffers or running "
         'statistics: variables of other types than nnx.Param): pass to_torch the whole '
         'nnx.state(model), not one filtered by type.'
       )
-    if all(not m.startswith('params/') for m in lacking):
+    if params_only:
       return _error(
         f"this looks like a linen params tree (variables['params']), which lacks {lacking}: "
         "pass to_torch the whole variables, {'params': ..., "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._layer import TorchLayer
 from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._state_dict import _error
+from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._twin_conv import CONV_ARGS
 from wn_jax.pytorch._twin_conv import _conv_args_off
 from wn_jax.pytorch._twin_conv import _refuse_conv_args
@@ -126,6 +128,15 @@ def _linen_twin(twin: Any) -> tuple[Any, dict[tuple[str, ...], _TwinLayer]]:
   return template, axes
 
 
+def _where(
+  prefix: str, naming: str, move: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+) -> tuple[str, ...]:
+  """The twin's module path of the torch module ``prefix`` (``move``: a converted path as the
+  twin has it, a Flax Sequential's names put in)."""
+  path = move(_path(prefix, '_', 'params', naming))
+  return tuple(map(str, path[1 if naming == 'linen' else 0 : -1]))
+
+
 def _kept(axis: Any, ndim: int) -> tuple[int, ...] | None:
   """An ``axis`` (int, tuple or None) as sorted non-negative axes of an ``ndim`` kernel."""
   if axis is None:
@@ -147,8 +158,7 @@ def _check_twin_layers(
   for prefix, layer in layers.items():
     if layer.kind not in KINDS:
       continue  # no WN layer in the twin: its layout is PyTorch's
-    path = move(_path(prefix, 'scale', 'params', naming))[1 if naming == 'linen' else 0 : -1]
-    where = tuple(map(str, path))
+    where = _where(prefix, naming, move)
     if where not in found or not found[where].weight_normed:
       continue
     twin, want = found[where], _torch_kind(layer.kind)
@@ -171,3 +181,31 @@ def _check_twin_layers(
     _refuse_conv_args(
       where, prefix, twin, _conv_args_off(layer.kind, layer.args, window, twin.conv)
     )
+
+
+def _check_plain_convs(
+  sd: Mapping[str, Any],
+  infos: Mapping[str, Any],
+  found: dict[tuple[str, ...], _TwinLayer],
+  naming: str,
+  move: Callable[[tuple[Any, ...]], tuple[Any, ...]],
+) -> None:
+  """Each plain torch conv (``infos``, from the module) against the twin's plain conv at its
+  path: its kind (a ConvTranspose's ``transpose_kernel=True``) and its arguments."""
+  for prefix, info in infos.items():
+    weight = sd.get(_key(prefix, '.weight'))
+    if info.kind not in KINDS or info.kind == 'Linear' or not info.args or weight is None:
+      continue
+    where = _where(prefix, naming, move)
+    twin = found.get(where)
+    if twin is None or twin.weight_normed:
+      continue
+    want = _torch_kind(info.kind)
+    if twin.kind != want:
+      build = 'a ConvTranspose with transpose_kernel=True' if want == 'ConvTranspose' else 'a Conv'
+      raise _error(
+        f"{'/'.join(where)!r}: the twin builds a {twin.name}, but PyTorch's {prefix!r} is a "
+        f"{info.kind}: build it as {build}, which computes as PyTorch's does."
+      )
+    off = _conv_args_off(info.kind, info.args, tuple(np.shape(weight)[2:]), twin.conv)
+    _refuse_conv_args(where, prefix, twin, off)

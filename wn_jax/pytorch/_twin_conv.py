@@ -1,20 +1,16 @@
-"""A twin conv's arguments against PyTorch's layer's (stride, padding, dilation, groups):
-the weight-normed layers' (from :mod:`wn_jax.pytorch._twin`) and the plain ones'."""
+"""A twin conv's arguments against PyTorch's layer's (stride, padding, dilation, groups), for
+:mod:`wn_jax.pytorch._twin`'s checks of the weight-normed and the plain convs."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from wn_jax.pytorch._conv import conv_kwargs
-from wn_jax.pytorch._kinds import KINDS
-from wn_jax.pytorch._naming import _path
 from wn_jax.pytorch._state_dict import _error
-from wn_jax.pytorch._state_dict import _key
 
 # The conv arguments the twin's layer must share with PyTorch's (conv_kwargs gives them).
 CONV_ARGS = ('strides', 'padding', 'kernel_dilation', 'feature_group_count', 'input_dilation')
@@ -97,35 +93,6 @@ def _padding(
     lower = name == 'SAME_LOWER'
     return tuple((k - 1 - h, h) if lower else (h, k - 1 - h) for k, h in zip(dilated, half))
   return name
-
-
-def _check_plain_convs(
-  sd: Mapping[str, Any],
-  infos: Mapping[str, Any],
-  found: Mapping[tuple[str, ...], Any],
-  naming: str,
-  move: Callable[[tuple[Any, ...]], tuple[Any, ...]],
-) -> None:
-  """Each plain torch conv (``infos``, from the module) against the twin's plain conv at its
-  path: its kind (a ConvTranspose's ``transpose_kernel=True``) and its arguments."""
-  for prefix, info in infos.items():
-    weight = sd.get(_key(prefix, '.weight'))
-    if info.kind not in KINDS or info.kind == 'Linear' or not info.args or weight is None:
-      continue
-    path = move(_path(prefix, 'kernel', 'params', naming))[1 if naming == 'linen' else 0 : -1]
-    where = tuple(map(str, path))
-    twin = found.get(where)
-    if twin is None or twin.weight_normed:
-      continue
-    want = 'ConvTranspose' if info.kind.startswith('ConvTranspose') else 'Conv'
-    if twin.kind != want:
-      build = 'a ConvTranspose with transpose_kernel=True' if want == 'ConvTranspose' else 'a Conv'
-      raise _error(
-        f"{'/'.join(where)!r}: the twin builds a {twin.name}, but PyTorch's {prefix!r} is a "
-        f"{info.kind}: build it as {build}, which computes as PyTorch's does."
-      )
-    off = _conv_args_off(info.kind, info.args, tuple(np.shape(weight)[2:]), twin.conv)
-    _refuse_conv_args(where, prefix, twin, off)
 
 
 def _refuse_conv_args(
