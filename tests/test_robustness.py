@@ -176,3 +176,39 @@ def test_a_kernel_with_an_empty_axis_works_like_the_plain_layer():
 def test_a_one_dimensional_weight_becomes_g_times_sign_v():
   v = jnp.asarray([3.0, -0.5, 0.0])
   np.testing.assert_array_equal(wn_jax.normalize(v, jnp.full(3, 2.0)), [2.0, -2.0, 0.0])
+
+
+def _layer_calls():
+  """(name, a WN layer's call on an input) for every WN layer and wrapper, linen and NNX."""
+  from flax import nnx
+
+  key, x = jax.random.key(0), np.ones((2, 5, 6), np.float32)
+  calls = []
+  for name, layer in (
+    ('WNDense, scaled output', wn_jax.linen.WNDense(8)),
+    ('WNDense, w formed', wn_jax.linen.WNDense(3)),
+    ('WNConv', wn_jax.linen.WNConv(3, (3,))),
+    ('WNConvTranspose', wn_jax.linen.WNConvTranspose(3, (3,))),
+    ('linen WeightNorm', wn_jax.linen.WeightNorm(nn.Dense(3))),
+  ):
+    variables = layer.init(key, x if 'Conv' in name else x[0])
+    calls.append((name, functools.partial(layer.apply, variables)))
+  rngs = nnx.Rngs(0)
+  return calls + [
+    ('WNLinear, scaled output', wn_jax.nnx.WNLinear(6, 8, rngs=rngs)),
+    ('WNLinear, w formed', wn_jax.nnx.WNLinear(6, 3, rngs=rngs)),
+    ('nnx WNConv', wn_jax.nnx.WNConv(6, 3, (3,), rngs=rngs)),
+    ('nnx WeightNorm', wn_jax.nnx.WeightNorm(nnx.Linear(6, 3, rngs=rngs))),
+  ]
+
+
+def test_a_numpy_float64_input_is_taken_as_float32_without_a_warning():
+  # A NumPy float64 batch (np.random's default) with x64 off: Flax's layers canonicalize it
+  # to float32 without a word; the WN layers asked for float64 arrays and JAX warned
+  # ("Explicitly requested dtype float64 ... is not available"; an error in this suite).
+  x = np.linspace(-1.0, 1.0, 8 * 6).reshape(8, 6)
+  for name, call in _layer_calls():
+    xn = x.reshape(2, 4, 6) if 'Conv' in name else (x[:2] if 'scaled' in name else x)
+    y, want = call(xn), call(xn.astype(np.float32))
+    assert y.dtype == jnp.float32, name
+    np.testing.assert_array_equal(y, want, err_msg=name)

@@ -56,8 +56,9 @@ def weight_dtype(v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtyp
   if layer_dtype is not None:
     dtypes.append(jnp.dtype(layer_dtype))
   else:
+    # As JAX canonicalizes them (NumPy float64 is float32 with x64 off), as Flax's layers do.
     dtypes += [
-      x.dtype
+      jnp.result_type(x)
       for x in jax.tree_util.tree_leaves(inputs)
       if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
     ]
