@@ -37,6 +37,14 @@ def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
   return _scale_param(kernels, tree, kept)
 
 
+def _values(scale: Any) -> Any:
+  """The arrays of the scale tree (``nnx.Dict`` s of ``nnx.Param``) as nested dicts: what
+  ``nnx.to_pure_dict(nnx.state(scale))`` gives, without a graph flatten on every call."""
+  if isinstance(scale, nnx.Variable):
+    return scale[...]
+  return {k: _values(v) for k, v in scale.items()}
+
+
 class WeightNorm(nnx.Module):
   r"""Weight-normalizes the ``nnx.Param`` s of any NNX module.
 
@@ -171,7 +179,7 @@ class WeightNorm(nnx.Module):
       directions = _tree.replace_selected(
         nnx.to_pure_dict(params), self.where, lambda v: _tree.WeightNormed(v, None, self.axis)
       )
-    g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
+    g = _values(self.scale)
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
     def weight(x: _tree.WeightNormed) -> jax.Array:
