@@ -251,6 +251,12 @@ def factor(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) -> 
   return _factor_jit(v, g, kept, float(eps))
 
 
+def factor_of(v: jax.Array, g: jax.Array, kept: tuple[int, ...]) -> jax.Array:
+  """:func:`factor` of checked arguments (``g`` of ``v``'s scale shape), no ``eps``: for a
+  layer that has checked them itself (Python checks cost per call site under a trace)."""
+  return _factor_jit(v, g, kept, 0.0)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _factor_jit(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   acc = reduce_dtype(v.dtype)

@@ -17,6 +17,7 @@ pushes them into the parent's ``__call__``; each then writes back what a data in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -111,16 +112,29 @@ def scales_output(
 
 
 @jax.jit
-def _scaled_output(y, s, bias):
+def _scale(y, s, bias):
   # ``y * s + bias`` for ``y = x @ v`` and the factor ``s = g / ||v||``, formed in the wider
   # of ``y``'s dtype and the factor's (float32), rounded once to ``y``'s dtype. One jitted
-  # call: eagerly, one dispatch instead of one per operation. The factor is its own jitted
-  # call: a new batch size recompiles this product, not the norm.
+  # call: eagerly, one dispatch instead of one per operation.
   acc = _core.result_dtype(y.dtype, s.dtype)
   out = y.astype(acc) * s
   if bias is not None:
     out = out + bias.astype(acc)
   return out.astype(y.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _factor_and_scale(y, v, g, bias, kept):
+  return _scale(y, _core.factor_of(v, g, kept), bias)
+
+
+def _scaled_output(y, v, g, bias, kept):
+  """``y * (g / ||v||) + bias``. Under a transform, one nested jit (traced once per
+  configuration, however many layers share it); eagerly, the factor is a call of its own,
+  so a new batch shape recompiles the product, not the norm."""
+  if isinstance(y, jax.core.Tracer):
+    return _factor_and_scale(y, v, g, bias, kept)
+  return _scale(y, _core.factor_of(v, g, kept), bias)
 
 
 @dataclasses.dataclass
@@ -191,7 +205,7 @@ class Pass:
       if self.scaled:
         v, g = _core.as_array(self.v, self.dtype), _core.as_array(self.g, self.dtype)
         b = None if b is None else _core.as_array(b)
-        return _scaled_output(y, _core.factor(v, g, self.kept), b), None, None
+        return _scaled_output(y, v, g, b, self.kept), None, None
       if self.init is None:
         return y, None, None
       dtypes = (jnp.result_type(self.g), None if b is None else jnp.result_type(b))
