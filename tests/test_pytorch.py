@@ -1519,6 +1519,21 @@ def test_a_sequential_twin_without_the_activations_is_told_to_keep_them():
     wt.to_linen(sd, twin=(twin, np.ones((1, 4), np.float32)))
 
 
+def test_a_twin_with_flax_automatic_names_is_told_to_name_its_layers():
+  # A linen nn.Sequential built inside @nn.compact: its layers are the parent's, named by
+  # class (WNDense_0, Dense_0), not net_0 / net_2; the hint only said to name submodules.
+  sd = {**_wn_state('net.0', (3, 4)), 'net.2.weight': np.ones((2, 3), np.float32)}
+  sd['net.2.bias'] = np.zeros(2, np.float32)
+
+  class Twin(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Sequential([wn_linen.WNDense(3), nn.relu, nn.Dense(2)])(x)
+
+  with pytest.raises(ValueError, match=r"'Dense_0', 'WNDense_0'.*Flax's own names.*name="):
+    wt.to_linen(sd, twin=(Twin(), np.ones((1, 4), np.float32)))
+
+
 def test_a_plain_layer_in_a_sequential_twin_is_told_to_be_a_wn_layer():
   # Inside a Sequential the hint to build a WN layer was lost (the weight-normed layers'
   # paths were not moved to the Sequential's names).

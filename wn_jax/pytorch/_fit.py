@@ -200,7 +200,15 @@ def _name_hints(fit: _Fit, unsaved: Container[str]) -> list[str]:
       '(NNX): keep its layers without parameters (activations) in the Flax Sequential too, so '
       'that the indices agree'
     )
-  if (missing or unexpected) and not fit.plain:
+  automatic = _automatic_names(missing) if unexpected else []
+  if automatic:
+    hints.append(
+      f"{automatic} are Flax's own names for layers built in @nn.compact without a name (an "
+      "nn.Sequential's layers too, when the Sequential is built there): pass each its torch "
+      "name, WNDense(8, name='net_0'), or assign the Sequential in setup (self.net = "
+      'nn.Sequential([...]))'
+    )
+  elif (missing or unexpected) and not fit.plain:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
   if unexpected and not fit.plain:
     hints.append(
@@ -208,6 +216,12 @@ def _name_hints(fit: _Fit, unsaved: Container[str]) -> list[str]:
       'them back from like)'
     )
   return hints
+
+
+def _automatic_names(paths: Iterable[str]) -> list[str]:
+  """The module names in ``paths`` that linen made up (``ClassName_i``), sorted."""
+  names = {m for p in paths for m in p.split('/') if re.fullmatch(r'[A-Z]\w*_\d+', m)}
+  return sorted(names)
 
 
 def _rules_hints(fit: _Fit) -> list[str]:
