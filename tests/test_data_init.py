@@ -149,6 +149,47 @@ def test_per_layer_init_scale_and_shared_layer():
   np.testing.assert_allclose(np.mean(first, 0), 0.0, atol=1e-4)
 
 
+@pytest.mark.parametrize('transform', ['none', 'remat', 'jit'])
+def test_nnx_shared_layer_initializes_on_its_first_use_when_a_later_use_is_transformed(transform):
+  # A later use inside nnx.remat / nnx.jit runs on a copy of the layer (another id): it took
+  # itself for a first use and initialized the layer again on its own input, silently.
+  wrap = {'none': lambda f: f, 'remat': nnx.remat, 'jit': nnx.jit}[transform]
+
+  class Shared(nnx.Module):
+    def __init__(self):
+      self.a = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      h = 5.0 * jnp.tanh(self.a(x))  # the first use
+      return wrap(lambda layer, z: layer(z))(self.a, h)
+
+  x = _batch((256, 6))
+  model = Shared()
+  wx.data_init(model, x)
+  first = model.a(x)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.mean(first, 0), 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize('pred', [True, False])
+def test_nnx_layer_in_both_branches_of_a_cond_initializes_in_the_branch_taken(pred):
+  # JAX traces both branches; each is a use on its own input (the branch taken keeps its
+  # writes), not a first and a later use.
+  class Branches(nnx.Module):
+    def __init__(self):
+      self.a = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+
+    def __call__(self, x, pred):
+      return nnx.cond(pred, lambda a, x: a(x), lambda a, x: a(3.0 * x + 1.0), self.a, x)
+
+  x = _batch((256, 6))
+  model = Branches()
+  wx.data_init(model, x, pred)
+  out = model.a(x if pred else 3.0 * x + 1.0)
+  np.testing.assert_allclose(np.std(out, 0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.mean(out, 0), 0.0, atol=1e-4)
+
+
 def test_bf16_params_are_finite_and_close():
   x = _batch((512, 10)).astype(jnp.bfloat16)
   model = MLP(depth=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)

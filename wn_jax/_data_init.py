@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src import core  # trace_ctx, the trace being traced in: not in the public module
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
@@ -41,7 +42,7 @@ CONSTANT_FEATURE_ULPS = 128
 class Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
-  done: set = dataclasses.field(default_factory=set)
+  done: dict = dataclasses.field(default_factory=dict)  # each layer's key: the trace it ran in
   # (tag, layer) of each layer that initialized itself, for the caller to check that its
   # writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
   # transform's copies of a layer are freed after it).
@@ -77,13 +78,36 @@ def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> I
     _MODE.reset(token)
 
 
+def running() -> bool:
+  """Whether a data init is running."""
+  return _MODE.get() is not None
+
+
 def claim(key: object) -> Mode | None:
-  """The active mode if the layer ``key`` is still to be initialized (first use only)."""
+  """The active mode if the layer ``key`` is still to be initialized (first use only).
+
+  A use in another branch of the same ``lax.cond`` / ``lax.switch`` as the first is not a
+  later use but an alternative one (JAX traces every branch): each branch initializes the
+  layer from its own input, and the branch taken keeps its writes.
+  """
   m = _MODE.get()
-  if m is None or key in m.done:
+  if m is None:
     return None
-  m.done.add(key)
+  trace = core.trace_ctx.trace
+  if key in m.done:
+    first, parent = m.done[key], _branch_parent(trace)
+    if first is trace or parent is None or _branch_parent(first) is not parent:
+      return None
+  m.done[key] = trace
   return m
+
+
+def _branch_parent(trace: object) -> object:
+  """The trace a conditional's branch is traced under, for a branch's trace, else ``None``."""
+  info = getattr(getattr(trace, 'frame', None), 'debug_info', None)
+  if getattr(info, 'traced_for', None) in ('cond', 'switch'):
+    return getattr(trace, 'parent_trace', None)
+  return None
 
 
 def is_partial_eval(x: object) -> bool:

@@ -78,8 +78,10 @@ class _WeightNormedKernel:
     return f'{type(self).__name__}(kernel {tuple(self.kernel.shape)})'
 
   def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    mode = _data_init.claim(id(self))
-    tag = None if mode is None else self.scale.get_metadata(_TAG, None)
+    tag = self.scale.get_metadata(_TAG, None) if _data_init.running() else None
+    # Keyed by the tag data_init put on the scale: it follows the layer into the copies NNX
+    # transforms (nnx.remat, nnx.jit) run, so a later use there is not a first use.
+    mode = _data_init.claim(id(self) if tag is None else (_TAG, tag))
     if mode is not None:  # the caller checks that the writes below landed
       mode.claimed.append((tag, self))
     kernel = self.kernel[...]
