@@ -649,6 +649,33 @@ def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(shape, scaled):
   check_dense_path(lambda p, x: layer.apply({'params': p}, x), params, x, scaled)
 
 
+@pytest.mark.parametrize('layer', ['WNDense', 'WNConv', 'WNConvTranspose'])
+@pytest.mark.parametrize('shape', [(2, 48), (64, 48)])  # Dense: scaled output, w formed
+def test_each_call_is_captured_and_intercepted_once_with_its_output(layer, shape):
+  # WNDense recorded two outputs per call (its own and nn.Dense's inside it): on the scaled
+  # path the first was x @ v, without the factor or the bias; interceptors saw both calls.
+  x = _rand(shape if layer == 'WNDense' else (2, *shape))
+  model = {'WNDense': wl.WNDense(24), 'WNConv': wl.WNConv(24, (3,))}.get(
+    layer, wl.WNConvTranspose(24, (3,))
+  )
+  params = _perturb_scale(model.init(KEY, x))['params']
+  params['bias'] = params['bias'] + 0.1
+  y, state = model.apply({'params': params}, x, capture_intermediates=True, mutable=True)
+  (captured,) = state['intermediates']['__call__']
+  np.testing.assert_array_equal(captured, y)
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    seen.append((type(context.module).__name__, context.method_name, out))
+    return out
+
+  with nn.intercept_methods(interceptor):
+    y = model.apply({'params': params}, x)
+  assert [(m, n) for m, n, _ in seen] == [(layer, '__call__')]
+  np.testing.assert_array_equal(seen[0][2], y)
+
+
 def test_dense_forms_w_for_a_custom_dot_general_and_for_float16():
   check_dense_forms_w(
     lambda p, x: wl.WNDense(4, dot_general=fake_int8_dot).apply({'params': p}, x),

@@ -153,7 +153,9 @@ class _WeightNormedKernel:
     return mode
 
   def _out_axis(self) -> int:
-    return -1
+    # Here, in the mixin, not in WNConvTranspose: Flax wraps (and intercepts) a method
+    # defined in a Module class.
+    return -2 if getattr(self, 'transpose_kernel', False) else -1
 
   def _put_boxed(self, name: str, value: jax.Array) -> None:
     old = self.get_variable('params', name)  # type: ignore[attr-defined]
@@ -199,8 +201,13 @@ class WNDense(_WeightNormedKernel, nn.Dense):
   axis: _core.Axis = -1
   scale_init: Initializer | None = None
 
+  @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:  # type: ignore[override]
-    return self._forward(super().__call__, inputs)
+    # nn.Dense's own function, not its Flax-wrapped method: one call of the layer is one
+    # call to interceptors and one captured output (this one; nn.Dense's, on the scaled
+    # path, is x @ v). The conv layers' __call__ lives in a mixin, which Flax leaves as is.
+    dense = nn.Dense.__call__.__wrapped__  # type: ignore[attr-defined]
+    return self._forward(lambda x: dense(self, x), inputs)
 
 
 class _WeightNormedConv(_WeightNormedKernel):
@@ -266,6 +273,3 @@ class WNConvTranspose(_WeightNormedConv, nn.ConvTranspose):
 
   axis: _core.Axis = -1
   scale_init: Initializer | None = None
-
-  def _out_axis(self) -> int:
-    return -2 if self.transpose_kernel else -1
