@@ -595,6 +595,23 @@ def test_float16_scale_that_does_not_fit_is_refused(api, jit):
   np.testing.assert_allclose(np.asarray(y, np.float32).std(0), 1.0, rtol=2e-2)
 
 
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+@pytest.mark.parametrize('api', ['linen', 'nnx'])
+def test_a_batch_with_nan_or_inf_is_named_as_the_cause(api, bad):
+  # It was blamed on the dtype: "varies too little on this batch ... compute this layer in
+  # float32" for a float32 layer (a NaN standard deviation counted as 1).
+  x = _batch((32, 4)).at[3, 1].set(bad)
+  msg = r'not finite.*feature.*NaN or inf'
+  if api == 'linen':
+    model = wl.WNDense(3)
+    with pytest.raises(ValueError, match=msg):
+      wl.data_init(model, model.init(jax.random.key(0), x), x)
+  else:
+    layer = wx.WNLinear(4, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=msg):
+      wx.data_init(layer, x)
+
+
 class _LinenCell(nn.Module):
   @nn.compact
   def __call__(self, h, x):

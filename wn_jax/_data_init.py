@@ -210,7 +210,7 @@ def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
     var = jax.lax.pmean(var, m.axis_name)
   sigma = top * jnp.sqrt(var)
   rounding = CONSTANT_FEATURE_ULPS * jnp.finfo(sigma.dtype).eps * jnp.abs(mu)
-  return mu, jnp.where(sigma > rounding, sigma, 1.0)
+  return mu, jnp.where(sigma <= rounding, 1.0, sigma)  # a NaN stays NaN, for _check_fits
 
 
 def initialize(
@@ -227,16 +227,22 @@ def initialize(
   g = scale_for(m, path) / sigma
   out = t.astype(mu.dtype) * g
   b = None if dtypes[1] is None else -mu * g
-  _check_fits(label, g, b, sigma, tuple(d for d in (*dtypes, t.dtype) if d is not None))
+  _check_fits(label, g, b, mu, sigma, tuple(d for d in (*dtypes, t.dtype) if d is not None))
   if b is None:
     return g.astype(dtypes[0]), None, out.astype(t.dtype)
   return g.astype(dtypes[0]), b.astype(dtypes[1]), (out + b).astype(t.dtype)
 
 
 def _check_fits(
-  label: str, g: jax.Array, b: jax.Array | None, sigma: jax.Array, dtypes: tuple[Any, ...]
+  label: str,
+  g: jax.Array,
+  b: jax.Array | None,
+  mu: jax.Array,
+  sigma: jax.Array,
+  dtypes: tuple[Any, ...],
 ) -> None:
-  """A ``ValueError`` unless ``g`` and ``b`` are finite in every one of ``dtypes``.
+  """A ``ValueError`` unless ``g`` and ``b`` are finite in every one of ``dtypes``; it names
+  a pre-activation that is not finite (``mu``, ``sigma``: its statistics) as the cause.
 
   ``dtypes``: their parameter dtypes and the layer's compute dtype (``w``'s entries reach
   ``g``, and ``b`` is added in it). Value-dependent: raised at once on concrete arrays;
@@ -247,9 +253,15 @@ def _check_fits(
   fits = jnp.all(jnp.stack([jnp.isfinite(x.astype(d)).all() for x in found for d in dtypes]))
   largest = [jnp.max(jnp.abs(x)) for x in found]
 
-  def check(fits, sigma_min, *largest, prefix=''):
+  def check(fits, bad_features, sigma_min, *largest, prefix=''):
     if bool(fits):
       return
+    if int(bad_features):
+      raise ValueError(
+        f'{prefix}data_init: the pre-activation is not finite on this batch ({int(bad_features)} '
+        f'feature(s) with NaN or inf statistics): the batch, or a layer before this one, has '
+        f'NaN or inf. Initialize on a finite batch.'
+      )
     big = max(float(v) for v in largest)
     narrow = [str(jnp.dtype(d)) for d in dtypes if float(jnp.finfo(d).max) < big] or dtypes
     raise ValueError(
@@ -262,7 +274,8 @@ def _check_fits(
       f'scale the layer sees in training.'
     )
 
-  args = (fits, jnp.min(sigma), *largest)
+  bad_features = jnp.sum(~(jnp.isfinite(mu) & jnp.isfinite(sigma)))
+  args = (fits, bad_features, jnp.min(sigma), *largest)
   if any(isinstance(a, jax.core.Tracer) for a in args):
     jax.debug.callback(functools.partial(check, prefix=f'{label}: '), *args)
   else:
