@@ -92,6 +92,22 @@ def test_nnx_embed_attend_and_rnn_use_w():
   assert_close(out, nnx.RNN(plain)(x), factor=4)
 
 
+def test_nnx_wrapper_forwards_a_method_that_creates_state():
+  # MultiHeadAttention.init_cache sets cache variables where the layer held None: through the
+  # wrapper it raised Flax's "Expected a subgraph for 'cache_index'" (the state copied back
+  # could only update variables the layer had).
+  kw = dict(num_heads=2, in_features=8, qkv_features=8, decode=True, rngs=nnx.Rngs(0))
+  model = wx.WeightNorm(nnx.MultiHeadAttention(**kw), where=r'kernel$', axis=-1)
+  for g in jax.tree_util.tree_leaves(model.scale, is_leaf=lambda x: isinstance(x, nnx.Param)):
+    g[...] = 1.5 * g[...]
+  x = _rand((1, 4, 8))
+  full = model(x, mask=nnx.make_causal_mask(jnp.ones((1, 4))), decode=False)
+  model.init_cache((1, 4, 8))
+  steps = [model(x[:, i : i + 1]) for i in range(4)]
+  assert_close(jnp.concatenate(steps, axis=1), full, factor=8)
+  assert int(model.layer.cache_index[...]) == 4
+
+
 # Item 5: weight norm applied twice.
 
 

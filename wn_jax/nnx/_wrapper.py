@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -190,5 +191,39 @@ class WeightNorm(nnx.Module):
     nnx.replace_by_pure_dict(params, weights)
     layer = nnx.merge(graphdef, params, rest)
     out = getattr(layer, method)(*args, **kwargs)
-    nnx.update(self.layer, nnx.state(layer, nnx.Not(nnx.Param)))
+    _carry_back(self.layer, layer)
     return out
+
+
+def _carry_back(target: nnx.Module, source: nnx.Module) -> None:
+  """``source``'s state other than parameters into ``target`` (``source``: the copy of
+  ``target`` a method ran on): values into the variables ``target`` has (a BatchStat), and a
+  variable it lacks as it is (a cache ``init_cache`` created, an intermediate sown)."""
+  for path, var in nnx.iter_graph(source):
+    if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param):
+      *parents, name = path
+      node = functools.reduce(_member, parents, target)
+      old = _member(node, name) if _has(node, name) else None
+      if isinstance(old, nnx.Variable):
+        old.set_raw_value(var.get_raw_value())
+      else:
+        _put(node, name, var)
+
+
+def _member(node: Any, key: Any) -> Any:
+  """``node``'s child ``key`` in a graph path: an item of an ``nnx.List`` / ``nnx.Dict``, else
+  an attribute."""
+  return node[key] if isinstance(node, (nnx.List, nnx.Dict)) else getattr(node, key)
+
+
+def _put(node: Any, key: Any, value: Any) -> None:
+  if isinstance(node, (nnx.List, nnx.Dict)):
+    node[key] = value
+  else:
+    setattr(node, key, value)
+
+
+def _has(node: Any, key: Any) -> bool:
+  if isinstance(node, nnx.List):
+    return key < len(node)
+  return key in node if isinstance(node, nnx.Dict) else hasattr(node, key)
