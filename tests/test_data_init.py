@@ -171,23 +171,51 @@ def test_nnx_shared_layer_initializes_on_its_first_use_when_a_later_use_is_trans
   np.testing.assert_allclose(np.mean(first, 0), 0.0, atol=1e-4)
 
 
-@pytest.mark.parametrize('pred', [True, False])
-def test_nnx_layer_in_both_branches_of_a_cond_initializes_in_the_branch_taken(pred):
-  # JAX traces both branches; each is a use on its own input (the branch taken keeps its
-  # writes), not a first and a later use.
-  class Branches(nnx.Module):
+def _nnx_cond_model(before, branches):
+  class Conditional(nnx.Module):
     def __init__(self):
       self.a = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
 
     def __call__(self, x, pred):
-      return nnx.cond(pred, lambda a, x: a(x), lambda a, x: a(3.0 * x + 1.0), self.a, x)
+      if before:
+        x = 5.0 * jnp.tanh(self.a(x))
+      use = lambda a, x: a(x)  # noqa: E731
+      skip = lambda a, x: x  # noqa: E731
+      return nnx.cond(pred, use, use if branches == 2 else skip, self.a, x)
 
+  return Conditional()
+
+
+@pytest.mark.parametrize('branches', [1, 2])
+def test_a_first_use_in_a_branch_of_a_cond_is_refused(branches):
+  # JAX traces every branch: a first use there was taken from the branch traced first (or,
+  # in NNX, from each branch's copy), silently wrong for some predicate.
   x = _batch((256, 6))
-  model = Branches()
+  model = _nnx_cond_model(before=False, branches=branches)
+  before = np.asarray(model.a.scale[...])
+  with pytest.raises(ValueError, match=r'WNLinear.*branch of a cond.*before the conditional'):
+    wx.data_init(model, x, False)
+  np.testing.assert_array_equal(model.a.scale[...], before)  # left as it was
+
+  class Linen(nn.Module):
+    @nn.compact
+    def __call__(self, x, pred):
+      a = wl.WNDense(6, name='a')
+      return nn.cond(pred, lambda m, z: m(z), lambda m, z: m(2.0 * z), a, x)
+
+  variables = Linen().init(jax.random.key(0), x, True)
+  with pytest.raises(ValueError, match=r"WNDense at '/a'.*branch of a cond"):
+    wl.data_init(Linen(), variables, x, True)
+
+
+@pytest.mark.parametrize('pred', [True, False])
+def test_a_layer_used_before_a_cond_is_initialized_there(pred):
+  x = _batch((256, 6))
+  model = _nnx_cond_model(before=True, branches=2)
   wx.data_init(model, x, pred)
-  out = model.a(x if pred else 3.0 * x + 1.0)
-  np.testing.assert_allclose(np.std(out, 0), 1.0, rtol=1e-4)
-  np.testing.assert_allclose(np.mean(out, 0), 0.0, atol=1e-4)
+  first = model.a(x)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.mean(first, 0), 0.0, atol=1e-4)
 
 
 def test_bf16_params_are_finite_and_close():

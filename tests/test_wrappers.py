@@ -108,6 +108,40 @@ def test_nnx_wrapper_forwards_a_method_that_creates_state():
   assert int(model.layer.cache_index[...]) == 4
 
 
+class _Blocks(nnx.Module):  # layers in a plain list
+  def __init__(self):
+    rngs = nnx.Rngs(0)
+    self.blocks = nnx.data([nnx.Linear(8, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)])
+
+  def __call__(self, x):
+    return self.blocks[1](self.blocks[0](x))
+
+
+class _Grows(nnx.Module):  # a call appends to a list, and makes a submodule on first use
+  def __init__(self):
+    self.lin = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+    self.seen = nnx.List([])
+
+  def __call__(self, x):
+    if not hasattr(self, 'bn'):
+      self.bn = nnx.BatchNorm(8, rngs=nnx.Rngs(1))
+    y = self.bn(self.lin(x))
+    self.seen.append(nnx.BatchStat(jnp.mean(y)))
+    return y
+
+
+@pytest.mark.parametrize('make', [_Blocks, _Grows])
+def test_nnx_wrapper_carries_back_the_state_a_call_leaves(make):
+  # The state a call leaves, in containers, and new: as a plain model's call leaves it (the
+  # first way of carrying new state back broke layers in plain lists and appends).
+  wrapped, plain = wx.WeightNorm(make()), make()
+  x = _rand((4, 8))
+  for _ in range(2):
+    assert_close(wrapped(x), plain(x))
+  mean = lambda m: nnx.state(m, nnx.BatchStat)  # noqa: E731
+  jax.tree.map(assert_close, mean(wrapped.layer), mean(plain))
+
+
 # Item 5: weight norm applied twice.
 
 

@@ -42,7 +42,7 @@ CONSTANT_FEATURE_ULPS = 128
 class Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
-  done: dict = dataclasses.field(default_factory=dict)  # each layer's key: the trace it ran in
+  done: set = dataclasses.field(default_factory=set)
   # (tag, layer) of each layer that initialized itself, for the caller to check that its
   # writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
   # transform's copies of a layer are freed after it).
@@ -83,31 +83,36 @@ def running() -> bool:
   return _MODE.get() is not None
 
 
-def claim(key: object) -> Mode | None:
+def claim(key: object, where: Callable[[], str]) -> Mode | None:
   """The active mode if the layer ``key`` is still to be initialized (first use only).
 
-  A use in another branch of the same ``lax.cond`` / ``lax.switch`` as the first is not a
-  later use but an alternative one (JAX traces every branch): each branch initializes the
-  layer from its own input, and the branch taken keeps its writes.
+  A first use inside a branch of ``lax.cond`` / ``lax.switch`` (``nnx.cond``, ``nn.cond``)
+  is refused: JAX traces every branch, so which use of the layer runs first is known only
+  when it runs, and any choice made here would be silently wrong for some predicate.
+  ``where()`` names the layer in that error.
   """
   m = _MODE.get()
-  if m is None:
+  if m is None or key in m.done:
     return None
-  trace = core.trace_ctx.trace
-  if key in m.done:
-    first, parent = m.done[key], _branch_parent(trace)
-    if first is trace or parent is None or _branch_parent(first) is not parent:
-      return None
-  m.done[key] = trace
+  if _in_branch(core.trace_ctx.trace):
+    raise ValueError(
+      f'{where()}: data_init would initialize this layer in a branch of a cond / switch: JAX '
+      f'traces every branch, so which use comes first is only known when it runs. Use the '
+      f'layer once before the conditional, or run data_init on the model with the branch '
+      f'chosen in Python (call the branch function directly).'
+    )
+  m.done.add(key)
   return m
 
 
-def _branch_parent(trace: object) -> object:
-  """The trace a conditional's branch is traced under, for a branch's trace, else ``None``."""
-  info = getattr(getattr(trace, 'frame', None), 'debug_info', None)
-  if getattr(info, 'traced_for', None) in ('cond', 'switch'):
-    return getattr(trace, 'parent_trace', None)
-  return None
+def _in_branch(trace: object) -> bool:
+  """Whether ``trace`` or a trace it is nested in traces a branch of a conditional."""
+  while trace is not None:
+    info = getattr(getattr(trace, 'frame', None), 'debug_info', None)
+    if getattr(info, 'traced_for', None) in ('cond', 'switch'):
+      return True
+    trace = getattr(trace, 'parent_trace', None)
+  return False
 
 
 def is_partial_eval(x: object) -> bool:
@@ -249,7 +254,7 @@ def _check_fits(
   under a trace (``jit``) a debug callback raises it when the computation runs, with
   ``label`` (no caller is left to add it then).
   """
-  found = [g] if b is None else [g, b]
+  found, compute = ([g] if b is None else [g, b]), jnp.dtype(dtypes[-1])
   fits = jnp.all(jnp.stack([jnp.isfinite(x.astype(d)).all() for x in found for d in dtypes]))
   largest = [jnp.max(jnp.abs(x)) for x in found]
 
@@ -260,7 +265,9 @@ def _check_fits(
       raise ValueError(
         f'{prefix}data_init: the pre-activation is not finite on this batch ({int(bad_features)} '
         f'feature(s) with NaN or inf statistics): the batch, or a layer before this one, has '
-        f'NaN or inf. Initialize on a finite batch.'
+        f'NaN or inf, or the pre-activation overflows {compute} (largest finite '
+        f'{float(jnp.finfo(compute).max):.3g}). Initialize on a finite batch at the scale the '
+        f'layer sees in training, or compute this layer in float32.'
       )
     big = max(float(v) for v in largest)
     narrow = [str(jnp.dtype(d)) for d in dtypes if float(jnp.finfo(d).max) < big] or dtypes

@@ -144,7 +144,7 @@ class _WeightNormedKernel:
       # invariants) whose results it discards: not a use. The loop's own trace then
       # initializes each stacked layer from its own statistics.
       return None
-    mode = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
+    mode = _data_init.claim(self.scope.path, self._where)  # type: ignore[attr-defined]
     if mode is not None:
       try:
         _data_init.check_not_broadcast(kernel, inputs)

@@ -81,7 +81,7 @@ class _WeightNormedKernel:
     tag = self.scale.get_metadata(_TAG, None) if _data_init.running() else None
     # Keyed by the tag data_init put on the scale: it follows the layer into the copies NNX
     # transforms (nnx.remat, nnx.jit) run, so a later use there is not a first use.
-    mode = _data_init.claim(id(self) if tag is None else (_TAG, tag))
+    mode = _data_init.claim(id(self) if tag is None else (_TAG, tag), self._where)
     if mode is not None:  # the caller checks that the writes below landed
       mode.claimed.append((tag, self))
     kernel = self.kernel[...]

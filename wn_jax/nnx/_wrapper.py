@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
+from collections.abc import MutableMapping
+from collections.abc import MutableSequence
 from typing import Any
 
 import jax
@@ -197,33 +200,39 @@ class WeightNorm(nnx.Module):
 
 def _carry_back(target: nnx.Module, source: nnx.Module) -> None:
   """``source``'s state other than parameters into ``target`` (``source``: the copy of
-  ``target`` a method ran on): values into the variables ``target`` has (a BatchStat), and a
-  variable it lacks as it is (a cache ``init_cache`` created, an intermediate sown)."""
-  for path, var in nnx.iter_graph(source):
-    if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param):
-      *parents, name = path
-      node = functools.reduce(_member, parents, target)
-      old = _member(node, name) if _has(node, name) else None
-      if isinstance(old, nnx.Variable):
-        old.set_raw_value(var.get_raw_value())
-      else:
-        _put(node, name, var)
+  ``target`` a method ran on), and what the call created where ``target`` has nothing (a
+  cache ``init_cache`` put where the layer held ``None``), which ``nnx.update`` refuses."""
+  try:
+    nnx.update(target, nnx.state(source, nnx.Not(nnx.Param)))
+  except (ValueError, AttributeError):  # Flax's errors for a structure it does not hold
+    for path, node in nnx.iter_graph(source):
+      parent = functools.reduce(_member, path[:-1], target)
+      if not path or parent is None:
+        continue  # the layer itself, or in a new parent (adopted whole)
+      name = path[-1]
+      old = _member(parent, name)
+      if old is None:
+        _put(parent, name, node)  # new: a variable, a submodule or an entry, as it is
+      elif isinstance(old, nnx.Variable) and not isinstance(old, nnx.Param):
+        old.set_raw_value(node.get_raw_value())
 
 
 def _member(node: Any, key: Any) -> Any:
-  """``node``'s child ``key`` in a graph path: an item of an ``nnx.List`` / ``nnx.Dict``, else
-  an attribute."""
-  return node[key] if isinstance(node, (nnx.List, nnx.Dict)) else getattr(node, key)
+  """``node``'s child ``key`` in a graph path (``None`` where ``node`` lacks it or is
+  ``None``): an item of a list or mapping, else an attribute."""
+  if node is None:
+    return None
+  if isinstance(node, Mapping):
+    return node.get(key)
+  if isinstance(key, int):
+    return node[key] if key < len(node) else None
+  return getattr(node, key, None)
 
 
 def _put(node: Any, key: Any, value: Any) -> None:
-  if isinstance(node, (nnx.List, nnx.Dict)):
+  if isinstance(node, MutableSequence):
+    node.append(value) if key == len(node) else node.__setitem__(key, value)
+  elif isinstance(node, MutableMapping):
     node[key] = value
   else:
     setattr(node, key, value)
-
-
-def _has(node: Any, key: Any) -> bool:
-  if isinstance(node, nnx.List):
-    return key < len(node)
-  return key in node if isinstance(node, nnx.Dict) else hasattr(node, key)
