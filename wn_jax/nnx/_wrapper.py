@@ -41,14 +41,6 @@ def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
   return _scale_param(kernels, tree, kept)
 
 
-def _values(scale: Any) -> Any:
-  """The arrays of the scale tree (``nnx.Dict`` s of ``nnx.Param``) as nested dicts: what
-  ``nnx.to_pure_dict(nnx.state(scale))`` gives, without a graph flatten on every call."""
-  if isinstance(scale, nnx.Variable):
-    return scale[...]
-  return {k: _values(v) for k, v in scale.items()}
-
-
 class WeightNorm(nnx.Module):
   r"""Weight-normalizes the ``nnx.Param`` s of any NNX module.
 
@@ -183,7 +175,7 @@ class WeightNorm(nnx.Module):
       directions = _tree.replace_selected(
         nnx.to_pure_dict(params), self.where, lambda v: _tree.WeightNormed(v, None, self.axis)
       )
-    g = _values(self.scale)
+    g = nnx.to_pure_dict(nnx.state(self.scale, nnx.Param))
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
     def weight(x: _tree.WeightNormed) -> jax.Array:
@@ -194,27 +186,33 @@ class WeightNorm(nnx.Module):
     nnx.replace_by_pure_dict(params, weights)
     layer = nnx.merge(graphdef, params, rest)
     out = getattr(layer, method)(*args, **kwargs)
-    _carry_back(self.layer, layer)
+    _carry_back(self.layer, layer, self._where(), method)
     return out
 
 
-def _carry_back(target: nnx.Module, source: nnx.Module) -> None:
+def _carry_back(target: nnx.Module, source: nnx.Module, where: str, method: str) -> None:
   """``source``'s state other than parameters into ``target`` (``source``: the copy of
-  ``target`` a method ran on), and what the call created where ``target`` has nothing (a
-  cache ``init_cache`` put where the layer held ``None``), which ``nnx.update`` refuses."""
+  ``target`` a method ran on), with the variables the call created where ``target`` has
+  none (a cache ``init_cache`` puts where the layer held ``None``), which ``nnx.update``
+  refuses. Anything else the call created is refused: it may hold the copy's ``w``."""
   try:
     nnx.update(target, nnx.state(source, nnx.Not(nnx.Param)))
-  except (ValueError, AttributeError):  # Flax's errors for a structure it does not hold
+  except (ValueError, AttributeError, IndexError, KeyError, TypeError):  # a new structure
     for path, node in nnx.iter_graph(source):
       parent = functools.reduce(_member, path[:-1], target)
       if not path or parent is None:
-        continue  # the layer itself, or in a new parent (adopted whole)
-      name = path[-1]
-      old = _member(parent, name)
-      if old is None:
-        _put(parent, name, node)  # new: a variable, a submodule or an entry, as it is
-      elif isinstance(old, nnx.Variable) and not isinstance(old, nnx.Param):
+        continue  # the layer itself, or inside a new node (refused below)
+      old = _member(parent, path[-1])
+      if isinstance(old, nnx.Variable) and not isinstance(old, nnx.Param):
         old.set_raw_value(node.get_raw_value())
+      elif old is None and isinstance(node, nnx.Variable) and not isinstance(node, nnx.Param):
+        _put(parent, path[-1], node)
+      elif old is None and isinstance(node, (nnx.Module, list, tuple, dict)):
+        raise ValueError(
+          f'{where}: .{method}() created {"/".join(map(str, path))!r}, a '
+          f'{type(node).__name__}, which the wrapper cannot carry back to the layer (the '
+          f"method ran on a copy that computes with w). Create it in the layer's __init__."
+        ) from None
 
 
 def _member(node: Any, key: Any) -> Any:
