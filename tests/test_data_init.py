@@ -193,7 +193,9 @@ def test_a_first_use_in_a_branch_of_a_cond_is_refused(branches):
   x = _batch((256, 6))
   model = _nnx_cond_model(before=False, branches=branches)
   before = np.asarray(model.a.scale[...])
-  with pytest.raises(ValueError, match=r'WNLinear.*branch of a cond.*before the conditional'):
+  with pytest.raises(
+    ValueError, match=r"WNLinear.* at 'a'.*branch of a cond.*before the conditional"
+  ):
     wx.data_init(model, x, False)
   np.testing.assert_array_equal(model.a.scale[...], before)  # left as it was
 
@@ -206,6 +208,49 @@ def test_a_first_use_in_a_branch_of_a_cond_is_refused(branches):
   variables = Linen().init(jax.random.key(0), x, True)
   with pytest.raises(ValueError, match=r"WNDense at '/a'.*branch of a cond"):
     wl.data_init(Linen(), variables, x, True)
+
+
+def _first_use_in(where):
+  class Model(nnx.Module):
+    def __init__(self):
+      self.a = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      if where == 'custom_vjp in a branch':
+        f = nnx.custom_vjp(lambda a, z: a(z))
+        f.defvjp(lambda a, z: (f(a, z), None), lambda res, g: g)
+        return nnx.cond(x[0, 0] > 0, f, lambda a, z: f(a, 10.0 * z), self.a, x)
+      body = lambda c: (c[0], 3.0 * jnp.tanh(c[0](c[1])) + 1.0, c[2] + 1)  # noqa: E731
+      return nnx.while_loop(lambda c: c[2] < 3, body, (self.a, x, 0))[1]
+
+  return Model()
+
+
+@pytest.mark.parametrize('where', ['custom_vjp in a branch', 'while_loop body'])
+def test_a_first_use_that_may_run_other_than_once_is_refused_through_transforms(where):
+  # Found by a user trial: a custom_vjp (or custom_jvp, shard_map) inside the branch hid the
+  # cond from the check (std 12-31 for one predicate, silently); a while_loop body
+  # re-initialized the layer on every iteration (g and b from the last one).
+  model = _first_use_in(where)
+  with pytest.raises(ValueError, match=r"WNLinear.* at 'a'.*only known when it runs"):
+    wx.data_init(model, _batch((256, 6)))
+
+
+def test_a_shape_probe_is_not_a_use():
+  # nnx.eval_shape / jax.eval_shape of the layer before its real use: the probe's copy took
+  # the first use, its writes were discarded, and data_init was refused (wrongly, as a scan).
+  class Probed(nnx.Module):
+    def __init__(self):
+      self.a = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      nnx.eval_shape(lambda a, x: a(x), self.a, x)
+      return self.a(x)
+
+  x = _batch((256, 6))
+  model = Probed()
+  wx.data_init(model, x)
+  np.testing.assert_allclose(np.std(model.a(x), 0), 1.0, rtol=1e-4)
 
 
 @pytest.mark.parametrize('pred', [True, False])

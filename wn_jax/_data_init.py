@@ -17,13 +17,15 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import os
+import sys
+import types
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax._src import core  # trace_ctx, the trace being traced in: not in the public module
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
@@ -83,36 +85,69 @@ def running() -> bool:
   return _MODE.get() is not None
 
 
+def path(tag: object) -> str | None:
+  """The path of the NNX layer tagged ``tag`` in the model a data init runs on."""
+  m = _MODE.get()
+  return None if m is None else m.paths.get(tag)
+
+
 def claim(key: object, where: Callable[[], str]) -> Mode | None:
   """The active mode if the layer ``key`` is still to be initialized (first use only).
 
-  A first use inside a branch of ``lax.cond`` / ``lax.switch`` (``nnx.cond``, ``nn.cond``)
-  is refused: JAX traces every branch, so which use of the layer runs first is known only
-  when it runs, and any choice made here would be silently wrong for some predicate.
-  ``where()`` names the layer in that error.
+  Inside a shape probe (``jax.eval_shape``, ``nnx.eval_shape``) no layer is initialized:
+  its results are discarded. A first use that JAX traces once but that may run other than
+  once is refused (``where()`` names the layer): in a branch of ``lax.cond`` /
+  ``lax.switch`` (JAX traces every branch), or in a ``while_loop`` / ``fori_loop`` body
+  (each iteration would initialize the layer again), as ``nnx.cond``, ``nn.cond``,
+  ``nnx.while_loop``, ... trace them. The first use there is only known when it runs.
   """
   m = _MODE.get()
   if m is None or key in m.done:
     return None
-  if _in_branch(core.trace_ctx.trace):
+  inside = _traced_in()
+  if inside in _PROBES:
+    return None
+  if inside is not None:
     raise ValueError(
-      f'{where()}: data_init would initialize this layer in a branch of a cond / switch: JAX '
-      f'traces every branch, so which use comes first is only known when it runs. Use the '
-      f'layer once before the conditional, or run data_init on the model with the branch '
-      f'chosen in Python (call the branch function directly).'
+      f'{where()}: data_init would initialize this layer in a branch of a cond / switch or in '
+      f'the body of a while / fori loop ({inside}): JAX traces it once, but it runs once per '
+      f'branch taken or iteration, so which use comes first is only known when it runs. Use '
+      f'the layer once before the conditional or loop, or run data_init on the model with '
+      f'the branch chosen in Python (call the branch function directly).'
     )
   m.done.add(key)
   return m
 
 
-def _in_branch(trace: object) -> bool:
-  """Whether ``trace`` or a trace it is nested in traces a branch of a conditional."""
-  while trace is not None:
-    info = getattr(getattr(trace, 'frame', None), 'debug_info', None)
-    if getattr(info, 'traced_for', None) in ('cond', 'switch'):
-      return True
-    trace = getattr(trace, 'parent_trace', None)
-  return False
+# JAX's own functions (file, name) that trace a function: run other than once, or not at all.
+_CONTROL = frozenset(
+  {
+    ('conditionals.py', 'cond'),
+    ('conditionals.py', 'switch'),
+    ('loops.py', 'while_loop'),
+    ('loops.py', 'fori_loop'),
+  }
+)
+_PROBES = frozenset({'eval_shape'})
+
+
+def _traced_in() -> str | None:
+  """The JAX function tracing this call: ``'eval_shape'`` if any frame is a shape probe,
+  else the innermost of ``_CONTROL`` (``'cond'``, ...), else ``None``. Read from the Python
+  stack, which a ``custom_vjp``, ``custom_jvp`` or ``shard_map`` inside a branch does not
+  hide (they start traces of their own, not nested in the branch's).
+  """
+  found = None
+  frame: types.FrameType | None = sys._getframe(1)
+  while frame is not None:
+    code = frame.f_code
+    name = code.co_name
+    if name in _PROBES and code.co_filename.endswith(('api.py', 'pjit.py')):
+      return name
+    if found is None and (os.path.basename(code.co_filename), name) in _CONTROL:
+      found = name
+    frame = frame.f_back
+  return found
 
 
 def is_partial_eval(x: object) -> bool:

@@ -77,11 +77,16 @@ class _WeightNormedKernel:
   def _where(self) -> str:
     return f'{type(self).__name__}(kernel {tuple(self.kernel.shape)})'
 
+  def _at(self, tag: Any) -> str:
+    """The layer and, in a data init, its path in the model."""
+    path = _data_init.path(tag)
+    return self._where() if path is None else f"{self._where()} at '{path}'"
+
   def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     tag = self.scale.get_metadata(_TAG, None) if _data_init.running() else None
     # Keyed by the tag data_init put on the scale: it follows the layer into the copies NNX
     # transforms (nnx.remat, nnx.jit) run, so a later use there is not a first use.
-    mode = _data_init.claim(id(self) if tag is None else (_TAG, tag), self._where)
+    mode = _data_init.claim(id(self) if tag is None else (_TAG, tag), lambda: self._at(tag))
     if mode is not None:  # the caller checks that the writes below landed
       mode.claimed.append((tag, self))
     kernel = self.kernel[...]
