@@ -253,6 +253,35 @@ def test_a_shape_probe_is_not_a_use():
   np.testing.assert_allclose(np.std(model.a(x), 0), 1.0, rtol=1e-4)
 
 
+def test_data_init_itself_runs_under_eval_shape_and_without_jit():
+  # Only what runs inside data_init counts: data_init under eval_shape (the abstract
+  # variables, before a sharded jit) was refused as a probe that initialized nothing, and a
+  # cond under jax.disable_jit (it runs the branch taken, in Python) as a traced branch.
+  x = _batch((256, 6))
+  model = MLP(depth=2)
+  variables = model.init(jax.random.key(0), x)
+  shapes = jax.eval_shape(lambda v: wl.data_init(model, v, x), variables)
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, variables)
+
+  def make():
+    layer = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+    wx.data_init(layer, x)
+    return layer
+
+  assert nnx.eval_shape(make).scale.shape == (6,)
+
+  class Eager(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = wl.WNDense(6, name='a')
+      return jax.lax.cond(True, a, lambda h: a(-h), x)
+
+  with jax.disable_jit():
+    new = wl.data_init(Eager(), Eager().init(jax.random.key(1), x), x)
+    first = wl.WNDense(6).apply({'params': new['params']['a']}, x)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+
+
 @pytest.mark.parametrize('pred', [True, False])
 def test_a_layer_used_before_a_cond_is_initialized_there(pred):
   x = _batch((256, 6))

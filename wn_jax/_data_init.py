@@ -51,6 +51,8 @@ class Mode:
   claimed: list = dataclasses.field(default_factory=list)
   # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
   paths: dict = dataclasses.field(default_factory=dict)
+  # The frame of data_init: only the tracing between it and a layer counts (see claim).
+  entry: Any = None
 
 
 _MODE: contextvars.ContextVar[Mode | None] = contextvars.ContextVar(
@@ -65,7 +67,10 @@ def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> I
       f'data_init: init_scale must be a positive finite number (a Python or NumPy float) or '
       f'a callable (layer path) -> such a number; got {init_scale!r}.'
     )
-  token = _MODE.set(Mode(init_scale, axis_name))
+  entry: types.FrameType | None = sys._getframe(1)
+  while entry is not None and entry.f_code.co_filename == contextlib.__file__:
+    entry = entry.f_back  # past the context manager's own frames, to data_init's
+  token = _MODE.set(Mode(init_scale, axis_name, entry=entry))
   try:
     yield _MODE.get()  # type: ignore[misc]
     if not _MODE.get().done:  # type: ignore[union-attr]
@@ -104,10 +109,12 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
   m = _MODE.get()
   if m is None or key in m.done:
     return None
-  inside = _traced_in()
+  inside = _traced_in(m.entry)
   if inside in _PROBES:
     return None
-  if inside is not None:
+  # Under jax.disable_jit, control flow runs in Python (the branch taken, each iteration):
+  # the first use is then the first that runs.
+  if inside is not None and not jax.config.jax_disable_jit:  # type: ignore[attr-defined]
     raise ValueError(
       f'{where()}: data_init would initialize this layer in a branch of a cond / switch or in '
       f'the body of a while / fori loop ({inside}): JAX traces it once, but it runs once per '
@@ -131,15 +138,16 @@ _CONTROL = frozenset(
 _PROBES = frozenset({'eval_shape'})
 
 
-def _traced_in() -> str | None:
-  """The JAX function tracing this call: ``'eval_shape'`` if any frame is a shape probe,
-  else the innermost of ``_CONTROL`` (``'cond'``, ...), else ``None``. Read from the Python
-  stack, which a ``custom_vjp``, ``custom_jvp`` or ``shard_map`` inside a branch does not
-  hide (they start traces of their own, not nested in the branch's).
+def _traced_in(stop: object) -> str | None:
+  """The JAX function tracing this call below the frame ``stop`` (data_init's):
+  ``'eval_shape'`` if a frame is a shape probe, else the innermost of ``_CONTROL``
+  (``'cond'``, ...), else ``None``. Read from the Python stack, which a ``custom_vjp``,
+  ``custom_jvp`` or ``shard_map`` inside a branch does not hide (they start traces of their
+  own, not nested in the branch's).
   """
   found = None
   frame: types.FrameType | None = sys._getframe(1)
-  while frame is not None:
+  while frame is not None and frame is not stop:
     code = frame.f_code
     name = code.co_name
     if name in _PROBES and code.co_filename.endswith(('api.py', 'pjit.py')):
