@@ -253,6 +253,35 @@ def test_a_shape_probe_is_not_a_use():
   np.testing.assert_allclose(np.std(model.a(x), 0), 1.0, rtol=1e-4)
 
 
+def test_a_users_own_functions_named_like_jax_control_flow_are_not_taken_for_it(
+  tmp_path, monkeypatch
+):
+  # Matched by file and function name, a user's loops.while_loop (a Python loop) was refused
+  # as JAX's, and a model_api.eval_shape that runs the model was skipped as a probe.
+  (tmp_path / 'loops.py').write_text(
+    'def while_loop(cond, body, val):\n  while cond(val):\n    val = body(val)\n  return val\n'
+  )
+  (tmp_path / 'model_api.py').write_text('def eval_shape(f, x):\n  return f(x)\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import loops
+  import model_api
+
+  class Helpers(nnx.Module):
+    def __init__(self):
+      self.a = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+      self.b = wx.WNLinear(6, 6, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      h = loops.while_loop(lambda c: c[1] < 1, lambda c: (self.a(c[0]), c[1] + 1), (x, 0))[0]
+      return model_api.eval_shape(self.b, h)
+
+  x = _batch((256, 6))
+  model = Helpers()
+  wx.data_init(model, x)
+  for out in (model.a(x), model.b(model.a(x))):
+    np.testing.assert_allclose(np.std(out, 0), 1.0, rtol=1e-4)
+
+
 def test_data_init_itself_runs_under_eval_shape_and_without_jit():
   # Only what runs inside data_init counts: data_init under eval_shape (the abstract
   # variables, before a sharded jit) was refused as a probe that initialized nothing, and a

@@ -17,7 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import os
+import inspect
 import sys
 import types
 from collections.abc import Callable
@@ -26,8 +26,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src import api as _api  # the modules of JAX's control flow, for _traced_in
+from jax._src import pjit as _pjit
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
+from jax._src.lax.control_flow import conditionals as _conditionals
+from jax._src.lax.control_flow import loops as _loops
 
 from wn_jax._axes import is_eps
 from wn_jax._core import reduce_dtype
@@ -110,7 +114,7 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
   if m is None or key in m.done:
     return None
   inside = _traced_in(m.entry)
-  if inside in _PROBES:
+  if inside == 'eval_shape':
     return None
   # Under jax.disable_jit, control flow runs in Python (the branch taken, each iteration):
   # the first use is then the first that runs.
@@ -126,21 +130,25 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
   return m
 
 
-# JAX's own functions (file, name) that trace a function: run other than once, or not at all.
-_CONTROL = frozenset(
-  {
-    ('conditionals.py', 'cond'),
-    ('conditionals.py', 'switch'),
-    ('loops.py', 'while_loop'),
-    ('loops.py', 'fori_loop'),
-  }
-)
-_PROBES = frozenset({'eval_shape'})
+# The code of JAX's own functions that trace a function that may run other than once (or,
+# for the probes, not at all), by name: a frame running it is inside. A user's function of
+# the same name is other code.
+_TRACERS = {
+  inspect.unwrap(f).__code__: name
+  for f, name in (
+    (_conditionals.cond, 'cond'),
+    (_conditionals.switch, 'switch'),
+    (_loops.while_loop, 'while_loop'),
+    (_loops.fori_loop, 'fori_loop'),
+    (_api.eval_shape, 'eval_shape'),
+    (_pjit.jit_eval_shape, 'eval_shape'),
+  )
+}
 
 
 def _traced_in(stop: object) -> str | None:
   """The JAX function tracing this call below the frame ``stop`` (data_init's):
-  ``'eval_shape'`` if a frame is a shape probe, else the innermost of ``_CONTROL``
+  ``'eval_shape'`` if a frame is a shape probe, else the innermost of ``_TRACERS``
   (``'cond'``, ...), else ``None``. Read from the Python stack, which a ``custom_vjp``,
   ``custom_jvp`` or ``shard_map`` inside a branch does not hide (they start traces of their
   own, not nested in the branch's).
@@ -148,12 +156,10 @@ def _traced_in(stop: object) -> str | None:
   found = None
   frame: types.FrameType | None = sys._getframe(1)
   while frame is not None and frame is not stop:
-    code = frame.f_code
-    name = code.co_name
-    if name in _PROBES and code.co_filename.endswith(('api.py', 'pjit.py')):
+    name = _TRACERS.get(frame.f_code)
+    if name == 'eval_shape':
       return name
-    if found is None and (os.path.basename(code.co_filename), name) in _CONTROL:
-      found = name
+    found = found or name
     frame = frame.f_back
   return found
 
