@@ -132,24 +132,27 @@ LINEN_LAYERS: dict[str, Callable[[int], nn.Module]] = {
   'floor': lambda w: _ScaledDense(w),
   'wn_jax': lambda w: wn_jax.linen.WNDense(w),
   'flax': lambda w: nn.WeightNorm(nn.Dense(w)),
+  'wrapper': lambda w: wn_jax.linen.WeightNorm(nn.Dense(w)),  # eager rows only
 }
 NNX_LAYERS: dict[str, Callable[[int, nnx.Rngs], nnx.Module]] = {
   'plain': lambda w, rngs: nnx.Linear(w, w, rngs=rngs),
   'floor': lambda w, rngs: _ScaledLinear(w, rngs),
   'wn_jax': lambda w, rngs: wn_jax.nnx.WNLinear(w, w, rngs=rngs),
+  'wrapper': lambda w, rngs: wn_jax.nnx.WeightNorm(nnx.Linear(w, w, rngs=rngs)),
 }
 LINEN_NAMES = {
   'plain': 'nn.Dense',
   'floor': 'floor: nn.Dense + scale',
   'wn_jax': 'WNDense',
   'flax': 'nn.WeightNorm(nn.Dense)',
+  'wrapper': 'wn_jax.linen.WeightNorm(nn.Dense)',
 }
-NNX_NAMES = {'plain': 'nnx.Linear', 'floor': 'floor: nnx.Linear + scale', 'wn_jax': 'WNLinear'}
-# wn_jax's wrappers, for the eager rows: any layer weight-normalized from outside.
-LINEN_LAYERS['wrapper'] = lambda w: wn_jax.linen.WeightNorm(nn.Dense(w))
-LINEN_NAMES['wrapper'] = 'wn_jax.linen.WeightNorm(nn.Dense)'
-NNX_LAYERS['wrapper'] = lambda w, rngs: wn_jax.nnx.WeightNorm(nnx.Linear(w, w, rngs=rngs))
-NNX_NAMES['wrapper'] = 'wn_jax.nnx.WeightNorm(nnx.Linear)'
+NNX_NAMES = {
+  'plain': 'nnx.Linear',
+  'floor': 'floor: nnx.Linear + scale',
+  'wn_jax': 'WNLinear',
+  'wrapper': 'wn_jax.nnx.WeightNorm(nnx.Linear)',
+}
 
 
 # Arms. An arm is prepared once (warm_up), then sampled once per round; a sample is seconds.

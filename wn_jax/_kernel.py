@@ -17,7 +17,6 @@ pushes them into the parent's ``__call__``; each then writes back what a data in
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -123,18 +122,19 @@ def _scale(y, s, bias):
   return out.astype(y.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
 def _factor_and_scale(y, v, g, bias, kept):
   return _scale(y, _core.factor_of(v, g, kept), bias)
 
 
+_factor_and_scale_jit = jax.jit(_factor_and_scale, static_argnums=(4,))
+
+
 def _scaled_output(y, v, g, bias, kept):
   """``y * (g / ||v||) + bias``. Under a transform, one nested jit (traced once per
-  configuration, however many layers share it); eagerly, the factor is a call of its own,
-  so a new batch shape recompiles the product, not the norm."""
-  if isinstance(y, jax.core.Tracer):
-    return _factor_and_scale(y, v, g, bias, kept)
-  return _scale(y, _core.factor_of(v, g, kept), bias)
+  configuration, however many layers share it); eagerly, the factor and the product are
+  calls of their own, so a new batch shape recompiles the product, not the norm."""
+  run = _factor_and_scale_jit if isinstance(y, jax.core.Tracer) else _factor_and_scale
+  return run(y, v, g, bias, kept)
 
 
 @dataclasses.dataclass

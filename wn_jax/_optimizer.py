@@ -84,7 +84,8 @@ def weight_norm(
   ``tx.init(params)``. So each update must reach ``params`` before the next: a wrapper
   that holds updates back or resets ``params`` between them (``optax.apply_every``,
   ``optax.lookahead`` around this transformation) takes wrong steps, silently; accumulate
-  with ``optax.MultiSteps``, which passes the parameters it holds. Works with ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` as with
+  with ``optax.MultiSteps``, which passes the parameters it holds. Works with
+  ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` as with
   ``tx.update(grads, state, nnx.state(model, nnx.Param))``.
 
   Extra arguments of ``update`` reach ``inner`` in (v, g) coordinates, so line-search

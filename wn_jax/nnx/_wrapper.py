@@ -228,9 +228,9 @@ def _member(node: Any, key: Any) -> Any:
 
 
 def _put(node: Any, key: Any, value: Any) -> None:
-  if isinstance(node, MutableSequence):
-    node.append(value) if key == len(node) else node.__setitem__(key, value)
-  elif isinstance(node, MutableMapping):
+  if isinstance(node, MutableSequence) and key == len(node):
+    node.append(value)
+  elif isinstance(node, (MutableSequence, MutableMapping)):
     node[key] = value
   else:
     setattr(node, key, value)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
 
+import jax
+
 from wn_jax.pytorch._state_dict import _error
 
 
@@ -124,8 +126,6 @@ def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
 def _rng_state(flat: dict[tuple[str, ...], Any]) -> set[tuple[str, ...]]:
   """The paths of a flat tree's RNG state, which has no torch tensor: each PRNG key, and the
   ``count`` beside a ``key`` (an NNX RNG stream: ``nnx.Rngs``, a ``Dropout``'s)."""
-  import jax
-
   keys = {
     p
     for p, x in flat.items()
