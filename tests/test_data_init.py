@@ -658,6 +658,61 @@ def test_nnx_layer_shared_across_scan_steps_is_refused_not_skipped():
   np.testing.assert_allclose(h.std(0), 1.0, rtol=1e-4)
 
 
+class _WNCell(nnx.RNNCellBase):
+  """An Elman cell of WN layers, for nnx.RNN."""
+
+  def __init__(self, rngs):
+    self.ih = wx.WNLinear(8, 8, rngs=rngs)
+    self.hh = wx.WNLinear(8, 8, use_bias=False, rngs=rngs)
+
+  def __call__(self, h, x):
+    h = jnp.tanh(self.ih(x) + self.hh(h))
+    return h, h
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape[:-1], 8))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_nnx_rnn_cell_carried_through_the_steps_is_refused(jit):
+  # nnx.RNN carries its cell's state through nnx.scan: data_init used to initialize the cell
+  # again at every step, from that step's statistics, and keep the last step's: silently.
+  xs = _batch((64, 5, 8))  # batch, time, features
+  model = nnx.RNN(_WNCell(nnx.Rngs(0)))
+  before = nnx.to_pure_dict(nnx.state(model))
+  run = nnx.jit(wx.data_init) if jit else wx.data_init
+  with pytest.raises(ValueError, match=r"layer 'cell/ih'.*carried.*nnx.scan.*Python loop"):
+    run(model, xs)
+
+  def same(a, b):  # RNG keys by their data
+    key = jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(*(jax.random.key_data(x) if key else x for x in (a, b)))
+
+  jax.tree.map(same, nnx.to_pure_dict(nnx.state(model)), before)
+  # The advice works: the same cell applied in a Python loop, then the RNN as it was.
+  wx.data_init(_Unrolled(model.cell), xs, init_scale=0.5)
+  pre = np.asarray(model.cell.ih(xs[:, 0]), np.float64)  # first use: the first step's input
+  np.testing.assert_allclose(pre.std(0), 0.5, rtol=1e-4)
+  assert np.all(np.isfinite(model(xs)))
+
+
+class _Unrolled(nnx.Module):
+  """An RNN cell applied in a Python loop over the time axis (1)."""
+
+  def __init__(self, cell):
+    self.cell = cell
+
+  def __call__(self, xs):
+    h = xs[:, 0]  # not 0: the recurrent layer's first input must vary
+    for t in range(xs.shape[1]):
+      h, _ = self.cell(h, xs[:, t])
+    return h
+
+
 class _NNXStacked(nnx.Module):
   """Three layers stacked along nnx.scan (in_axes=0): each step its own layer."""
 

@@ -49,10 +49,13 @@ class Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
   done: set = dataclasses.field(default_factory=set)
-  # (tag, layer) of each layer that initialized itself, for the caller to check that its
-  # writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
+  # (tag, layer, kernel shape) of each layer that initialized itself, for the caller to
+  # check that its writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
   # transform's copies of a layer are freed after it).
   claimed: list = dataclasses.field(default_factory=list)
+  # The keys of the layers first used inside a scan's body: stacked along it, or carried
+  # through its steps (which the caller tells apart; see wn_jax.nnx.data_init).
+  in_scan: set = dataclasses.field(default_factory=set)
   # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
   paths: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
@@ -109,23 +112,28 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
   ``lax.switch`` (JAX traces every branch), or in a ``while_loop`` / ``fori_loop`` body
   (each iteration would initialize the layer again), as ``nnx.cond``, ``nn.cond``,
   ``nnx.while_loop``, ... trace them. The first use there is only known when it runs.
+  A first use in a ``scan`` body is recorded in ``in_scan``: a layer stacked along the
+  scan is each step's own, one carried through its steps is for the caller to refuse.
   """
   m = _MODE.get()
   if m is None or key in m.done:
     return None
   inside = _traced_in(m.entry)
-  if inside == 'eval_shape':
+  if 'eval_shape' in inside:
     return None
   # Under jax.disable_jit, control flow runs in Python (the branch taken, each iteration):
   # the first use is then the first that runs.
-  if inside is not None and not jax.config.jax_disable_jit:  # type: ignore[attr-defined]
+  refused = next((name for name in inside if name != 'scan'), None)
+  if refused is not None and not jax.config.jax_disable_jit:  # type: ignore[attr-defined]
     raise ValueError(
       f'{where()}: data_init would initialize this layer in a branch of a cond / switch or in '
-      f'the body of a while / fori loop ({inside}): JAX traces it once, but it runs once per '
+      f'the body of a while / fori loop ({refused}): JAX traces it once, but it runs once per '
       f'branch taken or iteration, so which use comes first is only known when it runs. Use '
       f'the layer once before the conditional or loop, or run data_init on the model with '
       f'the branch chosen in Python (call the branch function directly).'
     )
+  if 'scan' in inside and not jax.config.jax_disable_jit:  # type: ignore[attr-defined]
+    m.in_scan.add(key)
   m.done.add(key)
   return m
 
@@ -140,28 +148,30 @@ _TRACERS = {
     (_conditionals.switch, 'switch'),
     (_loops.while_loop, 'while_loop'),
     (_loops.fori_loop, 'fori_loop'),
+    (_loops.scan, 'scan'),
     (_api.eval_shape, 'eval_shape'),
     (_pjit.jit_eval_shape, 'eval_shape'),
   )
 }
 
 
-def _traced_in(stop: object) -> str | None:
-  """The JAX function tracing this call below the frame ``stop`` (data_init's):
-  ``'eval_shape'`` if a frame is a shape probe, else the innermost of ``_TRACERS``
-  (``'cond'``, ...), else ``None``. Read from the Python stack, which a ``custom_vjp``,
+def _traced_in(stop: object) -> tuple[str, ...]:
+  """The JAX functions tracing this call below the frame ``stop`` (data_init's), innermost
+  first: the names in ``_TRACERS`` (``'cond'``, ..., ``'scan'``), or just ``'eval_shape'``
+  if a frame is a shape probe. Read from the Python stack, which a ``custom_vjp``,
   ``custom_jvp`` or ``shard_map`` inside a branch does not hide (they start traces of their
   own, not nested in the branch's).
   """
-  found = None
+  found: list[str] = []
   frame: types.FrameType | None = sys._getframe(1)
   while frame is not None and frame is not stop:
     name = _TRACERS.get(frame.f_code)
     if name == 'eval_shape':
-      return name
-    found = found or name
+      return (name,)
+    if name is not None:
+      found.append(name)
     frame = frame.f_back
-  return found
+  return tuple(found)
 
 
 def is_partial_eval(x: object) -> bool:

@@ -88,7 +88,7 @@ class _WeightNormedKernel:
     # transforms (nnx.remat, nnx.jit) run, so a later use there is not a first use.
     mode = _data_init.claim(id(self) if tag is None else (_TAG, tag), lambda: self._at(tag))
     if mode is not None:  # the caller checks that the writes below landed
-      mode.claimed.append((tag, self))
+      mode.claimed.append((tag, self, self.kernel.shape))
     kernel = self.kernel[...]
     p = _kernel.start(
       self._where(),

@@ -22,14 +22,22 @@ def _path(path: tuple[Any, ...]) -> str:
   return '/'.join(str(k) for k in path)
 
 
-def _discarded(path: str, layer: _WeightNormedKernel) -> ValueError:
+def _refused(path: str, layer: _WeightNormedKernel, why: str) -> ValueError:
   return ValueError(
-    f"wn_jax.nnx.data_init: layer '{path}' ({layer._where()}) initialized itself inside a "
-    f'transform that discards its writes: a layer shared across the steps of nnx.scan '
-    f'(in_axes=None, e.g. an RNN cell) would keep its scale and bias. The model is '
-    f'left unchanged. Run data_init on the model with the shared layer applied in a Python '
-    f'loop (the same layer objects), then use the transformed model.'
+    f"wn_jax.nnx.data_init: layer '{path}' ({layer._where()}) {why} The model is left "
+    f'unchanged. Run data_init on the model with the layer applied in a Python loop (the '
+    f'same layer objects), then use the transformed model.'
   )
+
+
+_DISCARDED = (
+  'initialized itself inside a transform that discards its writes: a layer shared across the '
+  'steps of nnx.scan (in_axes=None, e.g. an RNN cell) would keep its scale and bias.'
+)
+_CARRIED = (
+  'is carried through the steps of nnx.scan (nnx.Carry, as nnx.RNN carries its cell): each '
+  "step would initialize it again from that step's statistics, and the last step's would stay."
+)
 
 
 @contextlib.contextmanager
@@ -64,7 +72,9 @@ def data_init(
   NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
   steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
   naming it, never skipped; initialize the model with that layer applied in a Python loop
-  instead. A layer shared across ``nnx.vmap``'s mapped axis needs the same ``axis_name``
+  instead. So is a layer carried through the steps of ``nnx.scan`` (``nnx.Carry``, as
+  ``nnx.RNN`` carries its cell), which each step would initialize again. A layer shared
+  across ``nnx.vmap``'s mapped axis needs the same ``axis_name``
   passed to ``nnx.vmap`` and here (or is refused with that fix). Layers stacked along a
   transform (``in_axes=0``) are each initialized. On any error the model is left as it was.
 
@@ -97,9 +107,16 @@ def data_init(
     with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
       mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
       out = model(*args, **kwargs)
-    for i, _ in mode.claimed:  # a write that landed replaced the scale's array
-      if i is not None and layers[i][1].scale.get_raw_value() is scales[i]:
-        raise _discarded(_path(layers[i][0]), layers[i][1])
+    for i, _, shape in mode.claimed:
+      if i is None:
+        continue
+      path, layer = _path(layers[i][0]), layers[i][1]
+      if layer.scale.get_raw_value() is scales[i]:  # a write that landed replaced the array
+        raise _refused(path, layer, _DISCARDED)
+      # Stacked along a scan, the model holds every step's layer (one more axis than the
+      # step saw); carried through its steps, the one layer each step initialized again.
+      if (_TAG, i) in mode.in_scan and layer.kernel.shape == shape:
+        raise _refused(path, layer, _CARRIED)
   except BaseException:
     _restore(state, saved)  # the model as it was, never half initialized
     raise
