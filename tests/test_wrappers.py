@@ -170,6 +170,38 @@ def test_nnx_wrapper_carries_back_the_state_a_call_leaves(make):
   jax.tree.map(assert_close, mean(wrapped.layer), mean(plain))
 
 
+class _Counts(nnx.Module):  # plain attributes its methods set, as nnx.jit carries them back
+  def __init__(self):
+    self.lin = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+    self.calls, self.mode = 0, 'train'
+
+  def __call__(self, x):
+    self.calls += 1
+    self.last_shape = x.shape  # created by the call
+    return self.lin(x)
+
+  def set_mode(self, mode):
+    self.mode = mode
+    self.lin.tag = mode  # on a submodule
+
+
+def test_nnx_wrapper_carries_back_plain_attributes_a_method_sets():
+  # The call runs on a copy: an int, a string or a tuple a method set on it was lost
+  # silently, where a plain call (and nnx.jit) keeps it.
+  wrapped, plain = wx.WeightNorm(_Counts()), _Counts()
+  x = _rand((4, 8))
+  for m in (wrapped, plain):
+    m(x)
+    m(x)
+    m.set_mode('eval')
+  nnx.jit(lambda m, x: m(x))(plain, x)
+  wrapped(x)
+  layer = wrapped.layer
+  assert (layer.calls, layer.mode, layer.last_shape, layer.lin.tag) == (3, 'eval', (4, 8), 'eval')
+  assert (plain.calls, plain.mode, plain.last_shape, plain.lin.tag) == (3, 'eval', (4, 8), 'eval')
+  assert_close(wrapped(x), plain(x))  # and the weights are still the layer's own
+
+
 def test_nnx_wrapper_refuses_a_call_that_makes_a_submodule():
   # Adopted from the copy the call ran on, a new submodule may hold w (the copy's weights):
   # a user trial found w in the layer's parameters that way. Refused, naming it.

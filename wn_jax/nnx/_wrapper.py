@@ -10,6 +10,7 @@ from collections.abc import MutableSequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from wn_jax import _axes
@@ -49,7 +50,8 @@ class WeightNorm(nnx.Module):
   a nested ``nnx.Dict`` of ``nnx.Param`` that mirrors the layer's parameter paths, with
   string keys (``model.scale['kernel']``, ``model.scale['layers']['0']['kernel']``), so
   ``nnx.Optimizer(..., wrt=nnx.Param)`` trains it. Non-parameter state that the layer
-  updates in its forward pass (e.g. ``BatchStat``) is carried back to it.
+  updates in its forward pass (e.g. ``BatchStat``) is carried back to it, and so are the
+  plain attributes (an int, a string, a shape) its methods set, as ``nnx.jit`` does.
 
   The wrapper stands for the layer: calling it, or any method of the layer through it
   (``wrapper.attend(q)`` for an ``nnx.Embed``), runs that method with every selected
@@ -187,6 +189,7 @@ class WeightNorm(nnx.Module):
     layer = nnx.merge(graphdef, params, rest)
     out = getattr(layer, method)(*args, **kwargs)
     _carry_back(self.layer, layer, self._where(), method)
+    _carry_static(self.layer, layer)
     return out
 
 
@@ -213,6 +216,32 @@ def _carry_back(target: nnx.Module, source: nnx.Module, where: str, method: str)
           f'{type(node).__name__}, which the wrapper cannot carry back to the layer (the '
           f"method ran on a copy that computes with w). Create it in the layer's __init__."
         ) from None
+
+
+def _carry_static(target: nnx.Module, source: nnx.Module) -> None:
+  """The plain attributes (no arrays, variables or graph nodes in them: an int, a string, a
+  shape) that a method set on ``source``'s modules, onto ``target``'s, as ``nnx.jit``
+  carries them back."""
+  for path, node in nnx.iter_graph(source):
+    old = functools.reduce(_member, path, target)
+    if not isinstance(node, nnx.Module) or not isinstance(old, nnx.Module) or old is node:
+      continue
+    for name, value in vars(node).items():
+      if not name.startswith(_INTERNAL) and vars(old).get(name, _MISSING) is not value:
+        if _is_static(value):
+          setattr(old, name, value)
+
+
+_MISSING = object()
+_INTERNAL = ('_pytree__', '_object__')  # NNX's own bookkeeping, by Flax version
+
+
+def _is_static(value: Any) -> bool:
+  """Whether ``value`` holds nothing a graph or a trace owns."""
+  if nnx.graph.is_graph_node(value):
+    return False
+  leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return not any(isinstance(x, (nnx.Variable, jax.Array, np.ndarray)) for x in leaves)
 
 
 def _member(node: Any, key: Any) -> Any:
