@@ -713,6 +713,123 @@ class _Unrolled(nnx.Module):
     return h
 
 
+class _RNNs(nnx.Module):
+  """Two RNNs with a WN cell, stacked by nnx.vmap: an ensemble, or layers of a scan."""
+
+  def __init__(self, where):
+    make = nnx.vmap(lambda key: nnx.RNN(_WNCell(nnx.Rngs(key))), in_axes=0, out_axes=0)
+    self.rnns, self.where = make(jax.random.split(jax.random.key(0), 2)), where
+
+  def __call__(self, xs):
+    if self.where == 'ensemble':  # each member on the whole batch
+      return nnx.vmap(lambda m, x: m(x), in_axes=(0, None))(self.rnns, xs)
+    # a scan over the RNNs as layers, each on the previous one's outputs
+    return nnx.scan(lambda m, h: m(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.rnns, xs)
+
+
+@pytest.mark.parametrize('where', ['ensemble', 'nested'])
+def test_nnx_carried_cell_inside_vmap_or_an_outer_scan_is_refused(where):
+  # Each RNN's own axis (nnx.vmap) made the model's cell look stacked along the RNN's scan:
+  # accepted, and every step initialized the cell again (a user trial).
+  model = _RNNs(where)
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  with pytest.raises(ValueError, match=r"layer 'rnns/cell/ih'.*carried"):
+    wx.data_init(model, _batch((64, 5, 8)))
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+class _PerStepScale(nnx.Module):
+  """One direction for every step of a scan, its own g and b per step (3 steps)."""
+
+  def __init__(self):
+    self.lin = wx.WNLinear(8, 8, kernel_init=nnx.initializers.normal(0.05), rngs=nnx.Rngs(0))
+    self.lin.scale, self.lin.bias = nnx.Param(jnp.ones((3, 8))), nnx.Param(jnp.zeros((3, 8)))
+
+  def __call__(self, x):
+    axes = nnx.StateAxes({nnx.PathContains('kernel'): None, ...: 0})
+    return nnx.scan(lambda m, h: m(h), in_axes=(axes, nnx.Carry), out_axes=nnx.Carry)(self.lin, x)
+
+
+def test_nnx_per_step_scale_of_a_shared_direction_is_initialized():
+  # The check for a carried layer first went by the kernel (here shared, not stacked) and
+  # refused this; it goes by the scale and bias that data_init writes, stacked here.
+  x = _batch((64, 8))
+  model = _PerStepScale()
+  wx.data_init(model, x, init_scale=0.5)
+  v = np.asarray(model.lin.kernel[...], np.float64)
+  h = np.asarray(x, np.float64)
+  for i in range(3):
+    t = h @ (v / np.linalg.norm(v, axis=0)) * np.asarray(model.lin.scale[...][i])
+    t = t + np.asarray(model.lin.bias[...][i])
+    np.testing.assert_allclose(t.std(0), 0.5, rtol=1e-4)
+    h = t
+
+
+class _Ensemble(nnx.Module):
+  """Two copies (nnx.vmap, in_axes=0) of three layers stacked along nnx.scan."""
+
+  def __init__(self):
+    make = nnx.vmap(nnx.vmap(lambda k: wx.WNLinear(8, 8, rngs=nnx.Rngs(k))))
+    self.layers = make(jax.random.split(jax.random.key(0), (2, 3)))
+
+  def __call__(self, x):
+    run = nnx.scan(lambda m, h: m(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    return nnx.vmap(run, in_axes=(0, None))(self.layers, x)
+
+
+def test_nnx_an_ensemble_of_stacked_layers_is_initialized():
+  # An axis per vmap and per scan: stacked along both, not refused.
+  x = _batch((64, 8))
+  model = _Ensemble()
+  wx.data_init(model, x, init_scale=0.5)
+  v, g, b = (
+    np.asarray(a[...], np.float64)
+    for a in (model.layers.kernel, model.layers.scale, model.layers.bias)
+  )
+  for e in range(2):
+    h = np.asarray(x, np.float64)
+    for i in range(3):
+      h = h @ (v[e, i] / np.linalg.norm(v[e, i], axis=0)) * g[e, i] + b[e, i]
+      np.testing.assert_allclose(h.std(0), 0.5, rtol=1e-4)
+
+
+def test_a_layer_first_used_in_a_scan_under_disable_jit_is_refused():
+  # There the scan runs its steps in Python: each stacked layer looked like one layer used
+  # at every step, and only the first was initialized, silently (linen and NNX).
+  x = _batch((64, 8))
+  model = _NNXStacked()
+  with jax.disable_jit(), pytest.raises(ValueError, match=r'inside a scan under jax.disable_jit'):
+    wx.data_init(model, x)
+  stack = _Scanned()
+  variables = stack.init(jax.random.key(0), x)
+  with jax.disable_jit(), pytest.raises(ValueError, match=r'inside a scan under jax.disable_jit'):
+    wl.data_init(stack, variables, x)
+
+
+def test_a_traced_init_scale_names_the_fix():
+  # nnx.jit(data_init)(model, x, init_scale=0.5): the number came traced, and the error only
+  # said it was not a number.
+  model = wx.WNLinear(8, 8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"init_scale is traced.*static_argnames='init_scale'"):
+    nnx.jit(wx.data_init)(model, _batch((64, 8)), init_scale=0.5)
+  nnx.jit(wx.data_init, static_argnames='init_scale')(model, _batch((64, 8)), init_scale=0.5)
+
+
+class _ClosedOver(nnx.Module):
+  def __init__(self):
+    self.lin = wx.WNLinear(8, 8, rngs=nnx.Rngs(0))
+
+  def __call__(self, xs):
+    return jax.lax.map(lambda x: self.lin(x), xs)
+
+
+def test_nnx_a_layer_closed_over_by_a_jax_loop_is_named():
+  # Flax's TraceContextError named neither the layer nor data_init.
+  with pytest.raises(ValueError, match=r"WNLinear.*at 'lin'.*Pass the layer to the NNX transform"):
+    wx.data_init(_ClosedOver(), _batch((3, 64, 8)))
+
+
 class _NNXStacked(nnx.Module):
   """Three layers stacked along nnx.scan (in_axes=0): each step its own layer."""
 

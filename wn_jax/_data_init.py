@@ -49,13 +49,14 @@ class Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
   done: set = dataclasses.field(default_factory=set)
-  # (tag, layer, kernel shape) of each layer that initialized itself, for the caller to
+  # (tag, layer, scale ndim) of each layer that initialized itself, for the caller to
   # check that its writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
   # transform's copies of a layer are freed after it).
   claimed: list = dataclasses.field(default_factory=list)
-  # The keys of the layers first used inside a scan's body: stacked along it, or carried
-  # through its steps (which the caller tells apart; see wn_jax.nnx.data_init).
-  in_scan: set = dataclasses.field(default_factory=set)
+  # Of each layer first used inside a scan's body (stacked along it, or carried through its
+  # steps, which the caller tells apart; see wn_jax.nnx.data_init): the scans and vmaps
+  # around that use, by key.
+  in_scan: dict = dataclasses.field(default_factory=dict)
   # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
   paths: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
@@ -69,6 +70,13 @@ _MODE: contextvars.ContextVar[Mode | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> Iterator[Mode]:
+  if isinstance(init_scale, jax.core.Tracer):
+    raise ValueError(
+      'data_init: init_scale is traced (data_init under jax.jit / nnx.jit with init_scale an '
+      'argument of the jitted function): it must be a Python number. Make it static '
+      "(nnx.jit(wn_jax.nnx.data_init, static_argnames='init_scale')) or bind it with "
+      'functools.partial before jitting.'
+    )
   if not (callable(init_scale) or _is_scale(init_scale)):
     raise ValueError(
       f'data_init: init_scale must be a positive finite number (a Python or NumPy float) or '
@@ -113,7 +121,8 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
   (each iteration would initialize the layer again), as ``nnx.cond``, ``nn.cond``,
   ``nnx.while_loop``, ... trace them. The first use there is only known when it runs.
   A first use in a ``scan`` body is recorded in ``in_scan``: a layer stacked along the
-  scan is each step's own, one carried through its steps is for the caller to refuse.
+  scan is each step's own, one carried through its steps is for the caller to refuse. Under
+  ``jax.disable_jit`` a scan runs in Python, where the two look alike: refused.
   """
   m = _MODE.get()
   if m is None or key in m.done:
@@ -123,8 +132,9 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
     return None
   # Under jax.disable_jit, control flow runs in Python (the branch taken, each iteration):
   # the first use is then the first that runs.
-  refused = next((name for name in inside if name != 'scan'), None)
-  if refused is not None and not jax.config.jax_disable_jit:  # type: ignore[attr-defined]
+  disable_jit = jax.config.jax_disable_jit  # type: ignore[attr-defined]
+  refused = next((name for name in inside if name not in _MAPS), None)
+  if refused is not None and not disable_jit:
     raise ValueError(
       f'{where()}: data_init would initialize this layer in a branch of a cond / switch or in '
       f'the body of a while / fori loop ({refused}): JAX traces it once, but it runs once per '
@@ -132,10 +142,27 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
       f'the layer once before the conditional or loop, or run data_init on the model with '
       f'the branch chosen in Python (call the branch function directly).'
     )
-  if 'scan' in inside and not jax.config.jax_disable_jit:  # type: ignore[attr-defined]
-    m.in_scan.add(key)
+  scans = inside.count('scan')
+  if scans and disable_jit:
+    raise ValueError(
+      f'{where()}: data_init would initialize this layer inside a scan under '
+      f'jax.disable_jit(), where the scan runs its steps in Python: a layer stacked along the '
+      f'scan (each step its own) then looks like one layer used at every step, and only the '
+      f'first step would be initialized. Run data_init without jax.disable_jit().'
+    )
+  if scans:
+    m.in_scan[key] = (scans, inside.count('vmap'))
   m.done.add(key)
   return m
+
+
+# The code of the function vmap returns (one frame on the stack per mapped call).
+_VMAP_F = next(
+  c for c in inspect.unwrap(_api.vmap).__code__.co_consts if getattr(c, 'co_name', 0) == 'vmap_f'
+)
+# Transforms that add an axis to a layer's parameters outside (stacked, mapped) and run the
+# layer once per step or element: not refused.
+_MAPS = ('scan', 'vmap')
 
 
 # The code of JAX's own functions that trace a function that may run other than once (or,
@@ -152,7 +179,7 @@ _TRACERS = {
     (_api.eval_shape, 'eval_shape'),
     (_pjit.jit_eval_shape, 'eval_shape'),
   )
-}
+} | {_VMAP_F: 'vmap'}
 
 
 def _traced_in(stop: object) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 from flax import nnx
 
@@ -88,7 +89,7 @@ class _WeightNormedKernel:
     # transforms (nnx.remat, nnx.jit) run, so a later use there is not a first use.
     mode = _data_init.claim(id(self) if tag is None else (_TAG, tag), lambda: self._at(tag))
     if mode is not None:  # the caller checks that the writes below landed
-      mode.claimed.append((tag, self, self.kernel.shape))
+      mode.claimed.append((tag, self, len(self.scale.shape)))
     kernel = self.kernel[...]
     p = _kernel.start(
       self._where(),
@@ -108,10 +109,19 @@ class _WeightNormedKernel:
       p.bias(None if self.bias is None else self.bias[...]),
     )
     out, g, b = p.output(super().__call__.__func__(view, inputs, *args, **kwargs))  # type: ignore[misc]
-    if g is not None:
-      self.scale[...] = g
-    if b is not None:
-      self.bias[...] = b
+    try:
+      if g is not None:
+        self.scale[...] = g
+      if b is not None:
+        self.bias[...] = b
+    except flax.errors.TraceContextError:
+      raise ValueError(
+        f"{self._at(tag)}: data_init cannot set this layer's scale and bias: its first use is "
+        f'in a function that a JAX transform traces (jax.lax.scan, jax.lax.map, a closure in '
+        f"nnx.scan's body) and that holds the layer from outside, so NNX refuses the writes. "
+        f'Pass the layer to the NNX transform as an argument (nnx.scan(f, in_axes=...)(layer, '
+        f'...)), or use it once before the loop.'
+      ) from None
     return out
 
 

@@ -36,8 +36,20 @@ _DISCARDED = (
 )
 _CARRIED = (
   'is carried through the steps of nnx.scan (nnx.Carry, as nnx.RNN carries its cell): each '
-  "step would initialize it again from that step's statistics, and the last step's would stay."
+  "step would initialize it again from that step's statistics, and the last step's would stay. "
+  '(Its scale has fewer axes than a layer stacked along every nnx.scan and nnx.vmap around its '
+  'first use: inside an nnx.vmap too, it may instead be shared across the vmap, which '
+  'data_init cannot tell apart.)'
 )
+
+
+def _stacked(layer: _WeightNormedKernel, ndim: int, scans: int, vmaps: int) -> bool:
+  """Whether a layer first used in the body of ``scans`` nested scans (and ``vmaps`` vmaps),
+  where its scale had ``ndim`` axes, is stacked along each scan: the model then holds its
+  scale with an axis more per scan. One axis short, it was carried through a scan's steps.
+  An axis per vmap may or may not be there (``in_axes=0`` or ``None``): where the count
+  cannot tell, it is refused too."""
+  return len(layer.scale.shape) - ndim >= scans + vmaps
 
 
 @contextlib.contextmanager
@@ -67,7 +79,8 @@ def data_init(
   ``sigma`` on this batch, and passes the initialized output on (see
   :func:`wn_jax.linen.data_init` for the rules: shared layers, constant features,
   float32 statistics, ``init_scale`` per layer as a callable of the layer's path in
-  ``model``, as :func:`layer_axes` names it: ``'layers/0'``). Wrap the call in ``nnx.jit`` to compile it.
+  ``model``, as :func:`layer_axes` names it: ``'layers/0'``). Wrap the call in ``nnx.jit`` to compile it
+  (``static_argnames='init_scale'``).
 
   NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
   steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
@@ -107,15 +120,13 @@ def data_init(
     with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
       mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
       out = model(*args, **kwargs)
-    for i, _, shape in mode.claimed:
+    for i, _, ndim in mode.claimed:
       if i is None:
         continue
       path, layer = _path(layers[i][0]), layers[i][1]
       if layer.scale.get_raw_value() is scales[i]:  # a write that landed replaced the array
         raise _refused(path, layer, _DISCARDED)
-      # Stacked along a scan, the model holds every step's layer (one more axis than the
-      # step saw); carried through its steps, the one layer each step initialized again.
-      if (_TAG, i) in mode.in_scan and layer.kernel.shape == shape:
+      if (_TAG, i) in mode.in_scan and not _stacked(layer, ndim, *mode.in_scan[(_TAG, i)]):
         raise _refused(path, layer, _CARRIED)
   except BaseException:
     _restore(state, saved)  # the model as it was, never half initialized
