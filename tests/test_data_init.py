@@ -253,6 +253,15 @@ def test_a_shape_probe_is_not_a_use():
   np.testing.assert_allclose(np.std(model.a(x), 0), 1.0, rtol=1e-4)
 
 
+def test_jax_functions_that_data_init_recognises_are_found():
+  # Found by the code of JAX's own functions: a JAX that renamed one would leave it None,
+  # and its transform unrecognised.
+  from wn_jax import _data_init
+
+  assert None not in _data_init._TRACERS and None not in _data_init._MAPPED
+  assert sorted(_data_init._MAPPED.values()) == ['pmap', 'vmap']
+
+
 def test_a_users_own_functions_named_like_jax_control_flow_are_not_taken_for_it(
   tmp_path, monkeypatch
 ):
@@ -721,8 +730,9 @@ class _RNNs(nnx.Module):
     self.rnns, self.where = make(jax.random.split(jax.random.key(0), 2)), where
 
   def __call__(self, xs):
-    if self.where == 'ensemble':  # each member on the whole batch
-      return nnx.vmap(lambda m, x: m(x), in_axes=(0, None))(self.rnns, xs)
+    if self.where in ('ensemble', 'pmap'):  # each member on the whole batch
+      mapped = nnx.vmap if self.where == 'ensemble' else nnx.pmap
+      return mapped(lambda m, x: m(x), in_axes=(0, None))(self.rnns, xs)
     # a scan over the RNNs as layers, each on the previous one's outputs
     return nnx.scan(lambda m, h: m(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.rnns, xs)
 
@@ -737,6 +747,43 @@ def test_nnx_carried_cell_inside_vmap_or_an_outer_scan_is_refused(where):
     wx.data_init(model, _batch((64, 5, 8)))
   after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+class _SharedAcrossVmap(nnx.Module):
+  """Three layers stacked along nnx.scan, the scan run per chunk of the batch by an nnx.vmap
+  that shares them (in_axes=None), its axis named: statistics over every chunk."""
+
+  def __init__(self):
+    self.layers = _NNXStacked().layers
+
+  def __call__(self, xs):
+    run = nnx.scan(lambda m, h: m(h), in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    return nnx.vmap(run, in_axes=(None, 0), axis_name='b')(self.layers, xs)
+
+
+def test_nnx_stacked_layers_in_a_scan_under_a_shared_vmap_are_initialized():
+  # The vmap was counted as an axis the layers lack, and they were refused as carried. A
+  # vmap named with data_init's axis_name is one the layers are shared across.
+  xs = _batch((4, 16, 8))
+  model = _SharedAcrossVmap()
+  wx.data_init(model, xs, init_scale=0.5, axis_name='b')
+  v, g, b = (
+    np.asarray(a[...], np.float64)
+    for a in (model.layers.kernel, model.layers.scale, model.layers.bias)
+  )
+  h = np.asarray(xs, np.float64).reshape(64, 8)
+  for i in range(3):
+    h = h @ (v[i] / np.linalg.norm(v[i], axis=0)) * g[i] + b[i]
+    np.testing.assert_allclose(h.std(0), 0.5, rtol=1e-4)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason='needs 2 devices')
+def test_nnx_carried_cell_inside_pmap_is_refused():
+  # pmap, as vmap, maps the RNNs' own axis: the cell looked stacked along the RNN's scan.
+  model = _RNNs('ensemble')
+  model.where = 'pmap'
+  with pytest.raises(ValueError, match=r"layer 'rnns/cell/ih'.*carried"):
+    wx.data_init(model, _batch((64, 5, 8)))
 
 
 class _PerStepScale(nnx.Module):
@@ -814,6 +861,16 @@ def test_a_traced_init_scale_names_the_fix():
   with pytest.raises(ValueError, match=r"init_scale is traced.*static_argnames='init_scale'"):
     nnx.jit(wx.data_init)(model, _batch((64, 8)), init_scale=0.5)
   nnx.jit(wx.data_init, static_argnames='init_scale')(model, _batch((64, 8)), init_scale=0.5)
+  # A callable's traced result, and linen's jitted call: the same fix.
+  run = nnx.jit(lambda m, x, s: wx.data_init(m, x, init_scale=lambda _: s))
+  with pytest.raises(ValueError, match=r'init_scale is traced'):
+    run(model, _batch((64, 8)), 0.5)
+  dense = wl.WNDense(8)
+  variables = dense.init(jax.random.key(0), _batch((64, 8)))
+  with pytest.raises(ValueError, match=r'init_scale is traced.*wn_jax.linen.data_init'):
+    jax.jit(lambda v, x, s: wl.data_init(dense, v, x, init_scale=s))(
+      variables, _batch((64, 8)), 0.5
+    )
 
 
 class _ClosedOver(nnx.Module):

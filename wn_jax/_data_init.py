@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax._src import api as _api  # the modules of JAX's control flow, for _traced_in
 from jax._src import pjit as _pjit
+from jax._src import pmap as _pmap
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 from jax._src.lax.control_flow import conditionals as _conditionals
@@ -71,12 +72,7 @@ _MODE: contextvars.ContextVar[Mode | None] = contextvars.ContextVar(
 @contextlib.contextmanager
 def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> Iterator[Mode]:
   if isinstance(init_scale, jax.core.Tracer):
-    raise ValueError(
-      'data_init: init_scale is traced (data_init under jax.jit / nnx.jit with init_scale an '
-      'argument of the jitted function): it must be a Python number. Make it static '
-      "(nnx.jit(wn_jax.nnx.data_init, static_argnames='init_scale')) or bind it with "
-      'functools.partial before jitting.'
-    )
+    raise _traced_scale()
   if not (callable(init_scale) or _is_scale(init_scale)):
     raise ValueError(
       f'data_init: init_scale must be a positive finite number (a Python or NumPy float) or '
@@ -127,7 +123,7 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
   m = _MODE.get()
   if m is None or key in m.done:
     return None
-  inside = _traced_in(m.entry)
+  inside = _traced_in(m.entry, m.axis_name)
   if 'eval_shape' in inside:
     return None
   # Under jax.disable_jit, control flow runs in Python (the branch taken, each iteration):
@@ -151,18 +147,38 @@ def claim(key: object, where: Callable[[], str]) -> Mode | None:
       f'first step would be initialized. Run data_init without jax.disable_jit().'
     )
   if scans:
-    m.in_scan[key] = (scans, inside.count('vmap'))
+    m.in_scan[key] = (scans, inside.count('vmap') + inside.count('pmap'))
   m.done.add(key)
   return m
 
 
-# The code of the function vmap returns (one frame on the stack per mapped call).
-_VMAP_F = next(
-  c for c in inspect.unwrap(_api.vmap).__code__.co_consts if getattr(c, 'co_name', 0) == 'vmap_f'
-)
-# Transforms that add an axis to a layer's parameters outside (stacked, mapped) and run the
-# layer once per step or element: not refused.
-_MAPS = ('scan', 'vmap')
+def _nested(outer: Callable, name: str) -> types.CodeType | None:
+  """The code of the function ``name`` defined in ``outer``, or in a function a memoizing
+  wrapper of ``outer`` closes over (``None`` if this JAX has none)."""
+  fn = inspect.unwrap(outer)
+  for f in (fn, *filter(inspect.isfunction, _cells(fn))):
+    found = next((c for c in f.__code__.co_consts if getattr(c, 'co_name', None) == name), None)
+    if found is not None:
+      return found
+  return None
+
+
+def _cells(fn: Callable) -> Iterator[Any]:
+  """What ``fn`` closes over (its filled cells)."""
+  for cell in fn.__closure__ or ():
+    with contextlib.suppress(ValueError):  # an empty cell
+      yield cell.cell_contents
+
+
+# The functions that vmap and pmap run the mapped function in (one frame per mapped call,
+# its mapped axis's name among its locals).
+_MAPPED = {
+  _nested(_api.vmap, 'vmap_f'): 'vmap',
+  _nested(_pmap._cached_shard_map, '_fun'): 'pmap',
+}
+# Transforms that may add an axis to a layer's parameters outside (stacked, mapped) and run
+# the layer once per step or element: not refused.
+_MAPS = ('scan', 'vmap', 'pmap')
 
 
 # The code of JAX's own functions that trace a function that may run other than once (or,
@@ -179,22 +195,26 @@ _TRACERS = {
     (_api.eval_shape, 'eval_shape'),
     (_pjit.jit_eval_shape, 'eval_shape'),
   )
-} | {_VMAP_F: 'vmap'}
+}
 
 
-def _traced_in(stop: object) -> tuple[str, ...]:
+def _traced_in(stop: object, shared_axis: str | None = None) -> tuple[str, ...]:
   """The JAX functions tracing this call below the frame ``stop`` (data_init's), innermost
-  first: the names in ``_TRACERS`` (``'cond'``, ..., ``'scan'``), or just ``'eval_shape'``
-  if a frame is a shape probe. Read from the Python stack, which a ``custom_vjp``,
-  ``custom_jvp`` or ``shard_map`` inside a branch does not hide (they start traces of their
-  own, not nested in the branch's).
+  first: the names in ``_TRACERS`` (``'cond'``, ..., ``'scan'``) and ``_MAPPED`` (but for a
+  vmap or pmap whose axis is ``shared_axis``, which the layer is shared across), or just
+  ``'eval_shape'`` if a frame is a shape probe. Read from the Python stack, which a
+  ``custom_vjp``, ``custom_jvp`` or ``shard_map`` inside a branch does not hide (they start
+  traces of their own, not nested in the branch's).
   """
   found: list[str] = []
   frame: types.FrameType | None = sys._getframe(1)
   while frame is not None and frame is not stop:
-    name = _TRACERS.get(frame.f_code)
+    name = _TRACERS.get(frame.f_code) or _MAPPED.get(frame.f_code)
     if name == 'eval_shape':
       return (name,)
+    shared = shared_axis is not None and frame.f_locals.get('axis_name') == shared_axis
+    if name in ('vmap', 'pmap') and shared:
+      name = None
     if name is not None:
       found.append(name)
     frame = frame.f_back
@@ -262,8 +282,20 @@ def _is_scale(s: object) -> bool:
   return is_eps(s) and float(s) > 0  # type: ignore[arg-type]
 
 
+def _traced_scale() -> ValueError:
+  return ValueError(
+    'data_init: init_scale is traced (data_init under jax.jit / nnx.jit with init_scale, or '
+    'what its callable returns, computed from an argument of the jitted function): it must '
+    'be a Python number. Make it static (nnx.jit(wn_jax.nnx.data_init, static_argnames='
+    "'init_scale'); for linen, jax.jit(lambda v, x: wn_jax.linen.data_init(model, v, x, "
+    'init_scale=0.5))) or bind it with functools.partial before jitting.'
+  )
+
+
 def scale_for(m: Mode, path: str) -> float:
   s = m.init_scale(path) if callable(m.init_scale) else m.init_scale
+  if isinstance(s, jax.core.Tracer):
+    raise _traced_scale()
   if not _is_scale(s):
     raise ValueError(
       f'data_init: init_scale for layer {path!r} must be a positive finite number (a Python '

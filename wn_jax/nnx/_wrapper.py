@@ -51,7 +51,8 @@ class WeightNorm(nnx.Module):
   string keys (``model.scale['kernel']``, ``model.scale['layers']['0']['kernel']``), so
   ``nnx.Optimizer(..., wrt=nnx.Param)`` trains it. Non-parameter state that the layer
   updates in its forward pass (e.g. ``BatchStat``) is carried back to it, and so are the
-  plain attributes (an int, a string, a shape) its methods set, as ``nnx.jit`` does.
+  plain attributes (numbers, strings, shapes; not arrays, submodules or callables) its
+  methods set or delete, as ``nnx.jit`` does.
 
   The wrapper stands for the layer: calling it, or any method of the layer through it
   (``wrapper.attend(q)`` for an ``nnx.Embed``), runs that method with every selected
@@ -219,18 +220,22 @@ def _carry_back(target: nnx.Module, source: nnx.Module, where: str, method: str)
 
 
 def _carry_static(target: Any, source: Any, seen: set[int] | None = None) -> None:
-  """The plain attributes (no arrays, variables or graph nodes in them: an int, a string, a
-  shape) that a method set on ``source``'s modules, onto ``target``'s, as ``nnx.jit``
-  carries them back. A walk of the modules alone: ``nnx.iter_graph`` visits every variable
-  too, and cost the wrapper's eager call 13%."""
+  """The plain attributes (see ``_is_plain``: a counter, a mode, a shape) that a method set
+  on ``source``'s modules, or deleted, onto ``target``'s, as ``nnx.jit`` carries them back.
+  A walk of the modules alone: ``nnx.iter_graph`` visits every variable too, and cost the
+  wrapper's eager call 13%."""
   seen = set() if seen is None else seen
   if id(source) in seen:
     return
   seen.add(id(source))
   if isinstance(source, nnx.Module):
+    new, old_vars = vars(source), vars(target)
+    for name in [n for n, v in old_vars.items() if n not in new and _is_plain(v)]:
+      if not name.startswith(_INTERNAL):
+        delattr(target, name)
     pairs: Any = (
-      (name, vars(target).get(name, _MISSING), value)
-      for name, value in vars(source).items()
+      (name, old_vars.get(name, _MISSING), value)
+      for name, value in new.items()
       if not name.startswith(_INTERNAL)
     )
   elif isinstance(source, Mapping):
@@ -242,7 +247,7 @@ def _carry_static(target: Any, source: Any, seen: set[int] | None = None) -> Non
   for name, old, value in pairs:
     if old is value:
       continue
-    if _is_static(value):
+    if _is_plain(value):
       if name is not None:
         setattr(target, name, value)
     elif type(old) is type(value):  # a module or a container: its own attributes
@@ -251,14 +256,17 @@ def _carry_static(target: Any, source: Any, seen: set[int] | None = None) -> Non
 
 _MISSING = object()
 _INTERNAL = ('_pytree__', '_object__')  # NNX's own bookkeeping, by Flax version
+_PLAIN = (bool, int, float, complex, str, bytes, np.dtype, np.generic)
 
 
-def _is_static(value: Any) -> bool:
-  """Whether ``value`` holds nothing a graph or a trace owns."""
+def _is_plain(value: Any) -> bool:
+  """Whether ``value`` is plain data: numbers, strings, ``None`` and dtypes, alone or in
+  lists, tuples and dicts. Not an array, a graph node or a callable: a method bound to the
+  copy, or a closure over it, would compute with the copy's ``w``."""
   if nnx.graph.is_graph_node(value):
     return False
   leaves = jax.tree_util.tree_leaves(value, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return not any(isinstance(x, (nnx.Variable, jax.Array, np.ndarray)) for x in leaves)
+  return all(isinstance(x, _PLAIN) for x in leaves)
 
 
 def _member(node: Any, key: Any) -> Any:
