@@ -9,6 +9,13 @@ axis but the last (features), and sets
 so its output on that batch has mean 0 and standard deviation ``init_scale`` per
 feature. It returns that initialized output, so a single forward pass initializes the
 layers in order, each on the outputs of the initialized layers before it.
+
+Which use of a layer is its first is decided when the computation runs, not when it is
+traced: ``data_init`` sets each WN layer's scale to NaN (:func:`fresh`) before the pass,
+and every use initializes the features whose scale is still NaN, keeping the others. So
+a first use in one branch of a ``cond``, in a loop or scan body (one trace, run at every
+step), or in a trace JAX reuses for a later call is the one that runs first. A layer no
+use reached gets its scale back (:func:`settle`).
 """
 
 from __future__ import annotations
@@ -26,13 +33,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax._src import api as _api  # the modules of JAX's control flow, for _traced_in
+from jax._src import api as _api  # the modules of JAX's shape probes, for _in_probe
 from jax._src import pjit as _pjit
-from jax._src import pmap as _pmap
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
-from jax._src.lax.control_flow import conditionals as _conditionals
-from jax._src.lax.control_flow import loops as _loops
 
 from wn_jax._axes import is_eps
 from wn_jax._core import reduce_dtype
@@ -49,15 +53,11 @@ CONSTANT_FEATURE_ULPS = 128
 class Mode:
   init_scale: float | Callable[[str], float]
   axis_name: str | None
-  done: set = dataclasses.field(default_factory=set)
-  # (tag, layer, scale ndim) of each layer that initialized itself, for the caller to
-  # check that its writes landed; it also keeps the layer alive, so no later layer takes its id (an NNX
-  # transform's copies of a layer are freed after it).
+  done: set = dataclasses.field(default_factory=set)  # the layers traced so far, by key
+  # (tag, layer) of each layer traced, for the caller to check that its writes landed; it
+  # also keeps the layer alive, so no later layer takes its id (an NNX transform's copies
+  # of a layer are freed after it).
   claimed: list = dataclasses.field(default_factory=list)
-  # Of each layer first used inside a scan's body (stacked along it, or carried through its
-  # steps, which the caller tells apart; see wn_jax.nnx.data_init): the scans and vmaps
-  # around that use, by key.
-  in_scan: dict = dataclasses.field(default_factory=dict)
   # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
   paths: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
@@ -107,118 +107,37 @@ def path(tag: object) -> str | None:
   return None if m is None else m.paths.get(tag)
 
 
-def claim(key: object, where: Callable[[], str]) -> Mode | None:
-  """The active mode if the layer ``key`` is still to be initialized (first use only).
+def claim(key: object) -> tuple[Mode, bool] | None:
+  """``(mode, first)`` while a data init runs, for every traced use of the layer ``key``:
+  ``first`` for its first traced use, which runs the checks. ``None`` inside a shape probe
+  (``jax.eval_shape``, ``nnx.eval_shape``), whose results are discarded.
 
-  Inside a shape probe (``jax.eval_shape``, ``nnx.eval_shape``) no layer is initialized:
-  its results are discarded. A first use that JAX traces once but that may run other than
-  once is refused (``where()`` names the layer): in a branch of ``lax.cond`` /
-  ``lax.switch`` (JAX traces every branch), or in a ``while_loop`` / ``fori_loop`` body
-  (each iteration would initialize the layer again), as ``nnx.cond``, ``nn.cond``,
-  ``nnx.while_loop``, ... trace them. The first use there is only known when it runs.
-  A first use in a ``scan`` body is recorded in ``in_scan``: a layer stacked along the
-  scan is each step's own, one carried through its steps is for the caller to refuse. Under
-  ``jax.disable_jit`` a scan runs in Python, where the two look alike: refused.
+  Every traced use initializes the features whose scale is still fresh when it runs
+  (:func:`initialize`): which use comes first is known only when it runs, in a branch of a
+  ``cond``, in a loop or a scan (one traced step, run at every step), or in a trace that
+  JAX reuses for a later call.
   """
   m = _MODE.get()
-  if m is None or key in m.done:
+  if m is None or _in_probe(m.entry):
     return None
-  inside = _traced_in(m.entry, m.axis_name)
-  if 'eval_shape' in inside:
-    return None
-  # Under jax.disable_jit, control flow runs in Python (the branch taken, each iteration):
-  # the first use is then the first that runs.
-  disable_jit = jax.config.jax_disable_jit  # type: ignore[attr-defined]
-  refused = next((name for name in inside if name not in _MAPS), None)
-  if refused is not None and not disable_jit:
-    raise ValueError(
-      f'{where()}: data_init would initialize this layer in a branch of a cond / switch or in '
-      f'the body of a while / fori loop ({refused}): JAX traces it once, but it runs once per '
-      f'branch taken or iteration, so which use comes first is only known when it runs. Use '
-      f'the layer once before the conditional or loop, or run data_init on the model with '
-      f'the branch chosen in Python (call the branch function directly).'
-    )
-  scans = inside.count('scan')
-  if scans and disable_jit:
-    raise ValueError(
-      f'{where()}: data_init would initialize this layer inside a scan under '
-      f'jax.disable_jit(), where the scan runs its steps in Python: a layer stacked along the '
-      f'scan (each step its own) then looks like one layer used at every step, and only the '
-      f'first step would be initialized. Run data_init without jax.disable_jit().'
-    )
-  if scans:
-    m.in_scan[key] = (scans, inside.count('vmap') + inside.count('pmap'))
+  first = key not in m.done
   m.done.add(key)
-  return m
+  return m, first
 
 
-def _nested(outer: Callable, name: str) -> types.CodeType | None:
-  """The code of the function ``name`` defined in ``outer``, or in a function a memoizing
-  wrapper of ``outer`` closes over (``None`` if this JAX has none)."""
-  fn = inspect.unwrap(outer)
-  for f in (fn, *filter(inspect.isfunction, _cells(fn))):
-    found = next((c for c in f.__code__.co_consts if getattr(c, 'co_name', None) == name), None)
-    if found is not None:
-      return found
-  return None
+# The code of JAX's shape probes: a frame running one is inside a probe.
+_PROBES = frozenset(inspect.unwrap(f).__code__ for f in (_api.eval_shape, _pjit.jit_eval_shape))
 
 
-def _cells(fn: Callable) -> Iterator[Any]:
-  """What ``fn`` closes over (its filled cells)."""
-  for cell in fn.__closure__ or ():
-    with contextlib.suppress(ValueError):  # an empty cell
-      yield cell.cell_contents
-
-
-# The functions that vmap and pmap run the mapped function in (one frame per mapped call,
-# its mapped axis's name among its locals).
-_MAPPED = {
-  _nested(_api.vmap, 'vmap_f'): 'vmap',
-  _nested(_pmap._cached_shard_map, '_fun'): 'pmap',
-}
-# Transforms that may add an axis to a layer's parameters outside (stacked, mapped) and run
-# the layer once per step or element: not refused.
-_MAPS = ('scan', 'vmap', 'pmap')
-
-
-# The code of JAX's own functions that trace a function that may run other than once (or,
-# for the probes, not at all), by name: a frame running it is inside. A user's function of
-# the same name is other code.
-_TRACERS = {
-  inspect.unwrap(f).__code__: name
-  for f, name in (
-    (_conditionals.cond, 'cond'),
-    (_conditionals.switch, 'switch'),
-    (_loops.while_loop, 'while_loop'),
-    (_loops.fori_loop, 'fori_loop'),
-    (_loops.scan, 'scan'),
-    (_api.eval_shape, 'eval_shape'),
-    (_pjit.jit_eval_shape, 'eval_shape'),
-  )
-}
-
-
-def _traced_in(stop: object, shared_axis: str | None = None) -> tuple[str, ...]:
-  """The JAX functions tracing this call below the frame ``stop`` (data_init's), innermost
-  first: the names in ``_TRACERS`` (``'cond'``, ..., ``'scan'``) and ``_MAPPED`` (but for a
-  vmap or pmap whose axis is ``shared_axis``, which the layer is shared across), or just
-  ``'eval_shape'`` if a frame is a shape probe. Read from the Python stack, which a
-  ``custom_vjp``, ``custom_jvp`` or ``shard_map`` inside a branch does not hide (they start
-  traces of their own, not nested in the branch's).
-  """
-  found: list[str] = []
+def _in_probe(stop: object) -> bool:
+  """Whether this call runs inside a shape probe below the frame ``stop`` (data_init's):
+  read from the Python stack."""
   frame: types.FrameType | None = sys._getframe(1)
   while frame is not None and frame is not stop:
-    name = _TRACERS.get(frame.f_code) or _MAPPED.get(frame.f_code)
-    if name == 'eval_shape':
-      return (name,)
-    shared = shared_axis is not None and frame.f_locals.get('axis_name') == shared_axis
-    if name in ('vmap', 'pmap') and shared:
-      name = None
-    if name is not None:
-      found.append(name)
+    if frame.f_code in _PROBES:
+      return True
     frame = frame.f_back
-  return tuple(found)
+  return False
 
 
 def is_partial_eval(x: object) -> bool:
@@ -304,14 +223,15 @@ def scale_for(m: Mode, path: str) -> float:
   return float(s)  # type: ignore[arg-type]
 
 
-def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
+def statistics(t: jax.Array, m: Mode, strict: bool = True) -> tuple[jax.Array, jax.Array]:
   """Per-feature (last axis) mean and standard deviation of ``t``, in float32 or wider.
 
   Over the global batch: under ``jit`` with a sharded batch XLA reduces across devices;
   inside ``shard_map`` / ``pmap``, pass the mapped ``axis_name`` to ``data_init``.
+  ``strict``: refuse fewer than 2 values per feature.
   """
   count = t.size // t.shape[-1]
-  if count < 2 and m.axis_name is None:
+  if strict and count < 2 and m.axis_name is None:
     raise ValueError(
       f'data_init needs at least 2 values per feature to estimate a standard '
       f'deviation; got an output of shape {t.shape}. Pass a larger batch.'
@@ -337,23 +257,63 @@ def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
 
 
 def initialize(
-  t: jax.Array, m: Mode, path: str, label: str, dtypes: tuple[Any, Any | None]
+  t: jax.Array,
+  m: Mode,
+  path: str,
+  label: str,
+  current: tuple[jax.Array, jax.Array | None],
+  first: bool = True,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-  """``(g, b, output)`` from the bias-free pre-activation ``t``: the module docstring's rule.
+  """``(g, b, output)`` from the bias-free pre-activation ``t`` and the layer's current
+  ``(g, b)`` (``b`` ``None``: no bias; then the output is only scaled).
 
-  ``dtypes`` are the parameter dtypes of ``g`` and ``b`` (``None``: no bias; then ``b`` is
-  ``None`` and the output is only scaled). ``label`` names the layer in the one error raised
-  after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in float32 or wider; ``g`` and ``b``
-  come cast to their dtypes, refused (``ValueError``) where they do not fit them.
+  Where the current ``g`` is still fresh (NaN, see :func:`fresh`), ``g`` and ``b`` are set
+  by the module docstring's rule; elsewhere they are kept (a later use of the layer), and
+  the output is ``t * g + b`` with them. ``label`` names the layer in the one error raised
+  after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in
+  float32 or wider; ``g`` and ``b`` come in their current dtypes, refused (``ValueError``)
+  where a fresh one does not fit them. ``first``: the layer's first traced use, which checks
+  the batch's size.
   """
-  mu, sigma = statistics(t, m)
+  g_now, b_now = current
+  mu, sigma = statistics(t, m, strict=first)
   g = scale_for(m, path) / sigma
+  b = -mu * g
+  new = jnp.isnan(g_now)
+  dtypes = tuple(jnp.result_type(x) for x in current if x is not None)
+  _check_fits(  # only the fresh features are set: only they must fit
+    label,
+    jnp.where(new, g, 1.0),
+    None if b_now is None else jnp.where(new, b, 0.0),
+    jnp.where(new, mu, 0.0),
+    jnp.where(new, sigma, 1.0),
+    (*dtypes, t.dtype),
+  )
+  g = jnp.where(new, _like(g, g_now), g_now.astype(g.dtype))
   out = t.astype(mu.dtype) * g
-  b = None if dtypes[1] is None else -mu * g
-  _check_fits(label, g, b, mu, sigma, tuple(d for d in (*dtypes, t.dtype) if d is not None))
-  if b is None:
-    return g.astype(dtypes[0]), None, out.astype(t.dtype)
-  return g.astype(dtypes[0]), b.astype(dtypes[1]), (out + b).astype(t.dtype)
+  if b_now is None:
+    return g.astype(g_now.dtype), None, out.astype(t.dtype)
+  b = jnp.where(_like(new, b_now), _like(b, b_now), b_now.astype(b.dtype))
+  return g.astype(g_now.dtype), b.astype(b_now.dtype), (out + b).astype(t.dtype)
+
+
+def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """``x`` sharded as ``ref`` where ``ref``'s mesh has Explicit axes: a select there needs
+  its operands sharded alike (a bias is often replicated, the statistics per feature)."""
+  sharding = jax.typeof(ref).sharding
+  if jax.sharding.AxisType.Explicit in getattr(getattr(sharding, 'mesh', None), 'axis_types', ()):
+    return jax.sharding.reshard(x, sharding.spec)
+  return x
+
+
+def fresh(scale: jax.Array) -> jax.Array:
+  """``scale`` marked as not yet initialized (NaN), before a data init's pass."""
+  return scale + jnp.asarray(jnp.nan, scale.dtype)
+
+
+def settle(scale: jax.Array, before: jax.Array) -> jax.Array:
+  """A scale after the pass: ``before`` where no use initialized it (still NaN)."""
+  return jnp.where(jnp.isnan(scale), before, scale)
 
 
 def _check_fits(

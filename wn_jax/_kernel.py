@@ -150,7 +150,8 @@ class Pass:
   layer_dtype: Any  # the layer's ``dtype`` (None: the promotion with the inputs)
   inputs: Any
   scaled: bool = False  # a Dense scaling its output (``scales_output``)
-  init: _data_init.Mode | None = None  # data init, this layer's first use
+  init: _data_init.Mode | None = None  # data init: every use of the layer in its pass
+  first: bool = True  # data init: the layer's first traced use (runs the checks)
   path: str = ''  # data init: the layer's path, for a callable ``init_scale``
   out_axis: int = -1  # the kernel's output-feature axis (data init keeps it)
   # Set as the layer's code reads its parameters:
@@ -208,9 +209,11 @@ class Pass:
         return _scaled_output(y, v, g, b, self.kept), None, None
       if self.init is None:
         return y, None, None
-      dtypes = (jnp.result_type(self.g), None if b is None else jnp.result_type(b))
-      g, b, out = _data_init.initialize(y, self.init, self.path, self.label, dtypes)
-      _data_init.check_not_shared_across_vmap(self.v, g)
+      g, b, out = _data_init.initialize(
+        y, self.init, self.path, self.label, (self.g, b), self.first
+      )
+      if self.first:
+        _data_init.check_not_shared_across_vmap(self.v, g)
     return out, g, b
 
 
@@ -223,15 +226,17 @@ def start(
   param_dtype: Any,
   dense: bool,
   linear_dot: bool,
-  init: _data_init.Mode | None = None,
+  init: tuple[_data_init.Mode, bool] | None = None,
   path: str = '',
   out_axis: int = -1,
 ) -> Pass:
-  """The pass of one call: data init if ``init`` is given, else scaled where it pays."""
+  """The pass of one call: data init if ``init`` (``claim``'s ``(mode, first)``) is given,
+  else scaled where it pays."""
   scaled = False
   if init is None and dense:
     with labelled(label):
       kept = _axes.kept_axes(2, axis)
     compute = layer_dtype if layer_dtype is not None else jnp.result_type(inputs, param_dtype)
     scaled = scales_output(2, kept, inputs, compute, linear_dot)
-  return Pass(label, axis, layer_dtype, inputs, scaled, init, path, out_axis)
+  mode, first = init or (None, True)
+  return Pass(label, axis, layer_dtype, inputs, scaled, mode, first, path, out_axis)

@@ -134,8 +134,8 @@ class _WeightNormedKernel:
       out_axis=self._out_axis(),
     )
 
-  def _claim(self, inputs: jax.Array) -> _data_init.Mode | None:
-    """The data init's mode if it runs and this is the layer's first use, else ``None``."""
+  def _claim(self, inputs: jax.Array) -> tuple[_data_init.Mode, bool] | None:
+    """``(mode, first)`` while a data init runs (see ``_data_init.claim``), else ``None``."""
     if self.is_initializing() or not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
       return None
     kernel = nn.unbox(self.get_variable('params', 'kernel'))  # type: ignore[attr-defined]
@@ -144,13 +144,13 @@ class _WeightNormedKernel:
       # invariants) whose results it discards: not a use. The loop's own trace then
       # initializes each stacked layer from its own statistics.
       return None
-    mode = _data_init.claim(self.scope.path, self._where)  # type: ignore[attr-defined]
-    if mode is not None:
+    claimed = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
+    if claimed is not None and claimed[1]:
       try:
         _data_init.check_not_broadcast(kernel, inputs)
       except ValueError as e:
         raise ValueError(f'{self._where()}: {e}') from None
-    return mode
+    return claimed
 
   def _out_axis(self) -> int:
     # Here, in the mixin, not in WNConvTranspose: Flax wraps (and intercepts) a method

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 
@@ -38,7 +39,10 @@ def data_init(
   with ``s = init_scale``, so its output on this batch has mean 0 and standard deviation
   ``s`` per feature; it passes that initialized output on, so each later layer sees the
   earlier layers after their initialization. A layer used twice (shared weights) is
-  initialized on its first use only. A feature constant on the batch (its standard
+  initialized on its first use only: the use that runs first (in a ``cond``, the branch
+  taken; in a loop or a scan that carries it, the first step), decided when the computation
+  runs (each WN layer's scale is NaN until a use sets it; one no use reached keeps its own).
+  A feature constant on the batch (its standard
   deviation no more than the rounding of its mean, 128 units in the last place) keeps
   $\sigma = 1$ (finite, never NaN); one that varies, at any scale, is standardized. Statistics are
   taken in float32 (or wider) whatever the parameter dtype; a ``g`` or ``b`` that does not
@@ -76,11 +80,48 @@ def data_init(
     >>> bool(jnp.allclose(y.mean(0), 0.0, atol=1e-5)), bool(jnp.allclose(y.std(0), 1.0, atol=1e-4))
     (True, True)
   """
+  paths = _layer_paths(model, variables, args, method, kwargs)
+  params = _map_scales(variables['params'], paths, lambda s, _: _data_init.fresh(s))
   with _data_init.mode(init_scale, axis_name):
     # Every collection mutable, so a model with batch norm in training mode runs; only the
     # new params are kept.
-    _, updates = model.apply(variables, *args, mutable=True, method=method, **kwargs)
-  return {**variables, 'params': updates['params']}
+    _, updates = model.apply(
+      {**variables, 'params': params}, *args, mutable=True, method=method, **kwargs
+    )
+  before = variables['params']
+  return {**variables, 'params': _map_scales(updates['params'], paths, _data_init.settle, before)}
+
+
+def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwargs: dict) -> set:
+  """The scope paths of the WN layers a call of ``model`` runs (traced abstractly)."""
+  paths = set()
+
+  def record(next_fun, call_args, call_kwargs, context):
+    if isinstance(context.module, _WeightNormedKernel) and context.method_name == '__call__':
+      paths.add(tuple(context.module.scope.path))
+    return next_fun(*call_args, **call_kwargs)
+
+  def run(variables, *args):
+    return model.apply(variables, *args, mutable=True, method=method, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(run, variables, *args)
+  return paths
+
+
+def _map_scales(params: Any, paths: set, f: Callable, other: Any = None) -> Any:
+  """``params`` with the scale of each layer at ``paths`` replaced by ``f(scale, the same
+  scale in other)`` (boxed as it was)."""
+  params = flax.core.unfreeze(params)
+  for path in paths:
+    node, there = params, other
+    for key in path:
+      node, there = node.get(key, {}), None if there is None else there.get(key, {})
+    if 'scale' in node:
+      old = node['scale']
+      value = f(nn.unbox(old), None if there is None else nn.unbox(there['scale']))
+      node['scale'] = old.replace_boxed(value) if isinstance(old, nn.meta.AxisMetadata) else value
+  return params
 
 
 def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Any]:

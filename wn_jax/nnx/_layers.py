@@ -86,10 +86,11 @@ class _WeightNormedKernel:
   def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     tag = self.scale.get_metadata(_TAG, None) if _data_init.running() else None
     # Keyed by the tag data_init put on the scale: it follows the layer into the copies NNX
-    # transforms (nnx.remat, nnx.jit) run, so a later use there is not a first use.
-    mode = _data_init.claim(id(self) if tag is None else (_TAG, tag), lambda: self._at(tag))
-    if mode is not None:  # the caller checks that the writes below landed
-      mode.claimed.append((tag, self, len(self.scale.shape)))
+    # transforms (nnx.remat, nnx.jit) run, so only the first traced use runs the checks.
+    claimed = _data_init.claim(id(self) if tag is None else (_TAG, tag))
+    mode = None if claimed is None else claimed[0]
+    if claimed is not None and claimed[1]:  # the caller checks that the writes below landed
+      claimed[0].claimed.append((tag, self))
     kernel = self.kernel[...]
     p = _kernel.start(
       self._where(),
@@ -99,7 +100,7 @@ class _WeightNormedKernel:
       param_dtype=kernel.dtype,
       dense=self._dense,
       linear_dot=getattr(self, 'dot_general', None) is jax.lax.dot_general,
-      init=mode,
+      init=claimed,
       path='' if mode is None else mode.paths.get(tag, ''),
       out_axis=self._out_axis(),
     )

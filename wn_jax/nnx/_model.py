@@ -34,22 +34,6 @@ _DISCARDED = (
   'initialized itself inside a transform that discards its writes: a layer shared across the '
   'steps of nnx.scan (in_axes=None, e.g. an RNN cell) would keep its scale and bias.'
 )
-_CARRIED = (
-  'is carried through the steps of nnx.scan (nnx.Carry, as nnx.RNN carries its cell): each '
-  "step would initialize it again from that step's statistics, and the last step's would stay. "
-  '(Its scale has fewer axes than a layer stacked along every nnx.scan and nnx.vmap around its '
-  'first use: inside an nnx.vmap too, it may instead be shared across the vmap, which '
-  'data_init cannot tell apart.)'
-)
-
-
-def _stacked(layer: _WeightNormedKernel, ndim: int, scans: int, vmaps: int) -> bool:
-  """Whether a layer first used in the body of ``scans`` nested scans (and ``vmaps`` vmaps),
-  where its scale had ``ndim`` axes, is stacked along each scan: the model then holds its
-  scale with an axis more per scan. One axis short, it was carried through a scan's steps.
-  An axis per vmap may or may not be there (``in_axes=0`` or ``None``): where the count
-  cannot tell, it is refused too."""
-  return len(layer.scale.shape) - ndim >= scans + vmaps
 
 
 @contextlib.contextmanager
@@ -85,8 +69,8 @@ def data_init(
   NNX discards a layer's writes inside ``nnx.scan`` where the layer is shared across the
   steps (``in_axes=None``, e.g. an RNN cell): such a layer is refused with a ``ValueError``
   naming it, never skipped; initialize the model with that layer applied in a Python loop
-  instead. So is a layer carried through the steps of ``nnx.scan`` (``nnx.Carry``, as
-  ``nnx.RNN`` carries its cell), which each step would initialize again. A layer shared
+  instead. A layer carried through the steps (``nnx.Carry``, as ``nnx.RNN`` carries its
+  cell) is initialized at the first step. A layer shared
   across ``nnx.vmap``'s mapped axis needs the same ``axis_name``
   passed to ``nnx.vmap`` and here (or is refused with that fix). Layers stacked along a
   transform (``in_axes=0``) are each initialized. On any error the model is left as it was.
@@ -117,17 +101,18 @@ def data_init(
   saved = [v.get_raw_value() for v in state]
   scales = [layer.scale.get_raw_value() for _, layer in layers]
   try:
+    marked = [_data_init.fresh(s) for s in scales]
+    for (_, layer), m in zip(layers, marked):
+      layer.scale.set_raw_value(m)
     with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
       mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
       out = model(*args, **kwargs)
-    for i, _, ndim in mode.claimed:
-      if i is None:
-        continue
-      path, layer = _path(layers[i][0]), layers[i][1]
-      if layer.scale.get_raw_value() is scales[i]:  # a write that landed replaced the array
-        raise _refused(path, layer, _DISCARDED)
-      if (_TAG, i) in mode.in_scan and not _stacked(layer, ndim, *mode.in_scan[(_TAG, i)]):
-        raise _refused(path, layer, _CARRIED)
+    for i, _ in mode.claimed:
+      if i is not None and layers[i][1].scale.get_raw_value() is marked[i]:  # a write that
+        raise _refused(_path(layers[i][0]), layers[i][1], _DISCARDED)  # landed replaced it
+    for (_, layer), m, before in zip(layers, marked, scales):  # where no use ran: as it was
+      now = layer.scale.get_raw_value()
+      layer.scale.set_raw_value(before if now is m else _data_init.settle(now, before))
   except BaseException:
     _restore(state, saved)  # the model as it was, never half initialized
     raise
