@@ -280,6 +280,86 @@ def test_a_transformed_function_called_again_keeps_the_first_uses_initialization
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
+class _Later(nnx.Module):
+  """One WN layer, then a later use of it where: a closure of a JAX loop, a vmap it is
+  shared across, a scan that shares it (in_axes=None) as its first use, or one row."""
+
+  def __init__(self, where):
+    self.a, self.where = wx.WNLinear(6, 6, rngs=nnx.Rngs(0)), where
+
+  def __call__(self, x):
+    if self.where == 'scan first':  # the scan's writes are discarded; then a use outside
+      nnx.scan(lambda a, z: a(z), in_axes=(None, 0), out_axes=0)(self.a, x[None])
+      return self.a(3.0 * x)
+    if self.where == 'one row first':  # the branch with the whole batch is not taken
+      skip = lambda a, z: z  # noqa: E731
+      h = nnx.cond(x[0, 0] > 1e9, lambda a, z: a(z), skip, self.a, x)
+      return h + self.a(x[:1])
+    h = self.a(x)  # the first use
+    if self.where == 'loop closure':
+      return jax.lax.fori_loop(0, 2, lambda i, z: jnp.tanh(self.a(z)), h)
+    return nnx.vmap(lambda a, z: a(z), in_axes=(None, 0))(self.a, h)  # shared, no axis_name
+
+
+@pytest.mark.parametrize('where', ['loop closure', 'shared vmap'])
+def test_a_later_use_in_a_closure_or_a_shared_vmap_keeps_the_first(where):
+  # Every use wrote the layer's scale back: NNX refused the write in a closure, and in a vmap
+  # the layer is shared across it was refused for its per-element statistics (a user trial).
+  x = _batch((64, 6))
+  model = _Later(where)
+  wx.data_init(model, x)
+  np.testing.assert_allclose(np.std(model.a(x), 0), 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize('where', ['scan first', 'one row first'])
+def test_a_first_use_that_cannot_initialize_is_refused_where_it_runs(where):
+  # A scan sharing the layer discards its writes, and a later use outside initialized it
+  # again; a branch not taken left the first use to one row, taken as constant (a trial).
+  model = _Later(where)
+  before = np.asarray(model.a.scale[...])
+  match = r'discards its writes' if where == 'scan first' else r'at least 2 values'
+  with pytest.raises(ValueError, match=match):
+    wx.data_init(model, _batch((64, 6)))
+  np.testing.assert_array_equal(model.a.scale[...], before)
+
+
+def test_an_nnx_layer_outside_the_models_graph_is_initialized_on_its_first_use():
+  # A layer the model closes over is not in its graph, so its scale was not marked fresh:
+  # left as it was (output std 5.9-7.5, a user trial).
+  head = wx.WNLinear(6, 6, rngs=nnx.Rngs(0))
+
+  class Closes(nnx.Module):
+    def __init__(self):
+      self.b = wx.WNLinear(6, 6, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      return self.b(head(5.0 * x))
+
+  x = _batch((64, 6))
+  model = Closes()
+  wx.data_init(model, x)
+  np.testing.assert_allclose(np.std(head(5.0 * x), 0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.std(model(x), 0), 1.0, rtol=1e-4)
+
+
+def test_linen_positional_flags_and_value_reads_reach_the_layers():
+  # linen finds its WN layers by tracing the model abstractly first: a positional flag, a
+  # string and a value the model reads (float(x.max())) broke that trace (a user trial).
+  class Flags(nn.Module):
+    @nn.compact
+    def __call__(self, x, train, act):
+      scale = 1.0 / float(jnp.abs(x).max())  # a value read in Python
+      h = wl.WNDense(6)(x * scale)
+      return getattr(nn, act)(h) if train else h
+
+  x = _batch((64, 6))
+  variables = Flags().init(jax.random.key(0), x, True, 'relu')
+  new = wl.data_init(Flags(), variables, x, True, 'relu')
+  scale = 1.0 / float(jnp.abs(x).max())
+  h = wl.WNDense(6).apply({'params': new['params']['WNDense_0']}, x * scale)
+  np.testing.assert_allclose(np.std(h, 0), 1.0, rtol=1e-4)
+
+
 def test_a_shape_probe_is_not_a_use():
   # nnx.eval_shape / jax.eval_shape of the layer before its real use: the probe's copy took
   # the first use, its writes were discarded, and data_init was refused (wrongly, as a scan).

@@ -60,6 +60,9 @@ class Mode:
   claimed: list = dataclasses.field(default_factory=list)
   # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
   paths: dict = dataclasses.field(default_factory=dict)
+  # NNX: each layer's fresh scale array by its tag: still there at a later use, no earlier
+  # use's write landed.
+  marked: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
   entry: Any = None
 
@@ -184,16 +187,19 @@ def check_not_broadcast(kernel: object, inputs: object) -> None:
     )
 
 
-def check_not_shared_across_vmap(kernel: object, g: object) -> None:
-  """A ``ValueError`` if ``g`` varies along a ``vmap`` axis the kernel is shared across."""
-  if _mapped_levels(g) - _mapped_levels(kernel):
-    raise ValueError(
-      'data_init cannot initialize a layer whose parameters are shared across '
-      "the mapped axis of nn.vmap (variable_axes={'params': None}) or nnx.vmap "
-      "(in_axes=None) from each mapped element's statistics. Pass the same axis_name= to "
-      "the vmap and to data_init, so the statistics are the whole batch's, mapped axis "
-      'included.'
-    )
+def shared_across_vmap(kernel: object, g: object) -> bool:
+  """Whether ``g`` varies along a ``vmap`` axis the kernel is shared across."""
+  return bool(_mapped_levels(g) - _mapped_levels(kernel))
+
+
+def shared_across_vmap_error() -> ValueError:
+  return ValueError(
+    'data_init cannot initialize a layer whose parameters are shared across '
+    "the mapped axis of nn.vmap (variable_axes={'params': None}) or nnx.vmap "
+    "(in_axes=None) from each mapped element's statistics. Pass the same axis_name= to "
+    "the vmap and to data_init, so the statistics are the whole batch's, mapped axis "
+    'included.'
+  )
 
 
 def _is_scale(s: object) -> bool:
@@ -223,6 +229,12 @@ def scale_for(m: Mode, path: str) -> float:
   return float(s)  # type: ignore[arg-type]
 
 
+_TOO_FEW = (
+  'data_init needs at least 2 values per feature to estimate a standard deviation: pass a '
+  'larger batch.'
+)
+
+
 def statistics(t: jax.Array, m: Mode, strict: bool = True) -> tuple[jax.Array, jax.Array]:
   """Per-feature (last axis) mean and standard deviation of ``t``, in float32 or wider.
 
@@ -232,10 +244,7 @@ def statistics(t: jax.Array, m: Mode, strict: bool = True) -> tuple[jax.Array, j
   """
   count = t.size // t.shape[-1]
   if strict and count < 2 and m.axis_name is None:
-    raise ValueError(
-      f'data_init needs at least 2 values per feature to estimate a standard '
-      f'deviation; got an output of shape {t.shape}. Pass a larger batch.'
-    )
+    raise ValueError(f'{_TOO_FEW} Got an output of shape {t.shape}.')
   t = t.astype(reduce_dtype(t.dtype))
   axes = tuple(range(t.ndim - 1))
   mu = jnp.mean(t, axis=axes)
@@ -273,7 +282,7 @@ def initialize(
   after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in
   float32 or wider; ``g`` and ``b`` come in their current dtypes, refused (``ValueError``)
   where a fresh one does not fit them. ``first``: the layer's first traced use, which checks
-  the batch's size.
+  the batch's size (a later one checks it only where it runs first).
   """
   g_now, b_now = current
   mu, sigma = statistics(t, m, strict=first)
@@ -288,6 +297,7 @@ def initialize(
     jnp.where(new, mu, 0.0),
     jnp.where(new, sigma, 1.0),
     (*dtypes, t.dtype),
+    too_few=jnp.any(new) & (t.size // t.shape[-1] < 2 and m.axis_name is None),
   )
   g = jnp.where(new, _like(g, g_now), g_now.astype(g.dtype))
   out = t.astype(mu.dtype) * g
@@ -295,6 +305,14 @@ def initialize(
     return g.astype(g_now.dtype), None, out.astype(t.dtype)
   b = jnp.where(_like(new, b_now), _like(b, b_now), b_now.astype(b.dtype))
   return g.astype(g_now.dtype), b.astype(b_now.dtype), (out + b).astype(t.dtype)
+
+
+def kept(t: jax.Array, current: tuple[jax.Array, jax.Array | None]) -> tuple[Any, Any, jax.Array]:
+  """``(g, b, output)`` of a use that sets nothing: ``t * g + b`` with the current ``(g, b)``
+  (a later use inside a vmap the layer is shared across, whose statistics vary along it)."""
+  g, b = current
+  out = t.astype(reduce_dtype(t.dtype)) * g
+  return g, b, (out if b is None else out + b).astype(t.dtype)
 
 
 def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
@@ -323,6 +341,7 @@ def _check_fits(
   mu: jax.Array,
   sigma: jax.Array,
   dtypes: tuple[Any, ...],
+  too_few: Any = False,
 ) -> None:
   """A ``ValueError`` unless ``g`` and ``b`` are finite in every one of ``dtypes``; it names
   a pre-activation that is not finite (``mu``, ``sigma``: its statistics) as the cause.
@@ -336,7 +355,9 @@ def _check_fits(
   fits = jnp.all(jnp.stack([jnp.isfinite(x.astype(d)).all() for x in found for d in dtypes]))
   largest = [jnp.max(jnp.abs(x)) for x in found]
 
-  def check(fits, bad_features, sigma_min, *largest, prefix=''):
+  def check(fits, bad_features, sigma_min, too_few, *largest, prefix=''):
+    if bool(too_few):  # the use that ran first had one value per feature
+      raise ValueError(f'{prefix}{_TOO_FEW}')
     if bool(fits):
       return
     if int(bad_features):
@@ -344,8 +365,10 @@ def _check_fits(
         f'{prefix}data_init: the pre-activation is not finite on this batch ({int(bad_features)} '
         f'feature(s) with NaN or inf statistics): the batch, or a layer before this one, has '
         f'NaN or inf, or the pre-activation overflows {compute} (largest finite '
-        f'{float(jnp.finfo(compute).max):.3g}). Initialize on a finite batch at the scale the '
-        f'layer sees in training, or compute this layer in float32.'
+        f"{float(jnp.finfo(compute).max):.3g}), or the model reads a WN layer's scale before "
+        f"that layer's first use (during data_init it is NaN until then). Initialize on a "
+        f'finite batch at the scale the layer sees in training, or compute this layer in '
+        f'float32.'
       )
     big = max(float(v) for v in largest)
     narrow = [str(jnp.dtype(d)) for d in dtypes if float(jnp.finfo(d).max) < big] or dtypes
@@ -360,7 +383,7 @@ def _check_fits(
     )
 
   bad_features = jnp.sum(~(jnp.isfinite(mu) & jnp.isfinite(sigma)))
-  args = (fits, bad_features, jnp.min(sigma), *largest)
+  args = (fits, bad_features, jnp.min(sigma), too_few, *largest)
   if any(isinstance(a, jax.core.Tracer) for a in args):
     jax.debug.callback(functools.partial(check, prefix=f'{label}: '), *args)
   else:

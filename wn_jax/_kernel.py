@@ -212,8 +212,11 @@ class Pass:
       g, b, out = _data_init.initialize(
         y, self.init, self.path, self.label, (self.g, b), self.first
       )
-      if self.first:
-        _data_init.check_not_shared_across_vmap(self.v, g)
+      if _data_init.shared_across_vmap(self.v, g):
+        if self.first:
+          raise _data_init.shared_across_vmap_error()
+        # A later use inside a vmap the layer is shared across: it keeps what the first set.
+        g, b, out = _data_init.kept(y, (self.g, self.bias_value))
     return out, g, b
 
 

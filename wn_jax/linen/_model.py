@@ -8,6 +8,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import numpy as np
 
 from wn_jax import _data_init
 from wn_jax import _errors
@@ -93,7 +94,9 @@ def data_init(
 
 
 def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwargs: dict) -> set:
-  """The scope paths of the WN layers a call of ``model`` runs (traced abstractly)."""
+  """The scope paths of the WN layers a call of ``model`` runs: traced abstractly, with
+  only the arrays among ``args`` abstract (a flag, a string, a depth stay Python values),
+  or run as it is where the model reads values (``float(x.max())``)."""
   paths = set()
 
   def record(next_fun, call_args, call_kwargs, context):
@@ -101,11 +104,21 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
       paths.add(tuple(context.module.scope.path))
     return next_fun(*call_args, **call_kwargs)
 
-  def run(variables, *args):
-    return model.apply(variables, *args, mutable=True, method=method, **kwargs)
+  leaves, tree = jax.tree.flatten(args)
+  arrays = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
 
+  def run(variables, *values):
+    for i, x in zip(arrays, values):
+      leaves[i] = x
+    call_args = jax.tree.unflatten(tree, leaves)
+    return model.apply(variables, *call_args, mutable=True, method=method, **kwargs)
+
+  values = [leaves[i] for i in arrays]
   with nn.intercept_methods(record):
-    jax.eval_shape(run, variables, *args)
+    try:
+      jax.eval_shape(run, variables, *values)
+    except jax.errors.JAXTypeError:
+      run(variables, *values)
   return paths
 
 

@@ -88,9 +88,14 @@ class _WeightNormedKernel:
     # Keyed by the tag data_init put on the scale: it follows the layer into the copies NNX
     # transforms (nnx.remat, nnx.jit) run, so only the first traced use runs the checks.
     claimed = _data_init.claim(id(self) if tag is None else (_TAG, tag))
-    mode = None if claimed is None else claimed[0]
-    if claimed is not None and claimed[1]:  # the caller checks that the writes below landed
-      claimed[0].claimed.append((tag, self))
+    mode, first = claimed or (None, True)
+    scale = self.scale[...]
+    if mode is not None and first:  # the caller checks that the writes below landed
+      mode.claimed.append((tag, self))
+    elif mode is not None and tag is not None and self.scale.get_raw_value() is mode.marked[tag]:
+      raise ValueError(f'{self._at(tag)}: {DISCARDED}')  # no earlier use's write landed
+    if mode is not None and tag is None and first:
+      scale = _data_init.fresh(scale)  # not in the model's graph: its first traced use
     kernel = self.kernel[...]
     p = _kernel.start(
       self._where(),
@@ -106,7 +111,7 @@ class _WeightNormedKernel:
     )
     view = _KernelView(
       self,
-      p.kernel(kernel, self.scale[...], p.axes(kernel)),
+      p.kernel(kernel, scale, p.axes(kernel)),
       p.bias(None if self.bias is None else self.bias[...]),
     )
     out, g, b = p.output(super().__call__.__func__(view, inputs, *args, **kwargs))  # type: ignore[misc]
@@ -116,6 +121,8 @@ class _WeightNormedKernel:
       if b is not None:
         self.bias[...] = b
     except flax.errors.TraceContextError:
+      if not first:  # a later use, inside a closure: it keeps what the first one set
+        return out
       raise ValueError(
         f"{self._at(tag)}: data_init cannot set this layer's scale and bias: its first use is "
         f'in a function that a JAX transform traces (jax.lax.scan, jax.lax.map, a closure in '
@@ -124,6 +131,14 @@ class _WeightNormedKernel:
         f'...)), or use it once before the loop.'
       ) from None
     return out
+
+
+DISCARDED = (
+  'initialized itself inside a transform that discards its writes: a layer shared across the '
+  'steps of nnx.scan (in_axes=None, e.g. an RNN cell) would keep its scale and bias. The '
+  'model is left unchanged. Run data_init on the model with the layer applied in a Python '
+  'loop (the same layer objects), then use the transformed model.'
+)
 
 
 class WNLinear(_WeightNormedKernel, nnx.Linear):

@@ -14,26 +14,13 @@ from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
 from wn_jax.nnx._layers import _TAG
+from wn_jax.nnx._layers import DISCARDED
 from wn_jax.nnx._layers import _WeightNormedKernel
 
 
 def _path(path: tuple[Any, ...]) -> str:
   """A layer's path in its model, as :func:`layer_axes` and ``data_init`` name it."""
   return '/'.join(str(k) for k in path)
-
-
-def _refused(path: str, layer: _WeightNormedKernel, why: str) -> ValueError:
-  return ValueError(
-    f"wn_jax.nnx.data_init: layer '{path}' ({layer._where()}) {why} The model is left "
-    f'unchanged. Run data_init on the model with the layer applied in a Python loop (the '
-    f'same layer objects), then use the transformed model.'
-  )
-
-
-_DISCARDED = (
-  'initialized itself inside a transform that discards its writes: a layer shared across the '
-  'steps of nnx.scan (in_axes=None, e.g. an RNN cell) would keep its scale and bias.'
-)
 
 
 @contextlib.contextmanager
@@ -106,10 +93,13 @@ def data_init(
       layer.scale.set_raw_value(m)
     with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
       mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
+      mode.marked.update(enumerate(marked))
       out = model(*args, **kwargs)
     for i, _ in mode.claimed:
       if i is not None and layers[i][1].scale.get_raw_value() is marked[i]:  # a write that
-        raise _refused(_path(layers[i][0]), layers[i][1], _DISCARDED)  # landed replaced it
+        raise ValueError(
+          f"wn_jax.nnx.data_init: layer '{_path(layers[i][0])}' ({layers[i][1]._where()}) {DISCARDED}"
+        )
     for (_, layer), m, before in zip(layers, marked, scales):  # where no use ran: as it was
       now = layer.scale.get_raw_value()
       layer.scale.set_raw_value(before if now is m else _data_init.settle(now, before))
