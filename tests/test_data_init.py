@@ -295,13 +295,17 @@ class _Later(nnx.Module):
       skip = lambda a, z: z  # noqa: E731
       h = nnx.cond(x[0, 0] > 1e9, lambda a, z: a(z), skip, self.a, x)
       return h + self.a(x[:1])
+    if self.where == 'one row not run':  # traced first, not taken: the whole batch is first
+      skip = lambda a, z: z[:1]  # noqa: E731
+      h = nnx.cond(x[0, 0] > 1e9, lambda a, z: a(z[:1]), skip, self.a, x)
+      return h + self.a(x)
     h = self.a(x)  # the first use
     if self.where == 'loop closure':
       return jax.lax.fori_loop(0, 2, lambda i, z: jnp.tanh(self.a(z)), h)
     return nnx.vmap(lambda a, z: a(z), in_axes=(None, 0))(self.a, h)  # shared, no axis_name
 
 
-@pytest.mark.parametrize('where', ['loop closure', 'shared vmap'])
+@pytest.mark.parametrize('where', ['loop closure', 'shared vmap', 'one row not run'])
 def test_a_later_use_in_a_closure_or_a_shared_vmap_keeps_the_first(where):
   # Every use wrote the layer's scale back: NNX refused the write in a closure, and in a vmap
   # the layer is shared across it was refused for its per-element statistics (a user trial).
@@ -341,6 +345,22 @@ def test_an_nnx_layer_outside_the_models_graph_is_initialized_on_its_first_use()
   np.testing.assert_allclose(np.std(head(5.0 * x), 0), 1.0, rtol=1e-4)
   np.testing.assert_allclose(np.std(model(x), 0), 1.0, rtol=1e-4)
 
+  # Passed into NNX transforms after its first use: each transform's copy took itself for a
+  # first use (a user trial). Its first use, outside, marks it like the model's own layers.
+  class Passes(nnx.Module):
+    def __call__(self, x):
+      h = head(x)
+      return h + nnx.jit(lambda e, z: e(z))(head, 3.0 * x) + nnx.remat(lambda e, z: e(z))(head, x)
+
+  wx.data_init(Passes(), x)
+  np.testing.assert_allclose(np.std(head(x), 0), 1.0, rtol=1e-4)
+  assert head.scale.get_metadata('wn_jax_data_init', None) is None  # no mark left behind
+  # First met inside a transform (data_init under nnx.jit): refused, and left as it was.
+  before = np.asarray(head.scale[...])
+  with pytest.raises(ValueError, match=r"not in the model's graph.*attribute of the model"):
+    nnx.jit(wx.data_init)(Closes(), x)
+  np.testing.assert_array_equal(head.scale[...], before)
+
 
 def test_linen_positional_flags_and_value_reads_reach_the_layers():
   # linen finds its WN layers by tracing the model abstractly first: a positional flag, a
@@ -349,6 +369,7 @@ def test_linen_positional_flags_and_value_reads_reach_the_layers():
     @nn.compact
     def __call__(self, x, train, act):
       scale = 1.0 / float(jnp.abs(x).max())  # a value read in Python
+      assert f'{jnp.abs(x).max():.2f}'  # a value formatted
       h = wl.WNDense(6)(x * scale)
       return getattr(nn, act)(h) if train else h
 

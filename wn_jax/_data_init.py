@@ -60,8 +60,8 @@ class Mode:
   claimed: list = dataclasses.field(default_factory=list)
   # NNX: each layer's path in the model by its tag (an NNX layer does not know its path).
   paths: dict = dataclasses.field(default_factory=dict)
-  # NNX: each layer's fresh scale array by its tag: still there at a later use, no earlier
-  # use's write landed.
+  # NNX: by tag, each layer marked fresh, with (layer, scale before, the fresh array, bias
+  # before): the fresh array still there at a later use, no earlier use's write landed.
   marked: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
   entry: Any = None
@@ -235,16 +235,12 @@ _TOO_FEW = (
 )
 
 
-def statistics(t: jax.Array, m: Mode, strict: bool = True) -> tuple[jax.Array, jax.Array]:
+def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
   """Per-feature (last axis) mean and standard deviation of ``t``, in float32 or wider.
 
   Over the global batch: under ``jit`` with a sharded batch XLA reduces across devices;
   inside ``shard_map`` / ``pmap``, pass the mapped ``axis_name`` to ``data_init``.
-  ``strict``: refuse fewer than 2 values per feature.
   """
-  count = t.size // t.shape[-1]
-  if strict and count < 2 and m.axis_name is None:
-    raise ValueError(f'{_TOO_FEW} Got an output of shape {t.shape}.')
   t = t.astype(reduce_dtype(t.dtype))
   axes = tuple(range(t.ndim - 1))
   mu = jnp.mean(t, axis=axes)
@@ -271,7 +267,6 @@ def initialize(
   path: str,
   label: str,
   current: tuple[jax.Array, jax.Array | None],
-  first: bool = True,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """``(g, b, output)`` from the bias-free pre-activation ``t`` and the layer's current
   ``(g, b)`` (``b`` ``None``: no bias; then the output is only scaled).
@@ -281,11 +276,10 @@ def initialize(
   the output is ``t * g + b`` with them. ``label`` names the layer in the one error raised
   after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in
   float32 or wider; ``g`` and ``b`` come in their current dtypes, refused (``ValueError``)
-  where a fresh one does not fit them. ``first``: the layer's first traced use, which checks
-  the batch's size (a later one checks it only where it runs first).
+  where a fresh one does not fit them, or (one value per feature) cannot be estimated.
   """
   g_now, b_now = current
-  mu, sigma = statistics(t, m, strict=first)
+  mu, sigma = statistics(t, m)
   g = scale_for(m, path) / sigma
   b = -mu * g
   new = jnp.isnan(g_now)

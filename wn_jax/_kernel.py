@@ -209,9 +209,7 @@ class Pass:
         return _scaled_output(y, v, g, b, self.kept), None, None
       if self.init is None:
         return y, None, None
-      g, b, out = _data_init.initialize(
-        y, self.init, self.path, self.label, (self.g, b), self.first
-      )
+      g, b, out = _data_init.initialize(y, self.init, self.path, self.label, (self.g, b))
       if _data_init.shared_across_vmap(self.v, g):
         if self.first:
           raise _data_init.shared_across_vmap_error()

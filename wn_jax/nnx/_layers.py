@@ -89,13 +89,13 @@ class _WeightNormedKernel:
     # transforms (nnx.remat, nnx.jit) run, so only the first traced use runs the checks.
     claimed = _data_init.claim(id(self) if tag is None else (_TAG, tag))
     mode, first = claimed or (None, True)
-    scale = self.scale[...]
+    if mode is not None and tag is None:  # outside the model's graph: adopted, marked fresh
+      tag = mark(self, ('outside', len(mode.marked)), mode)
+      claimed = _data_init.claim((_TAG, tag))
     if mode is not None and first:  # the caller checks that the writes below landed
       mode.claimed.append((tag, self))
-    elif mode is not None and tag is not None and self.scale.get_raw_value() is mode.marked[tag]:
+    elif mode is not None and self.scale.get_raw_value() is mode.marked[tag][2]:
       raise ValueError(f'{self._at(tag)}: {DISCARDED}')  # no earlier use's write landed
-    if mode is not None and tag is None and first:
-      scale = _data_init.fresh(scale)  # not in the model's graph: its first traced use
     kernel = self.kernel[...]
     p = _kernel.start(
       self._where(),
@@ -111,7 +111,7 @@ class _WeightNormedKernel:
     )
     view = _KernelView(
       self,
-      p.kernel(kernel, scale, p.axes(kernel)),
+      p.kernel(kernel, self.scale[...], p.axes(kernel)),
       p.bias(None if self.bias is None else self.bias[...]),
     )
     out, g, b = p.output(super().__call__.__func__(view, inputs, *args, **kwargs))  # type: ignore[misc]
@@ -133,11 +133,31 @@ class _WeightNormedKernel:
     return out
 
 
+def mark(layer: _WeightNormedKernel, tag: Any, mode: _data_init.Mode) -> Any:
+  """``layer``'s scale fresh (NaN) and tagged ``tag`` for a data init (``mode``), with what
+  to put back; a ``ValueError`` where it cannot be written (inside a transform)."""
+  before = layer.scale.get_raw_value()
+  try:
+    layer.scale.set_raw_value(_data_init.fresh(before))
+  except flax.errors.TraceContextError:
+    raise ValueError(
+      f'{layer._where()}: data_init met this layer first inside a transform, and it is not in '
+      f"the model's graph (a closure holds it, or an argument): it cannot be marked for "
+      f'initialization there. Make it an attribute of the model, or use it once outside any '
+      f'transform first.'
+    ) from None
+  layer.scale.set_metadata(_TAG, tag)
+  bias = None if layer.bias is None else layer.bias.get_raw_value()
+  mode.marked[tag] = (layer, before, layer.scale.get_raw_value(), bias)
+  return tag
+
+
 DISCARDED = (
-  'initialized itself inside a transform that discards its writes: a layer shared across the '
-  'steps of nnx.scan (in_axes=None, e.g. an RNN cell) would keep its scale and bias. The '
-  'model is left unchanged. Run data_init on the model with the layer applied in a Python '
-  'loop (the same layer objects), then use the transformed model.'
+  'initialized itself inside a transform that discards its writes (a layer shared across the '
+  'steps of nnx.scan, in_axes=None, e.g. an RNN cell; a JAX transform over nnx.split / merge '
+  'that does not write the state back): it would keep its scale and bias. The model is left '
+  'unchanged. Run data_init on the model with the layer applied in a Python loop (the same '
+  'layer objects), then use the transformed model.'
 )
 
 

@@ -16,23 +16,12 @@ from wn_jax import _fold
 from wn_jax.nnx._layers import _TAG
 from wn_jax.nnx._layers import DISCARDED
 from wn_jax.nnx._layers import _WeightNormedKernel
+from wn_jax.nnx._layers import mark
 
 
 def _path(path: tuple[Any, ...]) -> str:
   """A layer's path in its model, as :func:`layer_axes` and ``data_init`` name it."""
   return '/'.join(str(k) for k in path)
-
-
-@contextlib.contextmanager
-def _tagged(layers: list[tuple[Any, _WeightNormedKernel]]) -> Iterator[None]:
-  """Each layer's scale tagged with its index while the block runs (see ``_TAG``)."""
-  for i, (_, layer) in enumerate(layers):
-    layer.scale.set_metadata(_TAG, i)
-  try:
-    yield
-  finally:
-    for _, layer in layers:
-      layer.scale.del_metadata(_TAG)
 
 
 def data_init(
@@ -86,23 +75,11 @@ def data_init(
   layers = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, _WeightNormedKernel)]
   state = [n for _, n in nnx.iter_graph(model) if isinstance(n, nnx.Variable)]
   saved = [v.get_raw_value() for v in state]
-  scales = [layer.scale.get_raw_value() for _, layer in layers]
   try:
-    marked = [_data_init.fresh(s) for s in scales]
-    for (_, layer), m in zip(layers, marked):
-      layer.scale.set_raw_value(m)
-    with _data_init.mode(init_scale, axis_name) as mode, _tagged(layers):
+    with _data_init.mode(init_scale, axis_name) as mode, _marked(layers, mode):
       mode.paths.update({i: _path(p) for i, (p, _) in enumerate(layers)})
-      mode.marked.update(enumerate(marked))
       out = model(*args, **kwargs)
-    for i, _ in mode.claimed:
-      if i is not None and layers[i][1].scale.get_raw_value() is marked[i]:  # a write that
-        raise ValueError(
-          f"wn_jax.nnx.data_init: layer '{_path(layers[i][0])}' ({layers[i][1]._where()}) {DISCARDED}"
-        )
-    for (_, layer), m, before in zip(layers, marked, scales):  # where no use ran: as it was
-      now = layer.scale.get_raw_value()
-      layer.scale.set_raw_value(before if now is m else _data_init.settle(now, before))
+      _settle(mode)
   except BaseException:
     _restore(state, saved)  # the model as it was, never half initialized
     raise
@@ -111,6 +88,39 @@ def data_init(
   initialized = {id(v) for _, layer in layers for v in (layer.scale, layer.bias) if v is not None}
   _restore(state, saved, but=initialized)
   return out
+
+
+@contextlib.contextmanager
+def _marked(layers: list[tuple[Any, _WeightNormedKernel]], mode: _data_init.Mode) -> Iterator[None]:
+  """Each layer's scale fresh (NaN) and tagged with its index while the block runs (see
+  ``_TAG``); the layers the pass adopts (outside the model's graph) are put back on an error."""
+  for i, (_, layer) in enumerate(layers):
+    mark(layer, i, mode)
+  try:
+    yield
+  except BaseException:
+    for layer, before, _, bias in mode.marked.values():
+      if not isinstance(layer, _WeightNormedKernel) or any(layer is m for _, m in layers):
+        continue
+      layer.scale.set_raw_value(before)
+      if bias is not None:
+        layer.bias.set_raw_value(bias)
+    raise
+  finally:
+    for layer, *_ in mode.marked.values():
+      layer.scale.del_metadata(_TAG)
+
+
+def _settle(mode: _data_init.Mode) -> None:
+  """A ``ValueError`` if a use's writes were discarded; each scale no use set put back."""
+  for tag, _ in mode.claimed:
+    layer, _, marked, _ = mode.marked[tag]
+    if layer.scale.get_raw_value() is marked:  # a write that landed replaced it
+      where = f"layer '{mode.paths[tag]}'" if tag in mode.paths else 'a layer'
+      raise ValueError(f'wn_jax.nnx.data_init: {where} ({layer._where()}) {DISCARDED}')
+  for layer, before, marked, _ in mode.marked.values():  # where no use ran: as it was
+    now = layer.scale.get_raw_value()
+    layer.scale.set_raw_value(before if now is marked else _data_init.settle(now, before))
 
 
 def _restore(variables: list[Any], values: list[Any], but: Collection[int] = ()) -> None:
