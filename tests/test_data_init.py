@@ -381,6 +381,20 @@ def test_linen_positional_flags_and_value_reads_reach_the_layers():
   np.testing.assert_allclose(np.std(h, 0), 1.0, rtol=1e-4)
 
 
+def test_data_init_runs_under_jax_debug_nans():
+  # The fresh mark was NaN at first, and eager data_init stopped on it under
+  # jax_debug_nans (a user trial): -inf, which no scale is.
+  x = _batch((64, 6))
+  model = MLP(depth=2)
+  variables = model.init(jax.random.key(0), x)
+  net = nnx.Sequential(wx.WNLinear(6, 6, rngs=nnx.Rngs(0)), wx.WNLinear(6, 6, rngs=nnx.Rngs(1)))
+  with jax.debug_nans(True):
+    new = wl.data_init(model, variables, x)
+    wx.data_init(net, x)
+  np.testing.assert_allclose(np.std(model.apply(new, x), 0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.std(net(x), 0), 1.0, rtol=1e-4)
+
+
 def test_a_shape_probe_is_not_a_use():
   # nnx.eval_shape / jax.eval_shape of the layer before its real use: the probe's copy took
   # the first use, its writes were discarded, and data_init was refused (wrongly, as a scan).

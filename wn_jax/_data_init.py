@@ -11,8 +11,9 @@ feature. It returns that initialized output, so a single forward pass initialize
 layers in order, each on the outputs of the initialized layers before it.
 
 Which use of a layer is its first is decided when the computation runs, not when it is
-traced: ``data_init`` sets each WN layer's scale to NaN (:func:`fresh`) before the pass,
-and every use initializes the features whose scale is still NaN, keeping the others. So
+traced: ``data_init`` sets each WN layer's scale to -inf (:func:`fresh`; not NaN, which
+``jax_debug_nans`` would stop on) before the pass, and every use initializes the features
+whose scale is still -inf, keeping the others. So
 a first use in one branch of a ``cond``, in a loop or scan body (one trace, run at every
 step), or in a trace JAX reuses for a later call is the one that runs first. A layer no
 use reached gets its scale back (:func:`settle`).
@@ -271,7 +272,7 @@ def initialize(
   """``(g, b, output)`` from the bias-free pre-activation ``t`` and the layer's current
   ``(g, b)`` (``b`` ``None``: no bias; then the output is only scaled).
 
-  Where the current ``g`` is still fresh (NaN, see :func:`fresh`), ``g`` and ``b`` are set
+  Where the current ``g`` is still fresh (-inf, see :func:`fresh`), ``g`` and ``b`` are set
   by the module docstring's rule; elsewhere they are kept (a later use of the layer), and
   the output is ``t * g + b`` with them. ``label`` names the layer in the one error raised
   after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in
@@ -282,7 +283,7 @@ def initialize(
   mu, sigma = statistics(t, m)
   g = scale_for(m, path) / sigma
   b = -mu * g
-  new = jnp.isnan(g_now)
+  new = jnp.isneginf(g_now)
   dtypes = tuple(jnp.result_type(x) for x in current if x is not None)
   _check_fits(  # only the fresh features are set: only they must fit
     label,
@@ -319,13 +320,14 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
 
 
 def fresh(scale: jax.Array) -> jax.Array:
-  """``scale`` marked as not yet initialized (NaN), before a data init's pass."""
-  return scale + jnp.asarray(jnp.nan, scale.dtype)
+  """``scale`` marked as not yet initialized (-inf: no scale is), before a data init's pass;
+  sharded as ``scale``."""
+  return jax.lax.full_like(scale, -jnp.inf)
 
 
 def settle(scale: jax.Array, before: jax.Array) -> jax.Array:
-  """A scale after the pass: ``before`` where no use initialized it (still NaN)."""
-  return jnp.where(jnp.isnan(scale), before, scale)
+  """A scale after the pass: ``before`` where no use initialized it (still -inf)."""
+  return jnp.where(jnp.isneginf(scale), before, scale)
 
 
 def _check_fits(
@@ -360,7 +362,7 @@ def _check_fits(
         f'feature(s) with NaN or inf statistics): the batch, or a layer before this one, has '
         f'NaN or inf, or the pre-activation overflows {compute} (largest finite '
         f"{float(jnp.finfo(compute).max):.3g}), or the model reads a WN layer's scale before "
-        f"that layer's first use (during data_init it is NaN until then). Initialize on a "
+        f"that layer's first use (during data_init it is -inf until then). Initialize on a "
         f'finite batch at the scale the layer sees in training, or compute this layer in '
         f'float32.'
       )

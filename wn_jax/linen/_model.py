@@ -42,7 +42,7 @@ def data_init(
   earlier layers after their initialization. A layer used twice (shared weights) is
   initialized on its first use only: the use that runs first (in a ``cond``, the branch
   taken; in a loop or a scan that carries it, the first step), decided when the computation
-  runs (each WN layer's scale is NaN until a use sets it; one no use reached keeps its own).
+  runs (each WN layer's scale is -inf until a use sets it; one no use reached keeps its own).
   A feature constant on the batch (its standard
   deviation no more than the rounding of its mean, 128 units in the last place) keeps
   $\sigma = 1$ (finite, never NaN); one that varies, at any scale, is standardized. Statistics are

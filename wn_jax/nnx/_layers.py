@@ -134,7 +134,7 @@ class _WeightNormedKernel:
 
 
 def mark(layer: _WeightNormedKernel, tag: Any, mode: _data_init.Mode) -> Any:
-  """``layer``'s scale fresh (NaN) and tagged ``tag`` for a data init (``mode``), with what
+  """``layer``'s scale fresh (-inf) and tagged ``tag`` for a data init (``mode``), with what
   to put back; a ``ValueError`` where it cannot be written (inside a transform)."""
   before = layer.scale.get_raw_value()
   try:

@@ -92,7 +92,7 @@ def data_init(
 
 @contextlib.contextmanager
 def _marked(layers: list[tuple[Any, _WeightNormedKernel]], mode: _data_init.Mode) -> Iterator[None]:
-  """Each layer's scale fresh (NaN) and tagged with its index while the block runs (see
+  """Each layer's scale fresh (-inf) and tagged with its index while the block runs (see
   ``_TAG``); the layers the pass adopts (outside the model's graph) are put back on an error."""
   for i, (_, layer) in enumerate(layers):
     mark(layer, i, mode)
