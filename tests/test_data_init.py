@@ -912,8 +912,8 @@ class _SharedAcrossVmap(nnx.Module):
 
 
 def test_nnx_stacked_layers_in_a_scan_under_a_shared_vmap_are_initialized():
-  # The vmap was counted as an axis the layers lack, and they were refused as carried. A
-  # vmap named with data_init's axis_name is one the layers are shared across.
+  # A check that counted the vmaps around a scan took this vmap for an axis the layers lack,
+  # and refused them as carried; statistics over every chunk (axis_name).
   xs = _batch((4, 16, 8))
   model = _SharedAcrossVmap()
   wx.data_init(model, xs, init_scale=0.5, axis_name='b')
