@@ -295,16 +295,16 @@ def initialize(
     too_few=jnp.any(new) & (t.size // t.shape[-1] < 2 and m.axis_name is None),
   )
   g = jnp.where(new, _like(g, g_now), g_now.astype(g.dtype))
-  out = t.astype(mu.dtype) * g
-  if b_now is None:
-    return g.astype(g_now.dtype), None, out.astype(t.dtype)
-  b = jnp.where(_like(new, b_now), _like(b, b_now), b_now.astype(b.dtype))
-  return g.astype(g_now.dtype), b.astype(b_now.dtype), (out + b).astype(t.dtype)
+  if b_now is not None:
+    b = jnp.where(_like(new, b_now), _like(b, b_now), b_now.astype(b.dtype))
+  out = kept(t, (g, None if b_now is None else b))[2]
+  return g.astype(g_now.dtype), None if b_now is None else b.astype(b_now.dtype), out
 
 
 def kept(t: jax.Array, current: tuple[jax.Array, jax.Array | None]) -> tuple[Any, Any, jax.Array]:
-  """``(g, b, output)`` of a use that sets nothing: ``t * g + b`` with the current ``(g, b)``
-  (a later use inside a vmap the layer is shared across, whose statistics vary along it)."""
+  """``(g, b, output)`` of a use that sets nothing: ``t * g + b`` with the current ``(g, b)``,
+  in float32 or wider (a later use inside a vmap the layer is shared across, whose statistics
+  vary along it; and :func:`initialize`'s output, with what it set)."""
   g, b = current
   out = t.astype(reduce_dtype(t.dtype)) * g
   return g, b, (out if b is None else out + b).astype(t.dtype)

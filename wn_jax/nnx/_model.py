@@ -99,8 +99,8 @@ def _marked(layers: list[tuple[Any, _WeightNormedKernel]], mode: _data_init.Mode
   try:
     yield
   except BaseException:
-    for layer, before, _, bias in mode.marked.values():
-      if not isinstance(layer, _WeightNormedKernel) or any(layer is m for _, m in layers):
+    for tag, (layer, before, _, bias) in mode.marked.items():
+      if isinstance(tag, int):  # the model's own: data_init puts its state back
         continue
       layer.scale.set_raw_value(before)
       if bias is not None:
