@@ -269,11 +269,21 @@ def test_same_configuration_compiles_once():
     (lambda: wn_jax.decompose(jnp.ones((2, 3)), axis=5), 'wn_jax.decompose'),
     (lambda: wn_jax.decompose(jnp.ones(3, jnp.int8)), 'floating'),
     (lambda: wn_jax.normalize(jnp.asarray(1.0), jnp.asarray(1.0)), 'rank 0'),
+    # Not an array (a parameter dict, a string): said so, not a NumPy conversion error.
+    (
+      lambda: wn_jax.decompose({'w': jnp.ones((2, 3))}),
+      r'wn_jax.decompose: w must be an arr.*dict.*wn_jax.weight_norm',
+    ),
+    (lambda: wn_jax.norm('kernel'), r'wn_jax.norm: w must be an array.*str'),
+    (
+      lambda: wn_jax.normalize(jnp.ones((2, 3)), None),
+      r'wn_jax.normalize: g must be an array.*NoneType',
+    ),
   ],
 )
 def test_bad_input_raises_at_trace_time(call, message):
   with pytest.raises(ValueError, match=message):
-    jax.jit(call)() if False else call()
+    call()
 
 
 def test_errors_raise_under_jit_before_running():

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import wn_jax
 from tests import reference as ref
@@ -620,6 +621,44 @@ def test_fold_refuses_a_weight_norm_wrapper_and_names_it():
   inside = wl.WeightNorm(nn.Dense(4)).init(jax.random.key(0), x)['params']
   with pytest.raises(ValueError, match=r"'scale' is a WeightNorm wrapper"):
     wl.fold(inside)
+
+
+def _misplaced_arguments():
+  model = wl.WNDense(3)
+  x = jnp.ones((4, 3))
+  variables = model.init(jax.random.key(0), x)
+  nnx_model = wn_jax.nnx.WNLinear(3, 3, rngs=nnx.Rngs(0))
+  return {
+    'data_init without variables': (
+      lambda: wl.data_init(model, x),
+      r"data_init: expected the model's variables, a dict with 'params'.*Array\w* of shape \(4, 3\)",
+    ),
+    'data_init, variables first': (
+      lambda: wl.data_init(variables, model, x),
+      r'data_init: expected the model, a flax.linen.Module; got builtins.dict',
+    ),
+    'layer_axes of the variables': (
+      lambda: wl.layer_axes(variables, x),
+      r'layer_axes: expected the model, a flax.linen.Module; got builtins.dict',
+    ),
+    'fold of the model': (
+      lambda: wl.fold(model),
+      r'fold: expected the parameters.*WNDense',
+    ),
+    'fold of an NNX model': (
+      lambda: wl.fold(nnx_model),
+      r'fold: expected the parameters.*WNLinear.*wn_jax.nnx.fold',
+    ),
+  }
+
+
+@pytest.mark.parametrize('case', list(_misplaced_arguments()))
+def test_model_tools_refuse_misplaced_arguments(case):
+  # A user's mistakes: fold of the model returned the model, unchanged; the others failed
+  # inside Flax or JAX ("Array.__contains__", "'dict' object has no attribute 'apply'").
+  call, message = _misplaced_arguments()[case]
+  with pytest.raises(TypeError, match=rf'wn_jax.linen.{message}'):
+    call()
 
 
 def test_fold_keeps_a_plain_submodule_named_scale():

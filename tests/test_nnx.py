@@ -445,6 +445,25 @@ def test_nnx_fold_refuses_a_vmap_stacked_layer_and_names_it():
   assert 'mapping' not in str(e.value)  # nnx.fold takes no axis
 
 
+@pytest.mark.parametrize('tool', ['fold', 'layer_axes', 'data_init'])
+@pytest.mark.parametrize('given', ['state', 'pure dict'])
+def test_nnx_model_tools_refuse_a_state_for_the_model(tool, given):
+  # A user's mistake: the model's state, not the model. fold of a pure dict returned {}
+  # and layer_axes of either returned {} (silently: the plain model kept its weights).
+  model = wx.WNLinear(3, 3, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  arg = state if given == 'state' else nnx.to_pure_dict(state)
+  before = jax.tree.map(jnp.copy, nnx.to_pure_dict(state))
+  call = {
+    'fold': lambda: wx.fold(arg),
+    'layer_axes': lambda: wx.layer_axes(arg),
+    'data_init': lambda: wx.data_init(arg, _rand((4, 3))),
+  }[tool]
+  with pytest.raises(TypeError, match=rf'wn_jax.nnx.{tool}: expected the model, a flax.nnx.Module'):
+    call()
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model, nnx.Param)), before)
+
+
 @pytest.mark.parametrize('shape,scaled', DENSE_PATHS)
 def test_dense_scales_its_output_when_rows_are_fewer_than_inputs(shape, scaled):
   graphdef, state = nnx.split(wx.WNLinear(48, 24, rngs=nnx.Rngs(0)), nnx.Param)

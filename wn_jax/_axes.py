@@ -12,6 +12,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from wn_jax._errors import labelled
+from wn_jax._errors import type_name
 
 Axis = int | Sequence[int] | None
 
@@ -74,13 +75,23 @@ def is_eps(eps: object) -> bool:
   )
 
 
-def check_floating(x: jax.Array, name: str) -> None:
-  """A ``ValueError`` unless ``x`` (called ``name`` in the message) is real floating."""
+def floating_array(x: ArrayLike, name: str) -> jax.Array:
+  """``x`` (called ``name`` in the message) as a real floating array, or a ``ValueError``:
+  for something that is no array (a parameter dict, a string) or of another dtype."""
+  try:
+    x = as_array(x)
+  except (TypeError, ValueError):
+    raise ValueError(
+      f'{name} must be an array (a JAX or NumPy array, or a nested list of numbers); got '
+      f'{type_name(x)}. For a tree of parameters use wn_jax.weight_norm and '
+      f'wn_jax.materialize.'
+    ) from None
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(
       f'{name} must be a real floating array (float16, bfloat16, float32 or '
       f'float64); got dtype {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32).'
     )
+  return x
 
 
 @labelled('wn_jax.scale_shape')

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from wn_jax._axes import Axis
-from wn_jax._axes import as_array
-from wn_jax._axes import check_floating
+from wn_jax._axes import floating_array
 from wn_jax._axes import is_eps
 from wn_jax._axes import kept_axes
 from wn_jax._axes import reduce_dtype
@@ -36,8 +35,7 @@ def _norm_jit(w: jax.Array, kept: tuple[int, ...]) -> jax.Array:
 
 def _checked_weight(w: ArrayLike, axis: Axis) -> tuple[jax.Array, tuple[int, ...]]:
   """``(w, kept)``: ``w`` as a floating array and its kept axes, or a ``ValueError``."""
-  w = as_array(w)
-  check_floating(w, 'w')
+  w = floating_array(w, 'w')
   return w, kept_axes(w.ndim, axis)
 
 
@@ -219,9 +217,7 @@ def _checked(
   v: ArrayLike, g: ArrayLike, axis: Axis, eps: float
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
   """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``."""
-  v, g = as_array(v), as_array(g)
-  check_floating(v, 'v')
-  check_floating(g, 'g')
+  v, g = floating_array(v, 'v'), floating_array(g, 'g')
   if not is_eps(eps):
     raise ValueError(
       f'eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'

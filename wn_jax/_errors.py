@@ -29,3 +29,16 @@ class labelled(contextlib.ContextDecorator):
   ) -> None:
     if kind is not None and issubclass(kind, ValueError):
       raise ValueError(f'{self.label}: {error}') from None
+
+
+def type_name(value: object) -> str:
+  """``value``'s class as an error message names it (``flax.nnx.statelib.State``), with its
+  shape where it has one."""
+  shape = f' of shape {tuple(value.shape)}' if hasattr(value, 'shape') else ''  # type: ignore[attr-defined]
+  return f'{type(value).__module__}.{type(value).__qualname__}{shape}'
+
+
+def require(ok: bool, label: str, expected: str, value: object, fix: str) -> None:
+  """A ``TypeError`` unless ``ok``: ``label: expected <expected>; got <value's type>. <fix>``."""
+  if not ok:
+    raise TypeError(f'{label}: expected {expected}; got {type_name(value)}. {fix}')

@@ -67,7 +67,7 @@ def weight_dtype(v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtyp
 
 def normalize(v: Any, g: Any, kept: _core.Axis, dtype: Any, eps: float = 0.0) -> jax.Array:
   """``_core.normalize`` with ``v`` and ``g`` cast to ``dtype`` first (reduced in float32)."""
-  return _core.normalize(_core.as_array(v, dtype), _core.as_array(g, dtype), kept, eps=eps)
+  return _core.normalize(_axes.as_array(v, dtype), _axes.as_array(g, dtype), kept, eps=eps)
 
 
 def weight(x: Any, layer_dtype: Any, inputs: Any, eps: float = 0.0) -> jax.Array:
@@ -187,7 +187,7 @@ class Pass:
       self.dtype = weight_dtype(v, g, self.layer_dtype, self.inputs)
       self.v, self.g, self.kept = v, g, kept
       if self.scaled:
-        return _core.as_array(v, self.dtype)
+        return _axes.as_array(v, self.dtype)
       if self.init is not None:
         return normalize(v, jnp.ones_like(g), kept, self.dtype)
       return normalize(v, g, kept, self.dtype)
@@ -204,8 +204,8 @@ class Pass:
     b = self.bias_value
     with self.labelled():
       if self.scaled:
-        v, g = _core.as_array(self.v, self.dtype), _core.as_array(self.g, self.dtype)
-        b = None if b is None else _core.as_array(b)
+        v, g = _axes.as_array(self.v, self.dtype), _axes.as_array(self.g, self.dtype)
+        b = None if b is None else _axes.as_array(b)
         return _scaled_output(y, v, g, b, self.kept), None, None
       if self.init is None:
         return y, None, None

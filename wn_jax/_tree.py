@@ -14,6 +14,7 @@ from flax import serialization
 
 from wn_jax import _axes
 from wn_jax import _core
+from wn_jax import _errors
 from wn_jax._errors import labelled
 
 PyTree = Any
@@ -268,10 +269,9 @@ def _some_paths(params: PyTree, limit: int = 6) -> str:
 
 def not_a_layer(label: str, expected: str, example: str, layer: Any) -> TypeError:
   """The ``WeightNorm`` wrappers' error for something that is not a layer."""
-  shape = f' of shape {tuple(layer.shape)}' if hasattr(layer, 'shape') else ''
   return TypeError(
     f'{label}: expected a layer, a {expected} instance (e.g. {example}); got '
-    f'{type(layer).__module__}.{type(layer).__qualname__}{shape}. Wrap the layer that '
+    f'{_errors.type_name(layer)}. Wrap the layer that '
     f'holds the parameters; for arrays or a parameter tree use wn_jax.weight_norm.'
   )
 

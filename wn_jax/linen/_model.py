@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -14,6 +15,12 @@ from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
 from wn_jax.linen._layers import _WeightNormedKernel
+
+_MODEL = 'the model, a flax.linen.Module'
+
+
+def _require_model(model: Any, tool: str, fix: str) -> None:
+  _errors.require(isinstance(model, nn.Module), f'wn_jax.linen.{tool}', _MODEL, model, fix)
 
 
 def data_init(
@@ -81,6 +88,11 @@ def data_init(
     >>> bool(jnp.allclose(y.mean(0), 0.0, atol=1e-5)), bool(jnp.allclose(y.std(0), 1.0, atol=1e-4))
     (True, True)
   """
+  fix = 'Call data_init(model, variables, *batch), variables from model.init.'
+  _require_model(model, 'data_init', fix)
+  expected = "the model's variables, a dict with 'params'"
+  ok = isinstance(variables, Mapping) and 'params' in variables
+  _errors.require(ok, 'wn_jax.linen.data_init', expected, variables, fix)
   paths = _layer_paths(model, variables, args, method, kwargs)
   params = _map_scales(variables['params'], paths, lambda s, _: _data_init.fresh(s))
   with _data_init.mode(init_scale, axis_name):
@@ -163,6 +175,7 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
     >>> wn_jax.linen.layer_axes(Net(), jnp.ones((2, 4)))
     {'WNDense_0': -1, 'out': 0}
   """
+  _require_model(model, 'layer_axes', 'Call layer_axes(model, *example_inputs).')
   axes: dict[str, Any] = {}
 
   def record(next_fun, call_args, call_kwargs, context):
@@ -216,6 +229,7 @@ def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
     ValueError: a layer's axis cannot be inferred, a layer's scale does not fit its axis,
       a mapping misses a layer, or ``params`` hold a ``WeightNorm`` wrapper's; the message
       names the layer's path.
+    TypeError: for a model (linen or NNX) in place of its parameters.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, wn_jax
@@ -236,4 +250,7 @@ def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
   """
+  fix = "Pass variables['params'] (linen), or call wn_jax.nnx.fold(model) for an NNX model."
+  is_model = isinstance(params, (nn.Module, flax.nnx.Module))
+  _errors.require(not is_model, 'wn_jax.linen.fold', 'the parameters, a dict', params, fix)
   return _fold.fold(nn.unbox(params), axis)

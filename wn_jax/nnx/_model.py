@@ -24,6 +24,14 @@ def _path(path: tuple[Any, ...]) -> str:
   return '/'.join(str(k) for k in path)
 
 
+def _require_model(model: Any, tool: str, fix: str) -> None:
+  """A ``TypeError`` unless ``model`` is an NNX module: a state or a pure dict in its place
+  holds no layer (``fold`` and ``layer_axes`` would return ``{}``)."""
+  _errors.require(
+    isinstance(model, nnx.Module), f'wn_jax.nnx.{tool}', 'the model, a flax.nnx.Module', model, fix
+  )
+
+
 def data_init(
   model: nnx.Module,
   *args: Any,
@@ -72,6 +80,7 @@ def data_init(
     >>> bool(jnp.allclose(layer(x).std(0), 1.0, atol=1e-4))
     True
   """
+  _require_model(model, 'data_init', 'It calls the model and updates its layers in place.')
   layers = [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, _WeightNormedKernel)]
   state = [n for _, n in nnx.iter_graph(model) if isinstance(n, nnx.Variable)]
   saved = [v.get_raw_value() for v in state]
@@ -146,6 +155,7 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
     >>> wn_jax.nnx.layer_axes(model)
     {'layers/0': 0, 'layers/1': -1}
   """
+  _require_model(model, 'layer_axes', 'Each axis is an attribute of a layer, not in its state.')
   return {
     _path(path): node.axis
     for path, node in nnx.iter_graph(model)
@@ -174,5 +184,11 @@ def fold(model: nnx.Module) -> dict[str, Any]:
     >>> bool(jnp.allclose(plain(jnp.ones((1, 3))), layer(jnp.ones((1, 3)))))
     True
   """
+  _require_model(
+    model,
+    'fold',
+    "It reads each layer's axis from the model. For a state: wn_jax.linen.fold("
+    'nnx.to_pure_dict(state), wn_jax.nnx.layer_axes(model)).',
+  )
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return _fold.fold(params, layer_axes(model), from_model=True)
