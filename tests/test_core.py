@@ -286,6 +286,33 @@ def test_bad_input_raises_at_trace_time(call, message):
     call()
 
 
+@pytest.mark.parametrize('shape', [jnp.ones((4, 3)), (4, -1), 5, (4.0, 3), '43'])
+def test_scale_shape_refuses_what_is_not_a_shape(shape):
+  # An array in place of its shape gave a tuple holding the array's last row; (4, -1) gave
+  # (-1,): silently.
+  with pytest.raises(
+    ValueError, match=r'wn_jax.scale_shape: shape must be a sequence of .*\.shape'
+  ):
+    wn_jax.scale_shape(shape, -1)
+
+
+def test_pure_functions_export_with_a_symbolic_weight_shape():
+  # jax.export with the weight's shape symbolic: scale_shape keeps symbolic dimensions.
+  a, b = jax.export.symbolic_shape('a, b')
+  v, g = jax.ShapeDtypeStruct((a, b), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.float32)
+  exported = jax.export.export(jax.jit(wn_jax.normalize))(v, g)
+  assert exported.out_avals[0].shape == (a, b)
+  assert jax.export.export(jax.jit(wn_jax.norm))(v).out_avals[0].shape == (b,)
+  assert wn_jax.scale_shape((a, b), -1) == (b,)
+  w = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+  assert_close(exported.call(w, jnp.ones(3)), ref.normalize(w, np.ones(3), -1), jnp.float32)
+
+
+def test_scale_shape_takes_numpy_ints():
+  assert wn_jax.scale_shape((np.int64(4), 3), 0) == (4,)
+  assert wn_jax.scale_shape(np.array([2, 5]), -1) == (5,)
+
+
 def test_errors_raise_under_jit_before_running():
   f = jax.jit(lambda v, g: wn_jax.normalize(v, g))
   with pytest.raises(ValueError, match='wn_jax.normalize'):

@@ -103,7 +103,23 @@ def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
   >>> scale_shape((4, 5), None)
   ()
   """
-  return tuple(shape[a] for a in kept_axes(len(shape), axis))
+  dims = _dims(shape)
+  return tuple(dims[a] for a in kept_axes(len(dims), axis))
+
+
+def _dims(shape: object) -> tuple[int, ...]:
+  """``shape`` as a tuple of ints, or a ``ValueError`` (for an array in place of its shape)."""
+  try:  # a symbolic dimension (jax.export) stays as it is
+    dims = tuple(d if jax.export.is_symbolic_dim(d) else operator.index(d) for d in shape)  # type: ignore[attr-defined]
+  except TypeError:
+    dims = (-1,)
+  if any(not jax.export.is_symbolic_dim(d) and d < 0 for d in dims):
+    got = type_name(shape) if hasattr(shape, 'dtype') else repr(shape)
+    raise ValueError(
+      f"shape must be a sequence of non-negative ints (a weight's .shape); got {got}. "
+      f'Pass w.shape, not w.'
+    )
+  return dims
 
 
 def fits_kept_axes(g_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> bool:
