@@ -170,12 +170,21 @@ G = np.ones((3, 1), np.float32)
     ({'fc.weight_g': G, 'fc.weight_v': V}, {'fc': 'Dense'}, r"unknown kind 'Dense'"),
     ({'fc.weight_g': G, 'fc.weight_v': V}, {'fx': 'Linear'}, r"prefix 'fx'.*matches no"),
     ({'fc.weight_g': G, 'fc.weight_v': V}, {'fc': 'Conv1d'}, r'not a Conv1d weight'),
-    ('not a mapping' * 0 or 3, None, 'expected a state dict'),
+    (3, None, 'expected a state dict'),
   ],
 )
 def test_bad_input(sd, kinds, message):
   with pytest.raises(ValueError, match=message):
     wt.from_torch(sd, kinds)
+
+
+@pytest.mark.parametrize('convert', ['from_torch', 'to_linen', 'to_nnx'])
+def test_nested_variables_are_not_a_state_dict(convert):
+  # wn_jax's own variables handed to the torch -> JAX direction: to_linen failed with
+  # "'dict' object has no attribute 'shape'", from_torch found "no weight-normed layer".
+  variables = {'params': {'fc': {'kernel': V.T, 'scale': np.ones(3, np.float32)}}}
+  with pytest.raises(ValueError, match=r"flat keys.*'params' holds a dict.*to_torch"):
+    getattr(wt, convert)(variables)
 
 
 def test_live_against_torch():

@@ -41,6 +41,13 @@ def _load(source: Any) -> Mapping[str, Any]:
       'expected a state dict (a mapping of key -> array), a .safetensors path or a torch '
       f'module; got {type(source).__name__}.'
     )
+  nested = next((k for k, v in source.items() if isinstance(v, Mapping)), None)
+  if nested is not None:
+    raise _error(
+      f"expected a state dict, flat keys ('fc.weight_v') to arrays; {nested!r} holds a dict "
+      '(linen variables or an NNX pure dict?). wn_jax.pytorch.to_torch converts those to a '
+      'state dict.'
+    )
   return source
 
 
