@@ -168,9 +168,9 @@ def _nnx_pure_run():
     nnx.replace_by_pure_dict(s, p)
     return jnp.mean((nnx.merge(graphdef, s)(X) - Y) ** 2)
 
-  # The square layer's axis (0: its slices are the rows) from the model; the wrapper's
-  # (not a WN layer, so not in layer_axes) by its path.
-  axes = {**wx.layer_axes(model), 'layers/2': -1}
+  # The square layer's axis (0: its slices are the rows) and the wrapper's from the model.
+  axes = wx.layer_axes(model)
+  assert axes == {'layers/0': 0, 'layers/2': -1}
   directions = [
     (('layers', '0', 'kernel'), ('layers', '0', 'scale'), (0,)),
     (('layers', '2', 'layer', 'kernel'), ('layers', '2', 'scale', 'kernel'), (1,)),
@@ -185,7 +185,7 @@ def test_nnx_pure_state():
 
 def test_nnx_optimizer_matches_the_functional_loop():
   model = _nnx_model()
-  axes = {**wx.layer_axes(model), 'layers/2': -1}
+  axes = wx.layer_axes(model)
   opt = nnx.Optimizer(
     model, optax.chain(optax.adam(3e-2), wn_jax.optim.project_directions(axis=axes)), wrt=nnx.Param
   )

@@ -4,9 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+import wn_jax
 from tests import reference as ref
 from tests.helpers import assert_close
 from wn_jax import linen as wl
@@ -383,3 +385,57 @@ def test_the_not_a_layer_error_gives_an_example_of_its_own_api():
 def test_selecting_no_leaf_names_the_parameters_and_the_fix():
   with pytest.raises(ValueError, match=r"'embedding'.*where='embedding'"):
     wx.WeightNorm(nnx.Embed(10, 4, rngs=nnx.Rngs(0)))
+
+
+# layer_axes names the wrappers too: the documented recipe for a square wrapped kernel.
+
+
+class _SquareNNX(nnx.Module):
+  def __init__(self):
+    self.a = wx.WNLinear(6, 6, axis=0, rngs=nnx.Rngs(0))
+    self.b = wx.WeightNorm(nnx.Linear(6, 6, rngs=nnx.Rngs(1)), axis=0)
+
+  def __call__(self, x):
+    return self.b(jnp.tanh(self.a(x)))
+
+
+class _SquareLinen(nn.Module):
+  def setup(self):
+    self.a = wl.WNDense(6, axis=0)
+    self.b = wl.WeightNorm(nn.Dense(6), axis=0)
+
+  def __call__(self, x):
+    return self.b(jnp.tanh(self.a(x)))
+
+
+def _projected(params, axes):
+  # One projected step: each direction keeps its norm at init along the axis named.
+  tx = optax.chain(optax.sgd(0.5), wn_jax.optim.project_directions(axis=axes))
+  grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.3, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert wn_jax.optim.direction_stats(params, updates, axis=axes)
+  return optax.apply_updates(params, updates)
+
+
+def test_layer_axes_names_each_wrapper_with_its_axis():
+  # layer_axes listed WN layers only, so project_directions(axis=layer_axes(model)) failed
+  # on a square wrapped kernel with "no axis in the mapping ... build it with layer_axes".
+  x = _rand((4, 6))
+  model = _SquareNNX()
+  assert wx.layer_axes(model) == {'a': 0, 'b': 0}
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  new = _projected(params, wx.layer_axes(model))
+  for v, old in (
+    (new['a']['kernel'], params['a']['kernel']),
+    (new['b']['layer']['kernel'], params['b']['layer']['kernel']),
+  ):
+    assert_close(wn_jax.norm(v, axis=0), wn_jax.norm(old, axis=0), jnp.float32)
+  linen = _SquareLinen()
+  assert wl.layer_axes(linen, x) == {'a': 0, 'b': 0}
+  lp = linen.init(KEY, x)['params']
+  new = _projected(lp, wl.layer_axes(linen, x))
+  assert_close(
+    wn_jax.norm(new['b']['layer']['kernel'], axis=0),
+    wn_jax.norm(lp['b']['layer']['kernel'], axis=0),
+    jnp.float32,
+  )

@@ -15,6 +15,7 @@ from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
 from wn_jax.linen._layers import _WeightNormedKernel
+from wn_jax.linen._wrapper import WeightNorm
 
 _MODEL = 'the model, a flax.linen.Module'
 
@@ -150,12 +151,13 @@ def _map_scales(params: Any, paths: set, f: Callable, other: Any = None) -> Any:
 
 
 def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Any]:
-  """The kept ``axis`` of every WN layer of ``model``, by path: what :func:`fold` needs to know.
+  """The kept ``axis`` of every WN layer and wrapper of ``model``, by path: what :func:`fold`,
+  :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` need to know.
 
   Traces ``model.init`` abstractly (``jax.eval_shape``: nothing is computed or allocated)
   on ``args`` (arrays or ``jax.ShapeDtypeStruct``) and records the ``axis`` attribute of
-  each ``WNDense``, ``WNConv`` and ``WNConvTranspose`` it calls, keyed by the layer's path
-  in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
+  each ``WNDense``, ``WNConv``, ``WNConvTranspose`` and ``WeightNorm`` wrapper it calls,
+  keyed by its path in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
 
   Args:
     model: the linen model.
@@ -180,7 +182,9 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
 
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if isinstance(module, _WeightNormedKernel) and context.method_name == '__call__':
+    if isinstance(module, WeightNorm) or (
+      isinstance(module, _WeightNormedKernel) and context.method_name == '__call__'
+    ):
       axes['/'.join(module.scope.path)] = module.axis  # type: ignore[attr-defined]
     return next_fun(*call_args, **call_kwargs)
 

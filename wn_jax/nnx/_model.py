@@ -17,6 +17,7 @@ from wn_jax.nnx._layers import _TAG
 from wn_jax.nnx._layers import DISCARDED
 from wn_jax.nnx._layers import _WeightNormedKernel
 from wn_jax.nnx._layers import mark
+from wn_jax.nnx._wrapper import WeightNorm
 
 
 def _path(path: tuple[Any, ...]) -> str:
@@ -140,10 +141,13 @@ def _restore(variables: list[Any], values: list[Any], but: Collection[int] = ())
 
 
 def layer_axes(model: nnx.Module) -> dict[str, Any]:
-  """The kept ``axis`` of every WN layer of ``model``, by path (``'layers/0'``; ``''`` for itself).
+  """The kept ``axis`` of every WN layer and ``WeightNorm`` wrapper of ``model``, by path
+  (``'layers/0'``; ``''`` for itself).
 
   The paths are those of ``nnx.to_pure_dict(nnx.state(model))``, ``/``-joined, so the
-  result is the ``axis`` that :func:`wn_jax.linen.fold` takes for this model's state.
+  result is the ``axis`` that :func:`wn_jax.linen.fold`,
+  :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` take
+  for this model's state.
 
   Examples:
     >>> import wn_jax
@@ -159,7 +163,7 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   return {
     _path(path): node.axis
     for path, node in nnx.iter_graph(model)
-    if isinstance(node, _WeightNormedKernel)
+    if isinstance(node, (_WeightNormedKernel, WeightNorm))
   }
 
 
