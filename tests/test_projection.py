@@ -399,9 +399,20 @@ def test_a_wrapper_whose_layer_is_ambiguous_is_refused():
   assert sorted(params) == ['Dense_0', 'head', 'wrapped']
   with pytest.raises(
     ValueError,
-    match=r"scale tree 'wrapped/scale' mirrors the parameters of several layers \(\['Dense_0', 'head'\]\)",
+    match=r"scale tree 'wrapped/scale' mirrors the parameters of several layers \(\['Dense_0', "
+    r"'head'\]\).*WeightNorm\(nn.Dense\(16, parent=None\)\)",
   ):
     wn_jax.optim.project_directions(axis=-1).init(params)
+
+  # The fix the message gives: the layer built unbound, so the wrapper adopts it.
+  class Inside(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name='head')(wl.WeightNorm(nn.Dense(7, parent=None), name='wrapped')(x))
+
+  params = Inside().init(jax.random.key(0), X)['params']
+  assert sorted(params['wrapped']) == ['layer', 'scale']
+  wn_jax.optim.project_directions(axis=-1).init(params)
 
 
 def test_errors():

@@ -87,8 +87,9 @@ def _wrapped_parameters(shapes: dict[Keys, Shape], caller: str) -> dict[Keys, tu
       raise ValueError(
         f"{caller}: the WeightNorm wrapper scale tree '{'/'.join(prefix)}' mirrors the "
         f'parameters of several layers ({["/".join(c) for c in layers]}), so the parameters '
-        f'do not say which one it normalizes. Build the wrapped layer inside the wrapper '
-        f'(its params then sit under the wrapper), or use the pytree route.'
+        f'do not say which one it normalizes. Build the wrapped layer unbound, so that the '
+        f'wrapper adopts it and its params sit under the wrapper: in a compact method, '
+        f'wl.WeightNorm(nn.Dense(16, parent=None)); or use the pytree route.'
       )
     for layer in layers:
       for k, shape in shapes.items():

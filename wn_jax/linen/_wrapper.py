@@ -47,6 +47,11 @@ class WeightNorm(nn.Module):
   ``@nn.compact``) keeps its parameters beside the wrapper, under the parent, as the
   parent named it; when it spans several such modules (an inline ``nn.Sequential`` of
   inline layers), ``scale`` mirrors each by its name (``scale['Dense_0']['kernel']``).
+  Built unbound (``WeightNorm(nn.Dense(3, parent=None))``), the layer is the wrapper's own:
+  its parameters sit under the wrapper (``layer``), so the tools that find directions by
+  structure (:func:`wn_jax.optim.project_directions`, :func:`wn_jax.optim.direction_stats`)
+  always know which layer a ``scale`` tree belongs to; beside it, two layers that fit the
+  same ``scale`` tree are refused there.
 
   Attributes:
     layer: the module to wrap (a ``flax.linen.Module``).
