@@ -269,6 +269,10 @@ def test_same_configuration_compiles_once():
     (lambda: wn_jax.decompose(jnp.ones((2, 3)), axis=5), 'wn_jax.decompose'),
     (lambda: wn_jax.decompose(jnp.ones(3, jnp.int8)), 'floating'),
     (lambda: wn_jax.normalize(jnp.asarray(1.0), jnp.asarray(1.0)), 'rank 0'),
+    (
+      lambda: wn_jax.decompose(jnp.float32(3.0)),
+      r'rank 0 \(a scalar has no axis to keep\); pass axis=None',
+    ),
     # Not an array (a parameter dict, a string): said so, not a NumPy conversion error.
     (
       lambda: wn_jax.decompose({'w': jnp.ones((2, 3))}),

@@ -171,6 +171,10 @@ def test_matches_reference_on_trees():
   [
     (lambda: wn_jax.weight_norm({'b': jnp.zeros(3)}), 'selected no leaf'),
     (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where='nomatch'), 'selected no leaf'),
+    (
+      lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where=lambda p, x: p[-1] == 'k'),
+      r"selected no leaf.*JAX key path, such as \(DictKey\(key='k'\),\): compare path\[-1\].key",
+    ),
     (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where='('), 'regular expression'),
     (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, where=3), 'where must be'),
     (lambda: wn_jax.weight_norm({'k': jnp.ones((2, 2))}, axis=2), "leaf 'k'.*out of range"),

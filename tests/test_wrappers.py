@@ -439,3 +439,33 @@ def test_layer_axes_names_each_wrapper_with_its_axis():
     wn_jax.norm(lp['b']['layer']['kernel'], axis=0),
     jnp.float32,
   )
+
+
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: wl.WeightNorm(nn.Dense(3), scale_init=1.0).init(KEY, jnp.ones((2, 3))),
+    lambda: wx.WeightNorm(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), scale_init=1.0, rngs=nnx.Rngs(0)),
+    lambda: wl.WNDense(3, scale_init=1.0).init(KEY, jnp.ones((2, 3))),
+    lambda: wx.WNLinear(3, 3, scale_init=1.0, rngs=nnx.Rngs(0)),
+  ],
+)
+def test_a_scale_init_that_is_no_initializer_is_refused(make):
+  # A number for scale_init failed with "'float' object is not callable".
+  with pytest.raises(
+    ValueError, match=r'(Dense|Linear).*scale_init must be None.*got 1\.0.*initializers\.constant'
+  ):
+    make()
+
+
+@pytest.mark.parametrize(
+  'make',
+  [
+    lambda: wl.WeightNorm(nn.Dense(3), param_dtype=jnp.int32).init(KEY, jnp.ones((2, 3))),
+    lambda: wx.WeightNorm(nnx.Linear(3, 3, rngs=nnx.Rngs(0)), param_dtype=jnp.int32),
+  ],
+)
+def test_a_wrapper_refuses_a_param_dtype_that_is_not_floating(make):
+  # It said "wn_jax.decompose: w must be a real floating array", naming neither.
+  with pytest.raises(ValueError, match=r'WeightNorm\(.*param_dtype must be None .* got int32'):
+    make()

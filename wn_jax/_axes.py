@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,11 @@ def kept_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   out = []
   for a in axes:
     a = _index(a, axis)
+    if not ndim:
+      raise ValueError(
+        f'axis {a} is out of range for a weight of rank 0 (a scalar has no axis to keep); '
+        f'pass axis=None, or a weight with at least one axis.'
+      )
     if not -ndim <= a < ndim:
       raise ValueError(
         f'axis {a} is out of range for a weight of rank {ndim} (valid: '
@@ -75,6 +81,16 @@ def is_eps(eps: object) -> bool:
   )
 
 
+def check_scale_init(scale_init: object) -> None:
+  """A ``ValueError`` unless ``scale_init`` is ``None`` or callable (an initializer)."""
+  if scale_init is not None and not callable(scale_init):
+    raise ValueError(
+      f'scale_init must be None (g = ||v||) or a Flax initializer, a callable '
+      f'(key, shape, dtype) -> array; got {scale_init!r}. For a constant g pass '
+      f'nn.initializers.constant({scale_init!r}).'
+    )
+
+
 def floating_array(x: ArrayLike, name: str) -> jax.Array:
   """``x`` (called ``name`` in the message) as a real floating array, or a ``ValueError``:
   for something that is no array (a parameter dict, a string) or of another dtype."""
@@ -109,6 +125,7 @@ def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
 
 def _dims(shape: object) -> tuple[int, ...]:
   """``shape`` as a tuple of ints, or a ``ValueError`` (for an array in place of its shape)."""
+  dims: tuple[Any, ...]
   try:  # a symbolic dimension (jax.export) stays as it is
     dims = tuple(d if jax.export.is_symbolic_dim(d) else operator.index(d) for d in shape)  # type: ignore[attr-defined]
   except TypeError:

@@ -199,7 +199,8 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
       kernels), or ``None`` for one scalar ``g`` per tensor.
     where: which leaves: ``None`` (every floating leaf with ``ndim >= 2``), a regular
       expression searched in the ``/``-joined key path (e.g. ``'kernel'``), or a callable
-      ``(path, leaf) -> bool``.
+      ``(path, leaf) -> bool``, ``path`` a JAX key path (``(DictKey(key='kernel'),)``, as
+      ``jax.tree_util.tree_map_with_path`` gives it: compare ``path[-1].key``).
 
   Returns:
     ``params`` with the selected leaves replaced; ``params`` itself is not modified.
@@ -254,11 +255,25 @@ def replace_selected(
   if count == 0 and required:
     raise ValueError(
       f'where={where!r} selected no leaf of the parameters (they are '
-      f'{_some_paths(params)}). Pass a regular expression searched in the /-joined key path '
-      f"(e.g. where='embedding' for an Embed) or a callable (path, leaf) -> bool; "
-      f'where=None selects every floating leaf with ndim >= 2.'
+      f'{_some_paths(params)}). {_where_hint(where, params)}'
     )
   return out
+
+
+def _where_hint(where: Where, params: PyTree) -> str:
+  """How ``where`` selects, for the error of a ``where`` that selected nothing."""
+  nodes = jax.tree_util.tree_flatten_with_path(params)[0]
+  if callable(where) and nodes:
+    return (
+      f'A callable gets (path, leaf) with path a JAX key path, such as {nodes[0][0]!r}: '
+      f'compare path[-1].key, or pass a regular expression searched in the /-joined path.'
+    )
+  matrices = [p for p, x in nodes if _is_floating_matrix(x)]
+  name = path_str(matrices[0]).split('/')[-1] if matrices else 'kernel'
+  return (
+    f'Pass a regular expression searched in the /-joined key path (e.g. where={name!r}) or '
+    'a callable (path, leaf) -> bool; where=None selects every floating leaf with ndim >= 2.'
+  )
 
 
 def _some_paths(params: PyTree, limit: int = 6) -> str:
@@ -288,6 +303,12 @@ def initial_scale(
   ``param_dtype``, or with ``None`` in ``v``'s dtype. The norm is taken of ``v`` in
   ``param_dtype``, so a float32 ``g`` of a float16 kernel is not rounded to float16.
   """
+  _axes.check_scale_init(scale_init)
+  if param_dtype is not None and not jnp.issubdtype(param_dtype, jnp.floating):
+    raise ValueError(
+      f'param_dtype must be None (the dtype of each parameter) or a real floating dtype '
+      f'(e.g. jnp.float32); got {jnp.dtype(param_dtype).name}.'
+    )
   dtype = node.g.dtype if param_dtype is None else jnp.dtype(param_dtype)
   if scale_init is not None:
     return scale_init(None if key is None else key(), node.g.shape, dtype)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _data_init
+from wn_jax import _errors
 from wn_jax import _kernel
 
 Initializer = Callable[..., Any]
@@ -86,6 +87,8 @@ class _WeightNormedKernel:
     shape = _core.scale_shape(value.shape, kept)
 
     def init_scale(key, shape, dtype):
+      with _errors.labelled(self._where()):
+        _axes.check_scale_init(self.scale_init)
       if self.scale_init is None:
         g = _core.decompose(value, kept)[1].astype(dtype)
       else:

@@ -59,7 +59,7 @@ class WeightNorm(nn.Module):
       features of Flax kernels).
     where: which parameters: a regular expression searched in the ``/``-joined path
       inside ``layer``'s params (default: every ``kernel``), or a callable
-      ``(path, leaf) -> bool``.
+      ``(path, leaf) -> bool``, ``path`` a JAX key path (compare ``path[-1].key``).
     scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
     epsilon: a lower bound on each ``||v||`` (default ``0``: none), as
       :func:`wn_jax.normalize`'s ``eps``. Flax's ``1e-12`` is not needed against zero

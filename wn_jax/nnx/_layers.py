@@ -64,6 +64,7 @@ class _WeightNormedKernel:
     v = self.kernel[...]
     with _errors.labelled(self._where()):
       _kernel.check_real('kernel', v)
+      _axes.check_scale_init(scale_init)
       kept = _axes.kept_axes(v.ndim, axis)
     self.axis = axis
     if scale_init is None:

@@ -65,7 +65,8 @@ class WeightNorm(nnx.Module):
     layer: the NNX module to wrap (a ``flax.nnx.Module``).
     axis: the kept axis or axes of every selected parameter (default ``-1``).
     where: which parameters: a regular expression searched in the ``/``-joined path
-      (default: every ``kernel``), or a callable ``(path, leaf) -> bool``.
+      (default: every ``kernel``), or a callable ``(path, leaf) -> bool``, ``path`` a JAX
+      key path (compare ``path[-1].key``).
     scale_init: ``None`` (``g = ||v||``: the wrapped layer's function is unchanged) or a
       Flax initializer (then ``rngs`` is needed).
     epsilon: a lower bound on each ``||v||`` (default ``0``: none), as
@@ -135,11 +136,14 @@ class WeightNorm(nnx.Module):
       wn = _tree.weight_norm(pure, axis, where=where)
     except ValueError as e:
       raise ValueError(f'{self._where()}: {e}') from None
-    if scale_init is not None and rngs is None:
+    if callable(scale_init) and rngs is None:
       raise ValueError(f'{self._where()}: a scale_init needs rngs=nnx.Rngs(...).')
 
     key = None if rngs is None else rngs.params
-    scales = _tree.map_selected(wn, lambda x: _tree.initial_scale(x, scale_init, param_dtype, key))
+    with _errors.labelled(self._where()):
+      scales = _tree.map_selected(
+        wn, lambda x: _tree.initial_scale(x, scale_init, param_dtype, key)
+      )
     self.scale = _to_params(scales, nnx.state(layer, nnx.Param), axis, self._where())
 
   def _where(self) -> str:
