@@ -181,7 +181,8 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
       scalar for ``axis=None``).
     axis: the kept axis or axes: an int, a tuple of ints, or ``None`` for the whole
       tensor.
-    eps: a lower bound on ``||v||`` (default 0: none). A static Python float.
+    eps: a lower bound on ``||v||`` (default 0: none). A static Python float: each
+      value is compiled once, and an array is refused.
 
   Returns:
     ``w``, of the shape of ``v``.

@@ -65,7 +65,9 @@ class WeightNorm(nn.Module):
       :func:`wn_jax.normalize`'s ``eps``. Flax's ``1e-12`` is not needed against zero
       slices here (they give ``w = 0`` and finite gradients).
     param_dtype: the dtype of ``scale`` (default ``None``: that of the parameter it
-      scales). ``jnp.float32`` keeps a float32 magnitude for a float16 kernel.
+      scales). ``jnp.float32`` keeps a float32 magnitude for a float16 kernel; ``w`` is
+      then float32 (the wider dtype, below), so a layer with ``dtype=None`` computes and
+      returns float32: give the layer ``dtype=jnp.float16`` to keep float16 activations.
 
   Flax's ``use_scale=False`` ($w = v / \lVert v \rVert$, no trained length) is not an
   option: it is ``scale_init=nn.initializers.ones`` with ``scale`` left out of the
