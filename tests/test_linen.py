@@ -645,6 +645,10 @@ def _misplaced_arguments():
       lambda: wl.fold(model),
       r'fold: expected the parameters.*WNDense',
     ),
+    'fold of an NNX state': (
+      lambda: wl.fold(nnx.state(nnx_model, nnx.Param)),
+      r'fold: expected the parameters.*State.*nnx.to_pure_dict',
+    ),
     'fold of an NNX model': (
       lambda: wl.fold(nnx_model),
       r'fold: expected the parameters.*WNLinear.*wn_jax.nnx.fold',

@@ -254,7 +254,10 @@ def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
   """
-  fix = "Pass variables['params'] (linen), or call wn_jax.nnx.fold(model) for an NNX model."
-  is_model = isinstance(params, (nn.Module, flax.nnx.Module))
-  _errors.require(not is_model, 'wn_jax.linen.fold', 'the parameters, a dict', params, fix)
+  fix = (
+    "Pass variables['params'] (linen) or nnx.to_pure_dict(state), or call "
+    'wn_jax.nnx.fold(model) for an NNX model.'
+  )
+  wrong = isinstance(params, (nn.Module, flax.nnx.Module, flax.nnx.State))
+  _errors.require(not wrong, 'wn_jax.linen.fold', 'the parameters, a dict', params, fix)
   return _fold.fold(nn.unbox(params), axis)
