@@ -469,3 +469,28 @@ def test_a_wrapper_refuses_a_param_dtype_that_is_not_floating(make):
   # It said "wn_jax.decompose: w must be a real floating array", naming neither.
   with pytest.raises(ValueError, match=r'WeightNorm\(.*param_dtype must be None .* got int32'):
     make()
+
+
+def test_linen_wrapper_refuses_a_layer_owned_elsewhere():
+  # A shared layer wrapped in another module's scope: its params lie neither under the
+  # wrapper nor beside it, so project_directions took a sibling ('block/other') for the
+  # wrapped layer and held the wrong kernel's norm, silently (a user trial).
+  class Block(nn.Module):
+    shared: nn.Module
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name='other')(wl.WeightNorm(self.shared)(x))
+
+  class Net(nn.Module):
+    def setup(self):
+      self.dense = nn.Dense(4)
+      self.block = Block(self.dense)
+
+    def __call__(self, x):
+      return self.block(x)
+
+  with pytest.raises(
+    ValueError, match=r"WeightNorm\(Dense\) at '/block/WeightNorm_0'.*'dense'.*parent=None"
+  ):
+    Net().init(KEY, jnp.ones((2, 4)))

@@ -51,7 +51,8 @@ class WeightNorm(nn.Module):
   its parameters sit under the wrapper (``layer``), so the tools that find directions by
   structure (:func:`wn_jax.optim.project_directions`, :func:`wn_jax.optim.direction_stats`)
   always know which layer a ``scale`` tree belongs to; beside it, two layers that fit the
-  same ``scale`` tree are refused there.
+  same ``scale`` tree are refused there. A layer whose params lie elsewhere (a module
+  another scope owns, handed to the wrapper's parent) is refused at ``init``.
 
   Attributes:
     layer: the module to wrap (a ``flax.linen.Module``).
@@ -177,6 +178,7 @@ class _Mapping:
   def init(self, key: jax.Array) -> Any:
     """The scale tree at init: ``g = ||v||`` (or ``scale_init``), boxed like each kernel."""
     w = self.wrapper
+    _check_place(self.common, tuple(w.scope.path))
     boxed = _nested(self.keys, self.created)
     params = nn.unbox(boxed)
     _tree.check_wrappable(params, w.where, self.owners)
@@ -277,6 +279,21 @@ def _scope_keys(layer: nn.Module) -> tuple[tuple[str, ...], list[tuple[str, ...]
   if len(paths) == 1:
     return common, [()]
   return common, [p[len(common) :] for p in paths]
+
+
+def _check_place(layer: tuple[str, ...], wrapper: tuple[str, ...]) -> None:
+  """A ``ValueError`` unless the layer's params (common path ``layer``) lie under the wrapper
+  or beside it, under its parent: where the tools that find directions by structure
+  (``project_directions``, ``direction_stats``) look for them."""
+  parent = wrapper[:-1]
+  if layer[: len(wrapper)] == wrapper or layer[:-1] == parent or layer == parent:
+    return
+  raise ValueError(
+    f"the wrapped layer's params live at '{'/'.join(layer)}', neither under the wrapper nor "
+    f'beside it, so its directions could not be told from the params. Build the layer '
+    f'unbound, so that the wrapper adopts it (nn.Dense(4, parent=None)), or in the '
+    f"wrapper's parent."
+  )
 
 
 def _nest(key: tuple[str, ...], tree: Any) -> Any:
