@@ -268,7 +268,7 @@ def test_decay_mask_never_decays_magnitudes():
 
 def test_bad_input():
   params = _params()
-  with pytest.raises(ValueError, match='selected no leaf'):
+  with pytest.raises(ValueError, match=r'^wn_jax.optim.weight_norm: where=.*selected no leaf'):
     wn_jax.optim.weight_norm(optax.sgd(0.1), where='nothing').init(params)
   tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
   state = tx.init(params)

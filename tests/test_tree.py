@@ -296,3 +296,30 @@ def test_numpy_integer_axes_are_canonical_static_ints():
   assert state.directions['w'].axis == 0 and state.directions['w'].g.shape == (2,)
   updates, _ = jax.jit(tx.update)({'w': jnp.ones_like(w)}, state, {'w': w})
   assert updates['w'].shape == w.shape
+
+
+def _boxed_trees():
+  state = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
+  init = nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
+  linen = nn.Dense(4, kernel_init=init).init(jax.random.key(0), jnp.ones((1, 3)))['params']
+  return {'nnx state': state, 'partitioned linen params': linen}
+
+
+@pytest.mark.parametrize('tree', list(_boxed_trees()))
+@pytest.mark.parametrize(
+  'where', ['kernel$', lambda path, leaf: path[-1].key == 'kernel'], ids=['regex', 'callable']
+)
+def test_where_sees_a_boxed_leaf_by_its_parameter_path(tree, where):
+  # An nnx.Variable or a Partitioned box flattens with a trailing 'value' key: where='kernel$'
+  # selected nothing, the callable failed, and the hint offered where='value', which also
+  # selected the bias (a user trial).
+  params = _boxed_trees()[tree]
+  out = wn_jax.weight_norm(params, where=where)
+  kinds = {
+    wn_jax._tree.path_str(p): type(x).__name__
+    for p, x in jax.tree_util.tree_flatten_with_path(out, is_leaf=wn_jax._tree._is_wn)[0]
+  }
+  assert [k for k, t in kinds.items() if t == 'WeightNormed'] == ['kernel/value']
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.1), where=where)
+  plain = wn_jax.materialize(out)
+  tx.update(jax.tree.map(jnp.ones_like, plain), tx.init(plain), plain)

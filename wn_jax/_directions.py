@@ -33,8 +33,7 @@ def direction(x: Any) -> Any:
 
 
 def path_keys(path: tuple) -> Keys:
-  keys = _tree.path_str(path).split('/')
-  return tuple(keys[:-1]) if keys and keys[-1] == 'value' else tuple(keys)
+  return tuple(_tree.path_str(_tree.param_path(path)).split('/'))
 
 
 def _shapes(nodes: list[tuple[tuple, Any]]) -> dict[Keys, Shape]:

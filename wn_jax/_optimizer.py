@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from wn_jax import _core
+from wn_jax import _errors
 from wn_jax import _tree
 from wn_jax._optax_util import check_update_args
 from wn_jax._optax_util import in_structure
@@ -137,7 +138,8 @@ def weight_norm(
   def init_fn(params):
     _refuse_weight_normed(params)
     # Copies, so the state never shares a buffer with params (safe to donate both).
-    wn = _tree.weight_norm(jax.tree_util.tree_map(jnp.copy, unwrap(params)), axis, where=where)
+    with _errors.labelled(_CALLER):
+      wn = _tree.decomposed(jax.tree_util.tree_map(jnp.copy, unwrap(params)), axis, where)
     directions = jax.tree_util.tree_map(
       lambda x: x if isinstance(x, _tree.WeightNormed) else optax.MaskedNode(), wn, is_leaf=is_node
     )

@@ -135,6 +135,14 @@ def _is_lost_node(x: Any) -> bool:
   )
 
 
+def param_path(path: tuple) -> tuple:
+  """A leaf's key path less the trailing ``value`` of the box holding it (an ``nnx.Variable``,
+  a ``Partitioned``): ``kernel/value`` -> ``kernel``, what ``where`` is matched against."""
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    return path[:-1]
+  return path
+
+
 def path_str(path: tuple) -> str:
   """A key path as a ``/``-joined string, e.g. ``'params/Dense_0/kernel'``."""
   parts = []
@@ -218,6 +226,12 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
     True
   """
+  return decomposed(params, axis, where)
+
+
+def decomposed(params: PyTree, axis: _axes.Axis, where: Where) -> PyTree:
+  """:func:`weight_norm` without its label: for the wrappers and the optimizer, whose errors
+  name themselves."""
   return replace_selected(
     params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
   )
@@ -243,7 +257,7 @@ def replace_selected(
     if _is_wn(leaf):  # already weight-normed: kept, and counts as selected
       count += 1
       return leaf
-    if not select(path, leaf):
+    if not select(param_path(path), leaf):
       return leaf
     count += 1
     try:
@@ -265,11 +279,12 @@ def _where_hint(where: Where, params: PyTree) -> str:
   nodes = jax.tree_util.tree_flatten_with_path(params)[0]
   if callable(where) and nodes:
     return (
-      f'A callable gets (path, leaf) with path a JAX key path, such as {nodes[0][0]!r}: '
+      f'A callable gets (path, leaf) with path a JAX key path, such as '
+      f'{param_path(nodes[0][0])!r}: '
       f'compare path[-1].key, or pass a regular expression searched in the /-joined path.'
     )
   matrices = [p for p, x in nodes if _is_floating_matrix(x)]
-  name = path_str(matrices[0]).split('/')[-1] if matrices else 'kernel'
+  name = path_str(param_path(matrices[0])).split('/')[-1] if matrices else 'kernel'
   return (
     f'Pass a regular expression searched in the /-joined key path (e.g. where={name!r}) or '
     'a callable (path, leaf) -> bool; where=None selects every floating leaf with ndim >= 2.'
@@ -277,7 +292,7 @@ def _where_hint(where: Where, params: PyTree) -> str:
 
 
 def _some_paths(params: PyTree, limit: int = 6) -> str:
-  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = [path_str(param_path(p)) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   more = f', ... ({len(paths)} in all)' if len(paths) > limit else ''
   return ', '.join(repr(p) for p in paths[:limit]) + more if paths else 'none'
 

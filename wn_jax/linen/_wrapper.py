@@ -178,11 +178,11 @@ class _Mapping:
   def init(self, key: jax.Array) -> Any:
     """The scale tree at init: ``g = ||v||`` (or ``scale_init``), boxed like each kernel."""
     w = self.wrapper
-    _check_place(self.common, tuple(w.scope.path))
+    _check_place(self.common, tuple(w.scope.path))  # type: ignore[union-attr]
     boxed = _nested(self.keys, self.created)
     params = nn.unbox(boxed)
     _tree.check_wrappable(params, w.where, self.owners)
-    wn = _tree.weight_norm(params, w.axis, where=w.where)
+    wn = _tree.decomposed(params, w.axis, w.where)
     keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
 
     def g(x: _tree.WeightNormed) -> jax.Array:

@@ -135,7 +135,7 @@ class WeightNorm(nnx.Module):
         owners.update(_tree.weight_normed_parts(keys, type(m).__name__, isinstance(m, WeightNorm)))
     try:
       _tree.check_wrappable(pure, where, owners)
-      wn = _tree.weight_norm(pure, axis, where=where)
+      wn = _tree.decomposed(pure, axis, where)
     except ValueError as e:
       raise ValueError(f'{self._where()}: {e}') from None
     if callable(scale_init) and rngs is None:
