@@ -678,3 +678,34 @@ def test_schedule_free_eval_params_refuses_params_of_other_shapes():
   for w, b in (((2, 4), (4,)), ((5, 4), (1,))):
     with pytest.raises(ValueError, match=r'schedule_free_eval_params: .*shape .*tx.init'):
       wn_jax.optim.schedule_free_eval_params(state, {'w': jnp.ones(w), 'b': jnp.zeros(b)})
+
+
+def test_schedule_free_eval_params_takes_an_nnx_optimizer_state_and_a_whole_chain():
+  # The nnx.Optimizer's state holds its arrays in OptArray variables: it failed with a pytree
+  # structure error. A chain around weight_norm(...) was refused ("got a tuple").
+
+  def make():
+    return optax.chain(
+      optax.clip_by_global_norm(10.0),
+      wn_jax.optim.weight_norm(optax.contrib.schedule_free_sgd(0.1)),
+    )
+
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+  optimizer = nnx.Optimizer(model, make(), wrt=nnx.Param)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tx = make()
+  state = tx.init(params)
+
+  def loss(p):
+    return jnp.mean((x @ p['kernel'] + p['bias'] - 1.0) ** 2)
+
+  for _ in range(3):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model))
+  want = wn_jax.optim.schedule_free_eval_params(state[1], params)
+  assert_trees_close(wn_jax.optim.schedule_free_eval_params(state, params), want, rtol=0, atol=0)
+  got = wn_jax.optim.schedule_free_eval_params(optimizer.opt_state, nnx.state(model, nnx.Param))
+  assert_trees_close(nnx.to_pure_dict(got), want, rtol=1e-6, atol=1e-7)

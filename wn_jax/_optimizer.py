@@ -272,6 +272,16 @@ def _of_directions(fn: Any) -> Any:
   return fn_vg
 
 
+def _weight_norm_state(state: Any) -> Any:
+  """The one ``WeightNormState`` in ``state`` (a chain's, say), else ``state`` as it is."""
+  found = [
+    x
+    for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, WeightNormState))
+    if isinstance(x, WeightNormState)
+  ]
+  return found[0] if len(found) == 1 else state
+
+
 def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
   r"""The weights to evaluate at, for ``weight_norm(optax.contrib.schedule_free(...))``.
 
@@ -282,7 +292,8 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
   Args:
     state: the ``WeightNormState`` of ``weight_norm(schedule_free(...))`` (or of a
       ``schedule_free_*`` optimizer, alone or in a chain, with or without ``project=``), as
-      ``tx.update`` returns it. Under ``optax.masked`` or ``multi_transform``, each
+      ``tx.update`` returns it, or a state holding one (a chain around ``weight_norm``,
+      ``nnx.Optimizer``'s ``opt_state``). Under ``optax.masked`` or ``multi_transform``, each
       schedule-free state evaluates the parameters it trains; the others are ``params``.
     params: the current weights ``w``, as passed to ``tx.update``.
 
@@ -300,6 +311,7 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
     (2, 2)
   """
   caller = 'wn_jax.optim.schedule_free_eval_params'
+  state = _weight_norm_state(unwrap(state))  # nnx.Optimizer's OptArray variables, a chain
   if not isinstance(state, WeightNormState):
     raise ValueError(
       f'{caller}: expected the WeightNormState of wn_jax.optim.weight_norm(...), got a '
