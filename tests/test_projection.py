@@ -484,3 +484,21 @@ def test_a_constant_norm_beyond_the_directions_dtype_is_refused():
   tx = wn_jax.optim.project_directions(norm=1e4)
   new = optax.apply_updates(params, tx.update(updates, tx.init(params), params)[0])
   np.testing.assert_allclose(np.asarray(new['w'].v, np.float32), 1e4, rtol=1e-3)
+
+
+def test_a_traced_axis_is_refused_with_the_static_args_fix():
+  # optax.inject_hyperparams makes axis=-1 an array, traced under jit: the error said only
+  # "axis must be an int ... got JitTracer" (a user trial).
+  params = {'wn': {'kernel': jnp.ones((4, 3)), 'scale': jnp.ones(3)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def step(make):
+    tx = optax.chain(optax.sgd(0.1), make(norm=1.0, axis=-1))
+    return jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params)
+
+  with pytest.raises(ValueError, match=r"axis is traced.*static_args=\('axis',\)"):
+    step(optax.inject_hyperparams(wn_jax.optim.project_directions))
+  out = step(optax.inject_hyperparams(wn_jax.optim.project_directions, static_args=('axis',)))
+  np.testing.assert_allclose(
+    wn_jax.norm(params['wn']['kernel'] + out['wn']['kernel']), np.ones(3), rtol=1e-6
+  )

@@ -63,6 +63,11 @@ def _index(a: object, axis: Axis) -> int:
       return operator.index(a)  # type: ignore[arg-type]
     except TypeError:
       pass
+  if isinstance(a, jax.core.Tracer):
+    raise ValueError(
+      f'axis is traced ({a!r}): optax.inject_hyperparams makes every number an array, '
+      f"traced under jit. Keep it static: inject_hyperparams(..., static_args=('axis',))."
+    )
   raise ValueError(f'axis must be an int, a tuple of ints or None; got {axis!r}.')
 
 

@@ -64,8 +64,9 @@ def project_directions(
   Args:
     norm: ``'init'`` (each slice keeps its norm at ``init``; an all-zero slice gets 1, as
       :func:`wn_jax.decompose` gives ``g``), or a positive constant for every slice (a
-      float, or an array under ``optax.inject_hyperparams``) that the directions' dtype
-      holds (at most 65504 for float16).
+      float, or an array under ``optax.inject_hyperparams``, there with
+      ``static_args=('axis',)`` if ``axis`` is given) that the directions' dtype holds (at
+      most 65504 for float16).
     axis: the kept axis of WN layers and wrappers, as :func:`wn_jax.linen.fold` takes it:
       ``'infer'`` (from each scale's shape, refused where several axes fit, e.g. a
       square kernel), an int, tuple or ``None`` for all, or a mapping from layer path
