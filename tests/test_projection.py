@@ -502,3 +502,16 @@ def test_a_traced_axis_is_refused_with_the_static_args_fix():
   np.testing.assert_allclose(
     wn_jax.norm(params['wn']['kernel'] + out['wn']['kernel']), np.ones(3), rtol=1e-6
   )
+
+
+def test_a_wn_layer_beside_an_inline_wrapper_is_not_taken_for_its_layer():
+  # The wrapper never normalizes a WN layer's kernel, so a WNDense of the same width beside
+  # it is no candidate: this was refused as ambiguous (a user trial).
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WeightNorm(nn.Dense(4))(wl.WNDense(4)(x))
+
+  params = Net().init(jax.random.key(0), jnp.ones((2, 3)))['params']
+  stats = wn_jax.optim.direction_stats(params, axis=-1)
+  assert sorted(stats) == ['Dense_0/kernel/norm', 'WNDense_0/kernel/norm']

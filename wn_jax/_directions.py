@@ -69,10 +69,8 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
 
 def _owner(keys: Keys, shapes: dict[Keys, Shape]) -> tuple[Keys, Shape] | None:
   """A WN layer's ``kernel``: its layer's path and its ``scale``'s shape (else ``None``)."""
-  scale = shapes.get(keys[:-1] + ('scale',)) if keys and keys[-1] == 'kernel' else None
-  if scale is not None and _axes.fits_kept_axes(scale, shapes[keys]):
-    return keys[:-1], scale
-  return None
+  scale = _fold.wn_layer_scale(shapes, keys)
+  return None if scale is None else (keys[:-1], scale)
 
 
 def _wrapped_parameters(shapes: dict[Keys, Shape], caller: str) -> dict[Keys, tuple[Keys, Shape]]:
@@ -159,16 +157,15 @@ def decay_mask(params: Any) -> Any:
   """
   shapes = _shapes(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0])
 
-  def fits(keys: Keys, of: Keys) -> bool:
-    return of in shapes and _axes.fits_kept_axes(shapes[keys], shapes[of])
-
   wrapper_scale = functools.cache(lambda prefix: _fold.is_wrapper_scale(shapes, prefix))
 
   def is_magnitude(keys: Keys) -> bool:
     return any(
       k == 'scale'
       and (
-        fits(keys, keys[:i] + ('kernel',)) if i == len(keys) - 1 else wrapper_scale(keys[: i + 1])
+        _fold.wn_layer_scale(shapes, keys[:i] + ('kernel',)) is not None
+        if i == len(keys) - 1
+        else wrapper_scale(keys[: i + 1])
       )
       for i, k in enumerate(keys)
     )

@@ -50,6 +50,14 @@ def is_wrapper_scale(shapes: Shapes, prefix: tuple[str, ...]) -> bool:
   return bool(wrapped_layers(shapes, prefix))
 
 
+def wn_layer_scale(shapes: Shapes, keys: tuple[str, ...]) -> tuple[int, ...] | None:
+  """The shape of the ``scale`` beside ``keys`` if it is a WN layer's ``kernel`` (a ``scale``
+  shaped like its kept axes beside it), else ``None``."""
+  kernel = shapes.get(keys) if keys and keys[-1] == 'kernel' else None
+  scale = None if kernel is None else shapes.get(keys[:-1] + ('scale',))
+  return scale if scale is not None and _axes.fits_kept_axes(scale, kernel) else None
+
+
 def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
   """The layers whose parameters the ``scale`` tree at ``prefix`` mirrors (the rule of
   :func:`is_wrapper_scale`): each a key path whose parameter at ``layer + r`` is the ``v``
@@ -76,7 +84,8 @@ def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, .
 
   def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
     g, w = shapes[prefix + r], shapes.get(c + r)
-    return w is not None and len(g) < len(w) and _axes.fits_kept_axes(g, w)
+    fits = w is not None and len(g) < len(w) and _axes.fits_kept_axes(g, w)
+    return fits and wn_layer_scale(shapes, c + r) is None  # no wrapper takes a WN kernel
 
   if not inside:
     return []
