@@ -54,7 +54,9 @@ def wn_layer_scale(shapes: Shapes, keys: tuple[str, ...]) -> tuple[int, ...] | N
   """The shape of the ``scale`` beside ``keys`` if it is a WN layer's ``kernel`` (a ``scale``
   shaped like its kept axes beside it), else ``None``."""
   kernel = shapes.get(keys) if keys and keys[-1] == 'kernel' else None
-  scale = None if kernel is None else shapes.get(keys[:-1] + ('scale',))
+  if kernel is None:
+    return None
+  scale = shapes.get(keys[:-1] + ('scale',))
   return scale if scale is not None and _axes.fits_kept_axes(scale, kernel) else None
 
 
