@@ -641,6 +641,10 @@ def _misplaced_arguments():
       lambda: wl.layer_axes(variables, x),
       r'layer_axes: expected the model, a flax.linen.Module; got builtins.dict',
     ),
+    'layer_axes given the variables as the input': (
+      lambda: wl.layer_axes(model, variables),
+      r"layer_axes: expected example inputs, as model.init takes them.*'params'",
+    ),
     'fold of the model': (
       lambda: wl.fold(model),
       r'fold: expected the parameters.*WNDense',
