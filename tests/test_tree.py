@@ -1,5 +1,7 @@
 """The pytree level: weight_norm / materialize on every framework's parameters."""
 
+import re
+
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -323,3 +325,11 @@ def test_where_sees_a_boxed_leaf_by_its_parameter_path(tree, where):
   tx = wn_jax.optim.weight_norm(optax.sgd(0.1), where=where)
   plain = wn_jax.materialize(out)
   tx.update(jax.tree.map(jnp.ones_like, plain), tx.init(plain), plain)
+
+
+def test_where_takes_a_compiled_pattern():
+  # re.compile(...) was refused: "where must be None, a regular expression string or ...".
+  params = {'fc': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}, 'emb': jnp.ones((4, 3))}
+  out = wn_jax.weight_norm(params, where=re.compile(r'KERNEL', re.IGNORECASE))
+  assert isinstance(out['fc']['kernel'], wn_jax.WeightNormed)
+  assert not isinstance(out['emb'], wn_jax.WeightNormed)

@@ -18,7 +18,7 @@ from wn_jax import _errors
 from wn_jax._errors import labelled
 
 PyTree = Any
-Where = None | str | Callable[[tuple, Any], bool]
+Where = None | str | re.Pattern | Callable[[tuple, Any], bool]
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -171,13 +171,13 @@ def _is_floating_matrix(leaf: Any) -> bool:
 def selector(where: Where) -> Callable[[tuple, Any], bool]:
   """Turns ``where`` into a predicate ``(path, leaf) -> bool``.
 
-  ``None``: every floating array leaf with ``ndim >= 2``. A string: a regular
-  expression searched (``re.search``) in the ``/``-joined key path. A callable: used
+  ``None``: every floating array leaf with ``ndim >= 2``. A string (or a compiled
+  ``re.Pattern``): a regular expression searched (``re.search``) in the ``/``-joined key path. A callable: used
   as it is.
   """
   if where is None:
     return lambda path, leaf: _is_floating_matrix(leaf)
-  if isinstance(where, str):
+  if isinstance(where, (str, re.Pattern)):
     try:
       pattern = re.compile(where)
     except re.error as e:
