@@ -709,3 +709,20 @@ def test_schedule_free_eval_params_takes_an_nnx_optimizer_state_and_a_whole_chai
   assert_trees_close(wn_jax.optim.schedule_free_eval_params(state, params), want, rtol=0, atol=0)
   got = wn_jax.optim.schedule_free_eval_params(optimizer.opt_state, nnx.state(model, nnx.Param))
   assert_trees_close(nnx.to_pure_dict(got), want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_optimizer_route_keeps_a_users_own_v_and_g_parameters():
+  # A module of the user's whose params are named v and g (not a WeightNormed node): the
+  # optimizer's own materialize took it for a node restored without a target and refused.
+  params = {
+    'dense': {'kernel': jnp.ones((3, 2)) + jnp.arange(2.0)},
+    'gate': {'v': jnp.ones((3, 2)), 'g': jnp.ones(2)},
+  }
+  tx = wn_jax.optim.weight_norm(optax.contrib.schedule_free_sgd(0.1), where='dense')
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  out = wn_jax.optim.schedule_free_eval_params(state, params)
+  assert jax.tree.map(jnp.shape, out) == jax.tree.map(jnp.shape, params)
+  assert np.all(np.isfinite(out['gate']['v']))

@@ -267,7 +267,7 @@ def _of_directions(fn: Any) -> Any:
 
   @functools.wraps(fn)
   def fn_vg(wn, *args, **kwargs):
-    return fn(_tree.materialize(wn), *args, **kwargs)
+    return fn(_tree.weights(wn), *args, **kwargs)
 
   return fn_vg
 
@@ -345,7 +345,7 @@ def schedule_free_eval_params(state: WeightNormState, params: Any) -> Any:
       f'({", ".join(twice[:4])}): their evaluation points differ. Train each parameter with '
       f'one schedule-free optimizer.'
     )
-  return _tree.materialize(x)
+  return _tree.weights(x)
 
 
 def _trained_part(z: Any, wn: Any, caller: str) -> Any:

@@ -14,7 +14,6 @@ from flax import serialization
 
 from wn_jax import _axes
 from wn_jax import _core
-from wn_jax import _errors
 from wn_jax._errors import labelled
 
 PyTree = Any
@@ -297,82 +296,6 @@ def _some_paths(params: PyTree, limit: int = 6) -> str:
   return ', '.join(repr(p) for p in paths[:limit]) + more if paths else 'none'
 
 
-def not_a_layer(label: str, expected: str, example: str, layer: Any) -> TypeError:
-  """The ``WeightNorm`` wrappers' error for something that is not a layer."""
-  return TypeError(
-    f'{label}: expected a layer, a {expected} instance (e.g. {example}); got '
-    f'{_errors.type_name(layer)}. Wrap the layer that '
-    f'holds the parameters; for arrays or a parameter tree use wn_jax.weight_norm.'
-  )
-
-
-def initial_scale(
-  node: WeightNormed,
-  scale_init: Callable[..., Any] | None,
-  param_dtype: Any,
-  key: Callable[[], Any] | None,
-) -> jax.Array:
-  """A ``WeightNorm`` wrapper's initial ``g`` for ``node`` (from :func:`weight_norm`).
-
-  ``||v||`` (the layer's function unchanged), or ``scale_init(key(), shape, dtype)``; in
-  ``param_dtype``, or with ``None`` in ``v``'s dtype. The norm is taken of ``v`` in
-  ``param_dtype``, so a float32 ``g`` of a float16 kernel is not rounded to float16.
-  """
-  _axes.check_scale_init(scale_init)
-  if param_dtype is not None and not jnp.issubdtype(param_dtype, jnp.floating):
-    raise ValueError(
-      f'param_dtype must be None (the dtype of each parameter) or a real floating dtype '
-      f'(e.g. jnp.float32); got {jnp.dtype(param_dtype).name}.'
-    )
-  dtype = node.g.dtype if param_dtype is None else jnp.dtype(param_dtype)
-  if scale_init is not None:
-    return scale_init(None if key is None else key(), node.g.shape, dtype)
-  if param_dtype is None:
-    return node.g
-  return _core.decompose(jnp.asarray(node.v, dtype), node.axis)[1]
-
-
-def weight_normed_parts(path: tuple[str, ...], name: str, wrapper: bool) -> dict:
-  """:func:`check_wrappable`'s ``owners`` entries for a weight-normalized module at ``path``.
-
-  A ``WeightNorm`` wrapper owns every parameter under it (its layer's and its scale); a
-  ``WN*`` layer its ``kernel`` and ``scale``, not its ``bias``.
-  """
-  at = f"at '{'/'.join(path)}'" if path else '(the wrapped layer itself)'
-  parts = [path] if wrapper else [(*path, 'kernel'), (*path, 'scale')]
-  return {p: f'{name} {at}' for p in parts}
-
-
-def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], str]) -> None:
-  """Refuses a ``WeightNorm`` wrapper with nothing to normalize, or one that normalizes twice.
-
-  Args:
-    params: the wrapped layer's parameters, a nested dict of arrays.
-    where: the wrapper's selection.
-    owners: the parameter paths (inside ``params``; a path owns what lies under it) that a
-      weight-normalized module inside the layer normalizes already, to that module
-      (:func:`weight_normed_parts`).
-  """
-  if not jax.tree_util.tree_leaves(params):
-    raise ValueError(
-      'the layer has no parameters, so there is nothing to weight-normalize. '
-      'Wrap the layers that have parameters (pooling and activations need no weight '
-      'norm), or leave this one unwrapped.'
-    )
-  select = selector(where)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys = tuple(path_str(path).split('/'))
-    owner = next((o for o in owners if keys[: len(o)] == o), None)
-    if owner is not None and select(path, leaf):
-      raise ValueError(
-        f'{owners[owner]} is weight-normalized already, and where={where!r} selects its '
-        f"parameter '{'/'.join(keys)}': a second WeightNorm would stack another scale on "
-        f'the same weight (a dead parameter; PyTorch refuses this too). Wrap the plain '
-        f'layer (e.g. nn.Dense for WNDense, the inner layer of a WeightNorm), or leave the '
-        f'weight-normalized one out with where=.'
-      )
-
-
 def materialize(params: PyTree) -> PyTree:
   r"""Replaces every :class:`WeightNormed` node by its weight $g \, v / \lVert v \rVert$.
 
@@ -399,8 +322,16 @@ def materialize(params: PyTree) -> PyTree:
            [4., 2.]], dtype=float32)
   """
 
+  return weights(params, check_lost=True)
+
+
+def weights(params: PyTree, *, check_lost: bool = False) -> PyTree:
+  """:func:`materialize`; the ``{'v', 'g'}`` dict check only with ``check_lost``. The
+  optimizer forms its own trees (its nodes intact) around the user's other parameters, which
+  may hold a module's own ``v`` and ``g``."""
+
   def one(path, x):
-    if _is_lost_node(x):
+    if check_lost and _is_lost_node(x):
       raise ValueError(
         f'wn_jax.materialize: {path_str(path)!r} is a plain dict with keys v '
         f'{list(x["v"].shape)} and g {list(x["g"].shape)}: a WeightNormed node restored '
@@ -417,34 +348,5 @@ def materialize(params: PyTree) -> PyTree:
       raise ValueError(f'wn_jax.materialize: node {path_str(path)!r}: {e}') from None
 
   return jax.tree_util.tree_map_with_path(
-    one, params, is_leaf=lambda x: _is_wn(x) or _is_lost_node(x)
+    one, params, is_leaf=lambda x: _is_wn(x) or (check_lost and _is_lost_node(x))
   )
-
-
-def map_selected(tree: Any, fn: Callable, scale: Any = None) -> Any:
-  """Over nested dicts of ``WeightNormed`` nodes.
-
-  Without ``scale``: a nested dict of ``fn(node)`` for the nodes alone (the ``scale``
-  parameter). With ``scale``: the full tree, each node given its ``g`` from ``scale``
-  and replaced by ``fn(node)`` (the weights the layer computes with).
-  """
-  out = {}
-  for k, x in tree.items():
-    if isinstance(x, WeightNormed):
-      out[k] = fn(x if scale is None else WeightNormed(x.v, _get(scale, k), x.axis))
-    elif hasattr(x, 'items'):
-      sub = map_selected(x, fn, None if scale is None else _get(scale, k, {}))
-      if sub or scale is not None:
-        out[k] = sub
-    elif scale is not None:
-      out[k] = x
-  return out
-
-
-def _get(tree: Any, key: Any, *default: Any) -> Any:
-  """``tree[key]``, also where ``tree`` has string keys for integer ones (NNX lists)."""
-  if key in tree:
-    return tree[key]
-  if str(key) in tree or not default:
-    return tree[str(key)]
-  return default[0]

@@ -17,6 +17,7 @@ from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _kernel
 from wn_jax import _tree
+from wn_jax import _wrapping
 from wn_jax.linen._layers import Initializer
 from wn_jax.linen._layers import _scale_box
 from wn_jax.linen._layers import _WeightNormedKernel
@@ -106,7 +107,7 @@ class WeightNorm(nn.Module):
 
   def __post_init__(self) -> None:
     if not isinstance(self.layer, nn.Module):
-      raise _tree.not_a_layer(
+      raise _wrapping.not_a_layer(
         'wn_jax.linen.WeightNorm', 'flax.linen.Module', 'nn.Dense(3)', self.layer
       )
     if not _core.is_eps(self.epsilon):
@@ -181,12 +182,12 @@ class _Mapping:
     _check_place(self.common, tuple(w.scope.path))  # type: ignore[union-attr]
     boxed = _nested(self.keys, self.created)
     params = nn.unbox(boxed)
-    _tree.check_wrappable(params, w.where, self.owners)
+    _wrapping.check_wrappable(params, w.where, self.owners)
     wn = _tree.decomposed(params, w.axis, w.where)
     keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
 
     def g(x: _tree.WeightNormed) -> jax.Array:
-      return _tree.initial_scale(x, w.scale_init, w.param_dtype, lambda: next(keys))
+      return _wrapping.initial_scale(x, w.scale_init, w.param_dtype, lambda: next(keys))
 
     def box(path, g):  # each scale partitioned like its kernel's kept axes
       kernel = boxed
@@ -195,7 +196,7 @@ class _Mapping:
       kept = _axes.kept_axes(jnp.ndim(nn.unbox(kernel)), w.axis)
       return _scale_box(kernel, g, kept)
 
-    return jax.tree_util.tree_map_with_path(box, _tree.map_selected(wn, g))
+    return jax.tree_util.tree_map_with_path(box, _wrapping.map_selected(wn, g))
 
   def read_scale(self) -> Any:
     w = self.wrapper
@@ -221,7 +222,7 @@ class _Mapping:
         lambda v: _tree.WeightNormed(v, None, self.wrapper.axis),
         required=False,
       )
-    merged = _tree.map_selected(directions, self.weight, scale)
+    merged = _wrapping.map_selected(directions, self.weight, scale)
     return {**variables, 'params': _unnest(key, merged)}
 
   def trans_out(self, variables: dict) -> dict:
@@ -239,7 +240,7 @@ class _Mapping:
     if isinstance(m, (WeightNorm, _WeightNormedKernel)):
       path = tuple(m.scope.path)[len(self.common) :]
       self.owners.update(
-        _tree.weight_normed_parts(path, type(m).__name__, isinstance(m, WeightNorm))
+        _wrapping.weight_normed_parts(path, type(m).__name__, isinstance(m, WeightNorm))
       )
     return next_fun(*call_args, **call_kwargs)
 

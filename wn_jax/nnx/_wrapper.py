@@ -18,6 +18,7 @@ from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _kernel
 from wn_jax import _tree
+from wn_jax import _wrapping
 from wn_jax.nnx._layers import Initializer
 from wn_jax.nnx._layers import _scale_param
 from wn_jax.nnx._layers import _WeightNormedKernel
@@ -116,7 +117,7 @@ class WeightNorm(nnx.Module):
     rngs: nnx.Rngs | None = None,
   ):
     if not isinstance(layer, nnx.Module):
-      raise _tree.not_a_layer(
+      raise _wrapping.not_a_layer(
         'wn_jax.nnx.WeightNorm', 'flax.nnx.Module', 'nnx.Linear(2, 3, rngs=nnx.Rngs(0))', layer
       )
     if not _core.is_eps(epsilon):
@@ -132,9 +133,11 @@ class WeightNorm(nnx.Module):
     for path, m in nnx.iter_modules(layer):
       if isinstance(m, (WeightNorm, _WeightNormedKernel)):
         keys = tuple(str(k) for k in path)
-        owners.update(_tree.weight_normed_parts(keys, type(m).__name__, isinstance(m, WeightNorm)))
+        owners.update(
+          _wrapping.weight_normed_parts(keys, type(m).__name__, isinstance(m, WeightNorm))
+        )
     try:
-      _tree.check_wrappable(pure, where, owners)
+      _wrapping.check_wrappable(pure, where, owners)
       wn = _tree.decomposed(pure, axis, where)
     except ValueError as e:
       raise ValueError(f'{self._where()}: {e}') from None
@@ -143,8 +146,8 @@ class WeightNorm(nnx.Module):
 
     key = None if rngs is None else rngs.params
     with _errors.labelled(self._where()):
-      scales = _tree.map_selected(
-        wn, lambda x: _tree.initial_scale(x, scale_init, param_dtype, key)
+      scales = _wrapping.map_selected(
+        wn, lambda x: _wrapping.initial_scale(x, scale_init, param_dtype, key)
       )
     self.scale = _to_params(scales, nnx.state(layer, nnx.Param), axis, self._where())
 
@@ -191,7 +194,7 @@ class WeightNorm(nnx.Module):
       with _errors.labelled(where):
         return _kernel.weight(x, layer_dtype, (args, kwargs), self.epsilon)
 
-    weights = _tree.map_selected(directions, weight, g)
+    weights = _wrapping.map_selected(directions, weight, g)
     nnx.replace_by_pure_dict(params, weights)
     layer = nnx.merge(graphdef, params, rest)
     out = getattr(layer, method)(*args, **kwargs)
