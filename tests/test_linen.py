@@ -660,6 +660,17 @@ def _misplaced_arguments():
   }
 
 
+def test_layer_axes_takes_a_dict_input_with_a_params_entry():
+  # The variables check must not refuse a model whose input dict has an array at 'params'.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, batch):
+      return wl.WNDense(3)(batch['params'] + batch['x'])
+
+  x = jnp.ones((2, 4))
+  assert wl.layer_axes(Net(), {'params': x, 'x': x}) == {'WNDense_0': -1}
+
+
 @pytest.mark.parametrize('case', list(_misplaced_arguments()))
 def test_model_tools_refuse_misplaced_arguments(case):
   # A user's mistakes: fold of the model returned the model, unchanged; the others failed

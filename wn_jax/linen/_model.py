@@ -179,7 +179,7 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   """
   _require_model(model, 'layer_axes', 'Call layer_axes(model, *example_inputs).')
   for x in args:  # data_init's (model, variables, x) carried over
-    is_variables = isinstance(x, Mapping) and 'params' in x
+    is_variables = isinstance(x, Mapping) and isinstance(x.get('params'), Mapping)
     expected = "example inputs, as model.init takes them, not the variables ('params')"
     _errors.require(
       not is_variables, 'wn_jax.linen.layer_axes', expected, x, 'Call layer_axes(model, x).'
