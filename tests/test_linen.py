@@ -660,6 +660,19 @@ def _misplaced_arguments():
   }
 
 
+def test_layer_axes_keeps_a_python_flag_static():
+  # layer_axes(model, x, False) traced the flag and failed (TracerBoolConversionError), where
+  # data_init(model, variables, x, False) runs.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      return wl.WNDense(3, axis=0 if train else -1)(x)
+
+  x = jnp.ones((2, 3))
+  assert wl.layer_axes(Net(), x, False) == {'WNDense_0': -1}
+  assert wl.layer_axes(Net(), x, True) == {'WNDense_0': 0}
+
+
 def test_layer_axes_takes_a_dict_input_with_a_params_entry():
   # The variables check must not refuse a model whose input dict has an array at 'params'.
   class Net(nn.Module):

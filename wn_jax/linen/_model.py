@@ -117,22 +117,32 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
       paths.add(tuple(context.module.scope.path))
     return next_fun(*call_args, **call_kwargs)
 
-  leaves, tree = jax.tree.flatten(args)
-  arrays = [i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray))]
-
-  def run(variables, *values):
-    for i, x in zip(arrays, values):
-      leaves[i] = x
-    call_args = jax.tree.unflatten(tree, leaves)
+  def run(variables, *call_args):
     return model.apply(variables, *call_args, mutable=True, method=method, **kwargs)
 
-  values = [leaves[i] for i in arrays]
   with nn.intercept_methods(record):
     try:
-      jax.eval_shape(run, variables, *values)
+      _eval_abstractly(run, variables, *args)
     except Exception:  # the model reads or prints values: run it as it is
-      run(variables, *values)
+      run(variables, *args)
   return paths
+
+
+def _eval_abstractly(fn: Callable, *args: Any) -> Any:
+  """``jax.eval_shape(fn, *args)`` with only the arrays among ``args`` abstract (arrays and
+  ``jax.ShapeDtypeStruct``): a flag, a string, a depth stay Python values."""
+  leaves, tree = jax.tree.flatten(args)
+  arrays = [
+    i for i, x in enumerate(leaves) if isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+  ]
+
+  def run(*values):
+    filled = list(leaves)
+    for i, x in zip(arrays, values):
+      filled[i] = x
+    return fn(*jax.tree.unflatten(tree, filled))
+
+  return jax.eval_shape(run, *[leaves[i] for i in arrays])
 
 
 def _map_scales(params: Any, paths: set, f: Callable, other: Any = None) -> Any:
@@ -155,7 +165,8 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` need to know.
 
   Traces ``model.init`` abstractly (``jax.eval_shape``: nothing is computed or allocated)
-  on ``args`` (arrays or ``jax.ShapeDtypeStruct``) and records the ``axis`` attribute of
+  on ``args`` (arrays or ``jax.ShapeDtypeStruct``; other arguments, a flag, stay Python
+  values) and records the ``axis`` attribute of
   each ``WNDense``, ``WNConv``, ``WNConvTranspose`` and ``WeightNorm`` wrapper it calls,
   keyed by its path in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
 
@@ -195,7 +206,7 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
-    jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args)
+    _eval_abstractly(lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args)
   return dict(sorted(axes.items()))
 
 
