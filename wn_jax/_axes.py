@@ -130,12 +130,13 @@ def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
 
 def _dims(shape: object) -> tuple[int, ...]:
   """``shape`` as a tuple of ints, or a ``ValueError`` (for an array in place of its shape)."""
-  dims: tuple[Any, ...]
+  dims: tuple[Any, ...] = ()
   try:  # a symbolic dimension (jax.export) stays as it is
     dims = tuple(d if jax.export.is_symbolic_dim(d) else operator.index(d) for d in shape)  # type: ignore[attr-defined]
+    ok = all(jax.export.is_symbolic_dim(d) or d >= 0 for d in dims)
   except TypeError:
-    dims = (-1,)
-  if any(not jax.export.is_symbolic_dim(d) and d < 0 for d in dims):
+    ok = False
+  if not ok:
     got = type_name(shape) if hasattr(shape, 'dtype') else repr(shape)
     raise ValueError(
       f"shape must be a sequence of non-negative ints (a weight's .shape); got {got}. "

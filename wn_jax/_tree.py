@@ -171,8 +171,8 @@ def selector(where: Where) -> Callable[[tuple, Any], bool]:
   """Turns ``where`` into a predicate ``(path, leaf) -> bool``.
 
   ``None``: every floating array leaf with ``ndim >= 2``. A string (or a compiled
-  ``re.Pattern``): a regular expression searched (``re.search``) in the ``/``-joined key path. A callable: used
-  as it is.
+  ``re.Pattern``): a regular expression searched (``re.search``) in the ``/``-joined key
+  path. A callable: used as it is.
   """
   if where is None:
     return lambda path, leaf: _is_floating_matrix(leaf)
@@ -321,7 +321,6 @@ def materialize(params: PyTree) -> PyTree:
     Array([[3., 0.],
            [4., 2.]], dtype=float32)
   """
-
   return weights(params, check_lost=True)
 
 

@@ -189,9 +189,9 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
     {'WNDense_0': -1, 'out': 0}
   """
   _require_model(model, 'layer_axes', 'Call layer_axes(model, *example_inputs).')
+  expected = "example inputs, as model.init takes them, not the variables ('params')"
   for x in args:  # data_init's (model, variables, x) carried over
     is_variables = isinstance(x, Mapping) and isinstance(x.get('params'), Mapping)
-    expected = "example inputs, as model.init takes them, not the variables ('params')"
     _errors.require(
       not is_variables, 'wn_jax.linen.layer_axes', expected, x, 'Call layer_axes(model, x).'
     )
