@@ -565,22 +565,29 @@ def test_fold_refuses_where_it_cannot_know():
     wl.fold({'fc': narrow['params']}, {'fc': 3})
 
 
-def test_fold_refuses_stacked_layers():
+def test_fold_folds_stacked_layers_with_their_layer_axes():
+  # fold refused a stacked layer outright, and layer_axes gave it its per-step axis, which
+  # fold refused too. layer_axes now keeps the layer axis, and fold takes it.
   x = _rand((4, 6))
   params = Stack().init(KEY, x)['params']
   (block,) = params
-  # Not the circular advice to pass layer_axes (which fails the same way on stacked layers).
-  stacked = 'stacked layer.*fold does not support.*[Uu]nstack'
-  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale of shape \(3, 6\)"):
-    wl.fold(params)
-  with pytest.raises(ValueError, match=stacked) as e:
-    wl.fold(params)
-  assert 'layer_axes' not in str(e.value)
-  with pytest.raises(ValueError, match=rf"layer '{block}/WNDense_0': its scale of shape \(3, 6\)"):
-    wl.fold(params, axis=-1)
-  with pytest.raises(ValueError, match=stacked) as e:
-    wl.fold(params, axis=-1)
-  assert 'layer_axes' not in str(e.value)
+  path = f'{block}/WNDense_0'
+  axes = wl.layer_axes(Stack(), x)
+  assert axes == {path: (0, -1)}
+  folded = wl.fold(params, axes)[block]['WNDense_0']
+  layer = params[block]['WNDense_0']
+  for i in range(3):
+    assert_close(folded['kernel'][i], ref.normalize(layer['kernel'][i], layer['scale'][i], -1))
+  assert set(folded) == {'kernel', 'bias'}
+  # Without the axes (inferred, or one axis for all), the shapes alone do not say which:
+  # refused, with the fix.
+  for given in ({}, {'axis': -1}):
+    with pytest.raises(
+      ValueError, match=rf"layer '{path}': its scale of shape \(3, 6\).*stacked layer"
+    ) as e:
+      wl.fold(params, **given)
+    assert 'axis=layer_axes(model, ...)' in str(e.value)
+    assert f"{{'{path}': (0, -1)}}" in str(e.value)
 
 
 @pytest.mark.standard_promotion

@@ -441,6 +441,55 @@ def test_layer_axes_names_each_wrapper_with_its_axis():
   )
 
 
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(wl.WeightNorm(nn.Dense(6))(wl.WNDense(6, axis=0)(x))), None
+
+
+class _ScanStack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_ScanBlock, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    return scan()(x, None)[0]
+
+
+def _each_projected(params, axis, kernels, steps=3):
+  # The stacked projection step, against each layer's own step with its own axis.
+  new = _projected(params, axis)
+  for i in range(steps):
+    one = _projected(jax.tree.map(lambda a, i=i: a[i], params), _per_step(axis))
+    for get in kernels:
+      assert_close(get(new)[i], get(one), jnp.float32)
+
+
+def _per_step(axis):
+  return {path: tuple(a - 1 if a > 0 else a for a in kept[1:]) for path, kept in axis.items()}
+
+
+def test_layer_axes_keeps_the_layer_axis_of_stacked_layers():
+  # layer_axes gave each stacked layer its per-step axis (-1), which every tool refused for
+  # the stacked kernel with advice to use layer_axes: circular. The leading layer axis is
+  # now kept, and the layer's own non-negative axes move past it.
+  x = _rand((4, 6))
+  params = _ScanStack().init(KEY, x)['params']
+  (block,) = params
+  axes = wl.layer_axes(_ScanStack(), x)
+  assert axes == {f'{block}/WNDense_0': (0, 1), f'{block}/WeightNorm_0': (0, -1)}
+  kernels = [lambda p: p[block]['WNDense_0']['kernel'], lambda p: p[block]['Dense_0']['kernel']]
+  _each_projected(params, axes, kernels)
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(rngs):
+    return wx.WeightNorm(nnx.Linear(6, 6, rngs=rngs), axis=0)
+
+  model = make(nnx.Rngs(0))
+  assert wx.layer_axes(model) == {'': (0, 1)}
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  _each_projected(pure, wx.layer_axes(model), [lambda p: p['layer']['kernel']])
+
+
 @pytest.mark.parametrize(
   'make',
   [

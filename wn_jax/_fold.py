@@ -94,24 +94,62 @@ def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, .
   return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
 
 
+Pairs = list[tuple[tuple[int, ...] | None, tuple[int, ...]]]
+
+
+def stacked_axis(axis: _axes.Axis, pairs: Pairs) -> _axes.Axis:
+  """A layer's ``axis`` for its parameters as stored (what ``layer_axes`` reports).
+
+  ``pairs``: the shape of each weight the layer normalizes (``None`` where unknown) and of
+  its scale. A layer stacked by ``nn.scan``, ``nn.vmap`` or ``nnx.vmap`` along leading
+  axes (``variable_axes={'params': 0}``, ``out_axes=0``) has ``m`` more axes on every scale
+  than it keeps: the ``m`` leading layer axes are then kept too, and the layer's own
+  non-negative axes move past them (negative ones count from the end, unchanged), so
+  ``-1`` becomes ``(0, -1)``. Any other layer, or one stacked along another axis (the
+  shapes do not fit), keeps ``axis`` itself (and fold names it stacked).
+
+  >>> stacked_axis(-1, [((3, 8, 8), (3, 8))]), stacked_axis(0, [(None, (3, 8))])
+  ((0, -1), (0, 1))
+  >>> stacked_axis(-1, [((8, 3, 8), (8, 3))]), stacked_axis(-1, [((8, 8), (8,))])
+  (-1, -1)
+  """
+  own = () if axis is None else tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  extra = {len(scale) - len(own) for _, scale in pairs}
+  if len(extra) != 1 or (m := extra.pop()) <= 0:
+    return axis
+  stacked = (*range(m), *(a + m if a >= 0 else a for a in own))
+  fits = all(
+    w is None or _axes.scale_shape(w, _axes.kept_axes(len(w), stacked)) == scale
+    for w, scale in pairs
+  )
+  return stacked if fits else axis
+
+
 def _layer_name(path: str) -> str:
   return f"layer '{path}'" if path else 'the root layer (the model itself)'
 
 
 def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> ValueError:
-  # A scale with more axes than the layer keeps: most likely one leading layer axis on
-  # every parameter (nn.scan, nn.vmap, nnx.vmap), which no axis choice undoes.
-  several = (
-    ''  # the axes come from the model (nnx.fold): only a stacked layer gets here
+  # A scale with more axes than the layer keeps: most likely a layer stacked along the
+  # leading axes of every parameter (nn.scan, nn.vmap, nnx.vmap), whose kept axes include
+  # the layer axes. layer_axes reads those where the stacking is along leading axes.
+  fix = (
+    # the axes come from the model (nnx.fold): only a layer stacked along another axis
+    # (out_axes other than 0) gets here
+    'stacked along an axis other than the leading one, whose kept axes layer_axes cannot '
+    'read. Fold it with wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), '
+    f"{{'{path}': axes}}), axes its kept axes counted in the stacked kernel, the layer "
+    'axis among them'
     if from_model
-    else f"; a single layer built with several kept axes takes them in a mapping {{'{path}': ...}}"
+    else 'a stacked layer (nn.scan, nn.vmap, nnx.vmap), whose kept axes include the layer '
+    'axis: pass axis=layer_axes(model, ...), which gives them for a layer stacked along its '
+    f"leading axis, or a mapping ({{'{path}': (0, -1)}} for one stacked along axis 0 that "
+    'keeps axis -1)'
   )
   return ValueError(
     f'{_layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
     f'than one layer keeping the default axis has, for a kernel of shape '
-    f'{tuple(kernel_shape)}: it looks like a stacked layer (nn.scan, nn.vmap, nnx.vmap), which '
-    f'fold does not support. Unstack it first and fold each layer (e.g. '
-    f'jax.tree.map(lambda a: a[i], params) for layer i){several}.'
+    f'{tuple(kernel_shape)}: it looks like {fix}.'
   )
 
 

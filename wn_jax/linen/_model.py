@@ -169,6 +169,8 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   values) and records the ``axis`` attribute of
   each ``WNDense``, ``WNConv``, ``WNConvTranspose`` and ``WeightNorm`` wrapper it calls,
   keyed by its path in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
+  A layer stacked along leading axes (by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``) keeps
+  them too: ``(0, -1)`` for a stacked layer that keeps ``-1``.
 
   Args:
     model: the linen model.
@@ -206,8 +208,18 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
     return next_fun(*call_args, **call_kwargs)
 
   with nn.intercept_methods(record):
-    _eval_abstractly(lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args)
-  return dict(sorted(axes.items()))
+    variables = _eval_abstractly(
+      lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args
+    )
+
+  def shapes(path: str) -> _fold.Pairs:  # a wrapper's layer may sit beside it: not read
+    node = nn.meta.unbox(variables.get('params', {}))
+    for key in filter(None, path.split('/')):
+      node = node.get(key, {})
+    kernel = node.get('kernel') if isinstance(node.get('scale'), jax.ShapeDtypeStruct) else None
+    return [(kernel and kernel.shape, x.shape) for x in jax.tree.leaves(node.get('scale', {}))]
+
+  return {path: _fold.stacked_axis(axes[path], shapes(path)) for path in sorted(axes)}
 
 
 @_errors.labelled('wn_jax.linen.fold')

@@ -8,6 +8,7 @@ from collections.abc import Collection
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 from flax import nnx
 
 from wn_jax import _data_init
@@ -148,6 +149,8 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   result is the ``axis`` that :func:`wn_jax.linen.fold`,
   :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` take
   for this model's state.
+  A layer stacked along leading axes (by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``) keeps
+  them too: ``(0, -1)`` for a stacked layer that keeps ``-1``.
 
   Examples:
     >>> import wn_jax
@@ -161,10 +164,19 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   """
   _require_model(model, 'layer_axes', 'Each axis is an attribute of a layer, not in its state.')
   return {
-    _path(path): node.axis
+    _path(path): _fold.stacked_axis(node.axis, _shapes(node))
     for path, node in nnx.iter_graph(model)
     if isinstance(node, (_WeightNormedKernel, WeightNorm))
   }
+
+
+def _shapes(node: _WeightNormedKernel | WeightNorm) -> _fold.Pairs:
+  """Each weight ``node`` normalizes and its scale, as shapes (:func:`_fold.stacked_axis`)."""
+  if isinstance(node, _WeightNormedKernel):
+    return [(node.kernel.shape, node.scale.shape)]
+  flat = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(node.layer))))
+  scales = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(node.scale)))
+  return [(flat[path].shape if path in flat else None, g.shape) for path, g in scales]
 
 
 @_errors.labelled('wn_jax.nnx.fold')
