@@ -726,3 +726,18 @@ def test_the_optimizer_route_keeps_a_users_own_v_and_g_parameters():
   out = wn_jax.optim.schedule_free_eval_params(state, params)
   assert jax.tree.map(jnp.shape, out) == jax.tree.map(jnp.shape, params)
   assert np.all(np.isfinite(out['gate']['v']))
+
+
+def test_the_default_selection_leaves_a_wn_layer_to_itself():
+  # optim.weight_norm() took a WNDense's kernel too: its ||v|| was frozen at init (a
+  # projection the user did not ask for), so it trained unlike the same layer alone.
+  model = nn.Sequential([nn.Dense(6), nn.tanh, wl.WNDense(3)])
+  params = model.init(jax.random.key(0), X)['params']
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.5))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  wn_layer = updates['layers_2']
+  for name in ('kernel', 'scale', 'bias'):  # plain SGD on the WN layer's own parameters
+    np.testing.assert_allclose(wn_layer[name], -0.5 * grads['layers_2'][name], rtol=1e-6)
+  plain = updates['layers_0']['kernel']  # the plain layer: in weight-normalized coordinates
+  assert not np.allclose(plain, -0.5 * grads['layers_0']['kernel'])

@@ -333,3 +333,49 @@ def test_where_takes_a_compiled_pattern():
   out = wn_jax.weight_norm(params, where=re.compile(r'KERNEL', re.IGNORECASE))
   assert isinstance(out['fc']['kernel'], wn_jax.WeightNormed)
   assert not isinstance(out['emb'], wn_jax.WeightNormed)
+
+
+class _WNStep(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return wn_jax.linen.WNDense(6)(x), None
+
+
+class _MixedLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = wn_jax.linen.WNDense(6)(nn.Dense(6)(x))
+    x = wn_jax.linen.WeightNorm(nn.Dense(6, parent=None))(x)
+    steps = nn.scan(_WNStep, variable_axes={'params': 0}, split_rngs={'params': True}, length=2)
+    return nn.Dense(3)(steps()(x, None)[0])
+
+
+def _mixed_trees():
+  linen = _MixedLinen().init(jax.random.key(0), jnp.ones((2, 5)))['params']
+  model = nnx.Sequential(
+    nnx.Linear(5, 6, rngs=nnx.Rngs(0)),
+    wn_jax.nnx.WNLinear(6, 6, rngs=nnx.Rngs(1)),
+    wn_jax.nnx.WeightNorm(nnx.Linear(6, 3, rngs=nnx.Rngs(2))),
+  )
+  return {'linen': linen, 'nnx': nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+
+
+@pytest.mark.parametrize('kind', ['linen', 'nnx'])
+def test_default_selection_leaves_what_a_layer_normalizes_alone(kind):
+  # where=None took every floating matrix: a WN layer's kernel, a wrapped layer's kernel and
+  # a stacked WN layer's (layers, out) scale were weight-normalized a second time (the same
+  # function, but ||v|| frozen at its first value: silently a projection of those directions).
+  params = _mixed_trees()[kind]
+  wn = wn_jax.weight_norm(params)
+  taken = {
+    '/'.join(str(k.key) for k in path)
+    for path, x in jax.tree_util.tree_leaves_with_path(
+      wn, is_leaf=lambda x: isinstance(x, wn_jax.WeightNormed)
+    )
+    if isinstance(x, wn_jax.WeightNormed)
+  }
+  assert taken == {'linen': {'Dense_0/kernel', 'Dense_1/kernel'}, 'nnx': {'layers/0/kernel'}}[kind]
+  assert_trees_close(wn_jax.materialize(wn), params)
+  # Asked for by name, a WN layer's kernel is still taken.
+  named = wn_jax.weight_norm(params, where='kernel')
+  assert isinstance(named['layers' if kind == 'nnx' else 'WNDense_0'], (dict, list))

@@ -19,6 +19,7 @@ from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _fold
+from wn_jax import _structure
 from wn_jax import _tree
 from wn_jax._optax_util import is_node
 from wn_jax._optax_util import unwrap
@@ -32,13 +33,9 @@ def direction(x: Any) -> Any:
   return x.v if isinstance(x, _tree.WeightNormed) else x
 
 
-def path_keys(path: tuple) -> Keys:
-  return tuple(_tree.path_str(_tree.param_path(path)).split('/'))
-
-
 def _shapes(nodes: list[tuple[tuple, Any]]) -> dict[Keys, Shape]:
   """The shape of each array leaf of ``tree_flatten_with_path(params, is_leaf=is_node)``."""
-  return {path_keys(p): tuple(jnp.shape(x)) for p, x in nodes if not is_node(x)}
+  return {_tree.path_keys(p): tuple(jnp.shape(x)) for p, x in nodes if not is_node(x)}
 
 
 def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
@@ -47,20 +44,21 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
 
   A ``WeightNormed`` node's ``v`` (its own axis); a WN layer's ``kernel`` (beside a
   ``scale`` array shaped like its kept axes, :func:`decay_mask`'s rule); each parameter a
-  ``WeightNorm`` wrapper's ``scale`` tree mirrors (:func:`wn_jax._fold.wrapped_layers`).
+  ``WeightNorm`` wrapper's ``scale`` tree mirrors (:func:`wn_jax._structure.wrapped_layers`).
   The axis of the latter two is ``axis`` at the layer's (the wrapper's) path, as in fold.
   """
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]
   shapes = _shapes(nodes)
   with _errors.labelled(caller):
     axis_of = _fold.axis_of(axis)
-  wrapped = _wrapped_parameters(shapes, caller)
+  with _errors.labelled(caller):
+    wrapped = _structure.wrapped_parameters(shapes)
 
   def kept(path: tuple, x: Any) -> Any:
     if isinstance(x, _tree.WeightNormed):
       with _errors.labelled(caller):
         return _axes.kept_axes(jnp.ndim(x.v), x.axis)
-    keys = path_keys(path) if not is_node(x) else ()
+    keys = _tree.path_keys(path) if not is_node(x) else ()
     owner = _owner(keys, shapes) or wrapped.get(keys)
     return None if owner is None else _layer_kept(*owner, shapes[keys], axis_of, caller)
 
@@ -69,30 +67,8 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
 
 def _owner(keys: Keys, shapes: dict[Keys, Shape]) -> tuple[Keys, Shape] | None:
   """A WN layer's ``kernel``: its layer's path and its ``scale``'s shape (else ``None``)."""
-  scale = _fold.wn_layer_scale(shapes, keys)
+  scale = _structure.wn_layer_scale(shapes, keys)
   return None if scale is None else (keys[:-1], scale)
-
-
-def _wrapped_parameters(shapes: dict[Keys, Shape], caller: str) -> dict[Keys, tuple[Keys, Shape]]:
-  """Each parameter a ``WeightNorm`` wrapper normalizes: the wrapper's path and its scale's
-  shape (the mirror of the parameter in the wrapper's ``scale`` tree)."""
-  wrapped: dict[Keys, tuple[Keys, Shape]] = {}
-  prefixes = {k[: i + 1] for k in shapes for i, part in enumerate(k[:-1]) if part == 'scale'}
-  for prefix in sorted(prefixes):
-    layers = _fold.wrapped_layers(shapes, prefix)
-    if len(layers) > 1:
-      raise ValueError(
-        f"{caller}: the WeightNorm wrapper scale tree '{'/'.join(prefix)}' mirrors the "
-        f'parameters of several layers ({["/".join(c) for c in layers]}), so the parameters '
-        f'do not say which one it normalizes. Build the wrapped layer unbound, so that the '
-        f'wrapper adopts it and its params sit under the wrapper: in a compact method, '
-        f'wl.WeightNorm(nn.Dense(16, parent=None)); or use the pytree route.'
-      )
-    for layer in layers:
-      for k, shape in shapes.items():
-        if k[: len(prefix)] == prefix:
-          wrapped[layer + k[len(prefix) :]] = (prefix[:-1], shape)
-  return wrapped
 
 
 def _layer_kept(
@@ -157,13 +133,13 @@ def decay_mask(params: Any) -> Any:
   """
   shapes = _shapes(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0])
 
-  wrapper_scale = functools.cache(lambda prefix: _fold.is_wrapper_scale(shapes, prefix))
+  wrapper_scale = functools.cache(lambda prefix: _structure.is_wrapper_scale(shapes, prefix))
 
   def is_magnitude(keys: Keys) -> bool:
     return any(
       k == 'scale'
       and (
-        _fold.wn_layer_scale(shapes, keys[:i] + ('kernel',)) is not None
+        _structure.wn_layer_scale(shapes, keys[:i] + ('kernel',)) is not None
         if i == len(keys) - 1
         else wrapper_scale(keys[: i + 1])
       )
@@ -173,7 +149,7 @@ def decay_mask(params: Any) -> Any:
   def mask(path, leaf):
     if isinstance(leaf, _tree.WeightNormed):
       return _tree.WeightNormed(True, False, leaf.axis)
-    return not is_magnitude(path_keys(path))
+    return not is_magnitude(_tree.path_keys(path))
 
   return jax.tree_util.tree_map_with_path(mask, params, is_leaf=is_node)
 
@@ -226,7 +202,7 @@ def direction_stats(
     update_nodes: list[Any] = [None] * len(flat)
   else:  # paired by position: updates must have the structure of params
     pairs = jax.tree_util.tree_flatten_with_path(unwrap(updates), is_leaf=is_node)[0]
-    want, got = ({'/'.join(path_keys(p)) for p, _ in nodes} for nodes in (flat, pairs))
+    want, got = ({'/'.join(_tree.path_keys(p)) for p, _ in nodes} for nodes in (flat, pairs))
     if len(pairs) != len(flat) or want != got:
       raise ValueError(
         'wn_jax.optim.direction_stats: updates must have the structure of params (pass the '
@@ -238,7 +214,7 @@ def direction_stats(
   for (path, x), u, k in zip(flat, update_nodes, kept):
     if k is None:
       continue
-    name = '/'.join(path_keys(path))
+    name = '/'.join(_tree.path_keys(path))
     n = _core.norm(direction(x), k)
     out[f'{name}/norm'] = jnp.mean(n)
     if u is not None:

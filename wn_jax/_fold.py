@@ -1,10 +1,6 @@
 """Folding: WN layers' ``(kernel, scale)`` into plain kernels, and how each layer's axis is read.
 
-One structural rule decides what a weight-normalized part of a parameter tree is, for
-``linen.fold``, ``nnx.fold`` and the optimizer's ``decay_mask`` / ``project_directions``: a
-WN layer is a ``kernel`` beside a ``scale`` shaped like the kernel along its kept axes; a
-``WeightNorm`` wrapper is a ``scale`` tree that mirrors a layer's parameters
-(:func:`wrapped_layers`).
+What a WN layer and a wrapper are in a parameter tree is :mod:`wn_jax._structure`'s rule.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import jax.numpy as jnp
 
 from wn_jax import _axes
 from wn_jax import _kernel
+from wn_jax import _structure
 from wn_jax import _tree
 from wn_jax._errors import labelled
 
@@ -26,73 +23,6 @@ from wn_jax._errors import labelled
 INFER = 'infer'
 
 AxisSpec = _axes.Axis | str | Mapping[str, _axes.Axis] | Callable[[str], _axes.Axis]
-
-Shapes = dict[tuple[str, ...], tuple[int, ...]]
-
-
-def is_wrapper_scale(shapes: Shapes, prefix: tuple[str, ...]) -> bool:
-  """Whether the subtree at ``prefix`` (ending in ``'scale'``) is a ``WeightNorm`` wrapper's.
-
-  ``shapes`` maps every array's key path to its shape. A wrapper's params are its ``scale``
-  tree and, where the layer was built inside it, the ``layer`` (a linen layer built by the
-  parent keeps its params beside the wrapper, under the same parent; a layer made of several
-  modules the parent built, an inline ``nn.Sequential``, has its ``scale`` tree start with
-  their names). The ``scale`` tree mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
-  parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
-  ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
-
-  >>> shapes = {('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}
-  >>> is_wrapper_scale(shapes, ('wn', 'scale'))
-  True
-  >>> is_wrapper_scale({('ada', 'scale', 'kernel'): (4, 4), ('fc', 'kernel'): (4, 4)}, ('ada', 'scale'))
-  False
-  """
-  return bool(wrapped_layers(shapes, prefix))
-
-
-def wn_layer_scale(shapes: Shapes, keys: tuple[str, ...]) -> tuple[int, ...] | None:
-  """The shape of the ``scale`` beside ``keys`` if it is a WN layer's ``kernel`` (a ``scale``
-  shaped like its kept axes beside it), else ``None``."""
-  kernel = shapes.get(keys) if keys and keys[-1] == 'kernel' else None
-  if kernel is None:
-    return None
-  scale = shapes.get(keys[:-1] + ('scale',))
-  return scale if scale is not None and _axes.fits_kept_axes(scale, kernel) else None
-
-
-def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:
-  """The layers whose parameters the ``scale`` tree at ``prefix`` mirrors (the rule of
-  :func:`is_wrapper_scale`): each a key path whose parameter at ``layer + r`` is the ``v``
-  of the magnitude at ``prefix + r``. Empty: not a wrapper's; one: the wrapped layer.
-
-  >>> wrapped_layers({('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}, ('wn', 'scale'))
-  [('dense',)]
-  """
-
-  def under(pre: tuple[str, ...]) -> list[tuple[str, ...]]:
-    return [k for k in shapes if len(k) > len(pre) and k[: len(pre)] == pre]
-
-  parent, n = prefix[:-1], len(prefix)
-  if {k[len(parent)] for k in under(parent)} - {'scale', 'layer'}:
-    return []
-  inside = [k[n:] for k in under(prefix)]
-  if (layer := parent + ('layer',)) in {k[:n] for k in under(parent)}:
-    candidates = {layer}
-  elif parent:  # the layer's params beside the wrapper; several modules: by their names
-    candidates = {parent[:-1] + (k[len(parent) - 1],) for k in under(parent[:-1])} - {parent}
-    candidates.add(parent[:-1])
-  else:
-    return []
-
-  def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
-    g, w = shapes[prefix + r], shapes.get(c + r)
-    fits = w is not None and len(g) < len(w) and _axes.fits_kept_axes(g, w)
-    return fits and wn_layer_scale(shapes, c + r) is None  # no wrapper takes a WN kernel
-
-  if not inside:
-    return []
-  return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
-
 
 Pairs = list[tuple[tuple[int, ...] | None, tuple[int, ...]]]
 
@@ -267,7 +197,9 @@ def fold(params: Any, axis: AxisSpec, *, from_model: bool = False) -> Any:
       return tree.weight()
     if not hasattr(tree, 'items'):
       return tree
-    if hasattr(tree.get('scale'), 'items') and is_wrapper_scale(shapes, (*path, 'scale')):
+    if hasattr(tree.get('scale'), 'items') and _structure.is_wrapper_scale(
+      shapes, (*path, 'scale')
+    ):
       raise _wrapper_error((*path, 'scale'))
     if 'kernel' in tree and 'scale' in tree and hasattr(tree['scale'], 'shape'):
       where = '/'.join(path)

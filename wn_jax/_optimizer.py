@@ -104,7 +104,7 @@ def weight_norm(
     axis: the kept axis or axes of every selected leaf (default ``-1``, the output
       features of Flax kernels).
     where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
-      ``ndim >= 2``).
+      ``ndim >= 2`` but biases and what a WN layer or wrapper normalizes already).
     project: ``None`` (or ``False``: off), or ``'init'`` or a positive number: each step
       puts every ``v`` back on its target norm, as :func:`project_directions` (chained
       after ``inner`` in (v, g) coordinates) does; ``w`` is the same to float rounding.

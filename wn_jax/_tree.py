@@ -14,6 +14,7 @@ from flax import serialization
 
 from wn_jax import _axes
 from wn_jax import _core
+from wn_jax import _structure
 from wn_jax._errors import labelled
 
 PyTree = Any
@@ -167,15 +168,27 @@ def _is_floating_matrix(leaf: Any) -> bool:
   )
 
 
-def selector(where: Where) -> Callable[[tuple, Any], bool]:
-  """Turns ``where`` into a predicate ``(path, leaf) -> bool``.
+def path_keys(path: tuple) -> tuple[str, ...]:
+  """A leaf's parameter path (:func:`param_path`) as a tuple of key strings."""
+  return tuple(path_str(param_path(path)).split('/'))
 
-  ``None``: every floating array leaf with ``ndim >= 2``. A string (or a compiled
-  ``re.Pattern``): a regular expression searched (``re.search``) in the ``/``-joined key
-  path. A callable: used as it is.
+
+def selector(where: Where, params: PyTree) -> Callable[[tuple, Any], bool]:
+  """Turns ``where`` into a predicate ``(path, leaf) -> bool`` over the leaves of ``params``.
+
+  ``None``: every floating array leaf with ``ndim >= 2`` but a ``bias`` and what a layer of
+  ``params`` weight-normalizes already (:func:`wn_jax._structure.layer_normalized`). A
+  string (or a compiled ``re.Pattern``): a regular expression searched (``re.search``) in
+  the ``/``-joined key path. A callable: used as it is.
   """
   if where is None:
-    return lambda path, leaf: _is_floating_matrix(leaf)
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_wn)[0]
+    taken = _structure.layer_normalized(
+      {path_keys(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape') and not _is_wn(x)}
+    )
+    return lambda path, leaf: (
+      _is_floating_matrix(leaf) and path_keys(path)[-1] != 'bias' and path_keys(path) not in taken
+    )
   if isinstance(where, (str, re.Pattern)):
     try:
       pattern = re.compile(where)
@@ -204,7 +217,9 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     axis: the kept axis or axes of every selected leaf (default ``-1``: the output
       features of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``
       kernels), or ``None`` for one scalar ``g`` per tensor.
-    where: which leaves: ``None`` (every floating leaf with ``ndim >= 2``), a regular
+    where: which leaves: ``None`` (every floating leaf with ``ndim >= 2`` but a ``bias``
+      (a stacked layer's is a matrix) and what a WN layer or a ``WeightNorm`` wrapper of
+      ``params`` normalizes already: its kernel and scale; name them to take them), a regular
       expression searched in the ``/``-joined key path (e.g. ``'kernel'``), or a callable
       ``(path, leaf) -> bool``, ``path`` a JAX key path (``(DictKey(key='kernel'),)``, as
       ``jax.tree_util.tree_map_with_path`` gives it: compare ``path[-1].key``).
@@ -248,7 +263,7 @@ def replace_selected(
   ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error
   unless ``required`` is False.
   """
-  select = selector(where)
+  select = selector(where, params)
   count = 0
 
   def convert(path, leaf):
@@ -286,7 +301,8 @@ def _where_hint(where: Where, params: PyTree) -> str:
   name = path_str(param_path(matrices[0])).split('/')[-1] if matrices else 'kernel'
   return (
     f'Pass a regular expression searched in the /-joined key path (e.g. where={name!r}) or '
-    'a callable (path, leaf) -> bool; where=None selects every floating leaf with ndim >= 2.'
+    'a callable (path, leaf) -> bool; where=None selects every floating leaf with ndim >= 2 '
+    "but a bias and a WN layer's or wrapper's own parameters."
   )
 
 

@@ -82,7 +82,7 @@ def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], 
       'Wrap the layers that have parameters (pooling and activations need no weight '
       'norm), or leave this one unwrapped.'
     )
-  select = selector(where)
+  select = selector(where, params)
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     keys = tuple(path_str(path).split('/'))
     owner = next((o for o in owners if keys[: len(o)] == o), None)
