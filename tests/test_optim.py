@@ -709,6 +709,12 @@ def test_schedule_free_eval_params_takes_an_nnx_optimizer_state_and_a_whole_chai
   assert_trees_close(wn_jax.optim.schedule_free_eval_params(state, params), want, rtol=0, atol=0)
   got = wn_jax.optim.schedule_free_eval_params(optimizer.opt_state, nnx.state(model, nnx.Param))
   assert_trees_close(nnx.to_pure_dict(got), want, rtol=1e-6, atol=1e-7)
+  # The optimizer's state with a pure dict: refused with the form it needs (it said only
+  # "re-run tx.init").
+  with pytest.raises(
+    ValueError, match=r'(?s)structure they had at init.*nnx.state\(model, nnx.Param\)'
+  ):
+    wn_jax.optim.schedule_free_eval_params(optimizer.opt_state, params)
 
 
 def test_the_optimizer_route_keeps_a_users_own_v_and_g_parameters():

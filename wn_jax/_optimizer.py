@@ -209,8 +209,9 @@ def _directions_and_rest(directions: Any, params: Any, caller: str) -> Any:
     return _or_rest(directions, directions, params)
   except ValueError as e:
     raise ValueError(
-      f'{caller}: params do not have the structure they had at init ({e}). Re-run '
-      f'tx.init on the new params.'
+      f'{caller}: params do not have the structure they had at init ({e}). Pass them in '
+      f'the form tx.init got (for nnx.Optimizer: nnx.state(model, nnx.Param), not a pure '
+      f'dict), or re-run tx.init on new params.'
     ) from None
 
 
