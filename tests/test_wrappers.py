@@ -490,6 +490,87 @@ def test_layer_axes_keeps_the_layer_axis_of_stacked_layers():
   _each_projected(pure, wx.layer_axes(model), [lambda p: p['layer']['kernel']])
 
 
+class _EndStep(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(wl.WNDense(4, name='d')(x)), wl.WNDense(3, axis=0, name='e')(x)
+
+
+def _end_stack(stack):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      scan = nn.scan(
+        _EndStep, variable_axes={'params': stack}, split_rngs={'params': True}, length=3
+      )
+      return scan(name='s')(x, None)[1]
+
+  return Net()
+
+
+@pytest.mark.parametrize('stack', [0, -1])
+def test_layer_axes_reads_a_layer_stacked_along_its_first_or_last_axis(stack):
+  # Stacked along the last axis, a square layer (and an axis=0 layer whose stack is as long as
+  # its output) fits the first-axis reading too: layer_axes took it so, and fold, the
+  # projection and direction_stats were silently wrong (a user trial). layer_axes now reads
+  # the stacking from one layer's shapes, as built.
+  x = _rand((2, 4))
+  params = _end_stack(stack).init(KEY, x)['params']
+  first = stack == 0
+  axes = wl.layer_axes(_end_stack(stack), x)
+  assert axes == {'s/d': (0, -1) if first else (-2, -1), 's/e': (0, 1) if first else (0, -1)}
+  folded = wl.fold(params, axes)['s']
+  new = _projected(params, axes)['s']
+  for name, own in (('d', -1), ('e', 0)):
+    layer = params['s'][name]
+    for i in range(3):
+      one = {k: jnp.take(a, i, axis=stack) for k, a in layer.items()}
+      want = ref.normalize(one['kernel'], one['scale'], own)
+      assert_close(jnp.take(folded[name]['kernel'], i, axis=stack), want, jnp.float32)
+      kept = wn_jax.norm(jnp.take(new[name]['kernel'], i, axis=stack), own)
+      assert_close(kept, wn_jax.norm(one['kernel'], own), jnp.float32)
+
+  @nnx.split_rngs(splits=3)
+  @nnx.vmap(in_axes=0, out_axes=stack)
+  def make(rngs):
+    return wx.WNLinear(4, 4, rngs=rngs)
+
+  model = make(nnx.Rngs(0))
+  assert wx.layer_axes(model) == {'': (0, -1) if first else (-2, -1)}
+  folded = wx.fold(model)['kernel']
+  for i in range(3):
+    v, g = (jnp.take(p[...], i, axis=stack) for p in (model.kernel, model.scale))
+    assert_close(jnp.take(folded, i, axis=stack), ref.normalize(v, g, -1), jnp.float32)
+
+
+def test_a_layer_stacked_along_a_middle_axis_is_refused_by_every_tool():
+  # Its scale (out, layers) is not its kernel (in, layers, out) along any kept axes: the
+  # projection and direction_stats skipped it silently, even when the axis mapping named it.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      ens = nn.vmap(
+        wl.WNDense,
+        variable_axes={'params': 1},
+        split_rngs={'params': True},
+        in_axes=None,
+        axis_size=2,
+      )
+      return ens(5, name='ens')(wl.WNDense(3, name='head')(x))
+
+  x = _rand((2, 4))
+  params = Net().init(KEY, x)['params']
+  axes = wl.layer_axes(Net(), x)
+  assert axes == {'ens': -1, 'head': -1}
+  middle = r"layer 'ens'.*middle axis"
+  with pytest.raises(ValueError, match=middle):
+    wn_jax.optim.project_directions(axis=axes).init(params)
+  with pytest.raises(ValueError, match=middle):
+    wn_jax.optim.direction_stats(params, axis=axes)
+  with pytest.raises(ValueError, match=r"layer 'ens'.*stacked layer"):
+    wl.fold(params, axes)
+
+
 @pytest.mark.parametrize(
   'make',
   [

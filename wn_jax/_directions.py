@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -53,6 +54,8 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
     axis_of = _fold.axis_of(axis)
   with _errors.labelled(caller):
     wrapped = _structure.wrapped_parameters(shapes)
+    if isinstance(axis, Mapping):
+      _check_named(axis, shapes, {k[:-1] for k in shapes if _owner(k, shapes)})
 
   def kept(path: tuple, x: Any) -> Any:
     if isinstance(x, _tree.WeightNormed):
@@ -63,6 +66,21 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
     return None if owner is None else _layer_kept(*owner, shapes[keys], axis_of, caller)
 
   return [kept(path, x) for path, x in nodes]
+
+
+def _check_named(axis: Mapping, shapes: dict[Keys, Shape], layers: set[Keys]) -> None:
+  """Refuses a layer the ``axis`` mapping names whose ``kernel`` and ``scale`` do not read as
+  a WN layer's: skipped, it would go unprojected and unmeasured."""
+  for path in axis:
+    keys = tuple(filter(None, str(path).split('/')))
+    kernel, scale = shapes.get((*keys, 'kernel')), shapes.get((*keys, 'scale'))
+    if kernel is not None and scale is not None and keys not in layers:
+      raise ValueError(
+        f"layer '{path}' (named in axis) has a kernel of shape {kernel} and a scale of shape "
+        f"{scale}, which is not the kernel's shape along any kept axes: a layer stacked along "
+        f"a middle axis (variable_axes={{'params': 1}}, nnx.vmap(out_axes=1)) reads so. "
+        f'Stack it along the first or the last axis (0 or -1), which layer_axes reads.'
+      )
 
 
 def _owner(keys: Keys, shapes: dict[Keys, Shape]) -> tuple[Keys, Shape] | None:
@@ -113,7 +131,10 @@ def decay_mask(params: Any) -> Any:
   ``optax.adamw(lr, mask=wn_jax.optim.decay_mask)``.
 
   A hand-written module with a ``kernel`` and a ``scale`` shaped like its kept axes
-  reads as a WN layer; give it another name to have it decayed.
+  reads as a WN layer; give it another name to have it decayed. A WN layer stacked along a
+  middle axis (``variable_axes={'params': 1}``) does not read as one (its scale is not its
+  kernel along kept axes, in order), and its ``scale`` is decayed: stack along the first or
+  last axis.
 
   Args:
     params: parameters: a linen params dict, an NNX ``State``, or a tree with

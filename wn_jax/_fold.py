@@ -9,6 +9,7 @@ import itertools
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,37 +23,63 @@ from wn_jax._errors import labelled
 # fold's default: each layer's axis from its scale's shape, where only one choice fits.
 INFER = 'infer'
 
+Shape = tuple[int, ...]
+
 AxisSpec = _axes.Axis | str | Mapping[str, _axes.Axis] | Callable[[str], _axes.Axis]
 
-Pairs = list[tuple[tuple[int, ...] | None, tuple[int, ...]]]
+
+class Pair(NamedTuple):
+  """One weight a layer normalizes and its scale: their shapes as stored and, where known,
+  as one layer sees them (inside the transform that stacks it)."""
+
+  kernel: Shape | None
+  scale: Shape
+  step_kernel: Shape | None = None
+  step_scale: Shape | None = None
 
 
-def stacked_axis(axis: _axes.Axis, pairs: Pairs) -> _axes.Axis:
+def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
   """A layer's ``axis`` for its parameters as stored (what ``layer_axes`` reports).
 
-  ``pairs``: the shape of each weight the layer normalizes (``None`` where unknown) and of
-  its scale. A layer stacked by ``nn.scan``, ``nn.vmap`` or ``nnx.vmap`` along leading
-  axes (``variable_axes={'params': 0}``, ``out_axes=0``) has ``m`` more axes on every scale
-  than it keeps: the ``m`` leading layer axes are then kept too, and the layer's own
-  non-negative axes move past them (negative ones count from the end, unchanged), so
-  ``-1`` becomes ``(0, -1)``. Any other layer, or one stacked along another axis (the
-  shapes do not fit), keeps ``axis`` itself (and fold names it stacked).
+  A layer stacked by ``nn.scan``, ``nn.vmap`` or ``nnx.vmap`` has ``m`` more axes on every
+  scale than it keeps, and keeps them too: along the first axes (``variable_axes`` /
+  ``out_axes`` 0) ``-1`` becomes ``(0, -1)`` and ``0`` becomes ``(0, 1)``; along the last
+  (``-1``) ``-1`` becomes ``(-2, -1)``. Which one is read from the shapes, one layer's where
+  known (they differ only when every size is the stack's: then the first). A layer stacked
+  along another axis (its scale no longer follows its kernel), or not stacked, keeps
+  ``axis``; fold and the tools then refuse it, naming it.
 
-  >>> stacked_axis(-1, [((3, 8, 8), (3, 8))]), stacked_axis(0, [(None, (3, 8))])
+  >>> stacked_axis(-1, [Pair((3, 8, 8), (3, 8))]), stacked_axis(0, [Pair((3, 6, 8), (3, 6))])
   ((0, -1), (0, 1))
-  >>> stacked_axis(-1, [((8, 3, 8), (8, 3))]), stacked_axis(-1, [((8, 8), (8,))])
-  (-1, -1)
+  >>> stacked_axis(-1, [Pair((4, 4, 3), (4, 3), (4, 4), (4,))]), stacked_axis(-1, [Pair((8, 8), (8,))])
+  ((-2, -1), -1)
   """
   own = () if axis is None else tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-  extra = {len(scale) - len(own) for _, scale in pairs}
+  extra = {len(p.scale) - (len(own) if p.step_scale is None else len(p.step_scale)) for p in pairs}
   if len(extra) != 1 or (m := extra.pop()) <= 0:
     return axis
-  stacked = (*range(m), *(a + m if a >= 0 else a for a in own))
-  fits = all(
-    w is None or _axes.scale_shape(w, _axes.kept_axes(len(w), stacked)) == scale
-    for w, scale in pairs
+  first = (*range(m), *(a + m if a >= 0 else a for a in own))
+  last = (*(a if a >= 0 else a - m for a in own), *range(-m, 0))
+  for stacked, step in ((first, lambda s: s[m:]), (last, lambda s: s[:-m])):
+    if all(_stacked_fits(p, own, stacked, step) for p in pairs):
+      return stacked
+  return axis
+
+
+def _stacked_fits(p: Pair, own: tuple, stacked: tuple, step: Callable) -> bool:
+  """Whether ``p`` reads as one layer keeping ``own``, stacked to keep ``stacked``
+  (``step``: a stored shape -> one layer's)."""
+  if p.step_scale is not None and step(p.scale) != p.step_scale:
+    return False
+  if p.kernel is None:
+    return True
+  kernel = step(p.kernel)
+  fits = p.step_kernel is None or kernel == p.step_kernel
+  return (
+    fits
+    and _axes.scale_shape(kernel, _axes.kept_axes(len(kernel), own)) == step(p.scale)
+    and _axes.scale_shape(p.kernel, _axes.kept_axes(len(p.kernel), stacked)) == p.scale
   )
-  return stacked if fits else axis
 
 
 def _layer_name(path: str) -> str:
@@ -60,21 +87,17 @@ def _layer_name(path: str) -> str:
 
 
 def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> ValueError:
-  # A scale with more axes than the layer keeps: most likely a layer stacked along the
-  # leading axes of every parameter (nn.scan, nn.vmap, nnx.vmap), whose kept axes include
-  # the layer axes. layer_axes reads those where the stacking is along leading axes.
+  # A scale with more axes than the layer keeps: a layer stacked by a transform, whose kept
+  # axes include the layer axes. layer_axes reads those where the stacking is along the
+  # first or the last axes; the model's own axes (nnx.fold) reach here only otherwise.
   fix = (
-    # the axes come from the model (nnx.fold): only a layer stacked along another axis
-    # (out_axes other than 0) gets here
-    'stacked along an axis other than the leading one, whose kept axes layer_axes cannot '
-    'read. Fold it with wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), '
-    f"{{'{path}': axes}}), axes its kept axes counted in the stacked kernel, the layer "
-    'axis among them'
+    'a layer stacked along a middle axis (nnx.vmap(out_axes=1)), which wn_jax does not read: '
+    'stack it along the first or the last axis (out_axes 0 or -1)'
     if from_model
     else 'a stacked layer (nn.scan, nn.vmap, nnx.vmap), whose kept axes include the layer '
     'axis: pass axis=layer_axes(model, ...), which gives them for a layer stacked along its '
-    f"leading axis, or a mapping ({{'{path}': (0, -1)}} for one stacked along axis 0 that "
-    'keeps axis -1)'
+    f"first or last axis, or a mapping ({{'{path}': (0, -1)}} for one stacked along axis 0 "
+    'that keeps axis -1)'
   )
   return ValueError(
     f'{_layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '

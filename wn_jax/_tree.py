@@ -216,7 +216,9 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     params: a pytree of arrays.
     axis: the kept axis or axes of every selected leaf (default ``-1``: the output
       features of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``
-      kernels), or ``None`` for one scalar ``g`` per tensor.
+      kernels), or ``None`` for one scalar ``g`` per tensor. A layer stacked by
+      ``nn.scan`` / ``nnx.vmap`` along its first axis keeps that axis too:
+      ``axis=(0, -1)``, ``where='kernel'`` (with ``-1``, one ``g`` spans every layer).
     where: which leaves: ``None`` (every floating leaf with ``ndim >= 2`` but a ``bias``
       (a stacked layer's is a matrix) and what a WN layer or a ``WeightNorm`` wrapper of
       ``params`` normalizes already: its kernel and scale; name them to take them), a regular

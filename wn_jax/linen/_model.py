@@ -169,8 +169,9 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   values) and records the ``axis`` attribute of
   each ``WNDense``, ``WNConv``, ``WNConvTranspose`` and ``WeightNorm`` wrapper it calls,
   keyed by its path in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
-  A layer stacked along leading axes (by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``) keeps
-  them too: ``(0, -1)`` for a stacked layer that keeps ``-1``.
+  A layer stacked by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap`` keeps the layer axes too:
+  ``(0, -1)`` for one that keeps ``-1`` stacked along the first axis, ``(-2, -1)`` along the
+  last (a middle axis is kept as built, and refused where used).
 
   Args:
     model: the linen model.
@@ -198,28 +199,65 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
       not is_variables, 'wn_jax.linen.layer_axes', expected, x, 'Call layer_axes(model, x).'
     )
   axes: dict[str, Any] = {}
+  steps: dict[str, Any] = {}
 
   def record(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
     module = context.module
     if isinstance(module, WeightNorm) or (
       isinstance(module, _WeightNormedKernel) and context.method_name == '__call__'
     ):
-      axes['/'.join(module.scope.path)] = module.axis  # type: ignore[attr-defined]
-    return next_fun(*call_args, **call_kwargs)
+      path = '/'.join(module.scope.path)
+      axes[path] = module.axis  # type: ignore[attr-defined]
+      steps[path] = _one_layer(module)
+    return out
 
   with nn.intercept_methods(record):
     variables = _eval_abstractly(
       lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args
     )
+  params = nn.meta.unbox(variables.get('params', {}))
+  return {
+    path: _fold.stacked_axis(axes[path], _stored(params, path, *steps[path]))
+    for path in sorted(axes)
+  }
 
-  def shapes(path: str) -> _fold.Pairs:  # a wrapper's layer may sit beside it: not read
-    node = nn.meta.unbox(variables.get('params', {}))
-    for key in filter(None, path.split('/')):
-      node = node.get(key, {})
-    kernel = node.get('kernel') if isinstance(node.get('scale'), jax.ShapeDtypeStruct) else None
-    return [(kernel and kernel.shape, x.shape) for x in jax.tree.leaves(node.get('scale', {}))]
 
-  return {path: _fold.stacked_axis(axes[path], shapes(path)) for path in sorted(axes)}
+def _one_layer(module: nn.Module) -> tuple[tuple[str, ...] | None, dict]:
+  """What one layer (inside a transform that stacks it) normalizes: the path of the layer
+  that holds the weights (``None``: unknown) and ``{path in it: (weight, scale) shapes}``."""
+  params = nn.meta.unbox(module.variables.get('params', {}))
+  if isinstance(module, _WeightNormedKernel):
+    return module.path, {('kernel',): (params['kernel'].shape, params['scale'].shape)}
+  layer = module.layer  # type: ignore[attr-defined]
+  bound = layer.scope is not None
+  weights = nn.meta.unbox(layer.variables.get('params', {})) if bound else {}
+  out = {}
+  for path, g in jax.tree_util.tree_leaves_with_path(params.get('scale', {})):
+    keys = tuple(str(k.key) for k in path)
+    out[keys] = (_get(weights, keys), g.shape)
+  return (layer.path if bound else None), out
+
+
+def _get(tree: Any, keys: tuple[str, ...]) -> tuple[int, ...] | None:
+  for key in keys:
+    tree = tree.get(key) if hasattr(tree, 'get') else None
+  return None if tree is None else tree.shape
+
+
+def _stored(params: Any, path: str, layer: Any, one: dict) -> list[_fold.Pair]:
+  """The :class:`wn_jax._fold.Pair` of each weight of the layer at ``path`` (``layer``, ``one``:
+  from :func:`_one_layer`), its shapes as stored in ``params``."""
+  scale = params
+  for key in (*filter(None, path.split('/')), 'scale'):
+    scale = scale.get(key, {})
+  pairs = []
+  for keys, (step_kernel, step_scale) in one.items():
+    g = scale.shape if hasattr(scale, 'shape') else _get(scale, keys)  # a WN layer's; a tree
+    kernel = None if layer is None else _get(params, (*layer, *keys))
+    if g is not None:
+      pairs.append(_fold.Pair(kernel, g, step_kernel, step_scale))
+  return pairs
 
 
 @_errors.labelled('wn_jax.linen.fold')

@@ -53,6 +53,8 @@ class _WeightNormedKernel:
 
   kernel: nnx.Param
   scale: nnx.Param
+  # (path, kernel shape, scale shape) as built: one layer's, where a transform stacks it
+  _step_shapes: tuple
   bias: Any
   axis: _core.Axis
   dtype: Any
@@ -72,6 +74,7 @@ class _WeightNormedKernel:
     else:
       g = scale_init(rngs.params(), _core.scale_shape(v.shape, kept), v.dtype)
     self.scale = _scale_param(self.kernel, g, kept)
+    self._step_shapes = ((('kernel',), tuple(v.shape), tuple(g.shape)),)
 
   def _out_axis(self) -> int:
     return -1

@@ -14,6 +14,7 @@ from flax import nnx
 from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
+from wn_jax import _tree
 from wn_jax.nnx._layers import _TAG
 from wn_jax.nnx._layers import DISCARDED
 from wn_jax.nnx._layers import _WeightNormedKernel
@@ -149,8 +150,9 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   result is the ``axis`` that :func:`wn_jax.linen.fold`,
   :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` take
   for this model's state.
-  A layer stacked along leading axes (by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap``) keeps
-  them too: ``(0, -1)`` for a stacked layer that keeps ``-1``.
+  A layer stacked by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap`` keeps the layer axes too:
+  ``(0, -1)`` for one that keeps ``-1`` stacked along the first axis, ``(-2, -1)`` along the
+  last (a middle axis is kept as built, and refused where used).
 
   Examples:
     >>> import wn_jax
@@ -170,13 +172,19 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   }
 
 
-def _shapes(node: _WeightNormedKernel | WeightNorm) -> _fold.Pairs:
-  """Each weight ``node`` normalizes and its scale, as shapes (:func:`_fold.stacked_axis`)."""
+def _shapes(node: _WeightNormedKernel | WeightNorm) -> list[_fold.Pair]:
+  """Each weight ``node`` normalizes and its scale, as stored and as built
+  (:func:`wn_jax._fold.stacked_axis`)."""
   if isinstance(node, _WeightNormedKernel):
-    return [(node.kernel.shape, node.scale.shape)]
+    return [_fold.Pair(node.kernel.shape, node.scale.shape, *node._step_shapes[0][1:])]
   flat = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(node.layer))))
+  flat = {_tree.path_keys(path): x.shape for path, x in flat.items()}
   scales = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(node.scale)))
-  return [(flat[path].shape if path in flat else None, g.shape) for path, g in scales]
+  steps = {keys: rest for keys, *rest in node._step_shapes}
+  return [
+    _fold.Pair(flat.get(keys), g.shape, *steps.get(keys, (None, None)))
+    for keys, g in ((_tree.path_keys(path), g) for path, g in scales)
+  ]
 
 
 @_errors.labelled('wn_jax.nnx.fold')

@@ -19,6 +19,7 @@ from wn_jax import _errors
 from wn_jax import _kernel
 from wn_jax import _tree
 from wn_jax import _wrapping
+from wn_jax._tree import WeightNormed
 from wn_jax.nnx._layers import Initializer
 from wn_jax.nnx._layers import _scale_param
 from wn_jax.nnx._layers import _WeightNormedKernel
@@ -41,6 +42,17 @@ def _to_params(tree: Any, kernels: Any, axis: _core.Axis, where: str) -> Any:
   with _errors.labelled(where):
     kept = _axes.kept_axes(kernels.ndim, axis)
   return _scale_param(kernels, tree, kept)
+
+
+def _one_layer_shapes(wn: Any) -> tuple:
+  """``(path, v shape, g shape)`` of each ``WeightNormed`` node of ``wn``, as one layer has
+  them (``layer_axes`` reads a stacked wrapper's axes from them)."""
+  nodes = jax.tree_util.tree_leaves_with_path(wn, is_leaf=lambda x: isinstance(x, WeightNormed))
+  return tuple(
+    (_tree.path_keys(path), tuple(x.v.shape), tuple(x.g.shape))
+    for path, x in nodes
+    if isinstance(x, WeightNormed)
+  )
 
 
 class WeightNorm(nnx.Module):
@@ -150,6 +162,7 @@ class WeightNorm(nnx.Module):
         wn, lambda x: _wrapping.initial_scale(x, scale_init, param_dtype, key)
       )
     self.scale = _to_params(scales, nnx.state(layer, nnx.Param), axis, self._where())
+    self._step_shapes = _one_layer_shapes(wn)  # one layer's, where a transform stacks it
 
   def _where(self) -> str:
     return f'wn_jax.nnx.WeightNorm({type(self.layer).__name__})'
