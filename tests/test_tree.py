@@ -379,3 +379,20 @@ def test_default_selection_leaves_what_a_layer_normalizes_alone(kind):
   # Asked for by name, a WN layer's kernel is still taken.
   named = wn_jax.weight_norm(params, where='kernel')
   assert isinstance(named['layers' if kind == 'nnx' else 'WNDense_0'], (dict, list))
+
+
+def test_default_selection_refuses_a_wrapper_it_cannot_place_with_the_where_fix():
+  # An inline wrapper beside a plain layer of its shape: either may be the wrapped one. The
+  # refusal offered "use the pytree route", which is where the user already was.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8)(wn_jax.linen.WeightNorm(nn.Dense(8))(x))
+
+  params = Net().init(jax.random.key(0), jnp.ones((2, 8)))['params']
+  for call in (wn_jax.weight_norm, lambda p: wn_jax.optim.weight_norm(optax.sgd(0.1)).init(p)):
+    with pytest.raises(ValueError, match=r"several layers.*parent=None.*where=r'\^Dense_1/kernel\$'"):
+      call(params)
+  wn = wn_jax.weight_norm(params, where=r'^Dense_1/kernel$')
+  assert isinstance(wn['Dense_1']['kernel'], wn_jax.WeightNormed)
+  assert not isinstance(wn['Dense_0']['kernel'], wn_jax.WeightNormed)

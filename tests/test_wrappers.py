@@ -543,6 +543,40 @@ def test_layer_axes_reads_a_layer_stacked_along_its_first_or_last_axis(stack):
     assert_close(jnp.take(folded, i, axis=stack), ref.normalize(v, g, -1), jnp.float32)
 
 
+@pytest.mark.parametrize('stack', [0, -1])
+def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
+  # Stacked 8 times, an 8x8 layer's shapes fit the first-axis and the last-axis readings:
+  # layer_axes took the first, silently wrong for a last-axis stack (a user trial).
+  def net(length, inner=None):
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        layer = wl.WNDense(8) if inner is None else inner()
+        return layer(x), None
+
+    return nn.scan(
+      Step, variable_axes={'params': stack}, split_rngs={'params': True}, length=length
+    )
+
+  x = _rand((2, 8))
+  both = rf"layer 'WNDense_0'.*fit both.*'WNDense_0': \(0, -1\)}}.*'WNDense_0': \(-2, -1\)}}"
+  with pytest.raises(ValueError, match=both):
+    wl.layer_axes(net(8)(), x, None)
+
+  @nnx.split_rngs(splits=8)
+  @nnx.vmap(in_axes=0, out_axes=stack)
+  def make(rngs):
+    return wx.WNLinear(8, 8, rngs=rngs)
+
+  with pytest.raises(ValueError, match=r'the root layer.*fit both'):
+    wx.layer_axes(make(nnx.Rngs(0)))
+  # Nested stacks, the outer along the other end: no axis describes the scale.
+  if stack == 0:
+    mixed = nn.scan(net(3), variable_axes={'params': -1}, split_rngs={'params': True}, length=2)
+    with pytest.raises(ValueError, match=r'first and last axes mixed'):
+      wl.layer_axes(mixed(), x, None)
+
+
 def test_a_layer_stacked_along_a_middle_axis_is_refused_by_every_tool():
   # Its scale (out, layers) is not its kernel (in, layers, out) along any kept axes: the
   # projection and direction_stats skipped it silently, even when the axis mapping named it.
@@ -560,9 +594,10 @@ def test_a_layer_stacked_along_a_middle_axis_is_refused_by_every_tool():
 
   x = _rand((2, 4))
   params = Net().init(KEY, x)['params']
-  axes = wl.layer_axes(Net(), x)
-  assert axes == {'ens': -1, 'head': -1}
   middle = r"layer 'ens'.*middle axis"
+  with pytest.raises(ValueError, match=middle):
+    wl.layer_axes(Net(), x)
+  axes = {'ens': -1, 'head': -1}  # by hand
   with pytest.raises(ValueError, match=middle):
     wn_jax.optim.project_directions(axis=axes).init(params)
   with pytest.raises(ValueError, match=middle):

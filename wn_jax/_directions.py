@@ -53,7 +53,7 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
   with _errors.labelled(caller):
     axis_of = _fold.axis_of(axis)
   with _errors.labelled(caller):
-    wrapped = _structure.wrapped_parameters(shapes)
+    wrapped = _structure.wrapped_parameters(shapes, 'use the pytree route')
     if isinstance(axis, Mapping):
       _check_named(axis, shapes, {k[:-1] for k in shapes if _owner(k, shapes)})
 

@@ -38,20 +38,21 @@ class Pair(NamedTuple):
   step_scale: Shape | None = None
 
 
-def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
-  """A layer's ``axis`` for its parameters as stored (what ``layer_axes`` reports).
+def stacked_axis(path: str, axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
+  """The ``axis`` of the layer at ``path`` for its parameters as stored (what ``layer_axes``
+  reports), or a ``ValueError`` where the shapes do not say it.
 
   A layer stacked by ``nn.scan``, ``nn.vmap`` or ``nnx.vmap`` has ``m`` more axes on every
   scale than it keeps, and keeps them too: along the first axes (``variable_axes`` /
   ``out_axes`` 0) ``-1`` becomes ``(0, -1)`` and ``0`` becomes ``(0, 1)``; along the last
-  (``-1``) ``-1`` becomes ``(-2, -1)``. Which one is read from the shapes, one layer's where
-  known (they differ only when every size is the stack's: then the first). A layer stacked
-  along another axis (its scale no longer follows its kernel), or not stacked, keeps
-  ``axis``; fold and the tools then refuse it, naming it.
+  (``-1``) ``-1`` becomes ``(-2, -1)``. Which one is read from the shapes (one layer's where
+  known). Refused: a stack the shapes fit both ways (every size of the layer is the stack's
+  length), and one along a middle axis or along the first and last axes mixed (its scale
+  is then not its kernel along any kept axes, which no axis can describe).
 
-  >>> stacked_axis(-1, [Pair((3, 8, 8), (3, 8))]), stacked_axis(0, [Pair((3, 6, 8), (3, 6))])
+  >>> stacked_axis('a', -1, [Pair((3, 8, 8), (3, 8))]), stacked_axis('a', 0, [Pair((3, 6, 8), (3, 6))])
   ((0, -1), (0, 1))
-  >>> stacked_axis(-1, [Pair((4, 4, 3), (4, 3), (4, 4), (4,))]), stacked_axis(-1, [Pair((8, 8), (8,))])
+  >>> stacked_axis('a', -1, [Pair((4, 4, 3), (4, 3), (4, 4), (4,))]), stacked_axis('a', -1, [Pair((8, 8), (8,))])
   ((-2, -1), -1)
   """
   own = () if axis is None else tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
@@ -60,10 +61,27 @@ def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
     return axis
   first = (*range(m), *(a + m if a >= 0 else a for a in own))
   last = (*(a if a >= 0 else a - m for a in own), *range(-m, 0))
-  for stacked, step in ((first, lambda s: s[m:]), (last, lambda s: s[:-m])):
-    if all(_stacked_fits(p, own, stacked, step) for p in pairs):
-      return stacked
-  return axis
+  fits = [
+    stacked
+    for stacked, step in ((first, lambda s: s[m:]), (last, lambda s: s[:-m]))
+    if all(_stacked_fits(p, own, stacked, step) for p in pairs)
+  ]
+  shapes = f'kernel {pairs[0].kernel}, scale {pairs[0].scale}' if pairs else ''
+  if len(fits) == 2:
+    raise ValueError(
+      f'{_layer_name(path)} ({shapes}) is stacked along its first or its last axis, and its '
+      f"shapes fit both: every size of the layer is the stack's length. Give its axes "
+      f"in a mapping: {{'{path}': {first}}} if stacked along the first axis "
+      f"(variable_axes={{'params': 0}}, out_axes=0), {{'{path}': {last}}} along the last."
+    )
+  if not fits:
+    raise ValueError(
+      f'{_layer_name(path)} ({shapes}) is stacked (its scale has {m} more axes than it '
+      f'keeps) along a middle axis, or along first and last axes mixed: its scale is then '
+      f'not its kernel along any kept axes, which no axis describes. Stack it along the '
+      f"first axes (variable_axes={{'params': 0}}, out_axes=0) or the last (-1)."
+    )
+  return fits[0]
 
 
 def _stacked_fits(p: Pair, own: tuple, stacked: tuple, step: Callable) -> bool:

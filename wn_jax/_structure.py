@@ -80,9 +80,10 @@ def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, .
   return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
 
 
-def wrapped_parameters(shapes: Shapes) -> dict[Keys, tuple[Keys, Shape]]:
+def wrapped_parameters(shapes: Shapes, other_fix: str) -> dict[Keys, tuple[Keys, Shape]]:
   """Each parameter a ``WeightNorm`` wrapper normalizes: the wrapper's path and its scale's
-  shape (the mirror of the parameter in the wrapper's ``scale`` tree)."""
+  shape (the mirror of the parameter in the wrapper's ``scale`` tree). A wrapper that several
+  layers fit is refused, with the fix of building it unbound or ``other_fix``."""
   wrapped: dict[Keys, tuple[Keys, Shape]] = {}
   prefixes = {k[: i + 1] for k in shapes for i, part in enumerate(k[:-1]) if part == 'scale'}
   for prefix in sorted(prefixes):
@@ -93,7 +94,7 @@ def wrapped_parameters(shapes: Shapes) -> dict[Keys, tuple[Keys, Shape]]:
         f'parameters of several layers ({["/".join(c) for c in layers]}), so the parameters '
         f'do not say which one it normalizes. Build the wrapped layer unbound, so that the '
         f'wrapper adopts it and its params sit under the wrapper: in a compact method, '
-        f'wl.WeightNorm(nn.Dense(16, parent=None)); or use the pytree route.'
+        f'wl.WeightNorm(nn.Dense(16, parent=None)); or {other_fix}.'
       )
     for layer in layers:
       for k, shape in shapes.items():
@@ -102,14 +103,16 @@ def wrapped_parameters(shapes: Shapes) -> dict[Keys, tuple[Keys, Shape]]:
   return wrapped
 
 
-def layer_normalized(shapes: Shapes) -> set[Keys]:
+def layer_normalized(shapes: Shapes, other_fix: str) -> set[Keys]:
   """The arrays that a layer weight-normalizes already: each WN layer's ``kernel`` and
-  ``scale``, each wrapper's ``scale`` tree and the parameters it mirrors.
+  ``scale``, each wrapper's ``scale`` tree and the parameters it mirrors (``other_fix``: as
+  in :func:`wrapped_parameters`).
 
-  >>> sorted(layer_normalized({('wn', 'kernel'): (3, 4), ('wn', 'scale'): (4,), ('fc', 'kernel'): (3, 4)}))
+  >>> shapes = {('wn', 'kernel'): (3, 4), ('wn', 'scale'): (4,), ('fc', 'kernel'): (3, 4)}
+  >>> sorted(layer_normalized(shapes, ''))
   [('wn', 'kernel'), ('wn', 'scale')]
   """
-  wrapped = wrapped_parameters(shapes)
+  wrapped = wrapped_parameters(shapes, other_fix)
   scales = {owner + ('scale',) for owner, _ in wrapped.values()}
   out = set(wrapped) | {k for k in shapes if any(k[: len(s)] == s for s in scales)}
   for keys in shapes:

@@ -183,9 +183,11 @@ def selector(where: Where, params: PyTree) -> Callable[[tuple, Any], bool]:
   """
   if where is None:
     leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_wn)[0]
-    taken = _structure.layer_normalized(
-      {path_keys(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape') and not _is_wn(x)}
-    )
+    shapes = {
+      path_keys(p): tuple(x.shape) for p, x in leaves if hasattr(x, 'shape') and not _is_wn(x)
+    }
+    fix = "pass where= naming the weights to weight-normalize (e.g. where=r'^Dense_1/kernel$')"
+    taken = _structure.layer_normalized(shapes, fix)
     return lambda path, leaf: (
       _is_floating_matrix(leaf) and path_keys(path)[-1] != 'bias' and path_keys(path) not in taken
     )

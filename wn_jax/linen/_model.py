@@ -218,7 +218,7 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
     )
   params = nn.meta.unbox(variables.get('params', {}))
   return {
-    path: _fold.stacked_axis(axes[path], _stored(params, path, *steps[path]))
+    path: _fold.stacked_axis(path, axes[path], _stored(params, path, *steps[path]))
     for path in sorted(axes)
   }
 

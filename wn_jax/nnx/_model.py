@@ -166,7 +166,7 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   """
   _require_model(model, 'layer_axes', 'Each axis is an attribute of a layer, not in its state.')
   return {
-    _path(path): _fold.stacked_axis(node.axis, _shapes(node))
+    _path(path): _fold.stacked_axis(_path(path), node.axis, _shapes(node))
     for path, node in nnx.iter_graph(model)
     if isinstance(node, (_WeightNormedKernel, WeightNorm))
   }
