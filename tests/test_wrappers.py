@@ -559,7 +559,7 @@ def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
     )
 
   x = _rand((2, 8))
-  both = rf"layer 'WNDense_0'.*fit both.*'WNDense_0': \(0, -1\)}}.*'WNDense_0': \(-2, -1\)}}"
+  both = r"layer 'WNDense_0'.*fit both.*'WNDense_0': \(0, -1\)}.*'WNDense_0': \(-2, -1\)}"
   with pytest.raises(ValueError, match=both):
     wl.layer_axes(net(8)(), x, None)
 
