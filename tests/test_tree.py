@@ -391,7 +391,9 @@ def test_default_selection_refuses_a_wrapper_it_cannot_place_with_the_where_fix(
 
   params = Net().init(jax.random.key(0), jnp.ones((2, 8)))['params']
   for call in (wn_jax.weight_norm, lambda p: wn_jax.optim.weight_norm(optax.sgd(0.1)).init(p)):
-    with pytest.raises(ValueError, match=r"several layers.*parent=None.*where=r'\^Dense_1/kernel\$'"):
+    with pytest.raises(
+      ValueError, match=r"several layers.*parent=None.*where=r'\^Dense_1/kernel\$'"
+    ):
       call(params)
   wn = wn_jax.weight_norm(params, where=r'^Dense_1/kernel$')
   assert isinstance(wn['Dense_1']['kernel'], wn_jax.WeightNormed)
