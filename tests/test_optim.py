@@ -747,3 +747,17 @@ def test_the_default_selection_leaves_a_wn_layer_to_itself():
     np.testing.assert_allclose(wn_layer[name], -0.5 * grads['layers_2'][name], rtol=1e-6)
   plain = updates['layers_0']['kernel']  # the plain layer: in weight-normalized coordinates
   assert not np.allclose(plain, -0.5 * grads['layers_0']['kernel'])
+
+
+def test_project_keeps_to_the_directions_it_selected():
+  # project='init' also reached a square WN layer's kernel, beside the selection, and refused
+  # it ("fits several kept axes ... pass axis=") with no axis to pass (a user trial).
+  model = nn.Sequential([nn.Dense(8), nn.tanh, wl.WNDense(8)])
+  x = jnp.ones((4, 8))
+  params = model.init(jax.random.key(0), x)['params']
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.5), project='init')
+  updates, _ = tx.update(grads, tx.init(params), params)
+  wn_layer = updates['layers_2']
+  for name in ('kernel', 'scale', 'bias'):  # plain SGD: neither reparametrized nor projected
+    np.testing.assert_allclose(wn_layer[name], -0.5 * grads['layers_2'][name], rtol=1e-6)

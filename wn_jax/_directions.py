@@ -39,7 +39,9 @@ def _shapes(nodes: list[tuple[tuple, Any]]) -> dict[Keys, Shape]:
   return {_tree.path_keys(p): tuple(jnp.shape(x)) for p, x in nodes if not is_node(x)}
 
 
-def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
+def direction_axes(
+  params: Any, axis: _fold.AxisSpec, caller: str, *, nodes_only: bool = False
+) -> list[Any]:
   """For each leaf of ``params`` flattened with ``WeightNormed`` nodes whole: the kept axes
   of its direction, or ``None`` where it holds none.
 
@@ -47,13 +49,13 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
   ``scale`` array shaped like its kept axes, :func:`decay_mask`'s rule); each parameter a
   ``WeightNorm`` wrapper's ``scale`` tree mirrors (:func:`wn_jax._structure.wrapped_layers`).
   The axis of the latter two is ``axis`` at the layer's (the wrapper's) path, as in fold.
+  ``nodes_only``: the ``WeightNormed`` nodes alone.
   """
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]
   shapes = _shapes(nodes)
   with _errors.labelled(caller):
     axis_of = _fold.axis_of(axis)
-  with _errors.labelled(caller):
-    wrapped = _structure.wrapped_parameters(shapes, 'use the pytree route')
+    wrapped = {} if nodes_only else _structure.wrapped_parameters(shapes, 'use the pytree route')
     if isinstance(axis, Mapping):
       _check_named(axis, shapes, {k[:-1] for k in shapes if _owner(k, shapes)})
 
@@ -61,6 +63,8 @@ def direction_axes(params: Any, axis: _fold.AxisSpec, caller: str) -> list[Any]:
     if isinstance(x, _tree.WeightNormed):
       with _errors.labelled(caller):
         return _axes.kept_axes(jnp.ndim(x.v), x.axis)
+    if nodes_only:
+      return None
     keys = _tree.path_keys(path) if not is_node(x) else ()
     owner = _owner(keys, shapes) or wrapped.get(keys)
     return None if owner is None else _layer_kept(*owner, shapes[keys], axis_of, caller)

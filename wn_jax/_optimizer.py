@@ -14,13 +14,14 @@ import optax
 
 from wn_jax import _core
 from wn_jax import _errors
+from wn_jax import _fold
 from wn_jax import _tree
 from wn_jax._optax_util import check_update_args
 from wn_jax._optax_util import in_structure
 from wn_jax._optax_util import is_masked
 from wn_jax._optax_util import is_node
 from wn_jax._optax_util import unwrap
-from wn_jax._projection import project_directions
+from wn_jax._projection import projection
 
 _CALLER = 'wn_jax.optim.weight_norm'
 
@@ -106,8 +107,10 @@ def weight_norm(
     where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
       ``ndim >= 2`` but biases and what a WN layer or wrapper normalizes already).
     project: ``None`` (or ``False``: off), or ``'init'`` or a positive number: each step
-      puts every ``v`` back on its target norm, as :func:`project_directions` (chained
-      after ``inner`` in (v, g) coordinates) does; ``w`` is the same to float rounding.
+      puts every ``v`` it selected back on its target norm, as :func:`project_directions`
+      (chained after ``inner`` in (v, g) coordinates) does; ``w`` is the same to float
+      rounding. WN layers and wrappers beside them are not projected: chain
+      ``project_directions(axis=layer_axes(...))`` for those.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -133,7 +136,7 @@ def weight_norm(
     True
   """
   if project is not None and project is not False:
-    inner = optax.chain(inner, project_directions(project))
+    inner = optax.chain(inner, projection(project, _fold.INFER, nodes_only=True))
 
   def init_fn(params):
     _refuse_weight_normed(params)

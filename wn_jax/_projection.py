@@ -102,6 +102,14 @@ def project_directions(
     >>> wn_jax.norm(new['w'].v)  # the norms at init: 5 and sqrt(2)
     Array([5.       , 1.4142135], dtype=float32)
   """
+  return projection(norm, axis, nodes_only=False)
+
+
+def projection(
+  norm: str | float | jax.Array, axis: _fold.AxisSpec, *, nodes_only: bool
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`project_directions`; with ``nodes_only``, of ``WeightNormed`` nodes alone (the
+  optimizer's ``project=``: what it reparametrizes, not the WN layers beside)."""
   if isinstance(norm, str) and norm != 'init':
     raise ValueError(f"{_CALLER}: norm must be 'init' or a positive number; got {norm!r}.")
   constant = not isinstance(norm, str)
@@ -110,7 +118,7 @@ def project_directions(
 
   def init_fn(params):
     params = unwrap(params)
-    kept = direction_axes(params, axis, _CALLER)
+    kept = direction_axes(params, axis, _CALLER, nodes_only=nodes_only)
     if all(k is None for k in kept):
       raise _nothing_to_project()
     if constant:
@@ -128,7 +136,7 @@ def project_directions(
     )
     structure = jax.tree_util.tree_structure(updates, is_leaf=is_masked)  # optax.masked's
     params, updates = unwrap(params), unwrap(updates)
-    kept = direction_axes(params, axis, _CALLER)
+    kept = direction_axes(params, axis, _CALLER, nodes_only=nodes_only)
     nodes, node_def = jax.tree_util.tree_flatten(params, is_leaf=is_node)
     update_nodes = node_def.flatten_up_to(updates)
     targets = [None] * len(nodes) if constant else _saved_targets(node_def, state.targets)
