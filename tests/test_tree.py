@@ -398,3 +398,19 @@ def test_default_selection_refuses_a_wrapper_it_cannot_place_with_the_where_fix(
   wn = wn_jax.weight_norm(params, where=r'^Dense_1/kernel$')
   assert isinstance(wn['Dense_1']['kernel'], wn_jax.WeightNormed)
   assert not isinstance(wn['Dense_0']['kernel'], wn_jax.WeightNormed)
+
+
+@pytest.mark.parametrize('kind', ['nnx', 'linen'])
+def test_a_flax_module_where_parameters_go_is_refused_with_the_fix(kind):
+  # weight_norm of an NNX model returned the model half converted ("'WeightNormed' object is
+  # not subscriptable" at its first call), and the optimizer's init took it (a user trial).
+  model = nnx.Linear(3, 3, rngs=nnx.Rngs(0)) if kind == 'nnx' else nn.Dense(3)
+  fix = r'nnx.state\(model, nnx.Param\)' if kind == 'nnx' else r"model.init\(key, x\)\['params'\]"
+  for label, call in (
+    ('wn_jax.weight_norm', wn_jax.weight_norm),
+    ('wn_jax.optim.weight_norm', wn_jax.optim.weight_norm(optax.sgd(0.1)).init),
+  ):
+    with pytest.raises(TypeError, match=rf'{label}: expected the parameters.*{fix}'):
+      call(model)
+  if kind == 'nnx':
+    assert isinstance(model.kernel[...], jax.Array)  # left as it was

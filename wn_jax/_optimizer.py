@@ -139,6 +139,7 @@ def weight_norm(
     inner = optax.chain(inner, projection(project, _fold.INFER, nodes_only=True))
 
   def init_fn(params):
+    _tree.refuse_module(params, _CALLER)
     _refuse_weight_normed(params)
     # Copies, so the state never shares a buffer with params (safe to donate both).
     with _errors.labelled(_CALLER):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from flax import serialization
 
 from wn_jax import _axes
 from wn_jax import _core
+from wn_jax import _errors
 from wn_jax import _structure
 from wn_jax._errors import labelled
 
@@ -223,7 +225,9 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
       ``axis=(0, -1)``, ``where='kernel'`` (with ``-1``, one ``g`` spans every layer).
     where: which leaves: ``None`` (every floating leaf with ``ndim >= 2`` but a ``bias``
       (a stacked layer's is a matrix) and what a WN layer or a ``WeightNorm`` wrapper of
-      ``params`` normalizes already: its kernel and scale; name them to take them), a regular
+      ``params`` normalizes already: its kernel and scale, read by structure, as
+      :func:`wn_jax.optim.decay_mask` reads them: any ``kernel`` beside a ``scale`` shaped
+      like it along kept axes; name them to take them), a regular
       expression searched in the ``/``-joined key path (e.g. ``'kernel'``), or a callable
       ``(path, leaf) -> bool``, ``path`` a JAX key path (``(DictKey(key='kernel'),)``, as
       ``jax.tree_util.tree_map_with_path`` gives it: compare ``path[-1].key``).
@@ -244,7 +248,21 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
     True
   """
+  refuse_module(params, 'wn_jax.weight_norm')
   return decomposed(params, axis, where)
+
+
+def refuse_module(params: Any, label: str) -> None:
+  """A ``TypeError`` for a Flax module where its parameters go (an NNX module is a pytree
+  too, and came back half converted)."""
+  nnx, linen = (sys.modules.get(name) for name in ('flax.nnx', 'flax.linen'))
+  if nnx is not None and isinstance(params, nnx.Module):
+    fix = 'Pass its parameters: nnx.state(model, nnx.Param).'
+  elif linen is not None and isinstance(params, linen.Module):
+    fix = "Pass its parameters: model.init(key, x)['params']."
+  else:
+    return
+  _errors.require(False, label, 'the parameters (a pytree of arrays)', params, fix)
 
 
 def decomposed(params: PyTree, axis: _axes.Axis, where: Where) -> PyTree:
