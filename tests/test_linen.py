@@ -829,3 +829,20 @@ def test_mean_only_batch_norm_of_an_int_input_is_float():
   y, _ = bn.apply(bn.init(KEY, xi), xi, mutable=['batch_stats'])
   assert y.dtype == jnp.float32
   assert_close(y, np.array([[-1.5, -1.5, -2.0], [1.5, 1.5, 2.0]]))
+
+
+def test_fold_of_the_whole_variables_says_to_pass_their_params():
+  # The layers' paths then start with 'params/': neither layer_axes' mapping nor the advice
+  # matched, and no message said why (a user trial).
+  model = nn.Sequential([wl.WNDense(4), wl.WNDense(4)])
+  x = _rand((2, 4))
+  variables = model.init(KEY, x)
+  hint = r"(?s)'params/layers_0'.*pass variables\['params'\], not the variables"
+  for call in (
+    lambda: wl.fold(variables),
+    lambda: wl.fold(variables, wl.layer_axes(model, x)),
+    lambda: wn_jax.optim.direction_stats(variables, axis=wl.layer_axes(model, x)),
+  ):
+    with pytest.raises(ValueError, match=hint):
+      call()
+  assert wl.fold(variables['params'], wl.layer_axes(model, x))

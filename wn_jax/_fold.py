@@ -143,8 +143,15 @@ def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, .
     f'of its kernel of shape {kernel_shape} ({fits}), so the parameters alone do not say '
     f'which one the layer was built with. Pass axis=-1 if every layer kept the default '
     f"(the output features), or each layer's own: axis=layer_axes(model, x), or a "
-    f"mapping {{'{path}': ...}}."
+    f"mapping {{'{path}': ...}}.{_variables_hint(path)}"
   )
+
+
+def _variables_hint(path: str) -> str:
+  """Where ``path`` starts with ``params/``: the fix of passing ``variables['params']``."""
+  if not path.startswith('params/'):
+    return ''
+  return " The path starts with 'params/': pass variables['params'], not the variables."
 
 
 def axis_of(axis: AxisSpec) -> Callable[[str], _axes.Axis]:
@@ -162,9 +169,11 @@ def axis_of(axis: AxisSpec) -> Callable[[str], _axes.Axis]:
 
     def lookup(path: str) -> _axes.Axis:
       if path not in table:
+        hint = _variables_hint(path) if path.split('/', 1)[-1] in table else ''
         raise ValueError(
           f"layer '{path}' has a kernel and a scale, but no axis in the mapping "
           f'(it names {sorted(table)}). Add it, or build the mapping with layer_axes(model, ...).'
+          f'{hint}'
         )
       return table[path]
 

@@ -72,7 +72,7 @@ class WeightNormed:
       return _core.normalize(self.v, self.g, self.axis)
     except ValueError as e:
       raise ValueError(
-        f'{self!r}: {e} Rebuild it with wn_jax.weight_norm, or fix the loaded g.'
+        f'{self!r}: {e} Rebuild it with wn_jax.weight_norm, or fix the node (its v, g, axis).'
       ) from None
 
 
