@@ -343,7 +343,8 @@ def test_decay_mask_decides_by_structure_not_by_name():
     ((2, 3, 4), (2, 4), False),  # axis=(0, 2)
     ((3, 4), (3, 4), False),  # every axis kept
     ((3, 4), (5,), True),  # not a magnitude of this kernel
-    ((2, 3, 4), (4, 2), True),  # kept axes come in order
+    ((2, 3, 4), (4, 2), False),  # out of order: a WN layer stacked along a middle axis
+    ((2, 3, 4), (4, 4), True),  # each kernel axis once
     (None, (4,), True),  # LayerNorm's scale: no kernel beside it
   ],
 )

@@ -493,7 +493,7 @@ def test_layer_axes_keeps_the_layer_axis_of_stacked_layers():
 class _EndStep(nn.Module):
   @nn.compact
   def __call__(self, x, _):
-    return jnp.tanh(wl.WNDense(4, name='d')(x)), wl.WNDense(3, axis=0, name='e')(x)
+    return jnp.tanh(wl.WNDense(4, name='d')(x)), wl.WNDense(5, axis=0, name='e')(x)
 
 
 def _end_stack(stack):
@@ -510,10 +510,9 @@ def _end_stack(stack):
 
 @pytest.mark.parametrize('stack', [0, -1])
 def test_layer_axes_reads_a_layer_stacked_along_its_first_or_last_axis(stack):
-  # Stacked along the last axis, a square layer (and an axis=0 layer whose stack is as long as
-  # its output) fits the first-axis reading too: layer_axes took it so, and fold, the
-  # projection and direction_stats were silently wrong (a user trial). layer_axes now reads
-  # the stacking from one layer's shapes, as built.
+  # Stacked along the last axis, a square layer fits the first-axis reading too: layer_axes
+  # took it so, and fold, the projection and direction_stats were silently wrong (a user
+  # trial). layer_axes now reads the stacking from one layer's shapes, as built.
   x = _rand((2, 4))
   params = _end_stack(stack).init(KEY, x)['params']
   first = stack == 0
@@ -559,7 +558,7 @@ def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
     )
 
   x = _rand((2, 8))
-  both = r"layer 'WNDense_0'.*fit both.*'WNDense_0': \(0, -1\)}.*'WNDense_0': \(-2, -1\)}"
+  both = r"layer 'WNDense_0'.*several stackings.*stacked=\{'WNDense_0': \(0, -1\)\}.*\(-2, -1\)"
   with pytest.raises(ValueError, match=both):
     wl.layer_axes(net(8)(), x, None)
 
@@ -568,12 +567,15 @@ def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
   def make(rngs):
     return wx.WNLinear(8, 8, rngs=rngs)
 
-  with pytest.raises(ValueError, match=r'the root layer.*fit both'):
+  with pytest.raises(ValueError, match=r'the root layer.*several stackings'):
     wx.layer_axes(make(nnx.Rngs(0)))
-  # Nested stacks, the outer along the other end: no axis describes the scale.
+  # Nested stacks, the outer along the other end: read where the sizes differ (the kernel
+  # (3, 8, 8, 2) keeps its first and last two axes), refused where they coincide.
   if stack == 0:
     mixed = nn.scan(net(3), variable_axes={'params': -1}, split_rngs={'params': True}, length=2)
-    with pytest.raises(ValueError, match=r'first and last axes mixed'):
+    assert wl.layer_axes(mixed(), x, None) == {'WNDense_0': (0, -2, -1)}
+    mixed = nn.scan(net(8), variable_axes={'params': -1}, split_rngs={'params': True}, length=2)
+    with pytest.raises(ValueError, match=r"layer 'WNDense_0'.*several stackings"):
       wl.layer_axes(mixed(), x, None)
 
 
@@ -602,8 +604,12 @@ def test_a_layer_stacked_along_a_middle_axis_is_refused_by_every_tool():
     wn_jax.optim.project_directions(axis=axes).init(params)
   with pytest.raises(ValueError, match=middle):
     wn_jax.optim.direction_stats(params, axis=axes)
-  with pytest.raises(ValueError, match=r"layer 'ens'.*stacked layer"):
+  with pytest.raises(ValueError, match=middle):
     wl.fold(params, axes)
+  # Read as a WN layer, not a plain one: its g is not decayed, nor its kernel decomposed again.
+  assert wn_jax.optim.decay_mask(params)['ens']['scale'] is False
+  mixed = wn_jax.weight_norm({'plain': {'kernel': jnp.ones((3, 3))}, **params})
+  assert not isinstance(mixed['ens']['kernel'], wn_jax.WeightNormed)
 
 
 @pytest.mark.parametrize(

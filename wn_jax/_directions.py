@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -56,8 +55,6 @@ def direction_axes(
   with _errors.labelled(caller):
     axis_of = _fold.axis_of(axis)
     wrapped = {} if nodes_only else _structure.wrapped_parameters(shapes, 'use the pytree route')
-    if isinstance(axis, Mapping):
-      _check_named(axis, shapes, {k[:-1] for k in shapes if _owner(k, shapes)})
 
   def kept(path: tuple, x: Any) -> Any:
     if isinstance(x, _tree.WeightNormed):
@@ -72,21 +69,6 @@ def direction_axes(
   return [kept(path, x) for path, x in nodes]
 
 
-def _check_named(axis: Mapping, shapes: dict[Keys, Shape], layers: set[Keys]) -> None:
-  """Refuses a layer the ``axis`` mapping names whose ``kernel`` and ``scale`` do not read as
-  a WN layer's: skipped, it would go unprojected and unmeasured."""
-  for path in axis:
-    keys = tuple(filter(None, str(path).split('/')))
-    kernel, scale = shapes.get((*keys, 'kernel')), shapes.get((*keys, 'scale'))
-    if kernel is not None and scale is not None and keys not in layers:
-      raise ValueError(
-        f"layer '{path}' (named in axis) has a kernel of shape {kernel} and a scale of shape "
-        f"{scale}, which is not the kernel's shape along any kept axes: a layer stacked along "
-        f"a middle axis (variable_axes={{'params': 1}}, nnx.vmap(out_axes=1)) reads so. "
-        f'Stack it along the first or the last axis (0 or -1), which layer_axes reads.'
-      )
-
-
 def _owner(keys: Keys, shapes: dict[Keys, Shape]) -> tuple[Keys, Shape] | None:
   """A WN layer's ``kernel``: its layer's path and its ``scale``'s shape (else ``None``)."""
   scale = _structure.wn_layer_scale(shapes, keys)
@@ -99,6 +81,7 @@ def _layer_kept(
   """The kept axes of the layer at ``owner``: ``axis`` there, checked against its scale."""
   where = '/'.join(owner)
   with _errors.labelled(caller):
+    _fold.check_in_order(where, v_shape, g_shape)
     a = axis_of(where)
     if isinstance(a, str):
       a = _fold.inferred(where, v_shape, g_shape)
@@ -121,8 +104,8 @@ def decay_mask(params: Any) -> Any:
 
   - ``g`` of a :class:`wn_jax.WeightNormed`;
   - a WN layer's ``scale`` (linen or NNX): an array beside a ``kernel`` whose shape is
-    the kernel's along some kept axes (in order), e.g. ``(out,)`` for an ``(in, out)``
-    kernel, ``()`` for ``axis=None``;
+    the kernel's along some axes, e.g. ``(out,)`` for an ``(in, out)`` kernel, ``()`` for
+    ``axis=None``, ``(out, layers)`` for one stacked along a middle axis;
   - a ``WeightNorm`` wrapper's ``scale`` tree (linen or NNX): a tree whose only
     neighbours are the wrapped ``layer`` (or none: a linen layer built by the parent
     keeps its parameters beside the wrapper), that mirrors the layer's parameters, each
@@ -135,10 +118,7 @@ def decay_mask(params: Any) -> Any:
   ``optax.adamw(lr, mask=wn_jax.optim.decay_mask)``.
 
   A hand-written module with a ``kernel`` and a ``scale`` shaped like its kept axes
-  reads as a WN layer; give it another name to have it decayed. A WN layer stacked along a
-  middle axis (``variable_axes={'params': 1}``) does not read as one (its scale is not its
-  kernel along kept axes, in order), and its ``scale`` is decayed: stack along the first or
-  last axis.
+  reads as a WN layer; give it another name to have it decayed.
 
   Args:
     params: parameters: a linen params dict, an NNX ``State``, or a tree with

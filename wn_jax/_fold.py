@@ -9,13 +9,13 @@ import itertools
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from wn_jax import _axes
 from wn_jax import _kernel
+from wn_jax import _stacking
 from wn_jax import _structure
 from wn_jax import _tree
 from wn_jax._errors import labelled
@@ -23,85 +23,8 @@ from wn_jax._errors import labelled
 # fold's default: each layer's axis from its scale's shape, where only one choice fits.
 INFER = 'infer'
 
-Shape = tuple[int, ...]
 
 AxisSpec = _axes.Axis | str | Mapping[str, _axes.Axis] | Callable[[str], _axes.Axis]
-
-
-class Pair(NamedTuple):
-  """One weight a layer normalizes and its scale: their shapes as stored and, where known,
-  as one layer sees them (inside the transform that stacks it)."""
-
-  kernel: Shape | None
-  scale: Shape
-  step_kernel: Shape | None = None
-  step_scale: Shape | None = None
-
-
-def stacked_axis(path: str, axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
-  """The ``axis`` of the layer at ``path`` for its parameters as stored (what ``layer_axes``
-  reports), or a ``ValueError`` where the shapes do not say it.
-
-  A layer stacked by ``nn.scan``, ``nn.vmap`` or ``nnx.vmap`` has ``m`` more axes on every
-  scale than it keeps, and keeps them too: along the first axes (``variable_axes`` /
-  ``out_axes`` 0) ``-1`` becomes ``(0, -1)`` and ``0`` becomes ``(0, 1)``; along the last
-  (``-1``) ``-1`` becomes ``(-2, -1)``. Which one is read from the shapes (one layer's where
-  known). Refused: a stack the shapes fit both ways (every size of the layer is the stack's
-  length), and one along a middle axis or along the first and last axes mixed (its scale
-  is then not its kernel along any kept axes, which no axis can describe).
-
-  >>> stacked_axis('a', -1, [Pair((3, 8, 8), (3, 8))]), stacked_axis('a', 0, [Pair((3, 6, 8), (3, 6))])
-  ((0, -1), (0, 1))
-  >>> stacked_axis('a', -1, [Pair((4, 4, 3), (4, 3), (4, 4), (4,))]), stacked_axis('a', -1, [Pair((8, 8), (8,))])
-  ((-2, -1), -1)
-  """
-  own = () if axis is None else tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-  extra = {len(p.scale) - (len(own) if p.step_scale is None else len(p.step_scale)) for p in pairs}
-  if len(extra) != 1 or (m := extra.pop()) <= 0:
-    return axis
-  first = (*range(m), *(a + m if a >= 0 else a for a in own))
-  last = (*(a if a >= 0 else a - m for a in own), *range(-m, 0))
-  fits = [
-    stacked
-    for stacked, step in ((first, lambda s: s[m:]), (last, lambda s: s[:-m]))
-    if all(_stacked_fits(p, own, stacked, step) for p in pairs)
-  ]
-  shapes = f'kernel {pairs[0].kernel}, scale {pairs[0].scale}' if pairs else ''
-  if len(fits) == 2:
-    raise ValueError(
-      f'{_layer_name(path)} ({shapes}) is stacked along its first or its last axis, and its '
-      f"shapes fit both: every size of the layer is the stack's length. Give its axes "
-      f"in a mapping: {{'{path}': {first}}} if stacked along the first axis "
-      f"(variable_axes={{'params': 0}}, out_axes=0), {{'{path}': {last}}} along the last."
-    )
-  if not fits:
-    raise ValueError(
-      f'{_layer_name(path)} ({shapes}) is stacked (its scale has {m} more axes than it '
-      f'keeps) along a middle axis, or along first and last axes mixed: its scale is then '
-      f'not its kernel along any kept axes, which no axis describes. Stack it along the '
-      f"first axes (variable_axes={{'params': 0}}, out_axes=0) or the last (-1)."
-    )
-  return fits[0]
-
-
-def _stacked_fits(p: Pair, own: tuple, stacked: tuple, step: Callable) -> bool:
-  """Whether ``p`` reads as one layer keeping ``own``, stacked to keep ``stacked``
-  (``step``: a stored shape -> one layer's)."""
-  if p.step_scale is not None and step(p.scale) != p.step_scale:
-    return False
-  if p.kernel is None:
-    return True
-  kernel = step(p.kernel)
-  fits = p.step_kernel is None or kernel == p.step_kernel
-  return (
-    fits
-    and _axes.scale_shape(kernel, _axes.kept_axes(len(kernel), own)) == step(p.scale)
-    and _axes.scale_shape(p.kernel, _axes.kept_axes(len(p.kernel), stacked)) == p.scale
-  )
-
-
-def _layer_name(path: str) -> str:
-  return f"layer '{path}'" if path else 'the root layer (the model itself)'
 
 
 def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> ValueError:
@@ -118,15 +41,28 @@ def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> 
     'that keeps axis -1)'
   )
   return ValueError(
-    f'{_layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
+    f'{_stacking.layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
     f'than one layer keeping the default axis has, for a kernel of shape '
     f'{tuple(kernel_shape)}: it looks like {fix}.'
   )
 
 
+def check_in_order(path: str, kernel_shape: tuple, scale_shape: tuple) -> None:
+  """Refuses a WN layer whose scale is its kernel along some axes out of order: one stacked
+  along a middle axis, which no kept axes describe (read as a WN layer, never skipped)."""
+  if not _axes.fits_kept_axes(tuple(scale_shape), tuple(kernel_shape)):
+    raise ValueError(
+      f'{_stacking.layer_name(path)}: its scale of shape {tuple(scale_shape)} is its kernel '
+      f'of shape {tuple(kernel_shape)} along some axes out of order: a layer stacked along a '
+      f"middle axis (variable_axes={{'params': 1}}, out_axes=1), which no kept axes "
+      f'describe. Stack it along the first or the last axis (0 or -1), which layer_axes reads.'
+    )
+
+
 def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> Any:
   """The layer's kept axis from its scale's shape, where only one choice fits, or a
   ``ValueError`` naming the layer at ``path``."""
+  check_in_order(path, kernel_shape, scale_shape)
   fits = _fitting_axes(kernel_shape, scale_shape)
   if len(fits) == 1:
     return fits[0]
@@ -197,6 +133,7 @@ def _fitting_axes(kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -
 def _layer_kept(path: str, kernel: jax.Array, scale: jax.Array, a: Any, from_model: bool):
   """The kept axes of the WN layer at ``path`` with axis ``a`` (``INFER``: from the shapes),
   checked against its scale's shape."""
+  check_in_order(path, kernel.shape, scale.shape)
   if isinstance(a, str):
     a = inferred(path, kernel.shape, scale.shape)
   with labelled(f"layer '{path}'"):

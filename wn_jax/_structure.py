@@ -38,12 +38,27 @@ def is_wrapper_scale(shapes: Shapes, prefix: tuple[str, ...]) -> bool:
 
 def wn_layer_scale(shapes: Shapes, keys: tuple[str, ...]) -> tuple[int, ...] | None:
   """The shape of the ``scale`` beside ``keys`` if it is a WN layer's ``kernel`` (a ``scale``
-  shaped like its kept axes beside it), else ``None``."""
+  shaped like it along some axes beside it), else ``None``.
+
+  The axes in any order: a layer stacked along a middle axis (``variable_axes={'params':
+  1}``) has a kernel ``(in, layers, out)`` and a scale ``(out, layers)``. It is a WN layer,
+  whose axes the tools then refuse to guess, not a plain one to skip or decay.
+
+  >>> wn_layer_scale({('kernel',): (5, 2, 3), ('scale',): (3, 2)}, ('kernel',))
+  (3, 2)
+  """
   kernel = shapes.get(keys) if keys and keys[-1] == 'kernel' else None
   if kernel is None:
     return None
   scale = shapes.get(keys[:-1] + ('scale',))
-  return scale if scale is not None and _axes.fits_kept_axes(scale, kernel) else None
+  if scale is None:
+    return None
+  left = list(kernel)
+  for size in scale:
+    if size not in left:
+      return None
+    left.remove(size)
+  return scale
 
 
 def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, ...]]:

@@ -319,8 +319,8 @@ def _where_hint(where: Where, params: PyTree) -> str:
       f'{param_path(nodes[0][0])!r}: '
       f'compare path[-1].key, or pass a regular expression searched in the /-joined path.'
     )
-  matrices = [p for p, x in nodes if _is_floating_matrix(x)]
-  name = path_str(param_path(matrices[0])).split('/')[-1] if matrices else 'kernel'
+  names = [path_keys(p)[-1] for p, x in nodes if _is_floating_matrix(x)]
+  name = next((n for n in names if n != 'bias'), 'kernel')
   return (
     f'Pass a regular expression searched in the /-joined key path (e.g. where={name!r}) or '
     'a callable (path, leaf) -> bool; where=None selects every floating leaf with ndim >= 2 '

@@ -14,6 +14,7 @@ import numpy as np
 from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
+from wn_jax import _stacking
 from wn_jax.linen._layers import _WeightNormedKernel
 from wn_jax.linen._wrapper import WeightNorm
 
@@ -160,7 +161,13 @@ def _map_scales(params: Any, paths: set, f: Callable, other: Any = None) -> Any:
   return params
 
 
-def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> dict[str, Any]:
+def layer_axes(
+  model: nn.Module,
+  *args: Any,
+  method: Any = None,
+  stacked: Mapping[str, Any] | None = None,
+  **kwargs: Any,
+) -> dict[str, Any]:
   """The kept ``axis`` of every WN layer and wrapper of ``model``, by path: what :func:`fold`,
   :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` need to know.
 
@@ -169,14 +176,17 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
   values) and records the ``axis`` attribute of
   each ``WNDense``, ``WNConv``, ``WNConvTranspose`` and ``WeightNorm`` wrapper it calls,
   keyed by its path in the params tree (``'block/WNDense_0'``; ``''`` for the model itself).
-  A layer stacked by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap`` keeps the layer axes too:
-  ``(0, -1)`` for one that keeps ``-1`` stacked along the first axis, ``(-2, -1)`` along the
-  last (a middle axis is kept as built, and refused where used).
+  A layer stacked by ``nn.scan`` / ``nn.vmap`` keeps the layer axes too: ``(0, -1)`` for one
+  that keeps ``-1`` stacked along the first axis (``variable_axes={'params': 0}``),
+  ``(-2, -1)`` along the last. The stacking is read from the layer's shapes, as built and as
+  stored; a stack they do not tell apart (sizes equal to the stack's length) is refused,
+  named, until given in ``stacked``, and a middle axis is refused (no axes describe it).
 
   Args:
     model: the linen model.
     *args: example inputs, as ``model.init`` takes them.
     method: the method of ``model`` to run (default ``__call__``).
+    stacked: ``{path: axes}`` for stacked layers whose axes the shapes do not tell.
     **kwargs: passed to ``model.init`` (e.g. ``train=False``).
 
   Returns:
@@ -217,10 +227,15 @@ def layer_axes(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) 
       lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args
     )
   params = nn.meta.unbox(variables.get('params', {}))
-  return {
-    path: _fold.stacked_axis(path, axes[path], _stored(params, path, *steps[path]))
-    for path in sorted(axes)
-  }
+  layers = {path: (axes[path], _stored(params, path, *steps[path])) for path in axes}
+  with _errors.labelled('wn_jax.linen.layer_axes'):
+    return _stacking.read_axes(layers, stacked, _GIVE_STACKED)
+
+
+_GIVE_STACKED = (
+  "Give its axes as stored: layer_axes(model, x, stacked={{'{path}': (0, -1)}}) for a layer "
+  'keeping -1 stacked along the first axis, (-2, -1) along the last.'
+)
 
 
 def _one_layer(module: nn.Module) -> tuple[tuple[str, ...] | None, dict]:
@@ -245,8 +260,8 @@ def _get(tree: Any, keys: tuple[str, ...]) -> tuple[int, ...] | None:
   return None if tree is None else tree.shape
 
 
-def _stored(params: Any, path: str, layer: Any, one: dict) -> list[_fold.Pair]:
-  """The :class:`wn_jax._fold.Pair` of each weight of the layer at ``path`` (``layer``, ``one``:
+def _stored(params: Any, path: str, layer: Any, one: dict) -> list[_stacking.Pair]:
+  """The :class:`wn_jax._stacking.Pair` of each weight of the layer at ``path`` (``layer``, ``one``:
   from :func:`_one_layer`), its shapes as stored in ``params``."""
   scale = params
   for key in (*filter(None, path.split('/')), 'scale'):
@@ -256,7 +271,7 @@ def _stored(params: Any, path: str, layer: Any, one: dict) -> list[_fold.Pair]:
     g = scale.shape if hasattr(scale, 'shape') else _get(scale, keys)  # a WN layer's; a tree
     kernel = None if layer is None else _get(params, (*layer, *keys))
     if g is not None:
-      pairs.append(_fold.Pair(kernel, g, step_kernel, step_scale))
+      pairs.append(_stacking.Pair(kernel, g, step_kernel, step_scale))
   return pairs
 
 

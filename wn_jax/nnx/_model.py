@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -14,6 +15,7 @@ from flax import nnx
 from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
+from wn_jax import _stacking
 from wn_jax import _tree
 from wn_jax.nnx._layers import _TAG
 from wn_jax.nnx._layers import DISCARDED
@@ -142,7 +144,7 @@ def _restore(variables: list[Any], values: list[Any], but: Collection[int] = ())
       v.set_raw_value(value)
 
 
-def layer_axes(model: nnx.Module) -> dict[str, Any]:
+def layer_axes(model: nnx.Module, *, stacked: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The kept ``axis`` of every WN layer and ``WeightNorm`` wrapper of ``model``, by path
   (``'layers/0'``; ``''`` for itself).
 
@@ -150,9 +152,11 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
   result is the ``axis`` that :func:`wn_jax.linen.fold`,
   :func:`wn_jax.optim.project_directions` and :func:`wn_jax.optim.direction_stats` take
   for this model's state.
-  A layer stacked by ``nn.scan`` / ``nn.vmap`` / ``nnx.vmap`` keeps the layer axes too:
-  ``(0, -1)`` for one that keeps ``-1`` stacked along the first axis, ``(-2, -1)`` along the
-  last (a middle axis is kept as built, and refused where used).
+  A layer stacked by ``nnx.vmap`` / ``nnx.scan`` keeps the layer axes too: ``(0, -1)`` for one
+  that keeps ``-1`` stacked along the first axis (``out_axes=0``), ``(-2, -1)`` along the
+  last. The stacking is read from the layer's shapes, as built and as stored; a stack they do
+  not tell apart (sizes equal to the stack's length) is refused, named, until given in
+  ``stacked`` (``{path: axes}``), and a middle axis is refused (no axes describe it).
 
   Examples:
     >>> import wn_jax
@@ -165,24 +169,33 @@ def layer_axes(model: nnx.Module) -> dict[str, Any]:
     {'layers/0': 0, 'layers/1': -1}
   """
   _require_model(model, 'layer_axes', 'Each axis is an attribute of a layer, not in its state.')
-  return {
-    _path(path): _fold.stacked_axis(_path(path), node.axis, _shapes(node))
+  layers = {
+    _path(path): (node.axis, _shapes(node))
     for path, node in nnx.iter_graph(model)
     if isinstance(node, (_WeightNormedKernel, WeightNorm))
   }
+  with _errors.labelled('wn_jax.nnx.layer_axes'):
+    return _stacking.read_axes(layers, stacked, _GIVE_STACKED)
 
 
-def _shapes(node: _WeightNormedKernel | WeightNorm) -> list[_fold.Pair]:
+_GIVE_STACKED = (
+  "Give its axes as stored: layer_axes(model, stacked={{'{path}': (0, -1)}}) for a layer "
+  'keeping -1 stacked along the first axis, (-2, -1) along the last; for nnx.fold, fold with '
+  'wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), that layer_axes).'
+)
+
+
+def _shapes(node: _WeightNormedKernel | WeightNorm) -> list[_stacking.Pair]:
   """Each weight ``node`` normalizes and its scale, as stored and as built
-  (:func:`wn_jax._fold.stacked_axis`)."""
+  (:func:`wn_jax._stacking.stacked_axis`)."""
   if isinstance(node, _WeightNormedKernel):
-    return [_fold.Pair(node.kernel.shape, node.scale.shape, *node._step_shapes[0][1:])]
+    return [_stacking.Pair(node.kernel.shape, node.scale.shape, *node._step_shapes[0][1:])]
   flat = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(node.layer))))
   flat = {_tree.path_keys(path): x.shape for path, x in flat.items()}
   scales = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(node.scale)))
   steps = {keys: rest for keys, *rest in node._step_shapes}
   return [
-    _fold.Pair(flat.get(keys), g.shape, *steps.get(keys, (None, None)))
+    _stacking.Pair(flat.get(keys), g.shape, *steps.get(keys, (None, None)))
     for keys, g in ((_tree.path_keys(path), g) for path, g in scales)
   ]
 
