@@ -561,6 +561,16 @@ def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
   both = r"layer 'WNDense_0'.*several stackings.*stacked=\{'WNDense_0': \(0, -1\)\}.*\(-2, -1\)"
   with pytest.raises(ValueError, match=both):
     wl.layer_axes(net(8)(), x, None)
+  given = (0, -1) if stack == 0 else (-2, -1)  # as the user built it
+  params = net(8)().init(KEY, x, None)['params']
+  axes = wl.layer_axes(net(8)(), x, None, stacked={'WNDense_0': given})
+  folded, layer = wl.fold(params, axes)['WNDense_0'], params['WNDense_0']
+  for i in range(8):
+    one = {k: jnp.take(a, i, axis=stack) for k, a in layer.items()}
+    want = ref.normalize(one['kernel'], one['scale'], -1)
+    assert_close(jnp.take(folded['kernel'], i, axis=stack), want, jnp.float32)
+  with pytest.raises(ValueError, match=r"stacked= names \['WNDense_9'\]"):
+    wl.layer_axes(net(8)(), x, None, stacked={'WNDense_9': given})
 
   @nnx.split_rngs(splits=8)
   @nnx.vmap(in_axes=0, out_axes=stack)
@@ -569,6 +579,7 @@ def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
 
   with pytest.raises(ValueError, match=r'the root layer.*several stackings'):
     wx.layer_axes(make(nnx.Rngs(0)))
+  assert wx.layer_axes(make(nnx.Rngs(0)), stacked={'': given}) == {'': given}
   # Nested stacks, the outer along the other end: read where the sizes differ (the kernel
   # (3, 8, 8, 2) keeps its first and last two axes), refused where they coincide.
   if stack == 0:
