@@ -414,3 +414,15 @@ def test_a_flax_module_where_parameters_go_is_refused_with_the_fix(kind):
       call(model)
   if kind == 'nnx':
     assert isinstance(model.kernel[...], jax.Array)  # left as it was
+  # Inside a tree too, and every other tool that takes parameters (they returned the module,
+  # an empty dict or an all-True mask).
+  for label, call in (
+    ('wn_jax.weight_norm', wn_jax.weight_norm),
+    ('wn_jax.materialize', wn_jax.materialize),
+    ('wn_jax.optim.decay_mask', wn_jax.optim.decay_mask),
+    ('wn_jax.optim.direction_stats', wn_jax.optim.direction_stats),
+    ('wn_jax.optim.project_directions', wn_jax.optim.project_directions().init),
+    ('wn_jax.linen.fold', wn_jax.linen.fold),
+  ):
+    with pytest.raises(TypeError, match=rf'{label}: expected the parameters.*{fix}'):
+      call({'enc': model, 'dec': {'kernel': jnp.ones((3, 3))}})

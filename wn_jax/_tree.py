@@ -253,16 +253,25 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
 
 
 def refuse_module(params: Any, label: str) -> None:
-  """A ``TypeError`` for a Flax module where its parameters go (an NNX module is a pytree
-  too, and came back half converted)."""
+  """A ``TypeError`` for a Flax module where its parameters go, or inside them (an NNX
+  module is a pytree too, and came back half converted; a linen one is a leaf, skipped)."""
   nnx, linen = (sys.modules.get(name) for name in ('flax.nnx', 'flax.linen'))
-  if nnx is not None and isinstance(params, nnx.Module):
-    fix = 'Pass its parameters: nnx.state(model, nnx.Param).'
-  elif linen is not None and isinstance(params, linen.Module):
-    fix = "Pass its parameters: model.init(key, x)['params']."
-  else:
+  kinds = tuple(m.Module for m in (nnx, linen) if m is not None)
+  if not kinds:
     return
-  _errors.require(False, label, 'the parameters (a pytree of arrays)', params, fix)
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_module(kinds))
+  found = next((x for x in leaves if isinstance(x, kinds)), None)
+  if found is None:
+    return
+  if nnx is not None and isinstance(found, nnx.Module):
+    fix = 'Pass its parameters: nnx.state(model, nnx.Param).'
+  else:
+    fix = "Pass its parameters: model.init(key, x)['params']."
+  _errors.require(False, label, 'the parameters (a pytree of arrays)', found, fix)
+
+
+def _is_module(kinds: tuple) -> Callable[[Any], bool]:
+  return lambda x: isinstance(x, kinds)
 
 
 def decomposed(params: PyTree, axis: _axes.Axis, where: Where) -> PyTree:
@@ -359,6 +368,7 @@ def materialize(params: PyTree) -> PyTree:
     Array([[3., 0.],
            [4., 2.]], dtype=float32)
   """
+  refuse_module(params, 'wn_jax.materialize')
   return weights(params, check_lost=True)
 
 
