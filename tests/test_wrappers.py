@@ -590,6 +590,58 @@ def test_layer_axes_refuses_a_stack_its_shapes_do_not_tell(stack):
       wl.layer_axes(mixed(), x, None)
 
 
+def test_inferred_axes_refuse_a_scale_of_several_axes():
+  # A middle-axis stack (kernel (in, layers, out), scale (out, layers)) whose sizes coincide
+  # fits one set of kept axes in order: inferred, fold and the projection took it, silently
+  # wrong (a user trial). A scale of several axes is a stacked layer's or a layer built
+  # keeping several axes: the axes must be given.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      ens = nn.vmap(
+        wl.WNDense, variable_axes={'params': 1}, split_rngs={'params': True}, axis_size=3
+      )
+      return ens(4, name='stk')(x)
+
+  x = _rand((3, 2, 4))
+  params = Net().init(KEY, x)['params']
+  assert params['stk']['kernel'].shape == (4, 3, 4)
+  for call in (
+    wl.fold,
+    wn_jax.optim.direction_stats,
+    lambda p: wn_jax.optim.project_directions().init(p),
+  ):
+    with pytest.raises(ValueError, match=r"layer 'stk'.*several axes.*layer_axes"):
+      call(params)
+  with pytest.raises(ValueError, match=r"layer 'stk'.*middle axis"):
+    wl.layer_axes(Net(), x)
+
+
+def test_layer_axes_reads_a_layer_that_nn_vmap_lifts_itself():
+  # nn.vmap(WNConv) is a lifted WNConv, called again around the layer's own call: its
+  # stacked shapes were taken for one layer's, and layer_axes gave the per-step -1.
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      ens = nn.vmap(
+        wl.WNConv,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=None,
+        axis_size=2,
+      )
+      return ens(4, (2,), name='s')(x)
+
+  x = _rand((2, 5, 3))
+  params = Net().init(KEY, x)['params']
+  axes = wl.layer_axes(Net(), x)
+  assert axes == {'s': (0, -1)}
+  folded, layer = wl.fold(params, axes)['s'], params['s']
+  for i in range(2):
+    want = ref.normalize(layer['kernel'][i], layer['scale'][i], -1)
+    assert_close(folded['kernel'][i], want, jnp.float32)
+
+
 def test_a_layer_stacked_along_a_middle_axis_is_refused_by_every_tool():
   # Its scale (out, layers) is not its kernel (in, layers, out) along any kept axes: the
   # projection and direction_stats skipped it silently, even when the axis mapping named it.

@@ -35,10 +35,11 @@ def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> 
     'a layer stacked along a middle axis (nnx.vmap(out_axes=1)), which wn_jax does not read: '
     'stack it along the first or the last axis (out_axes 0 or -1)'
     if from_model
-    else 'a stacked layer (nn.scan, nn.vmap, nnx.vmap), whose kept axes include the layer '
-    'axis: pass axis=layer_axes(model, ...), which gives them for a layer stacked along its '
-    f"first or last axis, or a mapping ({{'{path}': (0, -1)}} for one stacked along axis 0 "
-    'that keeps axis -1)'
+    else 'a layer built keeping several axes, or a stacked layer (nn.scan, nn.vmap, '
+    'nnx.vmap) whose kept axes include the layer axes; its shapes alone do not say which '
+    '(a middle-axis stack fits some kept axes it does not keep). Pass axis=layer_axes(model, '
+    f"...), which reads them from the model, or a mapping ({{'{path}': (0, -1)}} for a layer "
+    'stacked along axis 0 that keeps axis -1)'
   )
   return ValueError(
     f'{_stacking.layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
@@ -64,9 +65,11 @@ def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, .
   ``ValueError`` naming the layer at ``path``."""
   check_in_order(path, kernel_shape, scale_shape)
   fits = _fitting_axes(kernel_shape, scale_shape)
-  if len(fits) == 1:
+  if len(fits) == 1 and _stacking.only_reading(
+    tuple(kernel_shape), tuple(scale_shape), _axes.kept_axes(len(kernel_shape), fits[0])
+  ):
     return fits[0]
-  if fits and len(scale_shape) > 1:
+  if fits and len(scale_shape) > 1:  # a layer built keeping several axes, or a stacked one
     raise _stacked(path, kernel_shape, scale_shape)
   if not fits:
     raise ValueError(

@@ -62,7 +62,7 @@ def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
   extra = {len(p.scale) - (len(own) if p.step_scale is None else len(p.step_scale)) for p in pairs}
   if len(extra) != 1 or (m := extra.pop()) <= 0 or not pairs:
     return axis
-  shapes = f'kernel {pairs[0].kernel}, scale {pairs[0].scale}'
+  shapes = f'weight {pairs[0].kernel}, scale {pairs[0].scale}'
   if any(p.kernel is None for p in pairs):
     raise Unreadable(f'is stacked ({shapes}), and its kernel is not where its scale says.')
   ranks = [len(p.kernel) for p in pairs if p.kernel is not None]
@@ -75,10 +75,13 @@ def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
       raise Unreadable(f'is stacked ({shapes}), its weights kept at axes {only}.')
     return spec
   if len(readings) > 1:
-    also = ' or along a middle axis' if any(None in r for r in readings) else ''
+    middle = any(None in r for r in readings)
+    also = ' or along a middle axis, which no kept axes describe' if middle else ''
+    restack = ' (if stacked along a middle axis, restack it along the first or last)'
     raise Unreadable(
       f'is stacked ({shapes}), and its shapes fit several stackings, whose kept axes differ '
       f'({", ".join(specs)}{also}): some sizes coincide with the stack length.'
+      f'{restack if middle else ""}'
     )
   raise Unreadable(
     f'is stacked ({shapes}) along a middle axis, or along first and last axes mixed: its '
@@ -114,6 +117,23 @@ def read_axes(
 
 def layer_name(path: str) -> str:
   return f"layer '{path}'" if path else 'the root layer (the model itself)'
+
+
+def only_reading(kernel: Shape, scale: Shape, kept: tuple[int, ...]) -> bool:
+  """Whether ``scale`` beside ``kernel`` reads as kept axes ``kept`` only, with nothing known
+  of how the layer was built: no stacking of a layer keeping fewer axes reads otherwise (a
+  middle-axis stack ``(in, layers, out)`` / ``(out, layers)`` fits kept axes ``(0, 1)`` in
+  order when ``in == out``).
+
+  >>> only_reading((3, 4, 5), (4, 5), (1, 2)), only_reading((4, 3, 4), (4, 3), (0, 1))
+  (True, False)
+  """
+  found = set()
+  for m in range(1, len(scale) + 1):
+    for own in itertools.combinations(range(len(kernel) - m), len(scale) - m):
+      pairs = [Pair(kernel, scale)]
+      found |= {kept for kept, _ in _readings(own, pairs, m)}
+  return found <= {(kept,)}
 
 
 def _readings(own: tuple, pairs: list[Pair], m: int) -> list[tuple[tuple, tuple]]:

@@ -220,7 +220,8 @@ def layer_axes(
     ):
       path = '/'.join(module.scope.path)
       axes[path] = module.axis  # type: ignore[attr-defined]
-      steps[path] = _one_layer(module)
+      steps.setdefault(path, _one_layer(module))  # the layer's own call comes first: one
+      # lifted by nn.vmap itself (nn.vmap(WNConv)) is called again, stacked, around it
     return out
 
   with nn.intercept_methods(record):
