@@ -42,9 +42,8 @@ def _stacked(path: str, kernel_shape, scale_shape, from_model: bool = False) -> 
     'stacked along axis 0 that keeps axis -1)'
   )
   return ValueError(
-    f'{_stacking.layer_name(path)}: its scale of shape {tuple(scale_shape)} has more axes '
-    f'than one layer keeping the default axis has, for a kernel of shape '
-    f'{tuple(kernel_shape)}: it looks like {fix}.'
+    f'{_stacking.layer_name(path)}: its scale of shape {tuple(scale_shape)} has several axes, '
+    f'for a kernel of shape {tuple(kernel_shape)}: it looks like {fix}.'
   )
 
 
@@ -73,7 +72,7 @@ def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, .
     raise _stacked(path, kernel_shape, scale_shape)
   if not fits:
     raise ValueError(
-      f"layer '{path}': its scale of shape {scale_shape} fits no choice of kept "
+      f'{_stacking.layer_name(path)}: its scale of shape {scale_shape} fits no choice of kept '
       f'axes of its kernel of shape {kernel_shape}. Check the parameters (a stacked or '
       f'scanned layer is not a WN layer fold can read).'
     )

@@ -67,21 +67,26 @@ def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
     raise Unreadable(f'is stacked ({shapes}), and its kernel is not where its scale says.')
   ranks = [len(p.kernel) for p in pairs if p.kernel is not None]
   found = _readings(own, pairs, m)
-  readings = {kept for kept, _ in found}
-  specs = sorted({str(_spec(kept, ranks, signs)) for kept, signs in found if None not in kept})
+  readings = {kept for kept, _, _ in found}
   if len(readings) == 1 and None not in (only := next(iter(readings))):
     spec = _spec(only, ranks, found[0][1])
     if spec is None:  # a wrapper's weights of several ranks that no one axis keeps
       raise Unreadable(f'is stacked ({shapes}), its weights kept at axes {only}.')
     return spec
   if len(readings) > 1:
-    middle = any(None in r for r in readings)
-    also = ' or along a middle axis, which no kept axes describe' if middle else ''
-    restack = ' (if stacked along a middle axis, restack it along the first or last)'
+    ways: dict[str, list[str]] = {}  # each stacking index (nesting), inner first -> its kept axes
+    for kept, signs, nesting in found:
+      spec = None if None in kept else _spec(kept, ranks, signs)
+      ways.setdefault(str(spec), []).append(str(nesting[0] if len(nesting) == 1 else nesting))
+    told = '; '.join(
+      f'{"no kept axes (restack it)" if spec == "None" else spec} if stacked at index '
+      f'{" or ".join(at)}'
+      for spec, at in ways.items()
+    )
     raise Unreadable(
-      f'is stacked ({shapes}), and its shapes fit several stackings, whose kept axes differ '
-      f'({", ".join(specs)}{also}): some sizes coincide with the stack length.'
-      f'{restack if middle else ""}'
+      f'is stacked ({shapes}), and its shapes fit several stackings (variable_axes / '
+      f'out_axes), whose kept axes differ, as some sizes coincide with the stack length: '
+      f'{told}.'
     )
   raise Unreadable(
     f'is stacked ({shapes}) along a middle axis, or along first and last axes mixed: its '
@@ -132,21 +137,21 @@ def only_reading(kernel: Shape, scale: Shape, kept: tuple[int, ...]) -> bool:
   for m in range(1, len(scale) + 1):
     for own in itertools.combinations(range(len(kernel) - m), len(scale) - m):
       pairs = [Pair(kernel, scale)]
-      found |= {kept for kept, _ in _readings(own, pairs, m)}
+      found |= {kept for kept, _, _ in _readings(own, pairs, m)}
   return found <= {(kept,)}
 
 
-def _readings(own: tuple, pairs: list[Pair], m: int) -> list[tuple[tuple, tuple]]:
+def _readings(own: tuple, pairs: list[Pair], m: int) -> list[tuple[tuple, tuple, tuple]]:
   """For each nesting of ``m`` insertion indices that turns every pair's one-layer shapes
   into its stored ones: the kept axes of every stored kernel (``None`` for one whose scale no
-  kept axes describe), and the first one's signs (:func:`_reading`)."""
+  kept axes describe), the first one's signs (:func:`_reading`) and the nesting."""
   rank = min(len(p.scale) for p in pairs) - m  # the scale's rank, one layer's
   indices = [*range(rank + m), *range(-1, -rank - m - 1, -1)]
   out = []
   for nesting in itertools.product(indices, repeat=m):
     kept = [_reading(own, p, nesting) for p in pairs]
     if all(k is not False for k in kept):
-      out.append((tuple(k[0] for k in kept), kept[0][1]))
+      out.append((tuple(k[0] for k in kept), kept[0][1], nesting))
   return out
 
 

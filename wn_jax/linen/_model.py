@@ -235,8 +235,7 @@ def layer_axes(
 
 
 _GIVE_STACKED = (
-  "Give its axes as stored: layer_axes(model, x, stacked={{'{path}': (0, -1)}}) for a layer "
-  'keeping -1 stacked along the first axis, (-2, -1) along the last.'
+  "Give the axes of the stacking you built: layer_axes(model, x, stacked={{'{path}': axes}})."
 )
 
 

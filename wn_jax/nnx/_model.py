@@ -179,9 +179,9 @@ def layer_axes(model: nnx.Module, *, stacked: Mapping[str, Any] | None = None) -
 
 
 _GIVE_STACKED = (
-  "Give its axes as stored: layer_axes(model, stacked={{'{path}': (0, -1)}}) for a layer "
-  'keeping -1 stacked along the first axis, (-2, -1) along the last; for nnx.fold, fold with '
-  'wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), that layer_axes).'
+  "Give the axes of the stacking you built: layer_axes(model, stacked={{'{path}': axes}}); "
+  'for nnx.fold, fold with wn_jax.linen.fold(nnx.to_pure_dict(nnx.state(model, nnx.Param)), '
+  'that layer_axes).'
 )
 
 
