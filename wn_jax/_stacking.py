@@ -161,6 +161,8 @@ def _reading(own: tuple, p: Pair, nesting: tuple[int, ...]) -> Any:
   ``axis`` and the stacking index count it; else ``False``."""
   assert p.kernel is not None
   n = len(p.kernel) - len(nesting)
+  if p.step_kernel is not None and len(p.step_kernel) != n:
+    return False
   kept = _axes.kept_axes(n, own)
   kernel: Labels = tuple(('k', i) for i in range(n))
   scale: Labels = tuple(('k', i) for i in kept)
