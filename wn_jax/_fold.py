@@ -61,8 +61,8 @@ def check_in_order(path: str, kernel_shape: tuple, scale_shape: tuple) -> None:
 
 def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> Any:
   """The layer's kept axis from its scale's shape, where only one choice fits, or a
-  ``ValueError`` naming the layer at ``path``."""
-  check_in_order(path, kernel_shape, scale_shape)
+  ``ValueError`` naming the layer at ``path`` (its callers refuse a scale out of order first,
+  :func:`check_in_order`)."""
   fits = _fitting_axes(kernel_shape, scale_shape)
   if len(fits) == 1 and _stacking.only_reading(
     tuple(kernel_shape), tuple(scale_shape), _axes.kept_axes(len(kernel_shape), fits[0])

@@ -60,7 +60,7 @@ def stacked_axis(axis: _axes.Axis, pairs: list[Pair]) -> _axes.Axis:
   """
   own = () if axis is None else tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
   extra = {len(p.scale) - (len(own) if p.step_scale is None else len(p.step_scale)) for p in pairs}
-  if len(extra) != 1 or (m := extra.pop()) <= 0 or not pairs:
+  if len(extra) != 1 or (m := extra.pop()) <= 0:
     return axis
   shapes = f'weight {pairs[0].kernel}, scale {pairs[0].scale}'
   if any(p.kernel is None for p in pairs):

@@ -190,9 +190,12 @@ def selector(where: Where, params: PyTree) -> Callable[[tuple, Any], bool]:
     }
     fix = "pass where= naming the weights to weight-normalize (e.g. where=r'^Dense_1/kernel$')"
     taken = _structure.layer_normalized(shapes, fix)
-    return lambda path, leaf: (
-      _is_floating_matrix(leaf) and path_keys(path)[-1] != 'bias' and path_keys(path) not in taken
-    )
+
+    def plain_matrix(path: tuple, leaf: Any) -> bool:
+      keys = path_keys(path)
+      return _is_floating_matrix(leaf) and keys[-1] != 'bias' and keys not in taken
+
+    return plain_matrix
   if isinstance(where, (str, re.Pattern)):
     try:
       pattern = re.compile(where)
