@@ -19,7 +19,8 @@ _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 @contextlib.contextmanager
 def count_compiles():
-  """Counts XLA compilations in the block (``jax.monitoring``'s backend-compile event)."""
+  """Counts XLA compilations in the block (``jax.monitoring``'s backend-compile event, also
+  recorded for a program retrieved from the persistent compilation cache the suite uses)."""
   seen: list[str] = []
 
   def listener(event: str, duration: float, **kwargs) -> None:
@@ -38,6 +39,31 @@ def test_counter_sees_a_compile():
   with count_compiles() as seen:
     jax.jit(lambda a: a * 3.0 + 1.0)(jnp.ones(3)).block_until_ready()
   assert len(seen) >= 1
+
+
+def test_counter_sees_a_program_retrieved_from_the_persistent_cache():
+  # The suite shares compiled programs between its processes through JAX's persistent cache
+  # (tests/conftest.py). A program built again, with JAX's in-memory caches cleared, comes
+  # from there: the counter must count it as a compilation, or a repeated call that lowers
+  # anew would pass the tests below.
+  hits: list[str] = []
+
+  def on_event(event: str, **kwargs) -> None:
+    if event == '/jax/compilation_cache/cache_hits':
+      hits.append(event)
+
+  def f(a):
+    return a * 5.0 - 2.0
+
+  jax.jit(f)(jnp.ones(5)).block_until_ready()
+  jax.clear_caches()
+  jax.monitoring.register_event_listener(on_event)
+  try:
+    with count_compiles() as seen:
+      jax.jit(f)(jnp.ones(5)).block_until_ready()
+  finally:
+    jax.monitoring.unregister_event_listener(on_event)
+  assert hits and len(seen) >= len(hits), (hits, seen)
 
 
 def _linen_mlp(layer):
