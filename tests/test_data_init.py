@@ -1268,3 +1268,27 @@ def test_a_varying_feature_is_standardized_at_any_scale(size):
   model = wl.WNDense(4)
   new = wl.data_init(model, model.init(jax.random.key(0), x), x)
   _assert_standardized({'out': model.apply(new, x)}, 1.0)
+
+
+# A scan built once, at module level (the usual @nnx.scan pattern): JAX keeps its trace of the
+# step between calls.
+@nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+def _step_through(layer, h):
+  return layer(h)
+
+
+class _NNXStackedModuleScan(_NNXStacked):
+  def __call__(self, x):
+    return _step_through(self.layers, x)
+
+
+def test_nnx_data_init_again_through_a_scan_built_once():
+  # Found by a user: the second data_init of a model whose scan is built once raised 'the call
+  # initialized no layer': JAX reused the first call's trace of the step, so no layer's Python
+  # ran. Reused, it would also have kept the first call's init_scale.
+  x = _batch((64, 8))
+  model = _NNXStackedModuleScan()
+  wx.data_init(model, x)
+  out = wx.data_init(model, x, init_scale=0.5)
+  np.testing.assert_allclose(np.asarray(out).std(0), 0.5, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(out), rtol=1e-6, atol=1e-6)

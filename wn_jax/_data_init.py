@@ -26,6 +26,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import itertools
 import sys
 import types
 from collections.abc import Callable
@@ -66,6 +67,10 @@ class Mode:
   marked: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
   entry: Any = None
+  # This data init's number, unique in the process. NNX: in each layer's marking, so that the
+  # model's graph differs from any earlier call's and JAX reuses no trace of one (a scan built
+  # once keeps its trace), which would run no layer's Python and keep that call's init_scale.
+  call: int = dataclasses.field(default_factory=itertools.count().__next__)
 
 
 _MODE: contextvars.ContextVar[Mode | None] = contextvars.ContextVar(

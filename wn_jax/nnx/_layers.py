@@ -17,9 +17,10 @@ from wn_jax import _kernel
 
 Initializer = Callable[..., Any]
 
-# While data_init runs, each WN layer's scale carries its index in the model as this metadata
-# key: the metadata follows the layer into NNX transforms' copies of it, so a write that a
-# transform discards is traced back to the model's layer.
+# While data_init runs, each WN layer's scale carries its index in the model (and the call's
+# number, _data_init.Mode.call) as this metadata key: the metadata follows the layer into NNX
+# transforms' copies of it, so a write that a transform discards is traced back to the model's
+# layer.
 _TAG = 'wn_jax_data_init'
 
 
@@ -88,7 +89,8 @@ class _WeightNormedKernel:
     return self._where() if path is None else f"{self._where()} at '{path}'"
 
   def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    tag = self.scale.get_metadata(_TAG, None) if _data_init.running() else None
+    marking = self.scale.get_metadata(_TAG, None) if _data_init.running() else None
+    tag = None if marking is None else marking[0]
     # Keyed by the tag data_init put on the scale: it follows the layer into the copies NNX
     # transforms (nnx.remat, nnx.jit) run, so only the first traced use runs the checks.
     claimed = _data_init.claim(id(self) if tag is None else (_TAG, tag))
@@ -150,7 +152,7 @@ def mark(layer: _WeightNormedKernel, tag: Any, mode: _data_init.Mode) -> Any:
       f'initialization there. Make it an attribute of the model, or use it once outside any '
       f'transform first.'
     ) from None
-  layer.scale.set_metadata(_TAG, tag)
+  layer.scale.set_metadata(_TAG, (tag, mode.call))
   bias = None if layer.bias is None else layer.bias.get_raw_value()
   mode.marked[tag] = (layer, before, layer.scale.get_raw_value(), bias)
   return tag
