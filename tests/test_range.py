@@ -132,8 +132,8 @@ def _assert_close(actual, expected):
 
 
 def test_the_dense_paths_are_the_ones_named():
-  assert _kernel.scales_output(2, (1,), jnp.ones(FEW), jnp.float32, True)
-  assert not _kernel.scales_output(2, (1,), jnp.ones(MANY), jnp.float32, True)
+  assert _kernel.scales_output(2, (1,), jnp.ones(FEW), lambda: jnp.float32, True)
+  assert not _kernel.scales_output(2, (1,), jnp.ones(MANY), lambda: jnp.float32, True)
 
 
 def _reference(plain, v, g, b, x, r):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -34,6 +35,18 @@ def kept_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   >>> kept_axes(4, (-1, 0)), kept_axes(2, None)
   ((0, 3), ())
   """
+  if _plain_ints(axis):  # remembered: an eager layer call asks several times
+    return _kept_axes_of_ints(ndim, axis)
+  return _kept_axes(ndim, axis)
+
+
+def _plain_ints(x: object) -> bool:
+  """Whether ``x`` is a Python int or a tuple of them (not a bool, a float or a NumPy
+  integer, which compare equal to ints but are told apart by the checks): safe to cache."""
+  return type(x) is int or (type(x) is tuple and all(type(a) is int for a in x))
+
+
+def _kept_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   if axis is None:
     return ()
   axes = tuple(axis) if isinstance(axis, Sequence) and not isinstance(axis, str) else (axis,)
@@ -54,6 +67,9 @@ def kept_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
   if len(set(out)) != len(out):
     raise ValueError(f'axis {axis!r} repeats an axis; name each kept axis once.')
   return tuple(sorted(out))
+
+
+_kept_axes_of_ints = functools.lru_cache(maxsize=1024)(_kept_axes)
 
 
 def _index(a: object, axis: Axis) -> int:
@@ -124,8 +140,17 @@ def scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
   >>> scale_shape((4, 5), None)
   ()
   """
+  if _plain_ints(shape) and _plain_ints(axis):  # remembered, as kept_axes
+    return _scale_shape_of_ints(shape, axis)
+  return _scale_shape(shape, axis)
+
+
+def _scale_shape(shape: Sequence[int], axis: Axis) -> tuple[int, ...]:
   dims = _dims(shape)
   return tuple(dims[a] for a in kept_axes(len(dims), axis))
+
+
+_scale_shape_of_ints = functools.lru_cache(maxsize=1024)(_scale_shape)
 
 
 def _dims(shape: object) -> tuple[int, ...]:

@@ -271,7 +271,7 @@ def initialize(
   t: jax.Array,
   m: Mode,
   path: str,
-  label: str,
+  label: object,
   current: tuple[jax.Array, jax.Array | None],
 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
   """``(g, b, output)`` from the bias-free pre-activation ``t`` and the layer's current
@@ -336,7 +336,7 @@ def settle(scale: jax.Array, before: jax.Array) -> jax.Array:
 
 
 def _check_fits(
-  label: str,
+  label: object,
   g: jax.Array,
   b: jax.Array | None,
   mu: jax.Array,

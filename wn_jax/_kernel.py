@@ -17,7 +17,9 @@ pushes them into the parent's ``__call__``; each then writes back what a data in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,13 +33,22 @@ from wn_jax._errors import labelled
 
 def check_real(name: str, x: Any) -> None:
   """A ``ValueError`` unless ``x`` is a real floating array."""
-  dtype = jnp.result_type(x)
+  _check_real_dtype(name, _dtype(x))
+
+
+def _check_real_dtype(name: str, dtype: Any) -> None:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f'the {name} must be a real floating array (float16, bfloat16, float32 or '
       f'float64) to be weight-normalized; got dtype {dtype}. Use a real param_dtype, or '
       f'leave this parameter out of the weight normalization.'
     )
+
+
+def _dtype(x: Any) -> jnp.dtype:
+  """``x``'s dtype as JAX canonicalizes it (NumPy float64 is float32 with x64 off), as
+  Flax's layers do; a JAX array's own, without ``jnp.result_type``'s cost."""
+  return x.dtype if isinstance(x, jax.Array) else jnp.result_type(x)
 
 
 def weight_dtype(v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtype:
@@ -49,20 +60,24 @@ def weight_dtype(v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtyp
   once, to the dtype the layer computes in (``bfloat16`` parameters in a ``float32`` layer
   give a ``float32`` weight, not a ``bfloat16`` one).
   """
-  check_real('kernel', v)
-  check_real('scale', g)
-  dtypes = [jnp.result_type(v), jnp.result_type(g)]
-  if layer_dtype is not None:
-    dtypes.append(jnp.dtype(layer_dtype))
-  else:
-    # As JAX canonicalizes them (NumPy float64 is float32 with x64 off), as Flax's layers do.
-    dtypes += [
-      jnp.result_type(x)
-      for x in jax.tree_util.tree_leaves(inputs)
-      if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
-    ]
-  dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
-  return _core.result_dtype(*dtypes)
+  leaves = () if layer_dtype is not None else jax.tree_util.tree_leaves(inputs)
+  dtypes = tuple(
+    _dtype(x)
+    for x in leaves
+    if isinstance(x, jax.Array) or (hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating))
+  )
+  try:
+    return _weight_dtype_of(_dtype(v), _dtype(g), layer_dtype, dtypes)
+  except TypeError:  # an unhashable layer dtype: not remembered
+    return _weight_dtype_of.__wrapped__(_dtype(v), _dtype(g), layer_dtype, dtypes)
+
+
+@functools.lru_cache(maxsize=256)  # an eager layer call asks once per call
+def _weight_dtype_of(v: Any, g: Any, layer_dtype: Any, inputs: tuple) -> jnp.dtype:
+  _check_real_dtype('kernel', v)
+  _check_real_dtype('scale', g)
+  dtypes = [v, g, *([jnp.dtype(layer_dtype)] if layer_dtype is not None else inputs)]
+  return _core.result_dtype(*(d for d in dtypes if jnp.issubdtype(d, jnp.floating)))
 
 
 def normalize(v: Any, g: Any, kept: _core.Axis, dtype: Any, eps: float = 0.0) -> jax.Array:
@@ -77,7 +92,11 @@ def weight(x: Any, layer_dtype: Any, inputs: Any, eps: float = 0.0) -> jax.Array
 
 
 def scales_output(
-  kernel_ndim: int, kept: tuple[int, ...], inputs: Any, compute_dtype: Any, linear_dot: bool
+  kernel_ndim: int,
+  kept: tuple[int, ...],
+  inputs: Any,
+  compute_dtype: Callable[[], Any],
+  linear_dot: bool,
 ) -> bool:
   r"""Whether a Dense layer applies $g / \lVert v \rVert$ to its output instead of forming ``w``.
 
@@ -98,16 +117,15 @@ def scales_output(
   Never with a custom ``dot_general`` (``linear_dot`` False): it may not be linear in the
   kernel (a quantized matmul), and it must see ``w``. Never with float16 compute:
   ``x @ v`` there follows the scale of ``||v||``, not of ``||w||``, and float16's narrow
-  range would overflow or underflow it where ``x @ w`` is fine.
+  range would overflow or underflow it where ``x @ w`` is fine. (``compute_dtype()`` gives
+  that dtype: asked last, since it costs an eager call more than the rest.)
   """
   shape = jnp.shape(inputs)
   if kernel_ndim != 2 or kept != (1,) or not shape or not linear_dot:
     return False
-  if jnp.dtype(compute_dtype) == jnp.dtype(jnp.float16):
-    return False
   if any(jax.export.is_symbolic_dim(d) for d in shape):
     return False
-  return math.prod(shape[:-1]) < shape[-1]
+  return math.prod(shape[:-1]) < shape[-1] and jnp.dtype(compute_dtype()) != jnp.float16
 
 
 @jax.jit
@@ -145,7 +163,7 @@ class Pass:
   code and hands its result to :meth:`output`. Errors carry ``label`` (the layer).
   """
 
-  label: str  # the layer, for errors: "WNDense at '/Dense_0'"
+  label: object  # the layer, for errors: "WNDense at '/Dense_0'" (a str, or _errors.later)
   axis: _core.Axis
   layer_dtype: Any  # the layer's ``dtype`` (None: the promotion with the inputs)
   inputs: Any
@@ -219,7 +237,7 @@ class Pass:
 
 
 def start(
-  label: str,
+  label: object,
   axis: _core.Axis,
   inputs: Any,
   layer_dtype: Any,
@@ -237,7 +255,10 @@ def start(
   if init is None and dense:
     with labelled(label):
       kept = _axes.kept_axes(2, axis)
-    compute = layer_dtype if layer_dtype is not None else jnp.result_type(inputs, param_dtype)
+
+    def compute() -> Any:
+      return layer_dtype if layer_dtype is not None else jnp.result_type(inputs, param_dtype)
+
     scaled = scales_output(2, kept, inputs, compute, linear_dot)
   mode, first = init or (None, True)
   return Pass(label, axis, layer_dtype, inputs, scaled, mode, first, path, out_axis)

@@ -125,7 +125,7 @@ class _WeightNormedKernel:
   def _start(self, inputs: jax.Array) -> _kernel.Pass:
     dense = isinstance(self, nn.Dense)
     return _kernel.start(
-      self._where(),
+      _errors.later(self._where),
       self.axis,
       inputs,
       self.dtype,

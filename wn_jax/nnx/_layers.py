@@ -32,13 +32,27 @@ class _KernelView:
 
   def __init__(self, module: Any, kernel: jax.Array, bias: Any):
     self._module = module
-    self.kernel = kernel
-    self.bias = bias
+    self.kernel = _Read(kernel)
+    self.bias = None if bias is None else _Read(bias)
     if bias is None:
       self.use_bias = False
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self._module, name)
+
+
+class _Read:
+  """An array that Flax's ``__call__`` reads as it reads a variable: ``x[...]`` (or
+  ``x.value``). The array itself would go through ``jnp`` indexing, which cost an eager call
+  of a layer 0.05 ms per read: a quarter of an ``nnx.Linear`` call."""
+
+  __slots__ = ('value',)
+
+  def __init__(self, value: jax.Array):
+    self.value = value
+
+  def __getitem__(self, index: Any) -> jax.Array:
+    return self.value if index is Ellipsis else self.value[index]
 
 
 def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
@@ -104,7 +118,7 @@ class _WeightNormedKernel:
       raise ValueError(f'{self._at(tag)}: {DISCARDED}')  # no earlier use's write landed
     kernel = self.kernel[...]
     p = _kernel.start(
-      self._where(),
+      _errors.later(self._where),
       self.axis,
       inputs,
       self.dtype,
