@@ -7,8 +7,9 @@ and tracing, lowering and compiling an adam train step. The models are 20-layer 
 (width 64, batch 32, relu between layers; width 256 for the train step) of a plain layer
 (``nn.Dense``, ``nnx.Linear``), its wn_jax counterpart (``WNDense``, ``WNLinear``) or
 ``nn.WeightNorm(nn.Dense)``; the eager rows also time wn_jax's ``WeightNorm`` wrappers
-around the plain layer, and an eager call on a batch shape no call had before (compiles
-included). Flax's NNX ``WeightNorm`` is left out: its scales are not
+around the plain layer, an eager call on a batch shape no call had before (compiles
+included), and eager calls at batch 256: rows at least the input features, where a WN Dense
+forms ``w`` (at batch 32 it scales its output instead). Flax's NNX ``WeightNorm`` is left out: its scales are not
 ``nnx.Param`` (not trained) and it overwrites the wrapped kernel on every call, so it is
 not the same computation.
 
@@ -61,13 +62,14 @@ import wn_jax
 DEPTH = 20
 WIDTH = 64
 BATCH = 32
+WIDE_BATCH = 256  # rows >= the input features: a WN Dense forms w instead of scaling its output
 MATRIX = 256  # rows and columns of the pure functions' weight
 STEP_WIDTH = 256  # width of the adam train step's MLP
 
 
-def _x(width: int = WIDTH) -> jax.Array:
+def _x(width: int = WIDTH, batch: int = BATCH) -> jax.Array:
   # Random, not ones: data_init's per-feature statistics need a batch that varies.
-  return jax.random.normal(jax.random.key(1), (BATCH, width))
+  return jax.random.normal(jax.random.key(1), (batch, width))
 
 
 # Models. Every call of a factory defines a new class, so a trace row's samples share nothing.
@@ -284,9 +286,9 @@ def _linen_init(kind: str):
   return make
 
 
-def _linen_apply(kind: str):
+def _linen_apply(kind: str, batch: int = BATCH):
   def make():
-    model, x = _linen_mlp(LINEN_LAYERS[kind]), _x()
+    model, x = _linen_mlp(LINEN_LAYERS[kind]), _x(batch=batch)
     variables = model.init(jax.random.key(0), x)
     return lambda: model.apply(variables, x)
 
@@ -326,9 +328,9 @@ def _nnx_construct(kind: str):
   return make
 
 
-def _nnx_forward(kind: str):
+def _nnx_forward(kind: str, batch: int = BATCH):
   def make():
-    model, x = _nnx_mlp_class(NNX_LAYERS[kind])(nnx.Rngs(0)), _x()
+    model, x = _nnx_mlp_class(NNX_LAYERS[kind])(nnx.Rngs(0)), _x(batch=batch)
     return lambda: model(x)
 
   return make
@@ -436,6 +438,13 @@ def _arms() -> dict[str, _Eager | _Fresh | _NewShape]:
     arms[f'linen apply: {LINEN_NAMES[kind]}'] = _Eager(_linen_apply(kind))
   for kind in ('wn_jax', 'plain', 'flax'):
     arms[f'linen new shape: {LINEN_NAMES[kind]}'] = _NewShape(_linen_new_shape(kind))
+  for kind in ('wn_jax', 'plain'):
+    arms[f'linen apply, batch {WIDE_BATCH}: {LINEN_NAMES[kind]}'] = _Eager(
+      _linen_apply(kind, WIDE_BATCH)
+    )
+    arms[f'nnx forward, batch {WIDE_BATCH}: {NNX_NAMES[kind]}'] = _Eager(
+      _nnx_forward(kind, WIDE_BATCH)
+    )
   for kind in ('wn_jax', 'plain', 'wrapper'):
     arms[f'nnx construct: {NNX_NAMES[kind]}'] = _Eager(_nnx_construct(kind))
     arms[f'nnx forward: {NNX_NAMES[kind]}'] = _Eager(_nnx_forward(kind))
@@ -499,6 +508,13 @@ ROWS = (
     flax='linen apply: nn.WeightNorm(nn.Dense)',
   ),
   Row(
+    f'linen eager `apply`, batch {WIDE_BATCH} (forms w)',
+    f'linen apply, batch {WIDE_BATCH}: WNDense',
+    f'linen apply, batch {WIDE_BATCH}: nn.Dense',
+    1.5,
+    '<= 1.5x plain',
+  ),
+  Row(
     'linen eager `apply`, a new batch shape (compiles)',
     'linen new shape: WNDense',
     'linen new shape: nn.Dense',
@@ -527,6 +543,13 @@ ROWS = (
   ),
   Row(
     'NNX eager forward', 'nnx forward: WNLinear', 'nnx forward: nnx.Linear', 1.5, '<= 1.5x plain'
+  ),
+  Row(
+    f'NNX eager forward, batch {WIDE_BATCH} (forms w)',
+    f'nnx forward, batch {WIDE_BATCH}: WNLinear',
+    f'nnx forward, batch {WIDE_BATCH}: nnx.Linear',
+    1.5,
+    '<= 1.5x plain',
   ),
   Row(
     'NNX eager forward, a new batch shape (compiles)',

@@ -34,6 +34,7 @@ AUTO = jax.sharding.AxisType.Auto
 EXPLICIT = jax.sharding.AxisType.Explicit
 _rng = np.random.default_rng(0)
 X = _rng.standard_normal((16, 8)).astype(np.float32)
+LECUN = nn.initializers.lecun_normal()
 Y = _rng.standard_normal((16, 8)).astype(np.float32)
 XC = _rng.standard_normal((8, 12, 8)).astype(np.float32)
 STEPS = 5
@@ -433,3 +434,23 @@ def test_example_runs(capsys):
   out = capsys.readouterr().out
   assert "mesh {'data': 2, 'model': 4}" in out
   assert "scale of WNDense_0 stays sharded: P('model',)" in out
+
+
+def test_eager_data_init_keeps_each_variables_layout(mesh):
+  # Found by a user: an eager data_init of a layer whose kernel is sharded over 'model' gave
+  # its replicated bias the kernel's layout (P('model')), so the next call compiled anew.
+  init = (None, 'model')
+  with jax.set_mesh(mesh):
+    x = jax.device_put(X, NamedSharding(mesh, P('data')))
+    layer = wx.WNLinear(8, 16, kernel_init=nnx.with_partitioning(LECUN, init), rngs=nnx.Rngs(0))
+    before = {'scale': layer.scale[...].sharding, 'bias': layer.bias[...].sharding}
+    wx.data_init(layer, x)
+    model = wl.WNDense(16, kernel_init=nn.with_partitioning(LECUN, init))
+    variables = nn.unbox(model.init(jax.random.key(0), x))
+    out = wl.data_init(model, variables, x)
+  for name, sharding in before.items():
+    got = getattr(layer, name)[...].sharding
+    assert got.is_equivalent_to(sharding, 1), ('nnx', name, got, sharding)
+  for name in ('scale', 'bias'):
+    got, want = out['params'][name].sharding, variables['params'][name].sharding
+    assert got.is_equivalent_to(want, 1), ('linen', name, got, want)

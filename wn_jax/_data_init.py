@@ -316,11 +316,16 @@ def kept(t: jax.Array, current: tuple[jax.Array, jax.Array | None]) -> tuple[Any
 
 
 def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
-  """``x`` sharded as ``ref`` where ``ref``'s mesh has Explicit axes: a select there needs
-  its operands sharded alike (a bias is often replicated, the statistics per feature)."""
+  """``x`` sharded as ``ref``: where ``ref``'s mesh has Explicit axes, a select needs its
+  operands sharded alike (a bias is often replicated, the statistics per feature); eagerly,
+  a bias computed from the statistics would otherwise take their layout, not its own (and
+  the layer's next call compile anew)."""
   sharding = jax.typeof(ref).sharding
   if jax.sharding.AxisType.Explicit in getattr(getattr(sharding, 'mesh', None), 'axis_types', ()):
     return jax.sharding.reshard(x, sharding.spec)
+  concrete = not isinstance(x, jax.core.Tracer) and not isinstance(ref, jax.core.Tracer)
+  if concrete and isinstance(ref, jax.Array) and x.sharding != ref.sharding:
+    return jax.device_put(x, ref.sharding)
   return x
 
 
