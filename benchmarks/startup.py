@@ -675,7 +675,8 @@ def main() -> None:
 
   command = ' '.join(['python', 'benchmarks/startup.py', *sys.argv[1:]])
   lines = [
-    f'# Startup: what users wait for outside a jitted step ({DEPTH}-layer MLPs, batch {BATCH})',
+    f'# Startup: what users wait for outside a jitted step ({DEPTH}-layer MLPs, batch {BATCH}; '
+    f'{WIDE_BATCH} where named)',
     '',
     f'`{command}`; {machine()}, jax {jax.__version__}, flax {flax.__version__}, '
     f'optax {optax.__version__}, backend {jax.default_backend()}; median of {rounds} samples '
