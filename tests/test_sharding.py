@@ -454,3 +454,20 @@ def test_eager_data_init_keeps_each_variables_layout(mesh):
   for name in ('scale', 'bias'):
     got, want = out['params'][name].sharding, variables['params'][name].sharding
     assert got.is_equivalent_to(want, 1), ('linen', name, got, want)
+
+
+def test_data_init_on_explicit_mesh_arrays_outside_set_mesh():
+  # Found by a user: the forward of a layer sharded over an Explicit mesh runs outside
+  # jax.set_mesh (the arrays carry their shardings), but data_init raised "Using PartitionSpec
+  # when you are not under a mesh context is not allowed".
+  explicit = _make_mesh((2, 4), ('data', 'model'), (EXPLICIT, EXPLICIT))
+  init = nnx.with_partitioning(LECUN, (None, 'model'))
+  with jax.set_mesh(explicit):
+    layer = wx.WNLinear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
+    x = jax.device_put(X, NamedSharding(explicit, P('data')))
+  wx.data_init(layer, x)
+  np.testing.assert_allclose(np.asarray(layer(x)).std(0), 1.0, rtol=1e-4)
+  model = wl.WNDense(16)
+  variables = jax.device_put(model.init(jax.random.key(0), X), NamedSharding(explicit, P()))
+  out = wl.data_init(model, variables, x)
+  np.testing.assert_allclose(np.asarray(model.apply(out, x)).std(0), 1.0, rtol=1e-4)

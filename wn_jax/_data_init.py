@@ -322,7 +322,7 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
   the layer's next call compile anew)."""
   sharding = jax.typeof(ref).sharding
   if jax.sharding.AxisType.Explicit in getattr(getattr(sharding, 'mesh', None), 'axis_types', ()):
-    return jax.sharding.reshard(x, sharding.spec)
+    return jax.sharding.reshard(x, sharding)  # the NamedSharding: no mesh context needed
   concrete = not isinstance(x, jax.core.Tracer) and not isinstance(ref, jax.core.Tracer)
   if concrete and isinstance(ref, jax.Array) and x.sharding != ref.sharding:
     return jax.device_put(x, ref.sharding)
