@@ -66,10 +66,7 @@ def weight_dtype(v: Any, g: Any, layer_dtype: Any, inputs: Any = ()) -> jnp.dtyp
     for x in leaves
     if isinstance(x, jax.Array) or (hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating))
   )
-  try:
-    return _weight_dtype_of(_dtype(v), _dtype(g), layer_dtype, dtypes)
-  except TypeError:  # an unhashable layer dtype: not remembered
-    return _weight_dtype_of.__wrapped__(_dtype(v), _dtype(g), layer_dtype, dtypes)
+  return _weight_dtype_of(_dtype(v), _dtype(g), layer_dtype, dtypes)
 
 
 @functools.lru_cache(maxsize=256)  # an eager layer call asks once per call

@@ -262,7 +262,7 @@ def refuse_module(params: Any, label: str) -> None:
   kinds = tuple(m.Module for m in (nnx, linen) if m is not None)
   if not kinds:
     return
-  leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_module(kinds))
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, kinds))
   found = next((x for x in leaves if isinstance(x, kinds)), None)
   if found is None:
     return
@@ -271,10 +271,6 @@ def refuse_module(params: Any, label: str) -> None:
   else:
     fix = "Pass its parameters: model.init(key, x)['params']."
   _errors.require(False, label, 'the parameters (a pytree of arrays)', found, fix)
-
-
-def _is_module(kinds: tuple) -> Callable[[Any], bool]:
-  return lambda x: isinstance(x, kinds)
 
 
 def decomposed(params: PyTree, axis: _axes.Axis, where: Where) -> PyTree:
