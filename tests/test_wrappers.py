@@ -214,6 +214,69 @@ def test_nnx_wrapper_carries_back_plain_attributes_a_method_sets():
   assert_close(wrapped(x), plain(x))  # and the weights are still the layer's own
 
 
+class _Steps(nnx.Module):  # a call reassigns an array attribute, an array entry and an nnx.Rngs
+  def __init__(self):
+    self.lin = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+    self.step, self.d, self.rngs = jnp.array(0), nnx.Dict({'m': jnp.zeros(())}), nnx.Rngs(0)
+
+  def __call__(self, x, rngs=None):
+    self.step = self.step + 1
+    self.d['m'] = self.d['m'] + 2.0
+    if rngs is not None:
+      self.rngs = rngs.fork()
+    return self.lin(x) + jax.random.normal(self.rngs(), (8,))
+
+
+def test_nnx_wrapper_carries_back_arrays_and_rngs_a_call_replaces():
+  # A faster eager call skipped the carry-back when the copy held no variable but parameters,
+  # counting an array or a callable (an nnx.Rngs) as nothing to carry: a user's step counter
+  # stayed at 0 and a forked Rngs was lost, so later draws differed from the plain layer's.
+  wrapped, plain = wx.WeightNorm(_Steps()), _Steps()
+  x = _rand((4, 8))
+  for m in (wrapped, plain):
+    m(x, rngs=nnx.Rngs(7))
+    m(x)
+  assert_close(wrapped(x), plain(x))
+  layer = wrapped.layer
+  assert (int(layer.step), float(layer.d['m'])) == (int(plain.step), float(plain.d['m'])) == (3, 6)
+  ours, theirs = layer.rngs.default, plain.rngs.default
+  assert int(ours.count[...]) == int(theirs.count[...])
+  key_data = jax.random.key_data
+  np.testing.assert_array_equal(key_data(ours.key[...]), key_data(theirs.key[...]))
+
+
+class _WritesBias(nnx.Module):
+  def __init__(self):
+    self.lin = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    self.lin.bias[...] = self.lin.bias[...] + 1.0
+    return self.lin(x)
+
+  def bias(self):
+    return self.lin.bias
+
+
+def test_nnx_wrapper_runs_on_a_copy_of_every_parameter():
+  # The method runs on a copy: a parameter it writes in place, selected or not, is the copy's,
+  # and a parameter it returns is not the layer's own (a faster call handed the method the
+  # layer's own unselected parameters).
+  wrapped = wx.WeightNorm(_WritesBias())
+  wrapped(_rand((4, 8)))
+  np.testing.assert_array_equal(wrapped.layer.lin.bias[...], jnp.zeros(8))
+  assert wrapped.bias() is not wrapped.layer.lin.bias
+
+
+def test_nnx_wrapper_reads_scales_the_user_put_in_plain_dicts():
+  # The scales read through nnx.state before; a faster read knew only nnx.Dict and raised a
+  # KeyError on a scale subtree a user had set as plain dicts.
+  model = wx.WeightNorm(nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))))
+  model.scale['layers'] = {'0': {'kernel': nnx.Param(2.0 * jnp.ones(4))}}
+  layer = model.layer.layers[0]
+  w = ref.normalize(np.asarray(layer.kernel[...]), 2.0 * np.ones(4), -1)
+  assert_close(model(jnp.ones((1, 4))), jnp.ones((1, 4)) @ w + layer.bias[...])
+
+
 def test_nnx_wrapper_refuses_a_call_that_makes_a_submodule():
   # Adopted from the copy the call ran on, a new submodule may hold w (the copy's weights):
   # a user trial found w in the layer's parameters that way. Refused, naming it.

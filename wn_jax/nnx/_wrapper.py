@@ -197,7 +197,7 @@ class WeightNorm(nnx.Module):
   def _mapped(self, method: str, args: tuple, kwargs: dict) -> Any:
     """``layer.<method>(*args, **kwargs)`` with each selected parameter replaced by its ``w``."""
     graphdef, params, rest = nnx.split(self.layer, nnx.Param, ...)  # type: ignore[misc]
-    flat = dict(nnx.to_flat_state(params))  # the layer's own Param objects: replaced, not set
+    flat = dict(nnx.to_flat_state(params))  # the layer's own Param objects
     with _errors.labelled('wn_jax.nnx.WeightNorm'):
       directions = _tree.replace_selected(
         traversals.unflatten_mapping({path: x.get_value() for path, x in flat.items()}),
@@ -213,10 +213,9 @@ class WeightNorm(nnx.Module):
     weights = traversals.flatten_mapping(
       _wrapping.map_selected(directions, weight, _values(self.scale))
     )
-    for path, x in traversals.flatten_mapping(directions).items():
-      if isinstance(x, _tree.WeightNormed):
-        flat[path] = flat[path].replace(weights[path])
-    layer = nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    # Every parameter a new Param (w where selected): the method runs on a copy.
+    copy = {path: x.replace(weights[path]) for path, x in flat.items()}
+    layer = nnx.merge(graphdef, nnx.from_flat_state(copy), rest)
     out = getattr(layer, method)(*args, **kwargs)
     if not _left_nothing(self.layer, layer, set()):
       _carry_back(self.layer, layer, self._where(), method)
@@ -225,24 +224,27 @@ class WeightNorm(nnx.Module):
 
 
 def _values(scale: Any) -> dict:
-  """The arrays of a ``scale`` tree (``nnx.Dict`` s of ``nnx.Param``), as nested dicts. Other
-  entries (``nnx.capture`` puts its own on every module) are left out."""
+  """The arrays of a ``scale`` tree (``nnx.Param`` s in ``nnx.Dict`` s, or in dicts a user put
+  there), as nested dicts. Other entries (``nnx.capture`` puts its own on every module) are
+  left out."""
   return {
     k: v.get_value() if isinstance(v, nnx.Param) else _values(v)
     for k, v in scale.items()
-    if isinstance(v, (nnx.Param, nnx.Dict))
+    if isinstance(v, (nnx.Param, Mapping))
   }
 
 
 def _left_nothing(target: Any, source: Any, seen: set[int]) -> bool:
   """Whether a call on ``source`` (a copy of ``target``) left nothing for :func:`_carry_back`:
-  no variable but parameters, and no module or container that ``target`` lacks. A walk of
-  the modules alone: the state's walk and update that :func:`_carry_back` does took 18% of
-  a wrapped ``nnx.Linear``'s eager call."""
+  no variable but parameters, no array or object it replaced, and no node (a module, an
+  ``nnx.Rngs``, a container) that ``target`` lacks. A walk of the nodes' attributes: the
+  state's walk and update that :func:`_carry_back` does took 18% of a wrapped
+  ``nnx.Linear``'s eager call. Plain values (numbers, strings) are :func:`_carry_static`'s.
+  """
   if id(source) in seen:
     return True
   seen.add(id(source))
-  if isinstance(source, nnx.Module):
+  if isinstance(source, nnx.Pytree):  # a module, an nnx.Rngs, an nnx.List or nnx.Dict
     old_vars = vars(target)
     pairs: Any = (
       (old_vars.get(name, _MISSING), value)
@@ -256,14 +258,15 @@ def _left_nothing(target: Any, source: Any, seen: set[int]) -> bool:
       return False
     pairs = zip(target, source)
   for old, value in pairs:
+    if value is old or value is None or isinstance(value, _PLAIN):
+      continue
     if isinstance(value, nnx.Variable):
       if not isinstance(value, nnx.Param):
         return False
-    elif isinstance(value, (nnx.Module, Mapping, list, tuple)):
-      if type(old) is not type(value) or not _left_nothing(old, value, seen):
-        return False
-    elif not (value is None or callable(value) or isinstance(value, _PLAIN + (jax.Array,))):
-      return False  # something else that may hold state: the full walk
+    elif not isinstance(value, (nnx.Pytree, Mapping, list, tuple)):
+      return False  # an array or an object the call put there: the full walk
+    elif type(old) is not type(value) or not _left_nothing(old, value, seen):
+      return False
   return True
 
 
