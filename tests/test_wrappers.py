@@ -287,6 +287,25 @@ def test_nnx_wrapper_refuses_a_call_that_makes_a_submodule():
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(wrapped)), before)
 
 
+class _MakesStats(nnx.Module):
+  def __init__(self):
+    self.lin = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+    self.stats = nnx.data(None)
+
+  def __call__(self, x):
+    y = self.lin(x)
+    self.shape = y.shape  # a plain tuple: carried back
+    self.stats = nnx.data((nnx.BatchStat(jnp.min(y)),))  # new variables in a new container
+    return y
+
+
+def test_nnx_wrapper_refusal_names_the_container_of_new_state():
+  # A review found the refusal naming 'shape', a plain tuple the call also set (carried back
+  # when alone), instead of the tuple of new variables that could not be carried.
+  with pytest.raises(ValueError, match=r"created 'stats', a tuple"):
+    wx.WeightNorm(_MakesStats())(_rand((4, 8)))
+
+
 # Item 5: weight norm applied twice.
 
 

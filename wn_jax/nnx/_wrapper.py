@@ -287,7 +287,9 @@ def _carry_back(target: nnx.Module, source: nnx.Module, where: str, method: str)
         old.set_raw_value(node.get_raw_value())
       elif old is None and isinstance(node, nnx.Variable) and not isinstance(node, nnx.Param):
         _put(parent, path[-1], node)
-      elif old is None and isinstance(node, (nnx.Module, list, tuple, dict)):
+      elif (
+        old is None and isinstance(node, (nnx.Module, list, tuple, dict)) and not _is_plain(node)
+      ):
         raise ValueError(
           f'{where}: .{method}() created {"/".join(map(str, path))!r}, a '
           f'{type(node).__name__}, which the wrapper cannot carry back to the layer (the '
