@@ -244,20 +244,10 @@ def _left_nothing(target: Any, source: Any, seen: set[int]) -> bool:
   if id(source) in seen:
     return True
   seen.add(id(source))
-  if isinstance(source, nnx.Pytree):  # a module, an nnx.Rngs, an nnx.List or nnx.Dict
-    old_vars = vars(target)
-    pairs: Any = (
-      (old_vars.get(name, _MISSING), value)
-      for name, value in vars(source).items()
-      if not name.startswith(_INTERNAL)
-    )
-  elif isinstance(source, Mapping):
-    pairs = ((target.get(k, _MISSING), v) for k, v in source.items())
-  else:  # a list or a tuple
-    if len(source) != len(target):
-      return False
-    pairs = zip(target, source)
-  for old, value in pairs:
+  # A node: a module, an nnx.Rngs, an nnx.List or nnx.Dict; else a mapping, a list or a tuple.
+  if not isinstance(source, (nnx.Pytree, Mapping)) and len(source) != len(target):
+    return False
+  for _, old, value in _children(target, source, nnx.Pytree):
     if value is old or value is None or isinstance(value, _PLAIN):
       continue
     if isinstance(value, nnx.Variable):
@@ -311,18 +301,7 @@ def _carry_static(target: Any, source: Any, seen: set[int] | None = None) -> Non
     for name in [n for n, v in old_vars.items() if n not in new and _is_plain(v)]:
       if not name.startswith(_INTERNAL):
         delattr(target, name)
-    pairs: Any = (
-      (name, old_vars.get(name, _MISSING), value)
-      for name, value in new.items()
-      if not name.startswith(_INTERNAL)
-    )
-  elif isinstance(source, Mapping):
-    pairs = ((None, target.get(k, _MISSING), v) for k, v in source.items())
-  elif isinstance(source, (list, tuple, MutableSequence)):
-    pairs = ((None, old, new) for old, new in zip(target, source))
-  else:
-    return
-  for name, old, value in pairs:
+  for name, old, value in _children(target, source, nnx.Module):
     if old is value:
       continue
     if _is_plain(value):
@@ -330,6 +309,24 @@ def _carry_static(target: Any, source: Any, seen: set[int] | None = None) -> Non
         setattr(target, name, value)
     elif type(old) is type(value):  # a module or a container: its own attributes
       _carry_static(old, value, seen)
+
+
+def _children(target: Any, source: Any, nodes: type) -> Any:
+  """``(name, target's child, source's child)`` for each child of ``source``: the attributes
+  of a ``nodes`` instance (but NNX's own), a mapping's items or a sequence's entries (``name``
+  ``None``; ``_MISSING`` where ``target`` lacks the child); none for anything else."""
+  if isinstance(source, nodes):
+    old_vars = vars(target)
+    return (
+      (name, old_vars.get(name, _MISSING), value)
+      for name, value in vars(source).items()
+      if not name.startswith(_INTERNAL)
+    )
+  if isinstance(source, Mapping):
+    return ((None, target.get(k, _MISSING), v) for k, v in source.items())
+  if isinstance(source, (list, tuple, MutableSequence)):
+    return ((None, old, new) for old, new in zip(target, source))
+  return ()
 
 
 _MISSING = object()
