@@ -16,12 +16,15 @@ from hypothesis import settings
 # shape compile one) and runs each a few times: XLA's compile time is most of its time. So it
 # compiles the HLO XLA always optimizes, with LLVM's own optimizations off
 # (``jax_disable_most_optimizations``, a JAX option) and, on a CPU, the older loop emitters
-# (an XLA flag, set only where this jaxlib accepts it). The same programs, compiled faster: the
-# whole suite ran in 265 s instead of 669 s, with the same results. ``make test`` runs
+# and one LLVM module per program (XLA flags, set only where this jaxlib accepts them). The same
+# programs, compiled faster: the whole suite ran in 265 s instead of 669 s, with the same
+# results. XLA splits a program's LLVM module into up to 32 parts compiled on threads; on two
+# cores shared by two xdist workers that cost more than it saved (on an AMD EPYC, pytest took
+# 353 s with one part against 465-486 s with the default split). ``make test`` runs
 # tests/test_range.py a second time with ``WN_JAX_TEST_XLA=default``, XLA as users get it, since
 # the range tests pin how the compiled norm rounds. Environment variables, so subprocesses
 # (the notebooks, the two-process test) and xdist's workers get them too.
-_FAST_CPU_FLAG = '--xla_cpu_use_fusion_emitters=false'
+_FAST_CPU_FLAGS = '--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1'
 
 
 def _compile_fast() -> None:
@@ -30,10 +33,10 @@ def _compile_fast() -> None:
   os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   jax.config.update('jax_disable_most_optimizations', True)
   flags = os.environ.get('XLA_FLAGS', '')
-  if _FAST_CPU_FLAG in flags:  # an xdist worker: its controller has probed the flag
+  if _FAST_CPU_FLAGS in flags:  # an xdist worker: its controller has probed the flags
     return
   # XLA aborts on a flag it does not know: try it in a subprocess first.
-  flags = f'{flags} {_FAST_CPU_FLAG}'.strip()
+  flags = f'{flags} {_FAST_CPU_FLAGS}'.strip()
   probe = [sys.executable, '-c', 'import jax; jax.devices()']
   if subprocess.run(probe, env={**os.environ, 'XLA_FLAGS': flags}, capture_output=True).returncode:
     return
