@@ -10,18 +10,20 @@ SRC := $(wildcard wn_jax tests benchmarks examples notebooks/*.py docs/_ext)
 # and unpacked in parallel (on a fresh clone of a 2-core machine, 46 s with the venv instead of
 # pip's 87 s). Bytecode is compiled at install, as pip does, so no process of the suite compiles
 # a dependency's source (on machines with PYTHONDONTWRITEBYTECODE set, none would write it).
+# uv reads no pip configuration: where it cannot install (a private index, no uv), pip does.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q uv
-INSTALL := $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode
+	$(PY) -m pip install -q uv || echo 'uv did not install: pip installs instead'
+install = $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode $(1) \
+	|| $(PY) -m pip install -q $(1)
 
 # Install once per change of pyproject.toml.
 .stamp-dev: pyproject.toml | $(PY)
-	$(INSTALL) -e ".[dev]"
+	$(call install,-e ".[dev]")
 	touch $@
 
 .stamp-demo: pyproject.toml | $(PY)
-	$(INSTALL) -e ".[demo]"
+	$(call install,-e ".[demo]")
 	touch $@
 
 demo: .stamp-demo
