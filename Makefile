@@ -50,7 +50,7 @@ check: lint typecheck
 	$(PY) -m pytest -q -n 2 $(QUICK)
 
 # The suite compiles fast (tests/conftest.py: LLVM's optimizations off, XLA's older CPU loop
-# emitters); the range tests run once more with XLA as users get it.
+# emitters, one LLVM module per program); the range tests run once more with XLA as users get it.
 # lint, typecheck and docs side by side (-O: each one's output together).
 test: .stamp-dev
 	$(MAKE) --no-print-directory -j3 -O lint typecheck docs

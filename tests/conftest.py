@@ -20,7 +20,7 @@ from hypothesis import settings
 # programs, compiled faster: the whole suite ran in 265 s instead of 669 s, with the same
 # results. XLA splits a program's LLVM module into up to 32 parts compiled on threads; on two
 # cores shared by two xdist workers that cost more than it saved (on an AMD EPYC, pytest took
-# 353 s with one part against 465-486 s with the default split). ``make test`` runs
+# 353-423 s with one part against 465-486 s with the default split). ``make test`` runs
 # tests/test_range.py a second time with ``WN_JAX_TEST_XLA=default``, XLA as users get it, since
 # the range tests pin how the compiled norm rounds. Environment variables, so subprocesses
 # (the notebooks, the two-process test) and xdist's workers get them too.
