@@ -47,14 +47,16 @@ docs: .stamp-dev
 # notebook and built-site tests).
 QUICK := tests/test_core.py tests/test_tree.py tests/test_eager.py tests/test_architecture.py wn_jax
 check: lint typecheck
-	$(PY) -m pytest -q -n 2 $(QUICK)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(QUICK)
 
 # The suite compiles fast (tests/conftest.py: LLVM's optimizations off, XLA's older CPU loop
 # emitters, one LLVM module per program); the range tests run once more with XLA as users get it.
+# --dist loadfile: each test file runs on one worker, so the programs its tests share (the same
+# layers, shapes and eager primitives) are traced, lowered and compiled once, not on both.
 # lint, typecheck and docs side by side (-O: each one's output together).
 test: .stamp-dev
 	$(MAKE) --no-print-directory -j3 -O lint typecheck docs
-	WN_JAX_SITE=site $(PY) -m pytest -q -n 2 --dist loadgroup
+	WN_JAX_SITE=site $(PY) -m pytest -q -n 2 --dist loadfile
 	WN_JAX_TEST_XLA=default $(PY) -m pytest -q -n 2 tests/test_range.py
 
 clean:

@@ -113,22 +113,9 @@ collect_ignore_glob = ['data/*']
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
   """The slow tests first (subprocesses, notebooks, the docs, 8-device sharding; a stable
   sort, the same on every xdist worker): each starts while short tests remain to fill the
-  other worker, rather than one running alone at the end.
-
-  And ``--dist loadgroup`` on pytest >= 9.2, whose structured node ids ignore the group suffix
-  pytest-xdist 3.8 writes (pytest-dev/pytest-xdist#1386): the suffix, written where pytest
-  reads it. A no-op where xdist's own took effect, or outside an xdist worker."""
+  other worker, rather than one running alone at the end. Under ``--dist loadfile`` (make
+  test), the files that hold them are handed out first."""
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
-  if not getattr(config.option, 'loadgroup', False):
-    return
-  for item in items:
-    names = {
-      str(m.args[0] if m.args else m.kwargs.get('name', 'default'))
-      for m in item.iter_markers('xdist_group')
-    }
-    node_id = getattr(item, '_id', None)
-    if names and '@' not in item.nodeid and hasattr(type(node_id), 'parse'):
-      item._id = type(node_id).parse(f'{item.nodeid}@{"_".join(sorted(names))}')

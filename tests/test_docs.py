@@ -22,9 +22,9 @@ import urllib.parse
 
 import pytest
 
-# Slow (make check leaves it out); one worker runs this file's tests (a parallel run shares
-# its fixture, session-scoped).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('test_docs')]
+# Slow (make check leaves it out). make test runs each file on one worker (--dist loadfile), so
+# the built site, a session-scoped fixture, is read or built once.
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / 'docs'
