@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.test_eager import count_compiles
 from wn_jax import linen as wl
 from wn_jax import nnx as wx
 
@@ -1183,8 +1184,8 @@ def test_linen_layer_shared_across_vmap_needs_the_axis_name():
 class _NNXSharedVmap(nnx.Module):
   """One layer shared across nnx.vmap's mapped axis (in_axes=None)."""
 
-  def __init__(self, axis_name=None):
-    self.shared = wx.WNLinear(8, 8, rngs=nnx.Rngs(0))
+  def __init__(self, axis_name=None, **dtypes):
+    self.shared = wx.WNLinear(8, 8, rngs=nnx.Rngs(0), **dtypes)
     self.axis_name = axis_name
 
   def __call__(self, xs):
@@ -1206,6 +1207,35 @@ def test_nnx_layer_shared_across_vmap_needs_the_axis_name():
   y = np.asarray(model(xs)).reshape(-1, 8)
   np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
   np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+
+
+def test_a_vmapped_use_checks_once_not_per_element():
+  # The fit check is a debug callback, which a vmap runs once per mapped element: outside
+  # jit, each element's slice of each of its arguments compiled a program of its own (192
+  # for a vmap over 64 rows, more than the rest of the call). It runs once, on the batch's
+  # worst values: as many programs for 64 elements as for 8 (each call counted whole, JAX's
+  # in-memory caches cleared first).
+  counts = []
+  for rows in (8, 64):
+    jax.clear_caches()
+    with count_compiles() as seen:
+      wx.data_init(_Later('shared vmap'), _batch((rows, 6)))
+    counts.append(len(seen))
+  assert counts[0] == counts[1], counts
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_a_vmapped_use_still_refuses_a_scale_that_does_not_fit(jit):
+  # Reduced over the vmap first, the check still sees what each element saw: inputs of std
+  # 1e-5 give g = 1 / sigma of about 1e5, past float16's largest finite 65504.
+  xs = (_batch((4, 64, 8)) * 5e-6).astype(jnp.float16)
+  model = _NNXSharedVmap(axis_name='b', dtype=jnp.float16, param_dtype=jnp.float16)
+  before = np.asarray(model.shared.scale[...])
+  run = nnx.jit(wx.data_init, static_argnames='axis_name') if jit else wx.data_init
+  with pytest.raises(ValueError if not jit else Exception, match=r'does not fit float16'):
+    jax.block_until_ready(run(model, xs, axis_name='b'))
+  if not jit:
+    np.testing.assert_array_equal(model.shared.scale[...], before)  # left as it was
 
 
 @pytest.mark.parametrize('front', ['linen', 'nnx'])

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching
 from jax._src import api as _api  # the modules of JAX's shape probes, for _in_probe
 from jax._src import pjit as _pjit
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
@@ -391,9 +392,31 @@ def _check_fits(
   bad_features = jnp.sum(~(jnp.isfinite(mu) & jnp.isfinite(sigma)))
   args = (fits, bad_features, jnp.min(sigma), too_few, *largest)
   if any(isinstance(a, jax.core.Tracer) for a in args):
-    jax.debug.callback(functools.partial(check, prefix=f'{label}: '), *args)
+    worst = (jnp.all, jnp.max, jnp.min, jnp.any) + (jnp.max,) * len(largest)
+    _callback_once(functools.partial(check, prefix=f'{label}: '), args, worst)
   else:
     check(*args)
+
+
+def _callback_once(callback: Callable[..., None], args: tuple, worst: tuple) -> None:
+  """``jax.debug.callback(callback, *args)``, called once however many vmaps batch ``args``:
+  each batched argument is reduced over its vmapped axis by its ``worst`` (``jnp.all``,
+  ``jnp.max``...) first. A plain debug callback runs once per element, and outside ``jit``
+  each element's slice of each argument is a new program (an eager ``data_init`` through a
+  vmap of 64 elements compiled 192 slices)."""
+
+  @custom_batching.custom_vmap
+  def call(args):
+    jax.debug.callback(callback, *args)
+    return args[0]  # custom_vmap wants an output; the callback's effect keeps it
+
+  @call.def_vmap
+  def _(axis_size, in_batched, args):
+    del axis_size
+    (batched,) = in_batched
+    return call(tuple(r(a, axis=0) if b else a for r, a, b in zip(worst, args, batched))), False
+
+  call(args)
 
 
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int) -> None:
