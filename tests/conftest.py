@@ -116,6 +116,7 @@ collect_ignore_glob = ['data/*']
 def pytest_collection_modifyitems(items):
   """The slow tests first (subprocesses, notebooks, the docs, 8-device sharding; a stable
   sort, the same on every xdist worker): each starts while short tests remain to fill the
-  other worker, rather than one running alone at the end. Under ``--dist loadfile`` (make
-  test), the files that hold them are handed out first."""
+  other worker, rather than one running alone at the end. ``--dist loadfile`` (make test)
+  hands out whole files in its own order, the files with the most tests first: there the
+  sort orders the tests within each file."""
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
