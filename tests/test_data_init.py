@@ -1223,6 +1223,55 @@ def test_a_vmapped_use_checks_once_not_per_element():
   assert counts[1] == counts[2], counts
 
 
+class _Wide(nnx.Module):
+  def __init__(self, layer, rngs):
+    self.layers = nnx.List([layer(16, 16, rngs=rngs) for _ in range(3)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return x
+
+
+@pytest.mark.parametrize('front', ['linen', 'nnx'])
+def test_data_init_on_a_new_batch_size_compiles_what_a_plain_call_does(front):
+  # Found by a user: an eager data_init on a batch size no call had before compiled 11
+  # programs where the plain model's init + apply compiled 3: the statistics ran op by op,
+  # each a program per new activation shape. They are one jitted call: one program more than
+  # the plain model's for layers of one shape (batch sizes no other test uses, after a first
+  # call at batch 10).
+  if front == 'linen':
+    wn, plain = (
+      nn.Sequential([layer(16), nn.relu, layer(16), nn.relu, layer(16)])
+      for layer in (wl.WNDense, nn.Dense)
+    )
+    key = jax.random.key(0)
+    variables = wn.init(key, _batch((10, 16)))
+
+    def run_wn(x):
+      return wl.data_init(wn, variables, x)
+
+    def run_plain(x):
+      return plain.apply(plain.init(key, x), x)
+  else:
+    wn, plain = _Wide(wx.WNLinear, nnx.Rngs(0)), _Wide(nnx.Linear, nnx.Rngs(0))
+
+    def run_wn(x):
+      return wx.data_init(wn, x)
+
+    def run_plain(x):
+      return plain(x)
+
+  new = {'linen': (37, 39), 'nnx': (41, 43)}[front]  # no other test of this worker has them
+  counts = []
+  for run, rows in ((run_wn, 10), (run_plain, 10), (run_wn, new[0]), (run_plain, new[1])):
+    x = _batch((rows, 16))
+    with count_compiles() as seen:
+      jax.block_until_ready(run(x))
+    counts.append(len(seen))
+  assert counts[2] <= counts[3] + 1, counts
+
+
 @pytest.mark.parametrize('jit', [False, True])
 def test_a_vmapped_use_still_refuses_a_scale_that_does_not_fit(jit):
   # Reduced over the vmap first, the check still sees what each element saw: inputs of std

@@ -212,3 +212,15 @@ def test_a_numpy_float64_input_is_taken_as_float32_without_a_warning():
     y, want = call(xn), call(xn.astype(np.float32))
     assert y.dtype == jnp.float32, name
     np.testing.assert_array_equal(y, want, err_msg=name)
+
+
+def test_a_nested_list_input_is_taken_as_its_array():
+  # Found by a user: nnx.Linear takes a nested list of floats as its input (as jnp.asarray
+  # would); WNLinear raised 'Cannot determine dtype' (jnp.result_type of the list), naming
+  # neither the layer nor the cause. (nn.Dense takes one with a DeprecationWarning of JAX's;
+  # the conv layers take none.)
+  x = np.linspace(-1.0, 1.0, 8 * 6, dtype=np.float32).reshape(8, 6)
+  for name, call in _layer_calls():
+    if name.startswith(('WNLinear', 'nnx WeightNorm')):
+      xn = x[:2] if 'scaled' in name else x
+      np.testing.assert_array_equal(call(xn.tolist()), call(xn), err_msg=name)

@@ -35,12 +35,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import custom_batching
+import numpy as np
 from jax._src import api as _api  # the modules of JAX's shape probes, for _in_probe
 from jax._src import pjit as _pjit
 from jax._src.interpreters import batching  # BatchTracer: not in the public module
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
+from wn_jax import _fit_check
 from wn_jax._axes import is_eps
 from wn_jax._core import reduce_dtype
 
@@ -236,13 +237,7 @@ def scale_for(m: Mode, path: str) -> float:
   return float(s)  # type: ignore[arg-type]
 
 
-_TOO_FEW = (
-  'data_init needs at least 2 values per feature to estimate a standard deviation: pass a '
-  'larger batch.'
-)
-
-
-def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
+def statistics(t: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   """Per-feature (last axis) mean and standard deviation of ``t``, in float32 or wider.
 
   Over the global batch: under ``jit`` with a sharded batch XLA reduces across devices;
@@ -251,21 +246,21 @@ def statistics(t: jax.Array, m: Mode) -> tuple[jax.Array, jax.Array]:
   t = t.astype(reduce_dtype(t.dtype))
   axes = tuple(range(t.ndim - 1))
   mu = jnp.mean(t, axis=axes)
-  if m.axis_name is not None:
-    mu = jax.lax.pmean(mu, m.axis_name)
+  if axis_name is not None:
+    mu = jax.lax.pmean(mu, axis_name)
   # The deviations scaled by their largest magnitude, so their squares neither underflow
   # (a feature varying by 1e-20) nor overflow (by 1e20) the statistics' dtype.
   d = t - mu
   top = jnp.max(jnp.abs(d), axis=axes)
-  if m.axis_name is not None:
-    top = jax.lax.pmax(top, m.axis_name)
+  if axis_name is not None:
+    top = jax.lax.pmax(top, axis_name)
   top = jnp.where(top > 0, top, 1.0)
   var = jnp.mean(jnp.square(d / top), axis=axes)
-  if m.axis_name is not None:
-    var = jax.lax.pmean(var, m.axis_name)
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
   sigma = top * jnp.sqrt(var)
   rounding = CONSTANT_FEATURE_ULPS * jnp.finfo(sigma.dtype).eps * jnp.abs(mu)
-  return mu, jnp.where(sigma <= rounding, 1.0, sigma)  # a NaN stays NaN, for _check_fits
+  return mu, jnp.where(sigma <= rounding, 1.0, sigma)  # a NaN stays NaN, for the fit check
 
 
 def initialize(
@@ -281,30 +276,37 @@ def initialize(
   Where the current ``g`` is still fresh (-inf, see :func:`fresh`), ``g`` and ``b`` are set
   by the module docstring's rule; elsewhere they are kept (a later use of the layer), and
   the output is ``t * g + b`` with them. ``label`` names the layer in the one error raised
-  after the layer's call has returned (under ``jit``: see ``_check_fits``). Computed in
-  float32 or wider; ``g`` and ``b`` come in their current dtypes, refused (``ValueError``)
-  where a fresh one does not fit them, or (one value per feature) cannot be estimated.
+  after the layer's call has returned (under ``jit``: see :func:`wn_jax._fit_check.check`).
+  Computed in float32 or wider; ``g`` and ``b`` come in their current dtypes, refused
+  (``ValueError``) where a fresh one does not fit them, or (one value per feature) cannot be
+  estimated.
+
+  The array work is one jitted call (:func:`_initialized`), ``init_scale`` an argument of it:
+  eagerly, a batch size no call had before compiles one program, not one per operation.
   """
   g_now, b_now = current
-  mu, sigma = statistics(t, m)
-  g = scale_for(m, path) / sigma
+  dtypes = tuple(jnp.dtype(jnp.result_type(x)) for x in current if x is not None)
+  one_value = t.size // t.shape[-1] < 2 and m.axis_name is None
+  scale = np.asarray(scale_for(m, path), reduce_dtype(t.dtype))  # as a Python float would be
+  g, b, out, fit = _initialized(t, g_now, b_now, scale, m.axis_name)
+  _fit_check.check(label, fit, (*dtypes, t.dtype), one_value)
+  return _placed_as(g, g_now), None if b_now is None else _placed_as(b, b_now), out
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _initialized(t, g_now, b_now, init_scale, axis_name):
+  """:func:`initialize`'s arrays: ``(g, b, output, fit)``, ``fit`` what
+  :func:`wn_jax._fit_check.check` checks."""
+  mu, sigma = statistics(t, axis_name)
+  g = init_scale / sigma
   b = -mu * g
   new = jnp.isneginf(g_now)
-  dtypes = tuple(jnp.result_type(x) for x in current if x is not None)
-  _check_fits(  # only the fresh features are set: only they must fit
-    label,
-    jnp.where(new, g, 1.0),
-    None if b_now is None else jnp.where(new, b, 0.0),
-    jnp.where(new, mu, 0.0),
-    jnp.where(new, sigma, 1.0),
-    (*dtypes, t.dtype),
-    too_few=jnp.any(new) & (t.size // t.shape[-1] < 2 and m.axis_name is None),
-  )
+  fit = _fit_check.per_feature(g, None if b_now is None else b, mu, sigma, new)
   g = jnp.where(new, _like(g, g_now), g_now.astype(g.dtype))
   if b_now is not None:
     b = jnp.where(_like(new, b_now), _like(b, b_now), b_now.astype(b.dtype))
   out = kept(t, (g, None if b_now is None else b))[2]
-  return g.astype(g_now.dtype), None if b_now is None else b.astype(b_now.dtype), out
+  return g.astype(g_now.dtype), None if b_now is None else b.astype(b_now.dtype), out, fit
 
 
 def kept(t: jax.Array, current: tuple[jax.Array, jax.Array | None]) -> tuple[Any, Any, jax.Array]:
@@ -317,13 +319,18 @@ def kept(t: jax.Array, current: tuple[jax.Array, jax.Array | None]) -> tuple[Any
 
 
 def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
-  """``x`` sharded as ``ref``: where ``ref``'s mesh has Explicit axes, a select needs its
-  operands sharded alike (a bias is often replicated, the statistics per feature); eagerly,
-  a bias computed from the statistics would otherwise take their layout, not its own (and
-  the layer's next call compile anew)."""
+  """``x`` sharded as ``ref`` where ``ref``'s mesh has Explicit axes: a select needs its
+  operands sharded alike (a bias is often replicated, the statistics per feature)."""
   sharding = jax.typeof(ref).sharding
   if jax.sharding.AxisType.Explicit in getattr(getattr(sharding, 'mesh', None), 'axis_types', ()):
     return jax.sharding.reshard(x, sharding)  # the NamedSharding: no mesh context needed
+  return x
+
+
+def _placed_as(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """``x`` on ``ref``'s devices and layout when both are concrete: eagerly, a bias computed
+  from the statistics would otherwise take their layout, not its own (and the layer's next
+  call compile anew)."""
   concrete = not isinstance(x, jax.core.Tracer) and not isinstance(ref, jax.core.Tracer)
   if concrete and isinstance(ref, jax.Array) and x.sharding != ref.sharding:
     return jax.device_put(x, ref.sharding)
@@ -339,84 +346,6 @@ def fresh(scale: jax.Array) -> jax.Array:
 def settle(scale: jax.Array, before: jax.Array) -> jax.Array:
   """A scale after the pass: ``before`` where no use initialized it (still -inf)."""
   return jnp.where(jnp.isneginf(scale), before, scale)
-
-
-def _check_fits(
-  label: object,
-  g: jax.Array,
-  b: jax.Array | None,
-  mu: jax.Array,
-  sigma: jax.Array,
-  dtypes: tuple[Any, ...],
-  too_few: Any = False,
-) -> None:
-  """A ``ValueError`` unless ``g`` and ``b`` are finite in every one of ``dtypes``; it names
-  a pre-activation that is not finite (``mu``, ``sigma``: its statistics) as the cause.
-
-  ``dtypes``: their parameter dtypes and the layer's compute dtype (``w``'s entries reach
-  ``g``, and ``b`` is added in it). Value-dependent: raised at once on concrete arrays;
-  under a trace (``jit``) a debug callback raises it when the computation runs, with
-  ``label`` (no caller is left to add it then).
-  """
-  found, compute = ([g] if b is None else [g, b]), jnp.dtype(dtypes[-1])
-  fits = jnp.all(jnp.stack([jnp.isfinite(x.astype(d)).all() for x in found for d in dtypes]))
-  largest = [jnp.max(jnp.abs(x)) for x in found]
-
-  def check(fits, bad_features, sigma_min, too_few, *largest, prefix=''):
-    if bool(too_few):  # the use that ran first had one value per feature
-      raise ValueError(f'{prefix}{_TOO_FEW}')
-    if bool(fits):
-      return
-    if int(bad_features):
-      raise ValueError(
-        f'{prefix}data_init: the pre-activation is not finite on this batch ({int(bad_features)} '
-        f'feature(s) with NaN or inf statistics): the batch, or a layer before this one, has '
-        f'NaN or inf, or the pre-activation overflows {compute} (largest finite '
-        f"{float(jnp.finfo(compute).max):.3g}), or the model reads a WN layer's scale before "
-        f"that layer's first use (during data_init it is -inf until then). Initialize on a "
-        f'finite batch at the scale the layer sees in training, or compute this layer in '
-        f'float32.'
-      )
-    big = max(float(v) for v in largest)
-    narrow = [str(jnp.dtype(d)) for d in dtypes if float(jnp.finfo(d).max) < big] or dtypes
-    raise ValueError(
-      f'{prefix}data_init sets g = init_scale / sigma (here up to {float(largest[0]):.3g})'
-      + ('' if len(largest) == 1 else f' and b = -mu * g (up to {float(largest[1]):.3g})')
-      + f', which does not fit {"/".join(sorted(set(map(str, narrow))))}: the '
-      f'pre-activation varies too little on this batch (smallest per-feature standard '
-      f'deviation {float(sigma_min):.3g}). Compute this layer in float32 (dtype and '
-      f'param_dtype float32), pass a smaller init_scale, or initialize on a batch at the '
-      f'scale the layer sees in training.'
-    )
-
-  bad_features = jnp.sum(~(jnp.isfinite(mu) & jnp.isfinite(sigma)))
-  args = (fits, bad_features, jnp.min(sigma), too_few, *largest)
-  if any(isinstance(a, jax.core.Tracer) for a in args):
-    worst = (jnp.all, jnp.max, jnp.min, jnp.any) + (jnp.max,) * len(largest)
-    _callback_once(functools.partial(check, prefix=f'{label}: '), args, worst)
-  else:
-    check(*args)
-
-
-def _callback_once(callback: Callable[..., None], args: tuple, worst: tuple) -> None:
-  """``jax.debug.callback(callback, *args)``, called once however many vmaps batch ``args``:
-  each batched argument is reduced over its vmapped axis by its ``worst`` (``jnp.all``,
-  ``jnp.max``...) first. A plain debug callback runs once per element, and outside ``jit``
-  each element's slice of each argument is a new program (an eager ``data_init`` through a
-  vmap of 64 elements compiled 192 slices)."""
-
-  @custom_batching.custom_vmap
-  def call(args):
-    jax.debug.callback(callback, *args)
-    return args[0]  # custom_vmap wants an output; the callback's effect keeps it
-
-  @call.def_vmap
-  def _(axis_size, in_batched, args):
-    del axis_size
-    (batched,) = in_batched
-    return call(tuple(r(a, axis=0) if b else a for r, a, b in zip(worst, args, batched))), False
-
-  call(args)
 
 
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int) -> None:

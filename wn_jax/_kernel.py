@@ -249,6 +249,8 @@ def start(
   """The pass of one call: data init if ``init`` (``claim``'s ``(mode, first)``) is given,
   else scaled where it pays."""
   scaled = False
+  if isinstance(inputs, (list, tuple)):  # read as the layer's own code reads it
+    inputs = jnp.asarray(inputs)
   if init is None and dense:
     with labelled(label):
       kept = _axes.kept_axes(2, axis)
