@@ -7,8 +7,8 @@ and tracing, lowering and compiling an adam train step. The models are 20-layer 
 (width 64, batch 32, relu between layers; width 256 for the train step) of a plain layer
 (``nn.Dense``, ``nnx.Linear``), its wn_jax counterpart (``WNDense``, ``WNLinear``) or
 ``nn.WeightNorm(nn.Dense)``; the eager rows also time wn_jax's ``WeightNorm`` wrappers
-around the plain layer, an eager call on a batch shape no call had before (compiles
-included), and eager calls at batch 256: rows at least the input features, where a WN Dense
+around the plain layer, an eager call and a ``data_init`` on a batch shape no call had
+before (compiles included), and eager calls at batch 256: rows at least the input features, where a WN Dense
 forms ``w`` (at batch 32 it scales its output instead). Flax's NNX ``WeightNorm`` is left out: its scales are not
 ``nnx.Param`` (not trained) and it overwrites the wrapped kernel on every call, so it is
 not the same computation.
@@ -217,11 +217,16 @@ class _Fresh:
 
 
 def _new_shapes():
-  """Input shapes ``(a, b, WIDTH)`` with ``a * b < WIDTH`` (so a WN Dense scales its output),
-  each handed out once: no arm's sample finds another's compiled for its shape."""
+  """Input shapes ``(a, b, WIDTH)``, then ``(a, b, c, WIDTH)``, with fewer rows than
+  ``WIDTH`` (so a WN Dense scales its output), each handed out once: no arm's sample finds
+  another's compiled for its shape (273 of three axes: 26 per arm does not need the rest)."""
   for a in range(1, WIDTH):
     for b in range(1, (WIDTH - 1) // a + 1):
       yield (a, b, WIDTH)
+  for a in range(1, WIDTH):
+    for b in range(1, (WIDTH - 1) // a + 1):
+      for c in range(1, (WIDTH - 1) // (a * b) + 1):
+        yield (a, b, c, WIDTH)
 
 
 _SHAPES = _new_shapes()
@@ -233,15 +238,18 @@ class _NewShape:
 
   n = 1
 
-  def __init__(self, make: Callable[[], Callable[[jax.Array], Any]]):
+  def __init__(self, make: Callable[[], Callable[[jax.Array], Any]], min_rows: int = 1):
     self.make = make
+    self.min_rows = min_rows
 
   def warm_up(self, target: float) -> None:
     self.call = self.make()
     self.sample()
 
   def sample(self) -> float:
-    x = jnp.ones(next(_SHAPES))
+    shape = next(s for s in _SHAPES if s[0] * s[1] >= self.min_rows)
+    x = jax.random.normal(jax.random.key(1), shape)  # varies: data_init's statistics need it
+    jax.block_until_ready(x)
     t0 = time.perf_counter()
     jax.block_until_ready(self.call(x))
     return time.perf_counter() - t0
@@ -304,15 +312,25 @@ def _linen_new_shape(kind: str):
   return make
 
 
-def _linen_data_init():
-  model, x = _linen_mlp(LINEN_LAYERS['wn_jax']), _x()
-  variables = model.init(jax.random.key(0), x)
-  return lambda: wn_jax.linen.data_init(model, variables, x)
+def _linen_data_init_of():
+  model = _linen_mlp(LINEN_LAYERS['wn_jax'])
+  variables = model.init(jax.random.key(0), _x())
+  return lambda x: wn_jax.linen.data_init(model, variables, x)
 
 
-def _linen_init_apply():
-  model, x = _linen_mlp(LINEN_LAYERS['plain']), _x()
-  return lambda: model.apply(model.init(jax.random.key(0), x), x)
+def _linen_init_apply_of():
+  model = _linen_mlp(LINEN_LAYERS['plain'])
+  return lambda x: model.apply(model.init(jax.random.key(0), x), x)
+
+
+def _at_x(make: Callable[[], Callable[[jax.Array], Any]]) -> Callable[[], Callable[[], Any]]:
+  """``make``'s call on the model's usual input: an eager arm of a new-shape arm's call."""
+
+  def bound():
+    call, x = make(), _x()
+    return lambda: call(x)
+
+  return bound
 
 
 # Rows 3 and 4 (NNX): construct, forward, data_init.
@@ -343,14 +361,14 @@ def _nnx_new_shape(kind: str):
   return make
 
 
-def _nnx_data_init():
-  model, x = _nnx_mlp_class(NNX_LAYERS['wn_jax'])(nnx.Rngs(0)), _x()
-  return lambda: wn_jax.nnx.data_init(model, x)
+def _nnx_data_init_of():
+  model = _nnx_mlp_class(NNX_LAYERS['wn_jax'])(nnx.Rngs(0))
+  return lambda x: wn_jax.nnx.data_init(model, x)
 
 
-def _nnx_construct_call():
-  mlp, x = _nnx_mlp_class(NNX_LAYERS['plain']), _x()
-  return lambda: mlp(nnx.Rngs(0))(x)
+def _nnx_construct_call_of():
+  mlp = _nnx_mlp_class(NNX_LAYERS['plain'])
+  return lambda x: mlp(nnx.Rngs(0))(x)
 
 
 # Rows 5 and 6: fresh traces. Arguments are made once per arm (linen params are a dict any
@@ -450,10 +468,15 @@ def _arms() -> dict[str, _Eager | _Fresh | _NewShape]:
     arms[f'nnx forward: {NNX_NAMES[kind]}'] = _Eager(_nnx_forward(kind))
   for kind in ('wn_jax', 'plain'):
     arms[f'nnx new shape: {NNX_NAMES[kind]}'] = _NewShape(_nnx_new_shape(kind))
-  arms['linen data_init: wn_jax.linen.data_init'] = _Eager(_linen_data_init)
-  arms['linen data_init: nn.Dense init + apply'] = _Eager(_linen_init_apply)
-  arms['nnx data_init: wn_jax.nnx.data_init'] = _Eager(_nnx_data_init)
-  arms['nnx data_init: nnx.Linear construct + call'] = _Eager(_nnx_construct_call)
+  for name, make in (
+    ('linen data_init: wn_jax.linen.data_init', _linen_data_init_of),
+    ('linen data_init: nn.Dense init + apply', _linen_init_apply_of),
+    ('nnx data_init: wn_jax.nnx.data_init', _nnx_data_init_of),
+    ('nnx data_init: nnx.Linear construct + call', _nnx_construct_call_of),
+  ):
+    arms[name] = _Eager(_at_x(make))
+    # data_init needs two rows at least (a standard deviation per feature)
+    arms[name.replace('data_init:', 'data_init, new shape:')] = _NewShape(make, min_rows=2)
   for kind in ('wn_jax', 'plain', 'flax'):
     arms[f'linen grad: {LINEN_NAMES[kind]}'] = _Fresh(_linen_grad(kind), and_compile=False)
   for kind in ('wn_jax', 'plain'):
@@ -585,6 +608,20 @@ ROWS = (
     'nnx data_init: nnx.Linear construct + call',
     3.0,
     '<= 3x one plain construct + call',
+  ),
+  Row(
+    'linen `data_init`, a new batch shape (compiles)',
+    'linen data_init, new shape: wn_jax.linen.data_init',
+    'linen data_init, new shape: nn.Dense init + apply',
+    None,
+    '-',
+  ),
+  Row(
+    'NNX `data_init`, a new batch shape (compiles)',
+    'nnx data_init, new shape: wn_jax.nnx.data_init',
+    'nnx data_init, new shape: nnx.Linear construct + call',
+    None,
+    '-',
   ),
   Row(
     'linen trace + lower `jit(grad(loss))`',
