@@ -983,6 +983,28 @@ def test_nnx_an_ensemble_of_stacked_layers_is_initialized():
       np.testing.assert_allclose(h.std(0), 0.5, rtol=1e-4)
 
 
+class _StackedPerElement(nnx.Module):
+  def __init__(self):
+    self.layers = nnx.vmap(lambda k: wx.WNLinear(8, 8, rngs=nnx.Rngs(k)))(
+      jax.random.split(jax.random.key(0), 2)
+    )
+
+  def __call__(self, x):
+    return nnx.vmap(lambda layer, x: layer(x))(self.layers, x)
+
+
+def test_an_eager_refusal_under_a_vmap_names_the_layer_once():
+  # Found by a user: 'WNLinear(kernel (8, 8)): WNLinear(kernel (8, 8)): data_init needs...':
+  # eagerly under a vmap the check runs inside the layer's call, with the label the check
+  # puts on a refusal under a trace, and the call labelled it again.
+  model = _StackedPerElement()
+  before = np.asarray(model.layers.scale[...])
+  with pytest.raises(ValueError, match='at least 2 values per feature') as e:
+    wx.data_init(model, _batch((2, 1, 8)))
+  assert str(e.value).count('WNLinear(') == 1, e.value
+  np.testing.assert_array_equal(model.layers.scale[...], before)
+
+
 def test_layers_stacked_along_a_scan_under_disable_jit_are_each_initialized():
   # There the scan runs its steps in Python: each stacked layer looked like one layer used
   # at every step, and only the first was initialized, silently (linen and NNX); then it was
@@ -1280,10 +1302,13 @@ def test_a_vmapped_use_still_refuses_a_scale_that_does_not_fit(jit):
   model = _NNXSharedVmap(axis_name='b', dtype=jnp.float16, param_dtype=jnp.float16)
   before = np.asarray(model.shared.scale[...])
   run = nnx.jit(wx.data_init, static_argnames='axis_name') if jit else wx.data_init
-  with pytest.raises(ValueError if not jit else Exception, match=r'does not fit float16'):
+  with pytest.raises(ValueError if not jit else Exception, match=r'does not fit float16') as e:
     jax.block_until_ready(run(model, xs, axis_name='b'))
   if not jit:
     np.testing.assert_array_equal(model.shared.scale[...], before)  # left as it was
+    # Named once (a user saw 'WNLinear(kernel (8, 8)): WNLinear(kernel (8, 8)): ...': the
+    # callback's label, then the layer's call's).
+    assert str(e.value).count('WNLinear(') == 1, e.value
 
 
 @pytest.mark.parametrize('front', ['linen', 'nnx'])

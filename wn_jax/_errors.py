@@ -8,8 +8,8 @@ from types import TracebackType
 
 
 class labelled(contextlib.ContextDecorator):
-  """Prefixes ``label: `` to a ``ValueError`` raised inside: a ``with`` block, or a decorated
-  public function.
+  """Prefixes ``label: `` to a ``ValueError`` raised inside (once: not to one that starts with
+  it): a ``with`` block, or a decorated public function.
 
   It costs well under a microsecond, so eager calls of the layers pay nothing for it.
 
@@ -29,7 +29,9 @@ class labelled(contextlib.ContextDecorator):
     self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
   ) -> None:
     if kind is not None and issubclass(kind, ValueError):
-      raise ValueError(f'{self.label}: {error}') from None
+      label = str(self.label)
+      if not str(error).startswith(f'{label}: '):  # named already (a check under a vmap)
+        raise ValueError(f'{label}: {error}') from None
 
 
 class later:  # noqa: N801 (used as a function: later(f))
