@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import custom_batching
+from jax.experimental import multihost_utils
 
 _TOO_FEW = (
   'data_init needs at least 2 values per feature to estimate a standard deviation: pass a '
@@ -88,6 +89,8 @@ def check(label: object, fit: jax.Array, dtypes: tuple[Any, ...], one_value: boo
 
   if isinstance(fit, jax.core.Tracer):
     _callback_once(functools.partial(refuse, prefix=f'{label}: '), fit)
+  elif not fit.is_fully_addressable:  # global, over processes: each reads the whole of it
+    refuse(multihost_utils.process_allgather(fit, tiled=True))
   else:
     refuse(fit)
 
