@@ -8,10 +8,10 @@ and tracing, lowering and compiling an adam train step. The models are 20-layer 
 (``nn.Dense``, ``nnx.Linear``), its wn_jax counterpart (``WNDense``, ``WNLinear``) or
 ``nn.WeightNorm(nn.Dense)``; the eager rows also time wn_jax's ``WeightNorm`` wrappers
 around the plain layer, an eager call and a ``data_init`` on a batch shape no call had
-before (compiles included), and eager calls at batch 256: rows at least the input features, where a WN Dense
-forms ``w`` (at batch 32 it scales its output instead). Flax's NNX ``WeightNorm`` is left out: its scales are not
-``nnx.Param`` (not trained) and it overwrites the wrapped kernel on every call, so it is
-not the same computation.
+before (compiles included), and eager calls at batch 256: rows at least the input features,
+where a WN Dense forms ``w`` (at batch 32 it scales its output instead). Flax's NNX
+``WeightNorm`` is left out: its scales are not ``nnx.Param`` (not trained) and it overwrites
+the wrapped kernel on every call, so it is not the same computation.
 
 Two kinds of measurement. Eager rows (the pure functions, init / apply, construct /
 forward, ``data_init``) are the steady state: every arm runs once before timing (its first
@@ -219,7 +219,8 @@ class _Fresh:
 def _new_shapes():
   """Input shapes ``(a, b, WIDTH)``, then ``(a, b, c, WIDTH)``, with fewer rows than
   ``WIDTH`` (so a WN Dense scales its output), each handed out once: no arm's sample finds
-  another's compiled for its shape (273 of three axes: 26 per arm does not need the rest)."""
+  another's compiled for its shape. The 273 of three axes cover the nine new-shape arms at
+  25 rounds and a warm-up each; more rounds go on to four axes."""
   for a in range(1, WIDTH):
     for b in range(1, (WIDTH - 1) // a + 1):
       yield (a, b, WIDTH)
