@@ -180,6 +180,24 @@ def test_both_backend_branches_of_the_norm_match_the_reference():
   assert np.array_equal(ranged, plain)
 
 
+@pytest.mark.parametrize('shape', [(1,), (1, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize(
+  'dtype, scale', [(jnp.float32, 1e-30), (jnp.float32, 1e30), (jnp.float64, 1e-200)]
+)
+def test_a_one_element_weight_out_of_the_plain_range_keeps_its_norm(shape, dtype, scale):
+  # With one element, XLA's simplifier may fold (v k) * (v k) into (v v) * k^2, and k^2
+  # overflows: NaN on both backend branches (a user's WNDense(1) got a NaN scale at init).
+  with jax.enable_x64(dtype == jnp.float64):
+    v = jnp.full(shape, -scale, dtype)
+    ss = jnp.sum(v * v, keepdims=True)
+    red = tuple(range(len(shape)))
+    for n in (wn_jax.norm(v, None), jax.jit(lambda v: _norm._ranged(v, ss, red))(v)):
+      assert_close(jnp.ravel(n), np.full(1, scale), factor=2, floor=0.0)
+    w = wn_jax.normalize(v, jnp.full(shape[-1:], 2.0, dtype))
+    assert_close(w, np.full(shape, -2.0), factor=2)
+    assert_close(wn_jax.decompose(v)[1], np.full(shape[-1:], scale), factor=2, floor=0.0)
+
+
 def test_the_cpu_branch_scales_only_under_a_cond():
   # The CPU lowering reads v with one plain sum outside the cond; other backends get no
   # cond, and all three sums side by side (which XLA fuses into one pass over v).

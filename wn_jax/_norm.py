@@ -62,9 +62,12 @@ def _ranged(v: jax.Array, ss: jax.Array, red: tuple[int, ...]) -> jax.Array:
   """Each slice's norm from ``ss``, its plain sum of squares, or from a scaled one where
   ``ss`` is out of range: of ``v * k`` below ``lo``, of ``v / k`` on overflow."""
   lo, k = _RANGE[jnp.dtype(v.dtype)]
+  # The scales reach XLA through an optimization barrier: with a one-element v, XLA's
+  # simplifier folded (v k) * (v k) into (v v) * k^2 otherwise, and k^2 overflows (NaN).
+  up, down = jax.lax.optimization_barrier((jnp.asarray(k, v.dtype), jnp.asarray(1.0 / k, v.dtype)))
   # Two more plain sums, not one variadic lax.reduce: on a CPU XLA ran the variadic one
   # 7x slower at 1024^2 (4.5 ms vs 0.65 ms, measured).
-  ss_up, ss_down = (jnp.sum(x * x, axis=red, keepdims=True) for x in (v * k, v * (1.0 / k)))
+  ss_up, ss_down = (jnp.sum(x * x, axis=red, keepdims=True) for x in (v * up, v * down))
   # Comparisons are False for NaN: a NaN slice takes the last branch and stays NaN. Only
   # an infinite entry overflows the scaled-down sum: its slice's norm is NaN (not inf), so
   # the whole slice of w is NaN, as with a NaN entry.
