@@ -157,6 +157,16 @@ def test_extreme_magnitudes_in_float32_are_exact(scale):
   assert_close(wn_jax.norm(v), ref.decompose(vr, -1)[1], factor=2, floor=0.0)
 
 
+def test_at_1e36_a_factor_that_is_a_normal_float32_gives_w():
+  # concepts.md: entries of 1e36 in a slice of 120 need |g| above about 0.13, so that
+  # g / ||v|| stays above 1.2e-38 (a CPU flushes a subnormal factor to 0).
+  v = jnp.full((120, 2), 1e36, jnp.float32)
+  g = jnp.asarray([0.14, 1.0], jnp.float32)
+  assert np.all(np.abs(g) / np.sqrt(120.0) / 1e36 > np.finfo(np.float32).tiny)
+  w = wn_jax.normalize(v, g)
+  assert_close(w, ref.normalize(np.asarray(v, np.float64), np.asarray(g, np.float64), -1), factor=2)
+
+
 def test_both_backend_branches_of_the_norm_match_the_reference():
   # One array with a slice in range, one above it, one below it, one zero. A CPU takes the
   # plain sum and, since some slice is out of range, the scaled sums under a lax.cond;
