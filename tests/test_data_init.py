@@ -502,6 +502,20 @@ def test_batch_of_one_raises_and_constant_feature_is_finite():
   np.testing.assert_allclose(new['params']['scale'][0], 1.0)
 
 
+def test_an_empty_batch_is_refused_as_a_batch_of_one_is():
+  # Found by a user: an empty batch raised JAX's "zero-size array to reduction operation max
+  # which has no identity" (linen and NNX, eager and under nnx.jit), naming no fix.
+  model = wl.WNDense(3)
+  variables = model.init(jax.random.key(0), jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match='at least 2 values per feature'):
+    wl.data_init(model, variables, jnp.ones((0, 4)))
+  layer = wx.WNLinear(4, 3, rngs=nnx.Rngs(0))
+  before = np.asarray(layer.scale[...])
+  with pytest.raises(ValueError, match='at least 2 values per feature'):
+    wx.data_init(layer, jnp.ones((0, 4)))
+  np.testing.assert_array_equal(layer.scale[...], before)
+
+
 def test_direction_must_be_output_features():
   model = wl.WNDense(3, axis=0)
   x = _batch((16, 4))

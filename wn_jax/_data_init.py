@@ -249,9 +249,11 @@ def statistics(t: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Arra
   if axis_name is not None:
     mu = jax.lax.pmean(mu, axis_name)
   # The deviations scaled by their largest magnitude, so their squares neither underflow
-  # (a feature varying by 1e-20) nor overflow (by 1e20) the statistics' dtype.
+  # (a feature varying by 1e-20) nor overflow (by 1e20) the statistics' dtype. The max
+  # starts at 0 (|d| is never below it): an empty batch gets NaN statistics, which the fit
+  # check refuses as too few values, not a max with no identity.
   d = t - mu
-  top = jnp.max(jnp.abs(d), axis=axes)
+  top = jnp.max(jnp.abs(d), axis=axes, initial=0.0)
   if axis_name is not None:
     top = jax.lax.pmax(top, axis_name)
   top = jnp.where(top > 0, top, 1.0)
