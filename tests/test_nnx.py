@@ -220,6 +220,33 @@ def test_mean_only_batch_norm_matches_linen(axis):
   np.testing.assert_allclose(bn(x), x - bn.mean[...].reshape(shape), rtol=1e-6)
 
 
+def test_mean_only_batch_norm_takes_axis_index_groups_as_linen_does():
+  # Found by a user: the NNX layer had no axis_index_groups (linen's and nnx.BatchNorm's
+  # have). Only pmap's collectives take groups; the suite runs on the host's devices.
+  n = jax.local_device_count()
+  x = _rand((n, 8, 3)) + 2
+  groups = [list(range(n // 2)), list(range(n // 2, n))] if n % 2 == 0 else [list(range(n))]
+  bn = wx.MeanOnlyBatchNorm(3, axis_name='d', axis_index_groups=groups, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(bn)
+
+  def nnx_call(xi, state):
+    layer = nnx.merge(graphdef, state)
+    return layer(xi), layer.mean[...]
+
+  twin = wl.MeanOnlyBatchNorm(axis_name='d', axis_index_groups=groups)
+  variables = twin.init(jax.random.key(0), x[0], use_running_average=False)
+  y, mean = jax.pmap(nnx_call, axis_name='d', in_axes=(0, None))(x, state)
+  yl, upd = jax.pmap(
+    lambda xi: twin.apply(variables, xi, use_running_average=False, mutable=['batch_stats']),
+    axis_name='d',
+  )(x)
+  np.testing.assert_allclose(y, yl, rtol=1e-6)
+  np.testing.assert_allclose(mean, upd['batch_stats']['mean'], rtol=1e-6)
+  xr = np.asarray(x, np.float64)
+  for group in groups:
+    assert_close(np.asarray(y)[group], xr[group] - xr[group].mean((0, 1)))
+
+
 @pytest.mark.parametrize(
   'axis, features, match',
   [

@@ -16,7 +16,10 @@ class MeanOnlyBatchNorm(nnx.Module):
 
   The mean runs over every axis but ``axis`` (features); the running mean lives in an
   ``nnx.BatchStat`` and serves ``use_running_average=True`` (or after
-  ``model.eval()``). No division by the variance.
+  ``model.eval()``). No division by the variance. The running mean is float32, as
+  ``nnx.BatchNorm``'s (the layer is built before it sees an input: under ``jax_enable_x64``
+  a float64 batch's mean is rounded to float32 when stored, where the linen layer, built on
+  its first input, keeps float64).
 
   Args:
     num_features: size of the feature axis.
@@ -27,6 +30,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     dtype: computation dtype (the mean is taken in float32 or wider).
     param_dtype: dtype of ``bias``.
     axis_name: a mapped axis to average the batch mean over.
+    axis_index_groups: groups of devices for ``axis_name`` (``pmap``), as ``nnx.BatchNorm``'s.
     rngs: unused, for signature parity with ``nnx.BatchNorm``.
 
   Examples:
@@ -50,6 +54,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
     axis_name: str | None = None,
+    axis_index_groups: Any = None,
     rngs: nnx.Rngs | None = None,
   ):
     del rngs
@@ -58,6 +63,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     self.use_running_average = use_running_average
     self.dtype = dtype
     self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if use_bias else None
 
@@ -75,7 +81,7 @@ class MeanOnlyBatchNorm(nnx.Module):
     if use_ra:
       mean = self.mean[...]
     else:
-      mean = _batch_norm.batch_mean(x, feature, self.axis_name)
+      mean = _batch_norm.batch_mean(x, feature, self.axis_name, self.axis_index_groups)
       self.mean[...] = (self.momentum * self.mean[...] + (1.0 - self.momentum) * mean).astype(
         self.mean.dtype
       )
