@@ -1,5 +1,7 @@
 """Checkpoints with orbax lose nothing: 10 + restore + 10 steps == 20 steps, bit for bit."""
 
+import collections
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -182,3 +184,21 @@ def test_fold_nnx_state_into_plain_nnx_layers():
   nnx.update(plain, state)
   assert not hasattr(plain.layers[0], 'scale')
   np.testing.assert_allclose(plain(X), wn_model(X), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_finds_layers_and_weight_normed_nodes_inside_lists_and_tuples():
+  # Found by a user: fold left a layer in a list unfolded (kernel still v, scale kept) and a
+  # WeightNormed node in a tuple as it was, silently; decay_mask and project_directions find
+  # them there.
+  layer = wl.WNDense(4).init(jax.random.key(0), X)['params']
+  layer = jax.tree_util.tree_map(lambda a: a * 1.3, layer)
+  node = wn_jax.weight_norm({'w': jax.random.normal(jax.random.key(1), (3, 2))})['w']
+  Pair = collections.namedtuple('Pair', 'first second')
+  tree = {'blocks': [layer, {'inner': (layer, node)}], 'pair': Pair(layer, None)}
+  folded = wl.fold(tree)
+  as_dicts = wl.fold({'blocks': {'0': layer}})['blocks']['0']
+  for got in (folded['blocks'][0], folded['blocks'][1]['inner'][0], folded['pair'].first):
+    assert_trees_equal(got, as_dicts)
+  assert_trees_equal(folded['blocks'][1]['inner'][1], node.weight())
+  assert type(folded['pair']) is Pair and folded['pair'].second is None
+  assert isinstance(folded['blocks'], list) and isinstance(folded['blocks'][1]['inner'], tuple)

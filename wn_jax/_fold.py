@@ -184,8 +184,11 @@ def fold(params: Any, axis: AxisSpec, *, from_model: bool = False) -> Any:
   def walk(tree: Any, path: tuple[str, ...]) -> Any:
     if isinstance(tree, _tree.WeightNormed):
       return tree.weight()
-    if not hasattr(tree, 'items'):
-      return tree
+    if not hasattr(tree, 'items'):  # a list, tuple or other node: its children; a leaf
+      children, node = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+      if jax.tree_util.treedef_is_leaf(node):
+        return tree
+      return node.unflatten(walk(x, (*path, _tree.path_str(k))) for k, x in children)
     if hasattr(tree.get('scale'), 'items') and _structure.is_wrapper_scale(
       shapes, (*path, 'scale')
     ):
