@@ -188,7 +188,9 @@ def fold(params: Any, axis: AxisSpec, *, from_model: bool = False) -> Any:
       children, node = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
       if jax.tree_util.treedef_is_leaf(node):
         return tree
-      return node.unflatten(walk(x, (*path, _tree.path_str(k))) for k, x in children)
+      return jax.tree_util.tree_unflatten(
+        node, [walk(x, (*path, _tree.path_str(k))) for k, x in children]
+      )
     if hasattr(tree.get('scale'), 'items') and _structure.is_wrapper_scale(
       shapes, (*path, 'scale')
     ):
