@@ -474,6 +474,22 @@ def test_review_fixes_bad_norms_masking_and_no_directions():
   assert plain.init({'w': jnp.ones((3, 2))}) is not None
 
 
+@pytest.mark.parametrize('scales', ['one', 'all'])
+def test_a_mask_that_hides_a_layers_scale_is_refused_and_named(scales):
+  # Found by a user: under optax.masked with the kernel in the mask but not its scale, the
+  # layer was not found (a kernel beside a scale), so its kernel was silently not projected;
+  # with every scale masked out the error said only that no direction was found.
+  params = {'a': wl.WNDense(4).init(jax.random.key(0), X)['params'], 'b': {}}
+  params['b'] = wl.WNDense(3).init(jax.random.key(1), params['a']['kernel'])['params']
+  mask = jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key != 'bias', params)
+  mask['b']['scale'] = False
+  if scales == 'all':
+    mask['a']['scale'] = False
+  tx = optax.masked(wn_jax.optim.project_directions(), mask)
+  with pytest.raises(ValueError, match=r"mask selects the kernel of layer .*'b' but not its scale"):
+    tx.init(params)
+
+
 def test_a_constant_norm_beyond_the_directions_dtype_is_refused():
   # float16 directions hold at most 65504: norm=1e5 projected a one-entry slice to inf.
   params = {'w': wn_jax.WeightNormed(jnp.ones((1, 3), jnp.float16), jnp.ones(3, jnp.float16))}

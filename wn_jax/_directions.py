@@ -21,6 +21,7 @@ from wn_jax import _errors
 from wn_jax import _fold
 from wn_jax import _structure
 from wn_jax import _tree
+from wn_jax._optax_util import is_masked
 from wn_jax._optax_util import is_node
 from wn_jax._optax_util import unwrap
 
@@ -51,6 +52,8 @@ def direction_axes(
   ``nodes_only``: the ``WeightNormed`` nodes alone.
   """
   _tree.refuse_module(params, caller)
+  if not nodes_only:
+    _refuse_hidden_scales(params, caller)
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]
   shapes = _shapes(nodes)
   with _errors.labelled(caller):
@@ -68,6 +71,26 @@ def direction_axes(
     return None if owner is None else _layer_kept(*owner, shapes[keys], axis_of, caller)
 
   return [kept(path, x) for path, x in nodes]
+
+
+def _refuse_hidden_scales(params: Any, caller: str) -> None:
+  """A ``ValueError`` for a ``kernel`` that ``optax.masked`` passes with its ``scale`` masked
+  out: a WN layer is found by the two together, so its kernel would silently not count."""
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
+  keys = {_tree.path_keys(p): is_masked(x) for p, x in leaves}
+  hidden = [
+    k[:-1]
+    for k, m in keys.items()
+    if k[-1:] == ('kernel',) and not m and keys.get((*k[:-1], 'scale'))
+  ]
+  if hidden:
+    names = ', '.join(f"'{'/'.join(k)}'" for k in hidden)
+    raise ValueError(
+      f"{caller}: optax.masked's mask selects the kernel of layer {names} but not its scale. "
+      f'A WN layer is found by its kernel and scale together, so that kernel would not count. '
+      f"Put each such layer's scale in the mask too (its update passes unchanged), or leave "
+      f'its kernel out.'
+    )
 
 
 def _owner(keys: Keys, shapes: dict[Keys, Shape]) -> tuple[Keys, Shape] | None:
