@@ -57,7 +57,8 @@ def project_directions(
   beside a ``scale`` shaped like its kept axes), each parameter of a layer a
   ``WeightNorm`` wrapper normalizes (its ``scale`` tree, :func:`wn_jax.optim.decay_mask`'s
   rule), and ``v`` of every :class:`wn_jax.WeightNormed`. Every other leaf's update passes
-  unchanged.
+  unchanged. Under ``optax.masked``, a layer's ``scale`` goes in the mask with its
+  ``kernel`` (a mask that hides it is refused).
   For the optimizer route, where ``v`` lives in the state, use
   ``weight_norm(inner, project=...)``.
 
@@ -78,7 +79,8 @@ def project_directions(
 
   Raises:
     ValueError: for a ``norm`` that is neither ``'init'`` nor positive; from ``init`` or
-      ``update``, for a layer whose axis cannot be read (named), for params that changed
+      ``update``, for a layer whose axis cannot be read (named), or whose scale a mask
+      hides, for params that changed
       structure since ``init``, or for ``update`` without ``params`` or with a state that
       is not a ``ProjectDirectionsState``.
 
