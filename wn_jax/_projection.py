@@ -79,10 +79,9 @@ def project_directions(
 
   Raises:
     ValueError: for a ``norm`` that is neither ``'init'`` nor positive; from ``init`` or
-      ``update``, for a layer whose axis cannot be read (named), or whose scale a mask
-      hides, for params that changed
-      structure since ``init``, or for ``update`` without ``params`` or with a state that
-      is not a ``ProjectDirectionsState``.
+      ``update``, for a layer whose axis cannot be read (named) or whose scale a mask
+      hides, for params that changed structure since ``init``, or for ``update`` without
+      ``params`` or with a state that is not a ``ProjectDirectionsState``.
 
   References:
     Salimans & Kingma, 2016 (section 2.2). https://arxiv.org/abs/1602.07868
