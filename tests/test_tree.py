@@ -205,6 +205,11 @@ def test_repr_and_static_axis():
   leaves, treedef = jax.tree_util.tree_flatten(wn)
   assert len(leaves) == 2
   assert jax.tree_util.tree_unflatten(treedef, leaves).axis == (1,)
+  assert repr(wn) == 'WeightNormed(v=float32[2, 3], g=float32[3], axis=(1,))'
+  # Found by a user: a tree of dtypes (jax.tree.map(lambda a: a.dtype, tree), a common look
+  # at a tree) crashed the repr: a NumPy dtype has a shape but no dtype.
+  dtypes = jax.tree_util.tree_map(lambda a: a.dtype, wn)
+  assert repr(dtypes) == "WeightNormed(v=dtype('float32'), g=dtype('float32'), axis=(1,))"
 
 
 @settings(max_examples=20, deadline=None)

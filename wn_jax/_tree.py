@@ -62,7 +62,8 @@ class WeightNormed:
 
   def __repr__(self) -> str:
     def show(x):
-      return f'{x.dtype}{list(x.shape)}' if hasattr(x, 'shape') else repr(x)
+      is_array = hasattr(x, 'shape') and hasattr(x, 'dtype')  # a NumPy dtype has a shape
+      return f'{x.dtype}{list(x.shape)}' if is_array else repr(x)
 
     return f'WeightNormed(v={show(self.v)}, g={show(self.g)}, axis={self.axis!r})'
 
