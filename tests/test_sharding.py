@@ -313,6 +313,28 @@ def test_data_init(mesh):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_jitted_data_init_of_a_sharded_layer_moves_no_per_feature_array(mesh, capfd):
+  # Found by a user: with the scale sharded over 'model', XLA warned "[SPMD] Involuntary full
+  # rematerialization ... to {maximal device=0}" per layer: the fit check's callback took the
+  # per-feature (5, features) array, gathered onto one device. It takes its worst entries.
+  model = wl.WNDense(24, kernel_init=nn.with_partitioning(LECUN, (None, 'model')))
+  x = jax.random.normal(jax.random.key(6), (40, 8))
+  abstract = jax.eval_shape(model.init, jax.random.key(1), x)
+  shardings = jax.tree_util.tree_map(
+    lambda s: NamedSharding(mesh, s), nn.get_partition_spec(abstract)
+  )
+  variables = nn.unbox(jax.jit(model.init, out_shardings=shardings)(jax.random.key(1), x))
+  assert variables['params']['scale'].sharding.spec == P('model')
+  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+  capfd.readouterr()
+  got = jax.jit(lambda v, x: wl.data_init(model, v, x))(variables, xs)
+  jax.block_until_ready(got)
+  assert 'Involuntary full rematerialization' not in capfd.readouterr().err
+  ref = wl.data_init(model, nn.unbox(model.init(jax.random.key(1), x)), x)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def _explicit_train(loss_fn, params, x, layout, mesh):
   """``_train``'s steps under a mesh of Explicit axes: shardings live in the types."""
   tx = optax.adam(1e-2)

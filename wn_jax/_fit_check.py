@@ -24,7 +24,7 @@ def per_feature(
   g: jax.Array, b: jax.Array | None, mu: jax.Array, sigma: jax.Array, new: jax.Array
 ) -> jax.Array:
   """What :func:`check` checks, per feature, as one array whose rows a max reduces to their
-  worst: ``new``, ``bad`` (1 or 0), ``-sigma``, ``|g|`` and ``|b|``, each 0 (``-sigma`` -1)
+  worst (``bad``, a sum to its count): ``new``, ``bad`` (1 or 0), ``-sigma``, ``|g|`` and ``|b|``, each 0 (``-sigma`` -1)
   where ``new`` is False (only the fresh features are set: only they must fit); ``bad``
   where the pre-activation's statistics ``mu``, ``sigma`` are not finite. Elementwise, and
   one output: XLA computes it in the pass that computes ``g``."""
@@ -57,14 +57,14 @@ def check(label: object, fit: jax.Array, dtypes: tuple[Any, ...], one_value: boo
   """
   compute = jnp.dtype(dtypes[-1])
 
-  def refuse(fit, prefix=''):
+  def refuse(fit, prefix=''):  # fit: per feature, or the worst over them (_worst)
     new, bad, neg_sigma, *magnitudes = np.asarray(fit)
     if one_value and np.any(new > 0):  # the use that ran first had one value per feature
       raise ValueError(f'{prefix}{_TOO_FEW}')
     largest = [np.max(m) for m in magnitudes]  # NaN-propagating, as the check needs
     if _fits(largest, dtypes):
       return
-    bad_features, sigma_min = np.sum(bad > 0), -np.max(neg_sigma)
+    bad_features, sigma_min = np.sum(bad), -np.max(neg_sigma)
     if int(bad_features):
       raise ValueError(
         f'{prefix}data_init: the pre-activation is not finite on this batch ({int(bad_features)} '
@@ -88,11 +88,20 @@ def check(label: object, fit: jax.Array, dtypes: tuple[Any, ...], one_value: boo
     )
 
   if isinstance(fit, jax.core.Tracer):
-    _callback_once(functools.partial(refuse, prefix=f'{label}: '), fit)
+    _callback_once(functools.partial(refuse, prefix=f'{label}: '), _worst(fit))
   elif not fit.is_fully_addressable:  # global, over processes: each reads the whole of it
     refuse(multihost_utils.process_allgather(fit, tiled=True))
   else:
     refuse(fit)
+
+
+def _worst(fit: jax.Array) -> jax.Array:
+  """``fit`` reduced over the features, in its computation: each row's max (the number of
+  ``bad`` features, a sum), a column. A callback takes its operand on one device: the
+  per-feature array, sharded over the features, would be gathered there (XLA warned of an
+  "involuntary full rematerialization" for each layer)."""
+  worst = jnp.max(fit, axis=1, keepdims=True, initial=-jnp.inf)
+  return worst.at[1].set(jnp.sum(fit[1], keepdims=True))
 
 
 def _callback_once(callback: Callable[[Any], None], fit: jax.Array) -> None:
