@@ -1639,3 +1639,26 @@ def test_a_non_persistent_torch_buffer_the_twin_holds_is_named():
   with pytest.raises(ValueError, match=r"\['window'\].*persistent=False.*set them by hand") as info:
     wt.to_nnx(model, twin=Net())
   assert 'submodules' not in str(info.value)
+
+
+def test_a_module_with_two_weight_norm_pairs_or_a_plain_weight_beside_one_is_refused():
+  # Found by a user: with both key styles on one module, the legacy pair was loaded and the
+  # other dropped, silently (to_linen kept it as stray parametrizations leaves); a plain
+  # 'weight' beside a pair raised "'a.kernel' and 'a.weight' both convert", naming a key the
+  # state dict does not have. PyTorch's weight norm keeps one pair, and no plain weight.
+  rng = np.random.default_rng(0)
+  legacy = {'a.weight_g': rng.normal(size=(3, 1)), 'a.weight_v': rng.normal(size=(3, 2))}
+  legacy = {k: v.astype(np.float32) for k, v in legacy.items()}
+  both = {
+    **legacy,
+    'a.parametrizations.weight.original0': legacy['a.weight_g'],
+    'a.parametrizations.weight.original1': legacy['a.weight_v'],
+  }
+  plain = {**legacy, 'a.weight': legacy['a.weight_v']}
+  for sd, match in (
+    (both, r"'a'.*both key styles.*'a.weight_g'.*'a.parametrizations.weight.original0'"),
+    (plain, r"'a.weight' is beside the weight-normed pair 'a.weight_g', 'a.weight_v'"),
+  ):
+    for convert in (wt.find_prefixes, wt.from_torch, wt.to_linen):
+      with pytest.raises(ValueError, match=match):
+        convert(sd)

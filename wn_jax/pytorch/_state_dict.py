@@ -121,7 +121,34 @@ def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
         g, v = state_dict[g_key], state_dict[v_key]
         if style == 'parametrization' or len(g.shape) in (0, len(v.shape)):
           found.setdefault((prefix, tensor), style)
+  for prefix, tensor in found:
+    _refuse_a_second_weight(state_dict, prefix, tensor)
   return found
+
+
+def _refuse_a_second_weight(state_dict: Mapping[str, Any], prefix: str, tensor: str) -> None:
+  """A ``ValueError`` where a weight-normed tensor has both key styles' pairs, or its pair and
+  a plain tensor: PyTorch's weight norm keeps one pair and no plain tensor, so the state dict
+  was assembled by hand, and which weight it means is not known."""
+  pairs = [
+    keys
+    for keys in (tuple(_key(prefix, s) for s in _suffixes(style, tensor)) for style in _NAMED)
+    if all(k in state_dict for k in keys)
+  ]
+  plain = _key(prefix, f'.{tensor}')
+  if len(pairs) > 1:
+    raise _error(
+      f'{_layer_key(prefix, tensor)!r} has both key styles, {pairs[0][0]!r}, {pairs[0][1]!r} '
+      f'(torch.nn.utils.weight_norm) and {pairs[1][0]!r}, {pairs[1][1]!r} '
+      f'(torch.nn.utils.parametrizations.weight_norm); PyTorch keeps one. Remove the pair '
+      f'that is not the weight from the state dict.'
+    )
+  if pairs and plain in state_dict:
+    raise _error(
+      f'{plain!r} is beside the weight-normed pair {pairs[0][0]!r}, {pairs[0][1]!r}; a '
+      f'weight-normed module keeps no plain {tensor!r} (PyTorch computes it from the pair). '
+      f'Remove {plain!r} from the state dict, or the pair if {plain!r} is the weight.'
+    )
 
 
 def _layer_key(prefix: str, tensor: str) -> str:
