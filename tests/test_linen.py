@@ -544,7 +544,10 @@ def test_fold_refuses_where_it_cannot_know():
   # A scale that fits only another axis: the layer is named, with the axes that fit.
   xn = _rand((2, 5))
   narrow = {'params': _trained(wl.WNDense(4, axis=0, name='fc').init(KEY, xn)['params'])}
-  with pytest.raises(ValueError, match=r"wn_jax.linen.fold: layer '': .*shape \(5,\).*\[-2\]"):
+  with pytest.raises(
+    ValueError,
+    match=r'wn_jax.linen.fold: the root layer \(the model itself\): .*shape \(5,\).*\[-2\]',
+  ):
     wl.fold(narrow['params'], axis=-1)
   # By default the axis is read from the scale's shape where only one choice fits ...
   folded = wl.fold(narrow['params'])

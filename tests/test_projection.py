@@ -422,7 +422,8 @@ def test_errors():
     wn_jax.optim.project_directions(0.0)
   square = wl.WNDense(4).init(jax.random.key(0), jnp.ones((1, 4)))['params']
   with pytest.raises(
-    ValueError, match=r"layer '': its scale of shape \(4,\) fits several kept axes"
+    ValueError,
+    match=r'the root layer \(the model itself\): its scale of shape \(4,\) fits several kept axes',
   ):
     wn_jax.optim.project_directions().init(square)
   tx = wn_jax.optim.project_directions(axis=-1)

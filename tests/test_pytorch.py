@@ -1662,3 +1662,12 @@ def test_a_module_with_two_weight_norm_pairs_or_a_plain_weight_beside_one_is_ref
     for convert in (wt.find_prefixes, wt.from_torch, wt.to_linen):
       with pytest.raises(ValueError, match=match):
         convert(sd)
+
+
+def test_a_decompose_pattern_that_matches_no_plain_layer_says_so():
+  # Found by a user: decompose='^zzz' said "no weight-normed layer in this checkpoint ...
+  # converts with decompose=True", where the pattern matched nothing.
+  sd = {'fc.weight': np.ones((3, 5), np.float32), 'head.weight': np.ones((2, 3), np.float32)}
+  with pytest.raises(ValueError, match=r"decompose='\^zzz' matches no plain.*\['fc', 'head'\]"):
+    wt.from_torch(sd, decompose='^zzz')
+  assert set(wt.from_torch(sd, decompose='^fc')) == {'fc'}

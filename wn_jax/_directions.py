@@ -19,6 +19,7 @@ from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _fold
+from wn_jax import _stacking
 from wn_jax import _structure
 from wn_jax import _tree
 from wn_jax._optax_util import is_masked
@@ -84,9 +85,9 @@ def _refuse_hidden_scales(params: Any, caller: str) -> None:
     if k[-1:] == ('kernel',) and not m and keys.get((*k[:-1], 'scale'))
   ]
   if hidden:
-    names = ', '.join(f"'{'/'.join(k)}'" for k in hidden)
+    names = ', '.join(_stacking.layer_name('/'.join(k)) for k in hidden)
     raise ValueError(
-      f"{caller}: optax.masked's mask selects the kernel of layer {names} but not its scale. "
+      f"{caller}: optax.masked's mask selects the kernel of {names} but not its scale. "
       f'A WN layer is found by its kernel and scale together, so that kernel would not count. '
       f"Put each such layer's scale in the mask too (its update passes unchanged), or leave "
       f'its kernel out.'
@@ -109,12 +110,12 @@ def _layer_kept(
     a = axis_of(where)
     if isinstance(a, str):
       a = _fold.inferred(where, v_shape, g_shape)
-    with _errors.labelled(f"layer '{where}'"):
+    with _errors.labelled(_stacking.layer_name(where)):
       kept = _axes.kept_axes(len(v_shape), a)
   if _axes.scale_shape(v_shape, kept) != g_shape:
     raise ValueError(
-      f"{caller}: layer '{where}': its scale has shape {g_shape}, but a kernel of shape "
-      f'{v_shape} keeping axis {a!r} needs {_axes.scale_shape(v_shape, kept)}. Pass each '
+      f'{caller}: {_stacking.layer_name(where)}: its scale has shape {g_shape}, but a kernel '
+      f'of shape {v_shape} keeping axis {a!r} needs {_axes.scale_shape(v_shape, kept)}. Pass each '
       f"layer's own axis: axis=layer_axes(model, ...), or a mapping {{'{where}': ...}}."
     )
   return kept

@@ -77,7 +77,7 @@ def inferred(path: str, kernel_shape: tuple[int, ...], scale_shape: tuple[int, .
       f'scanned layer is not a WN layer fold can read).'
     )
   raise ValueError(
-    f"layer '{path}': its scale of shape {scale_shape} fits several kept axes "
+    f'{_stacking.layer_name(path)}: its scale of shape {scale_shape} fits several kept axes '
     f'of its kernel of shape {kernel_shape} ({fits}), so the parameters alone do not say '
     f'which one the layer was built with. Pass axis=-1 if every layer kept the default '
     f"(the output features), or each layer's own: axis=layer_axes(model, x), or a "
@@ -109,7 +109,7 @@ def axis_of(axis: AxisSpec) -> Callable[[str], _axes.Axis]:
       if path not in table:
         hint = _variables_hint(path) if path.split('/', 1)[-1] in table else ''
         raise ValueError(
-          f"layer '{path}' has a kernel and a scale, but no axis in the mapping "
+          f'{_stacking.layer_name(path)} has a kernel and a scale, but no axis in the mapping '
           f'(it names {sorted(table)}). Add it, or build the mapping with layer_axes(model, ...).'
           f'{hint}'
         )
@@ -138,14 +138,14 @@ def _layer_kept(path: str, kernel: jax.Array, scale: jax.Array, a: Any, from_mod
   check_in_order(path, kernel.shape, scale.shape)
   if isinstance(a, str):
     a = inferred(path, kernel.shape, scale.shape)
-  with labelled(f"layer '{path}'"):
+  with labelled(_stacking.layer_name(path)):
     kept = _axes.kept_axes(kernel.ndim, a)
   need = _axes.scale_shape(kernel.shape, kept)
   if scale.shape != need and scale.ndim > max(len(kept), 1):
     raise _stacked(path, kernel.shape, scale.shape, from_model)
   if scale.shape != need:
     raise ValueError(
-      f"layer '{path}': its scale has shape {scale.shape}, but a kernel of "
+      f'{_stacking.layer_name(path)}: its scale has shape {scale.shape}, but a kernel of '
       f'shape {kernel.shape} keeping axis {a!r} needs {need}; the layer was built with '
       f'another axis (the shapes fit axis in {_fitting_axes(kernel.shape, scale.shape)}). '
       f"Pass each layer's own axis: axis=layer_axes(model, ...), or a mapping "
@@ -200,7 +200,7 @@ def fold(params: Any, axis: AxisSpec, *, from_model: bool = False) -> Any:
       kernel, scale = jnp.asarray(tree['kernel']), jnp.asarray(tree['scale'])
       kept = _layer_kept(where, kernel, scale, axis_at(where), from_model)
       rest = {k: walk(v, (*path, str(k))) for k, v in tree.items() if k not in ('kernel', 'scale')}
-      with labelled(f"layer '{where}'"):
+      with labelled(_stacking.layer_name(where)):
         dtype = _kernel.weight_dtype(kernel, scale, None)
         return {'kernel': _kernel.normalize(kernel, scale, kept, dtype), **rest}
     return {k: walk(v, (*path, str(k))) for k, v in tree.items()}

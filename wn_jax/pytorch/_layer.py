@@ -307,9 +307,15 @@ def _layers(
   for (prefix, tensor), style in _weight_normed_here(sd, infos, drop).items():
     info = infos.get(prefix, _Info(None, {}))
     out[_layer_key(prefix, tensor)] = _stored(prefix, style, sd, info, dtype, tensor)
-  for prefix in dict.fromkeys(_split(k)[0] for k in sd):
-    if prefix in out or not _decomposable(prefix, sd, infos, decompose):
-      continue
+  plain = [p for p in dict.fromkeys(_split(k)[0] for k in sd) if p not in out]
+  chosen = [p for p in plain if _decomposable(p, sd, infos, decompose)]
+  if isinstance(decompose, str) and not chosen:
+    some = [p for p in plain if _decomposable(p, sd, infos, True)]
+    raise _error(
+      f"decompose='{decompose}' matches no plain Linear / Conv layer (it is re.search'ed in "
+      f'each prefix); the plain ones: {some[:6]}{" ..." if len(some) > 6 else ""}.'
+    )
+  for prefix in chosen:
     info = infos.get(prefix, _Info(None, {}))
     out[prefix] = _decomposed(prefix, _plain_kind(prefix, sd, infos), sd, info, dtype)
   return sd, infos, out
