@@ -315,9 +315,8 @@ def _layers(
       f"decompose='{decompose}' matches no plain Linear / Conv layer (it is re.search'ed in "
       f'each prefix); the plain ones: {some[:6]}{" ..." if len(some) > 6 else ""}.'
     )
-  for prefix in chosen:
-    info = infos.get(prefix, _Info(None, {}))
-    out[prefix] = _decomposed(prefix, _plain_kind(prefix, sd, infos), sd, info, dtype)
+  for p in chosen:
+    out[p] = _decomposed(p, _plain_kind(p, sd, infos), sd, infos.get(p, _Info(None, {})), dtype)
   return sd, infos, out
 
 
@@ -353,8 +352,9 @@ def from_torch(
   Raises:
     ValueError: naming the key, for a missing ``weight_g`` / ``weight_v`` (or
       ``original0`` / ``original1``), a ``g`` whose shape does not fit ``v``, an unknown
-      kind, a ``kinds`` prefix that matches no layer, or a checkpoint without any
-      weight-normed layer. Nothing is returned half-converted.
+      kind, a ``kinds`` prefix or ``decompose`` pattern that matches no layer, a module
+      with two weight-norm pairs (or a plain weight beside its pair), or a checkpoint
+      without any weight-normed layer. Nothing is returned half-converted.
 
   Examples:
     >>> import numpy as np
