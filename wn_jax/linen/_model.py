@@ -332,7 +332,7 @@ def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
     >>> v = square.init(jax.random.key(0), x)
     >>> wn_jax.linen.fold(v['params'])
     Traceback (most recent call last):
-    ValueError: wn_jax.linen.fold: layer '': its scale of shape (3,) fits several kept axes ...
+    ValueError: wn_jax.linen.fold: the root layer (the model itself): its scale of shape (3,) fits ...
     >>> plain = wn_jax.linen.fold(v['params'], wn_jax.linen.layer_axes(square, x))
     >>> bool(jnp.allclose(nn.Dense(3).apply({'params': plain}, x), square.apply(v, x)))
     True
