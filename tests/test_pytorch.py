@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.helpers import assert_trees_equal
 from wn_jax import linen as wn_linen
 from wn_jax import pytorch as wt
 
@@ -1655,13 +1656,25 @@ def test_a_module_with_two_weight_norm_pairs_or_a_plain_weight_beside_one_is_ref
     'a.parametrizations.weight.original1': legacy['a.weight_v'],
   }
   plain = {**legacy, 'a.weight': legacy['a.weight_v']}
+  half = {k: v for k, v in both.items() if not k.endswith('original1')}
+  styles = r"'a' has keys of both weight-norm styles, \['a.weight_g', 'a.weight_v', 'a.param"
   for sd, match in (
-    (both, r"'a'.*both key styles.*'a.weight_g'.*'a.parametrizations.weight.original0'"),
+    (both, styles),
+    (half, styles),
     (plain, r"'a.weight' is beside the weight-normed pair 'a.weight_g', 'a.weight_v'"),
   ):
     for convert in (wt.find_prefixes, wt.from_torch, wt.to_linen):
       with pytest.raises(ValueError, match=match):
         convert(sd)
+  # drop= takes the keys that are not the weight, or the whole layer, before the check.
+  expected = wt.to_linen(legacy)
+  for sd, drop in (
+    (both, r'a\.parametrizations\..*'),
+    (half, r'.*original0'),
+    (plain, r'a\.weight'),
+  ):
+    assert_trees_equal(wt.to_linen(sd, drop=drop), expected)
+    assert wt.to_nnx(sd, drop=r'a\..*') == {}
 
 
 def test_a_decompose_pattern_that_matches_no_plain_layer_says_so():

@@ -283,14 +283,11 @@ def _weight_normed_here(
   """:func:`_weight_normed` but for keys that only look weight-normed (``weight_v``): where
   the module has no weight norm on that tensor (an attention's own), or ``drop`` takes them."""
   out = {}
-  for (prefix, tensor), style in _weight_normed(sd).items():
+  dropped = lambda key: drop is not None and re.fullmatch(drop, key) is not None
+  for (prefix, tensor), style in _weight_normed(sd, dropped).items():
     info = infos.get(prefix, _Info(None, {}))
-    keys = [k for k in (_key(prefix, s) for s in _suffixes(style, tensor)) if k in sd]
-    if (info.live and tensor not in info.dims) or (
-      drop is not None and all(re.fullmatch(drop, k) for k in keys)
-    ):
-      continue
-    out[prefix, tensor] = style
+    if not (info.live and tensor not in info.dims):
+      out[prefix, tensor] = style
   return out
 
 

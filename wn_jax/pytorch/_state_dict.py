@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,16 +100,30 @@ _NAMED = {
 }
 
 
-def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+def _weight_normed(
+  state_dict: Mapping[str, Any], dropped: Callable[[str], bool] = lambda key: False
+) -> dict[tuple[str, str], str]:
   """``{(module prefix, tensor name): style}`` of every weight-normed tensor, in key order.
 
   A tensor ``w`` is weight-normed when both of its keys are there: ``w_g`` and ``w_v``, or
   ``parametrizations.w.original0`` and ``original1``; for a name other than ``weight``,
   the legacy ``g`` must also have ``v``'s rank (or be a scalar), so that two unrelated
-  tensors ``x_g``, ``x_v`` are not taken for one.
+  tensors ``x_g``, ``x_v`` are not taken for one. A key ``dropped`` takes counts as absent.
+  Refused where a tensor has a second weight (:func:`_refuse_a_second_weight`).
   """
+  present = lambda key: key in state_dict and not dropped(key)
+  found = detected(state_dict, present)
+  for prefix, tensor in found:
+    _refuse_a_second_weight(present, prefix, tensor)
+  return found
+
+
+def detected(
+  state_dict: Mapping[str, Any], present: Callable[[str], bool]
+) -> dict[tuple[str, str], str]:
+  """:func:`_weight_normed`'s finding, of the keys ``present`` keeps, without its refusal."""
   found: dict[tuple[str, str], str] = {}
-  for key in state_dict:
+  for key in filter(present, state_dict):
     for style, pattern in _NAMED.items():
       match = pattern.fullmatch(key)
       if match is None:
@@ -117,37 +132,34 @@ def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
       g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
       if tensor == 'weight':
         found.setdefault((prefix, tensor), style)
-      elif g_key in state_dict and v_key in state_dict:
+      elif present(g_key) and present(v_key):
         g, v = state_dict[g_key], state_dict[v_key]
         if style == 'parametrization' or len(g.shape) in (0, len(v.shape)):
           found.setdefault((prefix, tensor), style)
-  for prefix, tensor in found:
-    _refuse_a_second_weight(state_dict, prefix, tensor)
   return found
 
 
-def _refuse_a_second_weight(state_dict: Mapping[str, Any], prefix: str, tensor: str) -> None:
-  """A ``ValueError`` where a weight-normed tensor has both key styles' pairs, or its pair and
-  a plain tensor: PyTorch's weight norm keeps one pair and no plain tensor, so the state dict
-  was assembled by hand, and which weight it means is not known."""
-  pairs = [
-    keys
-    for keys in (tuple(_key(prefix, s) for s in _suffixes(style, tensor)) for style in _NAMED)
-    if all(k in state_dict for k in keys)
-  ]
+def _refuse_a_second_weight(present: Callable[[str], bool], prefix: str, tensor: str) -> None:
+  """A ``ValueError`` where a weight-normed tensor has its pair and a key of the other style,
+  or its pair and a plain tensor: PyTorch's weight norm keeps one pair and no plain tensor,
+  so the state dict was assembled by hand, and which weight it means is not known."""
+  keys = {style: [_key(prefix, s) for s in _suffixes(style, tensor)] for style in _NAMED}
+  pairs = [k for k in keys.values() if all(map(present, k))]
+  found = [key for k in keys.values() for key in k if present(key)]
   plain = _key(prefix, f'.{tensor}')
-  if len(pairs) > 1:
+  fix = 'from the state dict (to_linen / to_nnx: or drop= them)'
+  if pairs and len(found) > 2:
     raise _error(
-      f'{_layer_key(prefix, tensor)!r} has both key styles, {pairs[0][0]!r}, {pairs[0][1]!r} '
-      f'(torch.nn.utils.weight_norm) and {pairs[1][0]!r}, {pairs[1][1]!r} '
-      f'(torch.nn.utils.parametrizations.weight_norm); PyTorch keeps one. Remove the pair '
-      f'that is not the weight from the state dict.'
+      f'{_layer_key(prefix, tensor)!r} has keys of both weight-norm styles, {found} '
+      f'(torch.nn.utils.weight_norm keeps {tensor}_g / _v, torch.nn.utils.parametrizations.'
+      f'weight_norm parametrizations.{tensor}.original0 / 1); PyTorch keeps one pair. Remove '
+      f'the keys that are not the weight {fix}.'
     )
-  if pairs and plain in state_dict:
+  if pairs and present(plain):
     raise _error(
       f'{plain!r} is beside the weight-normed pair {pairs[0][0]!r}, {pairs[0][1]!r}; a '
       f'weight-normed module keeps no plain {tensor!r} (PyTorch computes it from the pair). '
-      f'Remove {plain!r} from the state dict, or the pair if {plain!r} is the weight.'
+      f'Remove {plain!r}, or the pair if {plain!r} is the weight, {fix}.'
     )
 
 
@@ -171,7 +183,12 @@ def find_prefixes(state_dict: Mapping[str, Any]) -> dict[str, str]:
     >>> find_prefixes({'lstm.w_hh_g': np.ones((1, 3)), 'lstm.w_hh_v': np.ones((4, 3))})
     {'lstm.w_hh': 'legacy'}
   """
-  return {_layer_key(p, t): s for (p, t), s in _weight_normed(state_dict).items()}
+  return layer_keys(_weight_normed(state_dict))
+
+
+def layer_keys(found: dict[tuple[str, str], str]) -> dict[str, str]:
+  """``{layer key: style}`` of :func:`_weight_normed`'s ``found``."""
+  return {_layer_key(p, t): s for (p, t), s in found.items()}
 
 
 def _key(prefix: str, suffix: str) -> str:

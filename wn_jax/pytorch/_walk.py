@@ -14,7 +14,8 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
-from wn_jax.pytorch._state_dict import find_prefixes
+from wn_jax.pytorch._state_dict import detected
+from wn_jax.pytorch._state_dict import layer_keys
 
 _MISSING = object()
 
@@ -104,12 +105,13 @@ def _plain_kind(prefix: str, sd: Mapping[str, Any], infos: dict[str, _Info]) -> 
 def _infos(source: Any, sd: Mapping[str, Any], kinds: Mapping[str, str] | None) -> dict[str, _Info]:
   """Each prefix's ``_Info``: from the module if given, overridden by ``kinds``."""
   infos = _walk(source) if _is_module(source) else {}
-  prefixes = {_split(k)[0] for k in sd} | set(find_prefixes(sd))
+  found = layer_keys(detected(sd, sd.__contains__))  # refused later, after drop=
+  prefixes = {_split(k)[0] for k in sd} | set(found)
   for p, k in (kinds or {}).items():
     if p not in prefixes:
       raise _error(
         f'kinds names prefix {p!r}, which matches no layer of the state dict '
-        f'(weight-normed layers: {sorted(find_prefixes(sd))}).'
+        f'(weight-normed layers: {sorted(found)}).'
       )
     if k not in KINDS and k not in PLAIN_KINDS:
       raise _error(f'unknown kind {k!r} for prefix {p!r}; expected one of {KINDS + PLAIN_KINDS}.')
