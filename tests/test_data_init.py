@@ -514,6 +514,13 @@ def test_an_empty_batch_is_refused_as_a_batch_of_one_is():
   with pytest.raises(ValueError, match='at least 2 values per feature'):
     wx.data_init(layer, jnp.ones((0, 4)))
   np.testing.assert_array_equal(layer.scale[...], before)
+  # With axis_name the batch counted is the global one: empty rows on every element, or no
+  # element at all (a review found "NaN or inf statistics", and JAX's message again).
+  for x in (jnp.ones((3, 0, 4)), jnp.ones((0, 5, 4))):
+    with pytest.raises(ValueError, match='at least 2 values per feature'):
+      jax.vmap(lambda x: wl.data_init(model, variables, x, axis_name='b'), axis_name='b')(x)
+  with pytest.raises(ValueError, match='shared across the mapped axis'):
+    jax.vmap(lambda x: wl.data_init(model, variables, x))(jnp.ones((0, 5, 4)))
 
 
 def test_direction_must_be_output_features():
@@ -542,7 +549,9 @@ def test_init_scale_is_a_positive_finite_number(bad):
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r'init_scale must be a positive finite'):
     wl.data_init(model, variables, x, init_scale=bad)
-  with pytest.raises(ValueError, match='init_scale for layer .* must be a positive finite'):
+  with pytest.raises(
+    ValueError, match=r'init_scale for the root layer \(the model itself\) must be a positive'
+  ):
     wl.data_init(model, variables, x, init_scale=lambda path: bad)
   with pytest.raises(ValueError, match="init_scale for layer 'layers/0' must be a positive finite"):
     wx.data_init(NNXNet(nnx.Rngs(0)), _batch((8, 10)), init_scale=lambda path: bad)

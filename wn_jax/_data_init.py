@@ -42,6 +42,7 @@ from jax._src.interpreters import batching  # BatchTracer: not in the public mod
 from jax._src.interpreters import partial_eval as pe  # JaxprTrace: not in the public module
 
 from wn_jax import _fit_check
+from wn_jax import _stacking
 from wn_jax._axes import is_eps
 from wn_jax._core import reduce_dtype
 
@@ -231,7 +232,7 @@ def scale_for(m: Mode, path: str) -> float:
     raise _traced_scale()
   if not _is_scale(s):
     raise ValueError(
-      f'data_init: init_scale for layer {path!r} must be a positive finite number (a Python '
+      f'data_init: init_scale for {_stacking.layer_name(path)} must be a positive finite number (a Python '
       f'or NumPy float); got {s!r}.'
     )
   return float(s)  # type: ignore[arg-type]
@@ -288,7 +289,8 @@ def initialize(
   """
   g_now, b_now = current
   dtypes = tuple(jnp.dtype(jnp.result_type(x)) for x in current if x is not None)
-  one_value = t.size // t.shape[-1] < 2 and m.axis_name is None
+  rows = t.size // t.shape[-1] * (1 if m.axis_name is None else jax.lax.axis_size(m.axis_name))
+  one_value = rows < 2  # per feature, over the global batch
   scale = np.asarray(scale_for(m, path), reduce_dtype(t.dtype))  # as a Python float would be
   g, b, out, fit = _initialized(t, g_now, b_now, scale, m.axis_name)
   _fit_check.check(label, fit, (*dtypes, t.dtype), one_value)

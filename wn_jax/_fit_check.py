@@ -61,7 +61,8 @@ def check(label: object, fit: jax.Array, dtypes: tuple[Any, ...], one_value: boo
     new, bad, neg_sigma, *magnitudes = np.asarray(fit)
     if one_value and np.any(new > 0):  # the use that ran first had one value per feature
       raise ValueError(f'{prefix}{_TOO_FEW}')
-    largest = [np.max(m) for m in magnitudes]  # NaN-propagating, as the check needs
+    # NaN-propagating, as the check needs; -inf (no entries: an empty vmap) is 0
+    largest = [np.maximum(np.max(m), 0.0) for m in magnitudes]
     if _fits(largest, dtypes):
       return
     bad_features, sigma_min = np.sum(bad), -np.max(neg_sigma)
@@ -119,6 +120,6 @@ def _callback_once(callback: Callable[[Any], None], fit: jax.Array) -> None:
   def _(axis_size, in_batched, fit):
     del axis_size
     (batched,) = in_batched
-    return call(jnp.max(fit, axis=0) if batched else fit), False
+    return call(jnp.max(fit, axis=0, initial=-jnp.inf) if batched else fit), False
 
   call(fit)
