@@ -310,7 +310,7 @@ def _layers(
     some = [p for p in plain if _decomposable(p, sd, infos, True)]
     raise _error(
       f"decompose='{decompose}' matches no plain Linear / Conv layer (it is re.search'ed in "
-      f'each prefix); the plain ones: {some[:6]}{" ..." if len(some) > 6 else ""}.'
+      f'each prefix); the plain ones: {some[:6] if some else "none"}{" ..." * (len(some) > 6)}.'
     )
   for p in chosen:
     out[p] = _decomposed(p, _plain_kind(p, sd, infos), sd, infos.get(p, _Info(None, {})), dtype)
