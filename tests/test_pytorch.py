@@ -1684,3 +1684,33 @@ def test_a_decompose_pattern_that_matches_no_plain_layer_says_so():
   with pytest.raises(ValueError, match=r"decompose='\^zzz' matches no plain.*\['fc', 'head'\]"):
     wt.from_torch(sd, decompose='^zzz')
   assert set(wt.from_torch(sd, decompose='^fc')) == {'fc'}
+
+
+def test_a_module_that_says_what_it_weight_norms_is_not_refused_a_second_weight():
+  # Found by a review: the second-weight refusal overruled the module. An attention's own
+  # weight, weight_g (a gate) and weight_v (values), no weight norm, was refused (it converted
+  # before); beside a parametrized weight, its weight_v took the style and was refused.
+  class Attention(_FakeModule):
+    pass
+
+  f = lambda *s: np.ones(s, np.float32)
+  own = Attention(state={'weight': f(8, 8), 'weight_g': f(8, 8), 'weight_v': f(8, 8)})
+  assert sorted(wt.to_linen(_FakeModule({'attn': own}))['params']['attn']) == [
+    'weight',
+    'weight_g',
+    'weight_v',
+  ]
+  v = np.arange(16, dtype=np.float32).reshape(2, 8) + 1
+  g = np.linalg.norm(v, axis=1, keepdims=True)
+  both = Attention(state={'weight_v': f(8, 8)})
+  both.parametrizations = types.SimpleNamespace(weight=[_WeightNorm(0)])
+  both._children = {
+    'parametrizations': _FakeModule({'weight': _FakeModule(state={'original0': g, 'original1': v})})
+  }
+  layer = wt.from_torch(_FakeModule({'attn': both}))['attn']
+  assert layer.style == 'parametrization' and sorted(layer.params) == ['weight', 'weight_scale']
+  np.testing.assert_allclose(np.ravel(layer.params['weight_scale']), np.ravel(g), rtol=1e-6)
+  converted = wt.to_linen(_FakeModule({'attn': both}))['params']['attn']
+  assert sorted(converted) == ['weight', 'weight_scale', 'weight_v']  # weight_v kept as it is
+  with pytest.raises(ValueError, match='has keys of both weight-norm styles'):
+    wt.to_linen(both.state_dict())  # no module to say which: refused

@@ -27,7 +27,8 @@ from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
-from wn_jax.pytorch._state_dict import _weight_normed
+from wn_jax.pytorch._state_dict import detected
+from wn_jax.pytorch._state_dict import refuse_a_second_weight
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _infos
@@ -280,13 +281,15 @@ def _decomposed(
 def _weight_normed_here(
   sd: Mapping[str, Any], infos: dict[str, _Info], drop: Any = None
 ) -> dict[tuple[str, str], str]:
-  """:func:`_weight_normed` but for keys that only look weight-normed (``weight_v``): where
-  the module has no weight norm on that tensor (an attention's own), or ``drop`` takes them."""
+  """The weight-normed tensors but keys that only look so (``weight_v``): the module has none
+  on that tensor (an attention's own), or ``drop`` takes them. A module is not second-guessed."""
   out = {}
-  dropped = lambda key: drop is not None and re.fullmatch(drop, key) is not None
-  for (prefix, tensor), style in _weight_normed(sd, dropped).items():
+  present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
+  for (prefix, tensor), style in detected(sd, present).items():
     info = infos.get(prefix, _Info(None, {}))
-    if not (info.live and tensor not in info.dims):
+    if not info.live:  # a module says what it weight-norms: no second weight to guess from
+      refuse_a_second_weight(present, prefix, tensor)
+    if not info.live or tensor in info.dims:
       out[prefix, tensor] = style
   return out
 

@@ -109,12 +109,12 @@ def _weight_normed(
   ``parametrizations.w.original0`` and ``original1``; for a name other than ``weight``,
   the legacy ``g`` must also have ``v``'s rank (or be a scalar), so that two unrelated
   tensors ``x_g``, ``x_v`` are not taken for one. A key ``dropped`` takes counts as absent.
-  Refused where a tensor has a second weight (:func:`_refuse_a_second_weight`).
+  Refused where a tensor has a second weight (:func:`refuse_a_second_weight`).
   """
   present = lambda key: key in state_dict and not dropped(key)
   found = detected(state_dict, present)
   for prefix, tensor in found:
-    _refuse_a_second_weight(present, prefix, tensor)
+    refuse_a_second_weight(present, prefix, tensor)
   return found
 
 
@@ -130,8 +130,12 @@ def detected(
         continue
       prefix, tensor = match.group(1) or '', match.group(2)
       g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
-      if tensor == 'weight':
-        found.setdefault((prefix, tensor), style)
+      if tensor == 'weight':  # a complete pair before a lone key (an attention's own weight_v)
+        old = found.get((prefix, tensor))
+        if old is None or (
+          present(g_key) and present(v_key) and not _complete(present, prefix, old)
+        ):
+          found[prefix, tensor] = style
       elif present(g_key) and present(v_key):
         g, v = state_dict[g_key], state_dict[v_key]
         if style == 'parametrization' or len(g.shape) in (0, len(v.shape)):
@@ -139,7 +143,11 @@ def detected(
   return found
 
 
-def _refuse_a_second_weight(present: Callable[[str], bool], prefix: str, tensor: str) -> None:
+def _complete(present: Callable[[str], bool], prefix: str, style: str) -> bool:
+  return all(present(_key(prefix, s)) for s in _suffixes(style))
+
+
+def refuse_a_second_weight(present: Callable[[str], bool], prefix: str, tensor: str) -> None:
   """A ``ValueError`` where a weight-normed tensor has its pair and a key of the other style,
   or its pair and a plain tensor: PyTorch's weight norm keeps one pair and no plain tensor,
   so the state dict was assembled by hand, and which weight it means is not known."""
