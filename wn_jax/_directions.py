@@ -76,37 +76,24 @@ def direction_axes(
 
 def _refuse_hidden_scales(params: Any, caller: str) -> None:
   """A ``ValueError`` where ``optax.masked`` passes a WN layer's ``kernel`` with its ``scale``
-  masked out, or a ``WeightNorm`` wrapper's ``layer`` with its ``scale`` tree masked out: a
-  direction is found by the two together, so it would silently not count."""
+  masked out: a WN layer is found by the two together, so its kernel would silently not count.
+  (A ``WeightNorm`` wrapper's masked ``scale`` tree shows no shapes, and names alone would
+  refuse plain modules: not checked.)"""
   leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_masked)[0]
   masked = {_tree.path_keys(p): is_masked(x) for p, x in leaves}
-  children: dict[tuple[str, ...], set[str]] = {}
-  for k in masked:
-    for i in range(len(k)):
-      children.setdefault(k[:i], set()).add(k[i])
-
-  def states(prefix: tuple[str, ...]) -> list[bool]:
-    return [m for k, m in masked.items() if k[: len(prefix)] == prefix]
-
   hidden = [
     k[:-1]
     for k, m in masked.items()
     if k[-1:] == ('kernel',) and not m and masked.get((*k[:-1], 'scale'))
   ]
-  hidden += [
-    p
-    for p, names in children.items()
-    if names == {'layer', 'scale'} and all(states((*p, 'scale'))) and not all(states((*p, 'layer')))
-  ]
   if hidden:
     names = ', '.join(_stacking.layer_name('/'.join(k)) for k in hidden)
     raise ValueError(
-      f"{caller}: optax.masked's mask selects the parameters of {names} but not the scale "
-      f"beside them (a WN layer's scale, or a WeightNorm wrapper's scale tree). A direction "
-      f'is found by the two together, so those would not count. Put each scale in the mask '
-      f'too (its update passes unchanged), or leave the parameters out. (A plain submodule '
-      f"named 'scale' beside a kernel, which a prefix mask hides whole: spell the mask per "
-      f'leaf.)'
+      f"{caller}: optax.masked's mask selects the kernel of {names} but not the scale beside "
+      f'it. A WN layer is found by its kernel and scale together, so that kernel would not '
+      f'count. Put each scale in the mask too (its update passes unchanged), or leave the '
+      f"kernel out. (A plain submodule named 'scale' beside a kernel, which a prefix mask "
+      f'hides whole: spell the mask per leaf.)'
     )
 
 

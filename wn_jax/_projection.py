@@ -58,7 +58,9 @@ def project_directions(
   ``WeightNorm`` wrapper normalizes (its ``scale`` tree, :func:`wn_jax.optim.decay_mask`'s
   rule), and ``v`` of every :class:`wn_jax.WeightNormed`. Every other leaf's update passes
   unchanged. Under ``optax.masked``, a layer's ``scale`` goes in the mask with its
-  ``kernel`` (a mask that hides it is refused).
+  ``kernel`` (a mask that hides it is refused), and a wrapper's ``scale`` tree with its
+  layer's parameters (a mask that hides it leaves no shapes to check: that layer is then
+  left alone).
   For the optimizer route, where ``v`` lives in the state, use
   ``weight_norm(inner, project=...)``.
 
