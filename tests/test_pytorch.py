@@ -1712,5 +1712,21 @@ def test_a_module_that_says_what_it_weight_norms_is_not_refused_a_second_weight(
   np.testing.assert_allclose(np.ravel(layer.params['weight_scale']), np.ravel(g), rtol=1e-6)
   converted = wt.to_linen(_FakeModule({'attn': both}))['params']['attn']
   assert sorted(converted) == ['weight', 'weight_scale', 'weight_v']  # weight_v kept as it is
-  with pytest.raises(ValueError, match='has keys of both weight-norm styles'):
+  with pytest.raises(ValueError, match='has keys of both weight-norm styles.*pass the torch'):
     wt.to_linen(both.state_dict())  # no module to say which: refused
+  # Its own complete pair (a gate weight_g and weight_v) beside the parametrization: the
+  # module's style wins (the first pair in key order took it, silently, with the gate as g).
+  both._state['weight_g'] = f(8, 8)
+  layer = wt.from_torch(_FakeModule({'attn': both}))['attn']
+  assert layer.style == 'parametrization'
+  np.testing.assert_allclose(np.ravel(layer.params['weight_scale']), np.ravel(g), rtol=1e-6)
+
+
+def test_drop_of_half_a_pair_drops_the_whole_layer_whatever_its_tensor():
+  # Found by a review: with the second-weight check after drop=, half of a dropped
+  # weight_hh_l0 pair (a tensor not named weight) was no longer seen as a pair, and its other
+  # half became a plain leaf; a weight's pair went whole.
+  f = lambda *s: np.ones(s, np.float32)
+  for a, b in (('weight_hh_l0_g', 'weight_hh_l0_v'), ('weight_g', 'weight_v')):
+    sd = {f'm.{a}': f(12, 1), f'm.{b}': f(12, 3), 'm.weight_ih_l0': f(12, 2)}
+    assert sorted(wt.to_linen(sd, drop=rf'm\.{a}')['params']['m']) == ['weight_ih_l0']

@@ -27,12 +27,11 @@ from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
-from wn_jax.pytorch._state_dict import detected
-from wn_jax.pytorch._state_dict import refuse_a_second_weight
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _infos
 from wn_jax.pytorch._walk import _plain_kind
+from wn_jax.pytorch._walk import weight_normed_here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,22 +277,6 @@ def _decomposed(
   return dataclasses.replace(layer, params=params)
 
 
-def _weight_normed_here(
-  sd: Mapping[str, Any], infos: dict[str, _Info], drop: Any = None
-) -> dict[tuple[str, str], str]:
-  """The weight-normed tensors but keys that only look so (``weight_v``): the module has none
-  on that tensor (an attention's own), or ``drop`` takes them. A module is not second-guessed."""
-  out = {}
-  present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
-  for (prefix, tensor), style in detected(sd, present).items():
-    info = infos.get(prefix, _Info(None, {}))
-    if not info.live:  # a module says what it weight-norms: no second weight to guess from
-      refuse_a_second_weight(present, prefix, tensor)
-    if not info.live or tensor in info.dims:
-      out[prefix, tensor] = style
-  return out
-
-
 def _layers(
   source: Any, kinds: Mapping[str, str] | None, decompose: Any, dtype: Any, drop: Any = None
 ) -> tuple[Mapping[str, Any], dict[str, _Info], dict[str, TorchLayer]]:
@@ -304,7 +287,7 @@ def _layers(
   sd = _load(source)
   infos = _infos(source, sd, kinds)
   out: dict[str, TorchLayer] = {}
-  for (prefix, tensor), style in _weight_normed_here(sd, infos, drop).items():
+  for (prefix, tensor), style in weight_normed_here(sd, infos, drop).items():
     info = infos.get(prefix, _Info(None, {}))
     out[_layer_key(prefix, tensor)] = _stored(prefix, style, sd, info, dtype, tensor)
   plain = [p for p in dict.fromkeys(_split(k)[0] for k in sd) if p not in out]
@@ -421,7 +404,7 @@ def _layers_to_torch(
   ref = None if like is None else _load(like)
   ref_styles = {}  # like's weight-normed layers, keyed as layers are
   if ref is not None:
-    normed = _weight_normed_here(ref, _infos(like, ref, None))
+    normed = weight_normed_here(ref, _infos(like, ref, None))
     ref_styles = {_layer_key(p, t): style for (p, t), style in normed.items()}
     lacking = [p for p in ref_styles if p not in layers]
     if lacking:

@@ -149,25 +149,29 @@ def _complete(present: Callable[[str], bool], prefix: str, style: str) -> bool:
 
 def refuse_a_second_weight(present: Callable[[str], bool], prefix: str, tensor: str) -> None:
   """A ``ValueError`` where a weight-normed tensor has its pair and a key of the other style,
-  or its pair and a plain tensor: PyTorch's weight norm keeps one pair and no plain tensor,
-  so the state dict was assembled by hand, and which weight it means is not known."""
+  or its pair and a plain tensor: weight norm keeps one pair and no plain tensor, so the others
+  are the module's own tensors or strays, which a state dict alone does not tell apart."""
   keys = {style: [_key(prefix, s) for s in _suffixes(style, tensor)] for style in _NAMED}
   pairs = [k for k in keys.values() if all(map(present, k))]
   found = [key for k in keys.values() for key in k if present(key)]
   plain = _key(prefix, f'.{tensor}')
-  fix = 'from the state dict (to_linen / to_nnx: or drop= them)'
+  fix = (
+    "If some are a module's own tensors (an attention's weight_v), pass the torch module, "
+    'which tells; else remove the keys that are not the weight from the state dict '
+    '(to_linen / to_nnx: or drop= them).'
+  )
   if pairs and len(found) > 2:
     raise _error(
       f'{_layer_key(prefix, tensor)!r} has keys of both weight-norm styles, {found} '
       f'(torch.nn.utils.weight_norm keeps {tensor}_g / _v, torch.nn.utils.parametrizations.'
-      f'weight_norm parametrizations.{tensor}.original0 / 1); PyTorch keeps one pair. Remove '
-      f'the keys that are not the weight {fix}.'
+      f'weight_norm parametrizations.{tensor}.original0 / 1), and a weight-normed tensor has '
+      f'one pair. {fix}'
     )
   if pairs and present(plain):
     raise _error(
       f'{plain!r} is beside the weight-normed pair {pairs[0][0]!r}, {pairs[0][1]!r}; a '
       f'weight-normed module keeps no plain {tensor!r} (PyTorch computes it from the pair). '
-      f'Remove {plain!r}, or the pair if {plain!r} is the weight, {fix}.'
+      f'{fix}'
     )
 
 

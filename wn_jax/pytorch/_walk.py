@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +15,10 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import _suffixes
 from wn_jax.pytorch._state_dict import detected
 from wn_jax.pytorch._state_dict import layer_keys
+from wn_jax.pytorch._state_dict import refuse_a_second_weight
 
 _MISSING = object()
 
@@ -29,6 +32,7 @@ class _Info:
   dim: Any = _MISSING  # of the tensor at hand (see dims)
   dims: dict[str, Any] = dataclasses.field(default_factory=dict)  # {weight-normed tensor: dim}
   live: bool = False  # read from a torch module: a kind None is a class wn_jax does not know
+  styles: dict[str, str] = dataclasses.field(default_factory=dict)  # {weight-normed tensor: style}
 
 
 def _kind_of(module: Any) -> str | None:
@@ -39,23 +43,27 @@ def _kind_of(module: Any) -> str | None:
   return None
 
 
-def _wn_dims(module: Any, prefix: str) -> dict[str, Any]:
-  """Weight norm's ``dim`` on each weight-normed tensor of ``module`` (``None``: whole tensor);
+def _wn_dims(module: Any, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+  """Weight norm's ``dim`` on each weight-normed tensor of ``module`` (``None``: whole tensor),
+  and its key style;
   a ``ValueError`` for one that has other parametrizations too (torch computes the tensor
   through all of them, wn_jax reads weight norm's ``g`` and ``v`` only)."""
   dims: dict[str, Any] = {}
+  styles: dict[str, str] = {}
   for hook in getattr(module, '_forward_pre_hooks', {}).values():  # legacy weight_norm
     if type(hook).__name__ == 'WeightNorm' and isinstance(getattr(hook, 'name', None), str):
       dims[hook.name] = None if hook.dim in (None, -1) else hook.dim
+      styles[hook.name] = 'legacy'
   parametrizations = getattr(module, 'parametrizations', None)
   if parametrizations is None:
-    return dims
+    return dims, styles
   names = parametrizations.keys() if hasattr(parametrizations, 'keys') else vars(parametrizations)
   for name in list(names):
     chain = list(getattr(parametrizations, name))
     for p in chain:
       if type(p).__name__ == '_WeightNorm':
         dims[name] = None if p.dim in (None, -1) else p.dim
+        styles[name] = 'parametrization'
     if name in dims and len(chain) > 1:
       raise _error(
         f'{repr(prefix) if prefix else "the module"}: its {name!r} has {len(chain)} parametrizations '
@@ -63,7 +71,7 @@ def _wn_dims(module: Any, prefix: str) -> dict[str, Any]:
         f'alone. Fold the others into the tensor first: take them off with '
         f'torch.nn.utils.parametrize.remove_parametrizations, or convert the plain weights.'
       )
-  return dims
+  return dims, styles
 
 
 def _walk(module: Any) -> dict[str, _Info]:
@@ -80,8 +88,8 @@ def _walk(module: Any) -> dict[str, _Info]:
     if kind in KINDS and kind != 'Linear':
       names = [a for a in TORCH_ARGS if not (a == 'output_padding' and 'Transpose' not in kind)]
       args = {a: getattr(m, a) for a in names if hasattr(m, a)}
-    dims = _wn_dims(m, prefix)
-    out[prefix] = _Info(kind, args, dims.get('weight', _MISSING), dims, live=True)
+    dims, styles = _wn_dims(m, prefix)
+    out[prefix] = _Info(kind, args, dims.get('weight', _MISSING), dims, True, styles)
   return out
 
 
@@ -118,3 +126,26 @@ def _infos(source: Any, sd: Mapping[str, Any], kinds: Mapping[str, str] | None) 
     old = infos.get(p, _Info(None, {}))
     infos[p] = dataclasses.replace(old, kind=k)
   return infos
+
+
+def weight_normed_here(
+  sd: Mapping[str, Any], infos: dict[str, _Info], drop: Any = None
+) -> dict[tuple[str, str], str]:
+  """``{(prefix, tensor): style}`` of the weight-normed tensors, where a torch module, if given,
+  has the last word: keys that only look weight-normed (an attention's own ``weight_v``) are
+  not, and the module's style wins. A pair ``drop`` takes whole is left out; the style is the
+  one the keys ``drop`` leaves show. Without a module, a second weight is refused
+  (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`)."""
+  present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
+  kept, out = detected(sd, present), {}
+  for (prefix, tensor), style in detected(sd, sd.__contains__).items():
+    info = infos.get(prefix, _Info(None, {}))
+    style = info.styles.get(tensor) or kept.get((prefix, tensor), style)
+    if info.live and tensor not in info.dims:
+      continue
+    if not any(map(present, (_key(prefix, s) for s in _suffixes(style, tensor)))):
+      continue
+    if not info.live:
+      refuse_a_second_weight(present, prefix, tensor)
+    out[prefix, tensor] = style
+  return out
