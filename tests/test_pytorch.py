@@ -1730,3 +1730,27 @@ def test_drop_of_half_a_pair_drops_the_whole_layer_whatever_its_tensor():
   for a, b in (('weight_hh_l0_g', 'weight_hh_l0_v'), ('weight_g', 'weight_v')):
     sd = {f'm.{a}': f(12, 1), f'm.{b}': f(12, 3), 'm.weight_ih_l0': f(12, 2)}
     assert sorted(wt.to_linen(sd, drop=rf'm\.{a}')['params']['m']) == ['weight_ih_l0']
+  # A whole pair taken drops its layer whole too, bias included (the bias was left alone).
+  sd = {'c.bias': f(4), 'c.weight_g': f(4, 1), 'c.weight_v': f(4, 3), 'd.weight': f(2, 4)}
+  for drop in (r'c\.weight_g', r'c\.weight_[gv]'):
+    assert sorted(wt.to_linen(sd, drop=drop)['params']) == ['d']
+
+
+def test_spectral_norms_weight_v_is_not_half_a_weight_norm_pair():
+  # Found by a review: torch.nn.utils.spectral_norm keeps weight_orig and the buffers weight_u,
+  # weight_v (HiFi-GAN's DiscriminatorS, beside weight-normed layers); as a bare state dict,
+  # its weight_v was taken for half a weight-norm pair ("'sn.weight_g' is missing").
+  f = lambda *s: np.ones(s, np.float32)
+  sd = {
+    'sn.bias': f(4),
+    'sn.weight_orig': f(4, 3, 2),
+    'sn.weight_u': f(4),
+    'sn.weight_v': f(6),
+    'wn.bias': f(4),
+    'wn.weight_g': f(4, 1, 1),
+    'wn.weight_v': f(4, 3, 2),
+  }
+  assert wt.find_prefixes(sd) == {'wn': 'legacy'}
+  params = wt.to_linen(sd)['params']
+  assert sorted(params['sn']) == ['bias', 'weight_orig', 'weight_u', 'weight_v']
+  assert sorted(params['wn']) == ['bias', 'kernel', 'scale']

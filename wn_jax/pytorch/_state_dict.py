@@ -130,6 +130,8 @@ def detected(
         continue
       prefix, tensor = match.group(1) or '', match.group(2)
       g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
+      if tensor == 'weight' and present(_key(prefix, '.weight_orig')) and not present(g_key):
+        continue  # spectral norm's weight_u / weight_v beside its weight_orig
       if tensor == 'weight':  # a complete pair before a lone key (an attention's own weight_v)
         old = found.get((prefix, tensor))
         if old is None or (

@@ -133,8 +133,8 @@ def weight_normed_here(
 ) -> dict[tuple[str, str], str]:
   """``{(prefix, tensor): style}`` of the weight-normed tensors, where a torch module, if given,
   has the last word: keys that only look weight-normed (an attention's own ``weight_v``) are
-  not, and the module's style wins. A pair ``drop`` takes whole is left out; the style is the
-  one the keys ``drop`` leaves show. Without a module, a second weight is refused
+  not, and the module's style wins. The style is the one the keys ``drop`` leaves show; a pair
+  it takes whole stays (its layer is dropped whole, bias included). Without a module, a second weight is refused
   (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`)."""
   present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
   kept, out = detected(sd, present), {}
@@ -143,8 +143,9 @@ def weight_normed_here(
     style = info.styles.get(tensor) or kept.get((prefix, tensor), style)
     if info.live and tensor not in info.dims:
       continue
-    if not any(map(present, (_key(prefix, s) for s in _suffixes(style, tensor)))):
-      continue
+    keys = [_key(prefix, s) for s in _suffixes(style, tensor)]
+    if not any(map(present, keys)) and not all(k in sd for k in keys):
+      continue  # a lone key that drop= takes: no pair (a whole pair taken drops the layer)
     if not info.live:
       refuse_a_second_weight(present, prefix, tensor)
     out[prefix, tensor] = style
