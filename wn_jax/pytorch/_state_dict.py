@@ -100,21 +100,19 @@ _NAMED = {
 }
 
 
-def _weight_normed(
-  state_dict: Mapping[str, Any], dropped: Callable[[str], bool] = lambda key: False
-) -> dict[tuple[str, str], str]:
+def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
   """``{(module prefix, tensor name): style}`` of every weight-normed tensor, in key order.
 
   A tensor ``w`` is weight-normed when both of its keys are there: ``w_g`` and ``w_v``, or
   ``parametrizations.w.original0`` and ``original1``; for a name other than ``weight``,
   the legacy ``g`` must also have ``v``'s rank (or be a scalar), so that two unrelated
-  tensors ``x_g``, ``x_v`` are not taken for one. A key ``dropped`` takes counts as absent.
-  Refused where a tensor has a second weight (:func:`refuse_a_second_weight`).
+  tensors ``x_g``, ``x_v`` are not taken for one. Refused where a tensor has a second weight
+  (:func:`refuse_a_second_weight`); with a torch module or ``drop=``, the converters decide
+  with :func:`wn_jax.pytorch._walk.weight_normed_here`.
   """
-  present = lambda key: key in state_dict and not dropped(key)
-  found = detected(state_dict, present)
+  found = detected(state_dict, state_dict.__contains__)
   for prefix, tensor in found:
-    refuse_a_second_weight(present, prefix, tensor)
+    refuse_a_second_weight(state_dict.__contains__, prefix, tensor)
   return found
 
 
