@@ -232,8 +232,8 @@ def scale_for(m: Mode, path: str) -> float:
     raise _traced_scale()
   if not _is_scale(s):
     raise ValueError(
-      f'data_init: init_scale for {_stacking.layer_name(path)} must be a positive finite number (a Python '
-      f'or NumPy float); got {s!r}.'
+      f'data_init: init_scale for {_stacking.layer_name(path)} must be a positive finite '
+      f'number (a Python or NumPy float); got {s!r}.'
     )
   return float(s)  # type: ignore[arg-type]
 

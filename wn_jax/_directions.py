@@ -118,8 +118,8 @@ def _layer_kept(
   if _axes.scale_shape(v_shape, kept) != g_shape:
     raise ValueError(
       f'{caller}: {_stacking.layer_name(where)}: its scale has shape {g_shape}, but a kernel '
-      f'of shape {v_shape} keeping axis {a!r} needs {_axes.scale_shape(v_shape, kept)}. Pass each '
-      f"layer's own axis: axis=layer_axes(model, ...), or a mapping {{'{where}': ...}}."
+      f'of shape {v_shape} keeping axis {a!r} needs {_axes.scale_shape(v_shape, kept)}. Pass '
+      f"each layer's own axis: axis=layer_axes(model, ...), or a mapping {{'{where}': ...}}."
     )
   return kept
 

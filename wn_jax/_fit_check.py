@@ -24,10 +24,10 @@ def per_feature(
   g: jax.Array, b: jax.Array | None, mu: jax.Array, sigma: jax.Array, new: jax.Array
 ) -> jax.Array:
   """What :func:`check` checks, per feature, as one array whose rows a max reduces to their
-  worst (``bad``, a sum to its count): ``new``, ``bad`` (1 or 0), ``-sigma``, ``|g|`` and ``|b|``, each 0 (``-sigma`` -1)
-  where ``new`` is False (only the fresh features are set: only they must fit); ``bad``
-  where the pre-activation's statistics ``mu``, ``sigma`` are not finite. Elementwise, and
-  one output: XLA computes it in the pass that computes ``g``."""
+  worst (``bad``, a sum to its count): ``new``, ``bad`` (1 or 0), ``-sigma``, ``|g|`` and
+  ``|b|``, each 0 (``-sigma`` -1) where ``new`` is False (only the fresh features are set:
+  only they must fit); ``bad`` where the pre-activation's statistics ``mu``, ``sigma`` are
+  not finite. Elementwise, and one output: XLA computes it in the pass that computes ``g``."""
   bad = new & ~(jnp.isfinite(mu) & jnp.isfinite(sigma))
   found = [g] if b is None else [g, b]
   rows = [new, bad, -jnp.where(new, sigma, 1.0), *(jnp.abs(jnp.where(new, x, 0.0)) for x in found)]
