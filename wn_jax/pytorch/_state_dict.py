@@ -144,6 +144,7 @@ def detected(
 
 
 def _complete(present: Callable[[str], bool], prefix: str, style: str) -> bool:
+  """Whether both keys of ``weight``'s pair in ``style`` at ``prefix`` are ``present``."""
   return all(present(_key(prefix, s)) for s in _suffixes(style))
 
 

@@ -45,9 +45,9 @@ def _kind_of(module: Any) -> str | None:
 
 def _wn_dims(module: Any, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
   """Weight norm's ``dim`` on each weight-normed tensor of ``module`` (``None``: whole tensor),
-  and its key style;
-  a ``ValueError`` for one that has other parametrizations too (torch computes the tensor
-  through all of them, wn_jax reads weight norm's ``g`` and ``v`` only)."""
+  and its key style (``'legacy'`` for the hook, ``'parametrization'``); a ``ValueError`` for
+  one that has other parametrizations too (torch computes the tensor through all of them,
+  wn_jax reads weight norm's ``g`` and ``v`` only)."""
   dims: dict[str, Any] = {}
   styles: dict[str, str] = {}
   for hook in getattr(module, '_forward_pre_hooks', {}).values():  # legacy weight_norm
@@ -134,8 +134,8 @@ def weight_normed_here(
   """``{(prefix, tensor): style}`` of the weight-normed tensors, where a torch module, if given,
   has the last word: keys that only look weight-normed (an attention's own ``weight_v``) are
   not, and the module's style wins. The style is the one the keys ``drop`` leaves show; a pair
-  it takes whole stays (its layer is dropped whole, bias included). Without a module, a second weight is refused
-  (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`)."""
+  it takes whole stays (its layer is dropped whole, bias included). Without a module, a
+  second weight is refused (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`)."""
   present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
   kept, out = detected(sd, present), {}
   for (prefix, tensor), style in detected(sd, sd.__contains__).items():
