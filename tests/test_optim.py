@@ -762,3 +762,29 @@ def test_project_keeps_to_the_directions_it_selected():
   wn_layer = updates['layers_2']
   for name in ('kernel', 'scale', 'bias'):  # plain SGD: neither reparametrized nor projected
     np.testing.assert_allclose(wn_layer[name], -0.5 * grads['layers_2'][name], rtol=1e-6)
+
+
+def test_gradients_that_do_not_fit_the_params_are_refused_with_the_fix():
+  # A user's trial: JAX's 'cotangent type does not match' from deep inside the pullback, or a
+  # bare pytree-structure error.
+  params = {'w': jnp.ones((3, 2)) + jnp.eye(3, 2), 'b': jnp.zeros(2)}
+  tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
+  state = tx.init(params)
+  for w in (jnp.ones((2, 3)), jnp.ones((3, 1))):
+    with pytest.raises(ValueError, match=rf"gradient of shape \({w.shape[0]}, .*'w'.*jax.grad"):
+      tx.update({'w': w, 'b': jnp.ones(2)}, state, params)
+  with pytest.raises(ValueError, match=r'gradients do not have the structure of params'):
+    tx.update({'w': jnp.ones((3, 2))}, state, params)
+  with pytest.raises(ValueError, match=r'inner must be an optax.*optax.sgd\(\.\.\.\)'):
+    wn_jax.optim.weight_norm(optax.sgd)
+
+
+def test_inject_hyperparams_around_weight_norm_keeps_its_axis_static():
+  # A user's trial: inject_hyperparams turns axis=-1 into an array, and init raised
+  # "iteration over a 0-d array".
+  params = _params()
+  outer = optax.inject_hyperparams(wn_jax.optim.weight_norm)(inner=optax.sgd(0.1))
+  p, _, losses = _run_tx(outer, params, 3)
+  q, _, expected = _run_tx(wn_jax.optim.weight_norm(optax.sgd(0.1)), params, 3)
+  assert losses == expected
+  assert_trees_close(p, q, rtol=0, atol=0)

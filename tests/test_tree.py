@@ -431,3 +431,51 @@ def test_a_flax_module_where_parameters_go_is_refused_with_the_fix(kind):
   ):
     with pytest.raises(TypeError, match=rf'{label}: expected the parameters.*{fix}'):
       call({'enc': model, 'dec': {'kernel': jnp.ones((3, 3))}})
+
+
+def _stacked_and_head():
+  # An nn.scan stack of three (6, 6) kernels beside an unstacked (6, 2) head.
+  key = jax.random.key(0)
+  return {
+    'layers': {'kernel': jax.random.normal(key, (3, 6, 6))},
+    'head': {'kernel': jax.random.normal(jax.random.key(1), (6, 2))},
+  }
+
+
+@pytest.mark.parametrize(
+  'axis',
+  [
+    {'layers/kernel': (0, -1), 'head/kernel': -1},
+    lambda path: (0, -1) if path.startswith('layers/') else -1,
+  ],
+  ids=['mapping', 'callable'],
+)
+def test_axis_per_leaf_for_a_stack_beside_an_unstacked_layer(axis):
+  # A user's trial: one axis spans every leaf, so (0, -1) for the stack left the head with
+  # no direction at all (w = g * sign(v)), silently. A mapping or a callable gives each its own.
+  params = _stacked_and_head()
+  wn = wn_jax.weight_norm(params, axis=axis)
+  assert wn['layers']['kernel'].axis == (0, -1) and wn['layers']['kernel'].g.shape == (3, 6)
+  assert wn['head']['kernel'].axis == -1 and wn['head']['kernel'].g.shape == (2,)
+  assert_trees_close(wn_jax.materialize(wn), params, rtol=1e-6)
+  state = wn_jax.optim.weight_norm(optax.sgd(0.1), axis=axis).init(params)
+  assert state.directions['layers']['kernel'].g.shape == (3, 6)
+  assert state.directions['head']['kernel'].g.shape == (2,)
+
+
+def test_one_axis_that_keeps_every_axis_of_a_matrix_is_refused():
+  params = _stacked_and_head()
+  for call in (
+    lambda: wn_jax.weight_norm(params, axis=(0, -1)),
+    lambda: wn_jax.optim.weight_norm(optax.sgd(0.1), axis=(0, -1)).init(params),
+  ):
+    with pytest.raises(ValueError, match=r"'head/kernel'.*keeps every axis.*mapping"):
+      call()
+  # Asked for by name, per leaf, it is the user's choice; a vector keeps its one axis.
+  assert wn_jax.weight_norm(params, axis={'layers/kernel': -1, 'head/kernel': (0, 1)})
+  assert wn_jax.weight_norm({'b': jnp.ones(3)}, where='b')['b'].g.shape == (3,)
+
+
+def test_a_mapping_without_a_selected_leaf_names_it():
+  with pytest.raises(ValueError, match=r"'head/kernel'.*no axis in the mapping.*layers/kernel"):
+    wn_jax.weight_norm(_stacked_and_head(), axis={'layers/kernel': (0, -1)})

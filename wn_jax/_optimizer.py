@@ -57,7 +57,7 @@ class WeightNormState:
 
 def weight_norm(
   inner: optax.GradientTransformation,
-  axis: _core.Axis = -1,
+  axis: _tree.LeafAxis = -1,
   *,
   where: _tree.Where = None,
   project: str | float | None = None,
@@ -65,7 +65,9 @@ def weight_norm(
   r"""Trains plain weights ``w`` in weight-normalized coordinates ``w = g v / ||v||``.
 
   The state keeps ``(v, g)`` for every selected leaf (initialized function-preserving,
-  ``v = w``, ``g = ||w||``). Each update maps the gradient with respect to ``w`` to the
+  ``v = w``, ``g = ||w||``; ``g = 1`` on an all-zero slice, as :func:`wn_jax.decompose`
+  sets it, so after the first step such a slice has ``||w|| = 1`` whatever the learning
+  rate: leave a zero-initialized layer out with ``where=``, or start it small and random). Each update maps the gradient with respect to ``w`` to the
   gradients with respect to ``(v, g)`` by the chain rule (the paper's eq. 3):
 
   $$
@@ -83,7 +85,10 @@ def weight_norm(
   ``params`` to the weights the state recomposes. A weight changed outside the
   transformation (an EMA swap, a checkpoint loaded into the model, surgery) jumps back to
   the state's weight at the next update. After changing weights outside, re-run
-  ``tx.init(params)``. So each update must reach ``params`` before the next: a wrapper
+  ``tx.init(params)``. So nothing may change the updates after it: in ``optax.chain`` it
+  comes last (``optax.scale``, clipping, ``scale_by_learning_rate`` or ``reduce_on_plateau``
+  after it take wrong steps, silently; put them in ``inner``). And each update must reach
+  ``params`` before the next: a wrapper
   that holds updates back or resets ``params`` between them (``optax.apply_every``,
   ``optax.lookahead`` around this transformation) takes wrong steps, silently; accumulate
   with ``optax.MultiSteps``, which passes the parameters it holds. Works with
@@ -103,7 +108,9 @@ def weight_norm(
   Args:
     inner: the optimizer applied in (v, g) coordinates, e.g. ``optax.adam(1e-3)``.
     axis: the kept axis or axes of every selected leaf (default ``-1``, the output
-      features of Flax kernels).
+      features of Flax kernels), or each leaf's own, as in :func:`wn_jax.weight_norm` (a
+      mapping from each selected leaf's ``/``-joined path, or a callable on it): a stack
+      of layers keeps its layer axis too, ``(0, -1)``.
     where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
       ``ndim >= 2`` but biases and what a WN layer or wrapper normalizes already).
     project: ``None`` (or ``False``: off), or ``'init'`` or a positive number: each step
@@ -135,6 +142,12 @@ def weight_norm(
     >>> bool(jnp.allclose(wn_jax.norm(new['w']), state.directions['w'].g))
     True
   """
+  if not (callable(getattr(inner, 'init', None)) and callable(getattr(inner, 'update', None))):
+    raise ValueError(
+      f'{_CALLER}: inner must be an optax GradientTransformation, such as optax.sgd(0.1); '
+      f'got {inner!r}. Call the optimizer: weight_norm(optax.sgd(...)), not '
+      f'weight_norm(optax.sgd).'
+    )
   if project is not None and project is not False:
     inner = optax.chain(inner, projection(project, _fold.INFER, nodes_only=True))
 
@@ -156,6 +169,7 @@ def weight_norm(
     params, updates = unwrap(params), unwrap(updates)
     wn = _directions_and_rest(state.directions, params, _CALLER)
     _check_shapes(state.directions, params)
+    _check_gradients(state.directions, updates)
     norms = _norms(state.directions) if state.norms is None else state.norms
     pullback = functools.partial(_pullback, state.directions, norms)
     inner_updates, inner_state = inner.update(
@@ -190,6 +204,29 @@ def _check_shapes(directions: Any, params: Any, caller: str = _CALLER) -> None:
       )
 
   _at_directions(check, directions, params)
+
+
+def _check_gradients(directions: Any, updates: Any) -> None:
+  """The gradients ``update`` got fit the params: their structure, each weight's shape."""
+  fix = (
+    'Pass the gradients of the loss with respect to params, jax.grad(loss)(params): one '
+    'of each weight, in the tree tx.update gets as params.'
+  )
+  try:
+    structure = jax.tree_util.tree_structure(directions, is_leaf=is_node)
+    parts = structure.flatten_up_to(updates)  # type: ignore[attr-defined]
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      f'{_CALLER}: the gradients do not have the structure of params ({e}). {fix}'
+    ) from None
+  for (path, d), u in zip(
+    jax.tree_util.tree_flatten_with_path(directions, is_leaf=is_node)[0], parts
+  ):
+    if isinstance(d, _tree.WeightNormed) and jnp.shape(u) != jnp.shape(d.v):
+      raise ValueError(
+        f'{_CALLER}: a gradient of shape {jnp.shape(u)} at {_tree.path_str(path)!r} meets a '
+        f'weight of shape {jnp.shape(d.v)}. {fix}'
+      )
 
 
 def _at_directions(fn: Callable[..., Any], directions: Any, *trees: Any) -> Any:

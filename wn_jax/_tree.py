@@ -6,6 +6,7 @@ import operator
 import re
 import sys
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -21,6 +22,8 @@ from wn_jax._errors import labelled
 
 PyTree = Any
 Where = None | str | re.Pattern | Callable[[tuple, Any], bool]
+# The kept axes of the selected leaves: one for all, or each leaf's by its '/'-joined path.
+LeafAxis = _axes.Axis | Mapping[str, _axes.Axis] | Callable[[str], _axes.Axis]
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -93,7 +96,8 @@ def _static_axis(axis: Any) -> Any:
     except TypeError:
       return a
 
-  if axis is None or isinstance(axis, (bool, str)) or not hasattr(axis, '__iter__'):
+  # A 0-d array (optax.inject_hyperparams makes every number one) is a scalar, not a sequence.
+  if axis is None or isinstance(axis, (bool, str)) or np.ndim(axis) == 0:
     return one(axis)
   return tuple(one(a) for a in axis)
 
@@ -212,7 +216,7 @@ def selector(where: Where, params: PyTree) -> Callable[[tuple, Any], bool]:
 
 
 @labelled('wn_jax.weight_norm')
-def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -> PyTree:
+def weight_norm(params: PyTree, axis: LeafAxis = -1, *, where: Where = None) -> PyTree:
   r"""Replaces the selected leaves of ``params`` by :class:`WeightNormed` nodes.
 
   Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
@@ -224,9 +228,13 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     params: a pytree of arrays.
     axis: the kept axis or axes of every selected leaf (default ``-1``: the output
       features of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(*window, in, out)``
-      kernels), or ``None`` for one scalar ``g`` per tensor. A layer stacked by
-      ``nn.scan`` / ``nnx.vmap`` along its first axis keeps that axis too:
-      ``axis=(0, -1)``, ``where='kernel'`` (with ``-1``, one ``g`` spans every layer).
+      kernels), or ``None`` for one scalar ``g`` per tensor; or each leaf's own: a mapping
+      from the ``/``-joined path of every selected leaf to its axis, or a callable
+      ``path -> axis`` on that path. A layer stacked by ``nn.scan`` / ``nnx.vmap`` along its
+      first axis keeps that axis too: ``axis=(0, -1)`` (with ``-1``, one ``g`` spans every
+      layer); beside unstacked layers, give each its own (``{'layers/kernel': (0, -1),
+      'head/kernel': -1}``). One axis that keeps every axis of a selected matrix is
+      refused (each entry its own slice, no direction left); per leaf, it is taken.
     where: which leaves: ``None`` (every floating leaf with ``ndim >= 2`` but a ``bias``
       (a stacked layer's is a matrix) and what a WN layer or a ``WeightNorm`` wrapper of
       ``params`` normalizes already: its kernel and scale, read by structure, as
@@ -240,8 +248,8 @@ def weight_norm(params: PyTree, axis: _axes.Axis = -1, *, where: Where = None) -
     ``params`` with the selected leaves replaced; ``params`` itself is not modified.
 
   Raises:
-    ValueError: if ``where`` selects nothing, or a selected leaf is not floating or
-      does not have ``axis``.
+    ValueError: if ``where`` selects nothing, or a selected leaf is not floating, does not
+      have ``axis``, has no axis in a mapping, or would keep every axis of a matrix.
 
   Examples:
     >>> import jax.numpy as jnp, wn_jax
@@ -274,22 +282,49 @@ def refuse_module(params: Any, label: str) -> None:
   _errors.require(False, label, 'the parameters (a pytree of arrays)', found, fix)
 
 
-def decomposed(params: PyTree, axis: _axes.Axis, where: Where) -> PyTree:
+def decomposed(params: PyTree, axis: LeafAxis, where: Where) -> PyTree:
   """:func:`weight_norm` without its label: for the wrappers and the optimizer, whose errors
   name themselves."""
-  return replace_selected(
-    params, where, lambda leaf: WeightNormed(*_core.decompose(leaf, axis), axis)
-  )
+  axis_at: Callable[[str], _axes.Axis]
+  if isinstance(axis, Mapping):
+    table = dict(axis)
+
+    def lookup(path: str) -> _axes.Axis:
+      if path not in table:
+        raise ValueError(f'no axis in the mapping (it names {sorted(table)}). Add it.')
+      return table[path]
+
+    axis_at = lookup
+  elif callable(axis):
+    axis_at = axis
+  else:
+    axis_at = lambda path: axis
+  single = not (isinstance(axis, Mapping) or callable(axis))
+
+  def one(path: str, leaf: Any) -> WeightNormed:
+    a = axis_at(path)
+    ndim = jnp.ndim(leaf)
+    if single and ndim >= 2 and len(_axes.kept_axes(ndim, a)) == ndim:
+      raise ValueError(
+        f'axis {a!r} keeps every axis of this {ndim}-D weight: each entry would be '
+        f'its own slice, w = g * sign(v), with no direction left (the axes of a stacked '
+        f'layer reaching an unstacked one?). Pass each leaf its own axis: a mapping '
+        f"{{'{path}': -1, ...}} from every selected leaf's path, or a callable path -> axis."
+      )
+    return WeightNormed(*_core.decompose(leaf, a), a)
+
+  return replace_selected(params, where, one)
 
 
 def replace_selected(
   params: PyTree,
   where: Where,
-  fn: Callable[[Any], Any],
+  fn: Callable[[str, Any], Any],
   *,
   required: bool = True,
 ) -> PyTree:
-  """``params`` with every leaf ``where`` selects replaced by ``fn(leaf)``.
+  """``params`` with every leaf ``where`` selects replaced by ``fn(path, leaf)``, ``path``
+  the leaf's ``/``-joined parameter path (:func:`param_path`).
 
   ``WeightNormed`` leaves are kept and count as selected; selecting nothing is an error
   unless ``required`` is False.
@@ -305,10 +340,11 @@ def replace_selected(
     if not select(param_path(path), leaf):
       return leaf
     count += 1
+    name = path_str(param_path(path))
     try:
-      return fn(leaf)
+      return fn(name, leaf)
     except ValueError as e:
-      raise ValueError(f'leaf {path_str(path)!r}: {e}') from None
+      raise ValueError(f'leaf {name!r}: {e}') from None
 
   out = jax.tree_util.tree_map_with_path(convert, params, is_leaf=_is_wn)
   if count == 0 and required:

@@ -221,7 +221,7 @@ class _Mapping:
       directions = _tree.replace_selected(
         _nest(key, nn.unbox(params)),
         self.wrapper.where,
-        lambda v: _tree.WeightNormed(v, None, self.wrapper.axis),
+        lambda _, v: _tree.WeightNormed(v, None, self.wrapper.axis),
         required=False,
       )
     merged = _wrapping.map_selected(directions, self.weight, scale)

@@ -202,7 +202,7 @@ class WeightNorm(nnx.Module):
       directions = _tree.replace_selected(
         traversals.unflatten_mapping({path: x.get_value() for path, x in flat.items()}),
         self.where,
-        lambda v: _tree.WeightNormed(v, None, self.axis),
+        lambda _, v: _tree.WeightNormed(v, None, self.axis),
       )
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
