@@ -103,6 +103,23 @@ def test_conv_mask_applies_to_the_normalized_weight():
   _check_against_plain(wl.WNConv(8, (3,), mask=mask), nn.Conv(8, (3,), mask=mask), x, -1)
 
 
+@pytest.mark.parametrize('kind', ['Conv', 'ConvTranspose'])
+def test_a_masked_kernel_starts_at_zero_where_the_mask_is(kind):
+  # A user's trial: the masked-out entries of v counted in ||v||, so ||w|| != g, they moved
+  # the output and got gradients (a plain masked layer's get none). Zeroed at init, they
+  # count in no norm and their gradient is 0 while they are 0: they stay there.
+  mask = jnp.ones((3, 4, 8)).at[2].set(0.0).at[0, 1].set(0.0)
+  x = _conv_input((3,))
+  layer = getattr(wl, f'WN{kind}')(8, (3,), mask=mask)
+  plain = getattr(nn, kind)(8, (3,), mask=mask)
+  p = layer.init(KEY, x)['params']
+  assert not np.any(np.asarray(p['kernel'])[np.asarray(mask) == 0])
+  assert_close(wn_jax.norm(wn_jax.normalize(p['kernel'], p['scale']) * mask), p['scale'])
+  assert_close(layer.apply({'params': p}, x), np.asarray(plain.apply(plain.init(KEY, x), x)))
+  grads = jax.grad(lambda q: jnp.sum(layer.apply({'params': q}, x) ** 2))(p)
+  assert not np.any(np.asarray(grads['kernel'])[np.asarray(mask) == 0])
+
+
 @pytest.mark.parametrize(
   'kw',
   [

@@ -99,6 +99,21 @@ def test_function_preserving_init():
   )
 
 
+@pytest.mark.parametrize('kind', ['Conv', 'ConvTranspose'])
+def test_a_masked_kernel_starts_at_zero_where_the_mask_is(kind):
+  # As in linen (a user's trial): the masked-out entries of v counted in ||v||.
+  mask = jnp.ones((3, 4, 8)).at[2].set(0.0).at[0, 1].set(0.0)
+  x = _rand((2, 9, 4))
+  layer = getattr(wx, f'WN{kind}')(4, 8, (3,), mask=mask, rngs=nnx.Rngs(3))
+  plain = getattr(nnx, kind)(4, 8, (3,), mask=mask, rngs=nnx.Rngs(3))
+  v, g = layer.kernel[...], layer.scale[...]
+  assert not np.any(np.asarray(v)[np.asarray(mask) == 0])
+  assert_close(wn_jax.norm(wn_jax.normalize(v, g) * mask), g)
+  assert_close(layer(x), np.asarray(plain(x)))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+  assert not np.any(np.asarray(grads['kernel'][...])[np.asarray(mask) == 0])
+
+
 class MLP(nnx.Module):
   def __init__(self, rngs):
     self.a = wx.WNLinear(4, 16, rngs=rngs)

@@ -36,6 +36,15 @@ def check_real(name: str, x: Any) -> None:
   _check_real_dtype(name, _dtype(x))
 
 
+def zero_masked_out(v: jax.Array, mask: Any) -> jax.Array:
+  """A new kernel ``v`` with 0 where the layer's ``mask`` is 0 (a mask of another shape is
+  left to Flax's own error). Then those entries count in no ``||v||``, and as their gradient
+  is ``g / ||v||`` times the masked ``dL/dw`` minus a multiple of themselves, 0, they stay 0."""
+  if mask is None or jnp.shape(mask) != jnp.shape(v):
+    return v
+  return jnp.where(jnp.asarray(mask) != 0, v, jnp.zeros((), v.dtype))
+
+
 def _check_real_dtype(name: str, dtype: Any) -> None:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(

@@ -79,6 +79,9 @@ class _WeightNormedKernel:
     p = active[1]
     if name == 'bias':
       return p.bias(value)
+    if self.is_initializing() and getattr(self, 'mask', None) is not None:  # type: ignore[attr-defined]
+      value = _kernel.zero_masked_out(value, self.mask)  # type: ignore[attr-defined]
+      self._put_boxed('kernel', value)
     kept = p.axes(value)
     return p.kernel(value, self._scale(value, kept), kept)
 
@@ -231,7 +234,8 @@ class WNConv(_WeightNormedConv, nn.Conv):
 
   Parameters: `kernel` holds v, of layout `(*window, in // feature_group_count, out)`;
   `scale` holds g, of shape `(out,)` for `axis=-1`; and `bias`. A `mask` applies to the
-  normalized weight, as to the plain layer's kernel. Every attribute of `flax.linen.Conv`
+  normalized weight, as to the plain layer's kernel; `init` sets the kernel's entries it
+  zeroes to 0, so they count in no norm and stay 0 in training ($\lVert w \rVert = g$). Every attribute of `flax.linen.Conv`
   (features, kernel_size, strides, padding including 'SAME', 'VALID', 'CIRCULAR',
   'CAUSAL' and explicit pairs, input_dilation, kernel_dilation, feature_group_count,
   use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init) works as there.

@@ -83,6 +83,9 @@ class _WeightNormedKernel:
       _kernel.check_real('kernel', v)
       _axes.check_scale_init(scale_init)
       kept = _axes.kept_axes(v.ndim, axis)
+    if getattr(self, 'mask', None) is not None:  # as in linen: see _kernel.zero_masked_out
+      v = _kernel.zero_masked_out(v, self.mask)  # type: ignore[attr-defined]
+      self.kernel[...] = v
     self.axis = axis
     if scale_init is None:
       g = _core.decompose(v, kept)[1]
@@ -262,7 +265,10 @@ class WNConv(_WeightNormedConv, nnx.Conv):
     scale_init: ``None`` (``g = ||v||``) or a Flax initializer.
     rngs: the ``nnx.Rngs``.
     **kwargs: every other ``nnx.Conv`` argument (strides, padding, input_dilation,
-      kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, ...).
+      kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype, ...). A
+      ``mask`` applies to the normalized weight, as to the plain layer's kernel; the
+      kernel's entries it zeroes start at 0, so they count in no norm and stay 0 in
+      training (``||w|| = g``).
 
   Examples:
     >>> import jax.numpy as jnp, wn_jax
