@@ -1754,3 +1754,24 @@ def test_spectral_norms_weight_v_is_not_half_a_weight_norm_pair():
   params = wt.to_linen(sd)['params']
   assert sorted(params['sn']) == ['bias', 'weight_orig', 'weight_u', 'weight_v']
   assert sorted(params['wn']) == ['bias', 'kernel', 'scale']
+
+
+@pytest.mark.parametrize('dtype', [np.int64, np.uint64])
+def test_a_64_bit_integer_beyond_32_bits_needs_x64(dtype):
+  # A buffer of 2**40 (a seed, a step count) was wrapped to int32 silently and went back wrong.
+  sd = {**_root_sd(), 'seed': np.array([2**40 + 1, 5], dtype)}
+  for convert in (wt.to_linen, wt.to_nnx):
+    with pytest.raises(ValueError, match=rf"'seed' is {np.dtype(dtype)}.*32.*x64.*drop="):
+      convert(sd)
+  variables = wt.to_linen(sd, drop='seed')  # left out, and back from like
+  assert np.array_equal(wt.to_torch(variables, like=sd, drop='seed')['seed'], sd['seed'])
+  small = {**_root_sd(), 'seed': np.array([3, -5 if dtype == np.int64 else 5], dtype)}
+  variables = wt.to_linen(small)  # in range: 32 bits hold it, as before
+  _same_state_dict(wt.to_torch(variables, like=small), small)
+
+
+def test_a_64_bit_integer_beyond_32_bits_goes_both_ways_with_x64(x64):
+  sd = {**_root_sd(), 'seed': np.array([2**40 + 1, -(2**35)], np.int64)}
+  variables = wt.to_linen(sd)
+  assert variables['params']['seed'].dtype == np.int64
+  _same_state_dict(wt.to_torch(variables, like=sd), sd)

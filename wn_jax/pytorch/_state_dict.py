@@ -70,16 +70,27 @@ def _array(x: Any, dtype: Any = None) -> np.ndarray:
 
 
 def _jax(value: Any, key: str) -> Any:
-  """``value`` as a JAX array, refusing the 64-bit floats JAX would round to 32 bits."""
+  """``value`` as a JAX array, refusing the 64-bit floats JAX would round to 32 bits and the
+  64-bit integers it would wrap (those outside the 32-bit type; the others convert exactly)."""
   import jax
 
   dtype = np.asarray(value).dtype if not hasattr(value, 'dtype') else np.dtype(value.dtype)
-  if dtype in (np.float64, np.complex128) and jax.dtypes.canonicalize_dtype(dtype) != dtype:
+  narrow = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+  x64 = "enable x64 with jax.config.update('jax_enable_x64', True)"
+  if dtype in (np.float64, np.complex128) and narrow != dtype:
     raise _error(
       f'{key!r} is {dtype}, which JAX without x64 would round to 32 bits (and to_torch could '
-      "not give back bit for bit): enable x64 with jax.config.update('jax_enable_x64', True), "
-      'or convert to float32 (module.float() in PyTorch, or dtype=np.float32 here).'
+      f'not give back bit for bit): {x64}, or convert to float32 (module.float() in PyTorch, '
+      'or dtype=np.float32 here).'
     )
+  if dtype in (np.int64, np.uint64) and narrow != dtype:
+    a, info = np.asarray(value), np.iinfo(narrow)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+      raise _error(
+        f'{key!r} is {dtype} with values in [{a.min()}, {a.max()}], beyond {narrow}, which JAX '
+        f'without x64 would wrap them to (and to_torch give back wrong): {x64}, or leave it '
+        'out with drop= (to_torch given the same drop= copies it back from like).'
+      )
   return jnp.array(value)
 
 
