@@ -1775,3 +1775,21 @@ def test_a_64_bit_integer_beyond_32_bits_goes_both_ways_with_x64(x64):
   variables = wt.to_linen(sd)
   assert variables['params']['seed'].dtype == np.int64
   _same_state_dict(wt.to_torch(variables, like=sd), sd)
+
+
+@pytest.mark.parametrize('prefix', ['fc.', ''])
+@pytest.mark.parametrize('state', [['1.alpha'], ['1._u', '1._v']])
+def test_a_state_dict_with_another_parametrization_after_weight_norm_is_refused(prefix, state):
+  # weight_norm then a learned scale (or spectral_norm): the module was refused, its state dict
+  # converted silently without the second parametrization (outputs 17-20% off).
+  sd = _wn_state(prefix.rstrip('.'), (4, 3))
+  sd = {k.lstrip('.').replace('weight_g', 'parametrizations.weight.original0'): v for k, v in sd.items()}
+  sd = {k.replace('weight_v', 'parametrizations.weight.original1'): v for k, v in sd.items()}
+  sd.update({f'{prefix}parametrizations.weight.{k}': np.ones((4, 1), np.float32) for k in state})
+  name = repr(prefix.rstrip('.')) if prefix else 'the module'
+  match = rf'{name}: its .weight. has .*parametrizations\.weight\.1\..*remove_parametrizations'
+  for convert in (wt.from_torch, wt.find_prefixes, wt.to_linen, wt.to_nnx):
+    with pytest.raises(ValueError, match=match):
+      convert(sd)
+  if prefix:  # the whole layer dropped: nothing of it converts, nothing is refused
+    assert 'fc' not in wt.to_linen({**sd, 'b': np.ones(2, np.float32)}, drop=r'fc\..*')['params']

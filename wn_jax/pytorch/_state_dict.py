@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,12 +119,13 @@ def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
   ``parametrizations.w.original0`` and ``original1``; for a name other than ``weight``,
   the legacy ``g`` must also have ``v``'s rank (or be a scalar), so that two unrelated
   tensors ``x_g``, ``x_v`` are not taken for one. Refused where a tensor has a second weight
-  (:func:`refuse_a_second_weight`); with a torch module or ``drop=``, the converters decide
+  (:func:`refuse_a_second_weight`) or has other parametrizations (:func:`refuse_a_chain`); with a torch module or ``drop=``, the converters decide
   with :func:`wn_jax.pytorch._walk.weight_normed_here`.
   """
   found = detected(state_dict, state_dict.__contains__)
   for prefix, tensor in found:
     refuse_a_second_weight(state_dict.__contains__, prefix, tensor)
+    refuse_a_chain(state_dict, prefix, tensor)
   return found
 
 
@@ -185,6 +187,26 @@ def refuse_a_second_weight(present: Callable[[str], bool], prefix: str, tensor: 
       f'weight-normed module keeps no plain {tensor!r} (PyTorch computes it from the pair). '
       f'{fix}'
     )
+
+
+def refuse_a_chain(keys: Iterable[str], prefix: str, tensor: str) -> None:
+  """A ``ValueError`` where weight-normed ``tensor`` has the state of further parametrizations
+  (``parametrizations.<tensor>.1.alpha``, spectral norm's ``1._u``): torch computes the tensor
+  through all of them. A stateless one leaves no key: only the module tells it."""
+  head = _key(prefix, f'.parametrizations.{tensor}.')
+  others = [k for k in keys if k.startswith(head) and k[len(head) :].split('.')[0].isdigit()]
+  if others:
+    raise chain_error(prefix, tensor, f'parametrizations after weight norm (keys {others[:4]})')
+
+
+def chain_error(prefix: str, tensor: str, found: str) -> ValueError:
+  """The error for weight-normed ``tensor`` at ``prefix`` with other parametrizations too."""
+  return _error(
+    f'{repr(prefix) if prefix else "the module"}: its {tensor!r} has {found}, and wn_jax '
+    'converts weight norm alone (torch computes the tensor through every parametrization). '
+    'Fold the others into the tensor first: take them off with '
+    'torch.nn.utils.parametrize.remove_parametrizations, or convert the plain weights.'
+  )
 
 
 def _layer_key(prefix: str, tensor: str) -> str:
