@@ -1793,3 +1793,26 @@ def test_a_state_dict_with_another_parametrization_after_weight_norm_is_refused(
       convert(sd)
   if prefix:  # the whole layer dropped: nothing of it converts, nothing is refused
     assert 'fc' not in wt.to_linen({**sd, 'b': np.ones(2, np.float32)}, drop=r'fc\..*')['params']
+
+
+@pytest.mark.parametrize('style', ['legacy', 'parametrization'])
+def test_a_weight_normed_bias_is_refused(style):
+  # weight_norm(m, name='bias'): its v took the name of the layer's plain bias (a twin's WNDense
+  # read the direction as the bias) and to_torch could not give it back.
+  rng = np.random.default_rng(0)
+  v, g = rng.normal(size=4).astype(np.float32), np.full(4, 2.0, np.float32)
+  sd = {**_wn_state('fc', (4, 3)), 'fc.bias_g': g, 'fc.bias_v': v}
+  del sd['fc.bias']
+  module = _FakeModule({'fc': _wn_fake(Linear, v, g, name='bias', style=style)})
+  if style == 'parametrization':
+    sd = {k.replace('bias_g', 'parametrizations.bias.original0'): a for k, a in sd.items()}
+    sd = {k.replace('bias_v', 'parametrizations.bias.original1'): a for k, a in sd.items()}
+  match = r"'fc\.bias' is weight-normed.*not convert.*remove_weight_norm.*drop="
+  for source in (sd, module):
+    for convert in (wt.from_torch, wt.to_linen, wt.to_nnx, wt.layer_axes):
+      with pytest.raises(ValueError, match=match):
+        convert(source)
+  drop = r'fc\.(bias_[gv]|parametrizations\.bias\..*)'
+  variables = wt.to_linen(sd, drop=drop)  # left out: the layer has no bias in Flax
+  assert sorted(variables['params']['fc']) == ['kernel', 'scale']
+  _same_state_dict(wt.to_torch(variables, like=sd, drop=drop), sd)

@@ -199,6 +199,20 @@ def refuse_a_chain(keys: Iterable[str], prefix: str, tensor: str) -> None:
     raise chain_error(prefix, tensor, f'parametrizations after weight norm (keys {others[:4]})')
 
 
+def refuse_a_normed_bias(prefix: str, tensor: str, keys: list[str]) -> None:
+  """A ``ValueError`` for weight norm on a tensor named ``bias`` (``keys``: its g and v): its v
+  would take the name of the layer's plain ``bias``, which Flax layers read as the bias itself."""
+  if tensor == 'bias':
+    raise _error(
+      f"{_key(prefix, '.bias')!r} is weight-normed (weight_norm(module, name='bias')), which "
+      "wn_jax does not convert: a Flax layer's 'bias' is the plain bias, and v would take its "
+      'name. Take weight norm off the bias first (torch.nn.utils.remove_weight_norm(module, '
+      "name='bias'), or torch.nn.utils.parametrize.remove_parametrizations(module, 'bias') "
+      f'for the parametrization; the bias keeps its value), or leave its keys {keys} out with '
+      'drop= (to_torch given the same drop= copies them back from like).'
+    )
+
+
 def chain_error(prefix: str, tensor: str, found: str) -> ValueError:
   """The error for weight-normed ``tensor`` at ``prefix`` with other parametrizations too."""
   return _error(

@@ -20,6 +20,7 @@ from wn_jax.pytorch._state_dict import _suffixes
 from wn_jax.pytorch._state_dict import detected
 from wn_jax.pytorch._state_dict import layer_keys
 from wn_jax.pytorch._state_dict import refuse_a_chain
+from wn_jax.pytorch._state_dict import refuse_a_normed_bias
 from wn_jax.pytorch._state_dict import refuse_a_second_weight
 
 _MISSING = object()
@@ -134,7 +135,8 @@ def weight_normed_here(
   not, and the module's style wins. The style is the one the keys ``drop`` leaves show; a pair
   it takes whole stays (its layer is dropped whole, bias included). Without a module, a
   second weight is refused (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`), and so is
-  the state of other parametrizations on a converted one (:func:`~wn_jax.pytorch._state_dict.refuse_a_chain`)."""
+  the state of other parametrizations on a converted one (:func:`~wn_jax.pytorch._state_dict.refuse_a_chain`).
+  A weight-normed ``bias`` is refused (:func:`~wn_jax.pytorch._state_dict.refuse_a_normed_bias`)."""
   present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
   kept, out = detected(sd, present), {}
   for (prefix, tensor), style in detected(sd, sd.__contains__).items():
@@ -149,5 +151,7 @@ def weight_normed_here(
       refuse_a_second_weight(present, prefix, tensor)
       if all(map(present, keys)):  # converted: not a layer drop= takes whole
         refuse_a_chain(sd, prefix, tensor)
+    if all(map(present, keys)):
+      refuse_a_normed_bias(prefix, tensor, keys)
     out[prefix, tensor] = style
   return out
