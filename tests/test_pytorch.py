@@ -1816,3 +1816,22 @@ def test_a_weight_normed_bias_is_refused(style):
   variables = wt.to_linen(sd, drop=drop)  # left out: the layer has no bias in Flax
   assert sorted(variables['params']['fc']) == ['kernel', 'scale']
   _same_state_dict(wt.to_torch(variables, like=sd, drop=drop), sd)
+
+
+def test_extra_state_is_refused_and_goes_back_from_like_as_it_is():
+  # get_extra_state()'s object under '_extra_state': a raw AttributeError ('dict' object has no
+  # attribute 'shape'), or, from a state dict, "linen variables or an NNX pure dict?"; with drop=
+  # to_torch gave it back as a 0-d NumPy object array, which set_extra_state got.
+  extra = {'version': 2, 'calib': [1.0, 2.0]}
+  rng = np.random.default_rng(0)
+  v, g = rng.normal(size=(4, 3)).astype(np.float32), np.ones((4, 1), np.float32)
+  model = _FakeModule({'fc': _wn_fake(Linear, v, g)}, state={'_extra_state': extra})
+  sd = {**_root_sd(), 'fc._extra_state': extra}
+  for source, key in ((model, '_extra_state'), (sd, 'fc._extra_state')):
+    for convert in (wt.to_linen, wt.to_nnx):
+      with pytest.raises(ValueError, match=rf"'{key}' holds a dict.*get_extra_state.*drop="):
+        convert(source)
+    drop = r'(.*\.)?_extra_state'
+    back = wt.to_torch(wt.to_linen(source, drop=drop), like=source, drop=drop)
+    assert back[key] is extra  # like's object as it is, for set_extra_state
+    assert wt.to_torch(wt.from_torch(source), like=source)[key] is extra

@@ -20,6 +20,7 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import refuse_a_non_array
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _plain_kind
 
@@ -158,6 +159,7 @@ def _plan(
   for key in sd:
     if key in used:
       continue
+    refuse_a_non_array(key, sd[key])
     kind = _plain_kind(_split(key)[0], sd, infos)
     collection = buffers if key in held else 'params'
     leaf = _leaf(key, kind, len(sd[key].shape), options.rules or {}, collection)

@@ -43,7 +43,9 @@ def _load(source: Any) -> Mapping[str, Any]:
       'expected a state dict (a mapping of key -> array), a .safetensors path or a torch '
       f'module; got {type(source).__name__}.'
     )
-  nested = next((k for k, v in source.items() if isinstance(v, Mapping)), None)
+  nested = next(
+    (k for k, v in source.items() if isinstance(v, Mapping) and not _is_extra_state(k)), None
+  )
   if nested is not None:
     raise _error(
       f"expected a state dict, flat keys ('fc.weight_v') to arrays; {nested!r} holds a dict "
@@ -51,6 +53,30 @@ def _load(source: Any) -> Mapping[str, Any]:
       'state dict.'
     )
   return source
+
+
+def _is_extra_state(key: str) -> bool:
+  """A key of torch's ``get_extra_state()`` object: ``_extra_state`` or ``<prefix>._extra_state``."""
+  return _split(key)[1] == '_extra_state'
+
+
+def _is_array(x: Any) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def refuse_a_non_array(key: str, value: Any) -> None:
+  """A ``ValueError`` for a state-dict value that is not an array: Flax has no place for it."""
+  if _is_array(value):
+    return
+  extra = _is_extra_state(key)
+  why = ": a module's get_extra_state() puts its non-tensor state there" if extra else ''
+  pattern = r'(.*\.)?_extra_state' if extra else re.escape(key)
+  raise _error(
+    f'{key!r} holds a {type(value).__name__}, not an array{why}, and a Flax tree holds arrays '
+    f"only. Leave it out with drop=r'{pattern}': to_torch given the same drop= gives back "
+    f"like's {key!r} as it is, which load_state_dict hands to the module's set_extra_state "
+    '(keeping it up to date is yours).'
+  )
 
 
 def _array(x: Any, dtype: Any = None) -> np.ndarray:
@@ -308,4 +334,7 @@ def _tied(ref: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _copy(x: Any) -> Any:
-  return x.clone() if hasattr(x, 'clone') else np.array(x, copy=True)
+  """A copy of like's ``x``; an object that is no array (``get_extra_state()``'s) as it is."""
+  if hasattr(x, 'clone'):
+    return x.clone()
+  return np.array(x, copy=True) if _is_array(x) else x
