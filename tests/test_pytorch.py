@@ -1835,3 +1835,26 @@ def test_extra_state_is_refused_and_goes_back_from_like_as_it_is():
     back = wt.to_torch(wt.to_linen(source, drop=drop), like=source, drop=drop)
     assert back[key] is extra  # like's object as it is, for set_extra_state
     assert wt.to_torch(wt.from_torch(source), like=source)[key] is extra
+
+
+class ScriptModule(_FakeModule):  # torch.jit's base class, as its subclasses have it
+  pass
+
+
+class RecursiveScriptModule(ScriptModule):
+  pass
+
+
+def test_a_torchscript_module_is_refused():
+  # A traced or scripted module's submodules say no kind and no weight norm: to_linen gave
+  # weight_g / weight_v as plain tensors and Linear weights untransposed, silently, or crashed.
+  sd = _root_sd()
+  scripted = RecursiveScriptModule(state=sd)
+  match = r'TorchScript module \(RecursiveScriptModule.*original torch module.*state_dict\(\)'
+  for convert in (wt.from_torch, wt.to_linen, wt.to_nnx, wt.layer_axes):
+    with pytest.raises(ValueError, match=match):
+      convert(scripted)
+  variables = wt.to_linen(dict(scripted.state_dict()))  # its state dict converts
+  for tree in (variables, wt.from_torch(sd)):
+    with pytest.raises(ValueError, match=match):
+      wt.to_torch(tree, like=scripted)

@@ -26,9 +26,21 @@ def _is_module(x: Any) -> bool:
   return hasattr(x, 'named_modules') and hasattr(x, 'state_dict') and not isinstance(x, Mapping)
 
 
+def _refuse_torchscript(module: Any) -> None:
+  """A ``ValueError`` for a TorchScript module, whose submodules say no kind and no weight norm."""
+  if any(cls.__name__ == 'ScriptModule' for cls in type(module).__mro__):
+    raise _error(
+      f'got a TorchScript module ({type(module).__name__}, from torch.jit.script, trace or '
+      'load), whose submodules do not say their layer kinds or weight norm (its weight_g / '
+      'weight_v would be read as plain tensors): pass the original torch module, or its '
+      'state_dict() (converted as a bare state dict: kinds= where shapes cannot tell).'
+    )
+
+
 def _load(source: Any) -> Mapping[str, Any]:
   """The state dict of a torch module, a mapping (as it is) or a ``.safetensors`` path."""
   if _is_module(source):
+    _refuse_torchscript(source)
     return source.state_dict()
   if isinstance(source, (str, os.PathLike)):
     try:
