@@ -1858,3 +1858,61 @@ def test_a_torchscript_module_is_refused():
   for tree in (variables, wt.from_torch(sd)):
     with pytest.raises(ValueError, match=match):
       wt.to_torch(tree, like=scripted)
+
+
+class _MetaTensor:
+  """What wn_jax sees of a torch tensor on the meta device: a shape and a dtype, no data."""
+
+  is_meta = True
+
+  def __init__(self, a):
+    self.shape, self.dtype = a.shape, a.dtype
+
+  def detach(self):
+    raise NotImplementedError('Cannot copy out of meta tensor; no data!')
+
+  def new_zeros(self, shape, device):
+    return np.zeros(shape, self.dtype)
+
+  def new_tensor(self, value, device=None):
+    assert device == 'cpu'  # a meta tensor's new_tensor is meta: no data again
+    return np.asarray(value).astype(self.dtype)
+
+  clone = detach
+
+  def data_ptr(self):
+    return 0  # every meta tensor's: not a shared storage
+
+  def numel(self):
+    return int(np.prod(self.shape))
+
+  def stride(self):
+    return ()
+
+
+def test_a_meta_like_needs_no_values_and_a_meta_source_is_refused():
+  # like on the meta device (the skeleton of load_state_dict(assign=True)) crashed: its values
+  # were read, though to_torch needs only its keys, shapes and dtypes.
+  sd = {**_root_sd(), 'fc2.weight': np.ones((2, 4), np.float32)}
+  meta = {k: _MetaTensor(v) for k, v in sd.items()}
+  variables = wt.to_linen(sd)
+  _same_state_dict(wt.to_torch(variables, like=meta), sd)
+  assert wt.layer_axes(meta) == {'fc': -1}  # shapes only
+  with pytest.raises(ValueError, match=r"like's \['fc2.weight'\] are on the meta device.*values"):
+    wt.to_torch(variables, like=meta, drop=r'fc2\..*')  # copied from like: it has nothing
+  with pytest.raises(ValueError, match=r"like's \['mean', 'fc2.weight'\] are on the meta device"):
+    wt.to_torch(wt.from_torch(sd), like=meta)
+  for convert in (wt.to_linen, wt.to_nnx, wt.from_torch):
+    with pytest.raises(ValueError, match=r"'mean' and 4 more are on the meta device.*no values"):
+      convert(meta)
+
+
+def test_a_meta_like_module_with_torch():
+  torch = pytest.importorskip('torch')
+  wn = torch.nn.utils.parametrizations.weight_norm
+  model = torch.nn.Sequential(wn(torch.nn.Linear(3, 4)), torch.nn.LayerNorm(4))
+  with torch.device('meta'):
+    skeleton = torch.nn.Sequential(wn(torch.nn.Linear(3, 4)), torch.nn.LayerNorm(4))
+  skeleton.load_state_dict(wt.to_torch(wt.to_linen(model), like=skeleton), assign=True)
+  x = torch.ones(2, 3)
+  assert torch.equal(skeleton(x), model(x))

@@ -27,6 +27,7 @@ from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
+from wn_jax.pytorch._state_dict import refuse_meta
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _infos
@@ -349,6 +350,7 @@ def from_torch(
     ('Linear', -1, (2, 3), (3,))
   """
   sd, _, layers = _layers(state_dict, kinds, decompose, dtype)
+  refuse_meta(sd)
   if not layers:
     raise _error(
       f'no weight-normed layer in this checkpoint ({len(sd)} keys, e.g. {list(sd)[:3]}): '

@@ -24,6 +24,7 @@ from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import refuse_meta
 from wn_jax.pytorch._twin import _check_plain_convs
 from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin
@@ -39,6 +40,7 @@ def _to_tree(
       '(its variables are the template), template= the names and shapes only.'
     )
   sd, infos, layers, leaves, _ = _plan(source, options)
+  refuse_meta(sd)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
 

@@ -91,11 +91,30 @@ def refuse_a_non_array(key: str, value: Any) -> None:
   )
 
 
+def _is_meta(x: Any) -> bool:
+  """A torch tensor on the meta device: a shape and a dtype, no data."""
+  return getattr(x, 'is_meta', False) is True
+
+
+def refuse_meta(state_dict: Mapping[str, Any]) -> None:
+  """A ``ValueError`` for a source on the meta device: it has no values to convert."""
+  meta = [k for k, v in state_dict.items() if _is_meta(v)]
+  if meta:
+    more = f' and {len(meta) - 1} more are' if len(meta) > 1 else ' is'
+    raise _error(
+      f'{meta[0]!r}{more} on the meta device, with no values to convert: load the weights '
+      "into the module first (module.to_empty(device='cpu'), then load_state_dict). A meta "
+      "module serves as to_torch's like= (it reads its keys, shapes and dtypes only)."
+    )
+
+
 def _array(x: Any, dtype: Any = None) -> np.ndarray:
   """A NumPy copy of ``x`` (NumPy, JAX or torch), bit for bit, bfloat16 included.
 
   ``dtype`` casts floating arrays (``None``: keep their dtype).
   """
+  if _is_meta(x):  # no data (like= of to_torch): its shape and dtype serve
+    x = x.new_zeros(tuple(x.shape), device='cpu')
   if hasattr(x, 'detach'):  # a torch tensor, without importing torch
     x = x.detach().cpu()
     if str(x.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: via float32, exactly
@@ -309,7 +328,7 @@ def _like(ref: Any, value: np.ndarray, key: str, hint: str = '') -> Any:
   if hasattr(ref, 'new_tensor'):  # torch, without importing it
     if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, float8: torch reads no such NumPy array
       value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
-    return ref.new_tensor(value)
+    return ref.new_tensor(value, device='cpu') if _is_meta(ref) else ref.new_tensor(value)
   return np.asarray(value).astype(np.asarray(ref).dtype, copy=False)
 
 
@@ -328,6 +347,14 @@ def _finish(
       f'{hint}'
     )
   source = {**{k: k for k in out}, **_tied(ref, out)}  # like's key -> the converted key it takes
+  empty = [k for k in ref if k not in source and _is_meta(ref[k])]
+  if empty:
+    raise _error(
+      f"like's {empty} are on the meta device, with no values, and to_torch copies them from "
+      "like (the tree holds none for them: drop='s keys, BatchNorm's num_batches_tracked, the "
+      'tensors outside from_torch\'s layers): pass a like whose tensors hold values, or set '
+      'these after loading.'
+    )
   return {k: _like(ref[k], out[source[k]], k, hint) if k in source else _copy(ref[k]) for k in ref}
 
 
@@ -337,7 +364,7 @@ def _tied(ref: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, str]:
   value, not ``like``'s old one, which loading would write over the converted tensor."""
 
   def tensor(x: Any) -> Any:
-    if hasattr(x, 'data_ptr') and x.numel():  # torch: the same storage, offset and view
+    if hasattr(x, 'data_ptr') and x.numel() and not _is_meta(x):  # torch: the same storage, offset and view
       return ('torch', x.data_ptr(), tuple(x.shape), tuple(x.stride()))
     return id(x)
 
