@@ -1916,3 +1916,34 @@ def test_a_meta_like_module_with_torch():
   skeleton.load_state_dict(wt.to_torch(wt.to_linen(model), like=skeleton), assign=True)
   x = torch.ones(2, 3)
   assert torch.equal(skeleton(x), model(x))
+
+
+class DataParallel(_FakeModule):  # torch's wrappers, as wn_jax sees them: the model in .module
+  pass
+
+
+class OptimizedModule(_FakeModule):  # torch.compile's: the model in ._orig_mod
+  pass
+
+
+@pytest.mark.parametrize('cls, attr', [(DataParallel, 'module'), (OptimizedModule, '_orig_mod')])
+def test_a_wrapped_module_is_unwrapped_and_a_wrapped_state_dict_is_named(cls, attr):
+  # torch.compile's '_orig_mod.' and DataParallel's 'module.' became Flax module names: the
+  # twin of the plain model was refused, and the error did not say why.
+  rng = np.random.default_rng(0)
+  v, g = rng.normal(size=(4, 3)).astype(np.float32), np.ones((4, 1), np.float32)
+  inner = _FakeModule({'fc': _wn_fake(Linear, v, g)})
+  wrapper = cls({attr: inner})
+  setattr(wrapper, attr, inner)
+  variables = wt.to_linen(inner)
+  assert_trees_equal(wt.to_linen(wrapper, template=variables), variables)
+  assert list(wt.from_torch(wrapper)) == ['fc'] and wt.layer_axes(wrapper) == {'fc': -1}
+  sd = wrapper.state_dict()
+  for tree in (variables, wt.from_torch(inner)):  # back with the wrapper's keys
+    back = wt.to_torch(tree, like=wrapper)
+    assert list(back) == list(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+  hint = rf"every key of the state dict starts with '{attr}\.'.*strip it"
+  with pytest.raises(ValueError, match=hint):
+    wt.to_linen(sd, template=variables)
+  with pytest.raises(ValueError, match=rf"Every key of like.*starts with '{attr}\.'"):
+    wt.to_torch(variables, like=sd)

@@ -241,15 +241,18 @@ def _check(
   inputs: Any = None,
   move: Callable[[tuple[Any, ...]], tuple[Any, ...]] = tuple,
   unsaved: Container[str] = (),
+  wrapped: str = '',
 ) -> None:
   """Every name and shape of the converted tree against the Flax model's own (``unsaved``:
-  the paths of torch buffers registered ``persistent=False``, which no state dict holds)."""
+  the paths of torch buffers registered ``persistent=False``, which no state dict holds;
+  ``wrapped``: the hint for a state dict saved from a torch wrapper, or ``''``)."""
   fit = _fit(flat, template, layers, naming, inputs, move)
   missing, unexpected, bad = fit.missing, fit.unexpected, fit.bad
   shapes = [f'{"/".join(p)}: {fit.got[p]} vs {fit.want[p]}' for p in bad]
   if not (missing or unexpected or shapes):
     return
   hints = [
+    *([wrapped] if wrapped and (missing or unexpected) else []),
     *_axis_hints(fit),
     *_size_hints(fit),
     *_layout_hints(fit),

@@ -27,6 +27,7 @@ from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
+from wn_jax.pytorch._state_dict import _unwrap
 from wn_jax.pytorch._state_dict import refuse_meta
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
@@ -349,7 +350,7 @@ def from_torch(
     >>> layer.kind, layer.axis, layer.params['kernel'].shape, layer.params['scale'].shape
     ('Linear', -1, (2, 3), (3,))
   """
-  sd, _, layers = _layers(state_dict, kinds, decompose, dtype)
+  sd, _, layers = _layers(_unwrap(state_dict)[0], kinds, decompose, dtype)
   refuse_meta(sd)
   if not layers:
     raise _error(

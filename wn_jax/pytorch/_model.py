@@ -24,6 +24,8 @@ from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import _unwrap
+from wn_jax.pytorch._state_dict import wrapper_hint
 from wn_jax.pytorch._state_dict import refuse_meta
 from wn_jax.pytorch._twin import _check_plain_convs
 from wn_jax.pytorch._twin import _check_twin_layers
@@ -34,6 +36,7 @@ def _to_tree(
   source: Any, naming: str, options: _Options, template: Any, twin: Any
 ) -> dict[Any, Any]:
   """Every tensor of ``source`` in a linen (``naming='linen'``) or NNX tree."""
+  source = _unwrap(source)[0]
   if twin is not None and template is not None:
     raise _error(
       'pass twin= or template=, not both: twin= checks the names, shapes and kept axes '
@@ -70,7 +73,7 @@ def _to_tree(
       _check_plain_convs(sd, infos, found, naming, move)
     flat = {move(path): value for path, value in flat.items()}
     unsaved = _unsaved(source, sd, options, naming, move)
-    _check(flat, template, layers, naming, inputs, move, unsaved)
+    _check(flat, template, layers, naming, inputs, move, unsaved, wrapper_hint(sd))
   return _nest(flat)
 
 
@@ -263,7 +266,7 @@ def layer_axes(
     >>> layer_axes(sd)
     {'pos_conv_0': -3}
   """
-  _, _, layers = _layers(source, kinds, decompose, None)
+  _, _, layers = _layers(_unwrap(source)[0], kinds, decompose, None)
   return {
     '/'.join(_linen_path(prefix)): layer.axis
     for prefix, layer in layers.items()

@@ -26,6 +26,35 @@ def _is_module(x: Any) -> bool:
   return hasattr(x, 'named_modules') and hasattr(x, 'state_dict') and not isinstance(x, Mapping)
 
 
+# torch's wrappers of a model, and the attribute that holds it (its keys' prefix).
+_WRAPPERS = {'OptimizedModule': '_orig_mod', 'DataParallel': 'module'}
+_WRAPPERS['DistributedDataParallel'] = 'module'
+
+
+def _unwrap(source: Any) -> tuple[Any, str]:
+  """(the model, the key prefix) of a ``torch.compile`` / ``DataParallel`` / DDP wrapper
+  (``'_orig_mod.'``, ``'module.'``); anything else as it is, with ``''``."""
+  prefix = ''
+  while _is_module(source) and hasattr(source, _WRAPPERS.get(type(source).__name__, ' ')):
+    attr = _WRAPPERS[type(source).__name__]
+    source, prefix = getattr(source, attr), f'{prefix}{attr}.'
+  return source, prefix
+
+
+def wrapper_hint(keys: Iterable[str], whose: str = 'the state dict') -> str:
+  """What to do where every key carries a wrapper's prefix (a state dict saved from it)."""
+  keys = list(keys)
+  for attr in dict.fromkeys(_WRAPPERS.values()):
+    if keys and all(k.startswith(f'{attr}.') for k in keys):
+      who = 'torch.compile' if attr == '_orig_mod' else 'DataParallel / DDP'
+      return (
+        f"every key of {whose} starts with '{attr}.', as a {who} wrapper saves them: strip it "
+        f"({{k.removeprefix('{attr}.'): v for k, v in sd.items()}}), or pass the wrapped "
+        'module, which wn_jax unwraps'
+      )
+  return ''
+
+
 def _refuse_torchscript(module: Any) -> None:
   """A ``ValueError`` for a TorchScript module, whose submodules say no kind and no weight norm."""
   if any(cls.__name__ == 'ScriptModule' for cls in type(module).__mro__):
