@@ -1947,3 +1947,27 @@ def test_a_wrapped_module_is_unwrapped_and_a_wrapped_state_dict_is_named(cls, at
     wt.to_linen(sd, template=variables)
   with pytest.raises(ValueError, match=rf"Every key of like.*starts with '{attr}\.'"):
     wt.to_torch(variables, like=sd)
+
+
+@pytest.mark.parametrize('convert', ['from_torch', 'to_linen', 'to_nnx'])
+def test_a_training_checkpoint_is_told_to_pass_its_model_state_dict(convert):
+  # {'model': state_dict, 'optimizer': ..., 'epoch': 3} was taken for linen variables, and sent
+  # to to_torch, the other direction.
+  ckpt = {'model': _root_sd(), 'optimizer': {'state': {}}, 'epoch': 3}
+  with pytest.raises(ValueError, match=r"training checkpoint.*ckpt\['model'\]"):
+    getattr(wt, convert)(ckpt)
+
+
+def test_a_parametrized_weight_v_of_legacy_weight_norm_is_named():
+  # weight_norm, then a parametrization on weight_v: "'weight_v' is missing ... pass the torch
+  # module", though the module was passed.
+  rng = np.random.default_rng(0)
+  v, g = rng.normal(size=(4, 3)).astype(np.float32), np.ones((4, 1), np.float32)
+  fc = _wn_fake(Linear, v, g, style='legacy')
+  del fc._state['weight_v']
+  fc._children = {'parametrizations': _FakeModule({'weight_v': _FakeModule(state={'original': v})})}
+  fc.parametrizations = types.SimpleNamespace(weight_v=[_Double(None)])
+  match = r"'fc.weight_v' is itself parametrized \(keys \['fc.parametrizations.weight_v.original'\]"
+  for convert in (wt.from_torch, wt.to_linen):
+    with pytest.raises(ValueError, match=match + r'.*remove_parametrizations'):
+      convert(_FakeModule({'fc': fc}))

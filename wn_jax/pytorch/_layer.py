@@ -28,6 +28,7 @@ from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
 from wn_jax.pytorch._state_dict import _unwrap
+from wn_jax.pytorch._state_dict import half_a_pair
 from wn_jax.pytorch._state_dict import refuse_meta
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
@@ -249,11 +250,7 @@ def _stored(
   g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
   for key in (g_key, v_key):
     if key not in sd:
-      raise _error(
-        f'{key!r} is missing: a weight-normed layer needs both g and v. If the other is a '
-        "tensor of the model's own (an attention's weight_v, no weight norm), pass the torch "
-        'module, which tells, or drop= its keys.'
-      )
+      raise half_a_pair(sd, key)
   bias_key = _key(prefix, '.bias')
   bias = _array(sd[bias_key], dtype) if bias_key in sd and tensor == 'weight' else None
   g, v = _array(sd[g_key], dtype), _array(sd[v_key], dtype)

@@ -87,6 +87,12 @@ def _load(source: Any) -> Mapping[str, Any]:
   nested = next(
     (k for k, v in source.items() if isinstance(v, Mapping) and not _is_extra_state(k)), None
   )
+  if nested is not None and _is_state_dict(source[nested]):
+    raise _error(
+      f'expected a state dict, flat keys to arrays; {nested!r} holds one (keys '
+      f'{list(source[nested])[:3]}): this looks like a training checkpoint ({list(source)[:4]}). '
+      f'Pass ckpt[{nested!r}], the model\'s state dict.'
+    )
   if nested is not None:
     raise _error(
       f"expected a state dict, flat keys ('fc.weight_v') to arrays; {nested!r} holds a dict "
@@ -94,6 +100,12 @@ def _load(source: Any) -> Mapping[str, Any]:
       'state dict.'
     )
   return source
+
+
+def _is_state_dict(x: Mapping[str, Any]) -> bool:
+  """A torch state dict: dotted keys to arrays (not linen variables or an NNX pure dict)."""
+  values = list(x.values())
+  return bool(values) and all(map(_is_array, values)) and any('.' in str(k) for k in x)
 
 
 def _is_extra_state(key: str) -> bool:
@@ -297,6 +309,25 @@ def refuse_a_normed_bias(prefix: str, tensor: str, keys: list[str]) -> None:
       f'for the parametrization; the bias keeps its value), or leave its keys {keys} out with '
       'drop= (to_torch given the same drop= copies them back from like).'
     )
+
+
+def half_a_pair(state_dict: Mapping[str, Any], key: str) -> ValueError:
+  """The error for the ``g`` or ``v`` ``key`` of a weight-normed tensor missing from ``state_dict``."""
+  prefix, name = _split(key)
+  head = _key(prefix, f'.parametrizations.{name}.')
+  held = [k for k in state_dict if k.startswith(head)]
+  if held:  # legacy weight_norm's weight_v, then a parametrization on it
+    return _error(
+      f'{key!r} is itself parametrized (keys {held[:3]}): wn_jax reads weight norm\'s g and v '
+      'as plain tensors. Fold its parametrizations into it first '
+      f"(torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})), or convert "
+      'the plain weights.'
+    )
+  return _error(
+    f'{key!r} is missing: a weight-normed layer needs both g and v. If the other is a '
+    "tensor of the model's own (an attention's weight_v, no weight norm), pass the torch "
+    'module, which tells, or drop= its keys.'
+  )
 
 
 def chain_error(prefix: str, tensor: str, found: str) -> ValueError:
