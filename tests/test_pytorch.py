@@ -1971,3 +1971,15 @@ def test_a_parametrized_weight_v_of_legacy_weight_norm_is_named():
   for convert in (wt.from_torch, wt.to_linen):
     with pytest.raises(ValueError, match=match + r'.*remove_parametrizations'):
       convert(_FakeModule({'fc': fc}))
+
+
+def test_a_rule_on_a_weight_normed_lstm_tensor_says_what_is_true():
+  # The refusal said such keys "convert to kernel / scale"; an LSTM's keep their name and layout.
+  sd = {
+    'lstm.weight_hh_l0_g': np.ones((12, 1), np.float32),
+    'lstm.weight_hh_l0_v': np.ones((12, 3), np.float32),
+  }
+  with pytest.raises(
+    ValueError, match=r"\['weight_hh_l0', 'weight_hh_l0_scale'\].*not split.*remove_weight_norm"
+  ):
+    wt.to_linen(sd, rules={r'lstm\.weight_hh_l0_v': (np.asarray, np.asarray)})
