@@ -1983,3 +1983,13 @@ def test_a_rule_on_a_weight_normed_lstm_tensor_says_what_is_true():
     ValueError, match=r"\['weight_hh_l0', 'weight_hh_l0_scale'\].*not split.*remove_weight_norm"
   ):
     wt.to_linen(sd, rules={r'lstm\.weight_hh_l0_v': (np.asarray, np.asarray)})
+
+
+def test_a_torch_module_dict_against_a_linen_dict_in_setup_is_told_so():
+  # torch's nn.ModuleDict 'blocks.a' converts to 'blocks/a'; linen names a dict in setup
+  # 'blocks_a'. The hint said only "name Flax submodules as the PyTorch ones".
+  sd = {k.replace('fc.', 'blocks.a.'): v for k, v in _root_sd().items() if k != 'mean'}
+  variables = wt.to_linen(sd)
+  template = {'params': {'blocks_a': variables['params']['blocks']['a']}}
+  with pytest.raises(ValueError, match=r"nn.ModuleDict.*'blocks_a'.*submodule named 'blocks'"):
+    wt.to_linen(sd, template=template)
