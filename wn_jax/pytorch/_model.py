@@ -248,7 +248,10 @@ def layer_axes(
 
   A converted layer's ``scale`` does not always tell its axis (a wav2vec2-style ``dim=2``
   Conv1d whose window equals its channel count fits ``axis=-1`` too), so fold a converted
-  model with ``wn_jax.linen.fold(variables['params'], axis=layer_axes(torch_model))``.
+  model with ``wn_jax.linen.fold(variables['params'], axis=layer_axes(torch_model))``. The
+  paths are the converter's own names (``body_0``); a tree converted with ``twin=`` or
+  ``template=`` takes the twin's (``body/layers_0`` for a Flax ``nn.Sequential``): fold it with
+  ``axis=wn_jax.linen.layer_axes(twin, x)``, which reads the twin built as checked.
 
   Args:
     source: as :func:`to_linen`.
