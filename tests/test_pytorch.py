@@ -1783,7 +1783,9 @@ def test_a_state_dict_with_another_parametrization_after_weight_norm_is_refused(
   # weight_norm then a learned scale (or spectral_norm): the module was refused, its state dict
   # converted silently without the second parametrization (outputs 17-20% off).
   sd = _wn_state(prefix.rstrip('.'), (4, 3))
-  sd = {k.lstrip('.').replace('weight_g', 'parametrizations.weight.original0'): v for k, v in sd.items()}
+  sd = {
+    k.lstrip('.').replace('weight_g', 'parametrizations.weight.original0'): v for k, v in sd.items()
+  }
   sd = {k.replace('weight_v', 'parametrizations.weight.original1'): v for k, v in sd.items()}
   sd.update({f'{prefix}parametrizations.weight.{k}': np.ones((4, 1), np.float32) for k in state})
   name = repr(prefix.rstrip('.')) if prefix else 'the module'

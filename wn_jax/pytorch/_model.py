@@ -25,8 +25,8 @@ from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _unwrap
-from wn_jax.pytorch._state_dict import wrapper_hint
 from wn_jax.pytorch._state_dict import refuse_meta
+from wn_jax.pytorch._state_dict import wrapper_hint
 from wn_jax.pytorch._twin import _check_plain_convs
 from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin

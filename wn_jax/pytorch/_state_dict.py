@@ -91,7 +91,7 @@ def _load(source: Any) -> Mapping[str, Any]:
     raise _error(
       f'expected a state dict, flat keys to arrays; {nested!r} holds one (keys '
       f'{list(source[nested])[:3]}): this looks like a training checkpoint ({list(source)[:4]}). '
-      f'Pass ckpt[{nested!r}], the model\'s state dict.'
+      f"Pass ckpt[{nested!r}], the model's state dict."
     )
   if nested is not None:
     raise _error(
@@ -318,9 +318,9 @@ def half_a_pair(state_dict: Mapping[str, Any], key: str) -> ValueError:
   held = [k for k in state_dict if k.startswith(head)]
   if held:  # legacy weight_norm's weight_v, then a parametrization on it
     return _error(
-      f'{key!r} is itself parametrized (keys {held[:3]}): wn_jax reads weight norm\'s g and v '
+      f"{key!r} is itself parametrized (keys {held[:3]}): wn_jax reads weight norm's g and v "
       'as plain tensors. Fold its parametrizations into it first '
-      f"(torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})), or convert "
+      f'(torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})), or convert '
       'the plain weights.'
     )
   return _error(
@@ -412,7 +412,7 @@ def _finish(
     raise _error(
       f"like's {empty} are on the meta device, with no values, and to_torch copies them from "
       "like (the tree holds none for them: drop='s keys, BatchNorm's num_batches_tracked, the "
-      'tensors outside from_torch\'s layers): pass a like whose tensors hold values, or set '
+      "tensors outside from_torch's layers): pass a like whose tensors hold values, or set "
       'these after loading.'
     )
   return {k: _like(ref[k], out[source[k]], k, hint) if k in source else _copy(ref[k]) for k in ref}
@@ -424,7 +424,8 @@ def _tied(ref: Mapping[str, Any], out: Mapping[str, Any]) -> dict[str, str]:
   value, not ``like``'s old one, which loading would write over the converted tensor."""
 
   def tensor(x: Any) -> Any:
-    if hasattr(x, 'data_ptr') and x.numel() and not _is_meta(x):  # torch: the same storage, offset and view
+    # torch: the same storage, offset and view (a meta tensor has no storage)
+    if hasattr(x, 'data_ptr') and x.numel() and not _is_meta(x):
       return ('torch', x.data_ptr(), tuple(x.shape), tuple(x.stride()))
     return id(x)
 

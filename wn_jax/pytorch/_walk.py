@@ -15,8 +15,8 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
-from wn_jax.pytorch._state_dict import chain_error
 from wn_jax.pytorch._state_dict import _suffixes
+from wn_jax.pytorch._state_dict import chain_error
 from wn_jax.pytorch._state_dict import detected
 from wn_jax.pytorch._state_dict import layer_keys
 from wn_jax.pytorch._state_dict import refuse_a_chain
