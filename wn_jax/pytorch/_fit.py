@@ -210,12 +210,28 @@ def _name_hints(fit: _Fit, unsaved: Container[str]) -> list[str]:
     )
   elif (missing or unexpected) and not fit.plain:
     hints.append('name Flax submodules as the PyTorch ones (lists in setup / nnx.List)')
+  hints += _dict_hints(missing, unexpected)
   if unexpected and not fit.plain:
     hints.append(
       'leave out tensors the Flax model does not hold with drop=<regex> (to_torch brings '
       'them back from like)'
     )
   return hints
+
+
+def _dict_hints(missing: list[str], unexpected: list[str]) -> list[str]:
+  """A torch ``nn.ModuleDict``'s ``blocks/a`` where linen's dict in ``setup`` is ``blocks_a``."""
+  flat = lambda p: (p.split('/')[0], '_'.join(p.split('/')[1:-1]), p.split('/')[-1])
+  pairs = [(u, m) for u in unexpected for m in missing if u.count('/') > m.count('/')]
+  pairs = [(u, m) for u, m in pairs if flat(u) == flat(m)]
+  if not pairs:
+    return []
+  (u, m), parent = pairs[0], pairs[0][0].split('/')[1]
+  module = lambda p: '/'.join(p.split('/')[1:-1])
+  return [
+    f"a torch nn.ModuleDict's children convert as {module(u)!r}, where linen names a dict of "
+    f'submodules assigned in setup {module(m)!r}: hold them in a submodule named {parent!r}'
+  ]
 
 
 def _automatic_names(paths: Iterable[str]) -> list[str]:
@@ -241,15 +257,18 @@ def _check(
   inputs: Any = None,
   move: Callable[[tuple[Any, ...]], tuple[Any, ...]] = tuple,
   unsaved: Container[str] = (),
+  wrapped: str = '',
 ) -> None:
   """Every name and shape of the converted tree against the Flax model's own (``unsaved``:
-  the paths of torch buffers registered ``persistent=False``, which no state dict holds)."""
+  the paths of torch buffers registered ``persistent=False``, which no state dict holds;
+  ``wrapped``: the hint for a state dict saved from a torch wrapper, or ``''``)."""
   fit = _fit(flat, template, layers, naming, inputs, move)
   missing, unexpected, bad = fit.missing, fit.unexpected, fit.bad
   shapes = [f'{"/".join(p)}: {fit.got[p]} vs {fit.want[p]}' for p in bad]
   if not (missing or unexpected or shapes):
     return
   hints = [
+    *([wrapped] if wrapped and (missing or unexpected) else []),
     *_axis_hints(fit),
     *_size_hints(fit),
     *_layout_hints(fit),

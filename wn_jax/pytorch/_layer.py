@@ -27,6 +27,9 @@ from wn_jax.pytorch._state_dict import _layer_key
 from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
+from wn_jax.pytorch._state_dict import _unwrap
+from wn_jax.pytorch._state_dict import half_a_pair
+from wn_jax.pytorch._state_dict import refuse_meta
 from wn_jax.pytorch._walk import _MISSING
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _infos
@@ -247,11 +250,7 @@ def _stored(
   g_key, v_key = (_key(prefix, s) for s in _suffixes(style, tensor))
   for key in (g_key, v_key):
     if key not in sd:
-      raise _error(
-        f'{key!r} is missing: a weight-normed layer needs both g and v. If the other is a '
-        "tensor of the model's own (an attention's weight_v, no weight norm), pass the torch "
-        'module, which tells, or drop= its keys.'
-      )
+      raise half_a_pair(sd, key)
   bias_key = _key(prefix, '.bias')
   bias = _array(sd[bias_key], dtype) if bias_key in sd and tensor == 'weight' else None
   g, v = _array(sd[g_key], dtype), _array(sd[v_key], dtype)
@@ -348,7 +347,8 @@ def from_torch(
     >>> layer.kind, layer.axis, layer.params['kernel'].shape, layer.params['scale'].shape
     ('Linear', -1, (2, 3), (3,))
   """
-  sd, _, layers = _layers(state_dict, kinds, decompose, dtype)
+  sd, _, layers = _layers(_unwrap(state_dict)[0], kinds, decompose, dtype)
+  refuse_meta(sd)
   if not layers:
     raise _error(
       f'no weight-normed layer in this checkpoint ({len(sd)} keys, e.g. {list(sd)[:3]}): '

@@ -24,6 +24,9 @@ from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _jax
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import _unwrap
+from wn_jax.pytorch._state_dict import refuse_meta
+from wn_jax.pytorch._state_dict import wrapper_hint
 from wn_jax.pytorch._twin import _check_plain_convs
 from wn_jax.pytorch._twin import _check_twin_layers
 from wn_jax.pytorch._twin import _twin
@@ -33,12 +36,14 @@ def _to_tree(
   source: Any, naming: str, options: _Options, template: Any, twin: Any
 ) -> dict[Any, Any]:
   """Every tensor of ``source`` in a linen (``naming='linen'``) or NNX tree."""
+  source = _unwrap(source)[0]
   if twin is not None and template is not None:
     raise _error(
       'pass twin= or template=, not both: twin= checks the names, shapes and kept axes '
       '(its variables are the template), template= the names and shapes only.'
     )
   sd, infos, layers, leaves, _ = _plan(source, options)
+  refuse_meta(sd)
   flat: dict[tuple[Any, ...], Any] = {}
   where: dict[tuple[Any, ...], str] = {}
 
@@ -68,7 +73,7 @@ def _to_tree(
       _check_plain_convs(sd, infos, found, naming, move)
     flat = {move(path): value for path, value in flat.items()}
     unsaved = _unsaved(source, sd, options, naming, move)
-    _check(flat, template, layers, naming, inputs, move, unsaved)
+    _check(flat, template, layers, naming, inputs, move, unsaved, wrapper_hint(sd))
   return _nest(flat)
 
 
@@ -243,7 +248,10 @@ def layer_axes(
 
   A converted layer's ``scale`` does not always tell its axis (a wav2vec2-style ``dim=2``
   Conv1d whose window equals its channel count fits ``axis=-1`` too), so fold a converted
-  model with ``wn_jax.linen.fold(variables['params'], axis=layer_axes(torch_model))``.
+  model with ``wn_jax.linen.fold(variables['params'], axis=layer_axes(torch_model))``. The
+  paths are the converter's own names (``body_0``); a tree converted with ``twin=`` or
+  ``template=`` takes the twin's (``body/layers_0`` for a Flax ``nn.Sequential``): fold it with
+  ``axis=wn_jax.linen.layer_axes(twin, x)``, which reads the twin built as checked.
 
   Args:
     source: as :func:`to_linen`.
@@ -261,7 +269,7 @@ def layer_axes(
     >>> layer_axes(sd)
     {'pos_conv_0': -3}
   """
-  _, _, layers = _layers(source, kinds, decompose, None)
+  _, _, layers = _layers(_unwrap(source)[0], kinds, decompose, None)
   return {
     '/'.join(_linen_path(prefix)): layer.axis
     for prefix, layer in layers.items()

@@ -20,6 +20,7 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import refuse_a_non_array
 from wn_jax.pytorch._walk import _Info
 from wn_jax.pytorch._walk import _plain_kind
 
@@ -116,17 +117,21 @@ def _check_patterns(
   """Raises for a ``drop=``, ``buffer_keys=`` or ``rules=`` pattern that ``re.fullmatch``es no key:
   a typo would otherwise convert silently as if it were not there."""
   keys = list(sd)
-  in_layers = {k for p, layer in layers.items() for k in _layer_keys(p, layer)}
+  in_layers = {p: set(_layer_keys(p, layer)) for p, layer in layers.items()}
   some = f'{keys[:6]}{" ..." if len(keys) > 6 else ""}'
   named = [('drop=', options.drop), ('buffer_keys=', options.buffer_keys)]
   for what, pattern in named + [('rules= key', p) for p in options.rules or {}]:
     if pattern is None:
       continue
     hits = [k for k in keys if re.fullmatch(pattern, k)]
-    if what == 'rules= key' and hits and all(k in in_layers for k in hits):
+    if what == 'rules= key' and hits and set(hits) <= set().union(*in_layers.values()):
+      names = [list(layer._names) for p, layer in layers.items() if in_layers[p] & set(hits)]
       raise _error(
         f"{what} '{pattern}' matches only keys of weight-normed layers ({hits[:3]}), which "
-        'convert to kernel / scale as they are; rules= applies to the other tensors.'
+        f'convert as they are, to {names[0]}{" ..." * (len(names) > 1)}: rules= applies to '
+        'the other tensors, and a weight-normed tensor is not split (per-gate leaves of an '
+        "LSTM's: take weight norm off it first, torch.nn.utils.remove_weight_norm, and split "
+        'the plain tensor; or split it in the Flax model).'
       )
     if not hits:
       raise _error(
@@ -158,6 +163,7 @@ def _plan(
   for key in sd:
     if key in used:
       continue
+    refuse_a_non_array(key, sd[key])
     kind = _plain_kind(_split(key)[0], sd, infos)
     collection = buffers if key in held else 'params'
     leaf = _leaf(key, kind, len(sd[key].shape), options.rules or {}, collection)

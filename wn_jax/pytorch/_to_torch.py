@@ -27,6 +27,8 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _finish
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import _unwrap
+from wn_jax.pytorch._state_dict import wrapper_hint
 
 _SAME = (
   'If the tree came from to_linen / to_nnx with rules=, kinds=, decompose=, buffers= or drop=, '
@@ -135,7 +137,9 @@ def _lacks(
         'the whole nnx.state(model), not one filtered by type.)'
       )
   holds = f" It holds {unread}, which like's state dict has no tensor for." if unread else ''
-  return _error(f"the {naming} tree lacks {missing}, which like's state dict needs.{holds} {_SAME}")
+  wrapped = wrapper_hint(target.sd, "like's state dict")
+  fix = f'{wrapped[0].upper()}{wrapped[1:]}.' if wrapped else _SAME
+  return _error(f"the {naming} tree lacks {missing}, which like's state dict needs.{holds} {fix}")
 
 
 class _Reader:
@@ -264,7 +268,10 @@ def to_torch(
     >>> all(np.array_equal(back[k], sd[k]) for k in sd)
     True
   """
+  like, prefix = _unwrap(like)  # a wrapper's keys: the model's, prefixed
   if _is_layers(layers):
-    return _layers_to_torch(layers, like, style)
-  options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
-  return _tree_to_torch(layers, like, options)
+    out = _layers_to_torch(layers, like, style)
+  else:
+    options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
+    out = _tree_to_torch(layers, like, options)
+  return {prefix + k: v for k, v in out.items()}

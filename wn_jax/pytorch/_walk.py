@@ -16,8 +16,11 @@ from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
 from wn_jax.pytorch._state_dict import _suffixes
+from wn_jax.pytorch._state_dict import chain_error
 from wn_jax.pytorch._state_dict import detected
 from wn_jax.pytorch._state_dict import layer_keys
+from wn_jax.pytorch._state_dict import refuse_a_chain
+from wn_jax.pytorch._state_dict import refuse_a_normed_bias
 from wn_jax.pytorch._state_dict import refuse_a_second_weight
 
 _MISSING = object()
@@ -65,12 +68,8 @@ def _wn_dims(module: Any, prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
         dims[name] = None if p.dim in (None, -1) else p.dim
         styles[name] = 'parametrization'
     if name in dims and len(chain) > 1:
-      raise _error(
-        f'{repr(prefix) if prefix else "the module"}: its {name!r} has {len(chain)} parametrizations '
-        f'({", ".join(type(p).__name__ for p in chain)}), and wn_jax converts weight norm '
-        f'alone. Fold the others into the tensor first: take them off with '
-        f'torch.nn.utils.parametrize.remove_parametrizations, or convert the plain weights.'
-      )
+      kinds = ', '.join(type(p).__name__ for p in chain)
+      raise chain_error(prefix, name, f'{len(chain)} parametrizations ({kinds})')
   return dims, styles
 
 
@@ -135,7 +134,9 @@ def weight_normed_here(
   has the last word: keys that only look weight-normed (an attention's own ``weight_v``) are
   not, and the module's style wins. The style is the one the keys ``drop`` leaves show; a pair
   it takes whole stays (its layer is dropped whole, bias included). Without a module, a
-  second weight is refused (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`)."""
+  second weight is refused (:func:`wn_jax.pytorch._state_dict.refuse_a_second_weight`), and so is
+  the state of other parametrizations on a converted one (:func:`~wn_jax.pytorch._state_dict.refuse_a_chain`).
+  A weight-normed ``bias`` is refused (:func:`~wn_jax.pytorch._state_dict.refuse_a_normed_bias`)."""
   present = lambda key: key in sd and (drop is None or re.fullmatch(drop, key) is None)
   kept, out = detected(sd, present), {}
   for (prefix, tensor), style in detected(sd, sd.__contains__).items():
@@ -148,5 +149,9 @@ def weight_normed_here(
       continue  # a lone key that drop= takes: no pair (a whole pair taken drops the layer)
     if not info.live:
       refuse_a_second_weight(present, prefix, tensor)
+      if all(map(present, keys)):  # converted: not a layer drop= takes whole
+        refuse_a_chain(sd, prefix, tensor)
+    if all(map(present, keys)):
+      refuse_a_normed_bias(prefix, tensor, keys)
     out[prefix, tensor] = style
   return out
