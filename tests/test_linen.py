@@ -118,6 +118,11 @@ def test_a_masked_kernel_starts_at_zero_where_the_mask_is(kind):
   assert_close(layer.apply({'params': p}, x), np.asarray(plain.apply(plain.init(KEY, x), x)))
   grads = jax.grad(lambda q: jnp.sum(layer.apply({'params': q}, x) ** 2))(p)
   assert not np.any(np.asarray(grads['kernel'])[np.asarray(mask) == 0])
+  # A plain checkpoint given its scale by a mutable apply (a review trial: only init zeroed).
+  plain_params = plain.init(KEY, x)['params']
+  y, made = layer.apply({'params': plain_params}, x, mutable=['params'])
+  assert not np.any(np.asarray(made['params']['kernel'])[np.asarray(mask) == 0])
+  assert_close(y, np.asarray(plain.apply({'params': plain_params}, x)))
 
 
 @pytest.mark.parametrize(

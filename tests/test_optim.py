@@ -771,10 +771,17 @@ def test_gradients_that_do_not_fit_the_params_are_refused_with_the_fix():
   tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
   state = tx.init(params)
   for w in (jnp.ones((2, 3)), jnp.ones((3, 1))):
-    with pytest.raises(ValueError, match=rf"gradient of shape \({w.shape[0]}, .*'w'.*jax.grad"):
+    with pytest.raises(ValueError, match=rf"hold of shape \({w.shape[0]}, .*'w'.*jax.grad"):
       tx.update({'w': w, 'b': jnp.ones(2)}, state, params)
-  with pytest.raises(ValueError, match=r'gradients do not have the structure of params'):
+  # An unselected leaf too: optax would broadcast it silently (a review trial).
+  with pytest.raises(ValueError, match=r"hold of shape \(1,\) at 'b'"):
+    tx.update({'w': jnp.ones((3, 2)), 'b': jnp.ones(1)}, state, params)
+  with pytest.raises(ValueError, match=r"hold None at 'w'"):
+    tx.update({'w': None, 'b': jnp.ones(2)}, state, params)
+  with pytest.raises(ValueError, match=r"gradients do not have the structure.*missing \['b'\]"):
     tx.update({'w': jnp.ones((3, 2))}, state, params)
+  with pytest.raises(ValueError, match=r"extra argument 'grad' hold of shape \(2, 3\)"):
+    tx.update(params, state, params, grad={'w': jnp.ones((2, 3)), 'b': jnp.ones(2)})
   with pytest.raises(ValueError, match=r'inner must be an optax.*optax.sgd\(\.\.\.\)'):
     wn_jax.optim.weight_norm(optax.sgd)
 

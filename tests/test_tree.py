@@ -471,11 +471,43 @@ def test_one_axis_that_keeps_every_axis_of_a_matrix_is_refused():
   ):
     with pytest.raises(ValueError, match=r"'head/kernel'.*keeps every axis.*mapping"):
       call()
-  # Asked for by name, per leaf, it is the user's choice; a vector keeps its one axis.
+  # Asked for by name, per leaf, or for every leaf alike, it is the user's choice; a vector
+  # keeps its one axis.
   assert wn_jax.weight_norm(params, axis={'layers/kernel': -1, 'head/kernel': (0, 1)})
+  assert wn_jax.weight_norm(params['head'], axis=(0, 1))['kernel'].g.shape == (6, 2)
   assert wn_jax.weight_norm({'b': jnp.ones(3)}, where='b')['b'].g.shape == (3,)
 
 
 def test_a_mapping_without_a_selected_leaf_names_it():
+  params = _stacked_and_head()
   with pytest.raises(ValueError, match=r"'head/kernel'.*no axis in the mapping.*layers/kernel"):
-    wn_jax.weight_norm(_stacked_and_head(), axis={'layers/kernel': (0, -1)})
+    wn_jax.weight_norm(params, axis={'layers/kernel': (0, -1)})
+  # A review trial: keys that name no selected leaf (a typo, a leaf where= leaves out) passed.
+  both = {'layers/kernel': (0, -1), 'head/kernel': -1}
+  with pytest.raises(ValueError, match=r"axis names \['head/kernel'\], which where= did not"):
+    wn_jax.weight_norm(params, axis=both, where='layers')
+  with pytest.raises(ValueError, match=r"no axis in the mapping.*ends in '/value'"):
+    wn_jax.weight_norm(params, axis={'layers/kernel/value': (0, -1), 'head/kernel': -1})
+  with pytest.raises(ValueError, match=r'no axis in the mapping.*flat'):
+    wn_jax.weight_norm(params, axis={'layers': {'kernel': (0, -1)}, 'head': {'kernel': -1}})
+
+
+def test_one_rule_for_every_leaf_is_checked_as_one_axis_is():
+  # A review trial: a callable that ignores the path got past the refusal; a wrapper was told
+  # to pass a mapping it does not take; a ragged axis got NumPy's error.
+  with pytest.raises(ValueError, match=r"'head/kernel'.*keeps every axis"):
+    wn_jax.weight_norm(_stacked_and_head(), axis=lambda path: (0, -1))
+  x = jnp.ones((2, 3))
+  wrapper = wn_jax.linen.WeightNorm(_TwoKernels(), axis=(0, 1), where='a|b')
+  with pytest.raises(ValueError, match=r'keeps every axis.*Narrow where='):
+    wrapper.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r'axis must be an int, a tuple of ints or None'):
+    wn_jax.WeightNormed(jnp.ones((2, 3, 4)), jnp.ones(()), axis=[0, (1, 2)]).weight()
+
+
+class _TwoKernels(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    a = self.param('a', nn.initializers.ones, (3, 4))
+    b = self.param('b', nn.initializers.ones, (2, 3, 4))
+    return x @ a + jnp.sum(b)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import math
 import operator
+from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,9 @@ from wn_jax._errors import labelled
 from wn_jax._errors import type_name
 
 Axis = int | Sequence[int] | None
+# The kept axes of the leaves a pytree function selects: one for all, or each leaf's own by
+# its '/'-joined path (a mapping, or a callable on it).
+LeafAxis = Axis | Mapping[str, Axis] | Callable[[str], Axis]
 
 
 def as_array(x: ArrayLike, dtype=None) -> jax.Array:
@@ -206,3 +212,24 @@ def kept_names(names: Sequence[object] | None, kept: tuple[int, ...]) -> tuple[o
   if names is None:
     return None
   return tuple(names[a] if a < len(names) else None for a in kept)
+
+
+def axis_at(axis: LeafAxis, table: dict[str, Any] | None) -> Callable[[str], Axis]:
+  """``axis`` (one for all, a mapping ``table`` of paths, or a callable) as a function of a
+  selected leaf's ``/``-joined path."""
+  if table is not None:
+
+    def lookup(path: str) -> Axis:
+      if path not in table:
+        hint = ''
+        if f'{path}/value' in table:
+          hint = " Its key ends in '/value' (a JAX key path of an NNX State): leave that out."
+        elif any(isinstance(a, Mapping) for a in table.values()):
+          hint = " The mapping is flat: '/'-joined paths to axes, not nested like the params."
+        raise ValueError(f'no axis in the mapping (it names {sorted(table)[:6]}).{hint}')
+      return table[path]
+
+    return lookup
+  if callable(axis):
+    return axis
+  return lambda path: cast(Axis, axis)

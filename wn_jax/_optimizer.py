@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wn_jax import _axes
 from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _fold
@@ -57,7 +58,7 @@ class WeightNormState:
 
 def weight_norm(
   inner: optax.GradientTransformation,
-  axis: _tree.LeafAxis = -1,
+  axis: _axes.LeafAxis = -1,
   *,
   where: _tree.Where = None,
   project: str | float | None = None,
@@ -110,7 +111,8 @@ def weight_norm(
     axis: the kept axis or axes of every selected leaf (default ``-1``, the output
       features of Flax kernels), or each leaf's own, as in :func:`wn_jax.weight_norm` (a
       mapping from each selected leaf's ``/``-joined path, or a callable on it): a stack
-      of layers keeps its layer axis too, ``(0, -1)``.
+      of layers keeps its layer axis too, ``(0, -1)``. (Under ``optax.inject_hyperparams``,
+      which takes a callable for a schedule, pass ``static_args=('axis',)``.)
     where: the selection, as in :func:`wn_jax.weight_norm` (default: floating leaves with
       ``ndim >= 2`` but biases and what a WN layer or wrapper normalizes already).
     project: ``None`` (or ``False``: off), or ``'init'`` or a positive number: each step
@@ -169,7 +171,9 @@ def weight_norm(
     params, updates = unwrap(params), unwrap(updates)
     wn = _directions_and_rest(state.directions, params, _CALLER)
     _check_shapes(state.directions, params)
-    _check_gradients(state.directions, updates)
+    _check_gradients(params, updates)
+    if extra_args.get('grad') is not None:
+      _check_gradients(params, extra_args['grad'], "the extra argument 'grad'")
     norms = _norms(state.directions) if state.norms is None else state.norms
     pullback = functools.partial(_pullback, state.directions, norms)
     inner_updates, inner_state = inner.update(
@@ -206,26 +210,34 @@ def _check_shapes(directions: Any, params: Any, caller: str = _CALLER) -> None:
   _at_directions(check, directions, params)
 
 
-def _check_gradients(directions: Any, updates: Any) -> None:
-  """The gradients ``update`` got fit the params: their structure, each weight's shape."""
+def _check_gradients(params: Any, updates: Any, what: str = 'the gradients') -> None:
+  """The gradients ``update`` got (or its extra ``grad``) fit ``params``: their structure, and
+  each leaf's shape (optax would broadcast a wrong one silently)."""
   fix = (
     'Pass the gradients of the loss with respect to params, jax.grad(loss)(params): one '
     'of each weight, in the tree tx.update gets as params.'
   )
-  try:
-    structure = jax.tree_util.tree_structure(directions, is_leaf=is_node)
-    parts = structure.flatten_up_to(updates)  # type: ignore[attr-defined]
-  except (ValueError, TypeError) as e:
+  leaf = lambda x: x is None or is_masked(x)  # a None gradient (a frozen leaf) is named
+  flat = lambda t: jax.tree_util.tree_flatten_with_path(t, is_leaf=leaf)[0]
+  ours, theirs = flat(params), flat(updates)
+  keys = lambda leaves: [_tree.path_str(_tree.param_path(p)) for p, _ in leaves]
+  if keys(ours) != keys(theirs):
+    missing = sorted(set(keys(ours)) - set(keys(theirs)))[:4]
+    extra = sorted(set(keys(theirs)) - set(keys(ours)))[:4]
+    kinds = ''
+    if type(updates) is not type(params):
+      kinds = f'; a {type(updates).__name__} for a {type(params).__name__} (nnx.to_pure_dict)'
     raise ValueError(
-      f'{_CALLER}: the gradients do not have the structure of params ({e}). {fix}'
-    ) from None
-  for (path, d), u in zip(
-    jax.tree_util.tree_flatten_with_path(directions, is_leaf=is_node)[0], parts
-  ):
-    if isinstance(d, _tree.WeightNormed) and jnp.shape(u) != jnp.shape(d.v):
+      f'{_CALLER}: {what} do not have the structure of params (missing {missing}, extra '
+      f'{extra}{kinds}). {fix}'
+    )
+  for (path, w), (_, u) in zip(ours, theirs):
+    shape = lambda x: None if x is None else jnp.shape(x)
+    if not is_masked(w) and shape(u) != shape(w):
+      got = f'of shape {jnp.shape(u)}' if hasattr(u, 'shape') else f'{u!r}'
       raise ValueError(
-        f'{_CALLER}: a gradient of shape {jnp.shape(u)} at {_tree.path_str(path)!r} meets a '
-        f'weight of shape {jnp.shape(d.v)}. {fix}'
+        f'{_CALLER}: {what} hold {got} at {_tree.path_str(_tree.param_path(path))!r}, for a '
+        f'parameter of shape {jnp.shape(w)}. {fix}'
       )
 
 

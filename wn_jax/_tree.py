@@ -22,8 +22,6 @@ from wn_jax._errors import labelled
 
 PyTree = Any
 Where = None | str | re.Pattern | Callable[[tuple, Any], bool]
-# The kept axes of the selected leaves: one for all, or each leaf's by its '/'-joined path.
-LeafAxis = _axes.Axis | Mapping[str, _axes.Axis] | Callable[[str], _axes.Axis]
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -97,7 +95,8 @@ def _static_axis(axis: Any) -> Any:
       return a
 
   # A 0-d array (optax.inject_hyperparams makes every number one) is a scalar, not a sequence.
-  if axis is None or isinstance(axis, (bool, str)) or np.ndim(axis) == 0:
+  scalar = isinstance(axis, (jax.Array, np.ndarray)) and axis.ndim == 0
+  if axis is None or isinstance(axis, (bool, str)) or scalar or not hasattr(axis, '__iter__'):
     return one(axis)
   return tuple(one(a) for a in axis)
 
@@ -216,7 +215,7 @@ def selector(where: Where, params: PyTree) -> Callable[[tuple, Any], bool]:
 
 
 @labelled('wn_jax.weight_norm')
-def weight_norm(params: PyTree, axis: LeafAxis = -1, *, where: Where = None) -> PyTree:
+def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = None) -> PyTree:
   r"""Replaces the selected leaves of ``params`` by :class:`WeightNormed` nodes.
 
   Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
@@ -233,8 +232,8 @@ def weight_norm(params: PyTree, axis: LeafAxis = -1, *, where: Where = None) -> 
       ``path -> axis`` on that path. A layer stacked by ``nn.scan`` / ``nnx.vmap`` along its
       first axis keeps that axis too: ``axis=(0, -1)`` (with ``-1``, one ``g`` spans every
       layer); beside unstacked layers, give each its own (``{'layers/kernel': (0, -1),
-      'head/kernel': -1}``). One axis that keeps every axis of a selected matrix is
-      refused (each entry its own slice, no direction left); per leaf, it is taken.
+      'head/kernel': -1}``). One axis that keeps every axis of some selected matrices but
+      not of others is refused (each entry of those its own slice, no direction left).
     where: which leaves: ``None`` (every floating leaf with ``ndim >= 2`` but a ``bias``
       (a stacked layer's is a matrix) and what a WN layer or a ``WeightNorm`` wrapper of
       ``params`` normalizes already: its kernel and scale, read by structure, as
@@ -249,7 +248,8 @@ def weight_norm(params: PyTree, axis: LeafAxis = -1, *, where: Where = None) -> 
 
   Raises:
     ValueError: if ``where`` selects nothing, or a selected leaf is not floating, does not
-      have ``axis``, has no axis in a mapping, or would keep every axis of a matrix.
+      have ``axis`` or has no axis in a mapping, or if one axis keeps every axis of some
+      matrices only.
 
   Examples:
     >>> import jax.numpy as jnp, wn_jax
@@ -282,38 +282,53 @@ def refuse_module(params: Any, label: str) -> None:
   _errors.require(False, label, 'the parameters (a pytree of arrays)', found, fix)
 
 
-def decomposed(params: PyTree, axis: LeafAxis, where: Where) -> PyTree:
+# decomposed's fix for a wrapper, whose axis is one for all its parameters.
+WRAPPER_FIX = (
+  'Narrow where= to the parameters this axis fits, or wrap the others in a WeightNorm of their own.'
+)
+
+
+def decomposed(
+  params: PyTree,
+  axis: _axes.LeafAxis,
+  where: Where,
+  fix: str = "Pass each leaf its own axis: a mapping {{'{path}': -1, ...}} from every selected "
+  "leaf's path, or a callable path -> axis.",
+) -> PyTree:
   """:func:`weight_norm` without its label: for the wrappers and the optimizer, whose errors
-  name themselves."""
-  axis_at: Callable[[str], _axes.Axis]
-  if isinstance(axis, Mapping):
-    table = dict(axis)
-
-    def lookup(path: str) -> _axes.Axis:
-      if path not in table:
-        raise ValueError(f'no axis in the mapping (it names {sorted(table)}). Add it.')
-      return table[path]
-
-    axis_at = lookup
-  elif callable(axis):
-    axis_at = axis
-  else:
-    axis_at = lambda path: axis
-  single = not (isinstance(axis, Mapping) or callable(axis))
+  name themselves (``fix``: what to do for one axis that keeps every axis of some matrices)."""
+  table = dict(axis) if isinstance(axis, Mapping) else None
+  axis_at = _axes.axis_at(axis, table)
+  whole: dict[str, bool] = {}  # each matrix's path: whether its axis keeps all its axes
 
   def one(path: str, leaf: Any) -> WeightNormed:
     a = axis_at(path)
-    ndim = jnp.ndim(leaf)
-    if single and ndim >= 2 and len(_axes.kept_axes(ndim, a)) == ndim:
-      raise ValueError(
-        f'axis {a!r} keeps every axis of this {ndim}-D weight: each entry would be '
-        f'its own slice, w = g * sign(v), with no direction left (the axes of a stacked '
-        f'layer reaching an unstacked one?). Pass each leaf its own axis: a mapping '
-        f"{{'{path}': -1, ...}} from every selected leaf's path, or a callable path -> axis."
-      )
+    if jnp.ndim(leaf) >= 2:
+      whole[path] = len(_axes.kept_axes(jnp.ndim(leaf), a)) == jnp.ndim(leaf)
     return WeightNormed(*_core.decompose(leaf, a), a)
 
-  return replace_selected(params, where, one)
+  out = replace_selected(params, where, one)
+  selected = _node_paths(out)
+  extra = sorted(set(table or ()) - selected)
+  if extra:
+    raise ValueError(
+      f'axis names {extra}, which where= did not select (or no such leaf): the selected '
+      f'leaves are {sorted(selected)[:6]}. Fix the paths, or select them with where=.'
+    )
+  if table is None and len(set(whole.values())) > 1:  # one rule: the stack's axes elsewhere
+    path = next(p for p, every in whole.items() if every)
+    raise ValueError(
+      f'leaf {path!r}: axis {axis!r} keeps every axis of this weight, but not of others (a '
+      f"stack's axes reaching an unstacked layer?): each entry would be its own slice, "
+      f'w = g * sign(v), with no direction left. {fix.format(path=path)}'
+    )
+  return out
+
+
+def _node_paths(tree: PyTree) -> set[str]:
+  """The ``/``-joined paths of ``tree``'s ``WeightNormed`` nodes."""
+  nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_wn)[0]
+  return {path_str(param_path(p)) for p, x in nodes if _is_wn(x)}
 
 
 def replace_selected(

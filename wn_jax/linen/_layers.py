@@ -79,11 +79,16 @@ class _WeightNormedKernel:
     p = active[1]
     if name == 'bias':
       return p.bias(value)
-    if self.is_initializing() and getattr(self, 'mask', None) is not None:  # type: ignore[attr-defined]
+    if getattr(self, 'mask', None) is not None and self._creates_scale():
       value = _kernel.zero_masked_out(value, self.mask)  # type: ignore[attr-defined]
       self._put_boxed('kernel', value)
     kept = p.axes(value)
     return p.kernel(value, self._scale(value, kept), kept)
+
+  def _creates_scale(self) -> bool:
+    """Whether this call creates ``scale`` (``init``, or a plain checkpoint's ``apply`` with
+    mutable params): the layer's parameters are set up now."""
+    return not self.has_variable('params', 'scale') and self.is_mutable_collection('params')  # type: ignore[attr-defined]
 
   def _scale(self, value: jax.Array, kept: tuple[int, ...]) -> jax.Array:
     """The layer's ``scale``: read, or created (at ``||kernel||`` by default, with no key)."""
@@ -234,8 +239,8 @@ class WNConv(_WeightNormedConv, nn.Conv):
 
   Parameters: `kernel` holds v, of layout `(*window, in // feature_group_count, out)`;
   `scale` holds g, of shape `(out,)` for `axis=-1`; and `bias`. A `mask` applies to the
-  normalized weight, as to the plain layer's kernel; `init` sets the kernel's entries it
-  zeroes to 0, so they count in no norm and stay 0 in training ($\lVert w \rVert = g$). Every attribute of `flax.linen.Conv`
+  normalized weight, as to the plain layer's kernel; the call that creates `scale` (`init`)
+  sets the kernel's entries it zeroes to 0, so they count in no norm and stay 0 in training ($\lVert w \rVert = g$). Every attribute of `flax.linen.Conv`
   (features, kernel_size, strides, padding including 'SAME', 'VALID', 'CIRCULAR',
   'CAUSAL' and explicit pairs, input_dilation, kernel_dilation, feature_group_count,
   use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init) works as there.

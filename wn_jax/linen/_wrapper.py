@@ -185,7 +185,7 @@ class _Mapping:
     boxed = _nested(self.keys, self.created)
     params = nn.unbox(boxed)
     _wrapping.check_wrappable(params, w.where, self.owners)
-    wn = _tree.decomposed(params, w.axis, w.where)
+    wn = _tree.decomposed(params, w.axis, w.where, _tree.WRAPPER_FIX)
     keys = iter(jax.random.split(key, 1 + len(jax.tree_util.tree_leaves(wn))))
 
     def g(x: _tree.WeightNormed) -> jax.Array:

@@ -151,7 +151,7 @@ class WeightNorm(nnx.Module):
         )
     try:
       _wrapping.check_wrappable(pure, where, owners)
-      wn = _tree.decomposed(pure, axis, where)
+      wn = _tree.decomposed(pure, axis, where, _tree.WRAPPER_FIX)
     except ValueError as e:
       raise ValueError(f'{self._where()}: {e}') from None
     if callable(scale_init) and rngs is None:
