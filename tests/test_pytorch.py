@@ -1837,6 +1837,9 @@ def test_extra_state_is_refused_and_goes_back_from_like_as_it_is():
     back = wt.to_torch(wt.to_linen(source, drop=drop), like=source, drop=drop)
     assert back[key] is extra  # like's object as it is, for set_extra_state
     assert wt.to_torch(wt.from_torch(source), like=source)[key] is extra
+  # A review trial: another key's message spoke of set_extra_state too.
+  with pytest.raises(ValueError, match=r"'lr' holds a float, not an array.*as it is\.$"):
+    wt.to_linen({**_root_sd(), 'lr': 0.1})
 
 
 class ScriptModule(_FakeModule):  # torch.jit's base class, as its subclasses have it
@@ -1856,6 +1859,10 @@ def test_a_torchscript_module_is_refused():
   for convert in (wt.from_torch, wt.to_linen, wt.to_nnx, wt.layer_axes):
     with pytest.raises(ValueError, match=match):
       convert(scripted)
+  # A review trial: one inside an ordinary module was read, silently wrong.
+  holder = _FakeModule(children={'b': RecursiveScriptModule(state=sd)})
+  with pytest.raises(ValueError, match=r"TorchScript module at 'b' \(RecursiveScriptModule"):
+    wt.to_linen(holder)
   variables = wt.to_linen(dict(scripted.state_dict()))  # its state dict converts
   for tree in (variables, wt.from_torch(sd)):
     with pytest.raises(ValueError, match=match):
@@ -1941,7 +1948,9 @@ def test_a_wrapped_module_is_unwrapped_and_a_wrapped_state_dict_is_named(cls, at
   assert_trees_equal(wt.to_linen(wrapper, template=variables), variables)
   assert list(wt.from_torch(wrapper)) == ['fc'] and wt.layer_axes(wrapper) == {'fc': -1}
   sd = wrapper.state_dict()
-  for tree in (variables, wt.from_torch(inner)):  # back with the wrapper's keys
+  # back with the wrapper's keys; a review trial: from the wrapper's own state dict too (its
+  # names hold the prefix), which round-tripped before the wrappers were unwrapped
+  for tree in (variables, wt.from_torch(inner), wt.to_linen(sd), wt.from_torch(sd)):
     back = wt.to_torch(tree, like=wrapper)
     assert list(back) == list(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   hint = rf"every key of the state dict starts with '{attr}\.'.*strip it"
@@ -1958,6 +1967,9 @@ def test_a_training_checkpoint_is_told_to_pass_its_model_state_dict(convert):
   ckpt = {'model': _root_sd(), 'optimizer': {'state': {}}, 'epoch': 3}
   with pytest.raises(ValueError, match=r"training checkpoint.*ckpt\['model'\]"):
     getattr(wt, convert)(ckpt)
+  # A review trial: with the optimizer first, the old guess came back.
+  with pytest.raises(ValueError, match=r"training checkpoint.*ckpt\['model'\]"):
+    getattr(wt, convert)({'optimizer': {'state': {}}, 'model': _root_sd()})
 
 
 def test_a_parametrized_weight_v_of_legacy_weight_norm_is_named():
@@ -1995,3 +2007,8 @@ def test_a_torch_module_dict_against_a_linen_dict_in_setup_is_told_so():
   template = {'params': {'blocks_a': variables['params']['blocks']['a']}}
   with pytest.raises(ValueError, match=r"nn.ModuleDict.*'blocks_a'.*submodule named 'blocks'"):
     wt.to_linen(sd, template=template)
+  # A review trial: under another module, the hint named that module ('0') as the parent.
+  deep = {f'0.{k}': v for k, v in sd.items()}
+  template = {'params': {'0': template['params']}}
+  with pytest.raises(ValueError, match=r"'0/blocks/a'.*'0/blocks_a'.*submodule named 'blocks'"):
+    wt.to_linen(deep, template=template)

@@ -226,11 +226,14 @@ def _dict_hints(missing: list[str], unexpected: list[str]) -> list[str]:
   pairs = [(u, m) for u, m in pairs if flat(u) == flat(m)]
   if not pairs:
     return []
-  (u, m), parent = pairs[0], pairs[0][0].split('/')[1]
-  module = lambda p: '/'.join(p.split('/')[1:-1])
+  (u, m) = pairs[0]
+  module = lambda p: p.split('/')[1:-1]
+  same = next(i for i, (a, b) in enumerate(zip(module(u), module(m) + [''])) if a != b)
+  parent = module(u)[same]  # where the two part: torch's nesting, linen's joined name
   return [
-    f"a torch nn.ModuleDict's children convert as {module(u)!r}, where linen names a dict of "
-    f'submodules assigned in setup {module(m)!r}: hold them in a submodule named {parent!r}'
+    f"torch's {'/'.join(module(u))!r} (an nn.ModuleDict's child, or a nested module) is "
+    f'{"/".join(module(m))!r} here, as linen names a dict of submodules assigned in setup: '
+    f'hold them in a submodule named {parent!r}, or name the Flax module as torch nests it'
   ]
 
 

@@ -56,14 +56,18 @@ def wrapper_hint(keys: Iterable[str], whose: str = 'the state dict') -> str:
 
 
 def _refuse_torchscript(module: Any) -> None:
-  """A ``ValueError`` for a TorchScript module, whose submodules say no kind and no weight norm."""
-  if any(cls.__name__ == 'ScriptModule' for cls in type(module).__mro__):
-    raise _error(
-      f'got a TorchScript module ({type(module).__name__}, from torch.jit.script, trace or '
-      'load), whose submodules do not say their layer kinds or weight norm (its weight_g / '
-      'weight_v would be read as plain tensors): pass the original torch module, or its '
-      'state_dict() (converted as a bare state dict: kinds= where shapes cannot tell).'
-    )
+  """A ``ValueError`` for a TorchScript module, or one holding one, whose submodules say no
+  kind and no weight norm."""
+  named = module.named_modules() if hasattr(module, 'named_modules') else [('', module)]
+  for prefix, m in named:
+    if any(cls.__name__ == 'ScriptModule' for cls in type(m).__mro__):
+      where = f'at {prefix!r} ' if prefix else ''
+      raise _error(
+        f'got a TorchScript module {where}({type(m).__name__}, from torch.jit.script, trace '
+        'or load), whose submodules do not say their layer kinds or weight norm (its '
+        'weight_g / weight_v would be read as plain tensors): pass the original torch module, '
+        'or its state_dict() (converted as a bare state dict: kinds= where shapes cannot tell).'
+      )
 
 
 def _load(source: Any) -> Mapping[str, Any]:
@@ -84,10 +88,10 @@ def _load(source: Any) -> Mapping[str, Any]:
       'expected a state dict (a mapping of key -> array), a .safetensors path or a torch '
       f'module; got {type(source).__name__}.'
     )
-  nested = next(
-    (k for k, v in source.items() if isinstance(v, Mapping) and not _is_extra_state(k)), None
-  )
-  if nested is not None and _is_state_dict(source[nested]):
+  nests = [k for k, v in source.items() if isinstance(v, Mapping) and not _is_extra_state(k)]
+  model = next((k for k in nests if _is_state_dict(source[k])), None)  # in any order
+  nested = model if model is not None else next(iter(nests), None)
+  if model is not None:
     raise _error(
       f'expected a state dict, flat keys to arrays; {nested!r} holds one (keys '
       f'{list(source[nested])[:3]}): this looks like a training checkpoint ({list(source)[:4]}). '
@@ -124,11 +128,15 @@ def refuse_a_non_array(key: str, value: Any) -> None:
   extra = _is_extra_state(key)
   why = ": a module's get_extra_state() puts its non-tensor state there" if extra else ''
   pattern = r'(.*\.)?_extra_state' if extra else re.escape(key)
+  then = (
+    ", which load_state_dict hands to the module's set_extra_state (keeping it up to date is yours)"
+    if extra
+    else ''
+  )
   raise _error(
     f'{key!r} holds a {type(value).__name__}, not an array{why}, and a Flax tree holds arrays '
     f"only. Leave it out with drop=r'{pattern}': to_torch given the same drop= gives back "
-    f"like's {key!r} as it is, which load_state_dict hands to the module's set_extra_state "
-    '(keeping it up to date is yours).'
+    f"like's {key!r} as it is{then}."
   )
 
 
@@ -307,7 +315,8 @@ def refuse_a_normed_bias(prefix: str, tensor: str, keys: list[str]) -> None:
       'name. Take weight norm off the bias first (torch.nn.utils.remove_weight_norm(module, '
       "name='bias'), or torch.nn.utils.parametrize.remove_parametrizations(module, 'bias') "
       f'for the parametrization; the bias keeps its value), or leave its keys {keys} out with '
-      'drop= (to_torch given the same drop= copies them back from like).'
+      'drop= (to_torch given the same drop= copies them back from like). If they are tensors '
+      "of the model's own, not weight norm, pass the torch module, which tells."
     )
 
 

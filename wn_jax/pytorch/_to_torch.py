@@ -268,10 +268,20 @@ def to_torch(
     >>> all(np.array_equal(back[k], sd[k]) for k in sd)
     True
   """
-  like, prefix = _unwrap(like)  # a wrapper's keys: the model's, prefixed
-  if _is_layers(layers):
-    out = _layers_to_torch(layers, like, style)
-  else:
-    options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
-    out = _tree_to_torch(layers, like, options)
-  return {prefix + k: v for k, v in out.items()}
+  options = _Options(kinds, rules, decompose, None, buffers, drop, buffer_keys)
+
+  def export(target: Any) -> dict[str, Any]:
+    if _is_layers(layers):
+      return _layers_to_torch(layers, target, style)
+    return _tree_to_torch(layers, target, options)
+
+  model, prefix = _unwrap(like)  # a wrapper's keys: the model's, prefixed
+  try:
+    return {prefix + k: v for k, v in export(model).items()}
+  except ValueError as first:
+    if not prefix:
+      raise
+    try:  # a tree converted from the wrapper's own state dict, named with its prefix
+      return export(like)
+    except ValueError:
+      raise first from None
