@@ -780,6 +780,12 @@ def test_gradients_that_do_not_fit_the_params_are_refused_with_the_fix():
     tx.update({'w': None, 'b': jnp.ones(2)}, state, params)
   with pytest.raises(ValueError, match=r"gradients do not have the structure.*missing \['b'\]"):
     tx.update({'w': jnp.ones((3, 2))}, state, params)
+  # A review trial: an NNX State of gradients for a pure dict of params.
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+  with pytest.raises(ValueError, match=r'structure of params.*a State for a dict.*to_pure_dict'):
+    tx.update(grads, tx.init(pure), pure)
   with pytest.raises(ValueError, match=r"extra argument 'grad' hold of shape \(2, 3\)"):
     tx.update(params, state, params, grad={'w': jnp.ones((2, 3)), 'b': jnp.ones(2)})
   with pytest.raises(ValueError, match=r'inner must be an optax.*optax.sgd\(\.\.\.\)'):
