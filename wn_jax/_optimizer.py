@@ -221,9 +221,8 @@ def _check_gradients(params: Any, updates: Any, what: str = 'the gradients') -> 
   flat = lambda t: jax.tree_util.tree_flatten_with_path(t, is_leaf=leaf)[0]
   ours, theirs = flat(params), flat(updates)
   keys = lambda leaves: [_tree.path_str(_tree.param_path(p)) for p, _ in leaves]
-  same = jax.tree_util.tree_structure(params, is_leaf=leaf) == jax.tree_util.tree_structure(
-    updates, is_leaf=leaf
-  )
+  expected: Any = jax.tree_util.tree_structure(params, is_leaf=leaf)
+  same = expected == jax.tree_util.tree_structure(updates, is_leaf=leaf)
   if keys(ours) != keys(theirs) or not same:  # the same keys in other containers too
     missing = sorted(set(keys(ours)) - set(keys(theirs)))[:4]
     extra = sorted(set(keys(theirs)) - set(keys(ours)))[:4]
