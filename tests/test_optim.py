@@ -1,5 +1,6 @@
 """The optax transformation: same trajectory as weight_norm + materialize; composition."""
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -786,6 +787,9 @@ def test_gradients_that_do_not_fit_the_params_are_refused_with_the_fix():
   grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
   with pytest.raises(ValueError, match=r'structure of params.*a State for a dict.*to_pure_dict'):
     tx.update(grads, tx.init(pure), pure)
+  frozen = flax.core.freeze(params)
+  with pytest.raises(ValueError, match=r'a FrozenDict for a dict: flax.core.freeze / unfreeze'):
+    tx.update(frozen, state, params)
   with pytest.raises(ValueError, match=r"extra argument 'grad' hold of shape \(2, 3\)"):
     tx.update(params, state, params, grad={'w': jnp.ones((2, 3)), 'b': jnp.ones(2)})
   with pytest.raises(ValueError, match=r'inner must be an optax.*optax.sgd\(\.\.\.\)'):

@@ -1863,6 +1863,9 @@ def test_a_torchscript_module_is_refused():
   holder = _FakeModule(children={'b': RecursiveScriptModule(state=sd)})
   with pytest.raises(ValueError, match=r"TorchScript module at 'b' \(RecursiveScriptModule"):
     wt.to_linen(holder)
+  # One holding no tensors (a scripted activation) reads nothing wrong, and converted before.
+  holder = _FakeModule(children={'act': RecursiveScriptModule()}, state=sd)
+  assert_trees_equal(wt.to_linen(holder), wt.to_linen(sd))
   variables = wt.to_linen(dict(scripted.state_dict()))  # its state dict converts
   for tree in (variables, wt.from_torch(sd)):
     with pytest.raises(ValueError, match=match):
@@ -1970,6 +1973,8 @@ def test_a_training_checkpoint_is_told_to_pass_its_model_state_dict(convert):
   # A review trial: with the optimizer first, the old guess came back.
   with pytest.raises(ValueError, match=r"training checkpoint.*ckpt\['model'\]"):
     getattr(wt, convert)({'optimizer': {'state': {}}, 'model': _root_sd()})
+  with pytest.raises(ValueError, match=r"training checkpoint.*ckpt\['model'\]"):  # not 'ema'
+    getattr(wt, convert)({'ema': _root_sd(), 'model': _root_sd()})
 
 
 def test_a_parametrized_weight_v_of_legacy_weight_norm_is_named():

@@ -226,9 +226,13 @@ def _check_gradients(params: Any, updates: Any, what: str = 'the gradients') -> 
   if keys(ours) != keys(theirs) or not same:  # the same keys in other containers too
     missing = sorted(set(keys(ours)) - set(keys(theirs)))[:4]
     extra = sorted(set(keys(theirs)) - set(keys(ours)))[:4]
-    kinds = ''
-    if type(updates) is not type(params):
-      kinds = f'; a {type(updates).__name__} for a {type(params).__name__} (nnx.to_pure_dict)'
+    kinds, names = '', {type(updates).__name__, type(params).__name__}
+    if len(names) > 1:
+      to = 'nnx.to_pure_dict' if 'State' in names else 'flax.core.freeze / unfreeze'
+      kinds = f'; a {type(updates).__name__} for a {type(params).__name__}: {to}'
+    else:  # the same keys: where the containers part (a box, a dataclass's static fields)
+      at = next((pa for (pa, _), (pb, _) in zip(ours, theirs) if pa != pb), None)
+      kinds = f'; they part at {_tree.path_str(at)!r}' if at else '; containers differ'
     raise ValueError(
       f'{_CALLER}: {what} do not have the structure of params (missing {missing}, extra '
       f'{extra}{kinds}). {fix}'

@@ -56,11 +56,11 @@ def wrapper_hint(keys: Iterable[str], whose: str = 'the state dict') -> str:
 
 
 def _refuse_torchscript(module: Any) -> None:
-  """A ``ValueError`` for a TorchScript module, or one holding one, whose submodules say no
-  kind and no weight norm."""
+  """A ``ValueError`` for a TorchScript module (or one holding one): it says no layer kinds."""
   named = module.named_modules() if hasattr(module, 'named_modules') else [('', module)]
-  for prefix, m in named:
-    if any(cls.__name__ == 'ScriptModule' for cls in type(m).__mro__):
+  for prefix, m in named:  # one holding no tensors (a scripted activation) reads nothing wrong
+    scripted = any(cls.__name__ == 'ScriptModule' for cls in type(m).__mro__)
+    if scripted and (not prefix or len(m.state_dict())):
       where = f'at {prefix!r} ' if prefix else ''
       raise _error(
         f'got a TorchScript module {where}({type(m).__name__}, from torch.jit.script, trace '
@@ -89,7 +89,8 @@ def _load(source: Any) -> Mapping[str, Any]:
       f'module; got {type(source).__name__}.'
     )
   nests = [k for k, v in source.items() if isinstance(v, Mapping) and not _is_extra_state(k)]
-  model = next((k for k in nests if _is_state_dict(source[k])), None)  # in any order
+  found = [k for k in nests if _is_state_dict(source[k])]  # in any order, the model's first
+  model = next((k for k in found if k in ('model', 'state_dict')), next(iter(found), None))
   nested = model if model is not None else next(iter(nests), None)
   if model is not None:
     raise _error(
