@@ -214,10 +214,11 @@ def kept_names(names: Sequence[object] | None, kept: tuple[int, ...]) -> tuple[o
   return tuple(names[a] if a < len(names) else None for a in kept)
 
 
-def axis_at(axis: LeafAxis, table: dict[str, Any] | None) -> Callable[[str], Axis]:
-  """``axis`` (one for all, a mapping ``table`` of paths, or a callable) as a function of a
-  selected leaf's ``/``-joined path."""
-  if table is not None:
+def axis_at(axis: LeafAxis) -> Callable[[str], Axis]:
+  """``axis`` (one for all, a mapping of paths, or a callable) as a function of a selected
+  leaf's ``/``-joined path."""
+  if isinstance(axis, Mapping):
+    table = dict(axis)
 
     def lookup(path: str) -> Axis:
       if path not in table:

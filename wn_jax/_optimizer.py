@@ -7,6 +7,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +69,9 @@ def weight_norm(
   The state keeps ``(v, g)`` for every selected leaf (initialized function-preserving,
   ``v = w``, ``g = ||w||``; ``g = 1`` on an all-zero slice, as :func:`wn_jax.decompose`
   sets it, so after the first step such a slice has ``||w|| = 1`` whatever the learning
-  rate: leave a zero-initialized layer out with ``where=``, or start it small and random). Each update maps the gradient with respect to ``w`` to the
-  gradients with respect to ``(v, g)`` by the chain rule (the paper's eq. 3):
+  rate: leave a zero-initialized layer out with ``where=``, or start it small and random).
+  Each update maps the gradient with respect to ``w`` to the gradients with respect to
+  ``(v, g)`` by the chain rule (the paper's eq. 3):
 
   $$
   \nabla_g L = \frac{\nabla_w L \cdot v}{\lVert v \rVert}, \qquad
@@ -89,8 +91,8 @@ def weight_norm(
   ``tx.init(params)``. So nothing may change the updates after it: in ``optax.chain`` it
   comes last (``optax.scale``, clipping, ``scale_by_learning_rate`` or ``reduce_on_plateau``
   after it take wrong steps, silently; put them in ``inner``). And each update must reach
-  ``params`` before the next: a wrapper
-  that holds updates back or resets ``params`` between them (``optax.apply_every``,
+  ``params`` before the next: a wrapper that holds updates back or resets ``params``
+  between them (``optax.apply_every``,
   ``optax.lookahead`` around this transformation) takes wrong steps, silently; accumulate
   with ``optax.MultiSteps``, which passes the parameters it holds. Works with
   ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` as with
@@ -218,32 +220,29 @@ def _check_gradients(params: Any, updates: Any, what: str = 'the gradients') -> 
     'of each weight, in the tree tx.update gets as params.'
   )
   leaf = lambda x: x is None or is_masked(x)  # a None gradient (a frozen leaf) is named
-  flat = lambda t: jax.tree_util.tree_flatten_with_path(t, is_leaf=leaf)[0]
-  ours, theirs = flat(params), flat(updates)
-  keys = lambda leaves: [_tree.path_str(_tree.param_path(p)) for p, _ in leaves]
-  expected: Any = jax.tree_util.tree_structure(params, is_leaf=leaf)
-  same = expected == jax.tree_util.tree_structure(updates, is_leaf=leaf)
-  if keys(ours) != keys(theirs) or not same:  # the same keys in other containers too
-    missing = sorted(set(keys(ours)) - set(keys(theirs)))[:4]
-    extra = sorted(set(keys(theirs)) - set(keys(ours)))[:4]
+  ours, expected = jax.tree_util.tree_flatten_with_path(params, is_leaf=leaf)
+  theirs, got = jax.tree_util.tree_flatten_with_path(updates, is_leaf=leaf)
+  if cast(Any, expected) != got:  # other keys, or the same keys in other containers
+    keys = lambda leaves: {_tree.path_str(_tree.param_path(p)) for p, _ in leaves}
+    missing, extra = sorted(keys(ours) - keys(theirs))[:4], sorted(keys(theirs) - keys(ours))[:4]
     kinds, names = '', {type(updates).__name__, type(params).__name__}
     if len(names) > 1:
       to = 'nnx.to_pure_dict' if 'State' in names else 'flax.core.freeze / unfreeze'
       kinds = f'; a {type(updates).__name__} for a {type(params).__name__}: {to}'
-    else:  # the same keys: where the containers part (a box, a dataclass's static fields)
+    elif not (missing or extra):  # where the containers part (a box, a dataclass's fields)
       at = next((pa for (pa, _), (pb, _) in zip(ours, theirs) if pa != pb), None)
       kinds = f'; they part at {_tree.path_str(at)!r}' if at else '; containers differ'
     raise ValueError(
       f'{_CALLER}: {what} do not have the structure of params (missing {missing}, extra '
       f'{extra}{kinds}). {fix}'
     )
+  shape = lambda x: None if x is None else jnp.shape(x)
   for (path, w), (_, u) in zip(ours, theirs):
-    shape = lambda x: None if x is None else jnp.shape(x)
     if not is_masked(w) and shape(u) != shape(w):
-      got = f'of shape {jnp.shape(u)}' if hasattr(u, 'shape') else f'{u!r}'
+      got_u = f'of shape {jnp.shape(u)}' if hasattr(u, 'shape') else f'{u!r}'
       raise ValueError(
-        f'{_CALLER}: {what} hold {got} at {_tree.path_str(_tree.param_path(path))!r}, for a '
-        f'parameter of shape {jnp.shape(w)}. {fix}'
+        f'{_CALLER}: {what} hold {got_u} at {_tree.path_str(_tree.param_path(path))!r}, for '
+        f'a parameter of shape {jnp.shape(w)}. {fix}'
       )
 
 

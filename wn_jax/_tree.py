@@ -297,8 +297,8 @@ def decomposed(
 ) -> PyTree:
   """:func:`weight_norm` without its label: for the wrappers and the optimizer, whose errors
   name themselves (``fix``: what to do for one axis that keeps every axis of some matrices)."""
-  table = dict(axis) if isinstance(axis, Mapping) else None
-  axis_at = _axes.axis_at(axis, table)
+  named = set(axis) if isinstance(axis, Mapping) else None  # a mapping's paths
+  axis_at = _axes.axis_at(axis)
   whole: dict[str, bool] = {}  # each matrix's path: whether its axis keeps all its axes
 
   def one(path: str, leaf: Any) -> WeightNormed:
@@ -309,13 +309,13 @@ def decomposed(
 
   out = replace_selected(params, where, one)
   selected = _node_paths(out)
-  extra = sorted(set(table or ()) - selected)
+  extra = [] if named is None else sorted(named - selected)
   if extra:
     raise ValueError(
       f'axis names {extra}, which where= did not select (or no such leaf): the selected '
       f'leaves are {sorted(selected)[:6]}. Fix the paths, or select them with where=.'
     )
-  if table is None and len(set(whole.values())) > 1:  # one rule: the stack's axes elsewhere
+  if named is None and len(set(whole.values())) > 1:  # one rule: the stack's axes elsewhere
     path = next(p for p, every in whole.items() if every)
     raise ValueError(
       f'leaf {path!r}: axis {axis!r} keeps every axis of this weight, but not of others (a '

@@ -240,8 +240,8 @@ class WNConv(_WeightNormedConv, nn.Conv):
   Parameters: `kernel` holds v, of layout `(*window, in // feature_group_count, out)`;
   `scale` holds g, of shape `(out,)` for `axis=-1`; and `bias`. A `mask` applies to the
   normalized weight, as to the plain layer's kernel; the call that creates `scale` (`init`)
-  sets the kernel's entries it zeroes to 0, so they count in no norm and stay 0 in training ($\lVert w \rVert = g$). Every attribute of `flax.linen.Conv`
-  (features, kernel_size, strides, padding including 'SAME', 'VALID', 'CIRCULAR',
+  sets the kernel's entries it zeroes to 0, so they count in no norm and stay 0 in training
+  ($\lVert w \rVert = g$). Every attribute of `flax.linen.Conv` (features, kernel_size, strides, padding including 'SAME', 'VALID', 'CIRCULAR',
   'CAUSAL' and explicit pairs, input_dilation, kernel_dilation, feature_group_count,
   use_bias, mask, dtype, param_dtype, precision, kernel_init, bias_init) works as there.
 
