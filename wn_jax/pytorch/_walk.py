@@ -15,13 +15,13 @@ from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
 from wn_jax.pytorch._state_dict import _split
-from wn_jax.pytorch._state_dict import _suffixes
-from wn_jax.pytorch._state_dict import chain_error
-from wn_jax.pytorch._state_dict import detected
-from wn_jax.pytorch._state_dict import layer_keys
-from wn_jax.pytorch._state_dict import refuse_a_chain
-from wn_jax.pytorch._state_dict import refuse_a_normed_bias
-from wn_jax.pytorch._state_dict import refuse_a_second_weight
+from wn_jax.pytorch._styles import _suffixes
+from wn_jax.pytorch._styles import chain_error
+from wn_jax.pytorch._styles import detected
+from wn_jax.pytorch._styles import layer_keys
+from wn_jax.pytorch._styles import refuse_a_chain
+from wn_jax.pytorch._styles import refuse_a_normed_bias
+from wn_jax.pytorch._styles import refuse_a_second_weight
 
 _MISSING = object()
 
