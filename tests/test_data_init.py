@@ -471,6 +471,46 @@ def test_data_init_itself_runs_under_eval_shape_and_without_jit():
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize(
+  'transform', ['cond, two layers', 'cond, one layer', 'switch', 'while_loop', 'jax.checkpoint']
+)
+def test_a_linen_layer_a_transform_reaches_through_a_closure_is_refused(transform, jit):
+  # Found by a user trial: Flax drops the writes of a submodule a lifted transform's body
+  # reaches through a closure (not passed as the transform's module). data_init returned the
+  # layer unchanged, silently (std 2-3 after it), or leaked a tracer (one layer, both branches).
+  x = _batch((64, 6)) + 1.0
+
+  class Closure(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a, b = wl.WNDense(6, name='a'), wl.WNDense(6, name='b')
+      if self.is_initializing():  # Flax creates no parameter inside the transform this way
+        a(x), b(x)
+      if transform == 'while_loop':
+        return nn.while_loop(lambda m, c: c[1] < 2, lambda m, c: (a(c[0]), c[1] + 1), self, (x, 0))[
+          0
+        ]
+      if transform == 'jax.checkpoint':
+        return jax.checkpoint(lambda z: a(z))(x)
+      if transform == 'jax.checkpoint':
+        return jax.checkpoint(lambda z: a(z))(x)
+      if transform == 'switch':
+        return nn.switch(jnp.int32(0), [lambda m, z: a(z), lambda m, z: b(z)], self, x)
+      other = b if transform == 'cond, two layers' else a
+      return nn.cond(x.mean() > 0, lambda m, z: a(z), lambda m, z: other(2.0 * z), self, x)
+
+  model = Closure()
+  variables = model.init(jax.random.key(0), x)
+  run = (
+    jax.jit(functools.partial(wl.data_init, model))
+    if jit
+    else functools.partial(wl.data_init, model)
+  )
+  with pytest.raises(ValueError, match=r"'/a'.*closure.*pass it"):
+    run(variables, x)
+
+
 @pytest.mark.parametrize('pred', [True, False])
 def test_a_layer_used_before_a_cond_is_initialized_there(pred):
   x = _batch((256, 6))

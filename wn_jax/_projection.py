@@ -52,6 +52,11 @@ def project_directions(
   $1 / \lVert v \rVert^2$ (see :func:`wn_jax.optim.direction_stats` and the guide
   *Effective learning rate*).
 
+  It comes last in a chain, after every transformation that changes the updates (the
+  learning rate, ``optax.scale``, clipping): ``chain(scale_by_adam(), project_directions(),
+  scale_by_learning_rate(lr))`` projects an lr-free step and then scales it, so
+  $\lVert v \rVert$ is not held (nothing detects it).
+
   Directions are found by structure, with the rule :func:`wn_jax.optim.decay_mask` and
   :func:`wn_jax.linen.fold` use: the ``kernel`` of a linen or NNX WN layer (a ``kernel``
   beside a ``scale`` shaped like its kept axes), each parameter of a layer a

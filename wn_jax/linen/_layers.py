@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import tracers
 
 from wn_jax import _axes
 from wn_jax import _core
@@ -156,6 +157,15 @@ class _WeightNormedKernel:
       # initializes each stacked layer from its own statistics.
       return None
     claimed = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
+    if claimed is not None and self.scope.trace_level != tracers.current_trace():  # type: ignore[attr-defined]
+      raise ValueError(
+        f'{self._where()}: data_init runs this layer inside a transform (nn.cond, nn.switch, '
+        'nn.while_loop, a jax transform) whose body reaches it through a closure, and Flax '
+        'drops the writes of such a layer: its scale and bias would stay as they were. Make '
+        'the transform pass it: give the layer, or a module holding it as an attribute, as '
+        'the module argument (nn.cond(pred, lambda m, x: m(x), ..., layer, x)), or build it '
+        "in setup and reach it through the body's module (m.layer)."
+      )
     if claimed is not None and claimed[1]:
       try:
         _data_init.check_not_broadcast(kernel, inputs)
