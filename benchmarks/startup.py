@@ -8,7 +8,8 @@ and tracing, lowering and compiling an adam train step. The models are 20-layer 
 (``nn.Dense``, ``nnx.Linear``), its wn_jax counterpart (``WNDense``, ``WNLinear``) or
 ``nn.WeightNorm(nn.Dense)``; the eager rows also time wn_jax's ``WeightNorm`` wrappers
 around the plain layer, an eager call and a ``data_init`` on a batch shape no call had
-before (compiles included), and eager calls at batch 256: rows at least the input features,
+before (compiles included; also for a stack of 8 1-D convolutions, ``WNConv`` against
+``nn.Conv``), and eager calls at batch 256: rows at least the input features,
 where a WN Dense forms ``w`` (at batch 32 it scales its output instead). Flax's NNX
 ``WeightNorm`` is left out: its scales are not ``nnx.Param`` (not trained) and it overwrites
 the wrapped kernel on every call, so it is not the same computation.
@@ -65,6 +66,7 @@ BATCH = 32
 WIDE_BATCH = 256  # rows >= the input features: a WN Dense forms w instead of scaling its output
 MATRIX = 256  # rows and columns of the pure functions' weight
 STEP_WIDTH = 256  # width of the adam train step's MLP
+CONV_DEPTH = 8  # layers of the 1-D convolution stack (data_init at a new batch shape)
 
 
 def _x(width: int = WIDTH, batch: int = BATCH) -> jax.Array:
@@ -219,8 +221,9 @@ class _Fresh:
 def _new_shapes():
   """Input shapes ``(a, b, WIDTH)``, then ``(a, b, c, WIDTH)``, with fewer rows than
   ``WIDTH`` (so a WN Dense scales its output), each handed out once: no arm's sample finds
-  another's compiled for its shape. The 273 of three axes cover the nine new-shape arms at
-  25 rounds and a warm-up each; more rounds go on to four axes."""
+  another's compiled for its shape. The 273 of three axes cover nine of the eleven new-shape
+  arms at 25 rounds and a warm-up each; the rest go on to four axes (a convolution's input
+  ``(batch, batch, length, WIDTH)``)."""
   for a in range(1, WIDTH):
     for b in range(1, (WIDTH - 1) // a + 1):
       yield (a, b, WIDTH)
@@ -321,6 +324,33 @@ def _linen_data_init_of():
 
 def _linen_init_apply_of():
   model = _linen_mlp(LINEN_LAYERS['plain'])
+  return lambda x: model.apply(model.init(jax.random.key(0), x), x)
+
+
+def _linen_convs(conv: type) -> nn.Module:
+  """``CONV_DEPTH`` 1-D convolutions (kernel 3, ``WIDTH`` features, relu between): its
+  activations take the input's shape, so a new batch shape is new to every layer."""
+
+  class Convs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(CONV_DEPTH):
+        x = conv(WIDTH, (3,))(x)
+        if i < CONV_DEPTH - 1:
+          x = nn.relu(x)
+      return x
+
+  return Convs()
+
+
+def _linen_conv_data_init_of():
+  model = _linen_convs(wn_jax.linen.WNConv)
+  variables = model.init(jax.random.key(0), _x()[None])
+  return lambda x: wn_jax.linen.data_init(model, variables, x)
+
+
+def _linen_conv_init_apply_of():
+  model = _linen_convs(nn.Conv)
   return lambda x: model.apply(model.init(jax.random.key(0), x), x)
 
 
@@ -478,6 +508,12 @@ def _arms() -> dict[str, _Eager | _Fresh | _NewShape]:
     arms[name] = _Eager(_at_x(make))
     # data_init needs two rows at least (a standard deviation per feature)
     arms[name.replace('data_init:', 'data_init, new shape:')] = _NewShape(make, min_rows=2)
+  arms['linen conv data_init, new shape: wn_jax.linen.data_init'] = _NewShape(
+    _linen_conv_data_init_of, min_rows=2
+  )
+  arms['linen conv data_init, new shape: nn.Conv init + apply'] = _NewShape(
+    _linen_conv_init_apply_of, min_rows=2
+  )
   for kind in ('wn_jax', 'plain', 'flax'):
     arms[f'linen grad: {LINEN_NAMES[kind]}'] = _Fresh(_linen_grad(kind), and_compile=False)
   for kind in ('wn_jax', 'plain'):
@@ -621,6 +657,13 @@ ROWS = (
     'NNX `data_init`, a new batch shape (compiles)',
     'nnx data_init, new shape: wn_jax.nnx.data_init',
     'nnx data_init, new shape: nnx.Linear construct + call',
+    None,
+    '-',
+  ),
+  Row(
+    f'linen `data_init` of {CONV_DEPTH} 1-D convolutions, a new batch shape (compiles)',
+    'linen conv data_init, new shape: wn_jax.linen.data_init',
+    'linen conv data_init, new shape: nn.Conv init + apply',
     None,
     '-',
   ),

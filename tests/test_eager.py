@@ -181,3 +181,28 @@ def test_repeated_eager_optimizer_update_compiles_nothing():
   with count_compiles() as seen:
     jax.block_until_ready(step())
   assert not seen
+
+
+def _scanned(layer):
+  class Step(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      return nn.relu(layer(16)(x)), None
+
+  return nn.scan(Step, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)()
+
+
+def test_a_loop_flax_rebuilds_per_call_compiles_no_more_than_the_plain_one():
+  # Flax's nn.scan (and nn.RNN, optax.MultiSteps) builds its loop body anew on every eager
+  # call, so a repeated call recompiles, plain or weight-normed (a user trial): wn_jax adds no
+  # program of its own there.
+  x = jnp.ones((4, 16))
+  counts = []
+  for layer in (wn_jax.linen.WNDense, nn.Dense):
+    model = _scanned(layer)
+    variables = model.init(jax.random.key(0), x, None)
+    jax.block_until_ready(model.apply(variables, x, None))
+    with count_compiles() as seen:
+      jax.block_until_ready(model.apply(variables, x, None))
+    counts.append(len(seen))
+  assert counts[0] <= counts[1], counts

@@ -132,7 +132,7 @@ def floating_array(x: ArrayLike, name: str) -> jax.Array:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(
       f'{name} must be a real floating array (float16, bfloat16, float32 or '
-      f'float64); got dtype {x.dtype}. Cast it first, e.g. {name}.astype(jnp.float32).'
+      f'float64); got dtype {x.dtype}. Cast it first: jnp.asarray({name}, jnp.float32).'
     )
   return x
 
