@@ -471,44 +471,86 @@ def test_data_init_itself_runs_under_eval_shape_and_without_jit():
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
-@pytest.mark.parametrize('jit', [False, True])
-@pytest.mark.parametrize(
-  'transform', ['cond, two layers', 'cond, one layer', 'switch', 'while_loop', 'jax.checkpoint']
-)
-def test_a_linen_layer_a_transform_reaches_through_a_closure_is_refused(transform, jit):
-  # Found by a user trial: Flax drops the writes of a submodule a lifted transform's body
-  # reaches through a closure (not passed as the transform's module). data_init returned the
-  # layer unchanged, silently (std 2-3 after it), or leaked a tracer (one layer, both branches).
-  x = _batch((64, 6)) + 1.0
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return wl.WNDense(6, name='a')(x)
+
+
+def _closure_model(transform, first_use_outside=False):
+  """A model whose ``transform`` body reaches WN layers through a closure, not as its module."""
 
   class Closure(nn.Module):
     @nn.compact
     def __call__(self, x):
       a, b = wl.WNDense(6, name='a'), wl.WNDense(6, name='b')
-      if self.is_initializing():  # Flax creates no parameter inside the transform this way
-        a(x), b(x)
+      if transform == 'cond, a block':
+        a = _Block(name='blk')  # in data_init its layer's scope is made inside the branch
+      if first_use_outside:
+        x = a(x)
+      elif self.is_initializing():  # a closure creates no parameter inside the transform
+        a(x)
+        b(x)
       if transform == 'while_loop':
-        return nn.while_loop(lambda m, c: c[1] < 2, lambda m, c: (a(c[0]), c[1] + 1), self, (x, 0))[
-          0
-        ]
+        body = lambda m, c: (a(c[0]), c[1] + 1)  # noqa: E731
+        return nn.while_loop(lambda m, c: c[1] < 2, body, self, (x, 0))[0]
       if transform == 'jax.checkpoint':
         return jax.checkpoint(lambda z: a(z))(x)
-      if transform == 'jax.checkpoint':
-        return jax.checkpoint(lambda z: a(z))(x)
+      if transform == 'remat':
+        return nn.remat(lambda m, z: a(z))(self, x)
       if transform == 'switch':
         return nn.switch(jnp.int32(0), [lambda m, z: a(z), lambda m, z: b(z)], self, x)
       other = b if transform == 'cond, two layers' else a
       return nn.cond(x.mean() > 0, lambda m, z: a(z), lambda m, z: other(2.0 * z), self, x)
 
-  model = Closure()
-  variables = model.init(jax.random.key(0), x)
-  run = (
-    jax.jit(functools.partial(wl.data_init, model))
-    if jit
-    else functools.partial(wl.data_init, model)
-  )
-  with pytest.raises(ValueError, match=r"'/a'.*closure.*pass it"):
-    run(variables, x)
+  return Closure()
+
+
+_CLOSURES = ['cond, two layers', 'cond, one layer', 'cond, a block', 'switch', 'while_loop']
+
+
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize('transform', [*_CLOSURES, 'jax.checkpoint', 'remat'])
+def test_a_linen_layer_a_transform_reaches_through_a_closure_is_refused(transform, jit):
+  # Found by a user trial: Flax drops the writes of a submodule a lifted transform's body
+  # reaches through a closure (not passed as the transform's module). data_init returned the
+  # layer unchanged, silently (std 2-3 after it), or leaked a tracer (one layer, both branches).
+  x = _batch((64, 6)) + 1.0
+  model = _closure_model(transform)
+  run = functools.partial(wl.data_init, model)
+  with pytest.raises(ValueError, match=r"WNDense at '/(a|blk/a)'.*closure.*Pass the layer"):
+    (jax.jit(run) if jit else run)(model.init(jax.random.key(0), x), x)
+
+
+@pytest.mark.parametrize('transform', ['cond, one layer', 'while_loop', 'remat'])
+def test_a_linen_layer_used_before_a_closure_reaches_it_keeps_that_use(transform):
+  # The review of the refusal above: a layer used first outside the transform (its write
+  # lands), then through a closure, was refused, though the closure's use keeps what the
+  # first set. It is initialized on the first use, as before the refusal.
+  x = _batch((64, 6)) + 1.0
+  model = _closure_model(transform, first_use_outside=True)
+  new = jax.jit(functools.partial(wl.data_init, model))(model.init(jax.random.key(0), x), x)
+  first = wl.WNDense(6).apply({'params': new['params']['a']}, x)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_linen_layers_a_raw_vmap_reaches_with_an_axis_name_are_initialized(jit):
+  # The review of the refusal above: layers run under jax.vmap(axis_name=...) inside the
+  # model, data_init given the same name, write values the vmap does not batch (their
+  # statistics are the global batch's): those writes land, and they were refused.
+  xs = _batch((4, 32, 6)) + 1.0
+
+  class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, xs):
+      a = wl.WNDense(6, name='a')
+      return jax.vmap(lambda z: a(z), axis_name='groups')(xs)
+
+  run = functools.partial(wl.data_init, Grouped(), axis_name='groups')
+  new = (jax.jit(run) if jit else run)(Grouped().init(jax.random.key(0), xs), xs)
+  y = wl.WNDense(6).apply({'params': new['params']['a']}, xs).reshape(-1, 6)
+  np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
 
 
 @pytest.mark.parametrize('pred', [True, False])

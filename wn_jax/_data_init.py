@@ -70,6 +70,8 @@ class Mode:
   marked: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
   entry: Any = None
+  # linen: the layers a write of this data init landed in (see foreign).
+  landed: set = dataclasses.field(default_factory=set)
   # This data init's number, unique in the process. NNX: in each layer's marking, so that the
   # model's graph differs from any earlier call's and JAX reuses no trace of one (a scan built
   # once keeps its trace), which would run no layer's Python and keep that call's init_scale.
@@ -117,6 +119,15 @@ def path(tag: object) -> str | None:
   """The path of the NNX layer tagged ``tag`` in the model a data init runs on."""
   m = _MODE.get()
   return None if m is None else m.paths.get(tag)
+
+
+def foreign(x: Any, home: Any) -> bool:
+  """Whether ``x`` is a tracer of a trace other than ``home`` (an opaque trace state,
+  ``jax.core.get_opaque_trace_state``'s, as Flax's scopes keep it): stored where ``home``'s
+  computation reads it, it would be lost or leak."""
+  trace = getattr(x, '_trace', None) if isinstance(x, jax.core.Tracer) else None
+  ref = getattr(home, '_trace_ref', None)  # JAX's OpaqueTraceState: a weakref to the trace
+  return trace is not None and callable(ref) and ref() is not trace
 
 
 def claim(key: object) -> tuple[Mode, bool] | None:

@@ -9,7 +9,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.core import tracers
 
 from wn_jax import _axes
 from wn_jax import _core
@@ -125,11 +124,35 @@ class _WeightNormedKernel:
     finally:
       _PASS.reset(token)
     out, g, b = p.output(y)
-    if g is not None:
+    if g is not None and self._lands(p.init, (g, b)):
       self._put_boxed('scale', g)
-    if b is not None:
-      self._put_boxed('bias', b)
+      if b is not None:
+        self._put_boxed('bias', b)
     return out
+
+  def _lands(self, mode: Any, values: tuple[Any, ...]) -> bool:
+    """Whether a data init's write of ``values`` (``g``, ``b``) to this layer lands, or
+    ``False`` where an earlier use's did and this one's would be lost. Lost: a tracer of a
+    trace other than the one the layer's root scope (the ``apply``, or the Flax transform
+    that was passed the layer) runs under; a transform's body reached the layer through a
+    closure, and Flax drops such a write (or it leaks)."""
+    key = tuple(self.scope.path)  # type: ignore[attr-defined]
+    home = self.scope.root.trace_level  # type: ignore[attr-defined]
+    if not any(_data_init.foreign(x, home) for x in values):
+      mode.landed.add(key)
+      return True
+    if key in mode.landed:
+      return False
+    raise ValueError(
+      f'{self._where()}: data_init runs this layer in the body of a transform that reaches '
+      'it through a closure, not as its module, and Flax drops what such a call writes: its '
+      'scale and bias would stay as they were. Pass the layer, or a module holding it, as '
+      'the module argument of a Flax transform: nn.cond(pred, lambda m, x: m(x), ..., layer, '
+      "x) (nn.while_loop also needs carry_variables='params'), and for jax.checkpoint / "
+      'jax.jit / jax.vmap inside the model their Flax forms over the module (nn.remat, '
+      "nn.jit, nn.vmap); or build it in setup and reach it through the body's module "
+      '(m.layer).'
+    )
 
   def _start(self, inputs: jax.Array) -> _kernel.Pass:
     dense = isinstance(self, nn.Dense)
@@ -157,15 +180,6 @@ class _WeightNormedKernel:
       # initializes each stacked layer from its own statistics.
       return None
     claimed = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
-    if claimed is not None and self.scope.trace_level != tracers.current_trace():  # type: ignore[attr-defined]
-      raise ValueError(
-        f'{self._where()}: data_init runs this layer inside a transform (nn.cond, nn.switch, '
-        'nn.while_loop, a jax transform) whose body reaches it through a closure, and Flax '
-        'drops the writes of such a layer: its scale and bias would stay as they were. Make '
-        'the transform pass it: give the layer, or a module holding it as an attribute, as '
-        'the module argument (nn.cond(pred, lambda m, x: m(x), ..., layer, x)), or build it '
-        "in setup and reach it through the body's module (m.layer)."
-      )
     if claimed is not None and claimed[1]:
       try:
         _data_init.check_not_broadcast(kernel, inputs)
