@@ -534,6 +534,27 @@ def test_a_linen_layer_used_before_a_closure_reaches_it_keeps_that_use(transform
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
+@pytest.mark.parametrize('taken', [True, False])
+def test_a_linen_layer_a_branch_was_passed_then_a_closure_reaches_is_refused(taken):
+  # The re-review: a write in a branch of a cond that was passed the layer counted as landed
+  # at trace time, so a later closure's write was skipped; with that branch not taken the
+  # layer stayed as it was, silently (std 1.9-3.6). Only a write of the computation data_init
+  # runs under now counts.
+  x = _batch((64, 6)) + 1.0
+
+  class Branch(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = wl.WNDense(6, name='a')
+      if self.is_initializing():
+        a(x)
+      h = nn.cond(jnp.asarray(taken), lambda m, z: m(z), lambda m, z: z, a, x)
+      return jax.checkpoint(lambda z: a(z))(h)
+
+  with pytest.raises(ValueError, match=r"WNDense at '/a'.*closure"):
+    wl.data_init(Branch(), Branch().init(jax.random.key(0), x), x)
+
+
 @pytest.mark.parametrize('jit', [False, True])
 def test_linen_layers_a_raw_vmap_reaches_with_an_axis_name_are_initialized(jit):
   # The review of the refusal above: layers run under jax.vmap(axis_name=...) inside the

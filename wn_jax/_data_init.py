@@ -70,7 +70,9 @@ class Mode:
   marked: dict = dataclasses.field(default_factory=dict)
   # The frame of data_init: only the tracing between it and a layer counts (see claim).
   entry: Any = None
-  # linen: the layers a write of this data init landed in (see foreign).
+  # linen: the trace data_init's apply runs under, and the layers a write of that trace (not
+  # of a lifted transform's body, which may not run) landed in (see foreign).
+  home: Any = None
   landed: set = dataclasses.field(default_factory=set)
   # This data init's number, unique in the process. NNX: in each layer's marking, so that the
   # model's graph differs from any earlier call's and JAX reuses no trace of one (a scan built

@@ -132,26 +132,28 @@ class _WeightNormedKernel:
 
   def _lands(self, mode: Any, values: tuple[Any, ...]) -> bool:
     """Whether a data init's write of ``values`` (``g``, ``b``) to this layer lands, or
-    ``False`` where an earlier use's did and this one's would be lost. Lost: a tracer of a
-    trace other than the one the layer's root scope (the ``apply``, or the Flax transform
-    that was passed the layer) runs under; a transform's body reached the layer through a
-    closure, and Flax drops such a write (or it leaks)."""
+    ``False`` where an earlier use's surely did and this one's would be lost. Lost: a tracer
+    of a trace other than the one the layer's root scope (the ``apply``, or the Flax
+    transform that was passed the layer) runs under; a transform's body reached the layer
+    through a closure, and Flax drops such a write (or it leaks). Sure: a write of the
+    trace the ``apply`` runs under (one in a lifted body, a branch, may not run)."""
     key = tuple(self.scope.path)  # type: ignore[attr-defined]
-    home = self.scope.root.trace_level  # type: ignore[attr-defined]
-    if not any(_data_init.foreign(x, home) for x in values):
-      mode.landed.add(key)
+    if not any(_data_init.foreign(x, self.scope.root.trace_level) for x in values):  # type: ignore[attr-defined]
+      if not any(_data_init.foreign(x, mode.home) for x in values):
+        mode.landed.add(key)
       return True
     if key in mode.landed:
       return False
     raise ValueError(
       f'{self._where()}: data_init runs this layer in the body of a transform that reaches '
-      'it through a closure, not as its module, and Flax drops what such a call writes: its '
-      'scale and bias would stay as they were. Pass the layer, or a module holding it, as '
-      'the module argument of a Flax transform: nn.cond(pred, lambda m, x: m(x), ..., layer, '
-      "x) (nn.while_loop also needs carry_variables='params'), and for jax.checkpoint / "
-      'jax.jit / jax.vmap inside the model their Flax forms over the module (nn.remat, '
-      "nn.jit, nn.vmap); or build it in setup and reach it through the body's module "
-      '(m.layer).'
+      'it through a closure, not as its module, and Flax drops what such a call writes: this '
+      'use would not set its scale. Pass the layer, or a module holding it, as the module '
+      'argument of a Flax transform: nn.cond(pred, lambda m, x: m(x), ..., layer, x) '
+      "(nn.while_loop also needs carry_variables='params'); for jax.checkpoint / jax.jit "
+      'inside the model, their Flax forms over the module (nn.remat, nn.jit); or build it in '
+      "setup and reach it through the body's module (m.layer). For shard_map or jax.lax.map "
+      'inside the model, which have no Flax form: use the layer once outside them first, or '
+      'run data_init on the model without them (under jit on the sharded batch).'
     )
 
   def _start(self, inputs: jax.Array) -> _kernel.Pass:

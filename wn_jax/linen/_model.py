@@ -98,7 +98,8 @@ def data_init(
   _errors.require(ok, 'wn_jax.linen.data_init', expected, variables, fix)
   paths = _layer_paths(model, variables, args, method, kwargs)
   params = _map_scales(variables['params'], paths, lambda s, _: _data_init.fresh(s))
-  with _data_init.mode(init_scale, axis_name):
+  with _data_init.mode(init_scale, axis_name) as m:
+    m.home = flax.core.tracers.current_trace()  # the trace the apply runs under
     # Every collection mutable, so a model with batch norm in training mode runs; only the
     # new params are kept.
     _, updates = model.apply(
