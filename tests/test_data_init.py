@@ -574,6 +574,94 @@ def test_linen_layers_a_raw_vmap_reaches_with_an_axis_name_are_initialized(jit):
   np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
 
 
+def _read_only_model(where, first_use_outside=False):
+  """A model whose second layer runs where a Flax transform makes its parameters read-only."""
+
+  class ReadOnly(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = wl.WNDense(6, name='first')(x)  # initialized: data_init has a layer to report
+      if where == 'map_variables':
+        lifted = nn.map_variables(wl.WNDense, 'params', lambda p: p, init=self.is_initializing())
+        return lifted(6, name='a')(x)
+      a = wl.WNDense(6, name='a')
+      if first_use_outside:
+        x = a(x)
+      elif self.is_initializing():
+        a(x)
+      carry = ('params',) if where == "while_loop, carry_variables='params'" else ()
+      body = lambda m, c: (m(c[0]), c[1] + 1)  # noqa: E731
+      return nn.while_loop(lambda m, c: c[1] < 1, body, a, (x, 0), carry_variables=carry)[0]
+
+  return ReadOnly()
+
+
+@pytest.mark.parametrize('where', ['while_loop', 'map_variables'])
+def test_a_linen_layer_a_transform_makes_read_only_is_refused(where):
+  # Passed the layer, nn.while_loop without carry_variables='params' (and nn.map_variables,
+  # mutable=False by default) hands its body the parameters read-only: the layer ran as a
+  # plain call, and data_init left it as it was, silently, when another layer was initialized.
+  x = _batch((64, 6)) + 1.0
+  model = _read_only_model(where)
+  with pytest.raises(ValueError, match=r"WNDense at '/a'.*read-only.*carry_variables='params'"):
+    wl.data_init(model, model.init(jax.random.key(0), x), x)
+
+
+@pytest.mark.parametrize(
+  'where, first_use_outside',
+  [("while_loop, carry_variables='params'", False), ('while_loop', True)],
+)
+def test_a_linen_layer_a_transform_may_write_or_that_was_used_before_is_initialized(
+  where, first_use_outside
+):
+  x = _batch((64, 6)) + 1.0
+  model = _read_only_model(where, first_use_outside)
+  new = wl.data_init(model, model.init(jax.random.key(0), x), x)
+  h = wl.WNDense(6).apply({'params': new['params']['first']}, x)
+  y = wl.WNDense(6).apply({'params': new['params']['a']}, h)
+  np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
+
+
+def test_a_linen_model_applied_read_only_inside_the_model_is_left_as_it_is():
+  # A frozen sub-model applied with its own parameters (a teacher) is the user's read-only
+  # call, not a transform's: its layers run plainly, as before.
+  x = _batch((64, 6)) + 1.0
+  teacher = wl.WNDense(6)
+  frozen = teacher.init(jax.random.key(3), x)
+
+  class Student(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WNDense(6, name='a')(teacher.apply(frozen, x))
+
+  new = wl.data_init(Student(), Student().init(jax.random.key(0), x), x)
+  y = wl.WNDense(6).apply({'params': new['params']['a']}, teacher.apply(frozen, x))
+  np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
+
+
+def test_a_linen_layer_inside_a_weight_norm_wrapper_is_left_as_it_is():
+  # The wrapper's nn.map_variables hands the layer its parameters read-only too: data_init
+  # leaves a wrapped layer, and a WN layer inside it, as it is (not refused as above).
+  x = _batch((64, 6)) + 1.0
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WNDense(6, name='inner')(nn.Dense(6, name='plain')(x))
+
+  class Wrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return wl.WeightNorm(Block(name='blk'), where='plain/kernel')(wl.WNDense(6, name='a')(x))
+
+  variables = Wrapped().init(jax.random.key(0), x)
+  new = wl.data_init(Wrapped(), variables, x)
+  inner = lambda v: v['params']['blk']['inner']  # noqa: E731
+  jax.tree.map(np.testing.assert_array_equal, inner(new), inner(variables))
+  y = wl.WNDense(6).apply({'params': new['params']['a']}, x)
+  np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
+
+
 @pytest.mark.parametrize('pred', [True, False])
 def test_a_layer_used_before_a_cond_is_initialized_there(pred):
   x = _batch((256, 6))

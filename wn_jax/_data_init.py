@@ -117,6 +117,16 @@ def running() -> bool:
   return _MODE.get() is not None
 
 
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+  """No data init runs inside: what a ``WeightNorm`` wrapper maps runs as a plain call."""
+  token = _MODE.set(None)
+  try:
+    yield
+  finally:
+    _MODE.reset(token)
+
+
 def path(tag: object) -> str | None:
   """The path of the NNX layer tagged ``tag`` in the model a data init runs on."""
   m = _MODE.get()

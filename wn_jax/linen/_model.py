@@ -62,7 +62,10 @@ def data_init(
   it is raised when the computation runs). A layer whose parameters ``nn.scan`` broadcasts
   to every step is refused, naming it (initialize it outside the scan); one shared across
   ``nn.vmap``'s mapped axis needs the same ``axis_name`` passed to ``nn.vmap`` and here, or
-  is refused with that fix. Plain layers,
+  is refused with that fix. So is a layer first used where its write would be lost: in a
+  transform's body that reaches it through a closure, or one that hands it its parameters
+  read-only (``nn.while_loop`` without ``carry_variables='params'``; the data-init guide lists
+  the cases). Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
   collections (``batch_stats``) may change during the pass (batch norm in training
   mode) but are returned unchanged.

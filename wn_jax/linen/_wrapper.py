@@ -16,6 +16,7 @@ from flax.linen.transforms import get_module_scopes
 
 from wn_jax import _axes
 from wn_jax import _core
+from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _kernel
 from wn_jax import _tree
@@ -247,10 +248,12 @@ class _Mapping:
     return next_fun(*call_args, **call_kwargs)
 
   def run(self, layer: nn.Module) -> Any:
-    if not self.initializing:
-      return getattr(layer, self.method)(*self.args, **self.kwargs)
-    with nn.intercept_methods(self.note):
-      return getattr(layer, self.method)(*self.args, **self.kwargs)
+    # data_init leaves the wrapped layer as it is, WN layers inside it too (they run plainly).
+    with _data_init.paused():
+      if not self.initializing:
+        return getattr(layer, self.method)(*self.args, **self.kwargs)
+      with nn.intercept_methods(self.note):
+        return getattr(layer, self.method)(*self.args, **self.kwargs)
 
 
 def _forwarding(name: str) -> Callable[..., Any]:
