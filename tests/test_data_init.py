@@ -281,6 +281,30 @@ def test_a_transformed_function_called_again_keeps_the_first_uses_initialization
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
+class _JitCall(nn.Module):
+  """A model whose ``__call__`` is ``nn.jit``: Flax reuses its body's trace by shape."""
+
+  @nn.jit
+  @nn.compact
+  def __call__(self, x):
+    return wl.WNDense(6, name='a')(wl.WNDense(6, name='b')(x))
+
+
+@pytest.mark.parametrize('applied_before', [False, True])
+def test_a_linen_model_nn_jit_traced_before_is_initialized(applied_before):
+  # nn.jit reuses its body's trace for the same shapes and mutable collections: data_init's
+  # pass reused the one its own search for the layers made (or an earlier apply with
+  # mutable=True), ran no layer's Python, and said "the call initialized no layer".
+  x = _batch((64, 6)) + 1.0
+  variables = _JitCall().init(jax.random.key(0), x)
+  if applied_before:
+    _JitCall().apply(variables, x, mutable=True)
+  new = wl.data_init(_JitCall(), variables, x)
+  h = wl.WNDense(6).apply({'params': new['params']['b']}, x)
+  y = wl.WNDense(6).apply({'params': new['params']['a']}, h)
+  _assert_standardized({'b': h, 'a': y}, 1.0)
+
+
 class _Later(nnx.Module):
   """One WN layer, then a later use of it where: a closure of a JAX loop, a vmap it is
   shared across, a scan that shares it (in_axes=None) as its first use, or one row."""

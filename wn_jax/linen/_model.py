@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -106,10 +107,20 @@ def data_init(
     # Every collection mutable, so a model with batch norm in training mode runs; only the
     # new params are kept.
     _, updates = model.apply(
-      {**variables, 'params': params}, *args, mutable=True, method=method, **kwargs
+      {**variables, 'params': params}, *args, mutable=_every(), method=method, **kwargs
     )
   before = variables['params']
   return {**variables, 'params': _map_scales(updates['params'], paths, _data_init.settle, before)}
+
+
+_CALLS = itertools.count()
+
+
+def _every() -> flax.core.DenyList:
+  """Every collection mutable, as a filter no other call uses: ``nn.jit`` reuses its body's
+  trace for the same shapes and filter, which runs no layer's Python (an earlier apply with
+  ``mutable=True``, or the search for a data init's layers before its pass)."""
+  return flax.core.DenyList(f'wn_jax.data_init:{next(_CALLS)}')
 
 
 def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwargs: dict) -> set:
@@ -124,7 +135,7 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
     return next_fun(*call_args, **call_kwargs)
 
   def run(variables, *call_args):
-    return model.apply(variables, *call_args, mutable=True, method=method, **kwargs)
+    return model.apply(variables, *call_args, mutable=_every(), method=method, **kwargs)
 
   with nn.intercept_methods(record):
     try:
