@@ -716,6 +716,20 @@ def test_layer_axes_takes_a_dict_input_with_a_params_entry():
   assert wl.layer_axes(Net(), {'params': x, 'x': x}) == {'WNDense_0': -1}
 
 
+def test_layer_axes_of_an_nn_jit_model_initialized_before():
+  # nn.jit reuses its body's trace for the same shapes and mutable filter: after the user's
+  # model.init, layer_axes' own init ran no layer's Python and returned {}, silently.
+  class Net(nn.Module):
+    @nn.jit
+    @nn.compact
+    def __call__(self, x):
+      return wl.WNDense(3, axis=0, name='out')(x)
+
+  x = jnp.ones((2, 3))
+  Net().init(jax.random.key(0), x)
+  assert wl.layer_axes(Net(), x) == {'out': 0}
+
+
 @pytest.mark.parametrize('case', list(_misplaced_arguments()))
 def test_model_tools_refuse_misplaced_arguments(case):
   # A user's mistakes: fold of the model returned the model, unchanged; the others failed

@@ -116,11 +116,11 @@ def data_init(
 _CALLS = itertools.count()
 
 
-def _every() -> flax.core.DenyList:
-  """Every collection mutable, as a filter no other call uses: ``nn.jit`` reuses its body's
-  trace for the same shapes and filter, which runs no layer's Python (an earlier apply with
-  ``mutable=True``, or the search for a data init's layers before its pass)."""
-  return flax.core.DenyList(f'wn_jax.data_init:{next(_CALLS)}')
+def _every(*but: str) -> flax.core.DenyList:
+  """Every collection mutable (``but`` these), as a filter no other call uses: ``nn.jit``
+  reuses its body's trace for the same shapes and filter, which runs no layer's Python (an
+  earlier ``init`` or apply with ``mutable=True``, or data init's search for its layers)."""
+  return flax.core.DenyList((*but, f'wn_jax:{next(_CALLS)}'))
 
 
 def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwargs: dict) -> set:
@@ -241,7 +241,11 @@ def layer_axes(
 
   with nn.intercept_methods(record):
     variables = _eval_abstractly(
-      lambda *a: model.init(jax.random.key(0), *a, method=method, **kwargs), *args
+      # init's own filter (all but intermediates), said anew: see _every
+      lambda *a: model.init(
+        jax.random.key(0), *a, method=method, mutable=_every('intermediates'), **kwargs
+      ),
+      *args,
     )
   params = nn.meta.unbox(variables.get('params', {}))
   layers = {path: (axes[path], _stored(params, path, *steps[path])) for path in axes}
