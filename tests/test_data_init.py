@@ -1,6 +1,7 @@
 """The paper's data-dependent initialization, for linen and NNX models."""
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -598,8 +599,9 @@ def test_linen_layers_a_raw_vmap_reaches_with_an_axis_name_are_initialized(jit):
   np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
 
 
-def _read_only_model(where, first_use_outside=False):
-  """A model whose second layer runs where a Flax transform makes its parameters read-only."""
+def _read_only_model(where, first=None):
+  """A model whose layer ``a`` runs where a Flax transform makes its parameters read-only,
+  after a use ``first`` (a plain call, or through ``nn.remat``, ``nn.jit``, ``nn.cond``)."""
 
   class ReadOnly(nn.Module):
     @nn.compact
@@ -609,63 +611,113 @@ def _read_only_model(where, first_use_outside=False):
         lifted = nn.map_variables(wl.WNDense, 'params', lambda p: p, init=self.is_initializing())
         return lifted(6, name='a')(x)
       a = wl.WNDense(6, name='a')
-      if first_use_outside:
-        x = a(x)
-      elif self.is_initializing():
+      if self.is_initializing():  # a cond's branches must create the same parameters
         a(x)
+      elif first == 'plain':
+        x = a(x)
+      elif first in ('remat', 'jit'):
+        x = getattr(nn, first)(lambda m, z: m(z))(a, x)
+      elif first is not None:  # 'cond, taken' or 'cond, not taken'
+        taken = jnp.asarray(first == 'cond, taken')
+        x = nn.cond(taken, lambda m, z: m(z), lambda m, z: 2.0 * z, a, x)
       carry = ('params',) if where == "while_loop, carry_variables='params'" else ()
       body = lambda m, c: (m(c[0]), c[1] + 1)  # noqa: E731
+      if where == 'while_loop cond_fn':
+        cond = lambda m, c: c[1] < 1.0 + 0.0 * jnp.mean(m(c[0]))  # noqa: E731
+        return nn.while_loop(cond, lambda m, c: (c[0], c[1] + 1), a, (x, 0))[0]
       return nn.while_loop(lambda m, c: c[1] < 1, body, a, (x, 0), carry_variables=carry)[0]
 
   return ReadOnly()
 
 
-@pytest.mark.parametrize('where', ['while_loop', 'map_variables'])
-def test_a_linen_layer_a_transform_makes_read_only_is_refused(where):
-  # Passed the layer, nn.while_loop without carry_variables='params' (and nn.map_variables,
-  # mutable=False by default) hands its body the parameters read-only: the layer ran as a
-  # plain call, and data_init left it as it was, silently, when another layer was initialized.
+_READ_ONLY = r"WNDense at '/a'.*parameters are read-only.*before any use set its scale"
+
+
+@pytest.mark.parametrize('jit', [False, True])
+@pytest.mark.parametrize(
+  'where, first',
+  [
+    ('while_loop', None),
+    ('while_loop cond_fn', None),
+    ('map_variables', None),
+    ('while_loop', 'cond, not taken'),
+  ],
+)
+def test_a_linen_layer_a_transform_makes_read_only_before_any_write_is_refused(where, first, jit):
+  # Passed the layer, nn.while_loop without carry_variables='params' (its cond_fn even with
+  # it) and nn.map_variables without mutable=True hand it its parameters read-only: the layer
+  # ran as a plain call, and data_init left it as it was, silently, when another layer was
+  # initialized. Refused when the use runs (its scale still fresh: no use wrote it before).
   x = _batch((64, 6)) + 1.0
-  model = _read_only_model(where)
-  with pytest.raises(ValueError, match=r"WNDense at '/a'.*read-only.*carry_variables='params'"):
-    wl.data_init(model, model.init(jax.random.key(0), x), x)
+  model = _read_only_model(where, first)
+  run = functools.partial(wl.data_init, model)
+  on_values = jit or where != 'map_variables'  # a loop's body is traced even eagerly
+  with pytest.raises(Exception if on_values else ValueError, match=_READ_ONLY):
+    jax.block_until_ready((jax.jit(run) if jit else run)(model.init(jax.random.key(0), x), x))
 
 
 @pytest.mark.parametrize(
-  'where, first_use_outside',
-  [("while_loop, carry_variables='params'", False), ('while_loop', True)],
+  'where, first',
+  [
+    ("while_loop, carry_variables='params'", None),
+    ('while_loop', 'plain'),
+    ('while_loop', 'remat'),
+    ('while_loop', 'jit'),
+    ('while_loop', 'cond, taken'),
+    ('while_loop cond_fn', 'plain'),
+  ],
 )
-def test_a_linen_layer_a_transform_may_write_or_that_was_used_before_is_initialized(
-  where, first_use_outside
-):
+def test_a_linen_layer_a_transform_may_write_or_an_earlier_use_set_is_initialized(where, first):
+  # The review of a first version, which refused at trace time: a read-only use after one in
+  # nn.remat / nn.jit / a cond's taken branch (writes of another trace) was refused too.
   x = _batch((64, 6)) + 1.0
-  model = _read_only_model(where, first_use_outside)
-  new = wl.data_init(model, model.init(jax.random.key(0), x), x)
+  model = _read_only_model(where, first)
+  new = jax.jit(functools.partial(wl.data_init, model))(model.init(jax.random.key(0), x), x)
   h = wl.WNDense(6).apply({'params': new['params']['first']}, x)
   y = wl.WNDense(6).apply({'params': new['params']['a']}, h)
   np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
 
 
-def test_a_linen_model_applied_read_only_inside_the_model_is_left_as_it_is():
-  # A frozen sub-model applied with its own parameters (a teacher) is the user's read-only
-  # call, not a transform's: its layers run plainly, as before.
+@pytest.mark.parametrize('mutable', [False, ['batch_stats'], 'intermediates'])
+def test_a_linen_model_applied_read_only_inside_the_model_is_left_as_it_is(mutable):
+  # A frozen sub-model applied with its own parameters (a teacher, its features captured)
+  # runs plainly, as before: the review found the first version refused it where mutable
+  # was not False.
   x = _batch((64, 6)) + 1.0
   teacher = wl.WNDense(6)
   frozen = teacher.init(jax.random.key(3), x)
+  before = teacher.apply(frozen, x)
 
   class Student(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return wl.WNDense(6, name='a')(teacher.apply(frozen, x))
+      if mutable == 'intermediates':
+        h = teacher.apply(frozen, x, capture_intermediates=True, mutable=['intermediates'])[0]
+      else:
+        h = teacher.apply(frozen, x, mutable=mutable)
+        h = h[0] if mutable else h
+      return wl.WNDense(6, name='a')(h)
 
   new = wl.data_init(Student(), Student().init(jax.random.key(0), x), x)
-  y = wl.WNDense(6).apply({'params': new['params']['a']}, teacher.apply(frozen, x))
+  y = wl.WNDense(6).apply({'params': new['params']['a']}, before)
   np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
 
 
-def test_a_linen_layer_inside_a_weight_norm_wrapper_is_left_as_it_is():
-  # The wrapper's nn.map_variables hands the layer its parameters read-only too: data_init
-  # leaves a wrapped layer, and a WN layer inside it, as it is (not refused as above).
+class _UsesFn(nn.Module):
+  fn: Any
+
+  @nn.compact
+  def __call__(self, x):
+    return self.fn(nn.Dense(6, name='plain')(x))
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_linen_layers_around_and_inside_a_weight_norm_wrapper(jit):
+  # The wrapper's nn.map_variables hands the layers it maps their parameters read-only:
+  # data_init leaves a WN layer inside a wrapped module as it is. It marked it fresh all
+  # the same, and a WN layer after the wrapper was refused ("the pre-activation is not
+  # finite"). A parent's layer the wrapped module calls through a function is not mapped:
+  # it is initialized (the review found a first version left it as it was, silently).
   x = _batch((64, 6)) + 1.0
 
   class Block(nn.Module):
@@ -674,16 +726,24 @@ def test_a_linen_layer_inside_a_weight_norm_wrapper_is_left_as_it_is():
       return wl.WNDense(6, name='inner')(nn.Dense(6, name='plain')(x))
 
   class Wrapped(nn.Module):
-    @nn.compact
+    def setup(self):
+      self.blk = wl.WeightNorm(Block(), where='plain/kernel')
+      self.via = wl.WeightNorm(_UsesFn(lambda h: self.s(h)), where='plain/kernel')
+      self.s, self.t = wl.WNDense(6), wl.WNDense(6)
+
     def __call__(self, x):
-      return wl.WeightNorm(Block(name='blk'), where='plain/kernel')(wl.WNDense(6, name='a')(x))
+      return self.t(self.via(self.blk(x)))
 
   variables = Wrapped().init(jax.random.key(0), x)
-  new = wl.data_init(Wrapped(), variables, x)
-  inner = lambda v: v['params']['blk']['inner']  # noqa: E731
+  run = functools.partial(wl.data_init, Wrapped())
+  new = (jax.jit(run) if jit else run)(variables, x)
+  inner = lambda v: v['params']['blk']['layer']['inner']  # noqa: E731
   jax.tree.map(np.testing.assert_array_equal, inner(new), inner(variables))
-  y = wl.WNDense(6).apply({'params': new['params']['a']}, x)
-  np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
+  _, seen = Wrapped().apply(new, x, capture_intermediates=True, mutable=['intermediates'])
+  for name in ('s', 't'):
+    np.testing.assert_allclose(
+      np.std(seen['intermediates'][name]['__call__'][0], 0), 1.0, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize('pred', [True, False])

@@ -117,14 +117,27 @@ def running() -> bool:
   return _MODE.get() is not None
 
 
-@contextlib.contextmanager
-def paused() -> Iterator[None]:
-  """No data init runs inside: what a ``WeightNorm`` wrapper maps runs as a plain call."""
-  token = _MODE.set(None)
-  try:
-    yield
-  finally:
-    _MODE.reset(token)
+def check_set(label: Callable[[], str], scale: jax.Array) -> None:
+  """A ``ValueError`` where ``scale`` is still fresh (-inf) for a use that cannot write it:
+  its layer's parameters are read-only there, and no earlier use set it. At once on a
+  concrete scale; under a trace when the computation runs (a use in a branch not taken, or
+  after one that wrote, passes)."""
+
+  def refuse(fresh):
+    if np.any(np.asarray(fresh) > 0):
+      raise ValueError(
+        f'{label()}: data_init runs this layer where its parameters are read-only, in the '
+        "body of a Flax transform (nn.while_loop without carry_variables='params', or its "
+        'cond_fn; nn.map_variables without mutable=True), before any use set its scale: this '
+        "use cannot. Pass carry_variables='params' to nn.while_loop (mutable=True to "
+        'nn.map_variables), or use the layer once before the transform, where it can write.'
+      )
+
+  fresh = jnp.any(jnp.isneginf(scale), keepdims=True).astype(jnp.float32)
+  if isinstance(fresh, jax.core.Tracer):
+    _fit_check.callback_once(refuse, fresh)
+  else:
+    refuse(fresh)
 
 
 def path(tag: object) -> str | None:

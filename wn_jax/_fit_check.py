@@ -89,7 +89,7 @@ def check(label: object, fit: jax.Array, dtypes: tuple[Any, ...], one_value: boo
     )
 
   if isinstance(fit, jax.core.Tracer):
-    _callback_once(functools.partial(refuse, prefix=f'{label}: '), _worst(fit))
+    callback_once(functools.partial(refuse, prefix=f'{label}: '), _worst(fit))
   elif not fit.is_fully_addressable:  # global, over processes: each reads the whole of it
     refuse(multihost_utils.process_allgather(fit, tiled=True))
   else:
@@ -105,7 +105,7 @@ def _worst(fit: jax.Array) -> jax.Array:
   return worst.at[1].set(jnp.sum(fit[1], keepdims=True))
 
 
-def _callback_once(callback: Callable[[Any], None], fit: jax.Array) -> None:
+def callback_once(callback: Callable[[Any], None], fit: jax.Array) -> None:
   """``jax.debug.callback(callback, fit)``, called once however many vmaps batch ``fit``: a
   batched ``fit`` is reduced to its worst (max) over the vmapped axis first. A plain debug
   callback runs once per element, and outside ``jit`` each element's slice is a new program

@@ -175,10 +175,14 @@ class _WeightNormedKernel:
     """``(mode, first)`` while a data init runs (see ``_data_init.claim``), else ``None``."""
     if self.is_initializing():  # type: ignore[attr-defined]
       return None
-    writable = self.is_mutable_collection('params')  # type: ignore[attr-defined]
-    # Read-only in a data init by a Flax transform (its scope's root a lifted one), not by the
-    # user's own apply of a frozen model inside this one (an apply's root is mutable=False).
-    if not writable and not (_data_init.running() and self.scope.root.mutable is not False):  # type: ignore[attr-defined]
+    if not self.is_mutable_collection('params'):  # type: ignore[attr-defined]
+      if _data_init.running():
+        # A Flax transform (nn.while_loop without carry_variables='params', its cond_fn,
+        # nn.map_variables without mutable=True, a WeightNorm wrapper) or the user's own
+        # apply of a frozen model hands the layer its parameters read-only: fine where an
+        # earlier use set its scale, or data_init does not initialize it (not fresh).
+        scale = nn.unbox(self.get_variable('params', 'scale'))  # type: ignore[attr-defined]
+        _data_init.check_set(self._where, scale)
       return None
     kernel = nn.unbox(self.get_variable('params', 'kernel'))  # type: ignore[attr-defined]
     if _data_init.is_partial_eval(kernel):
@@ -187,16 +191,6 @@ class _WeightNormedKernel:
       # initializes each stacked layer from its own statistics.
       return None
     claimed = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
-    if claimed is not None and not writable:
-      if tuple(self.scope.path) in claimed[0].landed:  # type: ignore[attr-defined]
-        return None  # an earlier use set it: this one computes with it
-      raise ValueError(
-        f'{self._where()}: data_init runs this layer in the body of a Flax transform that makes '
-        "its parameters read-only (nn.while_loop without carry_variables='params', "
-        'nn.map_variables without mutable=True): this use could not set its scale, and the '
-        "layer would keep it as it was. Pass carry_variables='params' to nn.while_loop "
-        '(mutable=True to nn.map_variables), or use the layer once outside the transform first.'
-      )
     if claimed is not None and claimed[1]:
       try:
         _data_init.check_not_broadcast(kernel, inputs)

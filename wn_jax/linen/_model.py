@@ -64,9 +64,9 @@ def data_init(
   to every step is refused, naming it (initialize it outside the scan); one shared across
   ``nn.vmap``'s mapped axis needs the same ``axis_name`` passed to ``nn.vmap`` and here, or
   is refused with that fix. So is a layer first used where its write would be lost: in a
-  transform's body that reaches it through a closure, or one that hands it its parameters
-  read-only (``nn.while_loop`` without ``carry_variables='params'``; the data-init guide lists
-  the cases). Plain layers,
+  transform's body that reaches it through a closure, or that hands it its parameters
+  read-only (``nn.while_loop`` without ``carry_variables='params'``: checked when it runs;
+  the data-init guide lists the cases). Plain layers,
   ``WeightNorm``-wrapped layers and ``MeanOnlyBatchNorm`` are left as they are; other
   collections (``batch_stats``) may change during the pass (batch norm in training
   mode) but are returned unchanged.
@@ -128,10 +128,20 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
   only the arrays among ``args`` abstract (a flag, a string, a depth stay Python values),
   or run as it is where the model reads values (``float(x.max())``)."""
   paths = set()
+  wrapped = [0]  # how many WeightNorm wrappers' calls this one runs inside
 
   def record(next_fun, call_args, call_kwargs, context):
-    if isinstance(context.module, _WeightNormedKernel) and context.method_name == '__call__':
-      paths.add(tuple(context.module.scope.path))
+    module = context.module
+    if isinstance(module, WeightNorm):
+      wrapped[0] += 1
+      try:
+        return next_fun(*call_args, **call_kwargs)
+      finally:
+        wrapped[0] -= 1
+    if isinstance(module, _WeightNormedKernel) and context.method_name == '__call__':
+      # Not a layer a wrapper hands its parameters read-only: data_init leaves it as it is.
+      if not wrapped[0] or module.is_mutable_collection('params'):
+        paths.add(tuple(module.scope.path))
     return next_fun(*call_args, **call_kwargs)
 
   def run(variables, *call_args):

@@ -16,7 +16,6 @@ from flax.linen.transforms import get_module_scopes
 
 from wn_jax import _axes
 from wn_jax import _core
-from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _kernel
 from wn_jax import _tree
@@ -248,12 +247,10 @@ class _Mapping:
     return next_fun(*call_args, **call_kwargs)
 
   def run(self, layer: nn.Module) -> Any:
-    # data_init leaves the wrapped layer as it is, WN layers inside it too (they run plainly).
-    with _data_init.paused():
-      if not self.initializing:
-        return getattr(layer, self.method)(*self.args, **self.kwargs)
-      with nn.intercept_methods(self.note):
-        return getattr(layer, self.method)(*self.args, **self.kwargs)
+    if not self.initializing:
+      return getattr(layer, self.method)(*self.args, **self.kwargs)
+    with nn.intercept_methods(self.note):
+      return getattr(layer, self.method)(*self.args, **self.kwargs)
 
 
 def _forwarding(name: str) -> Callable[..., Any]:
