@@ -1456,6 +1456,57 @@ class _LinenRNN(nn.Module):
     return scan(name='rnn')(jnp.zeros(xs.shape[1:]), xs)[1]
 
 
+@pytest.mark.parametrize('jit', [False, True])
+def test_a_linen_layer_used_before_a_scan_that_broadcasts_it_is_initialized_there(jit):
+  # The steps read what the use before the scan set: its later uses wrote g all the same, a
+  # data dependency of the broadcast variable ("broadcasted variable has a data dependency
+  # on the scan body", Flax's error; found by a review).
+  x = _batch((64, 6)) + 1.0
+
+  class Before(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = wl.WNDense(6, name='a')
+      steps = nn.scan(
+        lambda m, c, _: (m(c), None),
+        variable_broadcast='params',
+        split_rngs={'params': False},
+        length=2,
+      )
+      return steps(a, a(x), None)[0]
+
+  run = functools.partial(wl.data_init, Before())
+  new = (jax.jit(run) if jit else run)(Before().init(jax.random.key(0), x), x)
+  first = wl.WNDense(6).apply({'params': new['params']['a']}, x)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize('transform', ['vjp', 'value_and_grad', 'jvp'])
+def test_a_linen_layer_a_forward_differentiates_is_initialized(transform):
+  # A model whose forward differentiates a layer (a gradient penalty): the fit check's
+  # callback had no derivative rule, and data_init failed, "Linearization failed to produce
+  # known values for all output primals" (found by a review).
+  x = _batch((64, 6)) + 1.0
+
+  class Differentiates(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = wl.WNDense(6, name='a')
+      if transform == 'vjp':
+        y, pullback = nn.vjp(lambda m, z: m(z), a, x)
+        return y + 0.0 * pullback(jnp.ones_like(y))[1]
+      if transform == 'jvp':
+        return nn.jvp(lambda m, z: m(z), a, (x,), (jnp.ones_like(x),), {})[0]
+      value, _ = nn.value_and_grad(lambda m, z: jnp.sum(m(z)), a, x)
+      return a(x) + 0.0 * value
+
+  new = jax.jit(functools.partial(wl.data_init, Differentiates()))(
+    Differentiates().init(jax.random.key(0), x), x
+  )
+  first = wl.WNDense(6).apply({'params': new['params']['a']}, x)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+
 class _LinenSharedVmap(nn.Module):
   """One layer's parameters shared across nn.vmap's mapped axis (variable_axes None)."""
 

@@ -213,6 +213,13 @@ def _mapped_levels(x: object) -> set[int]:
   return levels
 
 
+def broadcast_in_scan(kernel: object, inputs: object) -> bool:
+  """Whether ``kernel`` is one ``nn.scan`` broadcasts to every step, traced in its
+  partial-evaluation pass (see :func:`check_not_broadcast`)."""
+  leaves = jax.tree_util.tree_leaves(inputs)
+  return any(map(is_partial_eval, leaves)) and not is_partial_eval(kernel)
+
+
 def check_not_broadcast(kernel: object, inputs: object) -> None:
   """A ``ValueError`` if the kernel is one ``nn.scan`` broadcasts to every step.
 
@@ -220,14 +227,14 @@ def check_not_broadcast(kernel: object, inputs: object) -> None:
   unknown; a broadcast kernel is known there (a stacked one is not). Its ``g`` would then
   depend on the loop, which a broadcast variable cannot.
   """
-  leaves = jax.tree_util.tree_leaves(inputs)
-  if any(map(is_partial_eval, leaves)) and not is_partial_eval(kernel):
+  if broadcast_in_scan(kernel, inputs):
     raise ValueError(
       'data_init cannot initialize a layer inside nn.scan whose parameters are '
       "broadcast to every step (variable_broadcast='params'): they cannot depend on one "
-      "step's statistics. Initialize it outside the scan: run data_init on the scanned "
-      "module alone, on one step's inputs, with its parameters (variables['params'] under "
-      "the scan's name), and put the result back; or give each step its own parameters "
+      "step's statistics. Initialize it outside the scan: use the layer once before the "
+      'scan (its steps then read what that use set), or run data_init on the scanned module '
+      "alone, on one step's inputs, with its parameters (variables['params'] under the "
+      "scan's name), and put the result back; or give each step its own parameters "
       "(variable_axes={'params': 0})."
     )
 

@@ -122,4 +122,6 @@ def callback_once(callback: Callable[[Any], None], fit: jax.Array) -> None:
     (batched,) = in_batched
     return call(jnp.max(fit, axis=0, initial=-jnp.inf) if batched else fit), False
 
-  call(fit)
+  # Values only: custom_vmap has no derivative rule, and a data init under nn.vjp or
+  # nn.value_and_grad (a model whose forward differentiates a layer) failed to linearize.
+  call(jax.lax.stop_gradient(fit))
