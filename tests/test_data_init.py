@@ -1481,7 +1481,6 @@ def test_a_linen_layer_used_before_a_scan_that_broadcasts_it_is_initialized_ther
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
-
 @pytest.mark.parametrize('transform', ['vjp', 'value_and_grad', 'jvp'])
 def test_a_linen_layer_a_forward_differentiates_is_initialized(transform):
   # A model whose forward differentiates a layer (a gradient penalty): the fit check's
@@ -1506,6 +1505,7 @@ def test_a_linen_layer_a_forward_differentiates_is_initialized(transform):
   )
   first = wl.WNDense(6).apply({'params': new['params']['a']}, x)
   np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
+
 
 class _LinenSharedVmap(nn.Module):
   """One layer's parameters shared across nn.vmap's mapped axis (variable_axes None)."""
