@@ -306,6 +306,35 @@ def test_a_linen_model_nn_jit_traced_before_is_initialized(applied_before):
   _assert_standardized({'b': h, 'a': y}, 1.0)
 
 
+def test_linen_nn_jit_blocks_of_equal_configuration_are_each_initialized():
+  # nn.jit reuses the first block's trace for the others (their fields and shapes are
+  # equal): the search for the layers found only the first, and data_init left the others
+  # as they were, silently (a review); layer_axes named only the first.
+  x = _batch((64, 6)) + 1.0
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return 3.0 * wl.WNDense(6, name='d')(x) + 1.0
+
+  lifted = nn.jit(Block)  # one class, three modules: nn.jit traces the first only
+
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(3):
+        x = lifted(name=f'b{i}')(x)
+      return x
+
+  new = wl.data_init(Stack(), Stack().init(jax.random.key(0), x), x)
+  h = x
+  for i in range(3):
+    y = wl.WNDense(6).apply({'params': new['params'][f'b{i}']['d']}, h)
+    np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
+    h = 3.0 * y + 1.0
+  assert wl.layer_axes(Stack(), x) == {f'b{i}/d': -1 for i in range(3)}
+
+
 class _Later(nnx.Module):
   """One WN layer, then a later use of it where: a closure of a JAX loop, a vmap it is
   shared across, a scan that shares it (in_axes=None) as its first use, or one row."""
@@ -1537,16 +1566,20 @@ def test_linen_layer_shared_across_scan_steps_is_refused_with_the_fix():
   np.testing.assert_allclose(np.asarray(h).std(0), 1.0, rtol=1e-4)
 
 
-def test_linen_layer_shared_across_vmap_needs_the_axis_name():
+@pytest.mark.parametrize('jit', [False, True])
+def test_linen_layer_shared_across_vmap_needs_the_axis_name(jit):
   # Flax used to answer with an out_axes error: the layer's g came out per mapped element.
   xs = _batch((4, 64, 8))
   model = _LinenSharedVmap()
   variables = model.init(jax.random.key(1), xs)
   with pytest.raises(ValueError, match=r"WNDense at '/shared'.*nn.vmap.*axis_name="):
     wl.data_init(model, variables, xs)
-  # The advice works: the statistics of the whole batch, over the mapped axis too.
+  # The advice works: the statistics of the whole batch, over the mapped axis too. Under
+  # jit, the closure refusal took g (a value of the jit's trace, which holds nn.vmap's) for
+  # one lost in a transform's body (a review).
   model = _LinenSharedVmap(axis_name='b')
-  new = wl.data_init(model, variables, xs, axis_name='b')
+  run = functools.partial(wl.data_init, model, axis_name='b')
+  new = (jax.jit(run) if jit else run)(variables, xs)
   y = np.asarray(model.apply(new, xs)).reshape(-1, 8)
   np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
   np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)

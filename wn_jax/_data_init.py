@@ -103,10 +103,13 @@ def mode(init_scale: float | Callable[[str], float], axis_name: str | None) -> I
     if not _MODE.get().done:  # type: ignore[union-attr]
       raise ValueError(
         'data_init: the call initialized no layer: no WN layer (WNDense, WNConv, '
-        'WNConvTranspose; NNX: WNLinear, WNConv, WNConvTranspose) ran in it. Plain layers and '
-        'layers inside a WeightNorm wrapper are left as they are (a wrapper scales parameters, '
-        'not the output features of a pre-activation): build the layers to initialize as WN '
-        "layers, or set a wrapper's scale by hand."
+        'WNConvTranspose; NNX: WNLinear, WNConv, WNConvTranspose) ran in it where it could '
+        'write. Plain layers and layers inside a WeightNorm wrapper are left as they are (a '
+        'wrapper scales parameters, not the output features of a pre-activation): build the '
+        "layers to initialize as WN layers, or set a wrapper's scale by hand. linen: a WN layer "
+        "that runs only in the body of nn.while_loop without carry_variables='params' (or in "
+        'its cond_fn), or of nn.map_variables without mutable=True, has its parameters '
+        'read-only there: use it once outside first.'
       )
   finally:
     _MODE.reset(token)
@@ -128,9 +131,10 @@ def check_set(label: Callable[[], str], scale: jax.Array) -> None:
       raise ValueError(
         f'{label()}: data_init runs this layer where its parameters are read-only, in the '
         "body of a Flax transform (nn.while_loop without carry_variables='params', or its "
-        'cond_fn; nn.map_variables without mutable=True), before any use set its scale: this '
-        "use cannot. Pass carry_variables='params' to nn.while_loop (mutable=True to "
-        'nn.map_variables), or use the layer once before the transform, where it can write.'
+        'cond_fn even with it; nn.map_variables without mutable=True; the module of a '
+        'WeightNorm wrapper), before any use set its scale: this use cannot. Use the layer '
+        'once before, where it can write (outside the transform, or in the loop body), or '
+        "pass carry_variables='params' to nn.while_loop (mutable=True to nn.map_variables)."
       )
 
   fresh = jnp.any(jnp.isneginf(scale), keepdims=True).astype(jnp.float32)
@@ -148,11 +152,19 @@ def path(tag: object) -> str | None:
 
 def foreign(x: Any, home: Any) -> bool:
   """Whether ``x`` is a tracer of a trace other than ``home`` (an opaque trace state,
-  ``jax.core.get_opaque_trace_state``'s, as Flax's scopes keep it): stored where ``home``'s
-  computation reads it, it would be lost or leak."""
+  ``jax.core.get_opaque_trace_state``'s, as Flax's scopes keep it) and the traces that hold
+  it (a ``jit`` around ``nn.vmap``'s): stored where ``home``'s computation reads it, it would
+  be lost or leak (a value of a transform's body, which that body does not return)."""
   trace = getattr(x, '_trace', None) if isinstance(x, jax.core.Tracer) else None
   ref = getattr(home, '_trace_ref', None)  # JAX's OpaqueTraceState: a weakref to the trace
-  return trace is not None and callable(ref) and ref() is not trace
+  if trace is None or not callable(ref):
+    return False
+  outer = ref()
+  while outer is not None:
+    if outer is trace:
+      return False
+    outer = getattr(outer, 'parent_trace', None)
+  return True
 
 
 def claim(key: object) -> tuple[Mode, bool] | None:
@@ -232,7 +244,8 @@ def check_not_broadcast(kernel: object, inputs: object) -> None:
       'data_init cannot initialize a layer inside nn.scan whose parameters are '
       "broadcast to every step (variable_broadcast='params'): they cannot depend on one "
       "step's statistics. Initialize it outside the scan: use the layer once before the "
-      'scan (its steps then read what that use set), or run data_init on the scanned module '
+      'scan, outside any transform (its steps then read what that use set), or run data_init '
+      'on the scanned module '
       "alone, on one step's inputs, with its parameters (variables['params'] under the "
       "scan's name), and put the result back; or give each step its own parameters "
       "(variable_axes={'params': 0})."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -147,12 +148,38 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
   def run(variables, *call_args):
     return model.apply(variables, *call_args, mutable=_every(), method=method, **kwargs)
 
-  with nn.intercept_methods(record):
-    try:
-      _eval_abstractly(run, variables, *args)
-    except Exception:  # the model reads or prints values: run it as it is
-      run(variables, *args)
-  return paths
+  def search(inline: bool) -> set:
+    paths.clear()
+    with nn.intercept_methods(record), _inlined(inline):
+      try:
+        _eval_abstractly(run, variables, *args)
+      except Exception:  # the model reads or prints values: run it as it is
+        run(variables, *args)
+    return paths
+
+  return search(True) if _unseen(variables['params'], search(False)) else paths
+
+
+def _inlined(inline: bool) -> contextlib.AbstractContextManager:
+  """Every ``jit`` inlined, where ``inline``: ``nn.jit`` reuses one module's trace for
+  another of equal configuration (a block class lifted once, used many times), which runs
+  none of its layers' Python, so a search for the layers misses them. Taken only where a
+  search left a layer's parameters unseen: inlined, it traces every layer's core anew."""
+  return jax.disable_jit() if inline else contextlib.nullcontext()
+
+
+def _unseen(params: Any, seen: Any) -> bool:
+  """Whether ``params`` holds a layer's ``kernel`` and ``scale`` at a path not in ``seen``
+  (tuples of names): a WN layer the search did not see run (or a layer not run at all)."""
+
+  def walk(tree: Any, path: tuple[str, ...]) -> bool:
+    if not isinstance(tree, Mapping):
+      return False
+    if 'kernel' in tree and 'scale' in tree and path not in seen:
+      return True
+    return any(walk(v, (*path, str(k))) for k, v in tree.items())
+
+  return walk(params, ())
 
 
 def _eval_abstractly(fn: Callable, *args: Any) -> Any:
@@ -249,15 +276,21 @@ def layer_axes(
       # lifted by nn.vmap itself (nn.vmap(WNConv)) is called again, stacked, around it
     return out
 
-  with nn.intercept_methods(record):
-    variables = _eval_abstractly(
-      # init's own filter (all but intermediates), said anew: see _every
-      lambda *a: model.init(
-        jax.random.key(0), *a, method=method, mutable=_every('intermediates'), **kwargs
-      ),
-      *args,
-    )
-  params = nn.meta.unbox(variables.get('params', {}))
+  def search(inline: bool) -> Any:
+    axes.clear()
+    steps.clear()
+    with nn.intercept_methods(record), _inlined(inline):
+      return _eval_abstractly(
+        # init's own filter (all but intermediates), said anew: see _every
+        lambda *a: model.init(
+          jax.random.key(0), *a, method=method, mutable=_every('intermediates'), **kwargs
+        ),
+        *args,
+      )
+
+  params = nn.meta.unbox(search(False).get('params', {}))
+  if _unseen(params, {tuple(p.split('/')) if p else () for p in axes}):
+    params = nn.meta.unbox(search(True).get('params', {}))
   layers = {path: (axes[path], _stored(params, path, *steps[path])) for path in axes}
   with _errors.labelled('wn_jax.linen.layer_axes'):
     return _stacking.read_axes(layers, stacked, _GIVE_STACKED)
