@@ -326,13 +326,46 @@ def test_linen_nn_jit_blocks_of_equal_configuration_are_each_initialized():
         x = lifted(name=f'b{i}')(x)
       return x
 
-  new = wl.data_init(Stack(), Stack().init(jax.random.key(0), x), x)
+  # Each its own init_scale: the pass ran the first block's trace for the others, with its
+  # init_scale (a review of a first fix, which found the others in the search only).
+  scales = {'b0/d': 1.0, 'b1/d': 0.5, 'b2/d': 2.0}
+  new = wl.data_init(Stack(), Stack().init(jax.random.key(0), x), x, init_scale=scales.get)
   h = x
   for i in range(3):
     y = wl.WNDense(6).apply({'params': new['params'][f'b{i}']['d']}, h)
-    np.testing.assert_allclose(np.std(y, 0), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(np.std(y, 0), scales[f'b{i}/d'], rtol=1e-4)
     h = 3.0 * y + 1.0
   assert wl.layer_axes(Stack(), x) == {f'b{i}/d': -1 for i in range(3)}
+
+
+@pytest.mark.parametrize('transform', ['scan', 'vmap'])
+def test_a_linen_transform_that_maps_every_collection_is_initialized(transform):
+  # variable_axes={True: 0} splits every collection's leaves along an axis, so data_init
+  # may add none of its own to the variables (a first version of its marks failed here).
+  x = _batch((64, 6)) + 1.0
+
+  class Every(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      layer = wl.WNDense(6, name='s')
+      if transform == 'scan':
+        steps = nn.scan(
+          lambda m, c, _: (m(c), None),
+          variable_axes={True: 0},
+          split_rngs={'params': True},
+          length=2,
+        )
+        return steps(layer, x, None)[0]
+      lifted = nn.vmap(
+        lambda m, z: m(z), variable_axes={True: 0}, split_rngs={'params': True}, in_axes=0
+      )
+      return lifted(layer, x.reshape(2, 32, 6))
+
+  new = wl.data_init(Every(), Every().init(jax.random.key(0), x), x)
+  # The first step's (element's) parameters, on its input: the whole batch (the first half).
+  seen = x if transform == 'scan' else x.reshape(2, 32, 6)[0]
+  first = wl.WNDense(6).apply({'params': jax.tree.map(lambda a: a[0], new['params']['s'])}, seen)
+  np.testing.assert_allclose(np.std(first, 0), 1.0, rtol=1e-4)
 
 
 class _Later(nnx.Module):

@@ -108,7 +108,7 @@ def data_init(
     # Every collection mutable, so a model with batch norm in training mode runs; only the
     # new params are kept.
     _, updates = model.apply(
-      {**variables, 'params': params}, *args, mutable=_every(), method=method, **kwargs
+      _marked({**variables, 'params': params}), *args, mutable=True, method=method, **kwargs
     )
   before = variables['params']
   return {**variables, 'params': _map_scales(updates['params'], paths, _data_init.settle, before)}
@@ -119,9 +119,30 @@ _CALLS = itertools.count()
 
 def _every(*but: str) -> flax.core.DenyList:
   """Every collection mutable (``but`` these), as a filter no other call uses: ``nn.jit``
-  reuses its body's trace for the same shapes and filter, which runs no layer's Python (an
-  earlier ``init`` or apply with ``mutable=True``, or data init's search for its layers)."""
+  reuses its body's trace for the same shapes and filter, which runs no layer's Python (the
+  user's ``init``, for ``layer_axes``' own; a data init marks its variables, ``_marked``)."""
   return flax.core.DenyList((*but, f'wn_jax:{next(_CALLS)}'))
+
+
+_MARKS = 'wn_jax_marks'  # a collection no module reads
+
+
+def _marked(variables: Mapping) -> dict:
+  """``variables`` with a collection of marks: an empty node of its own in each node of the
+  params tree, named for this call (no leaf: ``nn.scan(variable_axes={True: 0})`` splits
+  every collection's leaves). ``nn.jit`` reuses a trace for modules of equal configuration
+  and variables (a block class lifted once, used many times), and from an earlier call (the
+  user's apply, data init's search for its layers), which runs no layer's Python: a layer
+  the search does not see is not initialized, and one the pass does not run takes another's
+  trace (its ``init_scale``, its name in errors). With the marks no two share one."""
+  call, index = next(_CALLS), itertools.count()
+
+  def walk(tree: Mapping) -> dict:
+    node: dict = {f'{call}.{next(index)}': {}}
+    node.update((k, walk(v)) for k, v in tree.items() if isinstance(v, Mapping))
+    return node
+
+  return {**variables, _MARKS: walk(variables['params'])}
 
 
 def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwargs: dict) -> set:
@@ -146,25 +167,23 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
     return next_fun(*call_args, **call_kwargs)
 
   def run(variables, *call_args):
-    return model.apply(variables, *call_args, mutable=_every(), method=method, **kwargs)
+    return model.apply(variables, *call_args, mutable=True, method=method, **kwargs)
 
-  def search(inline: bool) -> set:
-    paths.clear()
-    with nn.intercept_methods(record), _inlined(inline):
-      try:
-        _eval_abstractly(run, variables, *args)
-      except Exception:  # the model reads or prints values: run it as it is
-        run(variables, *args)
-    return paths
-
-  return search(True) if _unseen(variables['params'], search(False)) else paths
+  marked = _marked(variables)
+  with nn.intercept_methods(record):
+    try:
+      _eval_abstractly(run, marked, *args)
+    except Exception:  # the model reads or prints values: run it as it is
+      run(marked, *args)
+  return paths
 
 
 def _inlined(inline: bool) -> contextlib.AbstractContextManager:
   """Every ``jit`` inlined, where ``inline``: ``nn.jit`` reuses one module's trace for
   another of equal configuration (a block class lifted once, used many times), which runs
   none of its layers' Python, so a search for the layers misses them. Taken only where a
-  search left a layer's parameters unseen: inlined, it traces every layer's core anew."""
+  search left a layer's parameters unseen: inlined, it traces every layer's core anew, and
+  unrolls every scan (``layer_axes`` traces ``init``, whose variables cannot be marked)."""
   return jax.disable_jit() if inline else contextlib.nullcontext()
 
 
