@@ -244,11 +244,10 @@ def check_not_broadcast(kernel: object, inputs: object) -> None:
       'data_init cannot initialize a layer inside nn.scan whose parameters are '
       "broadcast to every step (variable_broadcast='params'): they cannot depend on one "
       "step's statistics. Initialize it outside the scan: use the layer once before the "
-      'scan, outside any transform (its steps then read what that use set), or run data_init '
-      'on the scanned module '
-      "alone, on one step's inputs, with its parameters (variables['params'] under the "
-      "scan's name), and put the result back; or give each step its own parameters "
-      "(variable_axes={'params': 0})."
+      'scan, outside any transform (its steps then read what that use set), or run '
+      "data_init on the scanned module alone, on one step's inputs, with its parameters "
+      "(variables['params'] under the scan's name), and put the result back; or give each "
+      "step its own parameters (variable_axes={'params': 0})."
     )
 
 

@@ -191,14 +191,15 @@ class _WeightNormedKernel:
       # initializes each stacked layer from its own statistics.
       return None
     claimed = _data_init.claim(self.scope.path)  # type: ignore[attr-defined]
-    if claimed is not None and tuple(self.scope.path) not in claimed[0].landed:  # type: ignore[attr-defined]
-      # (A broadcast layer set before the scan is read there: a plain call.)
-      try:
-        _data_init.check_not_broadcast(kernel, inputs)
-      except ValueError as e:
-        raise ValueError(f'{self._where()}: {e}') from None
-    elif claimed is not None and _data_init.broadcast_in_scan(kernel, inputs):
+    if claimed is None:
       return None
+    if tuple(self.scope.path) in claimed[0].landed:  # type: ignore[attr-defined]
+      # Set already: in a scan that broadcasts it, a plain call reads what was set.
+      return None if _data_init.broadcast_in_scan(kernel, inputs) else claimed
+    try:
+      _data_init.check_not_broadcast(kernel, inputs)
+    except ValueError as e:
+      raise ValueError(f'{self._where()}: {e}') from None
     return claimed
 
   def _out_axis(self) -> int:
