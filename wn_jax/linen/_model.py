@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from wn_jax import _data_init
@@ -108,7 +110,7 @@ def data_init(
     # Every collection mutable, so a model with batch norm in training mode runs; only the
     # new params are kept.
     _, updates = model.apply(
-      _marked({**variables, 'params': params}), *args, mutable=True, method=method, **kwargs
+      _marked({**variables, 'params': params}), *args, mutable=_every(), method=method, **kwargs
     )
   before = variables['params']
   return {**variables, 'params': _map_scales(updates['params'], paths, _data_init.settle, before)}
@@ -119,8 +121,10 @@ _CALLS = itertools.count()
 
 def _every(*but: str) -> flax.core.DenyList:
   """Every collection mutable (``but`` these), as a filter no other call uses: ``nn.jit``
-  reuses its body's trace for the same shapes and filter, which runs no layer's Python (the
-  user's ``init``, for ``layer_axes``' own; a data init marks its variables, ``_marked``)."""
+  reuses its body's trace for the same shapes and filter, which runs no layer's Python (an
+  earlier ``init`` or apply with ``mutable=True``, data init's search for its layers). A
+  data init's marks (``_marked``) also tell apart modules of equal configuration, where the
+  ``nn.jit`` lifts every collection."""
   return flax.core.DenyList((*but, f'wn_jax:{next(_CALLS)}'))
 
 
@@ -167,38 +171,55 @@ def _layer_paths(model: nn.Module, variables: Any, args: tuple, method: Any, kwa
     return next_fun(*call_args, **call_kwargs)
 
   def run(variables, *call_args):
-    return model.apply(variables, *call_args, mutable=True, method=method, **kwargs)
+    return model.apply(variables, *call_args, mutable=_every(), method=method, **kwargs)
 
-  marked = _marked(variables)
-  with nn.intercept_methods(record):
-    try:
-      _eval_abstractly(run, marked, *args)
-    except Exception:  # the model reads or prints values: run it as it is
-      run(marked, *args)
-  return paths
+  def search(inline: bool) -> set:
+    paths.clear()
+    marked = _marked(variables)
+    with nn.intercept_methods(record), _inlined(inline):
+      try:
+        _eval_abstractly(run, marked, *args)
+      except Exception:  # the model reads or prints values: run it as it is
+        run(marked, *args)
+    return paths
+
+  # The marks tell modules apart where nn.jit lifts every collection; one that lifts only
+  # some (variables='params') may still reuse a trace: then the search runs inlined.
+  return search(True) if _reused(variables['params'], search(False)) else paths
 
 
 def _inlined(inline: bool) -> contextlib.AbstractContextManager:
-  """Every ``jit`` inlined, where ``inline``: ``nn.jit`` reuses one module's trace for
-  another of equal configuration (a block class lifted once, used many times), which runs
-  none of its layers' Python, so a search for the layers misses them. Taken only where a
-  search left a layer's parameters unseen: inlined, it traces every layer's core anew, and
-  unrolls every scan (``layer_axes`` traces ``init``, whose variables cannot be marked)."""
+  """Every ``jit`` inlined, where ``inline``: for a search that may have missed layers in a
+  trace ``nn.jit`` reused (``_reused``). Slower: it traces every layer's core anew, and
+  unrolls every scan."""
   return jax.disable_jit() if inline else contextlib.nullcontext()
 
 
-def _unseen(params: Any, seen: Any) -> bool:
-  """Whether ``params`` holds a layer's ``kernel`` and ``scale`` at a path not in ``seen``
-  (tuples of names): a WN layer the search did not see run (or a layer not run at all)."""
+def _reused(params: Any, seen: Any) -> bool:
+  """Whether ``params`` hold a layer's ``kernel`` and ``scale`` at a path not in ``seen``
+  (tuples of names) inside a module whose parameters equal, in structure and shapes, those
+  of a module holding a layer at a path in ``seen`` (the same path below the two): ``nn.jit``
+  may have reused the second's trace for the first, which ran none of its layers' Python.
+  A layer that did not run at all (another method's) seldom sits in such a twin."""
+  nodes: dict[tuple[str, ...], Any] = {}
 
-  def walk(tree: Any, path: tuple[str, ...]) -> bool:
-    if not isinstance(tree, Mapping):
-      return False
-    if 'kernel' in tree and 'scale' in tree and path not in seen:
-      return True
-    return any(walk(v, (*path, str(k))) for k, v in tree.items())
+  def walk(tree: Any, path: tuple[str, ...]) -> None:
+    if isinstance(tree, Mapping):
+      nodes[path] = tree
+      for k, v in tree.items():
+        walk(v, (*path, str(k)))
 
-  return walk(params, ())
+  walk(params, ())
+  shapes = functools.cache(lambda p: str(jax.tree.map(jnp.shape, nodes[p])))
+  layers = [p for p, t in nodes.items() if 'kernel' in t and 'scale' in t]
+  return any(
+    u[k:] == s[k:] and shapes(u[:k]) == shapes(s[:k])
+    for u in layers
+    if u not in seen
+    for s in seen
+    if len(s) == len(u) and s in nodes
+    for k in range(1, len(u))
+  )
 
 
 def _eval_abstractly(fn: Callable, *args: Any) -> Any:
@@ -308,7 +329,7 @@ def layer_axes(
       )
 
   params = nn.meta.unbox(search(False).get('params', {}))
-  if _unseen(params, {tuple(p.split('/')) if p else () for p in axes}):
+  if _reused(params, {tuple(p.split('/')) if p else () for p in axes}):
     params = nn.meta.unbox(search(True).get('params', {}))
   layers = {path: (axes[path], _stored(params, path, *steps[path])) for path in axes}
   with _errors.labelled('wn_jax.linen.layer_axes'):
