@@ -126,8 +126,8 @@ def check_set(label: Callable[[], str], scale: jax.Array) -> None:
   concrete scale; under a trace when the computation runs (a use in a branch not taken, or
   after one that wrote, passes)."""
 
-  def refuse(fresh):
-    if np.any(np.asarray(fresh) > 0):
+  def refuse(marked):
+    if np.any(np.asarray(marked) > 0):
       raise ValueError(
         f'{label()}: data_init runs this layer where its parameters are read-only, in the '
         "body of a Flax transform (nn.while_loop without carry_variables='params', or its "
@@ -137,11 +137,11 @@ def check_set(label: Callable[[], str], scale: jax.Array) -> None:
         "pass carry_variables='params' to nn.while_loop (mutable=True to nn.map_variables)."
       )
 
-  fresh = jnp.any(jnp.isneginf(scale), keepdims=True).astype(jnp.float32)
-  if isinstance(fresh, jax.core.Tracer):
-    _fit_check.callback_once(refuse, fresh)
+  marked = jnp.any(is_fresh(scale), keepdims=True).astype(jnp.float32)
+  if isinstance(marked, jax.core.Tracer):
+    _fit_check.callback_once(refuse, marked)
   else:
-    refuse(fresh)
+    refuse(marked)
 
 
 def path(tag: object) -> str | None:
@@ -359,7 +359,7 @@ def _initialized(t, g_now, b_now, init_scale, axis_name):
   mu, sigma = statistics(t, axis_name)
   g = init_scale / sigma
   b = -mu * g
-  new = jnp.isneginf(g_now)
+  new = is_fresh(g_now)
   fit = _fit_check.per_feature(g, None if b_now is None else b, mu, sigma, new)
   g = jnp.where(new, _like(g, g_now), g_now.astype(g.dtype))
   if b_now is not None:
@@ -402,9 +402,14 @@ def fresh(scale: jax.Array) -> jax.Array:
   return jax.lax.full_like(scale, -jnp.inf)
 
 
+def is_fresh(scale: jax.Array) -> jax.Array:
+  """Where ``scale`` still holds :func:`fresh`'s mark: no use has initialized it."""
+  return jnp.isneginf(scale)
+
+
 def settle(scale: jax.Array, before: jax.Array) -> jax.Array:
   """A scale after the pass: ``before`` where no use initialized it (still -inf)."""
-  return jnp.where(jnp.isneginf(scale), before, scale)
+  return jnp.where(is_fresh(scale), before, scale)
 
 
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int) -> None:
