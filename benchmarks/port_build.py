@@ -14,7 +14,8 @@ the built model (the weights on the device), for:
 
 The arms run interleaved in a random order each round; the table gives medians::
 
-    python benchmarks/port_build.py     # writes benchmarks/results/port_build_cpu.md
+    python benchmarks/port_build.py           # writes benchmarks/results/port_build_cpu.md
+    python benchmarks/port_build.py --quick   # 2 rounds, printed only
 """
 
 from __future__ import annotations
@@ -83,18 +84,17 @@ def _build(front: str, kind: str) -> float:
 
 def _sample(front: str, kind: str) -> float:
   out = subprocess.run(
-    [sys.executable, __file__, '--child', front, kind],
-    capture_output=True,
-    text=True,
-    check=True,
-    cwd=ROOT,
+    [sys.executable, __file__, '--child', front, kind], capture_output=True, text=True, cwd=ROOT
   )
+  if out.returncode:
+    raise RuntimeError(f'the {front} {kind} build failed:\n{out.stderr}')
   return float(out.stdout.split()[-1])
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=7)
+  parser.add_argument('--quick', action='store_true', help='2 rounds, print only')
   parser.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -104,15 +104,16 @@ def main() -> None:
   from startup import _load  # noqa: E402
   from startup import machine  # noqa: E402
 
+  rounds = 2 if args.quick else args.rounds
   load_start, t_start = _load(), time.perf_counter()
   results: dict[str, list[float]] = {name: [] for name in ARMS}
   rng = random.Random(0)
-  for r in range(args.rounds):
+  for r in range(rounds):
     order = list(ARMS)
     rng.shuffle(order)
     for name in order:
       results[name].append(_sample(*ARMS[name]))
-    print(f'round {r + 1}/{args.rounds} done ({time.perf_counter() - t_start:.0f} s)', flush=True)
+    print(f'round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)', flush=True)
   med = {name: statistics.median(times) for name, times in results.items()}
   import flax
   import jax
@@ -121,7 +122,7 @@ def main() -> None:
     "# A ported model's first build, in a fresh process (HiFi-GAN generator, 28 WN layers)",
     '',
     f'`python benchmarks/port_build.py`; {machine()}, jax {jax.__version__}, flax '
-    f'{flax.__version__}; median of {args.rounds} processes per arm, arms interleaved in a random '
+    f'{flax.__version__}; median of {rounds} processes per arm, arms interleaved in a random '
     f'order each round. Load average (1, 5, 15 min): {load_start} at start, {_load()} at end; '
     f'{time.perf_counter() - t_start:.0f} s in all.',
     '',
@@ -138,10 +139,11 @@ def main() -> None:
     "Each sample is the time from after the imports and the example's loading to the built "
     "model's arrays, in a process of its own: every layer shape compiles, as in a user's script.",
   ]
-  out = ROOT / 'benchmarks' / 'results' / 'port_build_cpu.md'
-  out.write_text('\n'.join(lines) + '\n')
   print('\n'.join(lines))
-  print(f'\nwrote {out}')
+  if not args.quick:
+    out = ROOT / 'benchmarks' / 'results' / 'port_build_cpu.md'
+    out.write_text('\n'.join(lines) + '\n')
+    print(f'\nwrote {out}')
 
 
 if __name__ == '__main__':
