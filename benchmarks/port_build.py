@@ -21,7 +21,7 @@ The arms run interleaved in a random order each round; the table gives medians::
 from __future__ import annotations
 
 import argparse
-import random
+import functools
 import runpy
 import statistics
 import subprocess
@@ -102,18 +102,13 @@ def main() -> None:
     return
   sys.path.insert(0, str(ROOT / 'benchmarks'))
   from startup import _load  # noqa: E402
+  from startup import interleaved  # noqa: E402
   from startup import machine  # noqa: E402
 
   rounds = 2 if args.quick else args.rounds
   load_start, t_start = _load(), time.perf_counter()
-  results: dict[str, list[float]] = {name: [] for name in ARMS}
-  rng = random.Random(0)
-  for r in range(rounds):
-    order = list(ARMS)
-    rng.shuffle(order)
-    for name in order:
-      results[name].append(_sample(*ARMS[name]))
-    print(f'round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)', flush=True)
+  samplers = {name: functools.partial(_sample, *spec) for name, spec in ARMS.items()}
+  results = interleaved(samplers, rounds, t_start)
   med = {name: statistics.median(times) for name, times in results.items()}
   import flax
   import jax

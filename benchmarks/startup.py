@@ -724,6 +724,22 @@ def _load() -> str:
   return ', '.join(f'{x:.2f}' for x in os.getloadavg())
 
 
+def interleaved(
+  samplers: dict[str, Callable[[], float]], rounds: int, t_start: float
+) -> dict[str, list[float]]:
+  """``rounds`` samples of each arm, the arms in a random order each round (seeded)."""
+  results: dict[str, list[float]] = {name: [] for name in samplers}
+  rng = random.Random(0)
+  for r in range(rounds):
+    order = list(samplers)
+    rng.shuffle(order)
+    for name in order:
+      gc.collect()
+      results[name].append(samplers[name]())
+    print(f'round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)', flush=True)
+  return results
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=25)
@@ -737,15 +753,7 @@ def main() -> None:
   for arm in arms.values():  # warm-up: first calls compile; sets eager calls per sample
     arm.warm_up(target)
   print(f'warm-up done in {time.perf_counter() - t_start:.0f} s', flush=True)
-  results: dict[str, list[float]] = {name: [] for name in arms}
-  rng = random.Random(0)
-  for r in range(rounds):
-    order = list(arms)
-    rng.shuffle(order)
-    for name in order:
-      gc.collect()
-      results[name].append(arms[name].sample())
-    print(f'round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)', flush=True)
+  results = interleaved({name: arm.sample for name, arm in arms.items()}, rounds, t_start)
   load_end = _load()
 
   def med(name: str | None) -> float:
