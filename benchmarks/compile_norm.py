@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import random
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from startup import DEPTH  # noqa: E402
 from startup import STEP_WIDTH  # noqa: E402
 from startup import _linen_step  # noqa: E402
 from startup import _load  # noqa: E402
+from startup import interleaved  # noqa: E402
 from startup import machine  # noqa: E402
 
 SHIPPED = wn_jax._core.norm_keepdims
@@ -110,16 +110,16 @@ def main() -> None:
     jax.clear_caches()  # the nested jits of the norm are cached per configuration
     first = arm()
     counts[name] = (first['fusions'], first['conditionals'])
-  times: dict[str, list[tuple[float, float]]] = {name: [] for name in arms}
-  rng = random.Random(0)
-  for r in range(rounds):
-    order = list(arms)
-    rng.shuffle(order)
-    for name in order:
+
+  def sampler(arm: Callable[[], dict[str, float]]) -> Callable[[], tuple[float, float]]:
+    def sample() -> tuple[float, float]:
       jax.clear_caches()
-      m = arms[name]()
-      times[name].append((m['lower'], m['compile']))
-    print(f'round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)', flush=True)
+      m = arm()
+      return m['lower'], m['compile']
+
+    return sample
+
+  times = interleaved({name: sampler(arm) for name, arm in arms.items()}, rounds, t_start)
   load_end = _load()
 
   def med(name: str, i: int | None) -> float:

@@ -724,11 +724,9 @@ def _load() -> str:
   return ', '.join(f'{x:.2f}' for x in os.getloadavg())
 
 
-def interleaved(
-  samplers: dict[str, Callable[[], float]], rounds: int, t_start: float
-) -> dict[str, list[float]]:
+def interleaved(samplers: dict[str, Callable[[], Any]], rounds: int, t_start: float) -> dict:
   """``rounds`` samples of each arm, the arms in a random order each round (seeded)."""
-  results: dict[str, list[float]] = {name: [] for name in samplers}
+  results: dict[str, list] = {name: [] for name in samplers}
   rng = random.Random(0)
   for r in range(rounds):
     order = list(samplers)
