@@ -493,3 +493,22 @@ def test_data_init_on_explicit_mesh_arrays_outside_set_mesh():
   variables = jax.device_put(model.init(jax.random.key(0), X), NamedSharding(explicit, P()))
   out = wl.data_init(model, variables, x)
   np.testing.assert_allclose(np.asarray(model.apply(out, x)).std(0), 1.0, rtol=1e-4)
+
+
+def test_eager_data_init_on_a_sharded_batch_leaves_unplaced_parameters_unplaced(mesh):
+  # Found by a user: parameters not yet placed on devices (after a plain init) came back from an
+  # eager data_init on a batch sharded over the mesh committed to one device, so the next call
+  # on that batch failed: "Received incompatible devices for jitted computation".
+  x = jax.device_put(X, NamedSharding(mesh, P('data')))
+  model = nn.Sequential([wl.WNDense(16), nn.relu, wl.WNDense(4)])
+  variables = model.init(jax.random.key(0), x)
+  out = wl.data_init(model, variables, x)
+  for leaf in jax.tree_util.tree_leaves(out):
+    assert not leaf.committed, leaf.sharding
+  np.testing.assert_allclose(np.asarray(model.apply(out, x)).std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(out, x)).std(0), 1.0, rtol=1e-4)
+  layer = wx.WNLinear(8, 16, rngs=nnx.Rngs(0))
+  wx.data_init(layer, x)
+  for leaf in jax.tree_util.tree_leaves(nnx.state(layer)):
+    assert not leaf.committed, leaf.sharding
+  np.testing.assert_allclose(np.asarray(layer(x)).std(0), 1.0, rtol=1e-4)

@@ -389,9 +389,15 @@ def _like(x: jax.Array, ref: jax.Array) -> jax.Array:
 def _placed_as(x: jax.Array, ref: jax.Array) -> jax.Array:
   """``x`` on ``ref``'s devices and layout when both are concrete: eagerly, a bias computed
   from the statistics would otherwise take their layout, not its own (and the layer's next
-  call compile anew)."""
-  concrete = not isinstance(x, jax.core.Tracer) and not isinstance(ref, jax.core.Tracer)
-  if concrete and isinstance(ref, jax.Array) and x.sharding != ref.sharding:
+  call compile anew). A ``ref`` not yet placed (uncommitted, as after a plain ``init``) gets
+  an ``x`` not placed either: committed to one device, the next call on a batch sharded over
+  several would fail ("incompatible devices")."""
+  if isinstance(x, jax.core.Tracer) or isinstance(ref, jax.core.Tracer):
+    return x
+  if isinstance(ref, jax.Array) and not ref.committed:
+    # Only a trip through the host makes an array uncommitted; x is one value per feature.
+    return jax.device_put(np.asarray(x)) if x.committed and x.is_fully_addressable else x
+  if isinstance(ref, jax.Array) and x.sharding != ref.sharding:
     return jax.device_put(x, ref.sharding)
   return x
 
