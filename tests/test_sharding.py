@@ -512,3 +512,22 @@ def test_eager_data_init_on_a_sharded_batch_leaves_unplaced_parameters_unplaced(
   for leaf in jax.tree_util.tree_leaves(nnx.state(layer)):
     assert not leaf.committed, leaf.sharding
   np.testing.assert_allclose(np.asarray(layer(x)).std(0), 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize('axis_type', [AUTO, EXPLICIT])
+def test_data_init_under_set_mesh_leaves_unplaced_parameters_unplaced(axis_type):
+  # Found by a user: under jax.set_mesh, the scale came back committed to the mesh (the pass's
+  # fresh marks were made there), the kernel and bias unplaced: a call on a batch on another
+  # device then failed, "Received incompatible devices for jitted computation".
+  mesh = _make_mesh((2, 4), ('data', 'model'), (axis_type, axis_type))
+  model = wl.WNDense(16)
+  variables = model.init(jax.random.key(0), X)
+  layer = wx.WNLinear(8, 16, rngs=nnx.Rngs(0))
+  with jax.set_mesh(mesh):
+    out = wl.data_init(model, variables, X)
+    wx.data_init(layer, X)
+  x1 = jax.device_put(X, _cpus()[1])
+  for leaf in [*jax.tree_util.tree_leaves(out), *jax.tree_util.tree_leaves(nnx.state(layer))]:
+    assert not leaf.committed, leaf.sharding
+  np.testing.assert_allclose(np.asarray(model.apply(out, x1)).std(0), 1.0, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(layer(x1)).std(0), 1.0, rtol=1e-4)

@@ -414,8 +414,9 @@ def is_fresh(scale: jax.Array) -> jax.Array:
 
 
 def settle(scale: jax.Array, before: jax.Array) -> jax.Array:
-  """A scale after the pass: ``before`` where no use initialized it (still -inf)."""
-  return jnp.where(is_fresh(scale), before, scale)
+  """A scale after the pass: ``before`` where no use initialized it (still -inf), placed as
+  ``before`` was (the marks, made eagerly under ``jax.set_mesh``, are placed on its mesh)."""
+  return _placed_as(jnp.where(is_fresh(scale), before, scale), before)
 
 
 def check_output_axis(kernel_ndim: int, kept: tuple[int, ...], out_axis: int) -> None:
