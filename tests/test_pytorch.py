@@ -2017,3 +2017,32 @@ def test_a_torch_module_dict_against_a_linen_dict_in_setup_is_told_so():
   template = {'params': {'0': template['params']}}
   with pytest.raises(ValueError, match=r"'0/blocks/a'.*'0/blocks_a'.*submodule named 'blocks'"):
     wt.to_linen(deep, template=template)
+
+
+def test_boxed_partitioned_variables_convert_both_ways():
+  # Found by a user: a model sharded the Flax way (nn.with_partitioning) has its variables boxed
+  # in nn.Partitioned; to_linen's twin= and template= then listed kernel/value as missing, and
+  # to_torch said the tree lacked the kernel.
+  part = nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
+  model = nn.Sequential([wn_linen.WNDense(16, kernel_init=part), nn.Dense(4, kernel_init=part)])
+  x = np.ones((2, 8), np.float32)
+  rng = np.random.default_rng(0)
+  sd = {
+    '0.weight_g': rng.random((16, 1), np.float32) + 0.5,
+    '0.weight_v': rng.standard_normal((16, 8)).astype(np.float32),
+    '0.bias': rng.standard_normal(16).astype(np.float32),
+    '1.weight': rng.standard_normal((4, 16)).astype(np.float32),
+    '1.bias': rng.standard_normal(4).astype(np.float32),
+  }
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert isinstance(boxed['params']['layers_0']['kernel'], nn.Partitioned)
+  plain = wt.to_linen(sd, template=nn.unbox(boxed))
+  for got in (wt.to_linen(sd, twin=(model, x)), wt.to_linen(sd, template=boxed)):
+    np.testing.assert_array_equal(model.apply(got, x), model.apply(plain, x))
+  boxed_values = jax.tree.map(
+    lambda box, value: box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value,
+    model.init(jax.random.key(0), x),
+    plain,
+    is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned),
+  )
+  assert_trees_equal(wt.to_torch(boxed_values, like=sd), sd)

@@ -109,13 +109,18 @@ def _nest(flat: dict[tuple[Any, ...], Any]) -> dict[Any, Any]:
 
 
 def _flatten(tree: Any) -> dict[tuple[str, ...], Any]:
-  """``{path of str: leaf}`` of a nested dict, nnx.State or pure dict."""
+  """``{path of str: leaf}`` of a nested dict, nnx.State or pure dict; Flax's boxes
+  (``nn.Partitioned``, from ``nn.with_partitioning``) read as the arrays they hold."""
   import jax
 
   if hasattr(tree, 'to_pure_dict'):  # an nnx.State
     from flax import nnx
 
     tree = nnx.to_pure_dict(tree)
+  else:
+    from flax.core import meta
+
+    tree = meta.unbox(tree)
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     parts = tuple(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
