@@ -531,3 +531,24 @@ def test_data_init_under_set_mesh_leaves_unplaced_parameters_unplaced(axis_type)
     assert not leaf.committed, leaf.sharding
   np.testing.assert_allclose(np.asarray(model.apply(out, x1)).std(0), 1.0, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(layer(x1)).std(0), 1.0, rtol=1e-4)
+
+
+def test_optimizer_of_boxed_parameters_runs_flaxs_sharding_recipe(mesh):
+  # Found by a user: Flax's recipe, the state's shardings from nn.get_sharding of its abstract
+  # init, failed for optim.weight_norm on nn.with_partitioning's boxed parameters (as it works
+  # for optax.adam): the state held each box around a WeightNormed node, whose partition names
+  # gave the 1-D g the kernel's 2-D spec. The state holds bare arrays, as for NNX variables
+  # (which that recipe replicates: the distributed guide says how to shard it).
+  part = nn.with_partitioning(LECUN, (None, 'model'))
+  params = nn.Dense(16, kernel_init=part).init(jax.random.key(0), X)['params']
+  tx = wn_jax.optim.weight_norm(optax.adam(1e-2))
+  shardings = nn.get_sharding(jax.eval_shape(tx.init, params), mesh)
+  state = jax.jit(tx.init, out_shardings=shardings)(params)
+  boxes = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert not any(isinstance(x, nn.Partitioned) for x in boxes)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  assert isinstance(updates['kernel'], nn.Partitioned)
+  want, _ = tx.update(nn.unbox(grads), tx.init(nn.unbox(params)), nn.unbox(params))
+  for a, b in zip(jax.tree_util.tree_leaves(nn.unbox(updates)), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)

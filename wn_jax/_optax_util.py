@@ -25,20 +25,31 @@ def is_masked(x: Any) -> bool:
 
 
 def unwrap(tree: Any) -> Any:
-  """``tree`` with every ``nnx.Variable`` replaced by its value (``Param(w)`` -> ``w``).
+  """``tree`` with every ``nnx.Variable`` replaced by its value (``Param(w)`` -> ``w``), and
+  every linen box (``nn.Partitioned``, from ``nn.with_partitioning``) by the array it holds.
 
   The state holds bare arrays, never a variable around a ``WeightNormed`` node: ``nnx.Optimizer``
   wraps the state's variables whole, and writing an update back into such a wrapper turns the
-  node into a dict (its static ``axis`` lost). flax is not imported here: until ``flax.nnx`` is,
-  no variable can exist.
+  node into a dict (its static ``axis`` lost); a box's partition names would fit ``v`` but not
+  ``g`` (Flax's sharding helpers would give ``g`` the kernel's). flax is not imported here: until
+  it is, no variable or box can exist.
   """
-  nnx = sys.modules.get('flax.nnx')
-  if nnx is None:
+  nnx, meta = (sys.modules.get(name) for name in ('flax.nnx', 'flax.core.meta'))
+  kinds: tuple[type, ...] = ()
+  if nnx is not None:
+    kinds += (nnx.Variable,)
+  if meta is not None:
+    kinds += (meta.AxisMetadata,)
+  if not kinds:
     return tree
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-  return jax.tree_util.tree_map(
-    lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
-  )
+  is_wrapper = lambda x: isinstance(x, kinds)
+
+  def bare(x: Any) -> Any:
+    if nnx is not None and isinstance(x, nnx.Variable):
+      return x.get_value()
+    return x.unbox() if is_wrapper(x) else x
+
+  return jax.tree_util.tree_map(bare, tree, is_leaf=is_wrapper)
 
 
 def in_structure(structure: Any, tree: Any) -> Any:
