@@ -96,6 +96,13 @@ def _arm(norm: Callable | None) -> Callable[[], dict[str, float]]:
   return sample
 
 
+def _sample(arm: Callable[[], dict[str, float]]) -> tuple[float, float]:
+  """One sample's (trace + lower, compile) seconds, JAX's caches cleared first."""
+  jax.clear_caches()
+  m = arm()
+  return m['lower'], m['compile']
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=15)
@@ -110,16 +117,8 @@ def main() -> None:
     jax.clear_caches()  # the nested jits of the norm are cached per configuration
     first = arm()
     counts[name] = (first['fusions'], first['conditionals'])
-
-  def sampler(arm: Callable[[], dict[str, float]]) -> Callable[[], tuple[float, float]]:
-    def sample() -> tuple[float, float]:
-      jax.clear_caches()
-      m = arm()
-      return m['lower'], m['compile']
-
-    return sample
-
-  times = interleaved({name: sampler(arm) for name, arm in arms.items()}, rounds, t_start)
+  samplers = {name: functools.partial(_sample, arm) for name, arm in arms.items()}
+  times = interleaved(samplers, rounds, t_start)
   load_end = _load()
 
   def med(name: str, i: int | None) -> float:

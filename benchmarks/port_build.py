@@ -29,6 +29,20 @@ import sys
 import time
 from pathlib import Path
 
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+
+import wn_jax
+from wn_jax import pytorch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from startup import _load  # noqa: E402
+from startup import interleaved  # noqa: E402
+from startup import machine  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
   'nnx, eager build: wn_jax': ('nnx', 'wn'),
@@ -43,14 +57,6 @@ ARMS = {
 
 def _build(front: str, kind: str) -> float:
   """Seconds to build the generator in this (fresh) process, imports excluded."""
-  import flax.linen as nn
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  import wn_jax
-  from wn_jax import pytorch
-
   if kind == 'plain':
     wn_jax.nnx.WNConv, wn_jax.nnx.WNConvTranspose = nnx.Conv, nnx.ConvTranspose
     wn_jax.linen.WNConv, wn_jax.linen.WNConvTranspose = nn.Conv, nn.ConvTranspose
@@ -100,19 +106,12 @@ def main() -> None:
   if args.child:
     print(_build(*args.child))
     return
-  sys.path.insert(0, str(ROOT / 'benchmarks'))
-  from startup import _load  # noqa: E402
-  from startup import interleaved  # noqa: E402
-  from startup import machine  # noqa: E402
-
   rounds = 2 if args.quick else args.rounds
   load_start, t_start = _load(), time.perf_counter()
   samplers = {name: functools.partial(_sample, *spec) for name, spec in ARMS.items()}
   results = interleaved(samplers, rounds, t_start)
   med = {name: statistics.median(times) for name, times in results.items()}
-  import flax
-  import jax
-
+  plain = {front: med[name] for name, (front, kind) in ARMS.items() if kind == 'plain'}
   lines = [
     "# A ported model's first build, in a fresh process (HiFi-GAN generator, 28 WN layers)",
     '',
@@ -125,10 +124,8 @@ def main() -> None:
     '|---|---|---|---|',
   ]
   for name, (front, _) in ARMS.items():
-    plain = med[f'{front}, eager {"build" if front == "nnx" else "init"}: plain layers']
-    lines.append(
-      f'| {name} | {med[name]:.2f} | {min(results[name]):.2f} | {med[name] / plain:.2f} |'
-    )
+    ratio = med[name] / plain[front]
+    lines.append(f'| {name} | {med[name]:.2f} | {min(results[name]):.2f} | {ratio:.2f} |')
   lines += [
     '',
     "Each sample is the time from after the imports and the example's loading to the built "

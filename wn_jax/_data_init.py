@@ -392,14 +392,13 @@ def _placed_as(x: jax.Array, ref: jax.Array) -> jax.Array:
   call compile anew). A ``ref`` not yet placed (uncommitted, as after a plain ``init``) gets
   an ``x`` not placed either: committed to one device, the next call on a batch sharded over
   several would fail ("incompatible devices")."""
-  if isinstance(x, jax.core.Tracer) or isinstance(ref, jax.core.Tracer):
+  tracer = isinstance(x, jax.core.Tracer) or isinstance(ref, jax.core.Tracer)
+  if tracer or not isinstance(ref, jax.Array):
     return x
-  if isinstance(ref, jax.Array) and not ref.committed:
+  if not ref.committed:
     # Only a trip through the host makes an array uncommitted; x is one value per feature.
     return jax.device_put(np.asarray(x)) if x.committed and x.is_fully_addressable else x
-  if isinstance(ref, jax.Array) and x.sharding != ref.sharding:
-    return jax.device_put(x, ref.sharding)
-  return x
+  return jax.device_put(x, ref.sharding) if x.sharding != ref.sharding else x
 
 
 def fresh(scale: jax.Array) -> jax.Array:
