@@ -552,3 +552,49 @@ def test_optimizer_of_boxed_parameters_runs_flaxs_sharding_recipe(mesh):
   want, _ = tx.update(nn.unbox(grads), tx.init(nn.unbox(params)), nn.unbox(params))
   for a, b in zip(jax.tree_util.tree_leaves(nn.unbox(updates)), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('box', [nn.with_partitioning, nn.with_logical_partitioning])
+def test_weight_norm_of_boxed_parameters_boxes_v_and_g_apart(mesh, box):
+  # Found by a user: wn_jax.weight_norm on nn.with_partitioning's boxed parameters put each
+  # WeightNormed node inside the box, whose partition names fit v but not g: nn.get_sharding of
+  # the result gave the 1-D g the kernel's 2-D spec, and a jit with those out_shardings failed.
+  # v keeps the box, and g gets one like it with the names of the kept axes.
+  params = nn.Dense(16, kernel_init=box(LECUN, (None, 'model'))).init(jax.random.key(0), X)
+  params = params['params']
+  wn = wn_jax.weight_norm(params)
+  node = wn['kernel']
+  assert isinstance(node, wn_jax.WeightNormed)
+  assert type(node.v) is type(params['kernel']) and type(node.g) is type(params['kernel'])
+  assert node.v.names == (None, 'model') and node.g.names == ('model',)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(wn), mesh, [('model', 'model')])
+  placed = jax.jit(lambda t: t, out_shardings=shardings)(wn)
+  assert placed['kernel'].g.value.sharding.spec == P('model')
+  assert placed['kernel'].v.value.sharding.spec == P(None, 'model')
+  # materialize gives back the boxed tree weight_norm was given.
+  back = wn_jax.materialize(placed)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+  for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  # Trains: a gradient reaches v and g through the boxes.
+  loss = lambda p: jnp.sum(nn.Dense(16).apply({'params': nn.unbox(wn_jax.materialize(p))}, X) ** 2)
+  grads = jax.grad(loss)(wn)
+  assert jnp.all(jnp.isfinite(grads['kernel'].g.value)) and grads['kernel'].g.names == ('model',)
+
+
+def test_weight_norm_of_an_nnx_state_with_sharding_names(mesh):
+  # The same for NNX: a kernel Param with out_sharding held the WeightNormed node, and
+  # nnx.get_named_sharding gave g the kernel's spec.
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, 'model'))
+  with jax.set_mesh(mesh):
+    graph, state = nnx.split(nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0)))
+  wn = wn_jax.weight_norm(state)
+  node = wn['kernel']
+  assert isinstance(node, wn_jax.WeightNormed) and isinstance(node.g, nnx.Param)
+  assert node.g.get_metadata()['out_sharding'] == ('model',)
+  shardings = nnx.get_named_sharding(wn, mesh)
+  assert shardings['kernel'].g.get_value().spec == P('model')
+  assert shardings['kernel'].v.get_value().spec == P(None, 'model')
+  model = nnx.merge(graph, wn_jax.materialize(wn))
+  np.testing.assert_allclose(model.kernel[...], state['kernel'][...], rtol=1e-6, atol=1e-7)
+  assert model.kernel.get_metadata()['out_sharding'] == (None, 'model')

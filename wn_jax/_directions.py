@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from wn_jax import _axes
+from wn_jax import _boxes
 from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _fold
@@ -52,7 +53,7 @@ def direction_axes(
   The axis of the latter two is ``axis`` at the layer's (the wrapper's) path, as in fold.
   ``nodes_only``: the ``WeightNormed`` nodes alone.
   """
-  _tree.refuse_module(params, caller)
+  _boxes.refuse_module(params, caller)
   if not nodes_only:
     _refuse_hidden_scales(params, caller)
   nodes = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0]
@@ -164,7 +165,7 @@ def decay_mask(params: Any) -> Any:
     >>> wn_jax.optim.decay_mask({'scale': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones(2)}})
     {'scale': {'bias': True, 'kernel': True}}
   """
-  _tree.refuse_module(params, 'wn_jax.optim.decay_mask')
+  _boxes.refuse_module(params, 'wn_jax.optim.decay_mask')
   shapes = _shapes(jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)[0])
 
   wrapper_scale = functools.cache(lambda prefix: _structure.is_wrapper_scale(shapes, prefix))

@@ -6,12 +6,12 @@ Parameters and updates arrive with ``nnx.Variable`` wrappers (``nnx.Optimizer``)
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
 import optax
 
+from wn_jax import _boxes
 from wn_jax import _tree
 
 
@@ -31,25 +31,12 @@ def unwrap(tree: Any) -> Any:
   The state holds bare arrays, never a variable around a ``WeightNormed`` node: ``nnx.Optimizer``
   wraps the state's variables whole, and writing an update back into such a wrapper turns the
   node into a dict (its static ``axis`` lost); a box's partition names would fit ``v`` but not
-  ``g`` (Flax's sharding helpers would give ``g`` the kernel's). flax is not imported here: until
-  it is, no variable or box can exist.
+  ``g`` (Flax's sharding helpers would give ``g`` the kernel's).
   """
-  nnx, meta = (sys.modules.get(name) for name in ('flax.nnx', 'flax.core.meta'))
-  kinds: tuple[type, ...] = ()
-  if nnx is not None:
-    kinds += (nnx.Variable,)
-  if meta is not None:
-    kinds += (meta.AxisMetadata,)
+  kinds = _boxes.kinds()
   if not kinds:
     return tree
-  is_wrapper = lambda x: isinstance(x, kinds)
-
-  def bare(x: Any) -> Any:
-    if nnx is not None and isinstance(x, nnx.Variable):
-      return x.get_value()
-    return x.unbox() if is_wrapper(x) else x
-
-  return jax.tree_util.tree_map(bare, tree, is_leaf=is_wrapper)
+  return jax.tree_util.tree_map(_boxes.unboxed, tree, is_leaf=lambda x: isinstance(x, kinds))
 
 
 def in_structure(structure: Any, tree: Any) -> Any:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from wn_jax import _axes
+from wn_jax import _boxes
 from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _fold
@@ -156,7 +157,7 @@ def weight_norm(
     inner = optax.chain(inner, projection(project, _fold.INFER, nodes_only=True))
 
   def init_fn(params):
-    _tree.refuse_module(params, _CALLER)
+    _boxes.refuse_module(params, _CALLER)
     _refuse_weight_normed(params)
     # Copies, so the state never shares a buffer with params (safe to donate both).
     with _errors.labelled(_CALLER):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 import re
-import sys
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -15,8 +14,8 @@ import numpy as np
 from flax import serialization
 
 from wn_jax import _axes
+from wn_jax import _boxes
 from wn_jax import _core
-from wn_jax import _errors
 from wn_jax import _structure
 from wn_jax._errors import labelled
 
@@ -63,19 +62,24 @@ class WeightNormed:
 
   def __repr__(self) -> str:
     def show(x):
+      if isinstance(x, _boxes.kinds()):  # a box (weight_norm of boxed parameters): its kind
+        return f'{type(x).__name__}({show(_boxes.unboxed(x))})'
       is_array = hasattr(x, 'shape') and hasattr(x, 'dtype')  # a NumPy dtype has a shape
       return f'{x.dtype}{list(x.shape)}' if is_array else repr(x)
 
     return f'WeightNormed(v={show(self.v)}, g={show(self.g)}, axis={self.axis!r})'
 
-  def weight(self) -> jax.Array:
-    """The weight ``g * v / ||v||`` this node stands for."""
+  def weight(self) -> Any:
+    """The weight ``g * v / ||v||`` this node stands for (in ``v``'s box where it has one)."""
+    box = self.v if isinstance(self.v, _boxes.kinds()) else None
+    v, g = (_boxes.unboxed(self.v), _boxes.unboxed(self.g)) if box is not None else (self.v, self.g)
     try:
-      return _core.normalize(self.v, self.g, self.axis)
+      w = _core.normalize(v, g, self.axis)
     except ValueError as e:
       raise ValueError(
         f'{self!r}: {e} Rebuild it with wn_jax.weight_norm, or fix the node (its v, g, axis).'
       ) from None
+    return w if box is None else _boxes.reboxed(box, w)
 
 
 def _static_axis(axis: Any) -> Any:
@@ -221,7 +225,10 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
   Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
   :func:`materialize` gives back ``w`` and the function the parameters compute is
   unchanged. Works on any pytree: Flax linen params, an NNX ``State``, an Equinox
-  module, plain dicts and lists. Leaves that already are ``WeightNormed`` are kept.
+  module, plain dicts and lists. Leaves that already are ``WeightNormed`` are kept. A weight
+  in a box with partition names (``nn.with_partitioning``'s ``nn.Partitioned``, an NNX
+  variable with ``out_sharding``) gives ``WeightNormed(v=box(v), g=box(g))``, ``g``'s box
+  naming the partitions of the kept axes, so Flax's sharding helpers shard both.
 
   Args:
     params: a pytree of arrays.
@@ -260,26 +267,8 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
     >>> bool(jnp.allclose(wn_jax.materialize(wn)['kernel'], params['kernel']))
     True
   """
-  refuse_module(params, 'wn_jax.weight_norm')
-  return decomposed(params, axis, where)
-
-
-def refuse_module(params: Any, label: str) -> None:
-  """A ``TypeError`` for a Flax module where its parameters go, or inside them (an NNX
-  module is a pytree too, and came back half converted; a linen one is a leaf, skipped)."""
-  nnx, linen = (sys.modules.get(name) for name in ('flax.nnx', 'flax.linen'))
-  kinds = tuple(m.Module for m in (nnx, linen) if m is not None)
-  if not kinds:
-    return
-  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, kinds))
-  found = next((x for x in leaves if isinstance(x, kinds)), None)
-  if found is None:
-    return
-  if nnx is not None and isinstance(found, nnx.Module):
-    fix = 'Pass its parameters: nnx.state(model, nnx.Param).'
-  else:
-    fix = "Pass its parameters: model.init(key, x)['params']."
-  _errors.require(False, label, 'the parameters (a pytree of arrays)', found, fix)
+  _boxes.refuse_module(params, 'wn_jax.weight_norm')
+  return _boxes.apart(decomposed(params, axis, where), WeightNormed)
 
 
 # decomposed's fix for a wrapper, whose axis is one for all its parameters.
@@ -419,7 +408,7 @@ def materialize(params: PyTree) -> PyTree:
     Array([[3., 0.],
            [4., 2.]], dtype=float32)
   """
-  refuse_module(params, 'wn_jax.materialize')
+  _boxes.refuse_module(params, 'wn_jax.materialize')
   return weights(params, check_lost=True)
 
 

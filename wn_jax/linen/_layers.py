@@ -11,19 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from wn_jax import _axes
+from wn_jax import _boxes
 from wn_jax import _core
 from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _kernel
 
 Initializer = Callable[..., Any]
-
-
-def _scale_box(kernel_box: Any, g: jax.Array, kept: tuple[int, ...]) -> Any:
-  """``g`` boxed like the kernel: a partitioned kernel gives a partitioned scale."""
-  if isinstance(kernel_box, nn.Partitioned):
-    return kernel_box.replace(value=g, names=_axes.kept_names(kernel_box.names, kept))
-  return g
 
 
 # The pass of the WN layer whose parent's code runs now, and that layer: its ``param``
@@ -101,7 +95,7 @@ class _WeightNormedKernel:
         g = _core.decompose(value, kept)[1].astype(dtype)
       else:
         g = self.scale_init(key, shape, dtype)
-      return _scale_box(self.get_variable('params', 'kernel'), g, kept)  # type: ignore[attr-defined]
+      return _boxes.scale_box(self.get_variable('params', 'kernel'), g, kept)  # type: ignore[attr-defined]
 
     if self.has_variable('params', 'scale'):  # type: ignore[attr-defined]
       # Read, not through param: Flax's param would check its shape (the pass does) by

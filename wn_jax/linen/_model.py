@@ -10,11 +10,11 @@ import flax
 import flax.linen as nn
 import jax
 
+from wn_jax import _boxes
 from wn_jax import _data_init
 from wn_jax import _errors
 from wn_jax import _fold
 from wn_jax import _stacking
-from wn_jax import _tree
 from wn_jax.linen import _search
 from wn_jax.linen._layers import _WeightNormedKernel
 from wn_jax.linen._wrapper import WeightNorm
@@ -322,5 +322,5 @@ def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
   )
   wrong = isinstance(params, (nn.Module, flax.nnx.Module, flax.nnx.State))
   _errors.require(not wrong, 'wn_jax.linen.fold', 'the parameters, a dict', params, fix)
-  _tree.refuse_module(params, 'wn_jax.linen.fold')
+  _boxes.refuse_module(params, 'wn_jax.linen.fold')
   return _fold.fold(nn.unbox(params), axis)

@@ -15,13 +15,13 @@ from flax.core.scope import Variable
 from flax.linen.transforms import get_module_scopes
 
 from wn_jax import _axes
+from wn_jax import _boxes
 from wn_jax import _core
 from wn_jax import _errors
 from wn_jax import _kernel
 from wn_jax import _tree
 from wn_jax import _wrapping
 from wn_jax.linen._layers import Initializer
-from wn_jax.linen._layers import _scale_box
 from wn_jax.linen._layers import _WeightNormedKernel
 
 _KERNELS = r'(^|/)kernel$'
@@ -196,7 +196,7 @@ class _Mapping:
       for k in path:
         kernel = kernel[k.key]
       kept = _axes.kept_axes(jnp.ndim(nn.unbox(kernel)), w.axis)
-      return _scale_box(kernel, g, kept)
+      return _boxes.scale_box(kernel, g, kept)
 
     return jax.tree_util.tree_map_with_path(box, _wrapping.map_selected(wn, g))
 
