@@ -403,3 +403,46 @@ def test_eps_takes_numpy_floats_and_refuses_non_finite():
   for bad in (float('inf'), float('nan'), -1.0, True):
     with pytest.raises(ValueError, match='eps must be a finite non-negative number'):
       wn_jax.normalize(v, g, eps=bad)
+
+
+def test_a_python_scalar_g_takes_the_dtype_of_v():
+  # Found by a user trial: a Python float g promoted a bfloat16 v to float32 (JAX's weak types
+  # keep bfloat16: v * 2.0 is bfloat16), and a Python int g was refused.
+  v = jnp.ones((4, 3), jnp.bfloat16)
+  assert wn_jax.normalize(v, 2.0, None).dtype == (v * 2.0).dtype == jnp.bfloat16
+  assert wn_jax.materialize(wn_jax.WeightNormed(v, 1.0, None)).dtype == jnp.bfloat16
+  w = wn_jax.normalize(jnp.array([[3.0], [4.0]]), 2, None)
+  np.testing.assert_allclose(np.asarray(w), [[1.2], [1.6]], rtol=1e-6)
+  assert w.dtype == jnp.float32
+  assert wn_jax.normalize(v, jnp.float32(2.0), None).dtype == jnp.float32  # a typed g: promoted
+  with pytest.raises(ValueError, match='g must be a real floating array'):
+    wn_jax.normalize(v, True, None)
+
+
+def test_a_traced_axis_names_jits_static_argnames_first():
+  # Found by a user trial: jax.jit(wn_jax.norm)(w, 0) blamed optax.inject_hyperparams, which a
+  # plain JAX user never called.
+  w = jnp.ones((4, 3))
+  with pytest.raises(
+    ValueError, match=r"axis is traced.*static_argnames='axis'.*inject_hyperparams"
+  ):
+    jax.jit(wn_jax.norm)(w, 0)
+
+
+def test_a_users_callable_error_keeps_its_traceback():
+  # Found by a user trial: a bug in the user's own where= callable came back relabelled, with
+  # no frame of the callable in the traceback.
+  def my_where(path, leaf):
+    return int(path[-1].key) > 0
+
+  with pytest.raises(ValueError, match='wn_jax.weight_norm: invalid literal') as info:
+    wn_jax.weight_norm({'kernel': jnp.ones((3, 2))}, where=my_where)
+  assert 'my_where' in [entry.name for entry in info.traceback]
+
+
+def test_a_slice_with_an_infinite_entry_has_norm_nan_as_documented():
+  # norm's docstring says so (a user trial expected inf): normalize then gives a NaN slice.
+  w = jnp.array([[jnp.inf, 1.0], [1.0, 1.0]])
+  n = np.asarray(wn_jax.norm(w))
+  assert np.isnan(n[0]) and n[1] == np.float32(np.sqrt(2.0))
+  assert np.all(np.isnan(np.asarray(wn_jax.normalize(w, jnp.ones(2)))[:, 0]))

@@ -772,10 +772,12 @@ def test_gradients_that_do_not_fit_the_params_are_refused_with_the_fix():
   tx = wn_jax.optim.weight_norm(optax.sgd(0.1))
   state = tx.init(params)
   for w in (jnp.ones((2, 3)), jnp.ones((3, 1))):
-    with pytest.raises(ValueError, match=rf"hold of shape \({w.shape[0]}, .*'w'.*jax.grad"):
+    with pytest.raises(
+      ValueError, match=rf"hold an array of shape \({w.shape[0]}, .*'w'.*jax.grad"
+    ):
       tx.update({'w': w, 'b': jnp.ones(2)}, state, params)
   # An unselected leaf too: optax would broadcast it silently (a review trial).
-  with pytest.raises(ValueError, match=r"hold of shape \(1,\) at 'b'"):
+  with pytest.raises(ValueError, match=r"hold an array of shape \(1,\) at 'b'"):
     tx.update({'w': jnp.ones((3, 2)), 'b': jnp.ones(1)}, state, params)
   with pytest.raises(ValueError, match=r"hold None at 'w'"):
     tx.update({'w': None, 'b': jnp.ones(2)}, state, params)
@@ -790,7 +792,7 @@ def test_gradients_that_do_not_fit_the_params_are_refused_with_the_fix():
   frozen = flax.core.freeze(params)
   with pytest.raises(ValueError, match=r'a FrozenDict for a dict: flax.core.freeze / unfreeze'):
     tx.update(frozen, state, params)
-  with pytest.raises(ValueError, match=r"extra argument 'grad' hold of shape \(2, 3\)"):
+  with pytest.raises(ValueError, match=r"extra argument 'grad' hold an array of shape \(2, 3\)"):
     tx.update(params, state, params, grad={'w': jnp.ones((2, 3)), 'b': jnp.ones(2)})
   with pytest.raises(ValueError, match=r'inner must be an optax.*optax.sgd\(\.\.\.\)'):
     wn_jax.optim.weight_norm(optax.sgd)
@@ -805,3 +807,12 @@ def test_inject_hyperparams_around_weight_norm_keeps_its_axis_static():
   q, _, expected = _run_tx(wn_jax.optim.weight_norm(optax.sgd(0.1)), params, 3)
   assert losses == expected
   assert_trees_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('project', [True, -1.0, 0.0, float('nan')])
+def test_a_bad_project_is_refused_by_its_name(project):
+  # Found by a user trial: project=True was refused as project_directions' "norm".
+  with pytest.raises(
+    ValueError, match=r"^wn_jax.optim.weight_norm: project must be .*project='init'"
+  ):
+    wn_jax.optim.weight_norm(optax.adam(1e-3), project=project)

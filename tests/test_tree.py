@@ -513,3 +513,21 @@ class _TwoKernels(nn.Module):
     a = self.param('a', nn.initializers.ones, (3, 4))
     b = self.param('b', nn.initializers.ones, (2, 3, 4))
     return x @ a + jnp.sum(b)
+
+
+@pytest.mark.parametrize('where', [None, 'kernel'])
+def test_weight_norm_of_abstract_parameters_gives_abstract_nodes(where):
+  # Found by a user trial: an abstract restore target (jax.eval_shape of init, as in a fresh
+  # process) was refused: "selected no leaf" (where=None, with a float (4, 3) kernel there),
+  # or "got jax.ShapeDtypeStruct ... use wn_jax.weight_norm" (where='kernel').
+  model = nn.Dense(3)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4)))['params']
+  got = wn_jax.weight_norm(abstract, where=where)
+  params = model.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+  want = jax.eval_shape(lambda: wn_jax.weight_norm(params, where=where))
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  assert isinstance(got['kernel'], wn_jax.WeightNormed)
+  assert got['kernel'].g.shape == (3,) and got['kernel'].v.shape == (4, 3)
+  assert jax.tree_util.tree_all(
+    jax.tree_util.tree_map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), got, want)
+  )

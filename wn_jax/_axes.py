@@ -87,8 +87,10 @@ def _index(a: object, axis: Axis) -> int:
       pass
   if isinstance(a, jax.core.Tracer):
     raise ValueError(
-      f'axis is traced ({a!r}): optax.inject_hyperparams makes every number an array, '
-      f"traced under jit. Keep it static: inject_hyperparams(..., static_args=('axis',))."
+      f'axis is traced ({a!r}): it must be static. Under jax.jit, mark it static '
+      f"(jax.jit(f, static_argnames='axis')) or close over it (functools.partial); "
+      f'optax.inject_hyperparams makes every number an array: keep it static there with '
+      f"inject_hyperparams(..., static_args=('axis',))."
     )
   raise ValueError(f'axis must be an int, a tuple of ints or None; got {axis!r}.')
 

@@ -44,7 +44,9 @@ def norm(w: ArrayLike, axis: Axis = -1) -> jax.Array:
   """The Euclidean norm of ``w`` over every axis but the kept ``axis``.
 
   Reduced in float32 (float64 for float64 input) and returned in that dtype, with the
-  shape ``scale_shape(w.shape, axis)``; safe from overflow and underflow.
+  shape ``scale_shape(w.shape, axis)``; safe from overflow and underflow. A slice that holds
+  an infinite or NaN entry has norm NaN (not ``inf``, as ``jnp.linalg.norm`` gives for an
+  infinite entry): :func:`normalize` then gives a NaN slice of ``w``, not a finite one.
 
   Examples:
     >>> import jax.numpy as jnp, wn_jax
@@ -156,7 +158,7 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
 
   The norm is reduced in float32 (float64 for float64 ``v``), the product is formed as
   ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
-  ``v`` and ``g``. No epsilon touches a nonzero slice unless ``eps`` asks for one. An
+  ``v`` and ``g`` (a Python number ``g`` takes ``v``'s dtype, as in JAX). No epsilon touches a nonzero slice unless ``eps`` asks for one. An
   all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
   ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
   :func:`decompose`, gives ``g = 1`` there) and stays at 0 if ``g = 0``.
@@ -217,8 +219,12 @@ def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype
 def _checked(
   v: ArrayLike, g: ArrayLike, axis: Axis, eps: float
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``."""
-  v, g = floating_array(v, 'v'), floating_array(g, 'g')
+  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``. A Python number ``g``
+  takes ``v``'s dtype, as JAX's weak types give ``v * 2.0``'s."""
+  v = floating_array(v, 'v')
+  if isinstance(g, (int, float)) and not isinstance(g, bool):
+    g = jnp.asarray(g, v.dtype)
+  g = floating_array(g, 'g')
   if not is_eps(eps):
     raise ValueError(
       f'eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'

@@ -31,7 +31,8 @@ class labelled(contextlib.ContextDecorator):
     if kind is not None and issubclass(kind, ValueError):
       label = str(self.label)
       if not str(error).startswith(f'{label}: '):  # named already (a check under a vmap)
-        raise ValueError(f'{label}: {error}') from None
+        # The traceback kept: it shows where the error came from (a user's where= callable).
+        raise ValueError(f'{label}: {error}').with_traceback(tb) from None
 
 
 class later:  # noqa: N801 (used as a function: later(f))

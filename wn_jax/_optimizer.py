@@ -154,7 +154,8 @@ def weight_norm(
       f'weight_norm(optax.sgd).'
     )
   if project is not None and project is not False:
-    inner = optax.chain(inner, projection(project, _fold.INFER, nodes_only=True))
+    named = (_CALLER, 'project')  # True is refused: 'init' or a target norm switches it on
+    inner = optax.chain(inner, projection(project, _fold.INFER, nodes_only=True, named=named))
 
   def init_fn(params):
     _boxes.refuse_module(params, _CALLER)
@@ -240,7 +241,7 @@ def _check_gradients(params: Any, updates: Any, what: str = 'the gradients') -> 
   shape = lambda x: None if x is None else jnp.shape(x)
   for (path, w), (_, u) in zip(ours, theirs):
     if not is_masked(w) and shape(u) != shape(w):
-      got_u = f'of shape {jnp.shape(u)}' if hasattr(u, 'shape') else f'{u!r}'
+      got_u = f'an array of shape {jnp.shape(u)}' if hasattr(u, 'shape') else f'{u!r}'
       raise ValueError(
         f'{_CALLER}: {what} hold {got_u} at {_tree.path_str(_tree.param_path(path))!r}, for '
         f'a parameter of shape {jnp.shape(w)}. {fix}'

@@ -114,15 +114,21 @@ def project_directions(
 
 
 def projection(
-  norm: str | float | jax.Array, axis: _fold.AxisSpec, *, nodes_only: bool
+  norm: str | float | jax.Array,
+  axis: _fold.AxisSpec,
+  *,
+  nodes_only: bool,
+  named: tuple[str, str] = (_CALLER, 'norm'),
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`project_directions`; with ``nodes_only``, of ``WeightNormed`` nodes alone (the
-  optimizer's ``project=``: what it reparametrizes, not the WN layers beside)."""
+  optimizer's ``project=``: what it reparametrizes, not the WN layers beside). ``named``: the
+  caller and the argument ``norm`` came as, for its refusal."""
   if isinstance(norm, str) and norm != 'init':
-    raise ValueError(f"{_CALLER}: norm must be 'init' or a positive number; got {norm!r}.")
+    caller, name = named
+    raise ValueError(f"{caller}: {name} must be 'init' or a positive number; got {norm!r}.")
   constant = not isinstance(norm, str)
   if constant:
-    _check_norm(norm)
+    _check_norm(norm, *named)
 
   def init_fn(params):
     params = unwrap(params)
@@ -155,7 +161,7 @@ def projection(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_norm(norm: Any) -> None:
+def _check_norm(norm: Any, caller: str, name: str) -> None:
   """A constant target must be positive and finite (checked where it is concrete: not under
   ``jit``, where ``optax.inject_hyperparams`` passes a traced one)."""
   if isinstance(norm, jax.core.Tracer):
@@ -166,8 +172,8 @@ def _check_norm(norm: Any) -> None:
     value = np.array(np.nan)
   if isinstance(norm, bool) or not (np.all(np.isfinite(value)) and np.all(value > 0)):
     raise ValueError(
-      f'{_CALLER}: norm must be positive and finite (a direction of norm 0 has no direction, '
-      f"and a negative one flips it); got {norm!r}. Pass norm='init' to keep each slice's "
+      f'{caller}: {name} must be positive and finite (a direction of norm 0 has no direction, '
+      f"and a negative one flips it); got {norm!r}. Pass {name}='init' to keep each slice's "
       f'norm at init.'
     )
 

@@ -228,7 +228,9 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
   module, plain dicts and lists. Leaves that already are ``WeightNormed`` are kept. A weight
   in a box with partition names (``nn.with_partitioning``'s ``nn.Partitioned``, an NNX
   variable with ``out_sharding``) gives ``WeightNormed(v=box(v), g=box(g))``, ``g``'s box
-  naming the partitions of the kept axes, so Flax's sharding helpers shard both.
+  naming the partitions of the kept axes, so Flax's sharding helpers shard both. Abstract
+  parameters (``jax.ShapeDtypeStruct`` leaves, as ``jax.eval_shape`` of ``init`` gives) give
+  abstract nodes: a restore target.
 
   Args:
     params: a pytree of arrays.
@@ -268,6 +270,9 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
     True
   """
   _boxes.refuse_module(params, 'wn_jax.weight_norm')
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
+    # Abstract parameters (a restore target built with jax.eval_shape): abstract nodes.
+    return jax.eval_shape(lambda p: weight_norm(p, axis, where=where), params)
   return _boxes.apart(decomposed(params, axis, where), WeightNormed)
 
 
