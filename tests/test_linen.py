@@ -370,6 +370,15 @@ def test_bad_input(call, message):
     call()
 
 
+def test_mean_only_batch_norm_of_another_feature_count_is_refused_by_name():
+  # Found by a user trial: variables built for 16 features, an input of 12 gave JAX's
+  # "add got incompatible shapes" TypeError (NNX's layer named itself and the fix).
+  bn = wl.MeanOnlyBatchNorm(use_running_average=False)
+  variables = bn.init(KEY, jnp.ones((2, 16)))
+  with pytest.raises(ValueError, match=r"MeanOnlyBatchNorm at '/': the input has 12 features"):
+    bn.apply(variables, jnp.ones((2, 12)), mutable=['batch_stats'])
+
+
 def test_mean_only_batch_norm():
   x = _rand((8, 5)) * 3 + 2
   bn = wl.MeanOnlyBatchNorm(momentum=0.5)

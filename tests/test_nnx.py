@@ -281,6 +281,15 @@ def test_mean_only_batch_norm_refuses_a_bad_axis_with_the_fix(axis, features, ma
       twin.init(jax.random.key(0), jnp.ones((2, 3, 4, 5)))
 
 
+@pytest.mark.parametrize('layer', [wx.WNConv, wx.WNConvTranspose])
+def test_conv_of_an_input_of_too_low_rank_is_refused_by_name(layer):
+  # Found by a user trial: "operands could not be broadcast together with shapes (0,) (2,)",
+  # where linen's layer names itself and the shape it needs.
+  conv = layer(4, 6, (3, 3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=rf'{layer.__name__}.*2-D convolution.*rank >= 3'):
+    conv(jnp.ones((5, 4)))
+
+
 def test_partitioning_propagates_to_scale():
   mesh = jax.make_mesh((1,), ('model',))
   with jax.set_mesh(mesh):
@@ -545,6 +554,22 @@ def test_dense_forms_w_for_a_custom_dot_general_and_for_float16():
     return layer(x)
 
   check_dense_forms_w(int8, float16)
+
+
+@pytest.mark.parametrize('rows', [2, 16])
+@pytest.mark.parametrize('element', [jnp.bfloat16, jnp.float16])
+def test_dense_with_a_preferred_element_type_forms_w(rows, element):
+  # Found by a user trial: with preferred_element_type, the output-scaled path (rows < inputs)
+  # returned the dot's dtype (nnx.Linear adds its float32 bias: float32), so the dtype
+  # followed the batch size, and x @ v in float16 overflowed where x @ w is fine.
+  x = _rand((rows, 16))
+  layer = wx.WNLinear(16, 8, preferred_element_type=element, rngs=nnx.Rngs(0))
+  plain = nnx.Linear(16, 8, preferred_element_type=element, rngs=nnx.Rngs(0))
+  with jax.numpy_dtype_promotion('standard'):  # nnx.Linear adds a float32 bias to the dot's
+    y = layer(x)
+    assert y.dtype == plain(x).dtype == jnp.float32
+    layer.kernel[...] = layer.kernel[...] * 1e5  # the same w, a larger ||v||
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(y), rtol=1e-2, atol=1e-2)
 
 
 def test_mean_only_batch_norm_of_an_int_input_is_float():

@@ -28,6 +28,16 @@ def feature_axis(x: jax.Array, axis: int, label: str) -> int:
   return axis % ndim
 
 
+def check_features(x: jax.Array, feature: int, axis: int, built: int, label: str, fix: str) -> None:
+  """A ``ValueError`` for an input whose feature count is not the ``built`` one."""
+  if x.shape[feature] != built:
+    raise ValueError(
+      f'{label}: the input has {x.shape[feature]} features along axis {axis} (shape {x.shape}), '
+      f'but {fix.format(built=built, got=x.shape[feature])}, or pass the axis that holds the '
+      f'features.'
+    )
+
+
 def batch_mean(
   x: jax.Array, feature: int, axis_name: str | None, axis_index_groups: Any = None
 ) -> jax.Array:
@@ -40,7 +50,9 @@ def batch_mean(
 
 
 def centered(x: jax.Array, mean: jax.Array, bias: Any, feature: int, dtype: Any) -> jax.Array:
-  """``x - mean + bias`` along ``feature``, computed in float32 or wider, in ``dtype``."""
+  """``x - mean + bias`` along ``feature``, computed in float32 or wider, in ``dtype`` (``None``:
+  ``x``'s, so bfloat16 activations stay bfloat16 beside a float32 bias; ``flax.linen.BatchNorm``
+  promotes them with its parameters to float32)."""
   stat_dtype = _core.reduce_dtype(x.dtype)
   shape = [1] * x.ndim
   shape[feature] = x.shape[feature]

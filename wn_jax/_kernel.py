@@ -97,6 +97,16 @@ def weight(x: Any, layer_dtype: Any, inputs: Any, eps: float = 0.0) -> jax.Array
   return normalize(x.v, x.g, x.axis, dtype, eps)
 
 
+def check_conv_rank(label: object, inputs: Any, kernel_size: int | tuple[int, ...]) -> None:
+  """A ``ValueError`` naming the layer for a convolution's input without its spatial axes."""
+  n = 1 if isinstance(kernel_size, int) else len(kernel_size)
+  if jnp.ndim(inputs) < n + 1:
+    raise ValueError(
+      f'{label}: a {n}-D convolution needs inputs of shape (*batch, *spatial[{n}], '
+      f'features), rank >= {n + 1}; got shape {jnp.shape(inputs)}. Add the missing axes.'
+    )
+
+
 def scales_output(
   kernel_ndim: int,
   kept: tuple[int, ...],
@@ -120,8 +130,9 @@ def scales_output(
   formed, which is right at every batch size, and the exported function gives the
   layer's results to rounding.
 
-  Never with a custom ``dot_general`` (``linear_dot`` False): it may not be linear in the
-  kernel (a quantized matmul), and it must see ``w``. Never with float16 compute:
+  Never with a custom ``dot_general`` or an NNX ``preferred_element_type`` (``linear_dot``
+  False): the first may not be linear in the kernel (a quantized matmul), and the second
+  rounds ``x @ v`` to its dtype, so both must see ``w``. Never with float16 compute:
   ``x @ v`` there follows the scale of ``||v||``, not of ``||w||``, and float16's narrow
   range would overflow or underflow it where ``x @ w`` is fine. (``compute_dtype()`` gives
   that dtype: asked last, since it costs an eager call more than the rest.)

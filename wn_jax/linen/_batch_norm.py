@@ -28,7 +28,9 @@ class MeanOnlyBatchNorm(nn.Module):
     momentum: decay of the running mean.
     use_bias: add a learned ``bias``.
     bias_init: initializer of the bias.
-    dtype: computation dtype (the mean is always computed in float32 or wider).
+    dtype: the output dtype (the mean is taken in float32 or wider); ``None``: the
+      input's, so bfloat16 activations stay bfloat16 (``BatchNorm`` promotes them with its
+      float32 parameters).
     param_dtype: dtype of ``bias``.
     axis_name: a mapped axis name (``pmap``, ``shard_map``) to average the batch mean
       over, like ``flax.linen.BatchNorm``'s.
@@ -59,15 +61,14 @@ class MeanOnlyBatchNorm(nn.Module):
   def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
     use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
     x = _batch_norm.floating(x)
-    feature = _batch_norm.feature_axis(
-      x,
-      self.axis,
-      f"MeanOnlyBatchNorm at '/{'/'.join(self.scope.path)}'",  # type: ignore[union-attr]
-    )
+    label = f"MeanOnlyBatchNorm at '/{'/'.join(self.scope.path)}'"  # type: ignore[union-attr]
+    feature = _batch_norm.feature_axis(x, self.axis, label)
     stat_dtype = _core.reduce_dtype(x.dtype)
     ra_mean = self.variable(
       'batch_stats', 'mean', lambda: jnp.zeros((x.shape[feature],), stat_dtype)
     )
+    fix = 'its variables hold {built} (made by init on such inputs). Initialize it on these inputs'
+    _batch_norm.check_features(x, feature, self.axis, ra_mean.value.shape[0], label, fix)
     if use_ra:
       mean = ra_mean.value
     else:

@@ -48,13 +48,7 @@ class _WeightNormedKernel:
 
   def _check_conv_input(self, inputs: jax.Array) -> None:
     """Input rank and group checks of Conv / ConvTranspose, with the layer's name."""
-    ks = self.kernel_size  # type: ignore[attr-defined]
-    n = 1 if isinstance(ks, int) else len(ks)
-    if jnp.ndim(inputs) < n + 1:
-      raise ValueError(
-        f'{self._where()}: a {n}-D convolution needs inputs of shape (*batch, *spatial[{n}], '
-        f'features), rank >= {n + 1}; got shape {jnp.shape(inputs)}. Add the missing axes.'
-      )
+    _kernel.check_conv_rank(self._where(), inputs, self.kernel_size)  # type: ignore[attr-defined]
     groups = getattr(self, 'feature_group_count', 1)
     channels = jnp.shape(inputs)[-1]
     if channels % groups or self.features % groups:  # type: ignore[attr-defined]

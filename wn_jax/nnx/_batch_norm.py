@@ -27,7 +27,9 @@ class MeanOnlyBatchNorm(nnx.Module):
     momentum: decay of the running mean.
     use_running_average: use the running mean instead of the batch's.
     use_bias: add a learned ``bias`` (``nnx.Param``).
-    dtype: computation dtype (the mean is taken in float32 or wider).
+    dtype: the output dtype (the mean is taken in float32 or wider); ``None``: the
+      input's, so bfloat16 activations stay bfloat16 (``BatchNorm`` promotes them with its
+      float32 parameters).
     param_dtype: dtype of ``bias``.
     axis_name: a mapped axis to average the batch mean over.
     axis_index_groups: groups of devices for ``axis_name`` (``pmap``), as ``nnx.BatchNorm``'s.
@@ -71,13 +73,9 @@ class MeanOnlyBatchNorm(nnx.Module):
     use_ra = self.use_running_average if use_running_average is None else use_running_average
     x = _batch_norm.floating(x)
     feature = _batch_norm.feature_axis(x, self.axis, 'wn_jax.nnx.MeanOnlyBatchNorm')
-    if x.shape[feature] != self.mean.shape[0]:
-      raise ValueError(
-        f'wn_jax.nnx.MeanOnlyBatchNorm: the input has {x.shape[feature]} features along axis '
-        f'{self.axis} (shape {x.shape}), but the layer was built with num_features='
-        f'{self.mean.shape[0]}. Build it with num_features={x.shape[feature]}, or pass the '
-        f'axis that holds the features.'
-      )
+    fix = 'the layer was built with num_features={built}. Build it with num_features={got}'
+    label = 'wn_jax.nnx.MeanOnlyBatchNorm'
+    _batch_norm.check_features(x, feature, self.axis, self.mean.shape[0], label, fix)
     if use_ra:
       mean = self.mean[...]
     else:

@@ -94,6 +94,13 @@ class _WeightNormedKernel:
     self.scale = _scale_param(self.kernel, g, kept)
     self._step_shapes = ((('kernel',), tuple(v.shape), tuple(g.shape)),)
 
+  def _linear_dot(self) -> bool:
+    """JAX's own ``dot_general`` and no ``preferred_element_type`` (the dot's result dtype:
+    ``x @ v`` would be rounded there at ``||v||``'s scale, float16 overflowing, and Flax adds
+    the bias after it): the output may be scaled (:func:`wn_jax._kernel.scales_output`)."""
+    plain = getattr(self, 'dot_general', None) is jax.lax.dot_general
+    return plain and getattr(self, 'preferred_element_type', None) is None
+
   def _out_axis(self) -> int:
     return -1
 
@@ -127,7 +134,7 @@ class _WeightNormedKernel:
       self.dtype,
       param_dtype=kernel.dtype,
       dense=self._dense,
-      linear_dot=getattr(self, 'dot_general', None) is jax.lax.dot_general,
+      linear_dot=self._linear_dot(),
       init=claimed,
       path='' if mode is None else mode.paths.get(tag, ''),
       out_axis=self._out_axis(),
@@ -252,6 +259,10 @@ class _WeightNormedConv(_WeightNormedKernel):
       )
     super().__init__(in_features, out_features, kernel_size, rngs=rngs, **kwargs)  # type: ignore[call-arg]
     self._add_scale(axis, scale_init, rngs)
+
+  def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    _kernel.check_conv_rank(_errors.later(self._where), inputs, self.kernel_size)  # type: ignore[attr-defined]
+    return super().__call__(inputs, *args, **kwargs)
 
 
 class WNConv(_WeightNormedConv, nnx.Conv):
