@@ -415,6 +415,11 @@ def test_a_python_scalar_g_takes_the_dtype_of_v():
   np.testing.assert_allclose(np.asarray(w), [[1.2], [1.6]], rtol=1e-6)
   assert w.dtype == jnp.float32
   assert wn_jax.normalize(v, jnp.float32(2.0), None).dtype == jnp.float32  # a typed g: promoted
+  # Weak types as JAX reads them (a review): traced, a weak array, a NumPy scalar (strong).
+  assert jax.jit(lambda g: wn_jax.normalize(v, g, None))(2.0).dtype == jnp.bfloat16
+  assert jax.jit(wn_jax.materialize)(wn_jax.WeightNormed(v, 2.0, None)).dtype == jnp.bfloat16
+  assert wn_jax.normalize(v, jnp.asarray(2.0), None).dtype == jnp.bfloat16
+  assert wn_jax.normalize(v, np.float32(2.0), None).dtype == jnp.float32  # JAX: float32 too
   with pytest.raises(ValueError, match='g must be a real floating array'):
     wn_jax.normalize(v, True, None)
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax import serialization
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -582,19 +583,77 @@ def test_weight_norm_of_boxed_parameters_boxes_v_and_g_apart(mesh, box):
   assert jnp.all(jnp.isfinite(grads['kernel'].g.value)) and grads['kernel'].g.names == ('model',)
 
 
-def test_weight_norm_of_an_nnx_state_with_sharding_names(mesh):
-  # The same for NNX: a kernel Param with out_sharding held the WeightNormed node, and
-  # nnx.get_named_sharding gave g the kernel's spec.
+def test_weight_norm_of_an_nnx_state_keeps_each_node_in_its_variable(mesh):
+  # NNX's state tools read variables as the state's leaves: a node boxed apart (v and g each in
+  # a Param) was dropped by nnx.filter_state and nested a Param in a Param through
+  # nnx.to_pure_dict (a review). So the Param stays around the node, sharding names or not.
   init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, 'model'))
   with jax.set_mesh(mesh):
-    graph, state = nnx.split(nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(
+      nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1))
+    )
+  graph, state = nnx.split(model, nnx.Param)
   wn = wn_jax.weight_norm(state)
+  for layer in (0, 1):
+    kernel = wn['layers'][layer]['kernel']
+    assert isinstance(kernel, nnx.Param) and isinstance(kernel.get_value(), wn_jax.WeightNormed)
+  assert set(nnx.filter_state(wn, nnx.Param)['layers'][0]) == {'kernel', 'bias'}
+  pure = nnx.to_pure_dict(wn)
+  assert isinstance(pure['layers'][0]['kernel'].v, jax.Array)
+  nnx.replace_by_pure_dict(state, wn_jax.materialize(pure))
+  merged = nnx.merge(graph, state)
+  np.testing.assert_allclose(merged(X), model(X), rtol=1e-5, atol=1e-6)
+
+
+def test_a_boxed_node_saved_in_the_earlier_layout_restores():
+  # Before the box went inside the node, flax.serialization saved a partitioned kernel as
+  # {'value': {'v', 'g'}} (now {'v': {'value'}, 'g': {'value'}}): such a checkpoint restores.
+  part = nn.with_partitioning(LECUN, (None, 'model'))
+  params = nn.Dense(16, kernel_init=part).init(jax.random.key(0), X)['params']
+  wn = wn_jax.weight_norm(params)
   node = wn['kernel']
-  assert isinstance(node, wn_jax.WeightNormed) and isinstance(node.g, nnx.Param)
-  assert node.g.get_metadata()['out_sharding'] == ('model',)
-  shardings = nnx.get_named_sharding(wn, mesh)
-  assert shardings['kernel'].g.get_value().spec == P('model')
-  assert shardings['kernel'].v.get_value().spec == P(None, 'model')
-  model = nnx.merge(graph, wn_jax.materialize(wn))
-  np.testing.assert_allclose(model.kernel[...], state['kernel'][...], rtol=1e-6, atol=1e-7)
-  assert model.kernel.get_metadata()['out_sharding'] == (None, 'model')
+  earlier = {
+    'bias': np.asarray(wn['bias']),
+    'kernel': {'value': {'v': np.asarray(node.v.value), 'g': np.asarray(node.g.value)}},
+  }
+  data = serialization.msgpack_serialize(earlier)
+  target = jax.tree_util.tree_map(jnp.zeros_like, wn)
+  restored = serialization.from_bytes(target, data)
+  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(wn)
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(wn)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert serialization.from_bytes(target, serialization.to_bytes(wn))['kernel'].g.names == (
+    'model',
+  )
+
+
+def test_weight_norm_of_sharded_abstract_parameters_keeps_their_mesh(mesh):
+  # A review: abstract parameters went through jax.eval_shape whole, which put every leaf on
+  # an AbstractMesh (orbax could not restore into it) and made concrete leaves abstract.
+  params = nn.Dense(16).init(jax.random.key(0), X)['params']
+  specs = {'kernel': P(None, 'model'), 'bias': P('model')}
+  placed = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+  abstract = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in placed.items()
+  }
+  wn = wn_jax.weight_norm({'a': abstract, 'c': params})
+  assert wn['a']['bias'] is abstract['bias']
+  node = wn['a']['kernel']
+  assert node.v is abstract['kernel'] and node.g.shape == (16,) and node.g.dtype == jnp.float32
+  assert node.g.sharding == NamedSharding(mesh, P('model'))
+  assert isinstance(wn['c']['kernel'].g, jax.Array)  # concrete leaves stay concrete
+  restored = jax.jit(
+    lambda t: t, out_shardings=jax.tree_util.tree_map(lambda s: s.sharding, wn['a'])
+  )(wn_jax.weight_norm(placed))
+  assert restored['kernel'].g.sharding.spec == P('model')
+
+
+def test_nnx_layer_with_a_mesh_in_its_partitioning_builds_outside_a_mesh_context(mesh):
+  # A review: nnx.Linear builds with with_partitioning(..., mesh=mesh) outside any mesh
+  # context; WNLinear's scale dropped the kernel's mesh and asked for a mesh context.
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, 'model'), mesh=mesh)
+  layer = wx.WNLinear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
+  plain = nnx.Linear(8, 16, kernel_init=init, rngs=nnx.Rngs(0))
+  assert layer.scale.get_metadata()['out_sharding'] == ('model',)
+  assert layer.scale[...].sharding.spec == P('model')
+  np.testing.assert_allclose(layer(X), plain(X), rtol=1e-5, atol=1e-6)

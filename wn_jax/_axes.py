@@ -205,6 +205,18 @@ def result_dtype(*dtypes) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if widest == 2 else max(ds, key=lambda d: d.itemsize)
 
 
+def abstract_scale(w: jax.ShapeDtypeStruct, kept: tuple[int, ...]) -> jax.ShapeDtypeStruct:
+  """The abstract ``g`` of an abstract weight: its shape along ``kept``, its dtype, and a
+  ``NamedSharding`` over the same mesh with the partitions of the kept axes."""
+  sharding = getattr(w, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    names = kept_names(tuple(sharding.spec), kept)
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*names or ()))
+  else:
+    sharding = None
+  return jax.ShapeDtypeStruct(tuple(w.shape[a] for a in kept), w.dtype, sharding=sharding)
+
+
 def kept_names(names: Sequence[object] | None, kept: tuple[int, ...]) -> tuple[object, ...] | None:
   """The partition names of a scale: those of its kernel's kept axes (``None``: unpartitioned).
 

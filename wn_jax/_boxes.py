@@ -38,41 +38,33 @@ def reboxed(box: Any, value: Any) -> Any:
 
 
 def scale_box(kernel_box: Any, g: Any, kept: tuple[int, ...]) -> Any:
-  """``g`` boxed like the kernel, with the partition names of its kept axes: a partitioned
-  kernel (``nn.Partitioned``, an NNX variable with ``out_sharding``) gives a partitioned scale;
-  ``g`` itself for any other kernel."""
-  nnx, linen = (sys.modules.get(name) for name in ('flax.nnx', 'flax.linen'))
-  if nnx is not None and isinstance(kernel_box, nnx.Variable):
-    names = _axes.kept_names(kernel_box.get_metadata().get('out_sharding'), kept)
-    if names is None:
-      return kernel_box.replace(value=g)
-    return kernel_box.replace(value=g, out_sharding=names)
+  """``g`` boxed like a linen kernel, with the partition names of its kept axes: a
+  partitioned kernel (``nn.Partitioned``) gives a partitioned scale; ``g`` itself for any
+  other kernel."""
+  linen = sys.modules.get('flax.linen')
   if linen is not None and isinstance(kernel_box, linen.Partitioned):
     return kernel_box.replace(value=g, names=_axes.kept_names(kernel_box.names, kept))
   return g
 
 
 def apart(tree: Any, node_type: Any) -> Any:
-  """``tree`` with each box around a ``node_type`` node (a ``WeightNormed``) moved into it:
-  ``v`` in the box, ``g`` in one like it naming the partitions of the kept axes (Flax's
-  sharding helpers give all that a box holds the box's names, which fit ``v`` only). Other
-  boxes (an NNX variable without ``out_sharding``: ``nnx.to_pure_dict`` strips it) stay
-  around the node."""
-  nnx, linen = (sys.modules.get(name) for name in ('flax.nnx', 'flax.linen'))
-
-  def content(x: Any) -> Any:  # the node in a box with partition names, read as it is
-    if nnx is not None and isinstance(x, nnx.Variable):
-      return x.get_value() if x.get_metadata().get('out_sharding') is not None else None
-    return x.value if linen is not None and isinstance(x, linen.Partitioned) else None
+  """``tree`` with each linen box with partition names (``nn.Partitioned``) around a
+  ``node_type`` node (a ``WeightNormed``) moved into it: ``v`` in the box, ``g`` in one naming
+  the partitions of the kept axes (Flax's sharding helpers give all that a box holds the box's
+  names, which fit ``v`` only). An NNX variable stays around the node: NNX's state tools
+  (``nnx.filter_state``, ``nnx.to_pure_dict``) read variables as the state's leaves."""
+  linen = sys.modules.get('flax.linen')
+  if linen is None:
+    return tree
 
   def one(x: Any) -> Any:
-    node = content(x)
-    if not isinstance(node, node_type):
+    if not (isinstance(x, linen.Partitioned) and isinstance(x.value, node_type)):
       return x
+    node = x.value  # read as it is (unbox would apply a sharding constraint)
     kept = _axes.kept_axes(jnp.ndim(node.v), node.axis)
     return node_type(reboxed(x, node.v), scale_box(x, node.g, kept), node.axis)
 
-  is_leaf = lambda x: isinstance(x, (node_type, *kinds()))  # a bare node: kept as it is
+  is_leaf = lambda x: isinstance(x, (node_type, linen.Partitioned))  # a bare node: kept
   return jax.tree_util.tree_map(one, tree, is_leaf=is_leaf)
 
 
@@ -80,11 +72,11 @@ def refuse_module(params: Any, label: str) -> None:
   """A ``TypeError`` for a Flax module where its parameters go, or inside them (an NNX
   module is a pytree too, and came back half converted; a linen one is a leaf, skipped)."""
   nnx, linen = (sys.modules.get(name) for name in ('flax.nnx', 'flax.linen'))
-  kinds = tuple(m.Module for m in (nnx, linen) if m is not None)
-  if not kinds:
+  modules = tuple(m.Module for m in (nnx, linen) if m is not None)
+  if not modules:
     return
-  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, kinds))
-  found = next((x for x in leaves if isinstance(x, kinds)), None)
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, modules))
+  found = next((x for x in leaves if isinstance(x, modules)), None)
   if found is None:
     return
   if nnx is not None and isinstance(found, nnx.Module):

@@ -158,8 +158,8 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
 
   The norm is reduced in float32 (float64 for float64 ``v``), the product is formed as
   ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
-  ``v`` and ``g`` (a Python number ``g`` takes ``v``'s dtype, as in JAX). No epsilon touches a nonzero slice unless ``eps`` asks for one. An
-  all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
+  ``v`` and ``g`` (a weakly typed ``g``, a Python number, takes ``v``'s dtype, as in JAX). No
+  epsilon touches a nonzero slice unless ``eps`` asks for one. An all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
   ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
   :func:`decompose`, gives ``g = 1`` there) and stays at 0 if ``g = 0``.
 
@@ -219,12 +219,14 @@ def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype
 def _checked(
   v: ArrayLike, g: ArrayLike, axis: Axis, eps: float
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``. A Python number ``g``
-  takes ``v``'s dtype, as JAX's weak types give ``v * 2.0``'s."""
+  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``. A weakly typed ``g`` (a
+  Python number, eagerly or traced) takes ``v``'s dtype, as JAX gives ``v * 2.0`` ``v``'s."""
   v = floating_array(v, 'v')
-  if isinstance(g, (int, float)) and not isinstance(g, bool):
-    g = jnp.asarray(g, v.dtype)
-  g = floating_array(g, 'g')
+  try:
+    weak = jax.typeof(g).weak_type
+  except TypeError:  # no array at all: floating_array names it
+    weak = False
+  g = floating_array(jnp.asarray(g, v.dtype) if weak else g, 'g')
   if not is_eps(eps):
     raise ValueError(
       f'eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'

@@ -113,6 +113,10 @@ def _to_state_dict(node: WeightNormed) -> dict[str, Any]:
 
 
 def _from_state_dict(target: WeightNormed, state: dict[str, Any]) -> WeightNormed:
+  inner = state.get('value') if set(state) == {'value'} else None
+  if isinstance(target.v, _boxes.kinds()) and isinstance(inner, dict) and set(inner) == {'v', 'g'}:
+    # Saved before weight_norm moved a linen box inside the node: {'value': {'v', 'g'}}.
+    state = {k: {'value': inner[k]} for k in ('v', 'g')}
   if set(state) != {'v', 'g'}:
     raise ValueError(
       f'wn_jax.WeightNormed: a restored state needs exactly the keys v and g; got '
@@ -172,7 +176,7 @@ def path_str(path: tuple) -> str:
 
 def _is_floating_matrix(leaf: Any) -> bool:
   return (
-    isinstance(leaf, (jax.Array, np.ndarray))
+    isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
     and jnp.issubdtype(leaf.dtype, jnp.floating)
     and leaf.ndim >= 2
   )
@@ -225,12 +229,12 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
   Each selected weight ``w`` becomes ``WeightNormed(v=w, g=||w||, axis)``, so
   :func:`materialize` gives back ``w`` and the function the parameters compute is
   unchanged. Works on any pytree: Flax linen params, an NNX ``State``, an Equinox
-  module, plain dicts and lists. Leaves that already are ``WeightNormed`` are kept. A weight
-  in a box with partition names (``nn.with_partitioning``'s ``nn.Partitioned``, an NNX
-  variable with ``out_sharding``) gives ``WeightNormed(v=box(v), g=box(g))``, ``g``'s box
-  naming the partitions of the kept axes, so Flax's sharding helpers shard both. Abstract
-  parameters (``jax.ShapeDtypeStruct`` leaves, as ``jax.eval_shape`` of ``init`` gives) give
-  abstract nodes: a restore target.
+  module, plain dicts and lists. Leaves that already are ``WeightNormed`` are kept. A linen
+  weight boxed with partition names (``nn.with_partitioning``'s ``nn.Partitioned``) gives
+  ``WeightNormed(v=box(v), g=box(g))``, ``g``'s box naming the partitions of the kept axes, so
+  Flax's sharding helpers shard both; an NNX variable holds the node whole (NNX's state tools
+  read variables as leaves). An abstract leaf (``jax.ShapeDtypeStruct``) gives an abstract
+  node, ``g`` sharded like the kept axes: a restore target.
 
   Args:
     params: a pytree of arrays.
@@ -270,9 +274,6 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
     True
   """
   _boxes.refuse_module(params, 'wn_jax.weight_norm')
-  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
-    # Abstract parameters (a restore target built with jax.eval_shape): abstract nodes.
-    return jax.eval_shape(lambda p: weight_norm(p, axis, where=where), params)
   return _boxes.apart(decomposed(params, axis, where), WeightNormed)
 
 
@@ -299,6 +300,8 @@ def decomposed(
     a = axis_at(path)
     if jnp.ndim(leaf) >= 2:
       whole[path] = len(_axes.kept_axes(jnp.ndim(leaf), a)) == jnp.ndim(leaf)
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # an abstract restore target
+      return WeightNormed(leaf, _axes.abstract_scale(leaf, _axes.kept_axes(leaf.ndim, a)), a)
     return WeightNormed(*_core.decompose(leaf, a), a)
 
   out = replace_selected(params, where, one)

@@ -29,8 +29,8 @@ class MeanOnlyBatchNorm(nn.Module):
     use_bias: add a learned ``bias``.
     bias_init: initializer of the bias.
     dtype: the output dtype (the mean is taken in float32 or wider); ``None``: the
-      input's, so bfloat16 activations stay bfloat16 (``BatchNorm`` promotes them with its
-      float32 parameters).
+      input's (float32 for an int input), so bfloat16 activations stay bfloat16
+      (``BatchNorm`` promotes them with its float32 parameters).
     param_dtype: dtype of ``bias``.
     axis_name: a mapped axis name (``pmap``, ``shard_map``) to average the batch mean
       over, like ``flax.linen.BatchNorm``'s.
@@ -67,7 +67,7 @@ class MeanOnlyBatchNorm(nn.Module):
     ra_mean = self.variable(
       'batch_stats', 'mean', lambda: jnp.zeros((x.shape[feature],), stat_dtype)
     )
-    fix = 'its variables hold {built} (made by init on such inputs). Initialize it on these inputs'
+    fix = 'its variables were made for {built} features (by init). Initialize it on such inputs'
     _batch_norm.check_features(x, feature, self.axis, ra_mean.value.shape[0], label, fix)
     if use_ra:
       mean = ra_mean.value

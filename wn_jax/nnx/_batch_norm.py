@@ -28,8 +28,8 @@ class MeanOnlyBatchNorm(nnx.Module):
     use_running_average: use the running mean instead of the batch's.
     use_bias: add a learned ``bias`` (``nnx.Param``).
     dtype: the output dtype (the mean is taken in float32 or wider); ``None``: the
-      input's, so bfloat16 activations stay bfloat16 (``BatchNorm`` promotes them with its
-      float32 parameters).
+      input's (float32 for an int input), so bfloat16 activations stay bfloat16
+      (``BatchNorm`` promotes them with its float32 parameters).
     param_dtype: dtype of ``bias``.
     axis_name: a mapped axis to average the batch mean over.
     axis_index_groups: groups of devices for ``axis_name`` (``pmap``), as ``nnx.BatchNorm``'s.

@@ -56,11 +56,14 @@ class _Read:
 
 
 def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> nnx.Param:
-  """``g`` as an ``nnx.Param``, sharded like the kernel's kept axes."""
-  names = _axes.kept_names(kernel.get_metadata().get('out_sharding'), kept)
+  """``g`` as an ``nnx.Param``, sharded like the kernel's kept axes (on the kernel's ``mesh``
+  where its partitioning names one, as Flax places the kernel outside a mesh context)."""
+  metadata = kernel.get_metadata()
+  names = _axes.kept_names(metadata.get('out_sharding'), kept)
   if names is None:
     return nnx.Param(g)
-  return nnx.Param(g, out_sharding=names)
+  mesh = metadata.get('mesh')
+  return nnx.Param(g, out_sharding=names, **({} if mesh is None else {'mesh': mesh}))
 
 
 class _WeightNormedKernel:
