@@ -405,23 +405,25 @@ def test_eps_takes_numpy_floats_and_refuses_non_finite():
       wn_jax.normalize(v, g, eps=bad)
 
 
-def test_a_python_scalar_g_takes_the_dtype_of_v():
+def test_a_python_float_g_gives_w_the_dtype_of_v():
   # Found by a user trial: a Python float g promoted a bfloat16 v to float32 (JAX's weak types
-  # keep bfloat16: v * 2.0 is bfloat16), and a Python int g was refused.
+  # keep bfloat16: v * 2.0 is bfloat16). A review of the first fix (g cast to v's dtype): a
+  # complex g lost its imaginary part, and g = 1e5 overflowed float16 where w fits. w is formed
+  # in float32 and rounded once to v's dtype.
   v = jnp.ones((4, 3), jnp.bfloat16)
   assert wn_jax.normalize(v, 2.0, None).dtype == (v * 2.0).dtype == jnp.bfloat16
   assert wn_jax.materialize(wn_jax.WeightNormed(v, 1.0, None)).dtype == jnp.bfloat16
-  w = wn_jax.normalize(jnp.array([[3.0], [4.0]]), 2, None)
-  np.testing.assert_allclose(np.asarray(w), [[1.2], [1.6]], rtol=1e-6)
-  assert w.dtype == jnp.float32
-  assert wn_jax.normalize(v, jnp.float32(2.0), None).dtype == jnp.float32  # a typed g: promoted
-  # Weak types as JAX reads them (a review): traced, a weak array, a NumPy scalar (strong).
   assert jax.jit(lambda g: wn_jax.normalize(v, g, None))(2.0).dtype == jnp.bfloat16
   assert jax.jit(wn_jax.materialize)(wn_jax.WeightNormed(v, 2.0, None)).dtype == jnp.bfloat16
   assert wn_jax.normalize(v, jnp.asarray(2.0), None).dtype == jnp.bfloat16
-  assert wn_jax.normalize(v, np.float32(2.0), None).dtype == jnp.float32  # JAX: float32 too
+  assert wn_jax.normalize(v, jnp.float32(2.0), None).dtype == jnp.float32  # a typed g: promoted
+  w16 = wn_jax.normalize(jnp.ones((4, 4), jnp.float16), 1e5, None)
+  assert w16.dtype == jnp.float16 and np.all(w16 == np.float16(25000.0))  # 24992: rounded once
+  for g in (True, 2, 2 + 3j, jnp.asarray(2 + 3j)):  # still refused: not a real float
+    with pytest.raises(ValueError, match='g must be a real floating array'):
+      wn_jax.normalize(v, g, None)
   with pytest.raises(ValueError, match='g must be a real floating array'):
-    wn_jax.normalize(v, True, None)
+    jax.jit(lambda g: wn_jax.normalize(v, g, None))(2 + 3j)
 
 
 def test_a_traced_axis_names_jits_static_argnames_first():

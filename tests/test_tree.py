@@ -531,3 +531,14 @@ def test_weight_norm_of_abstract_parameters_gives_abstract_nodes(where):
   assert jax.tree_util.tree_all(
     jax.tree_util.tree_map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype), got, want)
   )
+
+
+def test_weight_norm_of_abstract_parameters_refuses_what_it_refuses_concrete():
+  # A review: an int (or complex) abstract leaf named by where= became a node; a concrete one
+  # is refused. And a leaf on one device gives g that device (it gave none).
+  for dtype in (jnp.int32, jnp.complex64):
+    with pytest.raises(ValueError, match=r"leaf 'a': w must be a real floating array"):
+      wn_jax.weight_norm({'a': jax.ShapeDtypeStruct((8, 4), dtype)}, where='a')
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  node = wn_jax.weight_norm({'a': jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=one)})['a']
+  assert node.g.sharding == one and node.g.shape == (4,)

@@ -131,12 +131,17 @@ def floating_array(x: ArrayLike, name: str) -> jax.Array:
       f'{type_name(x)}. For a tree of parameters use wn_jax.weight_norm and '
       f'wn_jax.materialize.'
     ) from None
-  if not jnp.issubdtype(x.dtype, jnp.floating):
+  require_floating(x.dtype, name)
+  return x
+
+
+def require_floating(dtype: Any, name: str) -> None:
+  """A ``ValueError`` unless ``dtype`` is a real floating one."""
+  if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f'{name} must be a real floating array (float16, bfloat16, float32 or '
-      f'float64); got dtype {x.dtype}. Cast it first: jnp.asarray({name}, jnp.float32).'
+      f'float64); got dtype {dtype}. Cast it first: jnp.asarray({name}, jnp.float32).'
     )
-  return x
 
 
 @labelled('wn_jax.scale_shape')
@@ -206,13 +211,15 @@ def result_dtype(*dtypes) -> jnp.dtype:
 
 
 def abstract_scale(w: jax.ShapeDtypeStruct, kept: tuple[int, ...]) -> jax.ShapeDtypeStruct:
-  """The abstract ``g`` of an abstract weight: its shape along ``kept``, its dtype, and a
-  ``NamedSharding`` over the same mesh with the partitions of the kept axes."""
+  """The abstract ``g`` of an abstract weight (a real floating one): its shape along ``kept``,
+  its dtype, and its sharding: a ``NamedSharding``'s mesh and memory with the partitions of
+  the kept axes, a single device's as it is (none where the weight has another kind)."""
+  require_floating(w.dtype, 'w')
   sharding = getattr(w, 'sharding', None)
   if isinstance(sharding, jax.sharding.NamedSharding):
-    names = kept_names(tuple(sharding.spec), kept)
-    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*names or ()))
-  else:
+    spec = jax.sharding.PartitionSpec(*kept_names(tuple(sharding.spec), kept) or ())
+    sharding = jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+  elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
     sharding = None
   return jax.ShapeDtypeStruct(tuple(w.shape[a] for a in kept), w.dtype, sharding=sharding)
 

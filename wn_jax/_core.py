@@ -158,7 +158,7 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
 
   The norm is reduced in float32 (float64 for float64 ``v``), the product is formed as
   ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
-  ``v`` and ``g`` (a weakly typed ``g``, a Python number, takes ``v``'s dtype, as in JAX). No
+  ``v`` and ``g`` (``v``'s for a weakly typed ``g``, a Python float, as in JAX). No
   epsilon touches a nonzero slice unless ``eps`` asks for one. An all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
   ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
   :func:`decompose`, gives ``g = 1`` there) and stays at 0 if ``g = 0``.
@@ -208,7 +208,14 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
 def _normalize_jit(v: jax.Array, g: jax.Array, kept: tuple[int, ...], eps: float) -> jax.Array:
   acc = reduce_dtype(v.dtype)
   w = _normalize(v.astype(acc), _keepdims(g, v.shape, kept, acc), kept, eps)
-  return w.astype(result_dtype(v.dtype, g.dtype))
+  return w.astype(_out_dtype(v, g))
+
+
+def _out_dtype(v: jax.Array, g: jax.Array) -> jnp.dtype:
+  """``w``'s dtype: ``v``'s and ``g``'s promoted, or ``v``'s for a weakly typed ``g`` (a Python
+  float, eager or traced), as JAX gives ``v * 2.0`` ``v``'s dtype. ``w`` is formed in float32
+  or wider either way, and rounded once."""
+  return v.dtype if jax.typeof(g).weak_type else result_dtype(v.dtype, g.dtype)
 
 
 def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype) -> jax.Array:
@@ -219,14 +226,8 @@ def _keepdims(g: jax.Array, shape: tuple[int, ...], kept: tuple[int, ...], dtype
 def _checked(
   v: ArrayLike, g: ArrayLike, axis: Axis, eps: float
 ) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
-  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``. A weakly typed ``g`` (a
-  Python number, eagerly or traced) takes ``v``'s dtype, as JAX gives ``v * 2.0`` ``v``'s."""
-  v = floating_array(v, 'v')
-  try:
-    weak = jax.typeof(g).weak_type
-  except TypeError:  # no array at all: floating_array names it
-    weak = False
-  g = floating_array(jnp.asarray(g, v.dtype) if weak else g, 'g')
+  """``(v, g, kept)`` as arrays and kept axes, or a ``ValueError``."""
+  v, g = floating_array(v, 'v'), floating_array(g, 'g')
   if not is_eps(eps):
     raise ValueError(
       f'eps must be a finite non-negative number (a Python or NumPy float); got {eps!r}.'
@@ -327,7 +328,7 @@ def _normalize_with_norm_jit(
   va = v.astype(acc)
   n = norm_keepdims(va, kept)
   w = _weight(va, _keepdims(g, v.shape, kept, acc), _clamped(n, 0.0)[0])
-  return w.astype(result_dtype(v.dtype, g.dtype)), n.reshape(g.shape)
+  return w.astype(_out_dtype(v, g)), n.reshape(g.shape)
 
 
 @labelled('wn_jax pullback')

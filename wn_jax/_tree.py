@@ -234,7 +234,8 @@ def weight_norm(params: PyTree, axis: _axes.LeafAxis = -1, *, where: Where = Non
   ``WeightNormed(v=box(v), g=box(g))``, ``g``'s box naming the partitions of the kept axes, so
   Flax's sharding helpers shard both; an NNX variable holds the node whole (NNX's state tools
   read variables as leaves). An abstract leaf (``jax.ShapeDtypeStruct``) gives an abstract
-  node, ``g`` sharded like the kept axes: a restore target.
+  node, a restore target: ``g`` sharded over the leaf's mesh like its kept axes, or on the
+  leaf's one device.
 
   Args:
     params: a pytree of arrays.
