@@ -542,3 +542,12 @@ def test_weight_norm_of_abstract_parameters_refuses_what_it_refuses_concrete():
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   node = wn_jax.weight_norm({'a': jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=one)})['a']
   assert node.g.sharding == one and node.g.shape == (4,)
+
+
+def test_materialize_of_an_abstract_node_names_jax_eval_shape():
+  # A review: the refusal said "use wn_jax.weight_norm and wn_jax.materialize" to a caller of
+  # materialize; jax.eval_shape(wn_jax.materialize, tree) is what works.
+  tree = wn_jax.weight_norm({'k': jax.ShapeDtypeStruct((4, 3), jnp.float32)}, where='k')
+  with pytest.raises(ValueError, match=r'abstract.*jax.eval_shape'):
+    wn_jax.materialize(tree)
+  assert jax.eval_shape(wn_jax.materialize, tree)['k'].shape == (4, 3)

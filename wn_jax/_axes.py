@@ -123,6 +123,12 @@ def check_scale_init(scale_init: object) -> None:
 def floating_array(x: ArrayLike, name: str) -> jax.Array:
   """``x`` (called ``name`` in the message) as a real floating array, or a ``ValueError``:
   for something that is no array (a parameter dict, a string) or of another dtype."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    raise ValueError(
+      f'{name} is abstract (a jax.ShapeDtypeStruct of shape {tuple(x.shape)}): there is no value '
+      f'to compute with. For shapes and dtypes only, run the call under jax.eval_shape (e.g. '
+      f'jax.eval_shape(wn_jax.materialize, tree)).'
+    )
   try:
     x = as_array(x)
   except (TypeError, ValueError):
