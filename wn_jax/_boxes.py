@@ -30,11 +30,12 @@ def unboxed(x: Any) -> Any:
 
 
 def reboxed(box: Any, value: Any) -> Any:
-  """``value`` in a box like ``box`` (its kind and metadata)."""
+  """``value`` in a box like ``box`` (its kind and metadata); ``value`` itself where ``box`` is
+  no box."""
   nnx = sys.modules.get('flax.nnx')
   if nnx is not None and isinstance(box, nnx.Variable):
     return box.replace(value=value)
-  return box.replace_boxed(value)
+  return box.replace_boxed(value) if isinstance(box, kinds()) else value  # type: ignore[attr-defined]
 
 
 def scale_box(kernel_box: Any, g: Any, kept: tuple[int, ...]) -> Any:

@@ -159,8 +159,8 @@ def normalize(v: ArrayLike, g: ArrayLike, axis: Axis = -1, *, eps: float = 0.0) 
   The norm is reduced in float32 (float64 for float64 ``v``), the product is formed as
   ``v * (g / ||v||)`` (PyTorch's order) in that dtype and cast to the promoted dtype of
   ``v`` and ``g`` (``v``'s for a weakly typed ``g``, a Python float, as in JAX). No
-  epsilon touches a nonzero slice unless ``eps`` asks for one. An all-zero slice of ``v`` gives a zero slice of ``w`` and finite gradients: those of
-  ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
+  epsilon touches a nonzero slice unless ``eps`` asks for one. An all-zero slice of ``v``
+  gives a zero slice of ``w`` and finite gradients: those of ``g * v``, so the slice revives if its ``g`` is nonzero (the default initialization,
   :func:`decompose`, gives ``g = 1`` there) and stays at 0 if ``g = 0``.
 
   Differentiable in both modes, to any order (``grad``, ``jvp``, ``jacfwd``,

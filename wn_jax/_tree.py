@@ -71,15 +71,13 @@ class WeightNormed:
 
   def weight(self) -> Any:
     """The weight ``g * v / ||v||`` this node stands for (in ``v``'s box where it has one)."""
-    box = self.v if isinstance(self.v, _boxes.kinds()) else None
-    v, g = (_boxes.unboxed(self.v), _boxes.unboxed(self.g)) if box is not None else (self.v, self.g)
     try:
-      w = _core.normalize(v, g, self.axis)
+      w = _core.normalize(_boxes.unboxed(self.v), _boxes.unboxed(self.g), self.axis)
     except ValueError as e:
       raise ValueError(
         f'{self!r}: {e} Rebuild it with wn_jax.weight_norm, or fix the node (its v, g, axis).'
       ) from None
-    return w if box is None else _boxes.reboxed(box, w)
+    return _boxes.reboxed(self.v, w)
 
 
 def _static_axis(axis: Any) -> Any:

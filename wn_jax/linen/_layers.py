@@ -197,9 +197,7 @@ class _WeightNormedKernel:
 
   def _put_boxed(self, name: str, value: jax.Array) -> None:
     old = self.get_variable('params', name)  # type: ignore[attr-defined]
-    if isinstance(old, nn.meta.AxisMetadata):
-      value = old.replace_boxed(value)  # type: ignore[assignment]
-    self.put_variable('params', name, value)  # type: ignore[attr-defined]
+    self.put_variable('params', name, _boxes.reboxed(old, value))  # type: ignore[attr-defined]
 
 
 class WNDense(_WeightNormedKernel, nn.Dense):

@@ -127,7 +127,7 @@ def _map_scales(params: Any, paths: set, f: Callable, other: Any = None) -> Any:
     if 'scale' in node:
       old = node['scale']
       value = f(nn.unbox(old), None if there is None else nn.unbox(there['scale']))
-      node['scale'] = old.replace_boxed(value) if isinstance(old, nn.meta.AxisMetadata) else value
+      node['scale'] = _boxes.reboxed(old, value)
   return params
 
 

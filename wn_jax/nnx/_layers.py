@@ -62,8 +62,7 @@ def _scale_param(kernel: nnx.Variable, g: jax.Array, kept: tuple[int, ...]) -> n
   names = _axes.kept_names(metadata.get('out_sharding'), kept)
   if names is None:
     return nnx.Param(g)
-  mesh = metadata.get('mesh')
-  return nnx.Param(g, out_sharding=names, **({} if mesh is None else {'mesh': mesh}))
+  return nnx.Param(g, out_sharding=names, mesh=metadata.get('mesh'))
 
 
 class _WeightNormedKernel:
