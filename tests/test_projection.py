@@ -532,3 +532,60 @@ def test_a_wn_layer_beside_an_inline_wrapper_is_not_taken_for_its_layer():
   params = Net().init(jax.random.key(0), jnp.ones((2, 3)))['params']
   stats = wn_jax.optim.direction_stats(params, axis=-1)
   assert sorted(stats) == ['Dense_0/kernel/norm', 'WNDense_0/kernel/norm']
+
+
+@pytest.mark.parametrize('norm', [-1.0, 0.0, np.inf], ids=['negative', 'zero', 'inf'])
+def test_an_injected_norm_that_is_not_positive_is_refused_when_the_step_runs(norm):
+  # Under jit, optax.inject_hyperparams passes a traced norm: it was never checked, and -1
+  # flipped every output, 0 (a schedule's end) zeroed the layer (a user trial).
+  params = {'wn': {'kernel': jnp.ones((4, 3)), 'scale': jnp.ones(3)}}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = optax.chain(
+    optax.sgd(0.1), optax.inject_hyperparams(wn_jax.optim.project_directions)(norm=1.0)
+  )
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  step(grads, state, params)  # a positive one runs
+  state[1].hyperparams['norm'] = jnp.asarray(norm, jnp.float32)
+  with pytest.raises(Exception, match='norm must be positive and finite') as info:
+    jax.block_until_ready(step(grads, state, params))
+  assert isinstance(info.value, (ValueError, jax.errors.JaxRuntimeError))
+
+
+def test_an_injected_schedule_is_refused_at_the_step_it_reaches_zero():
+  params = {'w': wn_jax.WeightNormed(jnp.ones((4, 3)), jnp.ones(3))}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = optax.chain(
+    optax.sgd(0.1),
+    optax.inject_hyperparams(wn_jax.optim.project_directions)(
+      norm=optax.linear_schedule(1.0, 0.0, 2)
+    ),
+  )
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  for _ in range(2):  # norms 1 and 0.5
+    _, state = jax.block_until_ready(step(grads, state, params))
+  with pytest.raises(Exception, match='norm must be positive and finite'):
+    jax.block_until_ready(step(grads, state, params))
+
+
+@pytest.mark.filterwarnings('ignore:overflow encountered in cast:RuntimeWarning')  # optax's cast
+def test_an_injected_norm_beyond_float16_names_the_cast():
+  # inject_hyperparams casts the norm to the parameters' dtype: 1e5 became inf in float16,
+  # and the refusal said "got inf", a value the user never passed.
+  params = {'kernel': jnp.ones((4, 3), jnp.float16), 'scale': jnp.ones(3, jnp.float16)}
+  tx = optax.chain(
+    optax.sgd(0.1), optax.inject_hyperparams(wn_jax.optim.project_directions)(norm=1e5)
+  )
+  with pytest.raises(ValueError, match='hyperparam_dtype=jnp.float32'):
+    tx.update(params, tx.init(params), params)
+
+
+def test_an_injected_norm_beyond_the_directions_dtype_is_refused_under_jit():
+  params = {'w': wn_jax.WeightNormed(jnp.ones((1, 3), jnp.float16), jnp.ones(3, jnp.float16))}
+  updates = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+  tx = optax.inject_hyperparams(wn_jax.optim.project_directions, hyperparam_dtype=jnp.float32)(
+    norm=1e5
+  )
+  with pytest.raises(Exception, match='65504'):
+    jax.block_until_ready(jax.jit(tx.update)(updates, tx.init(params), params))

@@ -85,7 +85,10 @@ def project_directions(
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
   Raises:
-    ValueError: for a ``norm`` that is neither ``'init'`` nor positive; from ``init`` or
+    ValueError: for a ``norm`` that is neither ``'init'`` nor positive and finite, or that
+      the directions' dtype does not hold (a traced one, from ``optax.inject_hyperparams``
+      under ``jit``, is checked by a debug callback when the step runs: the step then fails
+      with this message, as a ``JaxRuntimeError``, and gives no new state); from ``init`` or
       ``update``, for a layer whose axis cannot be read (named) or whose scale a mask
       hides, for params that changed structure since ``init``, or for ``update`` without
       ``params`` or with a state that is not a ``ProjectDirectionsState``.
@@ -153,6 +156,9 @@ def projection(
     kept = direction_axes(params, axis, _CALLER, nodes_only=nodes_only)
     nodes, node_def = jax.tree_util.tree_flatten(params, is_leaf=is_node)
     update_nodes = node_def.flatten_up_to(updates)
+    if constant:
+      dtypes = [jnp.result_type(direction(x)) for x, k in zip(nodes, kept) if k is not None]
+      _check_constant(norm, dtypes, named)
     targets = [None] * len(nodes) if constant else _saved_targets(node_def, state.targets)
     project = functools.partial(_projected_update, norm=norm)
     out = list(map(project, nodes, update_nodes, kept, targets))
@@ -162,10 +168,26 @@ def projection(
 
 
 def _check_norm(norm: Any, caller: str, name: str) -> None:
-  """A constant target must be positive and finite (checked where it is concrete: not under
-  ``jit``, where ``optax.inject_hyperparams`` passes a traced one)."""
+  """A constant target must be positive and finite: refused here where it is concrete (a
+  traced one, from ``optax.inject_hyperparams`` under ``jit``, when the step runs)."""
+  if not isinstance(norm, jax.core.Tracer):
+    _refuse_norm(norm, caller, name)
+
+
+def _check_constant(norm: Any, dtypes: list[Any], named: tuple[str, str]) -> None:
+  """``update``'s check of a constant target: positive, finite, and held by every direction's
+  dtype (a slice with one nonzero entry holds the whole norm; float16's largest is 65504).
+  Value-dependent: at once where ``norm`` is concrete; under ``jit`` a debug callback raises
+  the same ``ValueError`` when the step runs, which then returns no new state."""
+  narrowest = min(dtypes, key=lambda d: float(jnp.finfo(d).max), default=None)
+  refuse = functools.partial(_refuse_norm, caller=named[0], name=named[1], narrowest=narrowest)
   if isinstance(norm, jax.core.Tracer):
-    return
+    jax.debug.callback(refuse, norm)
+  else:
+    refuse(norm)
+
+
+def _refuse_norm(norm: Any, caller: str, name: str, narrowest: Any = None) -> None:
   try:
     value = np.asarray(norm, np.float64)
   except (TypeError, ValueError):
@@ -174,22 +196,27 @@ def _check_norm(norm: Any, caller: str, name: str) -> None:
     raise ValueError(
       f'{caller}: {name} must be positive and finite (a direction of norm 0 has no direction, '
       f"and a negative one flips it); got {norm!r}. Pass {name}='init' to keep each slice's "
-      f'norm at init.'
+      f'norm at init.' + _cast_hint(norm, value, name)
     )
-
-
-def _check_fits(norm: Any, dtype: Any) -> None:
-  """A constant target must fit the directions' dtype: a slice with one nonzero entry holds
-  the whole norm in it (float16's largest value is 65504)."""
-  if isinstance(norm, jax.core.Tracer):
-    return
-  largest = float(jnp.finfo(dtype).max)
-  if float(np.max(np.asarray(norm, np.float64))) > largest:
+  if narrowest is not None and float(np.max(value)) > float(jnp.finfo(narrowest).max):
     raise ValueError(
-      f'{_CALLER}: norm {norm!r} is beyond what a {jnp.dtype(dtype).name} direction holds '
-      f'({largest:.6g}); a slice could overflow to inf. Pass a smaller norm, or keep the '
-      f'directions in float32.'
+      f'{caller}: {name} {norm!r} is beyond what a {jnp.dtype(narrowest).name} direction '
+      f'holds ({float(jnp.finfo(narrowest).max):.6g}); a slice could overflow to inf. Pass a '
+      f'smaller {name}, or keep the directions in float32.'
     )
+
+
+def _cast_hint(norm: Any, value: np.ndarray, name: str) -> str:
+  """Where an infinite norm is narrower than float32: ``optax.inject_hyperparams`` casts it to
+  the parameters' dtype, so a norm beyond that dtype's range came as inf."""
+  dtype = getattr(norm, 'dtype', None)
+  if not (np.any(np.isinf(value)) and dtype is not None and jnp.finfo(dtype).bits < 32):
+    return ''
+  return (
+    f' An inf of {jnp.dtype(dtype).name}: optax.inject_hyperparams casts the {name}'
+    f" to the parameters' dtype, which holds at most {float(jnp.finfo(dtype).max):.6g}. Pass a"
+    f' smaller value, or inject_hyperparams(..., hyperparam_dtype=jnp.float32).'
+  )
 
 
 def _nothing_to_project() -> ValueError:
@@ -220,7 +247,6 @@ def _projected_update(x: Any, u: Any, kept: Any, target: Any, *, norm: Any) -> A
   v, dv = direction(x), direction(u)
   shape = _core.scale_shape(v.shape, kept)
   if target is None:
-    _check_fits(norm, jnp.result_type(v))
     target = jnp.broadcast_to(jnp.asarray(norm, _acc(v)), shape)
   if jnp.shape(target) != shape:
     raise ValueError(
