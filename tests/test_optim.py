@@ -816,3 +816,35 @@ def test_a_bad_project_is_refused_by_its_name(project):
     ValueError, match=r"^wn_jax.optim.weight_norm: project must be .*project='init'"
   ):
     wn_jax.optim.weight_norm(optax.adam(1e-3), project=project)
+
+
+def _first_nonfinite_step(tx, params, loss, steps=50):
+  step = jax.jit(
+    lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(jax.grad(loss)(p), s, p))
+  )
+  state = tx.init(params)
+  for i in range(steps):
+    params, state = step(params, state)
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(params)):
+      return i
+  return None
+
+
+def test_float16_adam_needs_an_eps_float16_holds():
+  # The mixed-precision guide's measurement (a user trial): float16 adam's eps (1e-8) is 0 in
+  # float16 and the second moment of a direction's small gradient entries underflows, so adam
+  # on (v, g) divided by zero at the first step where plain adam stayed finite.
+  rng = np.random.default_rng(0)
+  a, b, w = (jnp.asarray(rng.standard_normal(s), jnp.float16) for s in ((32, 16), (32, 4), (16, 4)))
+
+  def loss(p):
+    return jnp.mean((a @ p['w'] - b).astype(jnp.float32) ** 2)
+
+  def wn_loss(p):
+    return loss(wn_jax.materialize(p))
+
+  assert _first_nonfinite_step(optax.adam(1e-2), {'w': w}, loss) is None
+  for eps, want in [(1e-8, 0), (1e-4, None)]:
+    adam = optax.adam(1e-2, eps=eps)
+    assert _first_nonfinite_step(adam, wn_jax.weight_norm({'w': w}), wn_loss) == want
+    assert _first_nonfinite_step(wn_jax.optim.weight_norm(adam), {'w': w}, loss) == want
