@@ -2046,3 +2046,80 @@ def test_boxed_partitioned_variables_convert_both_ways():
     is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned),
   )
   assert_trees_equal(wt.to_torch(boxed_values, like=sd), sd)
+
+
+# A user trial of the port (v3): each finding reproduced first.
+
+
+class _TorchDtype:
+  def __init__(self, name):
+    self.name = name
+
+  def __repr__(self):
+    return f'torch.{self.name}'
+
+
+_TORCH_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16, 'int16': np.int16}
+_FAKE_TORCH = types.SimpleNamespace(**{name: _TorchDtype(name) for name in _TORCH_DTYPES})
+
+
+class _Tensor:
+  """What wn_jax sees of a CPU torch tensor, as torch 2.13 behaves: ``new_tensor`` copies a
+  NumPy array keeping its strides (a transposed view stays one), and NumPy reads no bfloat16."""
+
+  def __init__(self, a):
+    self.a = a
+
+  shape = property(lambda self: self.a.shape)
+  dtype = property(
+    lambda self: next(
+      getattr(_FAKE_TORCH, n) for n, d in _TORCH_DTYPES.items() if self.a.dtype == d
+    )
+  )
+
+  def detach(self):
+    return self
+
+  cpu = detach
+
+  def numpy(self):
+    if self.a.dtype == ml_dtypes.bfloat16:
+      raise TypeError('Got unsupported ScalarType BFloat16')
+    return self.a
+
+  def float(self):
+    return _Tensor(self.a.astype(np.float32))
+
+  def view(self, dtype):
+    return _Tensor(self.a.view(_TORCH_DTYPES[dtype.name]))
+
+  def new_tensor(self, value, dtype=None, device=None):
+    to = _TORCH_DTYPES[(dtype or self.dtype).name]
+    return _Tensor(np.array(value, order='K').astype(to, order='K'))
+
+  def is_contiguous(self):
+    return self.a.flags.c_contiguous
+
+  def clone(self):
+    return _Tensor(self.a.copy())
+
+
+def _plain_and_wn_sd():
+  rng = np.random.default_rng(0)
+  return {
+    **_wn_state('a', (4, 3, 5)),
+    'head.weight': rng.normal(size=(2, 4)).astype(np.float32),
+    'conv.weight': rng.normal(size=(4, 4, 3)).astype(np.float32),
+  }
+
+
+def test_exported_torch_tensors_are_contiguous():
+  # Found by a user trial: to_torch(..., like=module) gave plain Linear / Conv weights as
+  # transposed views (torch.tensor keeps a NumPy array's strides); safetensors' save_file
+  # refuses them. PyTorch's own state dict is contiguous.
+  sd = _plain_and_wn_sd()
+  like = {k: _Tensor(v) for k, v in sd.items()}
+  for tree in (wt.to_linen(sd), wt.to_nnx(sd), wt.from_torch(sd, decompose=True)):
+    back = wt.to_torch(tree, like=like)
+    assert [k for k, t in back.items() if not t.is_contiguous()] == []
+  assert_trees_equal({k: t.a for k, t in back.items()}, sd)  # the folded weights too, here

@@ -215,16 +215,18 @@ def _split(key: str) -> tuple[str, str]:
 
 
 def _like(ref: Any, value: np.ndarray, key: str, hint: str = '') -> Any:
-  """``value`` as ``ref`` is: a torch tensor of its dtype and device, or a NumPy array of its dtype."""
+  """``value`` as ``ref`` is: a torch tensor of its dtype and device, or a NumPy array of its
+  dtype; contiguous, as PyTorch's own state dict is (``safetensors`` saves no other)."""
   if tuple(ref.shape) != value.shape:
     raise _error(
       f'{key!r}: like has shape {tuple(ref.shape)}, the converted value {value.shape}. {hint}'
     )
+  value = np.asarray(value, order='C')  # a transposed kernel: torch.tensor would keep its strides
   if hasattr(ref, 'new_tensor'):  # torch, without importing it
     if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, float8: torch reads no such NumPy array
       value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
     return ref.new_tensor(value, device='cpu') if _is_meta(ref) else ref.new_tensor(value)
-  return np.asarray(value).astype(np.asarray(ref).dtype, copy=False)
+  return value.astype(np.asarray(ref).dtype, copy=False)
 
 
 def _finish(
