@@ -2123,3 +2123,25 @@ def test_exported_torch_tensors_are_contiguous():
     back = wt.to_torch(tree, like=like)
     assert [k for k, t in back.items() if not t.is_contiguous()] == []
   assert_trees_equal({k: t.a for k, t in back.items()}, sd)  # the folded weights too, here
+
+
+def test_bfloat16_torch_tensors_keep_every_bit(monkeypatch):
+  # Found by a user trial: bfloat16 torch tensors went through float32 both ways; NumPy's cast
+  # back dropped a NaN's payload, torch's turned NaN into 0xffff. Now 16-bit integer views.
+  monkeypatch.setitem(sys.modules, 'torch', _FAKE_TORCH)  # where a torch tensor is, torch is
+  sd = {k: v.astype(ml_dtypes.bfloat16) for k, v in _plain_and_wn_sd().items()}
+  sd['a.bias'] = np.array([0x7FC0, 0x7FC3, 0xFFC1, 0x0001], np.uint16).view(ml_dtypes.bfloat16)
+  like = {k: _Tensor(v) for k, v in sd.items()}
+  assert wt.from_torch(like)['a'].params['bias'].view(np.uint16).tolist() == [
+    0x7FC0,
+    0x7FC3,
+    0xFFC1,
+    0x0001,
+  ]
+  for tree in (wt.to_linen(like), wt.to_nnx(like), wt.from_torch(like)):
+    back = wt.to_torch(tree, like=like)
+    assert {k: str(t.dtype) for k, t in back.items()} == {k: 'torch.bfloat16' for k in sd}
+    assert_trees_equal(
+      {k: t.a.view(np.uint16) for k, t in back.items()},
+      {k: v.view(np.uint16) for k, v in sd.items()},
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
@@ -138,6 +139,12 @@ def refuse_a_non_array(key: str, value: Any) -> None:
   )
 
 
+def _torch() -> Any:
+  """The torch module, for its dtypes (bfloat16 moves as int16 bits): imported wherever a
+  torch tensor came from, so wn_jax never imports it."""
+  return sys.modules['torch']
+
+
 def _is_meta(x: Any) -> bool:
   """A torch tensor on the meta device: a shape and a dtype, no data."""
   return getattr(x, 'is_meta', False) is True
@@ -164,8 +171,8 @@ def _array(x: Any, dtype: Any = None) -> np.ndarray:
     x = x.new_zeros(tuple(x.shape), device='cpu')
   if hasattr(x, 'detach'):  # a torch tensor, without importing torch
     x = x.detach().cpu()
-    if str(x.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: via float32, exactly
-      x = x.float().numpy().astype(ml_dtypes.bfloat16)
+    if str(x.dtype) == 'torch.bfloat16':  # NumPy has no bfloat16: its bits, NaNs' included
+      x = x.view(_torch().int16).numpy().view(ml_dtypes.bfloat16)
     else:
       x = x.numpy()
   out = np.array(x, copy=True)
@@ -223,9 +230,12 @@ def _like(ref: Any, value: np.ndarray, key: str, hint: str = '') -> Any:
     )
   value = np.asarray(value, order='C')  # a transposed kernel: torch.tensor would keep its strides
   if hasattr(ref, 'new_tensor'):  # torch, without importing it
-    if value.dtype.kind == 'V':  # ml_dtypes' bfloat16, float8: torch reads no such NumPy array
+    cpu = {'device': 'cpu'} if _is_meta(ref) else {}  # a meta tensor's new tensors hold no data
+    if value.dtype == ml_dtypes.bfloat16 and str(ref.dtype) == 'torch.bfloat16':  # its bits
+      return ref.new_tensor(value.view(np.int16), dtype=_torch().int16, **cpu).view(ref.dtype)
+    if value.dtype.kind == 'V':  # ml_dtypes' float8 ...: torch reads no such NumPy array
       value = value.astype(np.float32)  # exact; new_tensor casts back to ref's dtype
-    return ref.new_tensor(value, device='cpu') if _is_meta(ref) else ref.new_tensor(value)
+    return ref.new_tensor(value, **cpu)
   return value.astype(np.asarray(ref).dtype, copy=False)
 
 
