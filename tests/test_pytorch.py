@@ -2145,3 +2145,16 @@ def test_bfloat16_torch_tensors_keep_every_bit(monkeypatch):
       {k: t.a.view(np.uint16) for k, t in back.items()},
       {k: v.view(np.uint16) for k, v in sd.items()},
     )
+
+
+def test_dtype_takes_a_torch_dtype_and_refuses_a_non_floating_one():
+  # Found by a user trial: dtype=torch.bfloat16 gave NumPy's bare TypeError.
+  sd = _plain_and_wn_sd()
+  params = lambda sd, **kw: {p: layer.params for p, layer in wt.from_torch(sd, **kw).items()}
+  for convert in (wt.to_linen, wt.to_nnx, params):
+    got = convert(sd, dtype=_FAKE_TORCH.bfloat16)
+    assert {str(x.dtype) for x in jax.tree.leaves(got)} == {'bfloat16'}
+    assert_trees_equal(got, convert(sd, dtype=ml_dtypes.bfloat16))
+    for bad in (np.int32, 'torch.qint8', _FAKE_TORCH.int16):
+      with pytest.raises(ValueError, match=rf'dtype= casts.*floating.*got {re.escape(repr(bad))}'):
+        convert(sd, dtype=bad)

@@ -324,8 +324,8 @@ def from_torch(
       expression ``re.search``ed in the prefix (``decompose='^ups'``). Each becomes ``v = w``, ``g = ||w||`` with
       PyTorch's default ``dim=0`` (the function is unchanged); ``to_torch`` writes it
       back as a plain ``weight`` (its ``style`` is ``'plain'``).
-    dtype: cast the floating parameters to this dtype (default: keep the checkpoint's,
-      bfloat16 and float16 included).
+    dtype: cast the floating parameters to this floating dtype, NumPy's, JAX's or torch's
+      (``torch.bfloat16``); default: keep the checkpoint's, bfloat16 and float16 included.
 
   Returns:
     ``{prefix: TorchLayer}`` for every weight-normed prefix, in key order. The arrays

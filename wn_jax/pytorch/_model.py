@@ -149,7 +149,8 @@ def to_linen(
     decompose: as :func:`from_torch`: plain Linear / Conv weights to WN ``(kernel,
       scale)`` (``True``, or a regex ``re.search``ed in the prefix, where ``rules``,
       ``drop`` and ``buffer_keys`` ``re.fullmatch`` the whole key).
-    dtype: cast the floating tensors to this dtype (default: keep the checkpoint's).
+    dtype: as :func:`from_torch`: cast the floating tensors to this floating dtype (NumPy's,
+      JAX's or torch's; default: keep the checkpoint's).
     template: optional, the Flax model's own tree (e.g. ``jax.eval_shape`` of ``init``,
       or ``nnx.state(model)``): every converted name and shape is checked against it,
       and a mismatch raises with the missing and unexpected paths.

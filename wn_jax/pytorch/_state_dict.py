@@ -177,7 +177,23 @@ def _array(x: Any, dtype: Any = None) -> np.ndarray:
       x = x.numpy()
   out = np.array(x, copy=True)
   if dtype is not None and _is_float(out):
-    out = out.astype(dtype)
+    out = out.astype(_floating(dtype))
+  return out
+
+
+def _floating(dtype: Any) -> np.dtype:
+  """``dtype=``, the floating dtype the converters cast to: NumPy's, JAX's, ml_dtypes' or a
+  torch dtype (``torch.bfloat16``, read by its name: torch is not imported)."""
+  name = str(dtype)
+  try:
+    out = np.dtype(jnp.dtype(name.removeprefix('torch.') if name.startswith('torch.') else dtype))
+  except TypeError:
+    out = None
+  if out is None or not jnp.issubdtype(out, jnp.floating):
+    raise _error(
+      'dtype= casts the floating tensors: expected a floating dtype (np.float32, jnp.bfloat16, '
+      f'torch.float16, ...), got {dtype!r}.'
+    )
   return out
 
 
