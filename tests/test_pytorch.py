@@ -2158,3 +2158,29 @@ def test_dtype_takes_a_torch_dtype_and_refuses_a_non_floating_one():
     for bad in (np.int32, 'torch.qint8', _FAKE_TORCH.int16):
       with pytest.raises(ValueError, match=rf'dtype= casts.*floating.*got {re.escape(repr(bad))}'):
         convert(sd, dtype=bad)
+
+
+def test_find_prefixes_takes_what_from_torch_takes(tmp_path):
+  # Found by a user trial: find_prefixes(module) raised torch's AttributeError, and
+  # find_prefixes('m.safetensors') gave {}: it read its argument as a mapping.
+  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  rng = np.random.default_rng(0)
+  out = _wn_state('', (4, 4))
+  attn = {f'weight_{n}': rng.normal(size=(4, 4)).astype(np.float32) for n in 'gv'}
+  model = _FakeModule(
+    {
+      'attn': _FakeModule(state=attn),  # its own weight_g / weight_v: no weight norm
+      'out': _wn_fake(Linear, out['.weight_v'], out['.weight_g'], style='legacy'),
+    }
+  )
+  assert wt.find_prefixes(model) == {'out': 'legacy'} == {p: 'legacy' for p in wt.from_torch(model)}
+  wrapper = DataParallel({'module': model})
+  wrapper.module = model
+  assert wt.find_prefixes(wrapper) == {'out': 'legacy'}
+  sd = _plain_and_wn_sd()
+  path = tmp_path / 'model.safetensors'
+  safetensors_numpy.save_file(sd, str(path))
+  assert wt.find_prefixes(path) == wt.find_prefixes(str(path)) == wt.find_prefixes(sd)
+  assert wt.find_prefixes(sd) == {'a': 'legacy'}
+  with pytest.raises(ValueError, match=r'expected a state dict.*got int'):
+    wt.find_prefixes(3)

@@ -63,8 +63,8 @@ from wn_jax.pytorch._model import layer_axes
 from wn_jax.pytorch._model import to_linen
 from wn_jax.pytorch._model import to_nnx
 from wn_jax.pytorch._plan import Rule as Rule  # a type, not in __all__: pytorch.Rule
-from wn_jax.pytorch._styles import find_prefixes
 from wn_jax.pytorch._to_torch import to_torch
+from wn_jax.pytorch._walk import find_prefixes
 
 __all__ = [
   'KINDS',

@@ -29,27 +29,18 @@ _NAMED = {
 }
 
 
-def _weight_normed(state_dict: Mapping[str, Any]) -> dict[tuple[str, str], str]:
-  """``{(module prefix, tensor name): style}`` of every weight-normed tensor, in key order.
-
-  A tensor ``w`` is weight-normed when both of its keys are there: ``w_g`` and ``w_v``, or
-  ``parametrizations.w.original0`` and ``original1``; for a name other than ``weight``,
-  the legacy ``g`` must also have ``v``'s rank (or be a scalar), so that two unrelated
-  tensors ``x_g``, ``x_v`` are not taken for one. Refused where a tensor has a second weight
-  (:func:`refuse_a_second_weight`) or has other parametrizations (:func:`refuse_a_chain`); with a torch module or ``drop=``, the converters decide
-  with :func:`wn_jax.pytorch._walk.weight_normed_here`.
-  """
-  found = detected(state_dict, state_dict.__contains__)
-  for prefix, tensor in found:
-    refuse_a_second_weight(state_dict.__contains__, prefix, tensor)
-    refuse_a_chain(state_dict, prefix, tensor)
-  return found
-
-
 def detected(
   state_dict: Mapping[str, Any], present: Callable[[str], bool]
 ) -> dict[tuple[str, str], str]:
-  """:func:`_weight_normed`'s finding, of the keys ``present`` keeps, without its refusal."""
+  """``{(module prefix, tensor name): style}`` of every weight-normed tensor among the keys
+  ``present`` keeps, in key order, without refusals (:func:`wn_jax.pytorch._walk.weight_normed_here`
+  decides, with a torch module if given, and refuses).
+
+  A tensor ``w`` is weight-normed when both of its keys are there: ``w_g`` and ``w_v``, or
+  ``parametrizations.w.original0`` and ``original1`` (for ``weight``, one of them does); for a
+  name other than ``weight``, the legacy ``g`` must also have ``v``'s rank (or be a scalar), so
+  that two unrelated tensors ``x_g``, ``x_v`` are not taken for one.
+  """
   found: dict[tuple[str, str], str] = {}
   for key in filter(present, state_dict):
     for style, pattern in _NAMED.items():
@@ -166,23 +157,6 @@ def _layer_key(prefix: str, tensor: str) -> str:
   return prefix if tensor == 'weight' else _key(prefix, f'.{tensor}')
 
 
-def find_prefixes(state_dict: Mapping[str, Any]) -> dict[str, str]:
-  """Every weight-normed prefix in ``state_dict`` and its key style.
-
-  The prefix is the module's for a weight-normed ``weight``, and ``<module>.<name>`` for
-  weight norm on another tensor (``weight_norm(lstm, name='weight_hh_l0')``: keys
-  ``weight_hh_l0_g`` / ``_v`` or ``parametrizations.weight_hh_l0.original0`` / ``1``).
-
-  Examples:
-    >>> import numpy as np
-    >>> find_prefixes({'a.weight_g': np.ones(1), 'b.parametrizations.weight.original1': np.ones(1)})
-    {'a': 'legacy', 'b': 'parametrization'}
-    >>> find_prefixes({'lstm.w_hh_g': np.ones((1, 3)), 'lstm.w_hh_v': np.ones((4, 3))})
-    {'lstm.w_hh': 'legacy'}
-  """
-  return layer_keys(_weight_normed(state_dict))
-
-
 def layer_keys(found: dict[tuple[str, str], str]) -> dict[str, str]:
-  """``{layer key: style}`` of :func:`_weight_normed`'s ``found``."""
+  """``{layer key: style}`` of :func:`detected`'s ``found``."""
   return {_layer_key(p, t): s for (p, t), s in found.items()}

@@ -14,7 +14,9 @@ from wn_jax.pytorch._kinds import TORCH_ARGS
 from wn_jax.pytorch._state_dict import _error
 from wn_jax.pytorch._state_dict import _is_module
 from wn_jax.pytorch._state_dict import _key
+from wn_jax.pytorch._state_dict import _load
 from wn_jax.pytorch._state_dict import _split
+from wn_jax.pytorch._state_dict import _unwrap
 from wn_jax.pytorch._styles import _suffixes
 from wn_jax.pytorch._styles import chain_error
 from wn_jax.pytorch._styles import detected
@@ -130,7 +132,7 @@ def _infos(source: Any, sd: Mapping[str, Any], kinds: Mapping[str, str] | None) 
 def weight_normed_here(
   sd: Mapping[str, Any], infos: dict[str, _Info], drop: Any = None
 ) -> dict[tuple[str, str], str]:
-  """``{(prefix, tensor): style}`` of the weight-normed tensors, where a torch module, if given,
+  """``{(prefix, tensor): style}`` of the weight-normed tensors (:func:`~wn_jax.pytorch._styles.detected`), where a torch module, if given,
   has the last word: keys that only look weight-normed (an attention's own ``weight_v``) are
   not, and the module's style wins. The style is the one the keys ``drop`` leaves show; a pair
   it takes whole stays (its layer is dropped whole, bias included). Without a module, a
@@ -155,3 +157,30 @@ def weight_normed_here(
       refuse_a_normed_bias(prefix, tensor, keys)
     out[prefix, tensor] = style
   return out
+
+
+def find_prefixes(source: Any) -> dict[str, str]:
+  """Every weight-normed prefix of a PyTorch model and its key style, as :func:`from_torch` and
+  :func:`to_linen` find them.
+
+  Args:
+    source: what :func:`from_torch` takes: a torch module (it tells which tensors are
+      weight-normed: an attention's own ``weight_v`` is not), a state dict or a
+      ``.safetensors`` path.
+
+  Returns:
+    ``{prefix: 'legacy' | 'parametrization'}``, in key order. The prefix is the module's for a
+    weight-normed ``weight``, and ``<module>.<name>`` for weight norm on another tensor
+    (``weight_norm(lstm, name='weight_hh_l0')``: keys ``weight_hh_l0_g`` / ``_v`` or
+    ``parametrizations.weight_hh_l0.original0`` / ``1``).
+
+  Examples:
+    >>> import numpy as np
+    >>> find_prefixes({'a.weight_g': np.ones(1), 'b.parametrizations.weight.original1': np.ones(1)})
+    {'a': 'legacy', 'b': 'parametrization'}
+    >>> find_prefixes({'lstm.w_hh_g': np.ones((1, 3)), 'lstm.w_hh_v': np.ones((4, 3))})
+    {'lstm.w_hh': 'legacy'}
+  """
+  source = _unwrap(source)[0]
+  sd = _load(source)
+  return layer_keys(weight_normed_here(sd, _infos(source, sd, None)))
