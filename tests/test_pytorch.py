@@ -2184,3 +2184,35 @@ def test_find_prefixes_takes_what_from_torch_takes(tmp_path):
   assert wt.find_prefixes(sd) == {'a': 'legacy'}
   with pytest.raises(ValueError, match=r'expected a state dict.*got int'):
     wt.find_prefixes(3)
+
+
+class _UpTwin(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return wn_linen.WNConvTranspose(6, (3,), transpose_kernel=True, padding=[(2, 2)], name='up')(x)
+
+
+def test_a_grouped_conv_transpose_is_refused_where_it_converts():
+  # Found by a user trial: a ConvTranspose1d(4, 6, 3, groups=2) converted silently in to_linen
+  # / from_torch, to a kernel (3, 3, 4) no Flax layer takes (Flax's ConvTranspose has no
+  # groups); only TorchLayer.linen() refused, and a twin's error asked for another size.
+  rng = np.random.default_rng(0)
+  args = dict(stride=(1,), padding=(0,), dilation=(1,), groups=2, output_padding=(0,))
+  v, g = rng.normal(size=(4, 3, 3)).astype(np.float32), np.ones((4, 1, 1), np.float32)
+  normed = _wn_fake(ParametrizedConvTranspose1d, v, g)
+  plain = ConvTranspose1dPlain(state={'weight': v})
+  for layer in (normed, plain):
+    layer.__dict__.update(args, padding_mode='zeros')
+  x = np.ones((1, 5, 4), np.float32)
+  twin = _UpTwin()  # the only WN twin there is, as in the trial
+  message = r"'up': Flax's ConvTranspose has no groups.*groups=2.*only groups=1 converts"
+  for model in (_FakeModule({'up': normed}), _FakeModule({'up': plain})):
+    for convert in (wt.to_linen, wt.to_nnx, lambda m: wt.to_linen(m, twin=(twin, x))):
+      with pytest.raises(ValueError, match=message):
+        convert(model)
+  with pytest.raises(ValueError, match=message):
+    wt.from_torch(_FakeModule({'up': normed}))
+  with pytest.raises(ValueError, match=message):
+    wt.from_torch(_FakeModule({'up': plain}), decompose=True)
+  with pytest.raises(ValueError, match=r"conv_kwargs: Flax's ConvTranspose has no groups"):
+    wt.conv_kwargs('ConvTranspose1d', 3, groups=2)

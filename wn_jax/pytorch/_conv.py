@@ -41,12 +41,22 @@ def _padding_mode(kind: str, padding: Any, mode: str, k: tuple, d: tuple) -> Any
   return _PADDING_MODES[mode]
 
 
+def refuse_groups(where: str, kind: str | None, args: dict[str, Any]) -> None:
+  """A ``ValueError`` for a grouped PyTorch ConvTranspose (``args``: its arguments, as read from
+  the module): Flax's ConvTranspose has no groups, so its weight is no kernel of a Flax layer."""
+  groups = args.get('groups', 1)
+  if kind is not None and kind.startswith('ConvTranspose') and groups != 1:
+    raise _error(
+      f"{where}: Flax's ConvTranspose has no groups, and PyTorch's {kind} has groups={groups}: "
+      'only groups=1 converts (its weight, (in, out/groups, *k), fits no Flax layer). Build '
+      'this layer by hand, one Flax ConvTranspose per group on its slice of the channels.'
+    )
+
+
 def _transpose_padding(
-  k: tuple[int, ...], d: tuple[int, ...], padding: Any, output_padding: Any, groups: int, mode: str
+  k: tuple[int, ...], d: tuple[int, ...], padding: Any, output_padding: Any, mode: str
 ) -> tuple[tuple[int, int], ...]:
-  """Flax's explicit padding for a PyTorch ConvTranspose (zeros, groups=1 only)."""
-  if groups != 1:
-    raise _error('conv_kwargs: Flax ConvTranspose has no groups; only groups=1 converts.')
+  """Flax's explicit padding for a PyTorch ConvTranspose (zeros only)."""
   if isinstance(padding, str):
     raise _error('conv_kwargs: PyTorch ConvTranspose takes integer padding only.')
   if mode != 'zeros':
@@ -117,7 +127,8 @@ def conv_kwargs(
   k, s, d = _tuple(kernel_size, n), _tuple(stride, n), _tuple(dilation, n)
   out: dict[str, Any] = {'kernel_size': k, 'strides': s}
   if kind.startswith('ConvTranspose'):
-    out['padding'] = _transpose_padding(k, d, padding, output_padding, groups, padding_mode)
+    refuse_groups('conv_kwargs', kind, {'groups': groups})
+    out['padding'] = _transpose_padding(k, d, padding, output_padding, padding_mode)
     out['kernel_dilation'] = d
     out['transpose_kernel'] = True
   else:

@@ -12,6 +12,7 @@ import numpy as np
 from wn_jax import _axes
 from wn_jax import _core
 from wn_jax.pytorch._conv import conv_kwargs
+from wn_jax.pytorch._conv import refuse_groups
 from wn_jax.pytorch._kinds import _DEFAULT_KIND
 from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._kinds import TORCH_ARGS
@@ -211,6 +212,7 @@ def _wn_layer(
   expected_rank = 2 if kind == 'Linear' else int(kind[-2]) + 2 if kind in KINDS else v.ndim
   if v.ndim != expected_rank:
     raise _error(f'{v_key!r} of shape {v.shape} is not a {kind} weight (rank {expected_rank}).')
+  refuse_groups(repr(prefix), kind, info.args)
   dim = _torch_dim(g, v, g_key)
   if info.dim is not _MISSING and info.dim != dim:  # g's shape alone can be ambiguous
     told = None if info.dim is None else info.dim % v.ndim

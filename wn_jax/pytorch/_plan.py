@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from wn_jax.pytorch._conv import refuse_groups
 from wn_jax.pytorch._kinds import KINDS
 from wn_jax.pytorch._kinds import PLAIN_KINDS
 from wn_jax.pytorch._kinds import _perm
@@ -164,7 +165,9 @@ def _plan(
     if key in used:
       continue
     refuse_a_non_array(key, sd[key])
-    kind = _plain_kind(_split(key)[0], sd, infos)
+    prefix = _split(key)[0]
+    kind = _plain_kind(prefix, sd, infos)
+    refuse_groups(repr(prefix), kind, infos.get(prefix, _Info(None, {})).args)
     collection = buffers if key in held else 'params'
     leaf = _leaf(key, kind, len(sd[key].shape), options.rules or {}, collection)
     if leaf is None:
