@@ -2216,3 +2216,29 @@ def test_a_grouped_conv_transpose_is_refused_where_it_converts():
     wt.from_torch(_FakeModule({'up': plain}), decompose=True)
   with pytest.raises(ValueError, match=r"conv_kwargs: Flax's ConvTranspose has no groups"):
     wt.conv_kwargs('ConvTranspose1d', 3, groups=2)
+
+
+def test_torch_layer_nnx_is_built_abstractly():
+  # Found by a user trial: TorchLayer.nnx() ran every initializer, compiled for each new
+  # shape (228 compiles, 71 s for 50 Conv1d layers), then overwrote the values.
+  concrete = []
+
+  def init(key, shape, dtype=jnp.float32):
+    concrete.append(not isinstance(key, jax.core.Tracer))
+    return jnp.zeros(shape, dtype)
+
+  from tests.test_eager import count_compiles
+
+  sd = _state_dict('conv1d')
+  (layer,) = wt.from_torch(sd).values()
+  nnx_layer = layer.nnx(padding=1, kernel_init=init, bias_init=init, scale_init=init)
+  assert len(concrete) == 3 and not any(concrete)  # traced for the shapes, never run
+  for name, value in layer.params.items():
+    np.testing.assert_array_equal(getattr(nnx_layer, name)[...], value)
+  x = _channels_last(ORACLE['conv1d:input'])
+  _assert_matches_torch(nnx_layer(x), ORACLE['conv1d:output'])
+  # Nothing compiles for a layer of a new shape (its parameters were copied by a program each).
+  (odd,) = wt.from_torch(_wn_state('c', (13, 7, 5), seed=3)).values()
+  with count_compiles() as seen:
+    odd.nnx()
+  assert seen == []

@@ -140,27 +140,32 @@ class TorchLayer:
     return layer, {'params': {k: _jax(v, k) for k, v in self.params.items()}}
 
   def nnx(self, *, rngs: Any = None, **kwargs: Any) -> Any:
-    """The configured NNX layer with these parameters loaded (``rngs`` optional).
+    """The configured NNX layer with these parameters loaded.
 
-    Takes the arguments :meth:`linen` takes.
+    Built abstractly (``nnx.eval_shape``), as the porting guide builds a twin: no initializer
+    runs and nothing compiles; every parameter comes from here. ``rngs`` is accepted for
+    symmetry with the NNX layers and not used. Takes the arguments :meth:`linen` takes.
     """
     from flax import nnx as fnnx
 
     from wn_jax import nnx as wx
 
+    del rngs  # nothing random: every parameter is the checkpoint's
     features, kw = self._layer_kwargs(kwargs)
     kernel = self.params['kernel']
-    rngs = rngs or fnnx.Rngs(0)
-    if self.kind == 'Linear':
-      layer: Any = wx.WNLinear(kernel.shape[0], features, rngs=rngs, **kw)
-    elif self.transpose_kernel:
-      layer = wx.WNConvTranspose(kernel.shape[-1], features, kernel.shape[:-2], rngs=rngs, **kw)
-    else:
+
+    def build() -> Any:
+      rngs = fnnx.Rngs(0)
+      if self.kind == 'Linear':
+        return wx.WNLinear(kernel.shape[0], features, rngs=rngs, **kw)
+      if self.transpose_kernel:
+        return wx.WNConvTranspose(kernel.shape[-1], features, kernel.shape[:-2], rngs=rngs, **kw)
       groups = kw.get('feature_group_count', 1)
-      layer = wx.WNConv(kernel.shape[-2] * groups, features, kernel.shape[:-2], rngs=rngs, **kw)
-    for name, value in self.params.items():
-      getattr(layer, name).set_value(_jax(value, name))
-    return layer
+      return wx.WNConv(kernel.shape[-2] * groups, features, kernel.shape[:-2], rngs=rngs, **kw)
+
+    graph, state = fnnx.split(fnnx.eval_shape(build))
+    fnnx.replace_by_pure_dict(state, {k: _jax(v, k) for k, v in self.params.items()})
+    return fnnx.merge(graph, state)
 
 
 def _torch_dim(g: np.ndarray, v: np.ndarray, g_key: str) -> int | None:

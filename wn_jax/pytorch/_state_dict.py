@@ -219,7 +219,9 @@ def _jax(value: Any, key: str) -> Any:
         f'without x64 would wrap them to (and to_torch give back wrong): {x64}, or leave it '
         'out with drop= (to_torch given the same drop= copies it back from like).'
       )
-  return jnp.array(value)
+  if isinstance(value, jax.Array):
+    return jnp.array(value)  # a copy, on its device
+  return jax.device_put(np.array(value, copy=True))  # jnp.array compiles a copy for each shape
 
 
 def _is_float(x: Any) -> bool:
