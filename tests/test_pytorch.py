@@ -2242,3 +2242,31 @@ def test_torch_layer_nnx_is_built_abstractly():
   with count_compiles() as seen:
     odd.nnx()
   assert seen == []
+
+
+class _PlainTwinOfAWNTwin(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = wn_linen.WNConv(4, (3,), padding='VALID', name='c')(x)
+    return wn_linen.WNDense(2, name='d')(x)
+
+
+def test_a_wn_twin_of_a_plain_torch_layer_is_told_to_decompose():
+  # Found by a user trial: a twin with WN layers where PyTorch's are plain (after
+  # remove_weight_norm) was told to name the Flax submodules as PyTorch's, which they were.
+  rng = np.random.default_rng(0)
+  sd = {
+    'c.weight': rng.normal(size=(4, 3, 3)).astype(np.float32),
+    'c.bias': np.zeros(4, np.float32),
+    'd.weight': rng.normal(size=(2, 4)).astype(np.float32),
+    'd.bias': np.zeros(2, np.float32),
+  }
+  twin = (_PlainTwinOfAWNTwin(), np.ones((1, 7, 3), np.float32))
+  with pytest.raises(ValueError, match=r"'params/c', 'params/d'.*plain.*decompose=True") as e:
+    wt.to_linen(sd, twin=twin)
+  assert 'name Flax submodules' not in str(e.value)
+  assert set(wt.to_linen(sd, twin=twin, decompose=True)['params']['d']) == {
+    'kernel',
+    'scale',
+    'bias',
+  }

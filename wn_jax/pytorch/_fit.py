@@ -85,6 +85,16 @@ class _Fit:
     return biases(self.want, self.got), biases(self.got, self.want)
 
   @property
+  def undecomposed(self) -> list[str]:
+    """Modules the template builds as WN layers (a kernel and a scale) that PyTorch holds plain
+    (the converted tree has their kernel, no scale): ``decompose=`` converts them."""
+    return sorted(
+      '/'.join(p[:-1])
+      for p in self.want
+      if p[-1] == 'scale' and p not in self.got and (*p[:-1], 'kernel') in self.got
+    )
+
+  @property
   def plain(self) -> list[str]:
     """Modules PyTorch weight-normed that the template builds as plain layers (it holds
     the module, but not its scale)."""
@@ -174,14 +184,25 @@ def _plain_hints(fit: _Fit) -> list[str]:
   ]
 
 
+def _decompose_hints(fit: _Fit) -> list[str]:
+  """A WN layer in the template where PyTorch's is plain: ``decompose=``."""
+  if not fit.undecomposed:
+    return []
+  return [
+    f'{", ".join(map(repr, fit.undecomposed))}: a WN layer in the template, plain in PyTorch (no '
+    'weight norm, as after remove_weight_norm): convert with decompose=True (or a regex '
+    "re.search'ed in the torch prefixes), which gives each v = w and g = ||w||"
+  ]
+
+
 def _name_hints(fit: _Fit, unsaved: Container[str]) -> list[str]:
   """Paths missing or unexpected: buffers torch does not save, the collection, the submodule
   names, ``drop=``."""
   lacking, extra = fit.bias_off
-  biases = {f'{m}/bias' for m in lacking + extra}
+  explained = {f'{m}/bias' for m in lacking + extra} | {f'{m}/scale' for m in fit.undecomposed}
   held_back = [m for m in fit.missing if m in unsaved]
-  missing = [m for m in fit.missing if m not in biases and m not in held_back]
-  unexpected = [u for u in fit.unexpected if u not in biases]
+  missing = [m for m in fit.missing if m not in explained and m not in held_back]
+  unexpected = [u for u in fit.unexpected if u not in explained]
   hints = []
   if held_back:
     hints.append(
@@ -276,6 +297,7 @@ def _check(
     *_size_hints(fit),
     *_layout_hints(fit),
     *_plain_hints(fit),
+    *_decompose_hints(fit),
     *_name_hints(fit, unsaved),
     *_rules_hints(fit),
   ]
