@@ -2270,3 +2270,17 @@ def test_a_wn_twin_of_a_plain_torch_layer_is_told_to_decompose():
     'scale',
     'bias',
   }
+
+
+def test_a_plain_kernel_of_another_shape_is_named_by_its_tree_path():
+  # Found by a user trial: a plain Dense kernel left in torch's layout, (2, 4) for (4, 2), got
+  # "'head.weight': like has shape (2, 4), the converted value (4, 2)", the transposed value
+  # and no tree path, as if the shapes agreed. A WN layer's kernel was named by its path.
+  sd = _plain_and_wn_sd()
+  for key, module, bad in [('head.weight', 'head', (2, 4)), ('conv.weight', 'conv', (4, 4, 4))]:
+    tree = jax.tree.map(np.asarray, wt.to_linen(sd))
+    want = tree['params'][module]['kernel'].shape
+    tree['params'][module]['kernel'] = np.zeros(bad, np.float32)
+    message = rf"params/{module}/kernel has shape {re.escape(str(bad))}, but like's '{key}' needs"
+    with pytest.raises(ValueError, match=rf'{message} {re.escape(str(want))} \(in Flax layout\)'):
+      wt.to_torch(tree, like=sd)

@@ -156,15 +156,24 @@ class _Reader:
     """The tree's path of the tensor ``prefix.name`` in ``collection``."""
     return tuple(map(str, self.move(_path(prefix, name, collection, self.naming))))
 
-  def get(self, prefix: str, name: str, collection: str) -> Any:
-    """The array at ``prefix.name`` (``None`` if the tree lacks it, noted in ``missing``)."""
+  def get(self, prefix: str, name: str, collection: str, shape: Any, owner: str) -> Any:
+    """The array at ``prefix.name`` (``None`` if the tree lacks it, noted in ``missing``), of
+    ``shape``, the one like's ``owner`` (a key, or a layer's prefix) needs: else a ``ValueError``
+    that names its path."""
     # A state dict cannot tell buffers from parameters: either collection holds them.
     other = {'params': self.buffers, self.buffers: 'params'}.get(collection, collection)
     for c in (collection, other):
       path = self.path(prefix, name, c)
       if path in self.flat:
         self.seen.add(path)
-        return np.array(self.flat[path])
+        value = np.array(self.flat[path])
+        if value.shape != tuple(shape):
+          raise _error(
+            f"{'/'.join(path)} has shape {value.shape}, but like's {owner!r} needs "
+            f'{tuple(shape)} (in Flax layout): the tree is of another model than like, or of '
+            f'another configuration. {_SAME}'
+          )
+        return value
     self.missing.append('/'.join(self.path(prefix, name, collection)))
     return None
 
@@ -189,29 +198,27 @@ def _gather(
 def _layer_tensors(prefix: str, layer: TorchLayer, read: _Reader) -> dict[str, np.ndarray]:
   """A weight-normed layer's tensors, in its key style (none if the tree lacks any)."""
   module = _module_prefix(prefix, layer)
-  params = {n: read.get(module, n, 'params') for n in layer.params}
+  params = {n: read.get(module, n, 'params', np.shape(v), prefix) for n, v in layer.params.items()}
   if any(v is None for v in params.values()):
     return {}
-  for n, v in params.items():
-    if np.shape(v) != np.shape(layer.params[n]):
-      raise _error(
-        f'{"/".join(read.path(module, n, "params"))} has shape '
-        f"{np.shape(v)}, but like's {prefix!r} needs {np.shape(layer.params[n])} (in Flax "
-        'layout): the tree is of another model than like, or of another configuration.'
-      )
   return _export_layer(prefix, dataclasses.replace(layer, params=params), layer.style)
 
 
 def _leaf_tensor(leaf: _Leaf, sd: Mapping[str, Any], read: _Reader) -> dict[str, np.ndarray]:
   """``{key: tensor}`` for one other tensor, by its rule's inverse (empty if the tree lacks it)."""
-  # A rule's forward on like's own tensor names the leaves its inverse takes back.
-  names = leaf.forward(_array(sd[leaf.key])) if leaf.user else None
-  if isinstance(names, Mapping):
-    parts = {rel: read.get(*_split(_key(leaf.prefix, f'.{rel}')), leaf.collection) for rel in names}
+  # The forward on like's own tensor names the leaves the inverse takes back, and their shapes
+  # (a built-in rule only moves axes: a zero of like's shape, no copy, will do).
+  ref = _array(sd[leaf.key]) if leaf.user else np.broadcast_to(np.float32(0), sd[leaf.key].shape)
+  ahead = leaf.forward(ref)
+  if isinstance(ahead, Mapping):
+    parts = {
+      rel: read.get(*_split(_key(leaf.prefix, f'.{rel}')), leaf.collection, np.shape(a), leaf.key)
+      for rel, a in ahead.items()
+    }
     if any(v is None for v in parts.values()):
       return {}
     return {leaf.key: np.asarray(leaf.inverse(parts))}
-  value = read.get(leaf.prefix, leaf.name, leaf.collection)
+  value = read.get(leaf.prefix, leaf.name, leaf.collection, np.shape(ahead), leaf.key)
   return {} if value is None else {leaf.key: np.asarray(leaf.inverse(value))}
 
 
