@@ -264,8 +264,10 @@ def to_torch(
     buffer_keys: as :func:`to_linen`.
 
   Returns:
-    ``{key: array}`` with PyTorch's shapes: NumPy arrays, or torch tensors when
-    ``like`` holds them.
+    ``{key: array}`` with PyTorch's shapes, contiguous: torch tensors when ``like`` holds
+    them (what ``load_state_dict`` takes), else NumPy arrays (torch is never imported:
+    ``load_state_dict`` refuses them; pass the module as ``like``, or ``torch.from_numpy``
+    each, which cannot read a bfloat16 array).
 
   Examples:
     >>> import numpy as np
