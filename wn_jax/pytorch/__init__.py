@@ -48,9 +48,10 @@ Inputs are channels-last in Flax: a PyTorch ``(N, C, L)`` batch is ``x.transpose
 "Exactly" means: every tensor goes to Flax and back bit for bit (float32, float16, bfloat16,
 any ``dim``); outputs in float32 match PyTorch's to float32 rounding (the order of sums
 differs); in bfloat16, wn_jax's ``w = g v / ||v||`` is the float32-reduced value rounded once,
-which PyTorch's equals for ``dim=0`` and the last ``dim``, while for ``dim=None`` and ``dim=1``
-of a Conv1d PyTorch reduces in bfloat16 and part of its entries differ by one or two bfloat16
-steps (the porting guide gives the measurement).
+which PyTorch's equals for ``dim=0`` and the last ``dim``, while for ``dim=None`` and every
+``dim`` in between (1 of a Conv1d, 1 and 2 of a Conv2d, 1 to 3 of a Conv3d) PyTorch reduces in
+bfloat16 and part of its entries differ by one or two bfloat16 steps (the porting guide gives
+the measurements).
 """
 
 from wn_jax.pytorch._conv import conv_kwargs
