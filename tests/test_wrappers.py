@@ -811,3 +811,77 @@ def test_linen_wrapper_refuses_a_layer_owned_elsewhere():
     ValueError, match=r"WeightNorm\(Dense\) at '/block/WeightNorm_0'.*'dense'.*parent=None"
   ):
     Net().init(KEY, jnp.ones((2, 4)))
+
+
+def test_a_scale_tree_without_a_selected_parameters_g_is_refused_by_name():
+  # Parameters of a kernel-only wrapper given to a where='kernel|bias' one, or a misnamed
+  # scale tree: a bare KeyError: 'bias' (a user trial).
+  x = jax.random.normal(jax.random.key(1), (4, 6))
+  both = wl.WeightNorm(nn.Dense(3), where='kernel|bias')
+  params = wl.WeightNorm(nn.Dense(3)).init(jax.random.key(0), x)['params']
+  want = (
+    r"WeightNorm\(Dense\) at '/': leaf 'bias': the scale tree has no magnitude g .*\['kernel'\]"
+  )
+  for apply in (both.apply, jax.jit(both.apply)):
+    with pytest.raises(ValueError, match=want):
+      apply({'params': params}, x)
+  misnamed = {**params, 'scale': {'kernal': params['scale']['kernel']}}
+  with pytest.raises(ValueError, match=r"leaf 'kernel': .*it holds \['kernal'\]"):
+    wl.WeightNorm(nn.Dense(3)).apply({'params': misnamed}, x)
+  layer = wx.WeightNorm(nnx.Linear(6, 3, rngs=nnx.Rngs(0)))
+  layer.scale = nnx.data({'kernal': layer.scale['kernel']})
+  with pytest.raises(ValueError, match=r"nnx.WeightNorm\(Linear\): leaf 'kernel': the scale tree"):
+    layer(x)
+
+
+def test_a_g_of_another_shape_names_its_leaf():
+  # A checkpoint made with axis=(-2, -1) loaded into an axis=-1 wrapper of attention: the
+  # error named the wrapper, not which of its four kernels.
+  x = jax.random.normal(jax.random.key(1), (2, 3, 8))
+  attention = nn.MultiHeadDotProductAttention(2, qkv_features=8)
+  made = wl.WeightNorm(attention, axis=(-2, -1), where='(query|key|value)/kernel')
+  variables = made.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"at '/': leaf '(query|key|value)/kernel': wn_jax.norm"):
+    wl.WeightNorm(attention).apply(variables, x)
+
+
+def test_a_layer_field_holding_a_function_is_the_layers_not_a_method():
+  # A field's default (nn.Dense's kernel_init) sits on the class: the wrapper took it for a
+  # method and forwarded it, and outside apply it raised CallCompactUnboundModuleError.
+  layer = nn.Dense(3, kernel_init=nn.initializers.ones)
+  wrapper = wl.WeightNorm(layer)
+  assert wrapper.kernel_init is layer.kernel_init
+  assert wl.WeightNorm(nn.Dense(3)).bias_init is nn.Dense(3).bias_init  # a class default
+  assert wrapper.kernel_init(jax.random.key(0), (2, 3)).shape == (2, 3)
+  linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  assert wx.WeightNorm(linear).dot_general is linear.dot_general
+
+  class Gated(nnx.Module):  # an NNX attribute set over a class default function
+    act = _double  # a class default, shadowed by the instance's attribute
+
+    def __init__(self):
+      self.linear, self.act = nnx.Linear(2, 3, rngs=nnx.Rngs(0)), jnp.tanh
+
+    def __call__(self, x):
+      return self.act(self.linear(x))
+
+  assert wx.WeightNorm(Gated(), where='kernel').act is jnp.tanh
+
+
+def _double(x):
+  return 2 * x
+
+
+def test_layer_axes_of_a_vmapped_wrapper_names_only_the_wrapper():
+  # nn.vmap's lifted wrapper class was met once more at its parent's path: layer_axes listed
+  # the model itself, '', as a wrapper keeping -1 (a user trial).
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      lifted = nn.vmap(
+        wl.WeightNorm, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=0
+      )
+      return lifted(nn.Dense(3, parent=None))(x)
+
+  x = jax.random.normal(jax.random.key(1), (2, 4, 6))
+  assert wl.layer_axes(Stack(), x) == {'VmapWeightNorm_0': (0, -1)}

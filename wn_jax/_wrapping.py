@@ -96,24 +96,43 @@ def check_wrappable(params: PyTree, where: Where, owners: dict[tuple[str, ...], 
       )
 
 
-def map_selected(tree: Any, fn: Callable, scale: Any = None) -> Any:
+def map_selected(tree: Any, fn: Callable, scale: Any = None, path: tuple = ()) -> Any:
   """Over nested dicts of ``WeightNormed`` nodes.
 
   Without ``scale``: a nested dict of ``fn(node)`` for the nodes alone (the ``scale``
   parameter). With ``scale``: the full tree, each node given its ``g`` from ``scale``
-  and replaced by ``fn(node)`` (the weights the layer computes with).
+  and replaced by ``fn(node)`` (the weights the layer computes with). A ``ValueError`` from
+  ``fn`` names the leaf, and a node that ``scale`` has no ``g`` for is refused by name.
   """
   out = {}
   for k, x in tree.items():
+    at = (*path, k)
     if isinstance(x, WeightNormed):
-      out[k] = fn(x if scale is None else WeightNormed(x.v, _get(scale, k), x.axis))
+      with _errors.labelled(f'leaf {path_str(at)!r}'):
+        out[k] = fn(x if scale is None else WeightNormed(x.v, _magnitude(scale, k, at), x.axis))
     elif hasattr(x, 'items'):
-      sub = map_selected(x, fn, None if scale is None else _get(scale, k, {}))
+      sub = map_selected(x, fn, None if scale is None else _get(scale, k, {}), at)
       if sub or scale is not None:
         out[k] = sub
     elif scale is not None:
       out[k] = x
   return out
+
+
+def _magnitude(scale: Any, key: Any, at: tuple) -> Any:
+  """The ``g`` at ``key`` of ``scale``: refused where the selection has a parameter that the
+  scale tree (from a checkpoint, say) has no magnitude for."""
+  try:
+    return _get(scale, key)
+  except (KeyError, TypeError):
+    held = sorted(map(str, scale)) if hasattr(scale, 'keys') else type(scale).__name__
+    under = f' under {path_str(at[:-1])!r}' if at[:-1] else ''
+    raise ValueError(
+      f'the scale tree has no magnitude g for this selected parameter (it holds {held}'
+      f'{under}): the parameters come from a wrapper that selected others (another '
+      f'where= or axis=), or their scale tree is misnamed. Build the wrapper as the parameters '
+      f'were made, or initialize it again.'
+    ) from None
 
 
 def _get(tree: Any, key: Any, *default: Any) -> Any:

@@ -184,7 +184,9 @@ def layer_axes(
   def record(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
     module = context.module
-    if isinstance(module, WeightNorm) or (
+    # A wrapper's every use maps its layer's variables in _mapped; nn.vmap's lifted class
+    # is met once more, at its parent's path (it recorded the model itself, '').
+    if (isinstance(module, WeightNorm) and context.method_name == '_mapped') or (
       isinstance(module, _WeightNormedKernel) and context.method_name == '__call__'
     ):
       path = '/'.join(module.scope.path)
@@ -263,7 +265,9 @@ def fold(params: Any, axis: _fold.AxisSpec = _fold.INFER) -> Any:
   ``WNConvTranspose``) gets $w = g \, v / \lVert v \rVert$ as its ``kernel`` and loses
   ``scale``; ``WeightNormed`` leaves are materialized; everything else is kept. The result
   loads into the plain Flax layers (``nn.Dense``, ``nn.Conv``, ``nn.ConvTranspose``) with the
-  same names, for deployment: inference then costs exactly what the plain model costs.
+  same names, for deployment: inference then costs exactly what the plain model costs. (Name
+  the layers, or rename the keys: Flax's automatic names differ, ``WNDense_0`` against
+  ``Dense_0``.)
   NNX: fold ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``, or use
   :func:`wn_jax.nnx.fold`, which reads each layer's axis from the model.
 

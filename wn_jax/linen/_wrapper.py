@@ -129,8 +129,10 @@ class WeightNorm(nn.Module):
       layer = self.__dict__.get('layer')
       if name.startswith('_') or not isinstance(layer, nn.Module):
         raise
+    # A field's default function (kernel_init) sits on the class too: a field is no method.
     method = inspect.getattr_static(type(layer), name, None)
-    if inspect.isfunction(method) and not hasattr(method, 'nowrap'):
+    field = name in {f.name for f in dataclasses.fields(layer)}
+    if inspect.isfunction(method) and not hasattr(method, 'nowrap') and not field:
       return types.MethodType(_forwarding(name), self)
     value = getattr(layer, name)
     if any(isinstance(x, (nn.Module, jax.Array)) for x in jax.tree_util.tree_leaves(value)):
@@ -175,8 +177,7 @@ class _Mapping:
 
   def weight(self, x: _tree.WeightNormed) -> jax.Array:
     layer_dtype = getattr(self.wrapper.layer, 'dtype', None)
-    with _errors.labelled(self.label):
-      return _kernel.weight(x, layer_dtype, (self.args, self.kwargs), self.wrapper.epsilon)
+    return _kernel.weight(x, layer_dtype, (self.args, self.kwargs), self.wrapper.epsilon)
 
   def init(self, key: jax.Array) -> Any:
     """The scale tree at init: ``g = ||v||`` (or ``scale_init``), boxed like each kernel."""
@@ -224,7 +225,7 @@ class _Mapping:
         lambda _, v: _tree.WeightNormed(v, None, self.wrapper.axis),
         required=False,
       )
-    merged = _wrapping.map_selected(directions, self.weight, scale)
+      merged = _wrapping.map_selected(directions, self.weight, scale)  # named by leaf
     return {**variables, 'params': _unnest(key, merged)}
 
   def trans_out(self, variables: dict) -> dict:

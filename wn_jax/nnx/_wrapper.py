@@ -175,7 +175,8 @@ class WeightNorm(nnx.Module):
     layer = vars(self).get('layer')
     if name.startswith('_') or not isinstance(layer, nnx.Module):
       raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
-    if inspect.isfunction(inspect.getattr_static(type(layer), name, None)):
+    method = inspect.getattr_static(type(layer), name, None)
+    if inspect.isfunction(method) and name not in vars(layer):  # an attribute's function: no method
 
       def forward(*args: Any, **kwargs: Any) -> Any:
         return self._mapped(name, args, kwargs)
@@ -207,12 +208,12 @@ class WeightNorm(nnx.Module):
     where, layer_dtype = self._where(), getattr(self.layer, 'dtype', None)
 
     def weight(x: _tree.WeightNormed) -> jax.Array:
-      with _errors.labelled(where):
-        return _kernel.weight(x, layer_dtype, (args, kwargs), self.epsilon)
+      return _kernel.weight(x, layer_dtype, (args, kwargs), self.epsilon)
 
-    weights = traversals.flatten_mapping(
-      _wrapping.map_selected(directions, weight, _values(self.scale))
-    )
+    with _errors.labelled(where):  # and each error by its leaf
+      weights = traversals.flatten_mapping(
+        _wrapping.map_selected(directions, weight, _values(self.scale))
+      )
     # Every parameter a new Param (w where selected): the method runs on a copy.
     copy = {path: x.replace(weights[path]) for path, x in flat.items()}
     layer = nnx.merge(graphdef, nnx.from_flat_state(copy), rest)
