@@ -14,7 +14,6 @@ from tests.helpers import DENSE_PATHS
 from tests.helpers import MP_DTYPES
 from tests.helpers import assert_close
 from tests.helpers import assert_mixed_precision
-from tests.helpers import assert_trees_equal
 from tests.helpers import check_dense_forms_w
 from tests.helpers import check_dense_path
 from tests.helpers import fake_int8_dot
@@ -895,41 +894,3 @@ def test_fold_of_the_whole_variables_says_to_pass_their_params():
     with pytest.raises(ValueError, match=hint):
       call()
   assert wl.fold(variables['params'], wl.layer_axes(model, x))
-
-
-def test_a_wrapper_that_normalizes_its_bias_too_is_known_by_every_tool():
-  # where='kernel|bias' gives the bias a scale of its own shape (kept axis -1): the structure
-  # rule wanted every scale below its parameter's rank, so fold gave the wrapper's v back as
-  # the folded kernel (a plain model then computed something else, silently), weight_norm's
-  # default normalized v again, and decay_mask decayed g (a user trial).
-  class P(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return wl.WeightNorm(nn.Dense(3), where='kernel|bias')(x)
-
-  x = jax.random.normal(jax.random.key(0), (4, 6))
-  p = P().init(jax.random.key(0), x)['params']
-  with pytest.raises(ValueError, match=r"'WeightNorm_0/scale' is a WeightNorm wrapper"):
-    wl.fold(p)
-  with pytest.raises(ValueError, match='selected no leaf'):  # its kernel is v already
-    wn_jax.weight_norm(p)
-  inside = wl.WeightNorm(nn.Dense(3), where='kernel|bias').init(jax.random.key(0), x)['params']
-  mask = wn_jax.optim.decay_mask(inside)
-  assert mask['scale'] == {'kernel': False, 'bias': False}, mask
-  assert mask['layer']['kernel'] is True
-  model = wn_jax.nnx.WeightNorm(nnx.Linear(6, 3, rngs=nnx.Rngs(0)), where='kernel|bias')
-  with pytest.raises(ValueError, match='WeightNorm wrapper'):
-    wn_jax.nnx.fold(model)
-
-
-def test_a_plain_submodule_named_scale_with_its_layers_shapes_is_not_a_wrapper():
-  # The other side of the rule: AdaLN's Dense named 'scale', shaped like a sibling's params.
-  class P(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(4, name='fc')(x) * nn.Dense(4, name='scale')(x)
-
-  x = jnp.ones((2, 4))
-  p = {'block': P().init(jax.random.key(0), x)['params']}
-  assert_trees_equal(wl.fold(p), p)
-  assert wn_jax.optim.decay_mask(p)['block']['scale']['kernel'] is True

@@ -24,11 +24,8 @@ def is_wrapper_scale(shapes: Shapes, prefix: tuple[str, ...]) -> bool:
   parent keeps its params beside the wrapper, under the same parent; a layer made of several
   modules the parent built, an inline ``nn.Sequential``, has its ``scale`` tree start with
   their names). The ``scale`` tree mirrors that layer: each of its arrays sits at the path of a layer parameter and has that
-  parameter's shape along a subset of its axes (in order), a STRICT subset for at least one
-  (a bias kept whole, ``where='kernel|bias'``, has its own shape; the kernel's has fewer
-  axes). A plain submodule named ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and
-  is not a wrapper's; nor, so, is a wrapper whose every ``g`` keeps all of its parameter's axes
-  (``where='bias'`` alone): the tools take its parameters as plain ones.
+  parameter's shape along a STRICT subset of its axes (in order). A plain submodule named
+  ``scale`` (AdaLN's ``Dense``) has arrays of its own ranks, and is not a wrapper's.
 
   >>> shapes = {('wn', 'scale', 'kernel'): (4,), ('dense', 'kernel'): (3, 4)}
   >>> is_wrapper_scale(shapes, ('wn', 'scale'))
@@ -90,17 +87,12 @@ def wrapped_layers(shapes: Shapes, prefix: tuple[str, ...]) -> list[tuple[str, .
 
   def mirrors(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
     g, w = shapes[prefix + r], shapes.get(c + r)
-    fits = w is not None and _axes.fits_kept_axes(g, w)
+    fits = w is not None and len(g) < len(w) and _axes.fits_kept_axes(g, w)
     return fits and wn_layer_scale(shapes, c + r) is None  # no wrapper takes a WN kernel
-
-  def below(r: tuple[str, ...], c: tuple[str, ...]) -> bool:
-    return len(shapes[prefix + r]) < len(shapes[c + r])
 
   if not inside:
     return []
-  return sorted(
-    c for c in candidates if all(mirrors(r, c) for r in inside) and any(below(r, c) for r in inside)
-  )
+  return sorted(c for c in candidates if all(mirrors(r, c) for r in inside))
 
 
 def wrapped_parameters(shapes: Shapes, other_fix: str) -> dict[Keys, tuple[Keys, Shape]]:
