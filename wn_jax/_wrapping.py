@@ -108,7 +108,7 @@ def map_selected(tree: Any, fn: Callable, scale: Any = None, path: tuple = ()) -
   for k, x in tree.items():
     at = (*path, k)
     if isinstance(x, WeightNormed):
-      with _errors.labelled(f'leaf {path_str(at)!r}'):
+      with _errors.labelled(_errors.later(lambda: f'leaf {path_str(at)!r}')):  # noqa: B023
         out[k] = fn(x if scale is None else WeightNormed(x.v, _magnitude(scale, k, at), x.axis))
     elif hasattr(x, 'items'):
       sub = map_selected(x, fn, None if scale is None else _get(scale, k, {}), at)
